@@ -1,0 +1,400 @@
+//! Configuration: built-in defaults, overridden by the TOML file, then by environment variables,
+//! then by command-line `--set key=value` flags (flag > environment > file > default).
+//!
+//! Every key has a default, so the agent runs with no file at all. A bad value is rejected with
+//! a message naming the key, the value, where it came from and what is allowed; `main` turns that
+//! into exit code 64 (`EX_USAGE`). Loading takes the environment as an iterator so tests never
+//! touch the real one.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The default config file location.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeward/nodeward.toml";
+/// Prefix of the environment variables that override config keys (`NODEWARD_AGENT_TICK`, ...).
+pub const ENV_PREFIX: &str = "NODEWARD_";
+/// The log filter variable; it overrides `log.filter`.
+pub const LOG_ENV: &str = "NODEWARD_LOG";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub agent: AgentConfig,
+    pub ebpf: EbpfConfig,
+    pub paths: PathsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `plain` (human readable) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `nodeward=debug,aya=warn`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// How often sources are read (eBPF maps, cgroup files).
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// How long shutdown may take before the agent gives up waiting for its tasks.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    /// Load the eBPF programs. With `false` the agent runs its other sources only.
+    pub enabled: bool,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Root of the cgroup filesystem (the host's, when running in a DaemonSet).
+    pub cgroup_root: PathBuf,
+    /// The proc filesystem (the host's, when running in a DaemonSet).
+    pub proc_root: PathBuf,
+    /// Kernel BTF, used by the capability probe.
+    pub btf: PathBuf,
+    /// tracefs mount; empty means `/sys/kernel/tracing`, then `/sys/kernel/debug/tracing`.
+    pub tracefs: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            proc_root: PathBuf::from("/proc"),
+            btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            tracefs: PathBuf::new(),
+        }
+    }
+}
+
+/// Where a config value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => write!(f, "built-in default"),
+            Self::File(p) => write!(f, "file {}", p.display()),
+            Self::Env(name) => write!(f, "environment variable {name}"),
+            Self::Flag => write!(f, "command-line flag --set"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}` = {value} (from {origin}): {allowed}")]
+    Invalid {
+        key: String,
+        value: String,
+        origin: Origin,
+        allowed: String,
+    },
+    #[error("`--set {0}`: expected KEY=VALUE, e.g. --set agent.tick=2s")]
+    BadFlag(String),
+}
+
+/// Where to read the file from, and whether a missing file is an error.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    /// `Some` when the user named a file with `--config`: then it must exist.
+    pub explicit_path: Option<&'a Path>,
+    /// `KEY=VALUE` overrides from `--set`.
+    pub flags: &'a [String],
+}
+
+/// Loads the configuration. `env` is the process environment (or a test's stand-in).
+pub fn load(
+    source: &Source<'_>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let defaults = defaults_table();
+    let mut merged = defaults.clone();
+    let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+
+    let path = source
+        .explicit_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            overlay(&mut merged, &file, "", &Origin::File(path.clone()), &mut origins);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && source.explicit_path.is_none() => {}
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    }
+
+    let leaves = leaf_keys(&defaults);
+    for (name, value) in env {
+        let key = if name == LOG_ENV {
+            Some("log.filter".to_owned())
+        } else {
+            name.strip_prefix(ENV_PREFIX).and_then(|rest| {
+                leaves
+                    .keys()
+                    .find(|k| env_suffix(k) == rest)
+                    .cloned()
+            })
+        };
+        if let Some(key) = key {
+            let parsed = parse_scalar(&value, leaves.get(&key));
+            set_path(&mut merged, &key, parsed);
+            origins.insert(key, Origin::Env(name));
+        }
+    }
+
+    for flag in source.flags {
+        let (key, value) = flag
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadFlag(flag.clone()))?;
+        let key = key.trim();
+        let parsed = parse_scalar(value.trim(), leaves.get(key));
+        set_path(&mut merged, key, parsed);
+        origins.insert(key.to_owned(), Origin::Flag);
+    }
+
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
+        .map_err(|e| {
+            let key = e.path().to_string();
+            let value = get_path(&merged, &key)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "(absent)".to_owned());
+            let origin = origins
+                .iter()
+                .find(|(k, _)| key.starts_with(k.as_str()) || k.starts_with(key.as_str()))
+                .map(|(_, o)| o.clone())
+                .unwrap_or(Origin::Default);
+            ConfigError::Invalid {
+                key,
+                value,
+                origin,
+                allowed: first_line(&e.into_inner().to_string()),
+            }
+        })?;
+    validate(&config, &origins)?;
+    Ok(config)
+}
+
+/// serde errors from toml values end with "in `key`" on a second line; the key is reported
+/// separately.
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+/// Range checks that types alone cannot express.
+fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), ConfigError> {
+    let origin = |key: &str| origins.get(key).cloned().unwrap_or(Origin::Default);
+    let duration_in = |key: &str, value: Duration, min: Duration, max: Duration| {
+        if value < min || value > max {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                value: format!("\"{}\"", humantime::format_duration(value)),
+                origin: origin(key),
+                allowed: format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    duration_in(
+        "agent.tick",
+        config.agent.tick,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    )?;
+    duration_in(
+        "agent.shutdown_timeout",
+        config.agent.shutdown_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    )?;
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
+        return Err(ConfigError::Invalid {
+            key: "log.filter".to_owned(),
+            value: format!("{:?}", config.log.filter),
+            origin: origin("log.filter"),
+            allowed: format!("not a tracing filter directive ({e}); e.g. \"info\" or \"nodeward=debug,aya=warn\""),
+        });
+    }
+    Ok(())
+}
+
+/// The defaults as a TOML table; also the source of the sample config.
+pub fn defaults_table() -> toml::Table {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        // Config is a struct of plain fields: serialisation cannot fail or yield a non-table.
+        _ => toml::Table::new(),
+    }
+}
+
+/// Renders a config as TOML (for `nodeward config show`).
+pub fn to_toml(config: &Config) -> String {
+    toml::to_string_pretty(config).unwrap_or_default()
+}
+
+/// The environment variable that overrides `key` (`agent.tick` → `NODEWARD_AGENT_TICK`).
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", env_suffix(key))
+}
+
+fn env_suffix(key: &str) -> String {
+    key.replace('.', "_").to_ascii_uppercase()
+}
+
+fn leaf_keys(table: &toml::Table) -> BTreeMap<String, toml::Value> {
+    let mut out = BTreeMap::new();
+    fn walk(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => walk(&key, inner, out),
+                other => {
+                    out.insert(key, other.clone());
+                }
+            }
+        }
+    }
+    walk("", table, &mut out);
+    out
+}
+
+/// A value given as text (environment, flag): strings stay strings where the default is a
+/// string; otherwise the text is read as a TOML value (`true`, `5`, `["a"]`), falling back to a
+/// string so that durations like `2s` work unquoted.
+fn parse_scalar(text: &str, default: Option<&toml::Value>) -> toml::Value {
+    if let Some(toml::Value::String(_)) = default {
+        return toml::Value::String(text.to_owned());
+    }
+    match format!("v = {text}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_owned())),
+        Err(_) => toml::Value::String(text.to_owned()),
+    }
+}
+
+fn overlay(
+    base: &mut toml::Table,
+    top: &toml::Table,
+    prefix: &str,
+    origin: &Origin,
+    origins: &mut BTreeMap<String, Origin>,
+) {
+    for (k, v) in top {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => {
+                overlay(b, t, &key, origin, origins)
+            }
+            _ => {
+                base.insert(k.clone(), v.clone());
+                origins.insert(key, origin.clone());
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        match entry {
+            toml::Value::Table(inner) => t = inner,
+            _ => return,
+        }
+    }
+    t.insert(last.to_owned(), value);
+}
+
+fn get_path<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let mut v = table.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,20 @@
+//! nodeward: a node agent for Kubernetes hosts that serve live streams and GPU work.
+//!
+//! Data flows one way: `sources` (eBPF, cgroups, procfs, NVML) collect, the health engine
+//! decides, and the API only translates. This library holds every part; `main.rs` only wires
+//! them together, and the integration tests in `tests/` drive the same parts directly.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod logging;
+pub mod notify;
+pub mod probe;
+pub mod sources;
+pub mod tracefs;
+
+/// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.
+pub const EXIT_USAGE: u8 = 64;
+/// `EX_SOFTWARE`: the agent failed while running.
+pub const EXIT_SOFTWARE: u8 = 70;

@@ -1,0 +1,85 @@
+//! `nodeward`: the agent daemon (`nodeward run`, the default) and its command-line tools.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use nodeward::{
+    cli::{Cli, Command, ConfigCommand},
+    config, daemon, logging,
+    probe::Capabilities,
+    EXIT_SOFTWARE, EXIT_USAGE,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let source = config::Source {
+        explicit_path: cli.config.config.as_deref(),
+        flags: &cli.config.set,
+    };
+    let config = match config::load(&source, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nodeward: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Config(ConfigCommand::Check) => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Command::Config(ConfigCommand::Show) => {
+            print!("{}", config::to_toml(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Probe { json } => {
+            let caps = Capabilities::probe(&config.paths);
+            if json {
+                match serde_json::to_string_pretty(&caps) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("nodeward: {e}");
+                        return ExitCode::from(EXIT_SOFTWARE);
+                    }
+                }
+            } else {
+                println!("{}", caps.summary());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: config::Config) -> ExitCode {
+    if let Err(e) = logging::init(&config.log) {
+        eprintln!("nodeward: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = nodeward::tracefs::locate_or_mount(&config.paths.tracefs) {
+        tracing::warn!(error = %e, "tracefs unavailable: tracepoint programs cannot attach");
+    }
+    let caps = Capabilities::probe(&config.paths);
+    for line in caps.summary().lines() {
+        tracing::info!(target: "nodeward::probe", "{line}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("nodeward")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(EXIT_SOFTWARE);
+        }
+    };
+    match runtime.block_on(daemon::run(config, caps)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "nodeward stopped with an error");
+            ExitCode::from(EXIT_SOFTWARE)
+        }
+    }
+}
