@@ -1,1 +1,246 @@
+//! The harness of nodeward's privileged integration tests: throw-away cgroups and network
+//! namespaces that clean up after themselves, processes started inside them, the agent binary,
+//! and a skip that says why.
+//!
+//! Tests need root and a kernel that loads eBPF. A test whose requirement is missing calls
+//! [`skip`], which prints the reason and records it in the file named by `NODEWARD_SKIP_LOG`,
+//! so `cargo xtask test` can report every skip: a skipped test is never counted as passed.
+//! Helpers panic with a message rather than return errors: a failing set-up is a failing test.
 
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nodeward::probe::cgroup_layout;
+
+/// Records a skipped test and says why. Call it and `return` from the test.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Ok(path) = std::env::var("NODEWARD_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
+/// Whether the tests run as root; privileged tests skip (with the reason) when not.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips the calling test unless running as root. Use as `require_root!("name");`.
+#[macro_export]
+macro_rules! require_root {
+    ($test:expr) => {
+        if !$crate::is_root() {
+            $crate::skip($test, "needs root (eBPF, cgroups, network namespaces)");
+            return;
+        }
+    };
+}
+
+fn unique(stem: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{stem}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The cgroup v2 hierarchy of this host (pure v2 or hybrid), if any.
+pub fn cgroup_v2_root() -> Option<PathBuf> {
+    cgroup_layout(Path::new("/sys/fs/cgroup")).unified().map(Path::to_path_buf)
+}
+
+/// A cgroup v2 directory made for one test; its processes are moved out and the directory
+/// removed on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+    root: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<v2 root>/nodeward-test-<stem>-<pid>-<n>`. Panics where there is no cgroup v2.
+    pub fn new(stem: &str) -> Self {
+        let root = cgroup_v2_root().expect("this host has no cgroup v2 hierarchy");
+        let path = root.join(unique(&format!("nodeward-test-{stem}")));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self { path, root }
+    }
+
+    /// The cgroup id eBPF reports: the inode number of the directory.
+    pub fn id(&self) -> u64 {
+        std::fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display()))
+            .ino()
+    }
+
+    /// Starts `command` with the child already inside this cgroup (it moves itself between
+    /// fork and exec), so everything it does is attributed here from its first instruction.
+    pub fn spawn(&self, command: &mut Command) -> Child {
+        let procs = self.path.join("cgroup.procs");
+        let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())
+            .expect("cgroup path has no NUL");
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+        // (open, write, close) on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if n != 2 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?} in {}: {e}", self.path.display()))
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A network namespace made for one test (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(stem: &str) -> Self {
+        let name = unique(&format!("nw-{stem}"));
+        run(Command::new("ip").args(["netns", "add", &name]));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    /// A command that runs inside this namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs a set-up command and panics with its output if it fails.
+pub fn run(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `nodeward` binary next to the test executable (`target/<profile>/nodeward`), built by
+/// `cargo xtask test` before the tests run.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("nodeward");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p nodeward, or cargo xtask test)",
+        bin.display()
+    );
+    bin
+}
+
+/// BPF objects a process holds open, read from `/proc/<pid>/fdinfo`: `(prog ids, link ids)`.
+pub fn bpf_objects_of(pid: u32) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let mut progs = BTreeSet::new();
+    let mut links = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (progs, links);
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(id) = line.strip_prefix("prog_id:") {
+                if let Ok(id) = id.trim().parse() {
+                    progs.insert(id);
+                }
+            } else if let Some(id) = line.strip_prefix("link_id:") {
+                if let Ok(id) = id.trim().parse() {
+                    links.insert(id);
+                }
+            }
+        }
+    }
+    (progs, links)
+}
+
+/// Whether a BPF program or link with this id still exists, asked of `bpftool`.
+pub fn bpftool_has(kind: &str, id: u32) -> bool {
+    Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or_else(|e| panic!("bpftool is needed by this test: {e}"))
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
