@@ -1,1 +1,143 @@
-fn main(){}
+//! `cargo xtask`: nodeward's build automation. `run` and `test` are the README's two commands;
+//! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
+
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "nodeward build automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (system packages, rust-src, bpf-linker).
+    Setup,
+    /// Build the agent and run it as root with built-in defaults; extra arguments go to `nodeward`.
+    Run {
+        /// Build with --release.
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, then the privileged integration tests, then lints.
+    Test(test::TestArgs),
+    /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
+    GpuCheck,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root).context("cd to the workspace root")?;
+    match cli.command {
+        Cmd::Setup => setup::ensure_all(&root),
+        Cmd::Run { release, args } => {
+            setup::ensure_build_tools()?;
+            let mut build = cargo();
+            build.args(["build", "-p", "nodeward"]);
+            if release {
+                build.arg("--release");
+            }
+            step("building nodeward", &mut build)?;
+            let bin = root
+                .join("target")
+                .join(if release { "release" } else { "debug" })
+                .join("nodeward");
+            let mut cmd = as_root(&bin)?;
+            cmd.args(&args);
+            say(&format!(
+                "starting {} {} (Ctrl-C stops it)",
+                bin.display(),
+                args.join(" ")
+            ));
+            let status = cmd
+                .status()
+                .with_context(|| format!("start {}", bin.display()))?;
+            if !status.success() {
+                bail!("nodeward exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test(args) => test::run(&root, &args),
+        Cmd::GpuCheck => {
+            setup::ensure_build_tools()?;
+            step(
+                "building nodeward",
+                cargo().args(["build", "-p", "nodeward"]),
+            )?;
+            let bin = root.join("target/debug/nodeward");
+            let status = Command::new(&bin).arg("gpu-check").status()?;
+            if !status.success() {
+                bail!("gpu-check failed: {status}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// `cargo` with the environment cargo gave us (so `cargo xtask` under rustup keeps its toolchain).
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command that runs `program` as root: directly when we are root, else through sudo.
+pub fn as_root(program: &Path) -> anyhow::Result<Command> {
+    if is_root() {
+        return Ok(Command::new(program));
+    }
+    if which("sudo").is_none() {
+        bail!("{} needs root and sudo is not installed", program.display());
+    }
+    let mut c = Command::new("sudo");
+    c.arg("-E").arg(program);
+    Ok(c)
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+pub fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+/// Runs a step, echoing it, and fails with the step's name.
+pub fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    say(&format!("{what}: {cmd:?}"));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}

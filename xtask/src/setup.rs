@@ -1,0 +1,230 @@
+//! One-command setup: installs what is missing, skips what is there, and says which.
+//!
+//! - system packages, with apt on Debian/Ubuntu and dnf on Anolis/RHEL-family hosts;
+//! - the nightly toolchain's `rust-src` (aya-build compiles `core` for the bpf target);
+//! - `bpf-linker`, built against the LLVM that matches the nightly rustc's own.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::{say, step, which};
+
+/// The LLVM major version of the nightly rustc that builds the eBPF programs.
+fn nightly_llvm_major() -> anyhow::Result<u32> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--version", "--verbose"])
+        .output()
+        .context("run rustc +nightly")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+        .with_context(|| format!("no LLVM version in `rustc +nightly -vV`: {text}"))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pm {
+    Apt,
+    Dnf,
+}
+
+fn package_manager() -> Option<Pm> {
+    if which("apt-get").is_some() {
+        Some(Pm::Apt)
+    } else if which("dnf").is_some() {
+        Some(Pm::Dnf)
+    } else {
+        None
+    }
+}
+
+fn installed(pm: Pm, pkg: &str) -> bool {
+    let out = match pm {
+        Pm::Apt => Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .output(),
+        Pm::Dnf => Command::new("rpm").args(["-q", pkg]).output(),
+    };
+    match out {
+        Ok(o) if pm == Pm::Apt => {
+            String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        }
+        Ok(o) => o.status.success(),
+        Err(_) => false,
+    }
+}
+
+/// Installs the packages that are missing, with one `apt-get update` first if any are.
+fn ensure_packages(what: &str, apt: &[String], dnf: &[String]) -> anyhow::Result<()> {
+    let Some(pm) = package_manager() else {
+        say(&format!(
+            "{what}: no apt-get or dnf here; install {apt:?} by hand"
+        ));
+        return Ok(());
+    };
+    let wanted = if pm == Pm::Apt { apt } else { dnf };
+    let missing: Vec<&String> = wanted.iter().filter(|p| !installed(pm, p)).collect();
+    if missing.is_empty() {
+        say(&format!("{what}: already installed ({})", wanted.join(" ")));
+        return Ok(());
+    }
+    if !crate::is_root() && which("sudo").is_none() {
+        bail!("{what}: {missing:?} are missing and installing them needs root");
+    }
+    let sudo = |c: &str| {
+        if crate::is_root() {
+            Command::new(c)
+        } else {
+            let mut s = Command::new("sudo");
+            s.arg(c);
+            s
+        }
+    };
+    match pm {
+        Pm::Apt => {
+            step("apt-get update", sudo("apt-get").args(["update", "-q"]))?;
+            step(
+                &format!("{what}: installing {}", join(&missing)),
+                sudo("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&missing),
+            )
+        }
+        Pm::Dnf => step(
+            &format!("{what}: installing {}", join(&missing)),
+            sudo("dnf").args(["install", "-y"]).args(&missing),
+        ),
+    }
+}
+
+fn join(v: &[&String]) -> String {
+    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("rustup is needed to build the eBPF programs (nightly + rust-src)")?;
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        return step(
+            "installing the nightly toolchain with rust-src",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+        );
+    }
+    let comps = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup component list")?;
+    if String::from_utf8_lossy(&comps.stdout)
+        .lines()
+        .any(|l| l.trim() == "rust-src")
+    {
+        say("rust-src (nightly): already installed");
+        return Ok(());
+    }
+    step(
+        "installing rust-src for nightly",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output() {
+        if out.status.success() {
+            say(&format!(
+                "bpf-linker: already installed ({})",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ));
+            return Ok(());
+        }
+    }
+    let major = nightly_llvm_major()?;
+    ensure_packages(
+        &format!("LLVM {major} for bpf-linker"),
+        &[
+            format!("llvm-{major}-dev"),
+            format!("libpolly-{major}-dev"),
+            "libzstd-dev".to_owned(),
+            "zlib1g-dev".to_owned(),
+        ],
+        &strings(&["llvm-devel", "libzstd-devel", "zlib-devel"]),
+    )?;
+    let prefix = format!("/usr/lib/llvm-{major}");
+    let mut cmd = crate::cargo();
+    cmd.args([
+        "install",
+        "--locked",
+        "bpf-linker",
+        "--no-default-features",
+        "--features",
+    ])
+    .arg(format!("llvm-{major}"));
+    if std::path::Path::new(&prefix).is_dir() {
+        cmd.env("LLVM_PREFIX", &prefix);
+    }
+    step(
+        &format!("building bpf-linker against LLVM {major} (takes about 4 minutes)"),
+        &mut cmd,
+    )
+}
+
+/// What building the agent needs.
+pub fn ensure_build_tools() -> anyhow::Result<()> {
+    ensure_packages(
+        "build tools",
+        &strings(&["protobuf-compiler", "pkg-config", "gcc"]),
+        &strings(&["protobuf-compiler", "pkgconf-pkg-config", "gcc"]),
+    )?;
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()
+}
+
+/// What the tests need on top: tools they drive and compare against.
+pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
+    ensure_packages(
+        "test tools",
+        &strings(&["iproute2", "bpftool", "iptables", "procps"]),
+        &strings(&["iproute", "bpftool", "iptables", "procps-ng"]),
+    )?;
+    let requirements = root.join("tests/requirements.txt");
+    if requirements.exists() {
+        step(
+            "Python test clients (tests/requirements.txt)",
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
+                .arg(&requirements),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
+    ensure_build_tools()?;
+    ensure_test_tools(root)
+}

@@ -1,0 +1,158 @@
+//! `cargo xtask test`: unit tests, then the privileged integration tests (as root), then lints.
+//!
+//! Privileged tests that find a kernel feature missing skip with a reason, written to the file
+//! named by `NODEWARD_SKIP_LOG`; they are reported as skipped here, never counted as passed.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{cargo, is_root, say, setup, step, which};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Skip the lints (fmt, clippy).
+    #[arg(long)]
+    no_lint: bool,
+    /// Only run tests whose name contains this (passed to cargo test).
+    filter: Option<String>,
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cmd`, echoing its output, and adds up libtest's `test result:` lines.
+fn run_tests(what: &str, cmd: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
+    say(&format!("{what}: {cmd:?}"));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => tally.passed += n,
+                    "failed" => tally.failed += n,
+                    "ignored" => tally.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
+    setup::ensure_all(root)?;
+    step(
+        "building nodeward (the integration tests start the binary)",
+        cargo().args(["build", "-p", "nodeward"]),
+    )?;
+
+    let mut tally = Tally::default();
+    let mut ok = true;
+
+    let mut unit = cargo();
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "nodeward-tests",
+        "--no-fail-fast",
+    ]);
+    if let Some(f) = &args.filter {
+        unit.args(["--", f]);
+    }
+    ok &= run_tests("unit tests", &mut unit, &mut tally)?;
+
+    let skip_log = std::env::temp_dir().join(format!("nodeward-skips-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&skip_log);
+    let mut privileged = cargo();
+    privileged
+        .args(["test", "-p", "nodeward-tests", "--no-fail-fast"])
+        .env("NODEWARD_SKIP_LOG", &skip_log);
+    if let Some(f) = &args.filter {
+        privileged.args(["--", f]);
+    }
+    if !is_root() {
+        if which("sudo").is_some() {
+            say("not root: the privileged tests run through `sudo -E`");
+            privileged.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+            privileged.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        } else {
+            say("not root and no sudo: the privileged tests will skip, each with its reason");
+        }
+    }
+    ok &= run_tests("privileged integration tests", &mut privileged, &mut tally)?;
+
+    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let _ = std::fs::remove_file(&skip_log);
+
+    if !args.no_lint {
+        let fmt = cargo().args(["fmt", "--all", "--", "--check"]).status()?;
+        say(&format!(
+            "lint: cargo fmt --check {}",
+            if fmt.success() { "clean" } else { "FAILED" }
+        ));
+        let clippy = cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .status()?;
+        say(&format!(
+            "lint: cargo clippy -D warnings {}",
+            if clippy.success() { "clean" } else { "FAILED" }
+        ));
+        ok &= fmt.success() && clippy.success();
+    }
+
+    // A skipped test returned early and libtest counted it as passed: count it as skipped.
+    let skipped = skips.len() as u64;
+    let passed = tally.passed.saturating_sub(skipped);
+    for s in &skips {
+        say(&format!("skipped: {s}"));
+    }
+    if tally.ignored > 0 {
+        say(&format!(
+            "{} test(s) marked #[ignore] were not run",
+            tally.ignored
+        ));
+    }
+    println!(
+        "{passed} passed, {} failed, {skipped} skipped",
+        tally.failed
+    );
+    if !ok || tally.failed > 0 {
+        bail!("tests or lints failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
