@@ -62,6 +62,15 @@ fn main() -> anyhow::Result<()> {
                 bin.display(),
                 args.join(" ")
             ));
+            // Ctrl-C reaches the agent too (same process group): let it shut down and report
+            // its own exit instead of xtask dying first. A caught signal resets to default on
+            // exec, so the agent starts with the default disposition and installs its own.
+            extern "C" fn wait_for_child(_: libc::c_int) {}
+            // SAFETY: the handler does nothing, so it is async-signal-safe.
+            unsafe {
+                libc::signal(libc::SIGINT, wait_for_child as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, wait_for_child as libc::sighandler_t);
+            }
             let status = cmd
                 .status()
                 .with_context(|| format!("start {}", bin.display()))?;
