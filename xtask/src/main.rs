@@ -68,8 +68,14 @@ fn main() -> anyhow::Result<()> {
             extern "C" fn wait_for_child(_: libc::c_int) {}
             // SAFETY: the handler does nothing, so it is async-signal-safe.
             unsafe {
-                libc::signal(libc::SIGINT, wait_for_child as libc::sighandler_t);
-                libc::signal(libc::SIGTERM, wait_for_child as libc::sighandler_t);
+                libc::signal(
+                    libc::SIGINT,
+                    wait_for_child as *const () as libc::sighandler_t,
+                );
+                libc::signal(
+                    libc::SIGTERM,
+                    wait_for_child as *const () as libc::sighandler_t,
+                );
             }
             let status = cmd
                 .status()
