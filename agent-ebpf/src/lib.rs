@@ -6,6 +6,13 @@
 //! [`aya::Pod`].
 #![no_std]
 
+pub mod rtp;
+
+#[cfg(test)]
+extern crate std;
+#[cfg(test)]
+mod rtp_tests;
+
 /// Key of the `TCP_STATE_EVENTS` per-CPU hash map: one counter per (cgroup, old state, new state).
 ///
 /// `cgroup_id` is the cgroup v2 id (the inode number of the cgroup directory) of the task in
@@ -59,4 +66,8 @@ mod pod {
     // so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::TcpStateKey {}
     unsafe impl aya::Pod for super::SetStateOffsets {}
+    unsafe impl aya::Pod for super::rtp::UdpFlowKey {}
+    unsafe impl aya::Pod for super::rtp::UdpFlowStats {}
+    unsafe impl aya::Pod for super::rtp::RtpKey {}
+    unsafe impl aya::Pod for super::rtp::RtpState {}
 }

@@ -8,6 +8,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod tcp_state;
+#[cfg(target_arch = "bpf")]
+mod udp_flows;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

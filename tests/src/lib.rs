@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod rtp;
+
 use nodeward::probe::cgroup_layout;
 
 /// Records a skipped test and says why. Call it and `return` from the test.

@@ -202,8 +202,14 @@ pub fn ensure_build_tools() -> anyhow::Result<()> {
 pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_packages(
         "test tools",
-        &strings(&["iproute2", "bpftool", "iptables", "procps"]),
-        &strings(&["iproute", "bpftool", "iptables", "procps-ng"]),
+        &strings(&["iproute2", "bpftool", "iptables", "procps", "tshark"]),
+        &strings(&[
+            "iproute",
+            "bpftool",
+            "iptables",
+            "procps-ng",
+            "wireshark-cli",
+        ]),
     )?;
     let requirements = root.join("tests/requirements.txt");
     if requirements.exists() {

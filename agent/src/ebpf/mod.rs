@@ -16,6 +16,8 @@ use aya::{
 
 use crate::tracefs::{Format, TracefsError};
 
+pub mod udp;
+
 /// The eBPF object built from `agent-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
 
@@ -35,6 +37,11 @@ pub enum LoadError {
     Program {
         name: &'static str,
         source: ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
     },
     #[error("map `{name}`: {source}")]
     Map {

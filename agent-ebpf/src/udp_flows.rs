@@ -1,0 +1,182 @@
+//! `cgroup_skb` ingress/egress: UDP flows and RTP streams per container.
+//!
+//! Attached to the root of the cgroup v2 hierarchy, the programs see every packet a socket of
+//! any cgroup sends or receives, and attribute it with `bpf_skb_cgroup_id`, the cgroup of the
+//! packet's socket (never the task that happens to run). They parse only the IP and UDP headers
+//! and the first 12 payload bytes, keep bounded LRU state, and always let the packet through.
+
+use agent_ebpf::rtp::{
+    classify, counter, static_clock_rate, Payload, RtpKey, RtpState, UdpFlowKey, UdpFlowStats,
+    DIR_EGRESS, DIR_INGRESS,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, map},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::SkBuffContext,
+};
+
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowStats> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static RTP_STREAMS: LruHashMap<RtpKey, RtpState> = LruHashMap::with_max_entries(8192, 0);
+
+/// Clock rate (Hz) per RTP payload type, 0 = unknown; user space fills it from RFC 3551 and
+/// the config's dynamic payload types.
+#[map]
+static RTP_CLOCK_RATES: Array<u32> = Array::with_max_entries(128, 0);
+
+#[map]
+static UDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const IPPROTO_UDP: u8 = 17;
+
+#[cgroup_skb]
+pub fn nodeward_udp_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = try_udp(&ctx, DIR_INGRESS);
+    1
+}
+
+#[cgroup_skb]
+pub fn nodeward_udp_egress(ctx: SkBuffContext) -> i32 {
+    let _ = try_udp(&ctx, DIR_EGRESS);
+    1
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(c) = UDP_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
+    // cgroup_skb sees the packet from the network header on.
+    let first: u8 = ctx.load(0)?;
+    let mut key = UdpFlowKey {
+        direction,
+        ..UdpFlowKey::default()
+    };
+    let (src, dst, l4): ([u32; 4], [u32; 4], usize) = match first >> 4 {
+        4 => {
+            let proto: u8 = ctx.load(9)?;
+            if proto != IPPROTO_UDP {
+                return Ok(());
+            }
+            let frag: u16 = u16::from_be(ctx.load(6)?);
+            if frag & 0x1fff != 0 {
+                bump(counter::FRAGMENTS);
+                return Ok(());
+            }
+            key.ip_version = 4;
+            let s: u32 = ctx.load(12)?;
+            let d: u32 = ctx.load(16)?;
+            ([s, 0, 0, 0], [d, 0, 0, 0], usize::from(first & 0x0f) * 4)
+        }
+        6 => {
+            // Only UDP directly after the fixed header; extension headers are not followed.
+            let next: u8 = ctx.load(6)?;
+            if next != IPPROTO_UDP {
+                return Ok(());
+            }
+            key.ip_version = 6;
+            (ctx.load(8)?, ctx.load(24)?, 40)
+        }
+        _ => return Ok(()),
+    };
+    bump(counter::UDP_PACKETS);
+    let Ok(ports) = ctx.load::<[u16; 4]>(l4) else {
+        bump(counter::TRUNCATED);
+        return Ok(());
+    };
+    let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    let payload_len = u32::from(u16::from_be(ports[2])).saturating_sub(8);
+    // SAFETY: the context pointer is the program's own __sk_buff.
+    key.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if direction == DIR_INGRESS {
+        (
+            key.local_addr,
+            key.remote_addr,
+            key.local_port,
+            key.remote_port,
+        ) = (dst, src, dport, sport);
+    } else {
+        (
+            key.local_addr,
+            key.remote_addr,
+            key.local_port,
+            key.remote_port,
+        ) = (src, dst, sport, dport);
+    }
+    // SAFETY: the helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bytes = u64::from(payload_len);
+
+    match UDP_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a map value pointer, valid for the program's run. Another CPU may update the
+        // same flow at once; UDP receive for one socket is normally serialised, and a lost
+        // update costs one sample, not correctness of the map.
+        Some(f) => unsafe { (*f).update(now, bytes) },
+        None => {
+            let mut f = UdpFlowStats::default();
+            f.update(now, bytes);
+            if UDP_FLOWS.insert(&key, &f, u64::from(BPF_NOEXIST)).is_ok() {
+                bump(counter::FLOWS_CREATED);
+            } else {
+                bump(counter::FLOW_INSERT_FAILED);
+            }
+        }
+    }
+
+    // A fixed-size load: the verifier rejects a length that could be zero.
+    let mut head = [0u8; 12];
+    if payload_len >= 12 {
+        match ctx.load::<[u8; 12]>(l4 + 8) {
+            Ok(h) => head = h,
+            Err(_) => {
+                bump(counter::TRUNCATED);
+                return Ok(());
+            }
+        }
+    }
+    match classify(&head, payload_len) {
+        Payload::Rtp(h) => {
+            bump(counter::RTP_PACKETS);
+            let pt = u32::from(h.payload_type);
+            let rate = match static_clock_rate(h.payload_type) {
+                Some(r) => r,
+                None => RTP_CLOCK_RATES.get(pt).copied().unwrap_or(0),
+            };
+            let rkey = RtpKey {
+                flow: key,
+                ssrc: h.ssrc,
+                _pad: 0,
+            };
+            match RTP_STREAMS.get_ptr_mut(&rkey) {
+                // SAFETY: as for the flow above.
+                Some(s) => unsafe {
+                    (*s).update(&h, rate, now, bytes);
+                },
+                None => {
+                    let s = RtpState::new(&h, rate, now, bytes);
+                    if RTP_STREAMS
+                        .insert(&rkey, &s, u64::from(BPF_NOEXIST))
+                        .is_ok()
+                    {
+                        bump(counter::STREAMS_CREATED);
+                    } else {
+                        bump(counter::STREAM_INSERT_FAILED);
+                    }
+                }
+            }
+        }
+        Payload::Rtcp => bump(counter::RTCP_PACKETS),
+        Payload::Stun => bump(counter::STUN_PACKETS),
+        Payload::Other => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! UDP/RTP stream quality per container, checked against tshark's RTP stream analysis of a
+//! capture of the same traffic.
+
+use std::{collections::BTreeMap, net::UdpSocket, sync::Mutex, time::Duration};
+
+use agent_ebpf::rtp::{RtpState, DIR_INGRESS};
+use nodeward::ebpf::udp::UdpPrograms;
+use nodeward_tests::{
+    cgroup_v2_root, require_root,
+    rtp::{rtp_packet, send_rtp, tshark_rtp_streams, Capture, Receiver, Rng, RtpPlan},
+    skip, Cgroup,
+};
+
+/// Tests here attach to the same root cgroup and read every stream; one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn have(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The stream the receiver's cgroup saw from `ssrc`, inbound.
+fn ingress_stream(programs: &UdpPrograms, cgroup_id: u64, ssrc: u32) -> Option<RtpState> {
+    let maps = programs.read().expect("read UDP maps");
+    maps.streams
+        .into_iter()
+        .find(|(k, _)| {
+            k.flow.cgroup_id == cgroup_id && k.ssrc == ssrc && k.flow.direction == DIR_INGRESS
+        })
+        .map(|(_, s)| s)
+}
+
+/// 50 packets/s of PCMU (8 kHz, 160 samples per packet) held in the tests' delay line for
+/// U(0, 12 ms) each, with 7 packets dropped. The jitter the agent computes for that SSRC is
+/// within 10% of tshark's (mean and max over the stream), and its loss equals the drops.
+#[test]
+fn rtp_jitter_and_loss_match_tshark() {
+    const TEST: &str = "rtp_jitter_and_loss_match_tshark";
+    require_root!(TEST);
+    let Some(root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    if !have("tshark") || !have("python3") {
+        return skip(
+            TEST,
+            "needs tshark and python3 (cargo xtask test installs them)",
+        );
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+
+    let programs =
+        UdpPrograms::attach(&root, &BTreeMap::new()).expect("attach cgroup_skb programs");
+    let container = Cgroup::new("rtp-rx");
+    let receiver = Receiver::start(&container);
+    let dir = std::env::temp_dir().join(format!("nodeward-rtp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let capture = Capture::start(&dir, receiver.port);
+
+    let plan = RtpPlan {
+        ssrc: 0x4E57_4152,
+        payload_type: 0,
+        first_seq: 65_400, // wraps during the run
+        interval: Duration::from_millis(20),
+        ts_step: 160,
+        packets: 300,
+        max_delay: Duration::from_millis(12),
+        drops: vec![17, 18, 60, 111, 150, 151, 152],
+        payload_len: 160,
+    };
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("sender socket");
+    let dest = format!("127.0.0.1:{}", receiver.port);
+    let dropped = send_rtp(&socket, &dest, &plan, &mut Rng::new(7));
+    std::thread::sleep(Duration::from_millis(300));
+    let file = capture.stop();
+
+    let agent = ingress_stream(&programs, container.id(), plan.ssrc)
+        .expect("the agent saw the stream in the receiver's cgroup");
+    let tshark = tshark_rtp_streams(&file, receiver.port);
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = tshark
+        .iter()
+        .find(|r| r.ssrc == plan.ssrc)
+        .unwrap_or_else(|| panic!("tshark found no stream {:#x}: {tshark:?}", plan.ssrc));
+
+    assert_eq!(dropped, 7);
+    assert_eq!(agent.lost(), u64::from(dropped), "agent: {agent:?}");
+    assert_eq!(
+        t.lost,
+        i64::from(dropped),
+        "tshark agrees on the drops: {t:?}"
+    );
+    assert_eq!(agent.cycles, 1, "the sequence number wrapped once");
+    assert_eq!(agent.received, t.packets, "same packets counted");
+
+    let mean_ms = agent.jitter_sum_ns as f64 / agent.jitter_samples as f64 / 1e6;
+    let max_ms = agent.jitter_max_ns as f64 / 1e6;
+    eprintln!(
+        "jitter mean {mean_ms:.3} ms (tshark {:.3}), max {max_ms:.3} ms (tshark {:.3}); injected U(0,12ms) => about 4 ms",
+        t.mean_jitter_ms, t.max_jitter_ms
+    );
+    assert!(
+        t.mean_jitter_ms > 1.0,
+        "the delay line produced jitter: {t:?}"
+    );
+    let within = |a: f64, b: f64| (a - b).abs() <= 0.10 * b;
+    assert!(
+        within(mean_ms, t.mean_jitter_ms),
+        "mean jitter {mean_ms} vs tshark {}",
+        t.mean_jitter_ms
+    );
+    assert!(
+        within(max_ms, t.max_jitter_ms),
+        "max jitter {max_ms} vs tshark {}",
+        t.max_jitter_ms
+    );
+}
+
+/// Noise on the same port range, truncated and malformed packets, RTCP and STUN: none of it
+/// becomes an RTP stream, nothing crashes; a payload-type change mid-stream is counted and the
+/// stream keeps its loss count at zero.
+#[test]
+fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
+    const TEST: &str = "non_rtp_and_malformed_udp_is_not_counted_as_rtp";
+    require_root!(TEST);
+    let Some(root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    if !have("python3") {
+        return skip(TEST, "needs python3");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new()).expect("attach");
+    let container = Cgroup::new("udp-noise");
+    let receiver = Receiver::start(&container);
+    let dest = format!("127.0.0.1:{}", receiver.port);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("socket");
+
+    let mut rng = Rng::new(99);
+    for i in 0..200u32 {
+        // Random bytes, but with the RTP version bits set half the time.
+        let mut noise: Vec<u8> = (0..(20 + i % 50)).map(|_| rng.next_u64() as u8).collect();
+        if i % 2 == 0 {
+            noise[0] = 0x80 | (noise[0] & 0x3f);
+        }
+        socket.send_to(&noise, &dest).expect("send noise");
+        // Truncated (shorter than an RTP header) and empty datagrams.
+        socket
+            .send_to(&noise[..(i as usize % 12)], &dest)
+            .expect("send truncated");
+    }
+    // RTCP sender report and STUN binding request.
+    let mut rtcp = rtp_packet(0, 0, 0, 1, 16);
+    rtcp[1] = 200;
+    socket.send_to(&rtcp, &dest).expect("rtcp");
+    let mut stun = vec![0u8; 20];
+    stun[1] = 1;
+    stun[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    socket.send_to(&stun, &dest).expect("stun");
+    // CSRC count pointing past the end of the packet.
+    let mut bad = rtp_packet(96, 1, 1, 0xBAD, 0);
+    bad[0] = 0x8f;
+    socket.send_to(&bad, &dest).expect("malformed");
+
+    // A real stream from another socket that changes payload type halfway.
+    let rtp_socket = UdpSocket::bind("127.0.0.1:0").expect("socket");
+    for seq in 0..100u16 {
+        let pt = if seq < 50 { 0 } else { 8 };
+        let pkt = rtp_packet(pt, seq, u32::from(seq) * 160, 0x5EED, 160);
+        rtp_socket.send_to(&pkt, &dest).expect("rtp");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    let maps = programs.read().expect("read");
+    let streams: Vec<_> = maps
+        .streams
+        .iter()
+        .filter(|(k, _)| k.flow.cgroup_id == container.id() && k.flow.direction == DIR_INGRESS)
+        .collect();
+    let noise_port = socket.local_addr().expect("addr").port();
+    let from_noise: Vec<_> = streams
+        .iter()
+        .filter(|(k, s)| k.flow.remote_port == noise_port && s.confirmed == 1)
+        .collect();
+    assert!(
+        from_noise.is_empty(),
+        "noise was confirmed as RTP: {from_noise:?}"
+    );
+    let real = streams
+        .iter()
+        .find(|(k, _)| k.ssrc == 0x5EED)
+        .map(|(_, s)| *s)
+        .expect("the real stream is tracked");
+    assert_eq!(real.confirmed, 1);
+    assert_eq!(real.payload_type_changes, 1);
+    assert_eq!(real.payload_type, 8);
+    assert_eq!(real.lost(), 0);
+    assert_eq!(real.received, 100);
+    let flows = maps
+        .flows
+        .iter()
+        .filter(|(k, _)| k.cgroup_id == container.id() && k.remote_port == noise_port)
+        .map(|(_, f)| f.packets)
+        .sum::<u64>();
+    assert_eq!(
+        flows, 403,
+        "every datagram of the noise socket is counted in its flow"
+    );
+}
