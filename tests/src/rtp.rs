@@ -78,7 +78,7 @@ pub fn send_rtp(socket: &UdpSocket, dest: &str, plan: &RtpPlan, rng: &mut Rng) -
             std::thread::sleep(wait);
         }
         let seq = plan.first_seq.wrapping_add(i as u16);
-        let ts = (i as u32).wrapping_mul(plan.ts_step).wrapping_add(0x1000);
+        let ts = i.wrapping_mul(plan.ts_step).wrapping_add(0x1000);
         let pkt = rtp_packet(plan.payload_type, seq, ts, plan.ssrc, plan.payload_len);
         socket.send_to(&pkt, dest).expect("send RTP");
     }
