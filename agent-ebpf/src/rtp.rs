@@ -103,6 +103,7 @@ pub struct RtpState {
     pub received: u64,
     /// Packets that arrived with a sequence number behind the highest (late or duplicate).
     pub reordered: u64,
+    pub first_arrival_ns: u64,
     pub last_arrival_ns: u64,
     /// RFC 3550 interarrival jitter, in nanoseconds, scaled by 16 (A.8's integer form).
     pub jitter_ns_x16: u64,
@@ -222,6 +223,7 @@ impl RtpState {
             payload_type: u32::from(h.payload_type),
             clock_rate,
             last_rtp_ts: h.timestamp,
+            first_arrival_ns: now_ns,
             last_arrival_ns: now_ns,
             ..Self::default()
         }

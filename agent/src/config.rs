@@ -29,6 +29,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub ebpf: EbpfConfig,
     pub paths: PathsConfig,
+    pub udp: crate::sources::udp::UdpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -279,6 +280,19 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
         Duration::from_millis(100),
         Duration::from_secs(300),
     )?;
+    if let Err(e) = config.udp.clock_rates() {
+        let key = format!("udp.dynamic_clock_rates.{}", e.key);
+        return Err(ConfigError::Invalid {
+            value: config
+                .udp
+                .dynamic_clock_rates
+                .get(&e.key)
+                .map_or_else(String::new, u32::to_string),
+            origin: origin(&key),
+            key,
+            allowed: e.reason.to_owned(),
+        });
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError::Invalid {
             key: "log.filter".to_owned(),

@@ -41,7 +41,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
-    let started = sources::start(&config, &caps, &cancel, &mut tasks);
+    let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -51,9 +51,9 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         tracing::info!(?interval, "systemd watchdog enabled");
     }
 
-    let status = format!("serving; sources: {}", started.join(", "));
+    let status = format!("serving; sources: {}", feeds.started.join(", "));
     notify::ready(&status);
-    tracing::info!(sources = ?started, "nodeward is running");
+    tracing::info!(sources = ?feeds.started, unavailable = feeds.unavailable.len(), "nodeward is running");
 
     let outcome = tokio::select! {
         _ = sigterm.recv() => { tracing::info!("SIGTERM received, shutting down"); Ok(()) }

@@ -52,8 +52,8 @@ fn rtp_jitter_and_loss_match_tshark() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
 
-    let programs =
-        UdpPrograms::attach(&root, &BTreeMap::new()).expect("attach cgroup_skb programs");
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024)
+        .expect("attach cgroup_skb programs");
     let container = Cgroup::new("rtp-rx");
     let receiver = Receiver::start(&container);
     let dir = std::env::temp_dir().join(format!("nodeward-rtp-{}", std::process::id()));
@@ -133,7 +133,7 @@ fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
         return skip(TEST, "needs python3");
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let programs = UdpPrograms::attach(&root, &BTreeMap::new()).expect("attach");
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024).expect("attach");
     let container = Cgroup::new("udp-noise");
     let receiver = Receiver::start(&container);
     let dest = format!("127.0.0.1:{}", receiver.port);
@@ -210,4 +210,103 @@ fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
         flows, 403,
         "every datagram of the noise socket is counted in its flow"
     );
+}
+
+/// The source's report for a container: an RTP stream and a long-lived plain UDP flow count as
+/// live streams while they flow (what a drain waits for), a one-off datagram does not, and the
+/// count drops to zero once both stop. The windows carry the drops the sender made.
+#[test]
+fn live_streams_follow_the_traffic_and_windows_count_loss() {
+    const TEST: &str = "live_streams_follow_the_traffic_and_windows_count_loss";
+    require_root!(TEST);
+    let Some(root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    if !have("python3") {
+        return skip(TEST, "needs python3");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let config = nodeward::sources::udp::UdpConfig {
+        idle_timeout: Duration::from_millis(500),
+        stream_min_duration: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut source =
+        nodeward::sources::udp::Source::attach(&root, &config, Duration::from_millis(200))
+            .expect("attach the UDP source");
+    let container = Cgroup::new("udp-live");
+    let receiver = Receiver::start(&container);
+    let dest = format!("127.0.0.1:{}", receiver.port);
+
+    // A one-off datagram first: never a stream.
+    let oneoff = UdpSocket::bind("127.0.0.1:0").expect("socket");
+    oneoff.send_to(b"hello", &dest).expect("send");
+
+    let plan = RtpPlan {
+        ssrc: 0x1175,
+        payload_type: 96,
+        first_seq: 100,
+        interval: Duration::from_millis(10),
+        ts_step: 900,
+        packets: 200,
+        max_delay: Duration::from_millis(2),
+        drops: vec![50, 51, 52],
+        payload_len: 100,
+    };
+    let rtp_dest = dest.clone();
+    let sender = std::thread::spawn(move || {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("socket");
+        send_rtp(&s, &rtp_dest, &plan, &mut Rng::new(3))
+    });
+    let plain = UdpSocket::bind("127.0.0.1:0").expect("socket");
+    let mut during = None;
+    for i in 0..200u32 {
+        plain.send_to(&i.to_be_bytes(), &dest).expect("plain UDP");
+        std::thread::sleep(Duration::from_millis(10));
+        if i == 150 {
+            let snap = source.poll().expect("poll");
+            during = snap.container(container.id()).cloned();
+        }
+    }
+    let dropped = sender.join().expect("sender thread");
+    std::thread::sleep(Duration::from_millis(50));
+    let end = source.poll().expect("poll");
+    let during = during.expect("the container appears while traffic flows");
+    assert_eq!(
+        during.live_streams, 2,
+        "RTP stream + long-lived UDP flow: {:#?}",
+        during.streams
+    );
+
+    let c = end
+        .container(container.id())
+        .expect("container in the report");
+    let w10 = &c.windows[0];
+    assert_eq!(w10.window_seconds, 10);
+    assert_eq!(w10.rtp_lost, u64::from(dropped), "{w10:?}");
+    assert_eq!(w10.rtp_expected, 200, "{w10:?}");
+    let stream = c
+        .streams
+        .iter()
+        .find(|s| s.ssrc == 0x1175)
+        .expect("stream listed");
+    assert_eq!(
+        stream.clock_rate,
+        Some(90_000),
+        "dynamic type 96 takes the configured rate"
+    );
+    assert!(stream.jitter_seconds.is_some());
+    let oneoff_port = oneoff.local_addr().expect("addr").port();
+    assert!(
+        c.flows
+            .iter()
+            .any(|f| f.endpoint.remote_port == oneoff_port && f.packets == 1),
+        "the one-off datagram is a flow"
+    );
+
+    std::thread::sleep(Duration::from_millis(800));
+    let after = source.poll().expect("poll");
+    let c = after.container(container.id()).expect("still reported");
+    assert_eq!(c.live_streams, 0, "nothing flows any more");
+    assert!(after.hook.contains("cgroup_skb"));
 }

@@ -38,6 +38,8 @@ pub enum LoadError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: std::path::PathBuf,

@@ -52,10 +52,14 @@ impl UdpPrograms {
     pub fn attach(
         cgroup_v2_root: &Path,
         clock_rates: &BTreeMap<u8, u32>,
+        max_flows: u32,
+        max_streams: u32,
     ) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             // The TCP state map belongs to another source; keep this copy of it tiny.
             .map_max_entries("TCP_STATE_EVENTS", 1)
+            .map_max_entries(FLOWS, max_flows.max(1))
+            .map_max_entries(STREAMS, max_streams.max(1))
             .load(OBJECT)?;
         {
             let mut rates: Array<_, u32> = Array::try_from(
@@ -92,6 +96,30 @@ impl UdpPrograms {
                 .map_err(program_err(name))?;
         }
         Ok(Self { ebpf })
+    }
+
+    /// Removes flows and streams (those user space found idle past their expiry).
+    pub fn remove(&mut self, flows: &[UdpFlowKey], streams: &[RtpKey]) -> Result<(), LoadError> {
+        let mut f: HashMap<_, UdpFlowKey, UdpFlowStats> = HashMap::try_from(
+            self.ebpf
+                .map_mut(FLOWS)
+                .ok_or(LoadError::MissingMap(FLOWS))?,
+        )
+        .map_err(map_err(FLOWS))?;
+        for k in flows {
+            // Already gone (evicted meanwhile) is fine.
+            let _ = f.remove(k);
+        }
+        let mut s: HashMap<_, RtpKey, RtpState> = HashMap::try_from(
+            self.ebpf
+                .map_mut(STREAMS)
+                .ok_or(LoadError::MissingMap(STREAMS))?,
+        )
+        .map_err(map_err(STREAMS))?;
+        for k in streams {
+            let _ = s.remove(k);
+        }
+        Ok(())
     }
 
     /// Reads every flow, stream and counter.

@@ -1,0 +1,315 @@
+//! UDP flows and RTP streams per container, from the `cgroup_skb` programs.
+//!
+//! Each tick reads the kernel maps, turns cumulative per-flow and per-stream state into the
+//! report's [`UdpSnapshot`] (quality per stream, live streams per container, windows), removes
+//! entries idle past `udp.expiry` from the maps, and publishes the snapshot on a watch channel.
+
+pub mod config;
+pub mod model;
+pub mod windows;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::rtp::{static_clock_rate, RtpState, UdpFlowKey, DIR_INGRESS};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use self::config::UdpConfig;
+use self::{
+    model::{ContainerUdp, Endpoint, FlowQuality, StreamQuality, UdpCounters, UdpSnapshot},
+    windows::{Differ, History},
+};
+use super::cgroup_paths::CgroupPaths;
+use crate::{
+    config::Config,
+    ebpf::{
+        udp::{UdpMaps, UdpPrograms},
+        LoadError,
+    },
+    probe::Capabilities,
+};
+
+pub const NAME: &str = "ebpf/udp";
+/// The hook path, reported with the data.
+pub const HOOK: &str = "cgroup_skb ingress/egress at the cgroup v2 root (socket cgroup)";
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub struct Source {
+    programs: UdpPrograms,
+    config: UdpConfig,
+    tick: Duration,
+    differ: Differ,
+    history: HashMap<u64, History>,
+    paths: CgroupPaths,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("udp::Source").finish_non_exhaustive()
+    }
+}
+
+impl Source {
+    /// Attaches the programs, or says why this node cannot run them.
+    pub fn start(config: &Config, caps: &Capabilities) -> Result<Self, String> {
+        if !caps.is_root {
+            return Err("not running as root (CAP_BPF and CAP_NET_ADMIN are needed)".to_owned());
+        }
+        if !caps.has_program_type("cgroup_skb") {
+            return Err("the kernel does not load cgroup_skb programs".to_owned());
+        }
+        let root = caps.cgroup.unified().ok_or_else(|| {
+            "no cgroup v2 hierarchy: cgroup_skb needs one (tc on host interfaces is not implemented yet)"
+                .to_owned()
+        })?;
+        Self::attach(root, &config.udp, config.agent.tick).map_err(|e| e.to_string())
+    }
+
+    /// Attaches at `cgroup_v2_root` with this configuration (tests use it directly).
+    pub fn attach(
+        cgroup_v2_root: &Path,
+        config: &UdpConfig,
+        tick: Duration,
+    ) -> Result<Self, LoadError> {
+        let rates = config
+            .clock_rates()
+            .map_err(|e| LoadError::Config(e.to_string()))?;
+        let programs =
+            UdpPrograms::attach(cgroup_v2_root, &rates, config.max_flows, config.max_streams)?;
+        tracing::info!(hook = HOOK, "UDP/RTP programs attached");
+        Ok(Self {
+            programs,
+            config: config.clone(),
+            tick,
+            differ: Differ::default(),
+            history: HashMap::new(),
+            paths: CgroupPaths::new(cgroup_v2_root),
+        })
+    }
+
+    /// Publishes a snapshot every tick until cancelled; the programs detach when this returns.
+    pub async fn run(
+        mut self,
+        tx: watch::Sender<UdpSnapshot>,
+        cancel: CancellationToken,
+    ) -> Result<(), String> {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    let snapshot = self.poll().map_err(|e| e.to_string())?;
+                    tracing::debug!(
+                        containers = snapshot.containers.len(),
+                        live_streams = snapshot.containers.iter().map(|c| c.live_streams).sum::<u32>(),
+                        udp_packets = snapshot.counters.udp_packets,
+                        "udp tick"
+                    );
+                    tx.send_replace(snapshot);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One tick: read the maps, update the windows, expire idle entries, build the snapshot.
+    pub fn poll(&mut self) -> Result<UdpSnapshot, LoadError> {
+        let maps = self.programs.read()?;
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        let snapshot = self.build(&maps, now_ns, now);
+        let expiry = self.config.expiry.as_nanos() as u64;
+        let stale_flows: Vec<_> = maps
+            .flows
+            .iter()
+            .filter(|(_, f)| now_ns.saturating_sub(f.last_ns) > expiry)
+            .map(|(k, _)| *k)
+            .collect();
+        let stale_streams: Vec<_> = maps
+            .streams
+            .iter()
+            .filter(|(_, s)| now_ns.saturating_sub(s.last_arrival_ns) > expiry)
+            .map(|(k, _)| *k)
+            .collect();
+        if !stale_flows.is_empty() || !stale_streams.is_empty() {
+            self.programs.remove(&stale_flows, &stale_streams)?;
+        }
+        Ok(snapshot)
+    }
+
+    fn live(&self, idle_ns: u64) -> bool {
+        idle_ns <= self.config.idle_timeout.as_nanos() as u64
+    }
+
+    fn build(&mut self, maps: &UdpMaps, now_ns: u64, now: Instant) -> UdpSnapshot {
+        let idle_timeout = self.config.idle_timeout.as_nanos() as u64;
+        let deltas = self.differ.tick(&maps.flows, &maps.streams, |s| {
+            now_ns.saturating_sub(s.last_arrival_ns) <= idle_timeout
+        });
+        for (cg, d) in deltas {
+            self.history.entry(cg).or_default().push(now, d);
+        }
+        // Containers with no tick in five minutes have no window left to report.
+        self.history.retain(|_, h| !h.is_empty());
+
+        let rtp_flows: HashSet<UdpFlowKey> = maps
+            .streams
+            .iter()
+            .filter(|(_, s)| s.confirmed == 1)
+            .map(|(k, _)| k.flow)
+            .collect();
+        let mut containers: HashMap<u64, ContainerUdp> = HashMap::new();
+        let entry = |cg: u64, paths: &mut CgroupPaths| -> ContainerUdp {
+            ContainerUdp {
+                cgroup_id: cg,
+                cgroup_path: paths.lookup(cg),
+                live_streams: 0,
+                streams: Vec::new(),
+                flows: Vec::new(),
+                windows: Vec::new(),
+            }
+        };
+        for (k, s) in maps.streams.iter().filter(|(_, s)| s.confirmed == 1) {
+            let idle = now_ns.saturating_sub(s.last_arrival_ns);
+            let live = self.live(idle);
+            let c = containers
+                .entry(k.flow.cgroup_id)
+                .or_insert_with(|| entry(k.flow.cgroup_id, &mut self.paths));
+            c.live_streams += u32::from(live);
+            c.streams
+                .push(stream_quality(&k.flow, k.ssrc, s, now_ns, live));
+        }
+        let min_age = self.config.stream_min_duration.as_nanos() as u64;
+        for (k, f) in &maps.flows {
+            let idle = now_ns.saturating_sub(f.last_ns);
+            let age = now_ns.saturating_sub(f.first_ns);
+            let live = self.live(idle);
+            let rtp = rtp_flows.contains(k);
+            let c = containers
+                .entry(k.cgroup_id)
+                .or_insert_with(|| entry(k.cgroup_id, &mut self.paths));
+            if live && !rtp && age >= min_age {
+                c.live_streams += 1;
+            }
+            c.flows.push(FlowQuality {
+                endpoint: endpoint(k),
+                packets: f.packets,
+                bytes: f.bytes,
+                mean_ipdv_seconds: (f.ipdv_count > 0)
+                    .then(|| f.ipdv_sum_ns as f64 / f.ipdv_count as f64 / 1e9),
+                max_ipdv_seconds: (f.ipdv_count > 0).then(|| f.ipdv_max_ns as f64 / 1e9),
+                max_gap_seconds: f.max_gap_ns as f64 / 1e9,
+                age_seconds: age as f64 / 1e9,
+                idle_seconds: idle as f64 / 1e9,
+                live,
+                rtp,
+            });
+        }
+        for (cg, h) in &self.history {
+            let c = containers
+                .entry(*cg)
+                .or_insert_with(|| entry(*cg, &mut self.paths));
+            c.windows = h.windows(now);
+        }
+        let mut containers: Vec<ContainerUdp> = containers.into_values().collect();
+        containers.sort_by_key(|c| c.cgroup_id);
+        UdpSnapshot {
+            hook: HOOK.to_owned(),
+            containers,
+            counters: counters(maps),
+        }
+    }
+}
+
+fn counters(maps: &UdpMaps) -> UdpCounters {
+    use agent_ebpf::rtp::counter as c;
+    let at = |i: u32| maps.counters[i as usize];
+    UdpCounters {
+        udp_packets: at(c::UDP_PACKETS),
+        rtp_packets: at(c::RTP_PACKETS),
+        rtcp_packets: at(c::RTCP_PACKETS),
+        stun_packets: at(c::STUN_PACKETS),
+        truncated: at(c::TRUNCATED),
+        fragments: at(c::FRAGMENTS),
+        flows_created: at(c::FLOWS_CREATED),
+        streams_created: at(c::STREAMS_CREATED),
+        not_tracked: at(c::FLOW_INSERT_FAILED) + at(c::STREAM_INSERT_FAILED),
+        flows_tracked: maps.flows.len() as u64,
+        streams_tracked: maps.streams.len() as u64,
+    }
+}
+
+fn addr(words: &[u32; 4], version: u16) -> IpAddr {
+    // The words hold the address bytes in network order, as loaded from the packet.
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if version == 6 {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&bytes);
+        IpAddr::V6(Ipv6Addr::from(b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+fn endpoint(k: &UdpFlowKey) -> Endpoint {
+    Endpoint {
+        local: addr(&k.local_addr, k.ip_version),
+        local_port: k.local_port,
+        remote: addr(&k.remote_addr, k.ip_version),
+        remote_port: k.remote_port,
+        direction: if k.direction == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        },
+    }
+}
+
+fn stream_quality(
+    flow: &UdpFlowKey,
+    ssrc: u32,
+    s: &RtpState,
+    now_ns: u64,
+    live: bool,
+) -> StreamQuality {
+    let pt = s.payload_type as u8;
+    let rate = (s.clock_rate != 0).then_some(s.clock_rate);
+    let has_jitter = rate.is_some() && s.jitter_samples > 0;
+    let secs = |ns: u64| ns as f64 / 1e9;
+    StreamQuality {
+        endpoint: endpoint(flow),
+        ssrc,
+        payload_type: pt,
+        clock_rate: rate.or_else(|| static_clock_rate(pt)),
+        packets: s.packets,
+        bytes: s.bytes,
+        expected: s.expected(),
+        lost: s.lost(),
+        reordered: s.reordered,
+        jitter_seconds: has_jitter.then(|| secs(s.jitter_ns())),
+        mean_jitter_seconds: has_jitter.then(|| secs(s.jitter_sum_ns) / s.jitter_samples as f64),
+        max_jitter_seconds: has_jitter.then(|| secs(s.jitter_max_ns)),
+        timestamp_step: rate.is_none().then_some(s.last_ts_delta),
+        payload_type_changes: s.payload_type_changes,
+        sequence_wraps: s.cycles,
+        age_seconds: secs(now_ns.saturating_sub(s.first_arrival_ns)),
+        idle_seconds: secs(now_ns.saturating_sub(s.last_arrival_ns)),
+        live,
+    }
+}

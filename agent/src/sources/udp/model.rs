@@ -1,0 +1,134 @@
+//! What the UDP source reports: per container, its RTP streams and UDP flows with their
+//! quality, and windowed totals (10 s, 1 min, 5 min) next to the TCP numbers.
+
+use std::{net::IpAddr, time::Duration};
+
+use serde::Serialize;
+
+/// The windows every source reports over.
+pub const WINDOWS: [Duration; 3] = [
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+];
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UdpSnapshot {
+    /// Which hook produced the data, for the report's fidelity.
+    pub hook: String,
+    pub containers: Vec<ContainerUdp>,
+    pub counters: UdpCounters,
+}
+
+impl UdpSnapshot {
+    pub fn container(&self, cgroup_id: u64) -> Option<&ContainerUdp> {
+        self.containers.iter().find(|c| c.cgroup_id == cgroup_id)
+    }
+}
+
+/// Kernel-side counters, summed over CPUs since the programs were loaded.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct UdpCounters {
+    pub udp_packets: u64,
+    pub rtp_packets: u64,
+    pub rtcp_packets: u64,
+    pub stun_packets: u64,
+    pub truncated: u64,
+    pub fragments: u64,
+    pub flows_created: u64,
+    pub streams_created: u64,
+    /// Flows/streams that could not be tracked at all (insert failed).
+    pub not_tracked: u64,
+    /// Flows/streams tracked now; `created - tracked - expired` were evicted by the LRU.
+    pub flows_tracked: u64,
+    pub streams_tracked: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerUdp {
+    /// The cgroup v2 id (inode) of the sockets.
+    pub cgroup_id: u64,
+    /// The cgroup's path below the v2 root, when it still exists.
+    pub cgroup_path: Option<String>,
+    /// Live RTP streams plus long-lived non-RTP UDP flows (SRT, QUIC): what a drain waits for.
+    pub live_streams: u32,
+    pub streams: Vec<StreamQuality>,
+    pub flows: Vec<FlowQuality>,
+    /// One entry per window in [`WINDOWS`] order.
+    pub windows: Vec<WindowStats>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Endpoint {
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    /// `ingress` (received by the container) or `egress` (sent by it).
+    pub direction: &'static str,
+}
+
+/// One RTP stream (flow + SSRC), cumulative since first seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamQuality {
+    pub endpoint: Endpoint,
+    pub ssrc: u32,
+    pub payload_type: u8,
+    /// Hz; `None` when the payload type's clock rate is unknown.
+    pub clock_rate: Option<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub expected: u64,
+    pub lost: u64,
+    pub reordered: u64,
+    /// RFC 3550 interarrival jitter now, and mean/max over the stream, in seconds; `None`
+    /// without a clock rate.
+    pub jitter_seconds: Option<f64>,
+    pub mean_jitter_seconds: Option<f64>,
+    pub max_jitter_seconds: Option<f64>,
+    /// RTP timestamp step between the last two packets, in timestamp units (reported when
+    /// the clock rate is unknown).
+    pub timestamp_step: Option<u32>,
+    pub payload_type_changes: u32,
+    pub sequence_wraps: u32,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    pub live: bool,
+}
+
+/// One UDP flow, cumulative since first seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowQuality {
+    pub endpoint: Endpoint,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Mean and max of |Δ inter-arrival| (RFC 3393-style delay variation), seconds.
+    pub mean_ipdv_seconds: Option<f64>,
+    pub max_ipdv_seconds: Option<f64>,
+    /// The longest gap between two packets, seconds.
+    pub max_gap_seconds: f64,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    pub live: bool,
+    /// Whether the flow carries RTP (its quality is then in `streams`).
+    pub rtp: bool,
+}
+
+/// Totals over one window.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct WindowStats {
+    pub window_seconds: u64,
+    pub udp_packets: u64,
+    pub udp_bytes: u64,
+    pub rtp_received: u64,
+    pub rtp_expected: u64,
+    pub rtp_lost: u64,
+    /// lost / expected over the window; `None` when nothing was expected.
+    pub rtp_loss_ratio: Option<f64>,
+    pub rtp_reordered: u64,
+    /// Mean of the per-packet jitter estimates in the window, and the highest estimate a live
+    /// stream had at any tick of the window, seconds.
+    pub mean_jitter_seconds: Option<f64>,
+    pub max_jitter_seconds: Option<f64>,
+    pub mean_ipdv_seconds: Option<f64>,
+}
