@@ -29,6 +29,8 @@ pub struct Config {
     pub agent: AgentConfig,
     pub ebpf: EbpfConfig,
     pub paths: PathsConfig,
+    /// NVIDIA GPUs through NVML (section defined in `sources::gpu`).
+    pub gpu: crate::sources::gpu::GpuConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

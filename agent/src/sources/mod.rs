@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
+pub mod gpu;
 pub mod tcp_state;
 
 /// Starts every source the node supports; returns the names of those started.
@@ -27,6 +28,19 @@ pub fn start(
                 started.push(tcp_state::NAME);
             }
             Err(reason) => tracing::warn!(source = tcp_state::NAME, %reason, "source unavailable"),
+        }
+    }
+    if !config.gpu.enabled {
+        tracing::info!("GPU source disabled by config (gpu.enabled = false)");
+    } else {
+        match gpu::Source::start(config) {
+            Ok(source) => {
+                let cancel = cancel.clone();
+                tasks.spawn(async move { (gpu::NAME, source.run(cancel).await) });
+                started.push(gpu::NAME);
+            }
+            // The error reads "GPU source unavailable: <reason>".
+            Err(reason) => tracing::warn!(source = gpu::NAME, "{reason}"),
         }
     }
     started
