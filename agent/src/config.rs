@@ -277,6 +277,7 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
         Duration::from_millis(100),
         Duration::from_secs(300),
     )?;
+    crate::sources::gpu::validate(&config.gpu, origin)?;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError::Invalid {
             key: "log.filter".to_owned(),

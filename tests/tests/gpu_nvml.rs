@@ -631,3 +631,58 @@ fn the_agent_keeps_running_without_nvml_and_runs_the_gpu_source_with_it() {
     assert!(lost.is_some(), "a lost GPU was not logged:\n{text}");
     assert!(text.contains("SIGTERM received"), "{text}");
 }
+
+#[test]
+fn the_running_source_publishes_snapshots_and_stops_when_cancelled() {
+    let Some(fake) = fake("source", &[]) else {
+        return;
+    };
+    fake.script("devices = 2\nall.temp = 71\nevents = 1:xid:95\n");
+    let mut config = config_for(&fake);
+    config.agent.tick = Duration::from_millis(100);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let source = nodeward::sources::gpu::Source::start(&config).expect("source starts");
+        let mut snapshots = source.subscribe();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(source.run(cancel.clone()));
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                snapshots.changed().await.expect("the source publishes");
+                let s = snapshots.borrow_and_update().clone();
+                if s.health
+                    .devices
+                    .get(&1)
+                    .is_some_and(|d| d.window.drain_xids == vec![95])
+                {
+                    break s;
+                }
+            }
+        })
+        .await
+        .expect("a snapshot with XID 95 on device 1 within 10 s");
+        assert_eq!(seen.devices.len(), 2);
+        assert_eq!(device(&seen, 0).temperature_celsius, Reading::Supported(71));
+        cancel.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the source stops within 5 s of cancellation")
+            .expect("the task did not panic");
+        assert_eq!(result, Ok(()));
+    });
+}
+
+#[test]
+fn a_bad_gpu_setting_is_a_config_error_naming_the_key() {
+    let out = Command::new(agent_binary())
+        .args(["config", "check", "--set", "gpu.poll_interval=1ms"])
+        .output()
+        .expect("run nodeward config check");
+    assert_eq!(out.status.code(), Some(64), "EX_USAGE");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gpu.poll_interval"), "{stderr}");
+}

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, Origin};
 
 pub mod check;
 pub mod events;
@@ -68,6 +68,41 @@ impl Default for GpuConfig {
             drain_xids: DRAIN_XIDS.to_vec(),
         }
     }
+}
+
+/// Range checks of the `[gpu]` section; `origin` says where a key's value came from.
+pub fn validate(gpu: &GpuConfig, origin: impl Fn(&str) -> Origin) -> Result<(), ConfigError> {
+    let invalid = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
+        key: key.to_owned(),
+        value,
+        origin: origin(key),
+        allowed: allowed.to_owned(),
+    };
+    let shown = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
+    let p = gpu.poll_interval;
+    if !p.is_zero() && !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&p) {
+        return Err(invalid(
+            "gpu.poll_interval",
+            shown(p),
+            "must be 0s (every agent.tick) or between 100ms and 5m",
+        ));
+    }
+    let w = gpu.xid_window;
+    if !(Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&w) {
+        return Err(invalid(
+            "gpu.xid_window",
+            shown(w),
+            "must be between 1s and 7days",
+        ));
+    }
+    if gpu.library.trim().is_empty() {
+        return Err(invalid(
+            "gpu.library",
+            "\"\"".to_owned(),
+            "must name the NVML library, e.g. \"libnvidia-ml.so.1\"",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,5 +313,38 @@ fn log_changes(before: &[model::DeviceStats], now: &GpuSnapshot) {
                 "GPU has fallen off the bus (lost); it needs a reset"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_init_failure_gets_an_operator_reason() {
+        let lib = "libnvidia-ml.so.1";
+        assert!(explain(lib, &NvmlError::DriverNotLoaded).contains("kernel driver is not loaded"));
+        assert!(explain(lib, &NvmlError::NoPermission).contains("/dev/nvidia"));
+        assert!(explain(lib, &NvmlError::LibRmVersionMismatch)
+            .starts_with("driver/library version mismatch"));
+        assert!(explain(lib, &NvmlError::Unknown).starts_with("NVML initialisation failed"));
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_intervals_are_rejected_with_the_key() {
+        let ok = GpuConfig::default();
+        assert!(validate(&ok, |_| Origin::Default).is_ok());
+        let fast = GpuConfig {
+            poll_interval: Duration::from_millis(5),
+            ..GpuConfig::default()
+        };
+        let err = validate(&fast, |_| Origin::Flag).expect_err("5ms is too fast");
+        assert!(err.to_string().contains("gpu.poll_interval"), "{err}");
+        let never = GpuConfig {
+            xid_window: Duration::ZERO,
+            ..GpuConfig::default()
+        };
+        let err = validate(&never, |_| Origin::Default).expect_err("a zero window counts nothing");
+        assert!(err.to_string().contains("gpu.xid_window"), "{err}");
     }
 }
