@@ -8,6 +8,13 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use nodeward::{
+    config::Config,
+    sources::gpu::{model::DeviceStats, Gpu, GpuSnapshot},
+};
+
+use crate::skip;
+
 /// The C source of the fake library.
 pub const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fake-nvml/fake_nvml.c");
 
@@ -61,6 +68,39 @@ impl FakeNvml {
     pub fn library_str(&self) -> String {
         self.library.display().to_string()
     }
+
+    /// The default config with `gpu.library` pointing at this fake.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.gpu.library = self.library_str();
+        config
+    }
+
+    /// Opens the GPU source on this fake; panics if it cannot.
+    pub fn open(&self) -> Gpu {
+        let config = self.config();
+        Gpu::open(&config.gpu, &config.paths.proc_root).expect("the fake NVML opens")
+    }
+}
+
+/// Builds the fake for `test`, or records why it cannot be built here (the test then returns).
+pub fn fake(test: &str, defines: &[&str]) -> Option<FakeNvml> {
+    match FakeNvml::build(test, defines) {
+        Ok(f) => Some(f),
+        Err(reason) => {
+            skip(test, &reason);
+            None
+        }
+    }
+}
+
+/// The device with NVML index `index` in a snapshot; panics if it is missing.
+pub fn device(snapshot: &GpuSnapshot, index: u32) -> &DeviceStats {
+    snapshot
+        .devices
+        .iter()
+        .find(|d| d.index == index)
+        .unwrap_or_else(|| panic!("device {index} missing from {:?}", snapshot.devices))
 }
 
 impl Drop for FakeNvml {

@@ -1,54 +1,23 @@
 //! The GPU source against a fake NVML library of the tests' own (`tests/fake-nvml`), loaded
 //! through `gpu.library`: scripted values, "not supported", errors, XID and ECC events, a GPU
-//! that falls off the bus, processes mapped to containers, and the three ways NVML can be
-//! unusable (no library, missing symbols, driver/library mismatch). No GPU and no root needed.
+//! that falls off the bus, processes mapped to containers, and the ways NVML can be unusable
+//! (no library, missing symbols, driver/library mismatch, no GPU). No GPU and no root needed.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use nodeward::{
     config::Config,
     sources::gpu::{
-        model::{DeviceStats, ProcessKind, ProcessSample, RowRemapping},
-        Gpu, GpuError, GpuSnapshot, Reading,
+        model::{ProcessKind, ProcessSample, RowRemapping},
+        Gpu, GpuError, Reading,
     },
 };
-use nodeward_tests::{agent_binary, fake_nvml::FakeNvml, skip, wait_for};
+use nodeward_tests::{
+    fake_nvml::{device, fake},
+    wait_for,
+};
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-/// Builds the fake, or records why the test cannot run.
-fn fake(test: &str, defines: &[&str]) -> Option<FakeNvml> {
-    match FakeNvml::build(test, defines) {
-        Ok(f) => Some(f),
-        Err(reason) => {
-            skip(test, &reason);
-            None
-        }
-    }
-}
-
-fn config_for(fake: &FakeNvml) -> Config {
-    let mut config = Config::default();
-    config.gpu.library = fake.library_str();
-    config
-}
-
-fn open(fake: &FakeNvml) -> Gpu {
-    let config = config_for(fake);
-    Gpu::open(&config.gpu, &config.paths.proc_root).expect("the fake NVML opens")
-}
-
-fn device(snapshot: &GpuSnapshot, index: u32) -> &DeviceStats {
-    snapshot
-        .devices
-        .iter()
-        .find(|d| d.index == index)
-        .unwrap_or_else(|| panic!("device {index} missing from {:?}", snapshot.devices))
-}
 
 fn open_error(config: &Config) -> String {
     match Gpu::open(&config.gpu, &config.paths.proc_root) {
@@ -99,7 +68,7 @@ fn each_device_reports_the_values_the_driver_gave() {
          dev.1.temp = 41
          ",
     );
-    let snapshot = open(&fake).poll();
+    let snapshot = fake.open().poll();
     assert_eq!(
         snapshot.driver_version,
         Reading::Supported("550.54.15".to_owned())
@@ -196,7 +165,7 @@ fn not_supported_and_failing_calls_are_kept_per_reading_and_the_poll_goes_on() {
          all.mem.used = 10
          ",
     );
-    let snapshot = open(&fake).poll();
+    let snapshot = fake.open().poll();
     let d = device(&snapshot, 0);
     assert_eq!(d.temperature_celsius, Reading::NotSupported);
     assert!(
@@ -222,7 +191,7 @@ fn an_older_driver_without_a_function_reports_it_as_not_supported() {
         return;
     };
     fake.script("all.enc.util = 20\nall.enc.stats = 1,30,100\n");
-    let snapshot = open(&fake).poll();
+    let snapshot = fake.open().poll();
     let d = device(&snapshot, 0);
     assert_eq!(d.media.encoder_sessions, Reading::NotSupported);
     assert_eq!(d.media.encoder_utilization_percent, Reading::Supported(20));
@@ -244,7 +213,7 @@ fn nvlink_errors_are_read_for_active_links_only() {
          dev.0.nvlink.2.replay = 2
          ",
     );
-    let snapshot = open(&fake).poll();
+    let snapshot = fake.open().poll();
     let links = device(&snapshot, 0)
         .nvlink
         .value()
@@ -263,7 +232,7 @@ fn nvlink_errors_are_read_for_active_links_only() {
 fn xid_and_ecc_events_are_counted_per_device_and_drain_xids_flagged() {
     let Some(fake) = fake("xid", &[]) else { return };
     fake.script("devices = 2\nevents = 0:xid:13 0:xid:79 0:xid:13 1:xid:31 1:dbe 1:sbe 1:sbe\n");
-    let mut gpu = open(&fake);
+    let mut gpu = fake.open();
     let cancel = tokio_util::sync::CancellationToken::new();
     let thread = gpu.watch_events(cancel.clone()).expect("event thread");
     let snapshot = wait_for(Duration::from_secs(10), || {
@@ -304,7 +273,7 @@ fn xid_counts_clear_by_themselves_after_the_window() {
         return;
     };
     fake.script("events = 0:xid:48\n");
-    let mut config = config_for(&fake);
+    let mut config = fake.config();
     config.gpu.xid_window = Duration::from_secs(1);
     let mut gpu = Gpu::open(&config.gpu, &config.paths.proc_root).expect("open");
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -333,7 +302,7 @@ fn a_gpu_that_falls_off_the_bus_is_reported_lost_and_the_others_keep_reporting()
     };
     let healthy = "devices = 2\nall.temp = 50\ndev.1.uuid = GPU-bbbb\ndev.1.name = NVIDIA H100\n";
     fake.script(healthy);
-    let mut gpu = open(&fake);
+    let mut gpu = fake.open();
     let cancel = tokio_util::sync::CancellationToken::new();
     let thread = gpu.watch_events(cancel.clone()).expect("event thread");
     let before = gpu.poll();
@@ -391,7 +360,7 @@ fn gpu_processes_are_mapped_to_their_cgroup_and_container() {
          all.procutil = 4242:61:20:7:3:100 4343:5:1:0:0:100
          ",
     );
-    let mut config = config_for(&fake);
+    let mut config = fake.config();
     config.paths.proc_root = proc_root;
     let mut gpu = Gpu::open(&config.gpu, &config.paths.proc_root).expect("open");
     let snapshot = gpu.poll();
@@ -450,7 +419,7 @@ fn presents_as_many_devices_as_scripted() {
         return;
     };
     fake.script("devices = 8\nall.util.gpu = 10\n");
-    let snapshot = open(&fake).poll();
+    let snapshot = fake.open().poll();
     assert_eq!(snapshot.devices.len(), 8);
     let mut uuids: Vec<_> = snapshot
         .devices
@@ -485,7 +454,7 @@ fn a_library_missing_symbols_is_a_clear_unavailable() {
     let Some(fake) = fake("no-init", &["-DFAKE_OMIT_INIT"]) else {
         return;
     };
-    let message = open_error(&config_for(&fake));
+    let message = open_error(&fake.config());
     assert!(message.starts_with("GPU source unavailable: "), "{message}");
     assert!(
         message.contains("lacks a function") && message.contains("nvmlInit_v2"),
@@ -499,7 +468,7 @@ fn a_driver_library_version_mismatch_is_a_clear_unavailable() {
         return;
     };
     fake.script("init = 18\n"); // NVML_ERROR_LIB_RM_VERSION_MISMATCH
-    let message = open_error(&config_for(&fake));
+    let message = open_error(&fake.config());
     assert!(
         message.starts_with("GPU source unavailable: driver/library version mismatch"),
         "{message}"
@@ -512,124 +481,8 @@ fn a_driver_without_gpus_is_a_clear_unavailable() {
         return;
     };
     fake.script("devices = 0\n");
-    let message = open_error(&config_for(&fake));
+    let message = open_error(&fake.config());
     assert_eq!(message, "GPU source unavailable: no NVIDIA GPU found");
-}
-
-/// Runs `nodeward gpu-check` with extra `--set` flags.
-fn gpu_check(library: &str, json: bool) -> std::process::Output {
-    let mut cmd = Command::new(agent_binary());
-    cmd.args([
-        "gpu-check",
-        "--events",
-        "200ms",
-        "--set",
-        &format!("gpu.library={library}"),
-    ]);
-    if json {
-        cmd.arg("--json");
-    }
-    cmd.env_remove("NODEWARD_LOG")
-        .output()
-        .expect("run nodeward gpu-check")
-}
-
-#[test]
-fn gpu_check_prints_what_it_read_or_why_it_could_not() {
-    let Some(fake) = fake("check", &[]) else {
-        return;
-    };
-    fake.script("dev.0.name = NVIDIA T4\ndev.0.temp = 47\ndev.0.power = NS\n");
-    let out = gpu_check(&fake.library_str(), true);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
-    assert_eq!(json["devices"][0]["name"]["supported"], "NVIDIA T4");
-    assert_eq!(json["devices"][0]["temperature_celsius"]["supported"], 47);
-    assert_eq!(json["devices"][0]["power_draw_milliwatts"], "not_supported");
-
-    let out = gpu_check("/nonexistent/libnvidia-ml.so.1", false);
-    assert_eq!(out.status.code(), Some(69), "EX_UNAVAILABLE");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("GPU source unavailable: cannot load the NVML library"),
-        "{stderr}"
-    );
-}
-
-/// Starts `nodeward run` (eBPF off, so no root is needed) with its log in `log`.
-fn start_agent(library: &str, log: &Path) -> std::process::Child {
-    let log_file = std::fs::File::create(log).expect("create log file");
-    Command::new(agent_binary())
-        .args([
-            "run",
-            "--set",
-            "ebpf.enabled=false",
-            "--set",
-            "agent.tick=200ms",
-        ])
-        .args(["--set", &format!("gpu.library={library}")])
-        .env("NODEWARD_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("start nodeward")
-}
-
-fn stop_agent(mut agent: std::process::Child, log: &Path) -> String {
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
-    let status = wait_for(Duration::from_secs(10), || agent.try_wait().ok().flatten())
-        .expect("the agent exits within its shutdown deadline");
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(status.success(), "exit status {status}; log:\n{text}");
-    text
-}
-
-#[test]
-fn the_agent_keeps_running_without_nvml_and_runs_the_gpu_source_with_it() {
-    let Some(fake) = fake("daemon", &[]) else {
-        return;
-    };
-    fake.script("devices = 2\nall.temp = 40\n");
-    let log = fake.dir.join("agent.log");
-
-    let agent = start_agent("/nonexistent/libnvidia-ml.so.1", &log);
-    let logged = wait_for(Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.contains("nodeward is running").then_some(text)
-    })
-    .expect("the agent starts without NVML");
-    assert!(
-        logged.contains("GPU source unavailable: cannot load the NVML library"),
-        "{logged}"
-    );
-    stop_agent(agent, &log);
-
-    let agent = start_agent(&fake.library_str(), &log);
-    let logged = wait_for(Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.contains("nodeward is running").then_some(text)
-    })
-    .expect("the agent starts with the fake NVML");
-    assert!(
-        logged.contains("\"gpu\""),
-        "the gpu source is listed as started:\n{logged}"
-    );
-    // Let it poll a few times, then lose a GPU: the agent logs it and keeps running.
-    std::thread::sleep(Duration::from_millis(500));
-    fake.script("devices = 2\nall.temp = 40\ndev.1.lost = 1\n");
-    let lost = wait_for(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.contains("GPU has fallen off the bus").then_some(())
-    });
-    let text = stop_agent(agent, &log);
-    assert!(lost.is_some(), "a lost GPU was not logged:\n{text}");
-    assert!(text.contains("SIGTERM received"), "{text}");
 }
 
 #[test]
@@ -638,7 +491,7 @@ fn the_running_source_publishes_snapshots_and_stops_when_cancelled() {
         return;
     };
     fake.script("devices = 2\nall.temp = 71\nevents = 1:xid:95\n");
-    let mut config = config_for(&fake);
+    let mut config = fake.config();
     config.agent.tick = Duration::from_millis(100);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -674,15 +527,4 @@ fn the_running_source_publishes_snapshots_and_stops_when_cancelled() {
             .expect("the task did not panic");
         assert_eq!(result, Ok(()));
     });
-}
-
-#[test]
-fn a_bad_gpu_setting_is_a_config_error_naming_the_key() {
-    let out = Command::new(agent_binary())
-        .args(["config", "check", "--set", "gpu.poll_interval=1ms"])
-        .output()
-        .expect("run nodeward config check");
-    assert_eq!(out.status.code(), Some(64), "EX_USAGE");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("gpu.poll_interval"), "{stderr}");
 }

@@ -83,7 +83,13 @@ fn watch(nvml: &Nvml, state: &EventState, cancel: &CancellationToken, wait: Dura
             Ok(data) => {
                 // SAFETY: the handle is only compared with the ones registered above.
                 let handle = unsafe { data.device.handle() } as usize;
-                let Some(&index) = devices.get(&handle) else {
+                // Handles are stable pointers in the drivers seen so far; should one differ,
+                // the device's index still names it.
+                let Some(index) = devices
+                    .get(&handle)
+                    .copied()
+                    .or_else(|| data.device.index().ok())
+                else {
                     continue;
                 };
                 let now = Instant::now();

@@ -26,7 +26,8 @@ pub struct GpuSnapshot {
     pub driver_version: Reading<String>,
     pub nvml_version: Reading<String>,
     pub devices: Vec<DeviceStats>,
-    /// Set when NVML could not even count the GPUs in this poll.
+    /// Set when NVML could not even count the GPUs in this poll: `devices` and `health` are
+    /// then empty because nothing could be read, not because all is well.
     pub poll_error: Option<String>,
     pub health: GpuHealthInput,
     /// When the poll finished.
