@@ -13,7 +13,7 @@ use nodeward::{
     },
 };
 use nodeward_tests::{
-    fake_nvml::{device, fake},
+    fake_nvml::{device, every_field_script, fake},
     wait_for,
 };
 
@@ -527,4 +527,26 @@ fn the_running_source_publishes_snapshots_and_stops_when_cancelled() {
             .expect("the task did not panic");
         assert_eq!(result, Ok(()));
     });
+}
+
+#[test]
+fn the_benchmark_script_makes_every_call_answer_on_every_device() {
+    let Some(fake) = fake("every-field", &[]) else {
+        return;
+    };
+    fake.script(&every_field_script(8));
+    let snapshot = fake.open().poll();
+    assert_eq!(snapshot.devices.len(), 8);
+    // Every reading, serialised, must be {"supported": ...}: none "not_supported" or an error,
+    // so a timed poll makes every NVML call the source makes on a real GPU.
+    let json = serde_json::to_value(&snapshot.devices).expect("serialise");
+    let text = json.to_string();
+    assert!(!text.contains("not_supported"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    for d in &snapshot.devices {
+        let procs = d.processes.value().expect("processes");
+        assert_eq!(procs.len(), 2);
+        assert!(procs.iter().all(|p| p.sample.is_some()), "{procs:?}");
+        assert_eq!(d.nvlink.value().map(Vec::len), Some(1));
+    }
 }

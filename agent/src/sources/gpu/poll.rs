@@ -263,6 +263,9 @@ impl Poller {
             };
         }
 
+        if listed.is_empty() {
+            return Reading::Supported(Vec::new());
+        }
         let since = self.last_sample_at.get(&index).copied();
         let samples = match device.process_utilization_stats(since) {
             Ok(s) => s,
