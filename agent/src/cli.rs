@@ -40,6 +40,16 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Read the GPUs once through NVML and print what was read (diagnostic).
+    #[command(name = "gpu-check", hide = true)]
+    GpuCheck {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// How long to watch for XID/ECC events between the two reads.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        events: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]

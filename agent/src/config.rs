@@ -30,6 +30,8 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     pub paths: PathsConfig,
     pub udp: crate::sources::udp::UdpConfig,
+    /// NVIDIA GPUs through NVML (section defined in `sources::gpu`).
+    pub gpu: crate::sources::gpu::GpuConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +295,7 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             allowed: e.reason.to_owned(),
         });
     }
+    crate::sources::gpu::validate(&config.gpu, origin)?;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError::Invalid {
             key: "log.filter".to_owned(),

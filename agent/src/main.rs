@@ -47,6 +47,9 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::GpuCheck { json, events } => {
+            nodeward::sources::gpu::check::main(&config, json, events)
+        }
         Command::Run => run(config),
     }
 }

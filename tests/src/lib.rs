@@ -21,6 +21,8 @@ pub mod rtp;
 
 use nodeward::probe::cgroup_layout;
 
+pub mod fake_nvml;
+
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");

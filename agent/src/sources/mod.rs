@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
 pub mod cgroup_paths;
+pub mod gpu;
 pub mod tcp_state;
 pub mod udp;
 
@@ -19,6 +20,7 @@ pub struct Feeds {
     /// Sources that could not start, with the reason.
     pub unavailable: Vec<(&'static str, String)>,
     pub udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
+    pub gpu: Option<watch::Receiver<gpu::model::GpuSnapshot>>,
 }
 
 impl Feeds {
@@ -36,10 +38,35 @@ pub fn start(
     tasks: &mut JoinSet<TaskResult>,
 ) -> Feeds {
     let mut feeds = Feeds::default();
-    if !config.ebpf.enabled {
+    if config.ebpf.enabled {
+        start_ebpf(config, caps, cancel, tasks, &mut feeds);
+    } else {
         tracing::info!("eBPF sources disabled by config (ebpf.enabled = false)");
-        return feeds;
     }
+    if !config.gpu.enabled {
+        tracing::info!("GPU source disabled by config (gpu.enabled = false)");
+    } else {
+        match gpu::Source::start(config) {
+            Ok(source) => {
+                feeds.gpu = Some(source.subscribe());
+                let cancel = cancel.clone();
+                tasks.spawn(async move { (gpu::NAME, source.run(cancel).await) });
+                feeds.started.push(gpu::NAME);
+            }
+            // The reason reads "GPU source unavailable: <why>".
+            Err(reason) => feeds.unavailable(gpu::NAME, reason.to_string()),
+        }
+    }
+    feeds
+}
+
+fn start_ebpf(
+    config: &Config,
+    caps: &Capabilities,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<TaskResult>,
+    feeds: &mut Feeds,
+) {
     match tcp_state::Source::start(config, caps) {
         Ok(source) => {
             let cancel = cancel.clone();
@@ -50,17 +77,16 @@ pub fn start(
     }
     if !config.udp.enabled {
         tracing::info!("UDP/RTP source disabled by config (udp.enabled = false)");
-    } else {
-        match udp::Source::start(config, caps) {
-            Ok(source) => {
-                let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
-                let cancel = cancel.clone();
-                tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
-                feeds.started.push(udp::NAME);
-                feeds.udp = Some(rx);
-            }
-            Err(reason) => feeds.unavailable(udp::NAME, reason),
-        }
+        return;
     }
-    feeds
+    match udp::Source::start(config, caps) {
+        Ok(source) => {
+            let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
+            let cancel = cancel.clone();
+            tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
+            feeds.started.push(udp::NAME);
+            feeds.udp = Some(rx);
+        }
+        Err(reason) => feeds.unavailable(udp::NAME, reason),
+    }
 }

@@ -1,0 +1,350 @@
+//! NVIDIA GPUs through NVML: per-device readings (utilisation, memory, thermals, power, clocks
+//! and their throttle reasons, ECC, retired pages and remapped rows, PCIe replays, NVLink
+//! errors, the media engines), processes attributed to cgroups and containers, and health
+//! input (XID errors and ECC events in a window that clears by itself, lost GPUs).
+//!
+//! `libnvidia-ml.so.1` is loaded at run time from `gpu.library`, so the agent runs on nodes
+//! without a driver: the source then reports "GPU source unavailable: <reason>" and the other
+//! sources keep working. NVML calls block, so polls run on tokio's blocking pool and events on
+//! a thread of their own; a call a device does not support is recorded as such, never as 0.
+
+use std::{
+    ffi::OsStr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use nvml_wrapper::{error::NvmlError, Nvml};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, Origin};
+
+pub mod check;
+pub mod events;
+pub mod model;
+pub mod poll;
+pub mod procs;
+pub mod reading;
+pub mod xid;
+
+pub use model::{GpuHealthInput, GpuSnapshot, SourceStatus};
+pub use reading::Reading;
+pub use xid::DRAIN_XIDS;
+
+pub const NAME: &str = "gpu";
+
+/// How long one `nvmlEventSetWait` may block: also the longest the event thread takes to
+/// notice shutdown.
+const EVENT_WAIT: Duration = Duration::from_millis(500);
+
+/// The `[gpu]` config section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Read GPUs through NVML. With `false` the source is not started.
+    pub enabled: bool,
+    /// The NVML library: a file name searched the usual way (`ld.so`), or a path.
+    pub library: String,
+    /// How often GPUs are polled; `0s` means every `agent.tick`.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// XIDs and ECC events count towards health for this long after they happen.
+    #[serde(with = "humantime_serde")]
+    pub xid_window: Duration,
+    /// XID codes that mean "drain this node" (see [`DRAIN_XIDS`]).
+    pub drain_xids: Vec<u64>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            library: "libnvidia-ml.so.1".to_owned(),
+            poll_interval: Duration::ZERO,
+            xid_window: Duration::from_secs(600),
+            drain_xids: DRAIN_XIDS.to_vec(),
+        }
+    }
+}
+
+/// Range checks of the `[gpu]` section; `origin` says where a key's value came from.
+pub fn validate(gpu: &GpuConfig, origin: impl Fn(&str) -> Origin) -> Result<(), ConfigError> {
+    let invalid = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
+        key: key.to_owned(),
+        value,
+        origin: origin(key),
+        allowed: allowed.to_owned(),
+    };
+    let shown = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
+    let p = gpu.poll_interval;
+    if !p.is_zero() && !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&p) {
+        return Err(invalid(
+            "gpu.poll_interval",
+            shown(p),
+            "must be 0s (every agent.tick) or between 100ms and 5m",
+        ));
+    }
+    let w = gpu.xid_window;
+    if !(Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&w) {
+        return Err(invalid(
+            "gpu.xid_window",
+            shown(w),
+            "must be between 1s and 7days",
+        ));
+    }
+    if gpu.library.trim().is_empty() {
+        return Err(invalid(
+            "gpu.library",
+            "\"\"".to_owned(),
+            "must name the NVML library, e.g. \"libnvidia-ml.so.1\"",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("GPU source unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot start the GPU event thread: {0}")]
+    Thread(std::io::Error),
+    #[error("GPU poll task failed: {0}")]
+    Join(String),
+}
+
+/// Says, for an operator, why NVML could not be opened.
+pub fn explain(library: &str, e: &NvmlError) -> String {
+    match e {
+        NvmlError::LibloadingError(inner) => format!(
+            "cannot load the NVML library {library}: {inner} (is the NVIDIA driver installed? \
+             set gpu.library to its path)"
+        ),
+        NvmlError::FailedToLoadSymbol(inner) => format!(
+            "{library} lacks a function NVML must have ({inner}): not an NVML library, or one \
+             too old"
+        ),
+        NvmlError::LibRmVersionMismatch => format!(
+            "driver/library version mismatch: {library} does not match the loaded NVIDIA kernel \
+             driver (reload the nvidia kernel module or reboot after a driver update)"
+        ),
+        NvmlError::DriverNotLoaded => "the NVIDIA kernel driver is not loaded".to_owned(),
+        NvmlError::NoPermission => {
+            "no permission to talk to the NVIDIA driver (check access to /dev/nvidia*)".to_owned()
+        }
+        other => format!("NVML initialisation failed: {other}"),
+    }
+}
+
+/// An opened NVML library and what the source keeps between polls.
+#[derive(Debug)]
+pub struct Gpu {
+    poller: poll::Poller,
+    events: Arc<events::EventState>,
+    driver_version: Reading<String>,
+    nvml_version: Reading<String>,
+}
+
+impl Gpu {
+    /// Loads and initialises NVML; fails with the reason when there is no usable driver or GPU.
+    pub fn open(config: &GpuConfig, proc_root: &Path) -> Result<Self, GpuError> {
+        let nvml = Nvml::builder()
+            .lib_path(OsStr::new(&config.library))
+            .init()
+            .map_err(|e| GpuError::Unavailable(explain(&config.library, &e)))?;
+        match nvml.device_count() {
+            Ok(0) => return Err(GpuError::Unavailable("no NVIDIA GPU found".to_owned())),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(GpuError::Unavailable(format!("cannot count the GPUs: {e}")));
+            }
+        }
+        let driver_version = Reading::from_nvml(nvml.sys_driver_version());
+        let nvml_version = Reading::from_nvml(nvml.sys_nvml_version());
+        Ok(Self {
+            poller: poll::Poller::new(Arc::new(nvml), proc_root.to_path_buf()),
+            events: Arc::new(events::EventState {
+                window: Mutex::new(xid::EventWindow::new(config.xid_window, &config.drain_xids)),
+                watched: Mutex::new(None),
+            }),
+            driver_version,
+            nvml_version,
+        })
+    }
+
+    /// Starts the thread that reads XID and ECC events until `cancel` fires.
+    pub fn watch_events(
+        &self,
+        cancel: CancellationToken,
+    ) -> Result<std::thread::JoinHandle<()>, GpuError> {
+        events::spawn(
+            Arc::clone(self.poller.nvml()),
+            Arc::clone(&self.events),
+            cancel,
+            EVENT_WAIT,
+        )
+        .map_err(GpuError::Thread)
+    }
+
+    /// Reads every GPU once (blocking: call it from a blocking thread).
+    pub fn poll(&mut self) -> GpuSnapshot {
+        let started = Instant::now();
+        let mut snapshot = GpuSnapshot::empty(SourceStatus::Running);
+        snapshot.driver_version = self.driver_version.clone();
+        snapshot.nvml_version = self.nvml_version.clone();
+        match self.poller.poll() {
+            Ok(devices) => snapshot.devices = devices,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the GPUs");
+                snapshot.poll_error = Some(e.to_string());
+            }
+        }
+        snapshot.health = self.health_input(&snapshot.devices);
+        snapshot.taken_at = SystemTime::now();
+        snapshot.poll_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        snapshot
+    }
+
+    fn health_input(&self, devices: &[model::DeviceStats]) -> GpuHealthInput {
+        let mut counts = self
+            .events
+            .window
+            .lock()
+            .map(|mut w| w.counts(Instant::now()))
+            .unwrap_or_default();
+        let watched = self.events.watched.lock().ok().and_then(|w| w.clone());
+        let devices = devices
+            .iter()
+            .map(|d| {
+                let remap = d.row_remapping.value();
+                let health = model::GpuHealthDevice {
+                    uuid: d.uuid.value().cloned(),
+                    lost: d.lost,
+                    window: counts.remove(&d.index).unwrap_or_default(),
+                    uncorrected_ecc_volatile: d.ecc.uncorrected_volatile.value().copied(),
+                    retired_pages_pending: d.retired_pages.pending.value().copied(),
+                    row_remap_pending: remap.map(|r| r.pending),
+                    row_remap_failed: remap.map(|r| r.failed),
+                };
+                (d.index, health)
+            })
+            .collect();
+        GpuHealthInput {
+            events_watched: watched,
+            devices,
+        }
+    }
+}
+
+/// The running source: polls on every interval and publishes each snapshot.
+#[derive(Debug)]
+pub struct Source {
+    gpu: Gpu,
+    interval: Duration,
+    tx: watch::Sender<GpuSnapshot>,
+}
+
+impl Source {
+    /// Opens NVML, or says why the GPU source cannot run on this node.
+    pub fn start(config: &Config) -> Result<Self, GpuError> {
+        let gpu = Gpu::open(&config.gpu, &config.paths.proc_root)?;
+        let interval = if config.gpu.poll_interval.is_zero() {
+            config.agent.tick
+        } else {
+            config.gpu.poll_interval
+        };
+        let (tx, _) = watch::channel(GpuSnapshot::empty(SourceStatus::Running));
+        Ok(Self { gpu, interval, tx })
+    }
+
+    /// The latest snapshot, for the health engine, the API and the metrics.
+    pub fn subscribe(&self) -> watch::Receiver<GpuSnapshot> {
+        self.tx.subscribe()
+    }
+
+    /// Polls until cancelled; the event thread stops with it.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), String> {
+        let Self {
+            mut gpu,
+            interval,
+            tx,
+        } = self;
+        let events = gpu
+            .watch_events(cancel.child_token())
+            .map_err(|e| e.to_string())?;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                _ = tick.tick() => {
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let snapshot = gpu.poll();
+                        (gpu, snapshot)
+                    })
+                    .await;
+                    match joined {
+                        Ok((back, snapshot)) => {
+                            gpu = back;
+                            log_changes(tx.borrow().devices.as_slice(), &snapshot);
+                            tx.send_replace(snapshot);
+                        }
+                        Err(e) => break Err(GpuError::Join(e.to_string()).to_string()),
+                    }
+                }
+            }
+        };
+        // The event thread sees the cancelled token within one wait.
+        let _ = tokio::task::spawn_blocking(move || events.join()).await;
+        result
+    }
+}
+
+/// Logs a GPU that fell off the bus once, when it happens, not on every poll.
+fn log_changes(before: &[model::DeviceStats], now: &GpuSnapshot) {
+    for d in &now.devices {
+        let was_lost = before.iter().any(|b| b.index == d.index && b.lost);
+        if d.lost && !was_lost {
+            tracing::error!(
+                device = d.index,
+                uuid = d.uuid.value().map(String::as_str).unwrap_or("?"),
+                "GPU has fallen off the bus (lost); it needs a reset"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_init_failure_gets_an_operator_reason() {
+        let lib = "libnvidia-ml.so.1";
+        assert!(explain(lib, &NvmlError::DriverNotLoaded).contains("kernel driver is not loaded"));
+        assert!(explain(lib, &NvmlError::NoPermission).contains("/dev/nvidia"));
+        assert!(explain(lib, &NvmlError::LibRmVersionMismatch)
+            .starts_with("driver/library version mismatch"));
+        assert!(explain(lib, &NvmlError::Unknown).starts_with("NVML initialisation failed"));
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_intervals_are_rejected_with_the_key() {
+        let ok = GpuConfig::default();
+        assert!(validate(&ok, |_| Origin::Default).is_ok());
+        let fast = GpuConfig {
+            poll_interval: Duration::from_millis(5),
+            ..GpuConfig::default()
+        };
+        let err = validate(&fast, |_| Origin::Flag).expect_err("5ms is too fast");
+        assert!(err.to_string().contains("gpu.poll_interval"), "{err}");
+        let never = GpuConfig {
+            xid_window: Duration::ZERO,
+            ..GpuConfig::default()
+        };
+        let err = validate(&never, |_| Origin::Default).expect_err("a zero window counts nothing");
+        assert!(err.to_string().contains("gpu.xid_window"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! The fake `libnvidia-ml.so.1` (`tests/fake-nvml/fake_nvml.c`), built per test into a
+//! directory of its own so that parallel tests never share a library instance or a script.
+//! The library reads `fake_nvml.script` next to itself; see the C file for the keys.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nodeward::{
+    config::Config,
+    sources::gpu::{model::DeviceStats, Gpu, GpuSnapshot},
+};
+
+use crate::skip;
+
+/// The C source of the fake library.
+pub const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fake-nvml/fake_nvml.c");
+
+/// A compiled fake NVML library and its script; the directory is removed on drop.
+#[derive(Debug)]
+pub struct FakeNvml {
+    pub dir: PathBuf,
+    /// Pass this as `gpu.library`.
+    pub library: PathBuf,
+}
+
+impl FakeNvml {
+    /// Compiles the library with `cc` and extra flags (e.g. `-DFAKE_OMIT_INIT`). `Err` says
+    /// why it cannot be built here (no C compiler): the caller skips with that reason.
+    pub fn build(stem: &str, defines: &[&str]) -> Result<Self, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nodeward-fake-nvml-{stem}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let library = dir.join("libnvidia-ml.so.1");
+        let output = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+            .arg(&library)
+            .arg(SOURCE)
+            .args(defines)
+            .output()
+            .map_err(|e| format!("no C compiler (`cc`): {e}"))?;
+        if !output.status.success() {
+            // The source is ours: a compile error is a bug, not a missing tool.
+            panic!(
+                "cc failed on {SOURCE}:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(Self { dir, library })
+    }
+
+    /// Replaces the script; the library sees it at its next nvmlDeviceGetCount or event wait.
+    /// Written to a new file and renamed, so the library never reads half a script.
+    pub fn script(&self, text: &str) {
+        let tmp = self.dir.join("fake_nvml.script.new");
+        std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, self.dir.join("fake_nvml.script"))
+            .unwrap_or_else(|e| panic!("rename script: {e}"));
+    }
+
+    /// `gpu.library` as a string.
+    pub fn library_str(&self) -> String {
+        self.library.display().to_string()
+    }
+
+    /// The default config with `gpu.library` pointing at this fake.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.gpu.library = self.library_str();
+        config
+    }
+
+    /// Opens the GPU source on this fake; panics if it cannot.
+    pub fn open(&self) -> Gpu {
+        let config = self.config();
+        Gpu::open(&config.gpu, &config.paths.proc_root).expect("the fake NVML opens")
+    }
+}
+
+/// A script in which `devices` GPUs answer every call the source makes (one active NVLink
+/// link, two compute processes, one sample each): what a benchmark of one poll should time.
+pub fn every_field_script(devices: u32) -> String {
+    format!(
+        "devices = {devices}
+         all.util.gpu = 42
+         all.util.mem = 17
+         all.mem.total = 85899345920
+         all.mem.used = 1073741824
+         all.temp = 55
+         all.power = 123000
+         all.power_limit = 700000
+         all.clock.graphics = 1980
+         all.clock.sm = 1980
+         all.clock.mem = 2619
+         all.clock.video = 1755
+         all.throttle = 0x1
+         all.ecc.mode = 1
+         all.ecc.corrected.volatile = 1
+         all.ecc.uncorrected.volatile = 0
+         all.ecc.corrected.aggregate = 5
+         all.ecc.uncorrected.aggregate = 0
+         all.retired.sbe = 0
+         all.retired.dbe = 0
+         all.retired.pending = 0
+         all.remap = 0,0,0,0
+         all.pcie_replay = 0
+         all.nvlink.0.state = 1
+         all.nvlink.0.replay = 0
+         all.nvlink.0.recovery = 0
+         all.nvlink.0.crc_flit = 0
+         all.nvlink.0.crc_data = 0
+         all.enc.util = 10
+         all.dec.util = 5
+         all.enc.stats = 3,30,1500
+         all.procs.compute = 101:1048576 102:2097152
+         all.procs.graphics =
+         all.procutil = 101:50:10:5:0:10 102:20:5:0:0:10
+         "
+    )
+}
+
+/// Builds the fake for `test`, or records why it cannot be built here (the test then returns).
+pub fn fake(test: &str, defines: &[&str]) -> Option<FakeNvml> {
+    match FakeNvml::build(test, defines) {
+        Ok(f) => Some(f),
+        Err(reason) => {
+            skip(test, &reason);
+            None
+        }
+    }
+}
+
+/// The device with NVML index `index` in a snapshot; panics if it is missing.
+pub fn device(snapshot: &GpuSnapshot, index: u32) -> &DeviceStats {
+    snapshot
+        .devices
+        .iter()
+        .find(|d| d.index == index)
+        .unwrap_or_else(|| panic!("device {index} missing from {:?}", snapshot.devices))
+}
+
+impl Drop for FakeNvml {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
