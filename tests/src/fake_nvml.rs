@@ -86,44 +86,11 @@ impl FakeNvml {
 /// A script in which `devices` GPUs answer every call the source makes (one active NVLink
 /// link, two compute processes, one sample each): what a benchmark of one poll should time.
 pub fn every_field_script(devices: u32) -> String {
-    format!(
-        "devices = {devices}
-         all.util.gpu = 42
-         all.util.mem = 17
-         all.mem.total = 85899345920
-         all.mem.used = 1073741824
-         all.temp = 55
-         all.power = 123000
-         all.power_limit = 700000
-         all.clock.graphics = 1980
-         all.clock.sm = 1980
-         all.clock.mem = 2619
-         all.clock.video = 1755
-         all.throttle = 0x1
-         all.ecc.mode = 1
-         all.ecc.corrected.volatile = 1
-         all.ecc.uncorrected.volatile = 0
-         all.ecc.corrected.aggregate = 5
-         all.ecc.uncorrected.aggregate = 0
-         all.retired.sbe = 0
-         all.retired.dbe = 0
-         all.retired.pending = 0
-         all.remap = 0,0,0,0
-         all.pcie_replay = 0
-         all.nvlink.0.state = 1
-         all.nvlink.0.replay = 0
-         all.nvlink.0.recovery = 0
-         all.nvlink.0.crc_flit = 0
-         all.nvlink.0.crc_data = 0
-         all.enc.util = 10
-         all.dec.util = 5
-         all.enc.stats = 3,30,1500
-         all.procs.compute = 101:1048576 102:2097152
-         all.procs.graphics =
-         all.procutil = 101:50:10:5:0:10 102:20:5:0:0:10
-         "
-    )
+    format!("devices = {devices}\n{}", EVERY_FIELD)
 }
+
+/// `tests/fake-nvml/every-field.script`, shared with `cargo xtask bench`.
+pub const EVERY_FIELD: &str = include_str!("../fake-nvml/every-field.script");
 
 /// Builds the fake for `test`, or records why it cannot be built here (the test then returns).
 pub fn fake(test: &str, defines: &[&str]) -> Option<FakeNvml> {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: nodeward's build automation. `run` and `test` are the README's two commands;
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -33,6 +34,8 @@ enum Cmd {
     },
     /// Unit tests, then the privileged integration tests, then lints.
     Test(test::TestArgs),
+    /// Measure what the agent costs, A/B against a baseline, into docs/BENCHMARKS.md (root).
+    Bench(bench::BenchArgs),
     /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
     GpuCheck,
 }
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test(args) => test::run(&root, &args),
+        Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

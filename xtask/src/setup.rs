@@ -230,6 +230,15 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the benchmark drives.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    ensure_packages(
+        "bench tools",
+        &strings(&["iperf3", "bpftool", "gcc"]),
+        &strings(&["iperf3", "bpftool", "gcc"]),
+    )
+}
+
 pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_build_tools()?;
     ensure_test_tools(root)
