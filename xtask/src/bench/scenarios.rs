@@ -156,7 +156,9 @@ struct Echo {
 }
 
 impl Echo {
-    fn start() -> anyhow::Result<Self> {
+    /// With `echo` false, connections are accepted and closed at once (the churn scenario
+    /// must not be limited by a thread per connection).
+    fn start(echo: bool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -167,6 +169,9 @@ impl Echo {
                     break;
                 }
                 let Ok(mut c) = conn else { continue };
+                if !echo {
+                    continue;
+                }
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 64];
                     while let Ok(n) = c.read(&mut buf) {
@@ -190,7 +195,7 @@ impl Drop for Echo {
 }
 
 pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
-    let echo = Echo::start()?;
+    let echo = Echo::start(true)?;
     let port = echo.port;
     let run = || -> anyhow::Result<f64> {
         let deadline = Instant::now() + Duration::from_secs(plan.seconds);
@@ -233,7 +238,7 @@ pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<
 }
 
 pub fn tcp_connect(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
-    let echo = Echo::start()?;
+    let echo = Echo::start(false)?;
     let port = echo.port;
     let run = || -> anyhow::Result<f64> {
         let deadline = Instant::now() + Duration::from_secs(plan.seconds);
