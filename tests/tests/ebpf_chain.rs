@@ -154,3 +154,66 @@ fn sigterm_detaches_every_program() {
         "programs or links left attached after SIGTERM: {progs:?} {links:?}"
     );
 }
+
+/// An agent killed with SIGKILL leaves no program or link behind (nothing is pinned; the
+/// kernel frees them with the last file descriptor), and the next start attaches afresh.
+#[test]
+fn sigkill_leaves_nothing_attached_and_restart_works() {
+    const TEST: &str = "sigkill_leaves_nothing_attached_and_restart_works";
+    require_root!(TEST);
+    if tracefs_or_skip(TEST).is_none() {
+        return;
+    }
+    if Command::new("bpftool").arg("version").output().is_err() {
+        return skip(TEST, "bpftool is not installed");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let start = || {
+        Command::new(agent_binary())
+            .args([
+                "run",
+                "--set",
+                "agent.tick=200ms",
+                "--set",
+                "gpu.enabled=false",
+            ])
+            .env("NODEWARD_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nodeward")
+    };
+    let loaded = |pid: u32| {
+        wait_for(Duration::from_secs(20), || {
+            let (p, l) = bpf_objects_of(pid);
+            (p.len() >= 3).then_some((p, l))
+        })
+        .expect("the agent loaded its programs within 20 s")
+    };
+    let mut first = start();
+    let (progs, links) = loaded(first.id());
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    let leftover = wait_for(Duration::from_secs(5), || {
+        let any = progs.iter().any(|id| bpftool_has("prog", *id))
+            || links.iter().any(|id| bpftool_has("link", *id));
+        (!any).then_some(())
+    });
+    assert!(
+        leftover.is_some(),
+        "programs or links outlived SIGKILL: {progs:?} {links:?}"
+    );
+
+    let mut second = start();
+    let (again, _) = loaded(second.id());
+    assert!(
+        again.is_disjoint(&progs),
+        "the restart loaded fresh programs"
+    );
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let status = wait_for(Duration::from_secs(10), || second.try_wait().ok().flatten())
+        .expect("the restarted agent stops on SIGTERM");
+    assert!(status.success());
+}
