@@ -55,46 +55,63 @@ fn bump(index: u32) {
 
 #[inline(always)]
 fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
-    // cgroup_skb sees the packet from the network header on.
-    let first: u8 = ctx.load(0)?;
+    // cgroup_skb sees the packet from the network header on. One fixed-size load covers the
+    // whole IPv4 header (and the start of an IPv6 one): helper calls are the main per-packet cost.
+    let ip: [u8; 20] = ctx.load(0)?;
     let mut key = UdpFlowKey {
         direction,
         ..UdpFlowKey::default()
     };
-    let (src, dst, l4): ([u32; 4], [u32; 4], usize) = match first >> 4 {
+    let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (src, dst, l4): ([u32; 4], [u32; 4], usize) = match ip[0] >> 4 {
         4 => {
-            let proto: u8 = ctx.load(9)?;
-            if proto != IPPROTO_UDP {
+            if ip[9] != IPPROTO_UDP {
                 return Ok(());
             }
-            let frag: u16 = u16::from_be(ctx.load(6)?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
                 bump(counter::FRAGMENTS);
                 return Ok(());
             }
             key.ip_version = 4;
-            let s: u32 = ctx.load(12)?;
-            let d: u32 = ctx.load(16)?;
-            ([s, 0, 0, 0], [d, 0, 0, 0], usize::from(first & 0x0f) * 4)
+            (
+                [word(&ip, 12), 0, 0, 0],
+                [word(&ip, 16), 0, 0, 0],
+                usize::from(ip[0] & 0x0f) * 4,
+            )
         }
         6 => {
             // Only UDP directly after the fixed header; extension headers are not followed.
-            let next: u8 = ctx.load(6)?;
-            if next != IPPROTO_UDP {
+            if ip[6] != IPPROTO_UDP {
                 return Ok(());
             }
             key.ip_version = 6;
-            (ctx.load(8)?, ctx.load(24)?, 40)
+            let a: [u32; 8] = ctx.load(8)?;
+            ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]], 40)
         }
         _ => return Ok(()),
     };
     bump(counter::UDP_PACKETS);
-    let Ok(ports) = ctx.load::<[u16; 4]>(l4) else {
-        bump(counter::TRUNCATED);
-        return Ok(());
+    // The UDP header and the first 12 payload bytes in one load; a payload shorter than an RTP
+    // header falls back to the UDP header alone.
+    let mut head = [0u8; 12];
+    let udp: [u8; 8] = match ctx.load::<[u8; 20]>(l4) {
+        Ok(b) => {
+            head = [
+                b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15], b[16], b[17], b[18], b[19],
+            ];
+            [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]
+        }
+        Err(_) => match ctx.load::<[u8; 8]>(l4) {
+            Ok(b) => b,
+            Err(_) => {
+                bump(counter::TRUNCATED);
+                return Ok(());
+            }
+        },
     };
-    let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-    let payload_len = u32::from(u16::from_be(ports[2])).saturating_sub(8);
+    let sport = u16::from_be_bytes([udp[0], udp[1]]);
+    let dport = u16::from_be_bytes([udp[2], udp[3]]);
+    let payload_len = u32::from(u16::from_be_bytes([udp[4], udp[5]])).saturating_sub(8);
     // SAFETY: the context pointer is the program's own __sk_buff.
     key.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     if direction == DIR_INGRESS {
@@ -132,17 +149,6 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
         }
     }
 
-    // A fixed-size load: the verifier rejects a length that could be zero.
-    let mut head = [0u8; 12];
-    if payload_len >= 12 {
-        match ctx.load::<[u8; 12]>(l4 + 8) {
-            Ok(h) => head = h,
-            Err(_) => {
-                bump(counter::TRUNCATED);
-                return Ok(());
-            }
-        }
-    }
     match classify(&head, payload_len) {
         Payload::Rtp(h) => {
             bump(counter::RTP_PACKETS);
