@@ -8,10 +8,12 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod health;
 pub mod logging;
 pub mod notify;
 pub mod probe;
 pub mod sources;
+pub mod store;
 pub mod tracefs;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.
