@@ -29,6 +29,8 @@ pub struct Config {
     pub agent: AgentConfig,
     pub ebpf: EbpfConfig,
     pub paths: PathsConfig,
+    pub health: crate::health::HealthConfig,
+    pub api: crate::api::ApiConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -279,6 +281,24 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
         Duration::from_millis(100),
         Duration::from_secs(300),
     )?;
+    if let Err(e) = config.health.validate() {
+        let key = format!("health.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed,
+        });
+    }
+    if let Err(e) = config.api.validate() {
+        let key = format!("api.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed,
+        });
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError::Invalid {
             key: "log.filter".to_owned(),

@@ -42,6 +42,26 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
     let started = sources::start(&config, &caps, &cancel, &mut tasks);
+    // The store that sources publish into and the API reads (sources are wired to it by the
+    // lead as they land; until then the verdict stays UNKNOWN, "no source is enabled").
+    let store = crate::store::Store::new();
+    if config.api.enabled {
+        let (api, health, store, cancel) = (
+            config.api.clone(),
+            config.health.clone(),
+            store.clone(),
+            cancel.clone(),
+        );
+        let clock = std::sync::Arc::new(crate::store::SystemClock);
+        tasks.spawn(async move {
+            (
+                "api",
+                crate::api::run(api, health, store, clock, cancel)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

@@ -4,6 +4,7 @@
 //! decides, and the API only translates. This library holds every part; `main.rs` only wires
 //! them together, and the integration tests in `tests/` drive the same parts directly.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;

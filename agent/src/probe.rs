@@ -281,7 +281,7 @@ fn fs_magic(path: &Path) -> Option<i64> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    #[expect(
+    #[allow(
         clippy::unnecessary_cast,
         reason = "f_type is i64 on x86_64 but not everywhere"
     )]

@@ -147,7 +147,7 @@ impl Format {
     }
 }
 
-/// `field:unsigned short common_type;	offset:0;	size:2;	signed:0;`
+/// `field:unsigned short common_type; offset:0; size:2; signed:0;`
 fn parse_field(line: &str) -> Option<Field> {
     let mut decl = None;
     let mut offset = None;

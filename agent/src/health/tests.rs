@@ -534,12 +534,16 @@ fn same_state_ignores_moving_numbers_but_not_status_changes() {
 
 #[test]
 fn config_validation_names_the_key() {
-    let mut c = HealthConfig::default();
-    c.network_window_seconds = 30;
+    let c = HealthConfig {
+        network_window_seconds: 30,
+        ..HealthConfig::default()
+    };
     let err = c.validate().expect_err("30 s is not a window");
     assert_eq!(err.key, "network_window_seconds");
-    let mut c = HealthConfig::default();
-    c.recovery = Duration::from_secs(1);
+    let c = HealthConfig {
+        recovery: Duration::from_secs(1),
+        ..HealthConfig::default()
+    };
     assert_eq!(c.validate().expect_err("recovery < hold").key, "recovery");
     assert!(HealthConfig::default().validate().is_ok());
 }

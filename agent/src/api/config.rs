@@ -1,0 +1,159 @@
+//! The `[api]` config section: where the gRPC API listens, TLS, watch heartbeats and who may
+//! drain the node. Every default is documented here and in `packaging/nodeward.toml`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the gRPC API at all.
+    pub enabled: bool,
+    /// Unix socket path; empty disables the socket listener.
+    pub unix_socket: PathBuf,
+    /// Permissions of the socket file, octal.
+    pub unix_socket_mode: String,
+    /// TCP listen address; empty disables the TCP listener. An address other than loopback
+    /// needs TLS (`tls_cert` and `tls_key`).
+    pub tcp_listen: String,
+    /// PEM server certificate chain for the TCP listener; empty = plain text (loopback only).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM CA that signs client certificates; when set, clients must present a certificate
+    /// signed by it (unless `tls_client_auth_optional`).
+    pub tls_client_ca: PathBuf,
+    /// With a client CA: accept clients without a certificate too (they are "anonymous").
+    pub tls_client_auth_optional: bool,
+    /// WatchNodeHealth sends the unchanged state after this long without a change.
+    #[serde(with = "humantime_serde")]
+    pub watch_heartbeat: Duration,
+    /// How long a drain waits for live streams when the caller gives no deadline.
+    #[serde(with = "humantime_serde")]
+    pub drain_default_deadline: Duration,
+    /// Identities allowed to call BeginDrain and CancelDrain; empty allows every caller that can
+    /// reach the API. Forms: "uid:<n>" (Unix socket peer), "cn:<common name>" (TLS client
+    /// certificate), "anonymous" (TCP without a client certificate).
+    pub drain_allowed_identities: Vec<String>,
+    /// Node name in reports; empty = the kernel's hostname.
+    pub node_name: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            unix_socket: PathBuf::from("/run/nodeward/nodeward.sock"),
+            unix_socket_mode: "0660".to_owned(),
+            tcp_listen: "127.0.0.1:50051".to_owned(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
+            tls_client_auth_optional: false,
+            watch_heartbeat: Duration::from_secs(10),
+            drain_default_deadline: Duration::from_secs(3600),
+            drain_allowed_identities: Vec::new(),
+            node_name: String::new(),
+        }
+    }
+}
+
+/// An `[api]` value that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("api.{key} = {value}: {allowed}")]
+pub struct ApiConfigError {
+    pub key: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl ApiConfig {
+    /// The socket file mode.
+    pub fn socket_mode(&self) -> Result<u32, ApiConfigError> {
+        u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ApiConfigError {
+                key: "unix_socket_mode",
+                value: format!("{:?}", self.unix_socket_mode),
+                allowed: "must be an octal file mode such as \"0660\"".to_owned(),
+            })
+    }
+
+    /// The TCP address, if the TCP listener is enabled.
+    pub fn tcp_addr(&self) -> Result<Option<SocketAddr>, ApiConfigError> {
+        if self.tcp_listen.is_empty() {
+            return Ok(None);
+        }
+        self.tcp_listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiConfigError {
+                key: "tcp_listen",
+                value: format!("{:?}", self.tcp_listen),
+                allowed: "must be IP:PORT such as \"127.0.0.1:50051\", or empty to disable"
+                    .to_owned(),
+            })
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Checks that the values can work together.
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
+        self.socket_mode()?;
+        let addr = self.tcp_addr()?;
+        if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
+            return Err(ApiConfigError {
+                key: "tls_key",
+                value: format!("{:?}", self.tls_key.display().to_string()),
+                allowed: "tls_cert and tls_key must be given together".to_owned(),
+            });
+        }
+        if !self.tls_client_ca.as_os_str().is_empty() && !self.tls_enabled() {
+            return Err(ApiConfigError {
+                key: "tls_client_ca",
+                value: format!("{:?}", self.tls_client_ca.display().to_string()),
+                allowed: "needs tls_cert and tls_key".to_owned(),
+            });
+        }
+        if let Some(addr) = addr {
+            if !addr.ip().is_loopback() && !self.tls_enabled() {
+                return Err(ApiConfigError {
+                    key: "tcp_listen",
+                    value: format!("{:?}", self.tcp_listen),
+                    allowed: "an address other than loopback needs TLS (set api.tls_cert and api.tls_key)".to_owned(),
+                });
+            }
+        }
+        let secs = self.watch_heartbeat.as_secs_f64();
+        if !(1.0..=3600.0).contains(&secs) {
+            return Err(ApiConfigError {
+                key: "watch_heartbeat",
+                value: format!("{:?}", self.watch_heartbeat),
+                allowed: "must be between 1s and 1h".to_owned(),
+            });
+        }
+        let secs = self.drain_default_deadline.as_secs();
+        if !(1..=crate::api::drain::MAX_DEADLINE_SECONDS).contains(&(secs as i64)) {
+            return Err(ApiConfigError {
+                key: "drain_default_deadline",
+                value: format!("{:?}", self.drain_default_deadline),
+                allowed: "must be between 1s and 7 days".to_owned(),
+            });
+        }
+        for id in &self.drain_allowed_identities {
+            if !(id.starts_with("uid:") || id.starts_with("cn:") || id == "anonymous") {
+                return Err(ApiConfigError {
+                    key: "drain_allowed_identities",
+                    value: format!("{id:?}"),
+                    allowed: "each entry must be \"uid:<n>\", \"cn:<name>\" or \"anonymous\""
+                        .to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
