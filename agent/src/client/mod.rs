@@ -67,8 +67,11 @@ fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = c.source();
     }
     out
@@ -86,6 +89,14 @@ pub async fn connect(
     conn: &Conn,
     default_socket: &std::path::Path,
 ) -> Result<NodeHealthClient<Channel>, ClientError> {
+    Ok(NodeHealthClient::new(channel(conn, default_socket).await?))
+}
+
+/// A channel to the agent, for any of its services (NodeHealth, grpc.health.v1, reflection).
+pub async fn channel(
+    conn: &Conn,
+    default_socket: &std::path::Path,
+) -> Result<Channel, ClientError> {
     let addr = conn
         .addr
         .clone()
@@ -150,7 +161,7 @@ pub async fn connect(
     } else {
         return Err(ClientError::BadAddr(addr));
     };
-    Ok(NodeHealthClient::new(channel))
+    Ok(channel)
 }
 
 fn default_requester() -> String {
