@@ -3,6 +3,7 @@
 //! stand in for them with recorded values.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -10,10 +11,14 @@ use std::{
 };
 
 use nodeward::{
-    api::{pb::node_health_client::NodeHealthClient, ApiConfig, ApiError, BoundApi},
+    api::{pb, pb::node_health_client::NodeHealthClient, ApiConfig, ApiError, BoundApi},
     client::Conn,
     health::HealthConfig,
-    store::{Store, SystemClock},
+    store::{
+        CgroupSnapshot, ContainerMeta, ContainerNetwork, ContainerStats, GpuDevice, GpuSnapshot,
+        LiveStream, NetworkSnapshot, NetworkWindow, NodeStats, Provenance, SourceKind, Store,
+        StreamProtocol, SystemClock,
+    },
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -154,4 +159,179 @@ where
 /// Now, for store reports.
 pub fn now() -> SystemTime {
     SystemTime::now()
+}
+
+// ---- recorded source data, as the sources would publish it ----
+
+/// How long a test waits for something that should happen within a tick or two.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn prov(hook: &str) -> Provenance {
+    Provenance {
+        hook: hook.to_owned(),
+        fidelity: "full".to_owned(),
+    }
+}
+
+pub fn stream(remote: &str, age: Duration) -> LiveStream {
+    LiveStream {
+        protocol: StreamProtocol::Tcp,
+        local: "10.1.0.5:1935".parse::<SocketAddr>().expect("addr"),
+        remote: remote.parse().expect("addr"),
+        started_at: SystemTime::now() - age,
+        viewers: 0,
+    }
+}
+
+/// What a network source would report: one streaming container with `streams` live streams.
+pub fn network(streams: usize) -> NetworkSnapshot {
+    let mut containers = BTreeMap::new();
+    containers.insert(
+        "c-live".to_owned(),
+        ContainerNetwork {
+            windows: vec![
+                NetworkWindow {
+                    window_seconds: 10,
+                    samples: 200,
+                    rtt_p50_us: 1_800,
+                    rtt_p99_us: 9_000,
+                    ..Default::default()
+                },
+                NetworkWindow {
+                    window_seconds: 60,
+                    samples: 1_200,
+                    rtt_p50_us: 2_000,
+                    rtt_p99_us: 11_000,
+                    jitter_us: 700,
+                    ..Default::default()
+                },
+                NetworkWindow {
+                    window_seconds: 300,
+                    samples: 6_000,
+                    rtt_p50_us: 2_100,
+                    rtt_p99_us: 12_000,
+                    ..Default::default()
+                },
+            ],
+            established_connections: streams as u32 + 1,
+            streams: (0..streams)
+                .map(|i| {
+                    stream(
+                        &format!("203.0.113.{}:5{i}000", i + 1),
+                        Duration::from_secs(90),
+                    )
+                })
+                .collect(),
+            peers: Vec::new(),
+        },
+    );
+    NetworkSnapshot { containers }
+}
+
+/// Every source reports once: the verdict can leave UNKNOWN.
+pub fn feed_all(store: &Store, streams: usize) {
+    for k in SourceKind::ALL {
+        store.register(k);
+    }
+    let mut meta = BTreeMap::new();
+    let mut labels = BTreeMap::new();
+    labels.insert("app".to_owned(), "live-class".to_owned());
+    meta.insert(
+        "c-live".to_owned(),
+        ContainerMeta {
+            id: "c-live".into(),
+            name: "srs".into(),
+            pod_name: "live-0".into(),
+            pod_namespace: "edu".into(),
+            labels,
+            ..Default::default()
+        },
+    );
+    meta.insert(
+        "c-batch".to_owned(),
+        ContainerMeta {
+            id: "c-batch".into(),
+            name: "job".into(),
+            pod_name: "train-0".into(),
+            pod_namespace: "ml".into(),
+            ..Default::default()
+        },
+    );
+    store.publish_container_meta(meta);
+    store.publish_network(now(), prov("tracepoint tcp:tcp_probe"), network(streams));
+    let mut cg = CgroupSnapshot::default();
+    cg.containers.insert(
+        "c-live".into(),
+        ContainerStats {
+            cpu_usage_cores: 1.5,
+            memory_bytes: 512 << 20,
+            ..Default::default()
+        },
+    );
+    cg.containers.insert(
+        "c-batch".into(),
+        ContainerStats {
+            cpu_usage_cores: 3.0,
+            ..Default::default()
+        },
+    );
+    store.publish_cgroups(now(), prov("cgroup v2"), cg);
+    store.publish_node(
+        now(),
+        prov("procfs"),
+        NodeStats {
+            memory_total_bytes: 64 << 30,
+            clock_synchronized: Some(true),
+            ..Default::default()
+        },
+    );
+    store.publish_gpus(
+        now(),
+        prov("NVML"),
+        GpuSnapshot {
+            gpus: vec![GpuDevice {
+                index: 0,
+                uuid: "GPU-aaaa".into(),
+                name: "Test GPU".into(),
+                ..Default::default()
+            }],
+        },
+    );
+}
+
+pub async fn verdict_becomes(
+    client: &mut pb::node_health_client::NodeHealthClient<tonic::transport::Channel>,
+    want: pb::Verdict,
+) -> pb::NodeHealthReport {
+    eventually(WAIT, || {
+        let mut c = client.clone();
+        async move {
+            let h = c
+                .get_node_health(pb::GetNodeHealthRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .health?;
+            (h.verdict == want as i32).then_some(h)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("verdict never became {want:?}"))
+}
+
+/// The next Watch message, or a panic after [`WAIT`].
+pub async fn next(
+    s: &mut tonic::Streaming<pb::WatchNodeHealthResponse>,
+) -> pb::WatchNodeHealthResponse {
+    tokio::time::timeout(WAIT, s.message())
+        .await
+        .expect("a message in time")
+        .expect("stream ok")
+        .expect("stream not ended")
+}
+
+/// This process's uid (the identity the Unix socket reports).
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
 }
