@@ -4,6 +4,12 @@
 //!
 //! After editing a `.proto`, refresh the checked-in code with
 //! `NODEWARD_BLESS=1 cargo test -p nodeward-tests --test proto_codegen`.
+//! This test crate links the agent, so bless right after editing the `.proto` (the agent still
+//! compiles: new fields are additions) and only then use the new fields in the agent's code.
+//!
+//! Why checked in rather than a `build.rs`: an RPM or container build needs no `protoc`, the
+//! agent's `build.rs` stays the eBPF build alone, and reviewers see the API's Rust surface change
+//! in the diff; this test keeps the copy honest.
 
 use std::path::{Path, PathBuf};
 

@@ -26,6 +26,9 @@ impl From<&store::NetworkWindow> for pb::NetworkWindow {
             jitter_us: w.jitter_us,
             retransmits: w.retransmits,
             retransmits_per_second: w.retransmits_per_second,
+            rtp_packets: w.rtp_packets,
+            rtp_lost: w.rtp_lost,
+            rtp_jitter_us: w.rtp_jitter_us,
         }
     }
 }

@@ -251,7 +251,8 @@ impl BoundApi {
             tcp,
             cancel,
         } = self;
-        if unix.is_none() && tcp.is_none() {
+        let no_listener = unix.is_none() && tcp.is_none();
+        if no_listener {
             tracing::error!("no gRPC listener could start; the API is not served");
         }
         let evaluator = tokio::spawn(hub::run(
@@ -272,12 +273,18 @@ impl BoundApi {
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        // v1alpha too: grpcio-reflection's Python client and older grpcurl speak only v1alpha.
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
         let node_health = pb::node_health_server::NodeHealthServer::new(service);
         let routes = |builder: Server| {
             let mut builder = builder;
             builder
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())
+                .add_service(reflection_alpha.clone())
                 .add_service(node_health.clone())
         };
         // Graceful shutdown waits for open calls; a client holding a stream open gets
@@ -325,7 +332,30 @@ impl BoundApi {
                 _ = stop() => Ok(()),
             }
         };
-        let (u, t) = tokio::join!(unix_task, tcp_task);
+        // Health watchers (e.g. a load balancer) learn of the shutdown before connections close.
+        let announce = async {
+            cancel.cancelled().await;
+            reporter
+                .set_not_serving::<pb::node_health_server::NodeHealthServer<service::Service>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        };
+        let servers = async {
+            let both = tokio::join!(unix_task, tcp_task);
+            if no_listener {
+                // Nothing to serve, but the task lives as long as the daemon: its end would
+                // read as a failure.
+                cancel.cancelled().await;
+            }
+            both
+        };
+        tokio::pin!(servers);
+        let (u, t) = tokio::select! {
+            r = &mut servers => r,
+            () = announce => servers.await,
+        };
         cancel.cancel();
         let _ = evaluator.await;
         if let Some(path) = unix_path {

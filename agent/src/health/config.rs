@@ -34,6 +34,10 @@ pub struct HealthConfig {
     pub jitter_warning_ms: f64,
     /// Retransmitted segments per second of a container above this is a warning.
     pub retransmits_per_second_warning: f64,
+    /// Share of RTP packets lost over the window above this (0-1) is a warning.
+    pub rtp_loss_warning_ratio: f64,
+    /// Windows with fewer RTP packets (received + lost) than this are ignored by the loss rule.
+    pub rtp_min_packets: u64,
 
     /// Node PSI memory "full" avg10 above this (percent) is a warning.
     pub psi_memory_full_warning_percent: f64,
@@ -75,6 +79,8 @@ impl Default for HealthConfig {
             rtt_p99_warning_ms: 150.0,
             jitter_warning_ms: 30.0,
             retransmits_per_second_warning: 50.0,
+            rtp_loss_warning_ratio: 0.02,
+            rtp_min_packets: 200,
             psi_memory_full_warning_percent: 10.0,
             psi_memory_full_critical_percent: 40.0,
             psi_io_full_warning_percent: 20.0,

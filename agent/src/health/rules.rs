@@ -118,6 +118,7 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
     let w = cfg.network_window_seconds;
     for (id, c) in &net.containers {
         let Some(win) = c.window(w) else { continue };
+        rtp_loss(id, win, cfg, meta, out);
         if win.samples < cfg.network_min_samples {
             continue;
         }
@@ -188,6 +189,52 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
                 immediate: false,
             });
         }
+    }
+}
+
+fn rtp_loss(
+    id: &str,
+    win: &crate::store::NetworkWindow,
+    cfg: &HealthConfig,
+    meta: Option<&BTreeMap<String, ContainerMeta>>,
+    out: &mut Vec<Observation>,
+) {
+    let total = win.rtp_packets + win.rtp_lost;
+    if total == 0 || total < cfg.rtp_min_packets {
+        return;
+    }
+    let loss = win.rtp_lost as f64 / total as f64;
+    if loss > cfg.rtp_loss_warning_ratio {
+        let w = win.window_seconds;
+        out.push(Observation {
+            kind: "ContainerRtpLossHigh",
+            reason: "LossAboveThreshold",
+            subject: id.to_owned(),
+            severity: Severity::Warning,
+            message: format!(
+                "{}: {:.1}% of RTP packets lost over {w} s (threshold {:.1}%)",
+                describe(id, meta),
+                loss * 100.0,
+                cfg.rtp_loss_warning_ratio * 100.0
+            ),
+            evidence: vec![
+                ev(
+                    "rtp_loss_ratio",
+                    loss,
+                    cfg.rtp_loss_warning_ratio,
+                    "ratio",
+                    w,
+                ),
+                ev(
+                    "rtp_packets",
+                    total as f64,
+                    cfg.rtp_min_packets as f64,
+                    "count",
+                    w,
+                ),
+            ],
+            immediate: false,
+        });
     }
 }
 

@@ -47,6 +47,7 @@ fn window(p99_us: u64, jitter_us: u64, retrans_per_s: f64) -> NetworkWindow {
         jitter_us,
         retransmits: (retrans_per_s * 60.0) as u64,
         retransmits_per_second: retrans_per_s,
+        ..Default::default()
     }
 }
 
@@ -546,4 +547,42 @@ fn config_validation_names_the_key() {
     };
     assert_eq!(c.validate().expect_err("recovery < hold").key, "recovery");
     assert!(HealthConfig::default().validate().is_ok());
+}
+
+#[test]
+fn rtp_loss_rule_fires_above_its_ratio_and_ignores_small_windows() {
+    let store = Store::new();
+    store.register(SourceKind::Network);
+    let mut c = cfg();
+    c.hold = Duration::ZERO;
+    let mut e = Engine::new(c);
+    let mut eval = |secs: u64, packets: u64, lost: u64| {
+        let mut n = NetworkSnapshot::default();
+        let w = NetworkWindow {
+            window_seconds: 60,
+            rtp_packets: packets,
+            rtp_lost: lost,
+            ..Default::default()
+        };
+        n.containers.insert(
+            "c-rtp".to_owned(),
+            ContainerNetwork {
+                windows: vec![w],
+                ..Default::default()
+            },
+        );
+        store.publish_network(at(secs), prov("tc"), n);
+        e.evaluate(&store.snapshot(), at(secs))
+    };
+    assert!(
+        eval(0, 90, 10).conditions.is_empty(),
+        "100 packets < rtp_min_packets"
+    );
+    assert!(eval(1, 9_900, 100).conditions.is_empty(), "1% loss < 2%");
+    let r = eval(2, 9_500, 500);
+    assert_eq!(
+        kinds(&r),
+        vec![("ContainerRtpLossHigh".to_owned(), ConditionStatus::Firing)]
+    );
+    assert!((r.conditions[0].evidence[0].value - 0.05).abs() < 1e-9);
 }

@@ -44,6 +44,12 @@ pub struct NetworkWindow {
     pub retransmits: u64,
     /// `retransmits / window_seconds`.
     pub retransmits_per_second: f64,
+    /// RTP packets received (0 when the container has no RTP/UDP media stream).
+    pub rtp_packets: u64,
+    /// RTP packets lost (sequence-number gaps).
+    pub rtp_lost: u64,
+    /// RTP interarrival jitter (RFC 3550).
+    pub rtp_jitter_us: u64,
 }
 
 /// Transport of a live stream.

@@ -34,6 +34,15 @@ pub struct NetworkWindow {
     /// Retransmitted segments per second over the window (segments/second).
     #[prost(double, tag = "10")]
     pub retransmits_per_second: f64,
+    /// RTP packets received over the window (count; 0 when the container has no RTP stream).
+    #[prost(uint64, tag = "11")]
+    pub rtp_packets: u64,
+    /// RTP packets lost (RTP sequence-number gaps) over the window (count).
+    #[prost(uint64, tag = "12")]
+    pub rtp_lost: u64,
+    /// RTP interarrival jitter (RFC 3550), in microseconds.
+    #[prost(uint64, tag = "13")]
+    pub rtp_jitter_us: u64,
 }
 /// Latency per remote peer (one remote address) over the 1-minute window.
 #[allow(clippy::all)]
