@@ -4,7 +4,9 @@
 use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
-    api::{api_config, feed_all, health_config, verdict_becomes, TempDir, TestApi},
+    api::{
+        api_config, eventually, feed_all, health_config, verdict_becomes, TempDir, TestApi, WAIT,
+    },
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,4 +129,57 @@ async fn cli_prints_json_and_tables_from_a_live_agent() {
         Some(69),
         "an unreachable agent is EX_UNAVAILABLE"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_the_api_and_removes_its_socket_on_sigterm() {
+    let bin = agent_binary();
+    let dir = TempDir::new("api-daemon");
+    let socket = dir.0.join("agent.sock");
+    let mut agent = tokio::process::Command::new(&bin)
+        .args([
+            "run",
+            "--set",
+            "ebpf.enabled=false",
+            "--set",
+            "api.tcp_listen=",
+        ])
+        .arg("--set")
+        .arg(format!("api.unix_socket={}", socket.display()))
+        .env("NODEWARD_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodeward run");
+    let addr = format!("unix:{}", socket.display());
+    let status = eventually(WAIT, || {
+        let (bin, addr) = (bin.clone(), addr.clone());
+        async move {
+            let out = tokio::process::Command::new(bin)
+                .args(["status", "--json", "--addr", &addr])
+                .output()
+                .await
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    })
+    .await
+    .expect("the daemon answers on its socket");
+    let json: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    // No source publishes into the store in this branch yet: UNKNOWN, never HEALTHY.
+    assert_eq!(json["health"]["verdict"], "VERDICT_UNKNOWN", "{json}");
+
+    let pid = i32::try_from(agent.id().expect("pid")).expect("pid fits");
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let exit = tokio::time::timeout(WAIT, agent.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(!socket.exists(), "socket removed at shutdown");
 }
