@@ -157,3 +157,77 @@ impl ApiConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, ConfigError, Source};
+
+    fn with_flags(flags: &[&str]) -> Result<crate::config::Config, ConfigError> {
+        let flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+        load(
+            &Source {
+                explicit_path: Some(std::path::Path::new("/dev/null")),
+                flags: &flags,
+            },
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid_and_listen_where_the_contract_says() {
+        let c = ApiConfig::default();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.socket_mode(), Ok(0o660));
+        assert_eq!(
+            c.tcp_addr(),
+            Ok(Some("127.0.0.1:50051".parse().expect("addr")))
+        );
+        assert_eq!(c.unix_socket, PathBuf::from("/run/nodeward/nodeward.sock"));
+    }
+
+    #[test]
+    fn plaintext_off_loopback_is_a_config_error_naming_the_key_and_origin() {
+        let e = with_flags(&["api.tcp_listen=0.0.0.0:50051"]).expect_err("needs TLS");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("api.tcp_listen") && msg.contains("TLS") && msg.contains("--set"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for (flag, key) in [
+            ("api.unix_socket_mode=rw", "api.unix_socket_mode"),
+            ("api.unix_socket_mode=1777", "api.unix_socket_mode"),
+            ("api.tls_cert=/x.pem", "api.tls_key"),
+            ("api.watch_heartbeat=0s", "api.watch_heartbeat"),
+            (
+                "api.drain_default_deadline=30d",
+                "api.drain_default_deadline",
+            ),
+            ("api.tcp_listen=localhost", "api.tcp_listen"),
+            (
+                "health.network_window_seconds=30",
+                "health.network_window_seconds",
+            ),
+        ] {
+            let e = with_flags(&[flag]).expect_err(flag);
+            assert!(e.to_string().contains(key), "{flag}: {e}");
+        }
+        let e = with_flags(&["api.drain_allowed_identities=[\"root\"]"])
+            .expect_err("bad identity form");
+        assert!(e.to_string().contains("uid:"), "{e}");
+        let ok = with_flags(&[
+            "api.drain_allowed_identities=[\"uid:0\", \"cn:rollout\"]",
+            "api.tcp_listen=",
+        ])
+        .expect("valid");
+        assert_eq!(
+            ok.api.drain_allowed_identities,
+            vec!["uid:0".to_owned(), "cn:rollout".to_owned()]
+        );
+        assert_eq!(ok.api.tcp_addr(), Ok(None), "empty disables TCP");
+    }
+}

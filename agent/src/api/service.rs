@@ -319,3 +319,7 @@ impl NodeHealth for Service {
         }))
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
