@@ -41,10 +41,10 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
-    let started = sources::start(&config, &caps, &cancel, &mut tasks);
-    // The store that sources publish into and the API reads (sources are wired to it by the
-    // lead as they land; until then the verdict stays UNKNOWN, "no source is enabled").
+    // The store that sources publish into and the API reads. Sources are wired to it as they
+    // land (pass `&store` to `sources::start`); until one registers, the verdict stays UNKNOWN.
     let store = crate::store::Store::new();
+    let started = sources::start(&config, &caps, &cancel, &mut tasks);
     if config.api.enabled {
         let (api, health, store, cancel) = (
             config.api.clone(),
