@@ -319,8 +319,20 @@ async fn watch_sends_the_current_state_at_once_then_each_change_then_heartbeats(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_mode_0660_and_removed_when_the_server_stops() {
     let dir = TempDir::new("api-socket");
-    let api = TestApi::start(api_config(&dir), health_config()).await;
+    let mut cfg = api_config(&dir);
+    // Only root may give a file to another group; others keep their own (gid checked below).
+    // SAFETY: getgid has no preconditions.
+    let want_gid = if nodeward_tests::is_root() {
+        1
+    } else {
+        unsafe { libc::getgid() }
+    };
+    cfg.unix_socket_group = want_gid.to_string();
+    let api = TestApi::start(cfg, health_config()).await;
     let path = api.socket.clone();
+    let gid =
+        std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&path).expect("socket exists"));
+    assert_eq!(gid, want_gid, "socket group set from api.unix_socket_group");
     let mode = std::fs::metadata(&path)
         .expect("socket exists")
         .permissions()

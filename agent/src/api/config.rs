@@ -14,6 +14,9 @@ pub struct ApiConfig {
     pub unix_socket: PathBuf,
     /// Permissions of the socket file, octal.
     pub unix_socket_mode: String,
+    /// Group of the socket file (a name from /etc/group or a numeric gid), so that members
+    /// can query the agent; empty keeps the agent's own group.
+    pub unix_socket_group: String,
     /// TCP listen address; empty disables the TCP listener. An address other than loopback
     /// needs TLS (`tls_cert` and `tls_key`).
     pub tcp_listen: String,
@@ -46,6 +49,7 @@ impl Default for ApiConfig {
             enabled: true,
             unix_socket: PathBuf::from("/run/nodeward/nodeward.sock"),
             unix_socket_mode: "0660".to_owned(),
+            unix_socket_group: String::new(),
             tcp_listen: "127.0.0.1:50051".to_owned(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
@@ -81,6 +85,24 @@ impl ApiConfig {
             })
     }
 
+    /// The socket's group id, if one is configured.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ApiConfigError> {
+        if self.unix_socket_group.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(gid) = self.unix_socket_group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        gid_of(&groups, &self.unix_socket_group)
+            .map(Some)
+            .ok_or_else(|| ApiConfigError {
+                key: "unix_socket_group",
+                value: format!("{:?}", self.unix_socket_group),
+                allowed: "must be a group in /etc/group or a numeric gid".to_owned(),
+            })
+    }
+
     /// The TCP address, if the TCP listener is enabled.
     pub fn tcp_addr(&self) -> Result<Option<SocketAddr>, ApiConfigError> {
         if self.tcp_listen.is_empty() {
@@ -104,6 +126,7 @@ impl ApiConfig {
     /// Checks that the values can work together.
     pub fn validate(&self) -> Result<(), ApiConfigError> {
         self.socket_mode()?;
+        self.socket_gid()?;
         let addr = self.tcp_addr()?;
         if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
             return Err(ApiConfigError {
@@ -158,6 +181,15 @@ impl ApiConfig {
     }
 }
 
+/// The gid of `name` in `/etc/group` text (`name:x:gid:members`).
+fn gid_of(etc_group: &str, name: &str) -> Option<u32> {
+    etc_group.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.trim().parse().ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +204,26 @@ mod tests {
             },
             Vec::new(),
         )
+    }
+
+    #[test]
+    fn socket_group_is_read_from_etc_group_text() {
+        let text = "root:x:0:\nnodeward:x:992:alice,bob\nvideo:x:44:\n";
+        assert_eq!(gid_of(text, "nodeward"), Some(992));
+        assert_eq!(gid_of(text, "node"), None);
+        let numeric = ApiConfig {
+            unix_socket_group: "1234".into(),
+            ..ApiConfig::default()
+        };
+        assert_eq!(numeric.socket_gid(), Ok(Some(1234)));
+        let missing = ApiConfig {
+            unix_socket_group: "no-such-group-xyz".into(),
+            ..ApiConfig::default()
+        };
+        assert_eq!(
+            missing.socket_gid().expect_err("unknown group").key,
+            "unix_socket_group"
+        );
     }
 
     #[test]

@@ -141,7 +141,11 @@ async fn bind_tcp(
     Ok((l, local, tls))
 }
 
-fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener, ApiError> {
+fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<UnixListener, ApiError> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ApiError::SocketDir {
@@ -162,6 +166,12 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener, ApiError
         what: what(),
         source,
     })?;
+    if gid.is_some() {
+        std::os::unix::fs::chown(path, None, gid).map_err(|source| ApiError::Bind {
+            what: what(),
+            source,
+        })?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
         ApiError::Bind {
             what: what(),
@@ -187,7 +197,7 @@ impl BoundApi {
         let unix = if api.unix_socket.as_os_str().is_empty() {
             None
         } else {
-            match bind_unix(&api.unix_socket, api.socket_mode()?) {
+            match bind_unix(&api.unix_socket, api.socket_mode()?, api.socket_gid()?) {
                 Ok(l) => Some((l, api.unix_socket.clone())),
                 Err(e) => {
                     tracing::error!(error = %e, "gRPC Unix socket listener not started");

@@ -60,7 +60,9 @@ pub enum StreamProtocol {
     Udp,
 }
 
-/// One live stream (long-lived established TCP connection or active UDP/RTP flow).
+/// One live stream (long-lived established TCP connection or active UDP/RTP flow). The network
+/// source decides what counts (e.g. established TCP connections older than a minimum age, UDP
+/// flows with packets in the last seconds); the drain handshake waits for these to end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveStream {
     pub protocol: StreamProtocol,
