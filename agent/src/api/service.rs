@@ -132,11 +132,14 @@ impl NodeHealth for Service {
     ) -> Result<Response<pb::GetNodeHealthResponse>, Status> {
         let p = self.inner.hub.current();
         let snap = self.inner.store.snapshot();
+        // The drain state is read live, not from the last evaluation, so a caller sees its own
+        // BeginDrain in the very next GetNodeHealth.
+        let drain = self.inner.drain.current();
         Ok(Response::new(pb::GetNodeHealthResponse {
             health: Some(convert::node_health(
                 &self.inner.node,
                 &p.report,
-                p.drain.as_ref(),
+                drain.as_ref(),
             )),
             node_stats: snap.node.as_deref().map(pb::NodeStats::from),
         }))
