@@ -190,6 +190,9 @@ impl BoundApi {
         clock: Arc<dyn Clock>,
         cancel: CancellationToken,
     ) -> Result<Self, ApiError> {
+        // A child: the API stops with the daemon, and stopping the API's own parts (the
+        // evaluator, Watch streams) never cancels the daemon's other tasks.
+        let cancel = cancel.child_token();
         api.validate()?;
         health.validate()?;
         // A listener that cannot start is logged and left out; the agent keeps collecting and
