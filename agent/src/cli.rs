@@ -50,6 +50,17 @@ pub enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         events: std::time::Duration,
     },
+    /// Show the node's health verdict, conditions, sources and drain state (asks the agent).
+    Status(crate::client::Conn),
+    /// Follow the node's health: the current state, then every change and heartbeats.
+    Watch(crate::client::WatchArgs),
+    /// List containers with their stats and network summary.
+    Containers(crate::client::ContainersArgs),
+    /// List the node's GPUs and their health.
+    Gpus(crate::client::Conn),
+    /// The drain handshake: start, follow and cancel a drain.
+    #[command(subcommand)]
+    Drain(crate::client::DrainCommand),
 }
 
 #[derive(Debug, Subcommand)]

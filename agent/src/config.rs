@@ -32,6 +32,8 @@ pub struct Config {
     pub udp: crate::sources::udp::UdpConfig,
     /// NVIDIA GPUs through NVML (section defined in `sources::gpu`).
     pub gpu: crate::sources::gpu::GpuConfig,
+    pub health: crate::health::HealthConfig,
+    pub api: crate::api::ApiConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,6 +298,24 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
         });
     }
     crate::sources::gpu::validate(&config.gpu, origin)?;
+    if let Err(e) = config.health.validate() {
+        let key = format!("health.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed,
+        });
+    }
+    if let Err(e) = config.api.validate() {
+        let key = format!("api.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed,
+        });
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError::Invalid {
             key: "log.filter".to_owned(),

@@ -41,7 +41,27 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
+    // The store that sources publish into and the API reads. Sources are wired to it as they
+    // land (pass `&store` to `sources::start`); until one registers, the verdict stays UNKNOWN.
+    let store = crate::store::Store::new();
     let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
+    if config.api.enabled {
+        let (api, health, store, cancel) = (
+            config.api.clone(),
+            config.health.clone(),
+            store.clone(),
+            cancel.clone(),
+        );
+        let clock = std::sync::Arc::new(crate::store::SystemClock);
+        tasks.spawn(async move {
+            (
+                "api",
+                crate::api::run(api, health, store, clock, cancel)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

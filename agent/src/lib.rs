@@ -4,14 +4,18 @@
 //! decides, and the API only translates. This library holds every part; `main.rs` only wires
 //! them together, and the integration tests in `tests/` drive the same parts directly.
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod health;
 pub mod logging;
 pub mod notify;
 pub mod probe;
 pub mod sources;
+pub mod store;
 pub mod tracefs;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.

@@ -51,6 +51,46 @@ fn main() -> ExitCode {
             nodeward::sources::gpu::check::main(&config, json, events)
         }
         Command::Run => run(config),
+        Command::Status(conn) => client(&config, |socket| async move {
+            nodeward::client::status(&conn, &socket).await
+        }),
+        Command::Watch(args) => client(&config, |socket| async move {
+            nodeward::client::watch(&args, &socket).await
+        }),
+        Command::Containers(args) => client(&config, |socket| async move {
+            nodeward::client::containers(&args, &socket).await
+        }),
+        Command::Gpus(conn) => client(&config, |socket| async move {
+            nodeward::client::gpus(&conn, &socket).await
+        }),
+        Command::Drain(cmd) => client(&config, |socket| async move {
+            nodeward::client::drain(&cmd, &socket).await
+        }),
+    }
+}
+
+/// Runs one client subcommand against the agent (default address: the configured socket).
+fn client<F, Fut>(config: &config::Config, f: F) -> ExitCode
+where
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<(), nodeward::client::ClientError>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeward: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_SOFTWARE);
+        }
+    };
+    match runtime.block_on(f(config.api.unix_socket.clone())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodeward: {e}");
+            e.exit_code()
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod api;
 pub mod rtp;
 
 use nodeward::probe::cgroup_layout;

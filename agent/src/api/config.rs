@@ -1,0 +1,285 @@
+//! The `[api]` config section: where the gRPC API listens, TLS, watch heartbeats and who may
+//! drain the node. Every default is documented here and in `packaging/nodeward.toml`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the gRPC API at all.
+    pub enabled: bool,
+    /// Unix socket path; empty disables the socket listener.
+    pub unix_socket: PathBuf,
+    /// Permissions of the socket file, octal.
+    pub unix_socket_mode: String,
+    /// Group of the socket file (a name from /etc/group or a numeric gid), so that members
+    /// can query the agent; empty keeps the agent's own group.
+    pub unix_socket_group: String,
+    /// TCP listen address; empty disables the TCP listener. An address other than loopback
+    /// needs TLS (`tls_cert` and `tls_key`).
+    pub tcp_listen: String,
+    /// PEM server certificate chain for the TCP listener; empty = plain text (loopback only).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM CA that signs client certificates; when set, clients must present a certificate
+    /// signed by it (unless `tls_client_auth_optional`).
+    pub tls_client_ca: PathBuf,
+    /// With a client CA: accept clients without a certificate too (they are "anonymous").
+    pub tls_client_auth_optional: bool,
+    /// WatchNodeHealth sends the unchanged state after this long without a change.
+    #[serde(with = "humantime_serde")]
+    pub watch_heartbeat: Duration,
+    /// How long a drain waits for live streams when the caller gives no deadline.
+    #[serde(with = "humantime_serde")]
+    pub drain_default_deadline: Duration,
+    /// Identities allowed to call BeginDrain and CancelDrain; empty allows every caller that can
+    /// reach the API. Forms: "uid:<n>" (Unix socket peer), "cn:<common name>" (TLS client
+    /// certificate), "anonymous" (TCP without a client certificate).
+    pub drain_allowed_identities: Vec<String>,
+    /// Node name in reports; empty = the kernel's hostname.
+    pub node_name: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            unix_socket: PathBuf::from("/run/nodeward/nodeward.sock"),
+            unix_socket_mode: "0660".to_owned(),
+            unix_socket_group: String::new(),
+            tcp_listen: "127.0.0.1:50051".to_owned(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
+            tls_client_auth_optional: false,
+            watch_heartbeat: Duration::from_secs(10),
+            drain_default_deadline: Duration::from_secs(3600),
+            drain_allowed_identities: Vec::new(),
+            node_name: String::new(),
+        }
+    }
+}
+
+/// An `[api]` value that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("api.{key} = {value}: {allowed}")]
+pub struct ApiConfigError {
+    pub key: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl ApiConfig {
+    /// The socket file mode.
+    pub fn socket_mode(&self) -> Result<u32, ApiConfigError> {
+        u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ApiConfigError {
+                key: "unix_socket_mode",
+                value: format!("{:?}", self.unix_socket_mode),
+                allowed: "must be an octal file mode such as \"0660\"".to_owned(),
+            })
+    }
+
+    /// The socket's group id, if one is configured.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ApiConfigError> {
+        if self.unix_socket_group.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(gid) = self.unix_socket_group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        gid_of(&groups, &self.unix_socket_group)
+            .map(Some)
+            .ok_or_else(|| ApiConfigError {
+                key: "unix_socket_group",
+                value: format!("{:?}", self.unix_socket_group),
+                allowed: "must be a group in /etc/group or a numeric gid".to_owned(),
+            })
+    }
+
+    /// The TCP address, if the TCP listener is enabled.
+    pub fn tcp_addr(&self) -> Result<Option<SocketAddr>, ApiConfigError> {
+        if self.tcp_listen.is_empty() {
+            return Ok(None);
+        }
+        self.tcp_listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiConfigError {
+                key: "tcp_listen",
+                value: format!("{:?}", self.tcp_listen),
+                allowed: "must be IP:PORT such as \"127.0.0.1:50051\", or empty to disable"
+                    .to_owned(),
+            })
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Checks that the values can work together.
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
+        self.socket_mode()?;
+        self.socket_gid()?;
+        let addr = self.tcp_addr()?;
+        if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
+            return Err(ApiConfigError {
+                key: "tls_key",
+                value: format!("{:?}", self.tls_key.display().to_string()),
+                allowed: "tls_cert and tls_key must be given together".to_owned(),
+            });
+        }
+        if !self.tls_client_ca.as_os_str().is_empty() && !self.tls_enabled() {
+            return Err(ApiConfigError {
+                key: "tls_client_ca",
+                value: format!("{:?}", self.tls_client_ca.display().to_string()),
+                allowed: "needs tls_cert and tls_key".to_owned(),
+            });
+        }
+        if let Some(addr) = addr {
+            if !addr.ip().is_loopback() && !self.tls_enabled() {
+                return Err(ApiConfigError {
+                    key: "tcp_listen",
+                    value: format!("{:?}", self.tcp_listen),
+                    allowed: "an address other than loopback needs TLS (set api.tls_cert and api.tls_key)".to_owned(),
+                });
+            }
+        }
+        let secs = self.watch_heartbeat.as_secs_f64();
+        if !(1.0..=3600.0).contains(&secs) {
+            return Err(ApiConfigError {
+                key: "watch_heartbeat",
+                value: format!("{:?}", self.watch_heartbeat),
+                allowed: "must be between 1s and 1h".to_owned(),
+            });
+        }
+        let secs = self.drain_default_deadline.as_secs();
+        if !(1..=crate::api::drain::MAX_DEADLINE_SECONDS).contains(&(secs as i64)) {
+            return Err(ApiConfigError {
+                key: "drain_default_deadline",
+                value: format!("{:?}", self.drain_default_deadline),
+                allowed: "must be between 1s and 7 days".to_owned(),
+            });
+        }
+        for id in &self.drain_allowed_identities {
+            if !(id.starts_with("uid:") || id.starts_with("cn:") || id == "anonymous") {
+                return Err(ApiConfigError {
+                    key: "drain_allowed_identities",
+                    value: format!("{id:?}"),
+                    allowed: "each entry must be \"uid:<n>\", \"cn:<name>\" or \"anonymous\""
+                        .to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The gid of `name` in `/etc/group` text (`name:x:gid:members`).
+fn gid_of(etc_group: &str, name: &str) -> Option<u32> {
+    etc_group.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, ConfigError, Source};
+
+    fn with_flags(flags: &[&str]) -> Result<crate::config::Config, ConfigError> {
+        let flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+        load(
+            &Source {
+                explicit_path: Some(std::path::Path::new("/dev/null")),
+                flags: &flags,
+            },
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn socket_group_is_read_from_etc_group_text() {
+        let text = "root:x:0:\nnodeward:x:992:alice,bob\nvideo:x:44:\n";
+        assert_eq!(gid_of(text, "nodeward"), Some(992));
+        assert_eq!(gid_of(text, "node"), None);
+        let numeric = ApiConfig {
+            unix_socket_group: "1234".into(),
+            ..ApiConfig::default()
+        };
+        assert_eq!(numeric.socket_gid(), Ok(Some(1234)));
+        let missing = ApiConfig {
+            unix_socket_group: "no-such-group-xyz".into(),
+            ..ApiConfig::default()
+        };
+        assert_eq!(
+            missing.socket_gid().expect_err("unknown group").key,
+            "unix_socket_group"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid_and_listen_where_the_contract_says() {
+        let c = ApiConfig::default();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.socket_mode(), Ok(0o660));
+        assert_eq!(
+            c.tcp_addr(),
+            Ok(Some("127.0.0.1:50051".parse().expect("addr")))
+        );
+        assert_eq!(c.unix_socket, PathBuf::from("/run/nodeward/nodeward.sock"));
+    }
+
+    #[test]
+    fn plaintext_off_loopback_is_a_config_error_naming_the_key_and_origin() {
+        let e = with_flags(&["api.tcp_listen=0.0.0.0:50051"]).expect_err("needs TLS");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("api.tcp_listen") && msg.contains("TLS") && msg.contains("--set"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for (flag, key) in [
+            ("api.unix_socket_mode=rw", "api.unix_socket_mode"),
+            ("api.unix_socket_mode=1777", "api.unix_socket_mode"),
+            ("api.tls_cert=/x.pem", "api.tls_key"),
+            ("api.watch_heartbeat=0s", "api.watch_heartbeat"),
+            (
+                "api.drain_default_deadline=30d",
+                "api.drain_default_deadline",
+            ),
+            ("api.tcp_listen=localhost", "api.tcp_listen"),
+            (
+                "health.network_window_seconds=30",
+                "health.network_window_seconds",
+            ),
+        ] {
+            let e = with_flags(&[flag]).expect_err(flag);
+            assert!(e.to_string().contains(key), "{flag}: {e}");
+        }
+        let e = with_flags(&["api.drain_allowed_identities=[\"root\"]"])
+            .expect_err("bad identity form");
+        assert!(e.to_string().contains("uid:"), "{e}");
+        let ok = with_flags(&[
+            "api.drain_allowed_identities=[\"uid:0\", \"cn:rollout\"]",
+            "api.tcp_listen=",
+        ])
+        .expect("valid");
+        assert_eq!(
+            ok.api.drain_allowed_identities,
+            vec!["uid:0".to_owned(), "cn:rollout".to_owned()]
+        );
+        assert_eq!(ok.api.tcp_addr(), Ok(None), "empty disables TCP");
+    }
+}

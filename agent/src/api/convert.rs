@@ -1,0 +1,298 @@
+//! Domain types to wire types. Conversions out are infallible (`From`); requests coming in are
+//! validated into domain values with `TryFrom` in `requests.rs`.
+
+use std::time::SystemTime;
+
+use super::{drain, pb};
+use crate::{
+    health,
+    store::{self, clock::unix_ms},
+};
+
+fn ms(t: Option<SystemTime>) -> i64 {
+    t.map(unix_ms).unwrap_or(0)
+}
+
+impl From<&store::NetworkWindow> for pb::NetworkWindow {
+    fn from(w: &store::NetworkWindow) -> Self {
+        Self {
+            window_seconds: w.window_seconds,
+            samples: w.samples,
+            rtt_min_us: w.rtt_min_us,
+            rtt_p50_us: w.rtt_p50_us,
+            rtt_p90_us: w.rtt_p90_us,
+            rtt_p99_us: w.rtt_p99_us,
+            rtt_max_us: w.rtt_max_us,
+            jitter_us: w.jitter_us,
+            retransmits: w.retransmits,
+            retransmits_per_second: w.retransmits_per_second,
+            rtp_packets: w.rtp_packets,
+            rtp_lost: w.rtp_lost,
+            rtp_jitter_us: w.rtp_jitter_us,
+        }
+    }
+}
+
+/// A live stream, with its age at `now`.
+pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
+    pb::LiveStream {
+        protocol: match s.protocol {
+            store::StreamProtocol::Tcp => pb::StreamProtocol::Tcp,
+            store::StreamProtocol::Udp => pb::StreamProtocol::Udp,
+        } as i32,
+        local_addr: s.local.to_string(),
+        remote_addr: s.remote.to_string(),
+        started_unix_ms: unix_ms(s.started_at),
+        age_seconds: store::clock::elapsed(s.started_at, now).as_secs_f64(),
+        viewers: s.viewers,
+    }
+}
+
+/// Streams in a reply are capped so one message stays small.
+pub const MAX_STREAMS: usize = 1_000;
+/// Peers in a reply are capped for the same reason.
+pub const MAX_PEERS: usize = 50;
+
+pub fn container_network(
+    id: &str,
+    c: &store::ContainerNetwork,
+    reported: Option<SystemTime>,
+    now: SystemTime,
+) -> pb::ContainerNetwork {
+    let mut peers = c.peers.clone();
+    peers.sort_by_key(|p| std::cmp::Reverse(p.rtt_p99_us));
+    pb::ContainerNetwork {
+        container_id: id.to_owned(),
+        windows: c.windows.iter().map(pb::NetworkWindow::from).collect(),
+        established_connections: c.established_connections,
+        live_streams: c.streams.len() as u32,
+        streams: c
+            .streams
+            .iter()
+            .take(MAX_STREAMS)
+            .map(|s| live_stream(s, now))
+            .collect(),
+        peers: peers
+            .iter()
+            .take(MAX_PEERS)
+            .map(|p| pb::PeerNetwork {
+                remote_addr: p.remote_addr.clone(),
+                samples: p.samples,
+                rtt_p50_us: p.rtt_p50_us,
+                rtt_p99_us: p.rtt_p99_us,
+                jitter_us: p.jitter_us,
+                retransmits: p.retransmits,
+            })
+            .collect(),
+        reported_unix_ms: ms(reported),
+    }
+}
+
+impl From<&store::Pressure> for pb::Pressure {
+    fn from(p: &store::Pressure) -> Self {
+        Self {
+            some_avg10_percent: p.some_avg10,
+            full_avg10_percent: p.full_avg10,
+            some_avg60_percent: p.some_avg60,
+            full_avg60_percent: p.full_avg60,
+        }
+    }
+}
+
+impl From<&store::ContainerStats> for pb::ContainerStats {
+    fn from(s: &store::ContainerStats) -> Self {
+        Self {
+            cpu_usage_cores: s.cpu_usage_cores,
+            cpu_throttled_ratio: s.cpu_throttled_ratio,
+            cpu_throttled_seconds_total: s.cpu_throttled_seconds_total,
+            memory_bytes: s.memory_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            oom_kills_total: s.oom_kills_total,
+            io_read_bytes_per_second: s.io_read_bytes_per_second,
+            io_write_bytes_per_second: s.io_write_bytes_per_second,
+            pids: s.pids,
+            pids_limit: s.pids_limit,
+            cpu_pressure: Some((&s.cpu_pressure).into()),
+            memory_pressure: Some((&s.memory_pressure).into()),
+            io_pressure: Some((&s.io_pressure).into()),
+        }
+    }
+}
+
+impl From<&store::NodeStats> for pb::NodeStats {
+    fn from(n: &store::NodeStats) -> Self {
+        Self {
+            cpu_pressure: Some((&n.cpu_pressure).into()),
+            memory_pressure: Some((&n.memory_pressure).into()),
+            io_pressure: Some((&n.io_pressure).into()),
+            memory_total_bytes: n.memory_total_bytes,
+            memory_available_bytes: n.memory_available_bytes,
+            load1: n.load1,
+            disks: n
+                .disks
+                .iter()
+                .map(|d| pb::Disk {
+                    mount_point: d.mount_point.clone(),
+                    total_bytes: d.total_bytes,
+                    used_bytes: d.used_bytes,
+                    used_ratio: d.used_ratio,
+                    inodes_used_ratio: d.inodes_used_ratio,
+                })
+                .collect(),
+            nic_drops_total: n.nic_drops_total,
+            clock_synchronized: n.clock_synchronized.unwrap_or(false),
+            clock_max_error_ms: n.clock_max_error_ms,
+        }
+    }
+}
+
+impl From<&store::GpuDevice> for pb::Gpu {
+    fn from(g: &store::GpuDevice) -> Self {
+        Self {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            pci_bus_id: g.pci_bus_id.clone(),
+            utilization_percent: g.utilization_percent,
+            memory_utilization_percent: g.memory_utilization_percent,
+            memory_used_bytes: g.memory_used_bytes,
+            memory_total_bytes: g.memory_total_bytes,
+            temperature_celsius: g.temperature_celsius,
+            power_watts: g.power_watts,
+            throttle_reasons: g.throttle_reasons.clone(),
+            ecc_corrected_total: g.ecc_corrected_total,
+            ecc_uncorrected_total: g.ecc_uncorrected_total,
+            xids: g
+                .xids
+                .iter()
+                .rev()
+                .take(32)
+                .rev()
+                .map(|x| pb::XidEvent {
+                    code: x.code,
+                    seen_unix_ms: ms(x.seen_at),
+                })
+                .collect(),
+            row_remap_pending: g.row_remap_pending,
+            row_remap_failed: g.row_remap_failed,
+            lost: g.lost,
+            processes: g
+                .processes
+                .iter()
+                .map(|p| pb::GpuProcess {
+                    pid: p.pid,
+                    container_id: p.container_id.clone(),
+                    used_memory_bytes: p.used_memory_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<health::Verdict> for pb::Verdict {
+    fn from(v: health::Verdict) -> Self {
+        match v {
+            health::Verdict::Unknown => Self::Unknown,
+            health::Verdict::Healthy => Self::Healthy,
+            health::Verdict::Degraded => Self::Degraded,
+            health::Verdict::Unhealthy => Self::Unhealthy,
+        }
+    }
+}
+
+impl From<&health::Condition> for pb::Condition {
+    fn from(c: &health::Condition) -> Self {
+        Self {
+            r#type: c.kind.clone(),
+            status: match c.status {
+                health::ConditionStatus::Pending => pb::ConditionStatus::Pending,
+                health::ConditionStatus::Firing => pb::ConditionStatus::Firing,
+                health::ConditionStatus::Recovering => pb::ConditionStatus::Recovering,
+            } as i32,
+            severity: match c.severity {
+                health::Severity::Info => pb::Severity::Info,
+                health::Severity::Warning => pb::Severity::Warning,
+                health::Severity::Critical => pb::Severity::Critical,
+            } as i32,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            subject: c.subject.clone(),
+            evidence: c
+                .evidence
+                .iter()
+                .map(|e| pb::Evidence {
+                    metric: e.metric.clone(),
+                    value: e.value,
+                    threshold: e.threshold,
+                    unit: e.unit.clone(),
+                    window_seconds: e.window_seconds,
+                })
+                .collect(),
+            since_unix_ms: unix_ms(c.since),
+            last_transition_unix_ms: unix_ms(c.last_transition),
+        }
+    }
+}
+
+impl From<&health::SourceReport> for pb::SourceReport {
+    fn from(s: &health::SourceReport) -> Self {
+        Self {
+            name: s.kind.name().to_owned(),
+            state: match s.state {
+                health::SourceState::Pending => pb::SourceState::Pending,
+                health::SourceState::Reporting => pb::SourceState::Reporting,
+                health::SourceState::Unavailable => pb::SourceState::Unavailable,
+                health::SourceState::Stale => pb::SourceState::Stale,
+            } as i32,
+            hook: s.provenance.hook.clone(),
+            fidelity: s.provenance.fidelity.clone(),
+            last_report_unix_ms: ms(s.last_report),
+            reason: s.reason.clone(),
+        }
+    }
+}
+
+impl From<Option<&drain::Drain>> for pb::DrainInfo {
+    fn from(d: Option<&drain::Drain>) -> Self {
+        match d {
+            None => Self {
+                state: pb::DrainState::NotDraining as i32,
+                ..Default::default()
+            },
+            Some(d) => Self {
+                state: pb::DrainState::Draining as i32,
+                requesters: d
+                    .requesters
+                    .iter()
+                    .map(|r| pb::DrainRequester {
+                        requested_by: r.requested_by.clone(),
+                        identity: r.identity.clone(),
+                        reason: r.reason.clone(),
+                        requested_unix_ms: unix_ms(r.at),
+                    })
+                    .collect(),
+                started_unix_ms: unix_ms(d.started),
+                deadline_unix_ms: unix_ms(d.deadline),
+            },
+        }
+    }
+}
+
+/// The wire form of a health report plus the drain state.
+pub fn node_health(
+    node: &str,
+    report: &health::HealthReport,
+    drain: Option<&drain::Drain>,
+) -> pb::NodeHealthReport {
+    pb::NodeHealthReport {
+        node: node.to_owned(),
+        verdict: pb::Verdict::from(report.verdict) as i32,
+        drain_recommended: report.drain_recommended,
+        causes: report.causes().map(pb::Condition::from).collect(),
+        conditions: report.conditions.iter().map(pb::Condition::from).collect(),
+        sources: report.sources.iter().map(pb::SourceReport::from).collect(),
+        drain: Some(drain.into()),
+        evaluated_unix_ms: unix_ms(report.evaluated_at),
+        unknown_reason: report.unknown_reason.clone(),
+    }
+}

@@ -1,0 +1,393 @@
+//! The gRPC API: `nodeward.v1.NodeHealth`, `grpc.health.v1.Health` and server reflection (v1),
+//! on a Unix socket and on TCP (TLS optional, required off loopback). It only translates: the
+//! health engine decides, the store holds the data, the drain controller holds the drain.
+//!
+//! The generated code is checked in under `generated/` (see `tests/tests/proto_codegen.rs`, which
+//! regenerates it and fails on a difference), so building the agent needs no `protoc`.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::{
+    health::{Engine, HealthConfig, HealthReport},
+    store::{Clock, Store},
+};
+
+pub mod config;
+mod convert;
+pub mod drain;
+pub mod hub;
+pub mod identity;
+pub mod requests;
+pub mod service;
+
+pub use config::ApiConfig;
+
+/// The code generated from `proto/nodeward/v1/*.proto`.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    unused_qualifications,
+    reason = "generated code"
+)]
+pub mod pb {
+    include!("generated/nodeward.v1.rs");
+    /// The encoded descriptors of `nodeward.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/nodeward_v1_descriptor.bin");
+}
+
+/// How long open calls (Watch streams, health watches) get to finish after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ApiConfigError),
+    #[error("invalid configuration: {0}")]
+    HealthConfig(#[from] crate::health::config::HealthConfigError),
+    #[error("cannot create the socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket {0} is in use by a running process (another nodeward?)")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("server reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server on {what} failed: {source}")]
+    Serve {
+        what: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// The API with its listeners bound, ready to serve.
+#[derive(Debug)]
+pub struct BoundApi {
+    service: service::Service,
+    hub: hub::HealthHub,
+    drain: drain::DrainController,
+    engine: Engine,
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    interval: Duration,
+    unix: Option<(UnixListener, PathBuf)>,
+    tcp: Option<(TcpListener, SocketAddr, Option<ServerTlsConfig>)>,
+    cancel: CancellationToken,
+}
+
+fn node_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
+    std::fs::read(path).map_err(|source| ApiError::TlsFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+async fn bind_tcp(
+    api: &ApiConfig,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr, Option<ServerTlsConfig>), ApiError> {
+    let tls = if api.tls_enabled() {
+        let identity = Identity::from_pem(read_tls(&api.tls_cert)?, read_tls(&api.tls_key)?);
+        let mut t = ServerTlsConfig::new().identity(identity);
+        if !api.tls_client_ca.as_os_str().is_empty() {
+            t = t
+                .client_ca_root(Certificate::from_pem(read_tls(&api.tls_client_ca)?))
+                .client_auth_optional(api.tls_client_auth_optional);
+        }
+        Some(t)
+    } else {
+        None
+    };
+    let what = || format!("tcp:{addr}");
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiError::Bind {
+            what: what(),
+            source,
+        })?;
+    let local = l.local_addr().map_err(|source| ApiError::Bind {
+        what: what(),
+        source,
+    })?;
+    Ok((l, local, tls))
+}
+
+fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<UnixListener, ApiError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ApiError::SocketDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        // A socket left by a crashed agent is removed; one that still answers belongs to a
+        // running agent and is left alone.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ApiError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let what = || format!("unix:{}", path.display());
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        what: what(),
+        source,
+    })?;
+    if gid.is_some() {
+        std::os::unix::fs::chown(path, None, gid).map_err(|source| ApiError::Bind {
+            what: what(),
+            source,
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ApiError::Bind {
+            what: what(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+impl BoundApi {
+    /// Validates the config and binds the listeners (so that errors show before serving).
+    pub async fn bind(
+        api: &ApiConfig,
+        health: &HealthConfig,
+        store: Arc<Store>,
+        clock: Arc<dyn Clock>,
+        cancel: CancellationToken,
+    ) -> Result<Self, ApiError> {
+        // A child: the API stops with the daemon, and stopping the API's own parts (the
+        // evaluator, Watch streams) never cancels the daemon's other tasks.
+        let cancel = cancel.child_token();
+        api.validate()?;
+        health.validate()?;
+        // A listener that cannot start is logged and left out; the agent keeps collecting and
+        // serves on the other one (as with sources that cannot run on this node).
+        let unix = if api.unix_socket.as_os_str().is_empty() {
+            None
+        } else {
+            match bind_unix(&api.unix_socket, api.socket_mode()?, api.socket_gid()?) {
+                Ok(l) => Some((l, api.unix_socket.clone())),
+                Err(e) => {
+                    tracing::error!(error = %e, "gRPC Unix socket listener not started");
+                    None
+                }
+            }
+        };
+        let tcp = match api.tcp_addr()? {
+            None => None,
+            Some(addr) => match bind_tcp(api, addr).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "gRPC TCP listener not started");
+                    None
+                }
+            },
+        };
+        let hub = hub::HealthHub::new(HealthReport::initial(clock.now()));
+        let drain = drain::DrainController::new(clock.clone());
+        let service = service::Service::new(service::ServiceParts {
+            node: node_name(&api.node_name),
+            store: store.clone(),
+            hub: hub.clone(),
+            drain: drain.clone(),
+            clock: clock.clone(),
+            heartbeat: api.watch_heartbeat,
+            default_deadline: api.drain_default_deadline,
+            allowed_drain_identities: api.drain_allowed_identities.clone(),
+            cancel: cancel.clone(),
+        });
+        Ok(Self {
+            service,
+            hub,
+            drain,
+            engine: Engine::new(health.clone()),
+            store,
+            clock,
+            interval: health.interval,
+            unix,
+            tcp,
+            cancel,
+        })
+    }
+
+    /// The bound TCP address (useful with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|(_, a, _)| *a)
+    }
+
+    /// Serves until the token is cancelled, then removes the socket file.
+    pub async fn serve(self) -> Result<(), ApiError> {
+        let Self {
+            service,
+            hub,
+            drain,
+            engine,
+            store,
+            clock,
+            interval,
+            unix,
+            tcp,
+            cancel,
+        } = self;
+        let no_listener = unix.is_none() && tcp.is_none();
+        if no_listener {
+            tracing::error!("no gRPC listener could start; the API is not served");
+        }
+        let evaluator = tokio::spawn(hub::run(
+            engine,
+            store,
+            drain,
+            hub,
+            clock,
+            interval,
+            cancel.clone(),
+        ));
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<pb::node_health_server::NodeHealthServer<service::Service>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        // v1alpha too: grpcio-reflection's Python client and older grpcurl speak only v1alpha.
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let node_health = pb::node_health_server::NodeHealthServer::new(service);
+        let routes = |builder: Server| {
+            let mut builder = builder;
+            builder
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(reflection_alpha.clone())
+                .add_service(node_health.clone())
+        };
+        // Graceful shutdown waits for open calls; a client holding a stream open gets
+        // SHUTDOWN_GRACE, then the server is dropped.
+        let stop = || {
+            let cancel = cancel.clone();
+            async move {
+                cancel.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            }
+        };
+
+        let unix_path = unix.as_ref().map(|(_, p)| p.clone());
+        let unix_task = async {
+            let Some((listener, path)) = unix else {
+                return Ok(());
+            };
+            let what = format!("unix:{}", path.display());
+            tracing::info!(listen = %what, "gRPC API listening");
+            let serve = routes(Server::builder()).serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                cancel.cancelled(),
+            );
+            tokio::select! {
+                r = serve => r.map_err(|source| ApiError::Serve { what, source }),
+                _ = stop() => Ok(()),
+            }
+        };
+        let tcp_task = async {
+            let Some((listener, addr, tls)) = tcp else {
+                return Ok(());
+            };
+            let what = format!("tcp:{addr}{}", if tls.is_some() { " (TLS)" } else { "" });
+            tracing::info!(listen = %what, "gRPC API listening");
+            let mut builder = Server::builder();
+            if let Some(t) = tls {
+                builder = builder.tls_config(t).map_err(ApiError::Tls)?;
+            }
+            let serve = routes(builder).serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                cancel.cancelled(),
+            );
+            tokio::select! {
+                r = serve => r.map_err(|source| ApiError::Serve { what, source }),
+                _ = stop() => Ok(()),
+            }
+        };
+        // Health watchers (e.g. a load balancer) learn of the shutdown before connections close.
+        let announce = async {
+            cancel.cancelled().await;
+            reporter
+                .set_not_serving::<pb::node_health_server::NodeHealthServer<service::Service>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        };
+        let servers = async {
+            let both = tokio::join!(unix_task, tcp_task);
+            if no_listener {
+                // Nothing to serve, but the task lives as long as the daemon: its end would
+                // read as a failure.
+                cancel.cancelled().await;
+            }
+            both
+        };
+        tokio::pin!(servers);
+        let (u, t) = tokio::select! {
+            r = &mut servers => r,
+            () = announce => servers.await,
+        };
+        cancel.cancel();
+        let _ = evaluator.await;
+        if let Some(path) = unix_path {
+            let _ = std::fs::remove_file(&path);
+        }
+        u.and(t)
+    }
+}
+
+/// Binds and serves the API until `cancel`; the daemon's entry point.
+pub async fn run(
+    api: ApiConfig,
+    health: HealthConfig,
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    cancel: CancellationToken,
+) -> Result<(), ApiError> {
+    BoundApi::bind(&api, &health, store, clock, cancel)
+        .await?
+        .serve()
+        .await
+}

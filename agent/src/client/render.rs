@@ -1,0 +1,320 @@
+//! Human-readable tables for the client subcommands, and enum names for `--json` (the generated
+//! messages hold enums as numbers; scripts want `VERDICT_HEALTHY`, as grpcurl prints them).
+
+use std::{fmt::Write as _, time::Duration};
+
+use crate::api::pb;
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".to_owned();
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn name<E: TryFrom<i32>>(v: i32, f: impl Fn(&E) -> &'static str) -> String {
+    E::try_from(v)
+        .map(|e| f(&e).to_owned())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+/// Strips the enum's type prefix: `VERDICT_HEALTHY` → `HEALTHY`.
+fn short(full: String, prefix: &str) -> String {
+    full.strip_prefix(prefix).map(str::to_owned).unwrap_or(full)
+}
+
+fn verdict(v: i32) -> String {
+    short(name(v, pb::Verdict::as_str_name), "VERDICT_")
+}
+fn severity(v: i32) -> String {
+    short(name(v, pb::Severity::as_str_name), "SEVERITY_")
+}
+fn cond_status(v: i32) -> String {
+    short(
+        name(v, pb::ConditionStatus::as_str_name),
+        "CONDITION_STATUS_",
+    )
+}
+fn source_state(v: i32) -> String {
+    short(name(v, pb::SourceState::as_str_name), "SOURCE_STATE_")
+}
+fn drain_state(v: i32) -> String {
+    short(name(v, pb::DrainState::as_str_name), "DRAIN_STATE_")
+}
+
+/// Replaces enum numbers by their proto names in a serialised reply.
+pub fn name_enums(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(name_enums),
+        serde_json::Value::Object(map) => {
+            // `state` is a SourceState in a SourceReport (which has `hook`) and a DrainState in
+            // a DrainInfo (which has `requesters`).
+            let is_source = map.contains_key("hook");
+            for (k, val) in map.iter_mut() {
+                let Some(n) = val.as_i64().and_then(|n| i32::try_from(n).ok()) else {
+                    name_enums(val);
+                    continue;
+                };
+                let named = match k.as_str() {
+                    "verdict" => name(n, pb::Verdict::as_str_name),
+                    "severity" => name(n, pb::Severity::as_str_name),
+                    "status" => name(n, pb::ConditionStatus::as_str_name),
+                    "protocol" => name(n, pb::StreamProtocol::as_str_name),
+                    "state" if is_source => name(n, pb::SourceState::as_str_name),
+                    "state" => name(n, pb::DrainState::as_str_name),
+                    _ => continue,
+                };
+                *val = serde_json::Value::String(named);
+            }
+        }
+        _ => {}
+    }
+}
+
+pub fn drain_info(d: Option<&pb::DrainInfo>) -> String {
+    let mut out = String::new();
+    let Some(d) = d else { return out };
+    let _ = writeln!(out, "drain:     {}", drain_state(d.state));
+    if d.state == pb::DrainState::Draining as i32 {
+        let _ = writeln!(out, "  started:  {}", time(d.started_unix_ms));
+        let _ = writeln!(out, "  deadline: {}", time(d.deadline_unix_ms));
+        for r in &d.requesters {
+            let _ = writeln!(
+                out,
+                "  by:       {} ({}) at {}: {}",
+                r.requested_by,
+                r.identity,
+                time(r.requested_unix_ms),
+                r.reason
+            );
+        }
+    }
+    out
+}
+
+pub fn health(r: &pb::GetNodeHealthResponse) -> String {
+    let mut out = String::new();
+    let Some(h) = &r.health else {
+        return "no health report\n".to_owned();
+    };
+    let _ = writeln!(out, "node:      {}", h.node);
+    let recommended = if h.drain_recommended {
+        " (drain recommended)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "verdict:   {}{recommended}", verdict(h.verdict));
+    if !h.unknown_reason.is_empty() {
+        let _ = writeln!(out, "  why:     {}", h.unknown_reason);
+    }
+    let _ = writeln!(out, "evaluated: {}", time(h.evaluated_unix_ms));
+    out.push_str(&drain_info(h.drain.as_ref()));
+    let _ = writeln!(out, "sources:");
+    if h.sources.is_empty() {
+        let _ = writeln!(out, "  (none enabled)");
+    }
+    for s in &h.sources {
+        let detail = if s.reason.is_empty() {
+            format!("{} [{}]", s.hook, s.fidelity)
+        } else {
+            s.reason.clone()
+        };
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<11} last {}  {}",
+            s.name,
+            source_state(s.state),
+            time(s.last_report_unix_ms),
+            detail
+        );
+    }
+    let _ = writeln!(out, "conditions:");
+    if h.conditions.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for c in &h.conditions {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:<8} {:<24} {}  since {}",
+            cond_status(c.status),
+            severity(c.severity),
+            c.r#type,
+            c.message,
+            time(c.since_unix_ms)
+        );
+    }
+    out
+}
+
+pub fn watch_line(m: &pb::WatchNodeHealthResponse) -> String {
+    let Some(h) = &m.health else {
+        return "(empty message)".to_owned();
+    };
+    let causes: Vec<&str> = h.causes.iter().map(|c| c.r#type.as_str()).collect();
+    format!(
+        "{} rev={} verdict={} drain={}{} causes=[{}]{}",
+        time(h.evaluated_unix_ms),
+        m.revision,
+        verdict(h.verdict),
+        h.drain
+            .as_ref()
+            .map(|d| drain_state(d.state))
+            .unwrap_or_default(),
+        if h.drain_recommended {
+            " drain_recommended"
+        } else {
+            ""
+        },
+        causes.join(","),
+        if m.heartbeat { " (heartbeat)" } else { "" }
+    )
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1}ms", us as f64 / 1000.0)
+}
+
+pub fn containers(r: &pb::ListContainersResponse) -> String {
+    let mut out = format!(
+        "{:<16} {:<28} {:<16} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}\n",
+        "NAMESPACE",
+        "POD",
+        "CONTAINER",
+        "ID",
+        "CPU",
+        "MEMORY",
+        "P99(1m)",
+        "JITTER",
+        "RETX/s",
+        "STREAMS"
+    );
+    for c in &r.containers {
+        let stats = c.stats.as_ref();
+        let w = c
+            .network
+            .as_ref()
+            .and_then(|n| n.windows.iter().find(|w| w.window_seconds == 60));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<28} {:<16} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}",
+            or_dash(&c.pod_namespace),
+            or_dash(&c.pod_name),
+            or_dash(&c.name),
+            c.id.chars().take(20).collect::<String>(),
+            stats
+                .map(|s| format!("{:.2}", s.cpu_usage_cores))
+                .unwrap_or_else(|| "-".into()),
+            stats
+                .map(|s| format!("{}Mi", s.memory_bytes / (1 << 20)))
+                .unwrap_or_else(|| "-".into()),
+            w.map(|w| ms(w.rtt_p99_us)).unwrap_or_else(|| "-".into()),
+            w.map(|w| ms(w.jitter_us)).unwrap_or_else(|| "-".into()),
+            w.map(|w| format!("{:.1}", w.retransmits_per_second))
+                .unwrap_or_else(|| "-".into()),
+            c.network
+                .as_ref()
+                .map(|n| n.live_streams.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    if r.containers.is_empty() {
+        out.push_str("(no containers)\n");
+    }
+    out
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+pub fn gpus(r: &pb::ListGpusResponse) -> String {
+    if !r.available {
+        return "no GPU source on this node (no GPU, no NVML, or disabled)\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<5} {:<24} {:<22} {:>5} {:>16} {:>6} {:>7}  {}\n",
+        "INDEX", "UUID", "NAME", "UTIL", "MEMORY", "TEMP", "POWER", "HEALTH"
+    );
+    for g in &r.gpus {
+        let mut health = Vec::new();
+        if g.lost {
+            health.push("LOST".to_owned());
+        }
+        if g.ecc_uncorrected_total > 0 {
+            health.push(format!("ecc_uncorrected={}", g.ecc_uncorrected_total));
+        }
+        if let Some(x) = g.xids.last() {
+            health.push(format!("last_xid={}", x.code));
+        }
+        if g.row_remap_pending > 0 || g.row_remap_failed {
+            health.push(format!(
+                "row_remap pending={} failed={}",
+                g.row_remap_pending, g.row_remap_failed
+            ));
+        }
+        health.extend(g.throttle_reasons.iter().cloned());
+        let _ = writeln!(
+            out,
+            "{:<5} {:<24} {:<22} {:>4.0}% {:>16} {:>5.0}C {:>6.0}W  {}",
+            g.index,
+            g.uuid.chars().take(24).collect::<String>(),
+            g.name.chars().take(22).collect::<String>(),
+            g.utilization_percent,
+            format!(
+                "{}/{}Mi",
+                g.memory_used_bytes >> 20,
+                g.memory_total_bytes >> 20
+            ),
+            g.temperature_celsius,
+            g.power_watts,
+            if health.is_empty() {
+                "ok".to_owned()
+            } else {
+                health.join(" ")
+            }
+        );
+    }
+    out
+}
+
+pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
+    let mut out = drain_info(r.drain.as_ref());
+    let _ = writeln!(out, "ready:     {} ({})", r.ready_to_drain, r.ready_reason);
+    let known = if r.streams_known {
+        ""
+    } else {
+        " (unknown: the network source has not reported)"
+    };
+    let _ = writeln!(out, "streams:   {}{known}", r.live_streams);
+    for c in &r.containers {
+        let pod = if c.pod_name.is_empty() {
+            String::new()
+        } else {
+            format!(" {}/{}", c.pod_namespace, c.pod_name)
+        };
+        let _ = writeln!(
+            out,
+            "  {}{pod}: {} stream(s), {} established connection(s)",
+            c.container_id, c.live_streams, c.established_connections
+        );
+        for s in &c.streams {
+            let _ = writeln!(
+                out,
+                "    {} {} <- {} age {:.0}s",
+                short(
+                    name(s.protocol, pb::StreamProtocol::as_str_name),
+                    "STREAM_PROTOCOL_"
+                ),
+                s.local_addr,
+                s.remote_addr,
+                s.age_seconds
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,230 @@
+//! Plain data each source writes into the store. Base units everywhere: durations in
+//! microseconds, sizes in bytes, shares as ratios in [0, 1], PSI as percentages (as the kernel
+//! prints them). A value a source cannot measure is left at its default (0 / empty) and the
+//! source's [`Provenance`](super::Provenance) says why.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
+
+/// The sliding windows the network source keeps, shortest first.
+pub const NETWORK_WINDOWS_SECONDS: [u32; 3] = [10, 60, 300];
+
+/// Identity of a container, as far as it is known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerMeta {
+    /// Container id (runtime id, or the cgroup directory's name when not known).
+    pub id: String,
+    pub name: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub pod_uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// cgroup v2 path relative to the cgroup root.
+    pub cgroup_path: String,
+    /// cgroup id (inode of the cgroup directory), the key eBPF uses.
+    pub cgroup_id: u64,
+}
+
+// ---- network (eBPF) ----
+
+/// One container's TCP statistics over one sliding window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetworkWindow {
+    /// 10, 60 or 300.
+    pub window_seconds: u32,
+    /// RTT samples in the window.
+    pub samples: u64,
+    pub rtt_min_us: u64,
+    pub rtt_p50_us: u64,
+    pub rtt_p90_us: u64,
+    pub rtt_p99_us: u64,
+    pub rtt_max_us: u64,
+    /// Mean absolute difference between consecutive RTT samples of a connection.
+    pub jitter_us: u64,
+    /// Retransmitted segments in the window.
+    pub retransmits: u64,
+    /// `retransmits / window_seconds`.
+    pub retransmits_per_second: f64,
+    /// RTP packets received (0 when the container has no RTP/UDP media stream).
+    pub rtp_packets: u64,
+    /// RTP packets lost (sequence-number gaps).
+    pub rtp_lost: u64,
+    /// RTP interarrival jitter (RFC 3550).
+    pub rtp_jitter_us: u64,
+}
+
+/// Transport of a live stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// One live stream (long-lived established TCP connection or active UDP/RTP flow). The network
+/// source decides what counts (e.g. established TCP connections older than a minimum age, UDP
+/// flows with packets in the last seconds); the drain handshake waits for these to end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveStream {
+    pub protocol: StreamProtocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// When the stream was first seen.
+    pub started_at: SystemTime,
+    /// Viewers behind the stream where the protocol reveals them; 0 = unknown.
+    pub viewers: u32,
+}
+
+/// Per-peer breakdown over the 1-minute window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerNetwork {
+    pub remote_addr: String,
+    pub samples: u64,
+    pub rtt_p50_us: u64,
+    pub rtt_p99_us: u64,
+    pub jitter_us: u64,
+    pub retransmits: u64,
+}
+
+/// One container's network summary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerNetwork {
+    /// One entry per window in [`NETWORK_WINDOWS_SECONDS`], shortest first; missing windows
+    /// are simply absent.
+    pub windows: Vec<NetworkWindow>,
+    /// Established TCP connections right now.
+    pub established_connections: u32,
+    /// Live streams right now (oldest first).
+    pub streams: Vec<LiveStream>,
+    pub peers: Vec<PeerNetwork>,
+}
+
+impl ContainerNetwork {
+    /// The window of this length, if the source keeps it.
+    pub fn window(&self, seconds: u32) -> Option<&NetworkWindow> {
+        self.windows.iter().find(|w| w.window_seconds == seconds)
+    }
+}
+
+/// What the network source reports each tick, keyed by container id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetworkSnapshot {
+    pub containers: BTreeMap<String, ContainerNetwork>,
+}
+
+// ---- cgroups ----
+
+/// PSI of one resource, percentages as in `/proc/pressure/*` and `*.pressure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    pub some_avg10: f64,
+    pub full_avg10: f64,
+    pub some_avg60: f64,
+    pub full_avg60: f64,
+}
+
+/// One container's cgroup statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerStats {
+    /// CPU-seconds per second over the last tick.
+    pub cpu_usage_cores: f64,
+    /// Throttled periods / periods over the last tick (0-1).
+    pub cpu_throttled_ratio: f64,
+    pub cpu_throttled_seconds_total: f64,
+    pub memory_bytes: u64,
+    /// 0 = unlimited.
+    pub memory_limit_bytes: u64,
+    /// OOM kills since the cgroup was created (monotonic).
+    pub oom_kills_total: u64,
+    pub io_read_bytes_per_second: f64,
+    pub io_write_bytes_per_second: f64,
+    pub pids: u64,
+    /// 0 = unlimited.
+    pub pids_limit: u64,
+    pub cpu_pressure: Pressure,
+    pub memory_pressure: Pressure,
+    pub io_pressure: Pressure,
+}
+
+/// What the cgroup source reports each tick, keyed by container id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CgroupSnapshot {
+    pub containers: BTreeMap<String, ContainerStats>,
+}
+
+// ---- node ----
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Disk {
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    /// used / total (0-1).
+    pub used_ratio: f64,
+    /// inodes used / inodes total (0-1).
+    pub inodes_used_ratio: f64,
+}
+
+/// Node-wide statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeStats {
+    pub cpu_pressure: Pressure,
+    pub memory_pressure: Pressure,
+    pub io_pressure: Pressure,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub load1: f64,
+    pub disks: Vec<Disk>,
+    /// NIC drops since boot, all interfaces.
+    pub nic_drops_total: u64,
+    /// `None` when the clock state could not be read.
+    pub clock_synchronized: Option<bool>,
+    pub clock_max_error_ms: f64,
+}
+
+// ---- GPU ----
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XidEvent {
+    pub code: u32,
+    pub seen_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// Attributed container id, empty if not attributed.
+    pub container_id: String,
+    pub used_memory_bytes: u64,
+}
+
+/// One GPU's stats and health.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub pci_bus_id: String,
+    pub utilization_percent: f64,
+    pub memory_utilization_percent: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub temperature_celsius: f64,
+    pub power_watts: f64,
+    /// NVML names of the active throttle reasons ("HwSlowdown", ...).
+    pub throttle_reasons: Vec<String>,
+    pub ecc_corrected_total: u64,
+    pub ecc_uncorrected_total: u64,
+    /// Recent XIDs, newest last (the source keeps a bounded history).
+    pub xids: Vec<XidEvent>,
+    pub row_remap_pending: u32,
+    pub row_remap_failed: bool,
+    /// NVML reports the GPU lost / fallen off the bus.
+    pub lost: bool,
+    pub processes: Vec<GpuProcess>,
+}
+
+/// What the GPU source reports each tick.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuSnapshot {
+    pub gpus: Vec<GpuDevice>,
+}

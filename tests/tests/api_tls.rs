@@ -1,0 +1,226 @@
+//! The gRPC API over TCP with TLS (rustls): server certificates only, required client
+//! certificates, and the drain allow-list matched against a client certificate's common name.
+//! Certificates are made for each test with rcgen.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use nodeward::api::{pb, ApiConfig};
+use nodeward_tests::api::{api_config, conn, health_config, TempDir, TestApi};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, SanType,
+};
+use tonic::Code;
+
+/// A throw-away CA with a server certificate for localhost/127.0.0.1, written as PEM files.
+struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(stem: &str) -> Self {
+        let dir = TempDir::new(stem);
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "nodeward test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        std::fs::write(dir.0.join("ca.pem"), ca.pem()).expect("write CA");
+        let pki = Self { dir, ca };
+        let mut server =
+            CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "nodeward agent");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        pki.issue("server", server);
+        pki
+    }
+
+    fn issue(&self, name: &str, params: CertificateParams) {
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.ca).expect("sign");
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    }
+
+    /// A client certificate with this common name; returns its name for `client_conn`.
+    fn client(&self, cn: &str) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let name = format!("client-{cn}");
+        self.issue(&name, params);
+        name
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.0.join(file)
+    }
+
+    fn server_config(&self, client_ca: bool) -> ApiConfig {
+        ApiConfig {
+            tcp_listen: "127.0.0.1:0".to_owned(),
+            tls_cert: self.path("server.pem"),
+            tls_key: self.path("server.key"),
+            tls_client_ca: if client_ca {
+                self.path("ca.pem")
+            } else {
+                PathBuf::new()
+            },
+            ..api_config(&self.dir)
+        }
+    }
+
+    fn client_conn(&self, addr: SocketAddr, cert: Option<&str>) -> nodeward::client::Conn {
+        let mut c = conn(&format!("https://127.0.0.1:{}", addr.port()));
+        c.tls_ca = Some(self.path("ca.pem"));
+        c.tls_domain = Some("localhost".to_owned());
+        if let Some(name) = cert {
+            c.tls_cert = Some(self.path(&format!("{name}.pem")));
+            c.tls_key = Some(self.path(&format!("{name}.key")));
+        }
+        c
+    }
+}
+
+async fn health(c: &nodeward::client::Conn) -> Result<pb::GetNodeHealthResponse, String> {
+    let mut client = nodeward::client::connect(c, std::path::Path::new("/nonexistent"))
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .get_node_health(pb::GetNodeHealthRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+async fn begin(c: &nodeward::client::Conn) -> Result<pb::BeginDrainResponse, tonic::Status> {
+    let mut client = nodeward::client::connect(c, std::path::Path::new("/nonexistent"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "tls-test".into(),
+            reason: String::new(),
+            deadline_seconds: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_without_client_certificates_serves_verified_clients_and_refuses_plaintext() {
+    let pki = Pki::new("tls-server-only");
+    let api = TestApi::start(pki.server_config(false), health_config()).await;
+    let addr = api.tcp.expect("TCP listener bound");
+
+    let c = pki.client_conn(addr, None);
+    let h = health(&c)
+        .await
+        .expect("a TLS client that trusts the CA is served");
+    assert_eq!(h.health.expect("health").node, "test-node");
+    let drain = begin(&c)
+        .await
+        .expect("BeginDrain over TLS")
+        .drain
+        .expect("drain");
+    assert_eq!(
+        drain.requesters[0].identity, "anonymous",
+        "no client certificate, no name"
+    );
+
+    let plain = conn(&format!("http://127.0.0.1:{}", addr.port()));
+    assert!(
+        health(&plain).await.is_err(),
+        "plaintext must not be served on a TLS listener"
+    );
+
+    let mut untrusting = conn(&format!("https://127.0.0.1:{}", addr.port()));
+    untrusting.tls_domain = Some("localhost".to_owned());
+    assert!(
+        health(&untrusting).await.is_err(),
+        "a client that does not trust the CA fails the handshake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_name_the_caller_and_refuse_those_without() {
+    let pki = Pki::new("tls-mutual");
+    let controller = pki.client("rollout-controller");
+    let api = TestApi::start(pki.server_config(true), health_config()).await;
+    let addr = api.tcp.expect("TCP listener bound");
+
+    let with_cert = pki.client_conn(addr, Some(&controller));
+    health(&with_cert)
+        .await
+        .expect("a client with a certificate from the CA is served");
+    let drain = begin(&with_cert)
+        .await
+        .expect("BeginDrain")
+        .drain
+        .expect("drain");
+    assert_eq!(drain.requesters[0].identity, "cn:rollout-controller");
+
+    let without = pki.client_conn(addr, None);
+    assert!(
+        health(&without).await.is_err(),
+        "no client certificate, no service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_allow_list_refuses_other_certificate_names() {
+    let pki = Pki::new("tls-allow");
+    let controller = pki.client("rollout-controller");
+    let intruder = pki.client("intruder");
+    let mut cfg = pki.server_config(true);
+    cfg.drain_allowed_identities = vec!["cn:rollout-controller".to_owned()];
+    let api = TestApi::start(cfg, health_config()).await;
+    let addr = api.tcp.expect("TCP listener bound");
+
+    let refused = begin(&pki.client_conn(addr, Some(&intruder)))
+        .await
+        .expect_err("intruder may not drain");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("cn:intruder"),
+        "{}",
+        refused.message()
+    );
+    health(&pki.client_conn(addr, Some(&intruder)))
+        .await
+        .expect("but may read the health");
+
+    let ok = begin(&pki.client_conn(addr, Some(&controller)))
+        .await
+        .expect("the allowed name may drain");
+    assert_eq!(
+        ok.drain.expect("drain").state,
+        pb::DrainState::Draining as i32
+    );
+}
+
+#[test]
+fn tcp_off_loopback_needs_tls() {
+    let cfg = ApiConfig {
+        tcp_listen: "0.0.0.0:50051".to_owned(),
+        ..ApiConfig::default()
+    };
+    let e = cfg.validate().expect_err("plaintext on all interfaces");
+    assert_eq!(e.key, "tcp_listen");
+    assert!(e.allowed.contains("TLS"), "{}", e.allowed);
+    let cfg = ApiConfig {
+        tcp_listen: "0.0.0.0:50051".to_owned(),
+        tls_cert: "/etc/nodeward/tls.crt".into(),
+        tls_key: "/etc/nodeward/tls.key".into(),
+        ..ApiConfig::default()
+    };
+    assert!(cfg.validate().is_ok());
+}
