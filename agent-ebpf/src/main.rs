@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod tcp_latency;
+#[cfg(target_arch = "bpf")]
 mod tcp_state;
 
 #[cfg(target_arch = "bpf")]
@@ -25,5 +27,7 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 /// crate; the real programs exist only for the bpf target.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("nodeward-ebpf holds eBPF programs; it is built for the bpf target by agent/build.rs");
+    eprintln!(
+        "nodeward-ebpf holds eBPF programs; it is built for the bpf target by agent/build.rs"
+    );
 }

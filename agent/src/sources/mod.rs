@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
+pub mod tcp;
 pub mod tcp_state;
 
 /// Starts every source the node supports; returns the names of those started.
@@ -27,6 +28,17 @@ pub fn start(
                 started.push(tcp_state::NAME);
             }
             Err(reason) => tracing::warn!(source = tcp_state::NAME, %reason, "source unavailable"),
+        }
+        if config.tcp.enabled {
+            match tcp::Source::start(config, caps) {
+                Ok((source, _snapshots)) => {
+                    // The API takes `_snapshots` (a watch receiver) once it exists.
+                    let cancel = cancel.clone();
+                    tasks.spawn(async move { (tcp::NAME, source.run(cancel).await) });
+                    started.push(tcp::NAME);
+                }
+                Err(reason) => tracing::warn!(source = tcp::NAME, %reason, "source unavailable"),
+            }
         }
     }
     started

@@ -1,0 +1,199 @@
+//! Loads and attaches the TCP latency programs and reads (and trims) their maps.
+//!
+//! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
+//! the node, with `AllowMultiple` so that programs other tools attached there keep running.
+//! Links belong to the [`aya::Ebpf`] value: dropping the [`Reader`] detaches everything.
+
+use std::{fs::File, path::Path};
+
+use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{CgroupAttachMode, CgroupSock, ProgramError, SockOps},
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use super::{
+    config::TcpConfig,
+    window::{Cleanup, RawRead},
+};
+
+const SOCK_CREATE: &str = "nodeward_sock_create";
+const SOCK_OPS: &str = "nodeward_tcp_sockops";
+const STATS: &str = "TCP_CGROUP_STATS";
+const HIST: &str = "TCP_RTT_HIST";
+const FLOWS: &str = "TCP_FLOWS";
+const DROPS: &str = "TCP_DROPS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error("cannot open the cgroup v2 root {path}: {source}")]
+    CgroupRoot {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] EbpfError),
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> ReaderError {
+    move |source| ReaderError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> ReaderError {
+    move |source| ReaderError::Program { name, source }
+}
+
+pub struct Reader {
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`.
+    pub fn attach(cgroup_root: &Path, config: &TcpConfig) -> Result<Self, ReaderError> {
+        let root = File::open(cgroup_root).map_err(|source| ReaderError::CgroupRoot {
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(STATS, config.max_cgroups)
+            .map_max_entries(HIST, config.max_hist_entries)
+            .map_max_entries(FLOWS, config.max_flows)
+            .load(crate::ebpf::OBJECT)?;
+        // sock_create first: a socket created between the two attachments is then recorded.
+        let create: &mut CgroupSock = ebpf
+            .program_mut(SOCK_CREATE)
+            .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
+            .try_into()
+            .map_err(prog_err(SOCK_CREATE))?;
+        create.load().map_err(prog_err(SOCK_CREATE))?;
+        create
+            .attach(&root, CgroupAttachMode::AllowMultiple)
+            .map_err(prog_err(SOCK_CREATE))?;
+        let ops: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or(ReaderError::MissingProgram(SOCK_OPS))?
+            .try_into()
+            .map_err(prog_err(SOCK_OPS))?;
+        ops.load().map_err(prog_err(SOCK_OPS))?;
+        ops.attach(&root, CgroupAttachMode::AllowMultiple)
+            .map_err(prog_err(SOCK_OPS))?;
+        Ok(Self { ebpf })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ReaderError> {
+        self.ebpf.map(name).ok_or(ReaderError::MissingMap(name))
+    }
+
+    /// Reads every map once. `now_ns` is CLOCK_MONOTONIC, the clock the programs stamp with.
+    pub fn read(&self) -> Result<RawRead, ReaderError> {
+        let mut raw = RawRead {
+            now_ns: monotonic_ns(),
+            ..RawRead::default()
+        };
+        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
+        for entry in stats.iter() {
+            let (id, per_cpu) = entry.map_err(map_err(STATS))?;
+            let mut sum = CgroupTcpStats::default();
+            for s in per_cpu.iter() {
+                sum.samples += s.samples;
+                sum.raw_samples += s.raw_samples;
+                sum.sum_rtt_us = sum.sum_rtt_us.wrapping_add(s.sum_rtt_us);
+                sum.sum_rtt_sq = sum.sum_rtt_sq.wrapping_add(s.sum_rtt_sq);
+                sum.sum_absdiff_us = sum.sum_absdiff_us.wrapping_add(s.sum_absdiff_us);
+                sum.diffs += s.diffs;
+                sum.sum_jitter16_us = sum.sum_jitter16_us.wrapping_add(s.sum_jitter16_us);
+                sum.retrans += s.retrans;
+                sum.segs_out += s.segs_out;
+                sum.opened_active += s.opened_active;
+                sum.opened_passive += s.opened_passive;
+                sum.closed += s.closed;
+            }
+            raw.stats.push((id, sum));
+        }
+        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        for entry in hist.iter() {
+            let (key, per_cpu) = entry.map_err(map_err(HIST))?;
+            raw.hist.push((key, per_cpu.iter().sum()));
+        }
+        let flows: BpfHashMap<&MapData, u64, FlowState> =
+            BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
+        for entry in flows.iter() {
+            // An entry evicted between listing and lookup reads as an error: skip it.
+            if let Ok(kv) = entry {
+                raw.flows.push(kv);
+            }
+        }
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(DROPS)?).map_err(map_err(DROPS))?;
+        for i in 0..drop_reason::COUNT {
+            let per_cpu = drops.get(&i, 0).map_err(map_err(DROPS))?;
+            if let Some(slot) = raw.drops.get_mut(i as usize) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).
+    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), ReaderError> {
+        let map = self
+            .ebpf
+            .map_mut(FLOWS)
+            .ok_or(ReaderError::MissingMap(FLOWS))?;
+        let mut flows: BpfHashMap<&mut MapData, u64, FlowState> =
+            BpfHashMap::try_from(map).map_err(map_err(FLOWS))?;
+        for cookie in &cleanup.flows {
+            let _ = flows.remove(cookie);
+        }
+        let map = self
+            .ebpf
+            .map_mut(STATS)
+            .ok_or(ReaderError::MissingMap(STATS))?;
+        let mut stats: PerCpuHashMap<&mut MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(STATS))?;
+        for id in &cleanup.cgroups {
+            let _ = stats.remove(id);
+        }
+        let map = self
+            .ebpf
+            .map_mut(HIST)
+            .ok_or(ReaderError::MissingMap(HIST))?;
+        let mut hist: PerCpuHashMap<&mut MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(map).map_err(map_err(HIST))?;
+        for key in &cleanup.hist {
+            let _ = hist.remove(key);
+        }
+        Ok(())
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
