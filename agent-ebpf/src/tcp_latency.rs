@@ -232,7 +232,16 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
     if family == AF_INET {
         flow.remote[0] = ctx.remote_ip4();
     } else {
-        flow.remote = ctx.remote_ip6();
+        // Four 32-bit loads at fixed context offsets: the verifier rejects the 64-bit copy
+        // through a moved context pointer that `remote_ip6()` compiles to.
+        // SAFETY: UAPI context fields, read in place.
+        unsafe {
+            let ops = ctx.ops;
+            flow.remote[0] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]);
+            flow.remote[1] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]);
+            flow.remote[2] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]);
+            flow.remote[3] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]);
+        }
     }
     let key = cookie(ctx);
     if TCP_FLOWS.insert(&key, &flow, 0).is_err() {

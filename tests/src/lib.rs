@@ -19,6 +19,8 @@ use std::{
 
 use nodeward::probe::cgroup_layout;
 
+pub mod net;
+
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");

@@ -1,7 +1,9 @@
 //! Loads and attaches the TCP latency programs and reads (and trims) their maps.
 //!
 //! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
-//! the node, with `AllowMultiple` so that programs other tools attached there keep running.
+//! the node. aya attaches through a BPF link on kernels ≥ 5.7, and a cgroup link always runs
+//! beside other programs there; the kernel rejects the `BPF_F_ALLOW_MULTI` flag on link
+//! creation, so the mode passed is `Single` (flags 0).
 //! Links belong to the [`aya::Ebpf`] value: dropping the [`Reader`] detaches everything.
 
 use std::{fs::File, path::Path};
@@ -88,7 +90,7 @@ impl Reader {
             .map_err(prog_err(SOCK_CREATE))?;
         create.load().map_err(prog_err(SOCK_CREATE))?;
         create
-            .attach(&root, CgroupAttachMode::AllowMultiple)
+            .attach(&root, CgroupAttachMode::Single)
             .map_err(prog_err(SOCK_CREATE))?;
         let ops: &mut SockOps = ebpf
             .program_mut(SOCK_OPS)
@@ -96,7 +98,7 @@ impl Reader {
             .try_into()
             .map_err(prog_err(SOCK_OPS))?;
         ops.load().map_err(prog_err(SOCK_OPS))?;
-        ops.attach(&root, CgroupAttachMode::AllowMultiple)
+        ops.attach(&root, CgroupAttachMode::Single)
             .map_err(prog_err(SOCK_OPS))?;
         Ok(Self { ebpf })
     }

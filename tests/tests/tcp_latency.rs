@@ -1,0 +1,265 @@
+//! TCP latency, jitter, retransmits and attribution against ground truth: two network
+//! namespaces joined by veth, each side's processes in a cgroup of their own, and an NFQUEUE
+//! delay line (this kernel has no netem) holding the client's packets for a known time.
+//!
+//! Truth is what the delay line applied (it logs every packet's delay) and what the kernel
+//! itself reports (`ss -ti`, `nstat`); never the agent's own output.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Stdio},
+    sync::Mutex,
+    time::Duration,
+};
+
+use nodeward::sources::tcp::{snapshot::WindowStats, Collector, TcpConfig, TcpSnapshot};
+use nodeward_tests::{
+    cgroup_v2_root,
+    net::{has_iptables, nstat_retrans, python_with_nfqueue, script, ss, veth, Applied, DelayLine},
+    run, skip, wait_for, Cgroup, Netns,
+};
+
+/// The tests share two cores with everything else; running them one at a time keeps the delay
+/// line's timing honest.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// What every test here needs, or the reason it cannot run.
+fn prerequisites(test: &str) -> Option<(std::path::PathBuf, String)> {
+    if !nodeward_tests::is_root() {
+        skip(test, "needs root (eBPF, cgroups, network namespaces)");
+        return None;
+    }
+    let Some(root) = cgroup_v2_root() else {
+        skip(test, "no cgroup v2 hierarchy");
+        return None;
+    };
+    if !has_iptables() {
+        skip(
+            test,
+            "iptables is not installed (apt-get install -y iptables)",
+        );
+        return None;
+    }
+    let Some(python) = python_with_nfqueue() else {
+        skip(test, "no python3 with netfilterqueue (pip install NetfilterQueue; needs libnetfilter-queue-dev)");
+        return None;
+    };
+    Some((root, python))
+}
+
+struct Net {
+    client: Netns,
+    server: Netns,
+    server_ip: String,
+}
+
+fn network(net: u8) -> Net {
+    let client = Netns::new("tcpc");
+    let server = Netns::new("tcps");
+    let (_, server_ip) = veth(&client, &server, net);
+    Net {
+        client,
+        server,
+        server_ip,
+    }
+}
+
+fn start_server(net: &Net, cgroup: &Cgroup, python: &str, ports: &[u16]) -> Child {
+    let mut cmd = net.server.command(python);
+    cmd.arg(script("pingpong.py"))
+        .arg("serve")
+        .arg(&net.server_ip);
+    cmd.args(ports.iter().map(u16::to_string));
+    let child = cgroup.spawn(cmd.stdout(Stdio::null()));
+    let listening = wait_for(Duration::from_secs(10), || {
+        let out = run(net.server.command("ss").args(["-tlnH"]));
+        ports
+            .iter()
+            .all(|p| out.contains(&format!(":{p} ")))
+            .then_some(())
+    });
+    assert!(listening.is_some(), "server did not listen on {ports:?}");
+    child
+}
+
+/// Starts a client; returns it with its local ports once all its connections are up.
+fn start_client(
+    net: &Net,
+    cgroup: &Cgroup,
+    python: &str,
+    port: u16,
+    conns: u32,
+    rounds: u32,
+    hold_s: u32,
+) -> (Child, BufReader<std::process::ChildStdout>, Vec<u16>) {
+    let mut cmd = net.client.command(python);
+    cmd.arg(script("pingpong.py"))
+        .args([
+            "client",
+            &net.server_ip,
+            &port.to_string(),
+            &conns.to_string(),
+            &rounds.to_string(),
+            "10",
+            &hold_s.to_string(),
+        ])
+        .stdout(Stdio::piped());
+    let mut child = cgroup.spawn(&mut cmd);
+    let mut out = BufReader::new(child.stdout.take().expect("client stdout"));
+    let mut ports = Vec::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).expect("read client") > 0 && line.trim() != "connected" {
+        ports.push(line.trim().parse().expect("client prints its local ports"));
+        line.clear();
+    }
+    (child, out, ports)
+}
+
+fn wait_done(out: &mut BufReader<std::process::ChildStdout>) {
+    let mut line = String::new();
+    while out.read_line(&mut line).expect("read client") > 0 {
+        if line.trim() == "done" {
+            return;
+        }
+        line.clear();
+    }
+    panic!("client ended before finishing its rounds");
+}
+
+fn collector(root: &std::path::Path) -> Collector {
+    Collector::attach(root, &TcpConfig::default(), Duration::from_secs(1))
+        .expect("TCP programs load and attach")
+}
+
+fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
+    snap.container(cgroup.id())
+        .and_then(|c| c.window("10s"))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no 10s window for cgroup {}: {snap:#?}",
+                cgroup.path.display()
+            )
+        })
+}
+
+/// Request delays the line applied towards `dport`, per client port, in order.
+fn request_delays(applied: &[Applied], dport: u16) -> Vec<(u16, Vec<f64>)> {
+    let mut by_port: Vec<(u16, Vec<f64>)> = Vec::new();
+    for a in applied.iter().filter(|a| a.dport == dport && a.len > 0) {
+        let Some(d) = a.delay_ms else { continue };
+        match by_port.iter_mut().find(|(p, _)| *p == a.sport) {
+            Some((_, v)) => v.push(d),
+            None => by_port.push((a.sport, vec![d])),
+        }
+    }
+    by_port
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// RFC 3550 jitter of each connection's delay sequence, averaged over samples, as the agent
+/// defines it; and the plain mean |Δdelay|.
+fn jitter_truth(per_conn: &[(u16, Vec<f64>)]) -> (f64, f64) {
+    let (mut sum_j, mut sum_d, mut n) = (0.0, 0.0, 0.0);
+    for (_, delays) in per_conn {
+        let mut j = 0.0;
+        for w in delays.windows(2) {
+            let d = (w[1] - w[0]).abs();
+            j += (d - j) / 16.0;
+            sum_j += j;
+            sum_d += d;
+            n += 1.0;
+        }
+    }
+    (sum_j / n, sum_d / n)
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b
+}
+
+/// With 20 ms ± 5 ms one-way delay on the client's packets, the agent's p50 RTT for the
+/// client's cgroup is within 5% of the applied delay's median, agrees with `ss -ti` for the
+/// same sockets, and its jitter is within 20% of the jitter of the applied delays.
+#[test]
+fn rtt_and_jitter_match_the_delay_line_and_ss() {
+    const TEST: &str = "rtt_and_jitter_match_the_delay_line_and_ss";
+    let Some((root, python)) = prerequisites(TEST) else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = network(91);
+    let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
+    let mut collector = collector(&root);
+    collector.tick().expect("baseline read");
+
+    let mut server = start_server(&net, &server_cg, &python, &[5001]);
+    let line = DelayLine::start(
+        &python,
+        &net.client,
+        1,
+        &["-p", "tcp", "--dport", "5001"],
+        20.0,
+        5.0,
+        0.0,
+    );
+    let (mut client, mut out, ports) = start_client(&net, &client_cg, &python, 5001, 4, 60, 30);
+    wait_done(&mut out);
+    let ss_now: Vec<_> = ss(&net.client)
+        .into_iter()
+        .filter(|s| ports.contains(&s.local_port))
+        .collect();
+    let snap = collector.tick().expect("read");
+    let _ = client.kill();
+    let _ = server.kill();
+
+    assert_eq!(
+        ss_now.len(),
+        ports.len(),
+        "ss sees every client socket: {ss_now:?}"
+    );
+    let w = window(&snap, &client_cg);
+    let truth = request_delays(&line.applied(), 5001);
+    let truth_p50 = median(truth.iter().flat_map(|t| t.1.iter().copied()).collect());
+    let ss_srtt = ss_now.iter().map(|s| s.srtt_ms).sum::<f64>() / ss_now.len() as f64;
+    let (truth_jitter, truth_absdiff) = jitter_truth(&truth);
+    eprintln!(
+        "agent p50 {:.2} ms (min {:.2} p90 {:.2} p99 {:.2} max {:.2}, {} samples, {} raw), truth p50 {truth_p50:.2} ms, ss srtt {ss_srtt:.2} ms; \
+         agent jitter {:.2} ms / mean |Δ| {:.2} ms / stddev {:.2} ms, truth jitter {truth_jitter:.2} / mean |Δ| {truth_absdiff:.2} ms",
+        w.p50_rtt_us / 1e3, w.min_rtt_us / 1e3, w.p90_rtt_us / 1e3, w.p99_rtt_us / 1e3, w.max_rtt_us / 1e3, w.samples, w.raw_samples,
+        w.jitter_us / 1e3, w.mean_abs_diff_us / 1e3, w.stddev_rtt_us / 1e3,
+    );
+    assert_eq!(
+        snap.fidelity.rtt_sample, "raw",
+        "this kernel passes each measured RTT to sock_ops"
+    );
+    assert!(
+        w.samples >= 4 * 60,
+        "one sample per request at least: {}",
+        w.samples
+    );
+    assert!(
+        rel(w.p50_rtt_us / 1e3, truth_p50) <= 0.05,
+        "p50 {} µs vs applied median {truth_p50} ms",
+        w.p50_rtt_us
+    );
+    assert!(
+        rel(w.p50_rtt_us / 1e3, ss_srtt) <= 0.10,
+        "p50 {} µs vs ss srtt {ss_srtt} ms",
+        w.p50_rtt_us
+    );
+    assert!(
+        rel(w.jitter_us / 1e3, truth_jitter) <= 0.20,
+        "jitter {} µs vs applied {truth_jitter} ms",
+        w.jitter_us
+    );
+    assert!(
+        rel(w.mean_abs_diff_us / 1e3, truth_absdiff) <= 0.20,
+        "mean |Δ| {} µs vs applied {truth_absdiff} ms",
+        w.mean_abs_diff_us
+    );
+}
