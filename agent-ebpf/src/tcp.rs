@@ -14,7 +14,7 @@ const SUB: u64 = 1 << HIST_SUB_BITS;
 /// samples land in the last bucket.
 pub const HIST_MAX_US: u64 = (1 << 27) - 1;
 /// Number of buckets: 16 exact ones for 0..16 µs, then 16 per power of two up to 2^27.
-pub const HIST_BUCKETS: u32 = ((27 - HIST_SUB_BITS + 1) * (1 << HIST_SUB_BITS)) as u32;
+pub const HIST_BUCKETS: u32 = (27 - HIST_SUB_BITS + 1) * (1 << HIST_SUB_BITS);
 
 /// floor(log2(v)) for v > 0, branch-only (no loop, no ctlz instruction on BPF).
 #[inline(always)]
@@ -106,6 +106,9 @@ pub struct CgroupTcpStats {
     pub opened_passive: u64,
     /// Established connections that closed.
     pub closed: u64,
+    /// Samples taken while a task of another cgroup was on the CPU (softirq): the ones that
+    /// attribution by `current` would have given to the wrong container.
+    pub foreign_context: u64,
 }
 
 /// Per-connection state in the `TCP_FLOWS` LRU hash, keyed by socket cookie.
@@ -158,7 +161,7 @@ pub mod drop_reason {
 }
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 12 * 8);
+const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 10 * 4);
 
 #[cfg(test)]

@@ -327,6 +327,9 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         }
         (*stats).samples += 1;
         (*stats).raw_samples += raw;
+        if bpf_get_current_cgroup_id() != cgroup_id {
+            (*stats).foreign_context += 1;
+        }
         (*stats).sum_rtt_us += rtt;
         (*stats).sum_rtt_sq += rtt * rtt;
     }

@@ -7,7 +7,8 @@ overtakes the one before it, so TCP sees no reordering: the effective delay is
 max(drawn, previous release - arrival)). Optionally drops a fraction of the packets that carry
 TCP payload, to cause retransmits.
 
-Every packet's fate is written to the log as one JSON object per line:
+Every packet's fate is written to the log as one JSON object per line, when it is released
+(the delay is the hold actually applied, measured after the verdict):
   {"sport": 40000, "dport": 5000, "len": 100, "delay_ms": 19.7}   (payload packets)
   {"sport": 40000, "dport": 5000, "len": 100, "dropped": true}
 Pure ACKs and handshakes are delayed too but logged with "len": 0.
@@ -46,8 +47,11 @@ def main():
             with cond:
                 while not heap or heap[0][0] > time.monotonic():
                     cond.wait(None if not heap else max(0.0, heap[0][0] - time.monotonic()))
-                _, _, pkt = heapq.heappop(heap)
+                _, _, arrived, meta, pkt = heapq.heappop(heap)
             pkt.accept()
+            # The hold actually applied, wake-up lateness included: that is what TCP sees.
+            meta["delay_ms"] = (time.monotonic() - arrived) * 1000.0
+            log.write(json.dumps(meta) + "\n")
 
     def on_packet(pkt):
         now = time.monotonic()
@@ -58,11 +62,10 @@ def main():
             return
         release = max(now + rng.uniform(mean - jitter, mean + jitter) / 1000.0, state["last"])
         state["last"] = release
-        log.write(json.dumps({"sport": sport, "dport": dport, "len": payload,
-                              "delay_ms": (release - now) * 1000.0}) + "\n")
+        meta = {"sport": sport, "dport": dport, "len": payload}
         with cond:
             state["seq"] += 1
-            heapq.heappush(heap, (release, state["seq"], pkt))
+            heapq.heappush(heap, (release, state["seq"], now, meta, pkt))
             cond.notify()
 
     threading.Thread(target=releaser, daemon=True).start()

@@ -47,6 +47,16 @@ fn prerequisites(test: &str) -> Option<(std::path::PathBuf, String)> {
     Some((root, python))
 }
 
+/// A child process killed and reaped when the test ends, pass or fail.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Net {
     client: Netns,
     server: Netns,
@@ -91,7 +101,7 @@ fn start_client(
     conns: u32,
     rounds: u32,
     hold_s: u32,
-) -> (Child, BufReader<std::process::ChildStdout>, Vec<u16>) {
+) -> (Proc, BufReader<std::process::ChildStdout>, Vec<u16>) {
     let mut cmd = net.client.command(python);
     cmd.arg(script("pingpong.py"))
         .args([
@@ -112,7 +122,7 @@ fn start_client(
         ports.push(line.trim().parse().expect("client prints its local ports"));
         line.clear();
     }
-    (child, out, ports)
+    (Proc(child), out, ports)
 }
 
 fn wait_done(out: &mut BufReader<std::process::ChildStdout>) {
@@ -197,7 +207,7 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
     let mut collector = collector(&root);
     collector.tick().expect("baseline read");
 
-    let mut server = start_server(&net, &server_cg, &python, &[5001]);
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5001]));
     let line = DelayLine::start(
         &python,
         &net.client,
@@ -207,15 +217,13 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         5.0,
         0.0,
     );
-    let (mut client, mut out, ports) = start_client(&net, &client_cg, &python, 5001, 4, 60, 30);
+    let (_client, mut out, ports) = start_client(&net, &client_cg, &python, 5001, 4, 60, 30);
     wait_done(&mut out);
     let ss_now: Vec<_> = ss(&net.client)
         .into_iter()
         .filter(|s| ports.contains(&s.local_port))
         .collect();
     let snap = collector.tick().expect("read");
-    let _ = client.kill();
-    let _ = server.kill();
 
     assert_eq!(
         ss_now.len(),
@@ -261,5 +269,171 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         rel(w.mean_abs_diff_us / 1e3, truth_absdiff) <= 0.20,
         "mean |Δ| {} µs vs applied {truth_absdiff} ms",
         w.mean_abs_diff_us
+    );
+}
+
+/// Two client containers behind different delays (20 ± 5 ms and 6 ± 1.5 ms) talking to a
+/// server container at the same time: each container's RTTs match its own delay line and none
+/// of the other's samples leak in, although the clients sleep between requests and their ACKs
+/// are processed in softirq while other tasks (the server, the delay line) run.
+#[test]
+fn two_containers_with_different_delays_are_told_apart() {
+    const TEST: &str = "two_containers_with_different_delays_are_told_apart";
+    let Some((root, python)) = prerequisites(TEST) else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = network(92);
+    let (server_cg, slow_cg, fast_cg) =
+        (Cgroup::new("srv"), Cgroup::new("slow"), Cgroup::new("fast"));
+    let mut collector = collector(&root);
+    collector.tick().expect("baseline read");
+
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5001, 5002]));
+    let slow_line = DelayLine::start(
+        &python,
+        &net.client,
+        2,
+        &["-p", "tcp", "--dport", "5001"],
+        20.0,
+        5.0,
+        0.0,
+    );
+    let fast_line = DelayLine::start(
+        &python,
+        &net.client,
+        3,
+        &["-p", "tcp", "--dport", "5002"],
+        6.0,
+        1.5,
+        0.0,
+    );
+    let (_slow, mut slow_out, _) = start_client(&net, &slow_cg, &python, 5001, 2, 60, 30);
+    let (_fast, mut fast_out, _) = start_client(&net, &fast_cg, &python, 5002, 2, 60, 30);
+    wait_done(&mut slow_out);
+    wait_done(&mut fast_out);
+    let snap = collector.tick().expect("read");
+
+    let (ws, wf, wsrv) = (
+        window(&snap, &slow_cg),
+        window(&snap, &fast_cg),
+        window(&snap, &server_cg),
+    );
+    let truth_slow = median(
+        request_delays(&slow_line.applied(), 5001)
+            .into_iter()
+            .flat_map(|t| t.1)
+            .collect(),
+    );
+    let truth_fast = median(
+        request_delays(&fast_line.applied(), 5002)
+            .into_iter()
+            .flat_map(|t| t.1)
+            .collect(),
+    );
+    eprintln!(
+        "slow: p50 {:.2} ms [{:.2}, {:.2}] truth {truth_slow:.2}; fast: p50 {:.2} ms [{:.2}, {:.2}] truth {truth_fast:.2}; \
+         samples in a foreign task's context: slow {} of {}, fast {} of {}",
+        ws.p50_rtt_us / 1e3, ws.min_rtt_us / 1e3, ws.max_rtt_us / 1e3,
+        wf.p50_rtt_us / 1e3, wf.min_rtt_us / 1e3, wf.max_rtt_us / 1e3,
+        ws.foreign_context_samples, ws.samples, wf.foreign_context_samples, wf.samples,
+    );
+    assert!(
+        rel(ws.p50_rtt_us / 1e3, truth_slow) <= 0.05,
+        "slow p50 {} µs vs {truth_slow} ms",
+        ws.p50_rtt_us
+    );
+    // Scheduling noise on this two-core machine weighs more against a 6 ms delay.
+    assert!(
+        rel(wf.p50_rtt_us / 1e3, truth_fast) <= 0.10,
+        "fast p50 {} µs vs {truth_fast} ms",
+        wf.p50_rtt_us
+    );
+    assert!(
+        ws.min_rtt_us >= 14_000.0,
+        "a fast sample leaked into the slow container: min {} µs",
+        ws.min_rtt_us
+    );
+    // Not the max: one late wake-up of a relay on this busy machine can stretch a fast sample.
+    assert!(
+        wf.p90_rtt_us <= 10_000.0,
+        "slow samples leaked into the fast container: p90 {} µs",
+        wf.p90_rtt_us
+    );
+    // The RTT callback is enabled at ESTABLISHED, so each container has exactly one sample
+    // per request its own client made (2 connections × 60), none of the other's.
+    assert_eq!(
+        (ws.samples, wf.samples),
+        (120, 120),
+        "samples per container"
+    );
+    assert_eq!(
+        (ws.opened, wf.opened, wsrv.opened),
+        (2, 2, 4),
+        "connections opened per container"
+    );
+    assert!(
+        ws.foreign_context_samples + wf.foreign_context_samples > 0,
+        "the test never processed an ACK in another task's context, so it proved nothing about softirq attribution"
+    );
+}
+
+/// Dropping 10% of the client's data packets: the retransmits the agent counts for the client
+/// container equal the kernel's own count (`nstat` TcpRetransSegs of the client's namespace,
+/// which holds only these sockets), and at least one per dropped packet.
+#[test]
+fn retransmits_match_the_kernels_count() {
+    const TEST: &str = "retransmits_match_the_kernels_count";
+    let Some((root, python)) = prerequisites(TEST) else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = network(93);
+    let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
+    let mut collector = collector(&root);
+    collector.tick().expect("baseline read");
+
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5003]));
+    let line = DelayLine::start(
+        &python,
+        &net.client,
+        4,
+        &["-p", "tcp", "--dport", "5003"],
+        2.0,
+        0.5,
+        0.1,
+    );
+    let before = nstat_retrans(&net.client);
+    let (mut client, _out, _) = start_client(&net, &client_cg, &python, 5003, 2, 40, 0);
+    let status = client.0.wait().expect("client runs to the end");
+    assert!(status.success(), "client failed: {status}");
+    let kernel = nstat_retrans(&net.client) - before;
+    let snap = collector.tick().expect("read");
+
+    let w = window(&snap, &client_cg);
+    let dropped = line
+        .applied()
+        .iter()
+        .filter(|a| a.delay_ms.is_none())
+        .count() as u64;
+    eprintln!(
+        "dropped {dropped}, kernel retransmits {kernel}, agent {} of {} segments (rate {:.3}), closed {}",
+        w.retrans, w.segs_out, w.retrans_rate, w.closed
+    );
+    assert!(
+        dropped > 0,
+        "the delay line dropped nothing; the test proves nothing"
+    );
+    assert!(kernel >= dropped, "kernel {kernel} < dropped {dropped}");
+    assert!(
+        w.retrans.abs_diff(kernel) <= 1,
+        "agent {} vs kernel {kernel}",
+        w.retrans
+    );
+    assert_eq!(w.closed, 2, "both connections seen closing");
+    assert!(
+        w.segs_out >= 2 * 40,
+        "every request was a segment: {}",
+        w.segs_out
     );
 }

@@ -131,6 +131,7 @@ impl Reader {
                 sum.opened_active += s.opened_active;
                 sum.opened_passive += s.opened_passive;
                 sum.closed += s.closed;
+                sum.foreign_context += s.foreign_context;
             }
             raw.stats.push((id, sum));
         }
@@ -142,12 +143,8 @@ impl Reader {
         }
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
-        for entry in flows.iter() {
-            // An entry evicted between listing and lookup reads as an error: skip it.
-            if let Ok(kv) = entry {
-                raw.flows.push(kv);
-            }
-        }
+        // An entry evicted between listing and lookup reads as an error: skip it.
+        raw.flows.extend(flows.iter().flatten());
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(DROPS)?).map_err(map_err(DROPS))?;
         for i in 0..drop_reason::COUNT {

@@ -156,6 +156,9 @@ pub struct WindowStats {
     pub retrans_rate: f64,
     pub opened: u64,
     pub closed: u64,
+    /// Samples taken in softirq while another container's task ran: proof that attribution
+    /// by the socket's cgroup mattered.
+    pub foreign_context_samples: u64,
 }
 
 #[expect(
@@ -192,6 +195,7 @@ impl WindowStats {
             retrans_rate: ratio(s.retrans, s.segs_out),
             opened: s.opened_active + s.opened_passive,
             closed: s.closed,
+            foreign_context_samples: s.foreign_context,
         }
     }
 }

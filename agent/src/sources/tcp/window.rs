@@ -131,6 +131,7 @@ fn sub(a: &CgroupTcpStats, b: &CgroupTcpStats) -> CgroupTcpStats {
         opened_active: a.opened_active.wrapping_sub(b.opened_active),
         opened_passive: a.opened_passive.wrapping_sub(b.opened_passive),
         closed: a.closed.wrapping_sub(b.closed),
+        foreign_context: a.foreign_context.wrapping_sub(b.foreign_context),
     }
 }
 
@@ -147,6 +148,7 @@ fn add(a: &mut CgroupTcpStats, b: &CgroupTcpStats) {
     a.opened_active = a.opened_active.wrapping_add(b.opened_active);
     a.opened_passive = a.opened_passive.wrapping_add(b.opened_passive);
     a.closed = a.closed.wrapping_add(b.closed);
+    a.foreign_context = a.foreign_context.wrapping_add(b.foreign_context);
 }
 
 /// Window lengths in ticks, and the bounds the tracker keeps to.
