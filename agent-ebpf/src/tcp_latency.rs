@@ -11,6 +11,14 @@
 //!   socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
 //!   whichever task happens to be on the CPU.
 //!
+//! On kernels whose `cgroup/sock_create` programs cannot use socket storage (before 5.11?
+//! the probe decides), `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage
+//! from the first packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the
+//! sender's task). A client's SYN is such a packet; an accepted socket has sent nothing at
+//! PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending") and is resolved, and its
+//! open counted, at its first callback after its first packet — always before its first RTT
+//! sample, since a sample needs data it sent.
+//!
 //! Everything read comes from the UAPI `struct bpf_sock_ops` context and helpers, so the object
 //! is the same on every kernel (no CO-RE needed).
 
@@ -25,11 +33,11 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        generated::bpf_sk_storage_get,
+        generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
     },
-    macros::{cgroup_sock, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, map, sock_ops},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
@@ -80,6 +88,11 @@ impl SkStorageClone {
     }
 }
 
+/// 1 when sock_ops programs may call `bpf_get_current_cgroup_id`; set by user space before
+/// load.
+#[unsafe(no_mangle)]
+static COUNT_FOREIGN_CONTEXT: u32 = 0;
+
 /// The cgroup v2 id of each socket, written at `socket()`.
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "SOCK_CGROUP")]
@@ -119,6 +132,40 @@ fn try_sock_create(ctx: &SockContext) -> Result<(), i64> {
     // SAFETY: non-null pointer to this socket's storage, valid for the program's run.
     unsafe { *slot = cgroup_id };
     Ok(())
+}
+
+#[cgroup_skb(egress)]
+pub fn nodeward_sock_tag_egress(ctx: SkBuffContext) -> i32 {
+    try_tag_egress(&ctx);
+    // 1 = let the packet pass: this program only observes.
+    1
+}
+
+#[inline(always)]
+fn try_tag_egress(ctx: &SkBuffContext) {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading the `sk` member of the UAPI `__sk_buff` context (nullable).
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: `sk` is a non-null socket pointer from the context; the helper returns the full
+    // socket or null (request and time-wait sockets carry no storage).
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return;
+    }
+    let slot = SOCK_CGROUP.get(full.cast(), true);
+    if slot.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage pointer; `bpf_skb_cgroup_id` reads the cgroup recorded on the
+    // skb's socket, whatever task is sending.
+    unsafe {
+        if *slot == 0 {
+            *slot = bpf_skb_cgroup_id(skb);
+        }
+    }
 }
 
 #[sock_ops]
@@ -175,21 +222,11 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
                 | BPF_SOCK_OPS_STATE_CB_FLAG
                 | BPF_SOCK_OPS_RETRANS_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
-            let Some(cgroup_id) = socket_cgroup(ctx) else {
-                count_drop(drop_reason::NO_CGROUP);
-                return Ok(());
-            };
-            let passive = op == OP_PASSIVE_ESTABLISHED;
-            new_flow(ctx, cgroup_id, passive)?;
-            if let Some(stats) = stats_for(cgroup_id) {
-                // SAFETY: per-CPU value, valid for the program's run.
-                unsafe {
-                    if passive {
-                        (*stats).opened_passive += 1;
-                    } else {
-                        (*stats).opened_active += 1;
-                    }
-                }
+            // 0 = not known yet (egress tagging, accepted socket): resolved on a later callback.
+            let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
+            let flow = new_flow(ctx, cgroup_id, op == OP_PASSIVE_ESTABLISHED)?;
+            if cgroup_id != 0 {
+                count_open(flow, cgroup_id);
             }
         }
         OP_RTT => rtt_sample(ctx)?,
@@ -205,6 +242,39 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         _ => {}
     }
     Ok(())
+}
+
+/// Counts the flow's open once, against its (now known) cgroup.
+#[inline(always)]
+fn count_open(flow: *mut FlowState, cgroup_id: u64) {
+    let Some(stats) = stats_for(cgroup_id) else {
+        return;
+    };
+    // SAFETY: `flow` and `stats` are valid map values for the program's run.
+    unsafe {
+        if (*flow).passive != 0 {
+            (*stats).opened_passive += 1;
+        } else {
+            (*stats).opened_active += 1;
+        }
+    }
+}
+
+/// The flow's cgroup, resolving a pending (0) one from the socket storage when it is there.
+#[inline(always)]
+fn flow_cgroup(ctx: &SockOpsContext, flow: *mut FlowState) -> u64 {
+    // SAFETY: valid map value.
+    let known = unsafe { (*flow).cgroup_id };
+    if known != 0 {
+        return known;
+    }
+    let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
+    if cgroup_id != 0 {
+        // SAFETY: valid map value.
+        unsafe { (*flow).cgroup_id = cgroup_id };
+        count_open(flow, cgroup_id);
+    }
+    cgroup_id
 }
 
 #[inline(always)]
@@ -293,7 +363,11 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         }
     };
     // SAFETY: `flow` is a valid LRU map value for the program's run.
-    let cgroup_id = unsafe { (*flow).cgroup_id };
+    let cgroup_id = flow_cgroup(ctx, flow);
+    if cgroup_id == 0 {
+        count_drop(drop_reason::NO_CGROUP);
+        return Ok(());
+    }
     let Some(stats) = stats_for(cgroup_id) else {
         return Ok(());
     };
@@ -327,7 +401,11 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         }
         (*stats).samples += 1;
         (*stats).raw_samples += raw;
-        if bpf_get_current_cgroup_id() != cgroup_id {
+        // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
+        // space leaves it 0 and the verifier never sees the call (dead-code pruning).
+        if core::ptr::read_volatile(&COUNT_FOREIGN_CONTEXT) != 0
+            && bpf_get_current_cgroup_id() != cgroup_id
+        {
             (*stats).foreign_context += 1;
         }
         (*stats).sum_rtt_us += rtt;
@@ -357,7 +435,13 @@ fn close_flow(ctx: &SockOpsContext) {
         return;
     };
     // SAFETY: valid map value.
-    let cgroup_id = unsafe { (*flow).cgroup_id };
+    let cgroup_id = flow_cgroup(ctx, flow);
+    if cgroup_id == 0 {
+        // Never attributed (it sent nothing): user space drops it with the closed flows.
+        // SAFETY: valid map value.
+        unsafe { (*flow).closed_ns = bpf_ktime_get_ns() };
+        return;
+    }
     let Some(stats) = stats_for(cgroup_id) else {
         return;
     };

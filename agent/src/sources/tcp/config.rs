@@ -4,11 +4,27 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// How a socket's cgroup is recorded for the sock_ops program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// `sock_create` where the kernel allows it, else `egress`.
+    Auto,
+    /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
+    /// in cgroup/sock programs, newer than 5.10).
+    SockCreate,
+    /// A `cgroup_skb/egress` program stores the cgroup of the socket that sends a packet
+    /// (works on 5.10; costs a helper call per packet sent).
+    Egress,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcpConfig {
     /// Measure TCP RTT, jitter, retransmits and connections per container (needs eBPF).
     pub enabled: bool,
+    /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
+    pub attribution: Attribution,
     /// The three sliding windows, shortest first. The maps are read every `agent.tick`.
     #[serde(with = "humantime_serde")]
     pub window_short: Duration,
@@ -31,6 +47,7 @@ impl Default for TcpConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            attribution: Attribution::Auto,
             window_short: Duration::from_secs(10),
             window_medium: Duration::from_secs(60),
             window_long: Duration::from_secs(300),

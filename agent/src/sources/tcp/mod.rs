@@ -1,13 +1,17 @@
 //! Per-container TCP round-trip time, jitter, retransmits and connection life, from eBPF.
 //!
-//! Hook chain (chosen from the start-up probe, see `docs/tcp-latency.md`):
-//! 1. `sock_ops+sk_storage`: a `cgroup/sock_create` program records each socket's cgroup in
-//!    socket-local storage (inherited by accepted sockets), and a `sock_ops` program takes every
-//!    RTT measurement (`BPF_SOCK_OPS_RTT_CB`), retransmit and state change, attributing each to
-//!    the socket's recorded cgroup. Raw per-ACK RTTs on kernels ≥ 6.10, the smoothed srtt after
-//!    each measurement before that (the snapshot's `fidelity` says which).
-//! 2. Otherwise the source reports itself unavailable with the reason (the tracepoint and
-//!    `sock_diag` fallbacks are not built yet).
+//! Hook chain (chosen from the start-up probe and `tcp.attribution`; see
+//! `docs/tcp-latency.md`). Every path takes RTT samples, retransmits and state changes in a
+//! `sock_ops` program (`BPF_SOCK_OPS_RTT_CB`: the raw RTT of each measurement on kernels
+//! ≥ 6.10, the smoothed srtt after each measurement before that; the snapshot's `fidelity`
+//! says which) and attributes them to the cgroup recorded in the socket's own storage:
+//! 1. `sock_ops+sock_create`: a `cgroup/sock_create` program records the creating task's
+//!    cgroup at `socket()`; accepted sockets inherit the listener's (`BPF_F_CLONE`).
+//! 2. `sock_ops+cgroup_skb_egress`: a `cgroup_skb/egress` program records the cgroup of the
+//!    socket that sends each first packet (5.10 kernels, whose cgroup/sock programs cannot use
+//!    socket storage).
+//! 3. Otherwise the source reports itself unavailable with the reason (a `sock_diag` polling
+//!    fallback is not built yet).
 //!
 //! The kernel aggregates (per-CPU, per-cgroup histograms and counters; per-flow state in an LRU
 //! map); this task reads the maps every `agent.tick`, keeps sliding windows, and publishes a
@@ -27,12 +31,31 @@ pub mod reader;
 pub mod snapshot;
 pub mod window;
 
-pub use config::TcpConfig;
+pub use config::{Attribution, TcpConfig};
 pub use snapshot::TcpSnapshot;
 
 pub const NAME: &str = "ebpf/tcp";
-/// The hook chain this build uses when the probe allows it.
-pub const PATH: &str = "sock_ops+sk_storage";
+
+/// The hook chain chosen for this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Record socket cgroups from egress packets instead of at `socket()`.
+    pub egress: bool,
+    /// Count samples taken while another cgroup's task ran (needs `bpf_get_current_cgroup_id`
+    /// in sock_ops, which 5.10 lacks).
+    pub count_foreign_context: bool,
+}
+
+impl Plan {
+    /// The name reported as the snapshot's `fidelity.path`.
+    pub fn path(&self) -> &'static str {
+        if self.egress {
+            "sock_ops+cgroup_skb_egress"
+        } else {
+            "sock_ops+sock_create"
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
@@ -46,8 +69,15 @@ pub enum TcpError {
     Reader(#[from] reader::ReaderError),
 }
 
-/// Checks the probe for everything the primary path needs.
-pub fn check_capabilities(caps: &Capabilities) -> Result<std::path::PathBuf, TcpError> {
+fn has_helper(caps: &Capabilities, name: &str) -> bool {
+    caps.helpers.get(name).is_some_and(|f| f.available)
+}
+
+/// Picks the hook chain from the probe and the configured attribution, or says why none fits.
+pub fn plan(
+    caps: &Capabilities,
+    attribution: Attribution,
+) -> Result<(std::path::PathBuf, Plan), TcpError> {
     if !caps.is_root {
         return Err(TcpError::NotRoot);
     }
@@ -56,31 +86,46 @@ pub fn check_capabilities(caps: &Capabilities) -> Result<std::path::PathBuf, Tcp
         .unified()
         .ok_or(TcpError::NoCgroupV2)?
         .to_path_buf();
-    for (kind, name) in [("program", "sock_ops"), ("program", "cgroup_sock")] {
-        if kind == "program" && !caps.has_program_type(name) {
-            return Err(TcpError::Missing(if name == "sock_ops" {
-                "the sock_ops program type"
-            } else {
-                "the cgroup_sock program type"
-            }));
-        }
+    if !caps.has_program_type("sock_ops") {
+        return Err(TcpError::Missing("the sock_ops program type"));
     }
-    for (helper, what) in [
-        ("sock_ops/sk_storage_get", "bpf_sk_storage_get in sock_ops"),
-        (
-            "cgroup_sock/sk_storage_get",
-            "bpf_sk_storage_get in cgroup/sock_create",
-        ),
-        (
-            "cgroup_sock/get_current_cgroup_id",
-            "bpf_get_current_cgroup_id in cgroup/sock_create",
-        ),
-    ] {
-        if !caps.helpers.get(helper).is_some_and(|f| f.available) {
-            return Err(TcpError::Missing(what));
-        }
+    if !has_helper(caps, "sock_ops/sk_storage_get") {
+        return Err(TcpError::Missing("bpf_sk_storage_get in sock_ops (5.3)"));
     }
-    Ok(root)
+    let sock_create = caps.has_program_type("cgroup_sock")
+        && has_helper(caps, "cgroup_sock/sk_storage_get")
+        && has_helper(caps, "cgroup_sock/get_current_cgroup_id");
+    let egress = caps.has_program_type("cgroup_skb")
+        && has_helper(caps, "cgroup_skb/sk_storage_get")
+        && has_helper(caps, "cgroup_skb/skb_cgroup_id");
+    let use_egress = match attribution {
+        Attribution::SockCreate if !sock_create => {
+            return Err(TcpError::Missing(
+                "socket storage in cgroup/sock_create programs",
+            ))
+        }
+        Attribution::SockCreate => false,
+        Attribution::Egress if !egress => {
+            return Err(TcpError::Missing(
+                "socket storage and skb_cgroup_id in cgroup_skb programs",
+            ))
+        }
+        Attribution::Egress => true,
+        Attribution::Auto if sock_create => false,
+        Attribution::Auto if egress => true,
+        Attribution::Auto => {
+            return Err(TcpError::Missing(
+                "socket storage in both cgroup/sock_create and cgroup_skb programs",
+            ))
+        }
+    };
+    Ok((
+        root,
+        Plan {
+            egress: use_egress,
+            count_foreign_context: has_helper(caps, "sock_ops/get_current_cgroup_id"),
+        },
+    ))
 }
 
 /// The collector without the task around it: attach, then call [`Collector::tick`]. The
@@ -96,12 +141,14 @@ impl Collector {
     pub fn attach(
         cgroup_root: &std::path::Path,
         config: &TcpConfig,
+        plan: &Plan,
         tick: Duration,
     ) -> Result<Self, TcpError> {
-        let reader = reader::Reader::attach(cgroup_root, config)?;
+        let reader = reader::Reader::attach(cgroup_root, config, plan)?;
         let tracker = window::Tracker::new(window::Limits {
             windows: config.windows(tick),
             max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
+            path: plan.path().to_owned(),
         });
         Ok(Self {
             reader,
@@ -135,9 +182,9 @@ impl Source {
         config: &Config,
         caps: &Capabilities,
     ) -> Result<(Self, watch::Receiver<Arc<TcpSnapshot>>), TcpError> {
-        let root = check_capabilities(caps)?;
-        let collector = Collector::attach(&root, &config.tcp, config.agent.tick)?;
-        tracing::info!(path = PATH, cgroup_root = %root.display(), "TCP latency programs attached");
+        let (root, plan) = plan(caps, config.tcp.attribution)?;
+        let collector = Collector::attach(&root, &config.tcp, &plan, config.agent.tick)?;
+        tracing::info!(path = plan.path(), cgroup_root = %root.display(), "TCP latency programs attached");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((
             Self {

@@ -11,16 +11,20 @@ use std::{fs::File, path::Path};
 use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSock, ProgramError, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 
 use super::{
     config::TcpConfig,
     window::{Cleanup, RawRead},
+    Plan,
 };
 
 const SOCK_CREATE: &str = "nodeward_sock_create";
+const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
 const SOCK_OPS: &str = "nodeward_tcp_sockops";
 const STATS: &str = "TCP_CGROUP_STATS";
 const HIST: &str = "TCP_RTT_HIST";
@@ -71,27 +75,46 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`.
-    pub fn attach(cgroup_root: &Path, config: &TcpConfig) -> Result<Self, ReaderError> {
+    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`,
+    /// recording socket cgroups the way `plan` says.
+    pub fn attach(
+        cgroup_root: &Path,
+        config: &TcpConfig,
+        plan: &Plan,
+    ) -> Result<Self, ReaderError> {
         let root = File::open(cgroup_root).map_err(|source| ReaderError::CgroupRoot {
             path: cgroup_root.display().to_string(),
             source,
         })?;
+        let count_foreign = u32::from(plan.count_foreign_context);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(STATS, config.max_cgroups)
             .map_max_entries(HIST, config.max_hist_entries)
             .map_max_entries(FLOWS, config.max_flows)
+            .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .load(crate::ebpf::OBJECT)?;
-        // sock_create first: a socket created between the two attachments is then recorded.
-        let create: &mut CgroupSock = ebpf
-            .program_mut(SOCK_CREATE)
-            .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
-            .try_into()
-            .map_err(prog_err(SOCK_CREATE))?;
-        create.load().map_err(prog_err(SOCK_CREATE))?;
-        create
-            .attach(&root, CgroupAttachMode::Single)
-            .map_err(prog_err(SOCK_CREATE))?;
+        // The tagging program first: a socket created between the two attachments is then
+        // still recorded.
+        if plan.egress {
+            let tag: &mut CgroupSkb = ebpf
+                .program_mut(TAG_EGRESS)
+                .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
+                .try_into()
+                .map_err(prog_err(TAG_EGRESS))?;
+            tag.load().map_err(prog_err(TAG_EGRESS))?;
+            tag.attach(&root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .map_err(prog_err(TAG_EGRESS))?;
+        } else {
+            let create: &mut CgroupSock = ebpf
+                .program_mut(SOCK_CREATE)
+                .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
+                .try_into()
+                .map_err(prog_err(SOCK_CREATE))?;
+            create.load().map_err(prog_err(SOCK_CREATE))?;
+            create
+                .attach(&root, CgroupAttachMode::Single)
+                .map_err(prog_err(SOCK_CREATE))?;
+        }
         let ops: &mut SockOps = ebpf
             .program_mut(SOCK_OPS)
             .ok_or(ReaderError::MissingProgram(SOCK_OPS))?

@@ -29,7 +29,7 @@ impl TcpSnapshot {
 /// Which hook produced the data, and so how far to trust it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Fidelity {
-    /// The hook chain in use, e.g. `sock_ops+sk_storage`.
+    /// The hook chain in use: `sock_ops+sock_create` or `sock_ops+cgroup_skb_egress`.
     pub path: String,
     /// `raw` (each RTT measurement the kernel takes), `smoothed` (the kernel's srtt after each
     /// measurement, on kernels before 6.10), `mixed`, or `none` before the first sample.
@@ -39,7 +39,10 @@ pub struct Fidelity {
 }
 
 impl Fidelity {
-    pub(super) fn from_counts<'a>(containers: impl Iterator<Item = &'a ContainerTcp>) -> Self {
+    pub(super) fn from_counts<'a>(
+        path: &str,
+        containers: impl Iterator<Item = &'a ContainerTcp>,
+    ) -> Self {
         let (mut raw, mut all) = (0, 0);
         for c in containers {
             if let Some(w) = c.windows.last() {
@@ -54,9 +57,10 @@ impl Fidelity {
             _ => "mixed",
         };
         Self {
-            path: super::PATH.to_owned(),
+            path: path.to_owned(),
             rtt_sample: rtt_sample.to_owned(),
-            attribution: "socket cgroup, recorded at socket() and inherited on accept()".to_owned(),
+            attribution: "the socket's own cgroup (socket storage), never the task in softirq"
+                .to_owned(),
         }
     }
 }

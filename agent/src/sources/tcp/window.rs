@@ -158,6 +158,8 @@ pub struct Limits {
     pub windows: Vec<(String, usize)>,
     /// Distinct exact peers per container before new ones are folded into prefixes.
     pub max_peers: usize,
+    /// The hook chain in use, reported in the snapshot's fidelity.
+    pub path: String,
 }
 
 /// Turns cumulative kernel counters into sliding-window statistics.
@@ -249,6 +251,14 @@ impl Tracker {
 
         let mut open: HashMap<u64, Vec<(PeerKey, u64)>> = HashMap::new();
         for (cookie, flow) in &raw.flows {
+            if flow.cgroup_id == 0 {
+                // Not attributed yet (an accepted socket that has sent nothing, on the egress
+                // path); it is closed, and never had a sample, if `closed_ns` is set.
+                if flow.closed_ns != 0 {
+                    cleanup.flows.push(*cookie);
+                }
+                continue;
+            }
             let prev = self.prev_flows.get(cookie).copied().unwrap_or_default();
             let peer = self.peer_key(flow.cgroup_id, flow);
             #[expect(
@@ -368,7 +378,10 @@ impl Tracker {
         }
         TcpSnapshot {
             tick: self.tick_no,
-            fidelity: super::snapshot::Fidelity::from_counts(containers.values()),
+            fidelity: super::snapshot::Fidelity::from_counts(
+                &self.limits.path,
+                containers.values(),
+            ),
             containers,
             drops: Drops::from_array(&raw.drops),
         }
