@@ -277,6 +277,17 @@ fn flow_cgroup(ctx: &SockOpsContext, flow: *mut FlowState) -> u64 {
     cgroup_id
 }
 
+/// The remote port as the wire has it (network order), from the UAPI context.
+#[inline(always)]
+fn remote_port_be(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    if cfg!(target_endian = "little") {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    }
+}
+
 #[inline(always)]
 fn cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: valid in sock_ops programs; takes the context.
@@ -290,7 +301,9 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
         // SAFETY: no preconditions.
         start_ns: unsafe { bpf_ktime_get_ns() },
         family,
-        remote_port: u32::from(u16::from_be(ctx.remote_port() as u16)),
+        // UAPI quirk (since 4.13): the network-order port sits in the upper 16 bits on
+        // little-endian hosts (the kernel loads the be16 and shifts it left by 16).
+        remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
         min_rtt_us: u32::MAX,
         passive: u32::from(passive),
         // SAFETY: UAPI context fields, valid for full sockets (every TCP callback used here).
@@ -432,9 +445,17 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
 fn close_flow(ctx: &SockOpsContext) {
     let key = cookie(ctx);
     let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) else {
+        // Evicted from the LRU map while open: still count the close, so that opened - closed
+        // stays the number of established connections (user space reports the ones it cannot
+        // see as untracked).
+        if let Some(cgroup_id) = socket_cgroup(ctx).filter(|id| *id != 0) {
+            if let Some(stats) = stats_for(cgroup_id) {
+                // SAFETY: per-CPU value.
+                unsafe { (*stats).closed += 1 };
+            }
+        }
         return;
     };
-    // SAFETY: valid map value.
     let cgroup_id = flow_cgroup(ctx, flow);
     if cgroup_id == 0 {
         // Never attributed (it sent nothing): user space drops it with the closed flows.

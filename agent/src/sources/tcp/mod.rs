@@ -157,6 +157,11 @@ impl Collector {
         })
     }
 
+    /// Entries in the kernel maps (flows, cgroups, histogram) and the tracker's own sizes.
+    pub fn footprint(&self) -> Result<(reader::MapUsage, window::TrackerFootprint), TcpError> {
+        Ok((self.reader.usage()?, self.tracker.footprint()))
+    }
+
     /// Reads the maps once, advances the windows, and returns the new snapshot.
     pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
         let raw = self.reader.read()?;

@@ -64,6 +64,14 @@ fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> ReaderError {
     move |source| ReaderError::Program { name, source }
 }
 
+/// Entries in each kernel map now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapUsage {
+    pub flows: usize,
+    pub cgroups: usize,
+    pub hist: usize,
+}
+
 pub struct Reader {
     ebpf: Ebpf,
 }
@@ -177,6 +185,21 @@ impl Reader {
             }
         }
         Ok(raw)
+    }
+
+    /// Counts the entries of each map (by walking the keys).
+    pub fn usage(&self) -> Result<MapUsage, ReaderError> {
+        let flows: BpfHashMap<&MapData, u64, FlowState> =
+            BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
+        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
+        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        Ok(MapUsage {
+            flows: flows.keys().flatten().count(),
+            cgroups: stats.keys().flatten().count(),
+            hist: hist.keys().flatten().count(),
+        })
     }
 
     /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).

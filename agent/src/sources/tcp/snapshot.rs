@@ -100,6 +100,9 @@ pub struct ContainerTcp {
     pub established: u64,
     pub established_age_max_s: f64,
     pub established_age_mean_s: f64,
+    /// Established connections (opened minus closed, from the kernel's exact counters) that
+    /// the bounded flow map does not hold, so without age or peer.
+    pub established_untracked: u64,
     pub peers: Vec<PeerTcp>,
 }
 

@@ -162,6 +162,22 @@ pub struct Limits {
     pub path: String,
 }
 
+/// Sizes of the tracker's structures; each is bounded by a map size or a config value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerFootprint {
+    /// Ticks kept (≤ the longest window in ticks).
+    pub ticks: usize,
+    /// Flows remembered from the last read (≤ `max_flows`).
+    pub flows: usize,
+    /// Cgroups and histogram entries remembered (≤ `max_cgroups`, `max_hist_entries`).
+    pub cgroups: usize,
+    pub hist_entries: usize,
+    /// Exact peers remembered for the busiest container (≤ `max_peers`).
+    pub peers_per_cgroup_max: usize,
+    /// Entries in the largest kept tick (cgroups plus (cgroup, peer) pairs).
+    pub tick_entries_max: usize,
+}
+
 /// Turns cumulative kernel counters into sliding-window statistics.
 #[derive(Debug)]
 pub struct Tracker {
@@ -188,6 +204,23 @@ impl Tracker {
             known_peers: HashMap::new(),
             last_active: HashMap::new(),
             tick_no: 0,
+        }
+    }
+
+    /// How much the tracker holds, to check its bounds.
+    pub fn footprint(&self) -> TrackerFootprint {
+        TrackerFootprint {
+            ticks: self.ring.len(),
+            flows: self.prev_flows.len(),
+            cgroups: self.prev_stats.len(),
+            hist_entries: self.prev_hist.len(),
+            peers_per_cgroup_max: self.known_peers.values().map(HashMap::len).max().unwrap_or(0),
+            tick_entries_max: self
+                .ring
+                .iter()
+                .map(|t| t.cgroups.len() + t.peers.len())
+                .max()
+                .unwrap_or(0),
         }
     }
 
@@ -372,6 +405,16 @@ impl Tracker {
                 established,
                 windows,
             });
+        }
+        for (id, s) in &self.prev_stats {
+            let expected = (s.opened_active + s.opened_passive).saturating_sub(s.closed);
+            let seen = open.get(id).map_or(0, |f| f.len() as u64);
+            if expected > seen {
+                containers
+                    .entry(*id)
+                    .or_insert_with(|| ContainerTcp::new(*id))
+                    .established_untracked = expected - seen;
+            }
         }
         for c in containers.values_mut() {
             c.cgroup_path = resolve(c.cgroup_id);
