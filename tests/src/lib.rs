@@ -20,6 +20,7 @@ use std::{
 use nodeward::probe::cgroup_layout;
 
 pub mod net;
+pub mod pingpong;
 
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {

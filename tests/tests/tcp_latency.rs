@@ -5,12 +5,7 @@
 //! Truth is what the delay line applied (it logs every packet's delay) and what the kernel
 //! itself reports (`ss -ti`, `nstat`); never the agent's own output.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Stdio},
-    sync::Mutex,
-    time::Duration,
-};
+use std::{sync::Mutex, time::Duration};
 
 use nodeward::{
     config::PathsConfig,
@@ -18,127 +13,14 @@ use nodeward::{
     sources::tcp::{plan, snapshot::WindowStats, Attribution, Collector, TcpConfig, TcpSnapshot},
 };
 use nodeward_tests::{
-    cgroup_v2_root,
-    net::{has_iptables, nstat_retrans, python_with_nfqueue, script, ss, veth, Applied, DelayLine},
-    run, skip, wait_for, Cgroup, Netns,
+    net::{nstat_retrans, ss, Applied, DelayLine},
+    pingpong::{network, prerequisites, start_client, start_server, wait_done, Proc},
+    skip, Cgroup,
 };
 
 /// The tests share two cores with everything else; running them one at a time keeps the delay
 /// line's timing honest.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// What every test here needs, or the reason it cannot run.
-fn prerequisites(test: &str) -> Option<String> {
-    if !nodeward_tests::is_root() {
-        skip(test, "needs root (eBPF, cgroups, network namespaces)");
-        return None;
-    }
-    if cgroup_v2_root().is_none() {
-        skip(test, "no cgroup v2 hierarchy");
-        return None;
-    }
-    if !has_iptables() {
-        skip(
-            test,
-            "iptables is not installed (apt-get install -y iptables)",
-        );
-        return None;
-    }
-    let Some(python) = python_with_nfqueue() else {
-        skip(test, "no python3 with netfilterqueue (pip install NetfilterQueue; needs libnetfilter-queue-dev)");
-        return None;
-    };
-    Some(python)
-}
-
-/// A child process killed and reaped when the test ends, pass or fail.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Net {
-    client: Netns,
-    server: Netns,
-    server_ip: String,
-}
-
-fn network(net: u8) -> Net {
-    let client = Netns::new("tcpc");
-    let server = Netns::new("tcps");
-    let (_, server_ip) = veth(&client, &server, net);
-    Net {
-        client,
-        server,
-        server_ip,
-    }
-}
-
-fn start_server(net: &Net, cgroup: &Cgroup, python: &str, ports: &[u16]) -> Child {
-    let mut cmd = net.server.command(python);
-    cmd.arg(script("pingpong.py"))
-        .arg("serve")
-        .arg(&net.server_ip);
-    cmd.args(ports.iter().map(u16::to_string));
-    let child = cgroup.spawn(cmd.stdout(Stdio::null()));
-    let listening = wait_for(Duration::from_secs(10), || {
-        let out = run(net.server.command("ss").args(["-tlnH"]));
-        ports
-            .iter()
-            .all(|p| out.contains(&format!(":{p} ")))
-            .then_some(())
-    });
-    assert!(listening.is_some(), "server did not listen on {ports:?}");
-    child
-}
-
-/// Starts a client; returns it with its local ports once all its connections are up.
-fn start_client(
-    net: &Net,
-    cgroup: &Cgroup,
-    python: &str,
-    port: u16,
-    conns: u32,
-    rounds: u32,
-    hold_s: u32,
-) -> (Proc, BufReader<std::process::ChildStdout>, Vec<u16>) {
-    let mut cmd = net.client.command(python);
-    cmd.arg(script("pingpong.py"))
-        .args([
-            "client",
-            &net.server_ip,
-            &port.to_string(),
-            &conns.to_string(),
-            &rounds.to_string(),
-            "10",
-            &hold_s.to_string(),
-        ])
-        .stdout(Stdio::piped());
-    let mut child = cgroup.spawn(&mut cmd);
-    let mut out = BufReader::new(child.stdout.take().expect("client stdout"));
-    let mut ports = Vec::new();
-    let mut line = String::new();
-    while out.read_line(&mut line).expect("read client") > 0 && line.trim() != "connected" {
-        ports.push(line.trim().parse().expect("client prints its local ports"));
-        line.clear();
-    }
-    (Proc(child), out, ports)
-}
-
-fn wait_done(out: &mut BufReader<std::process::ChildStdout>) {
-    let mut line = String::new();
-    while out.read_line(&mut line).expect("read client") > 0 {
-        if line.trim() == "done" {
-            return;
-        }
-        line.clear();
-    }
-    panic!("client ended before finishing its rounds");
-}
 
 /// Attaches the TCP programs the way `attribution` asks; `None` (after a skip) when this
 /// kernel cannot do it.
@@ -493,126 +375,5 @@ fn retransmits_match_the_kernels_count() {
         w.segs_out >= 2 * 40,
         "every request was a segment: {}",
         w.segs_out
-    );
-}
-
-/// 10,000 short connections and 1,000 long-lived ones from one container, with small map
-/// sizes: the kernel maps and the agent's own structures never pass their configured bounds,
-/// and the connections that did not fit are reported as untracked, not lost.
-#[test]
-fn memory_stays_within_bounds_under_connection_churn() {
-    const TEST: &str = "memory_stays_within_bounds_under_connection_churn";
-    let Some(python) = prerequisites(TEST) else {
-        return;
-    };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let net = network(95);
-    let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("churn"));
-    let config = TcpConfig {
-        max_flows: 512,
-        max_cgroups: 256,
-        max_hist_entries: 1024,
-        max_peers: 8,
-        ..TcpConfig::default()
-    };
-    let caps = Capabilities::probe(&PathsConfig::default());
-    let (root, plan) = match plan(&caps, Attribution::Auto) {
-        Ok(p) => p,
-        Err(e) => return skip(TEST, &format!("TCP programs unavailable: {e}")),
-    };
-    let mut collector = Collector::attach(&root, &config, &plan, Duration::from_secs(1))
-        .expect("TCP programs load and attach");
-    collector.tick().expect("baseline read");
-
-    let _server = Proc(start_server(&net, &server_cg, &python, &[5005]));
-    let mut cmd = net.client.command(&python);
-    cmd.arg(script("pingpong.py"))
-        .args(["churn", &net.server_ip, "5005", "1000", "10000", "60"])
-        .stdout(Stdio::piped());
-    let mut client = Proc(client_cg.spawn(&mut cmd));
-    let stdout = client.0.stdout.take().expect("client stdout");
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let mut out = BufReader::new(stdout);
-            while out.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.trim() == "done" {
-                    done.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return;
-                }
-                line.clear();
-            }
-        })
-    };
-
-    let mut worst = (0, 0, 0, 0, 0, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let snap = loop {
-        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-        let snap = collector.tick().expect("read");
-        let (maps, tracker) = collector.footprint().expect("footprint");
-        worst = (
-            worst.0.max(maps.flows),
-            worst.1.max(tracker.flows),
-            worst.2.max(tracker.peers_per_cgroup_max),
-            worst.3.max(maps.cgroups),
-            worst.4.max(maps.hist),
-            worst.5.max(tracker.ticks),
-        );
-        if finished || std::time::Instant::now() > deadline {
-            break snap;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert!(
-        done.load(std::sync::atomic::Ordering::SeqCst),
-        "churn did not finish in 90 s"
-    );
-    let _ = reader.join();
-
-    let c = snap.container(client_cg.id()).expect("client container");
-    let s = snap.container(server_cg.id()).expect("server container");
-    let (cw, sw) = (c.window("5m").expect("5m"), s.window("5m").expect("5m"));
-    eprintln!(
-        "client: opened {} closed {} established {} untracked {}; server: opened {} closed {} peers {}; \
-         worst: kernel flows {}, tracked flows {}, peers/container {}, kernel cgroups {}, hist {}, ticks {}; drops {:?}",
-        cw.opened, cw.closed, c.established, c.established_untracked, sw.opened, sw.closed, s.peers.len(),
-        worst.0, worst.1, worst.2, worst.3, worst.4, worst.5, snap.drops,
-    );
-    assert_eq!(
-        (cw.opened, cw.closed),
-        (11_000, 10_000),
-        "client opens and closes"
-    );
-    assert_eq!(
-        c.established + c.established_untracked,
-        1_000,
-        "every long-lived connection accounted for"
-    );
-    assert!(
-        c.established <= 512,
-        "more established flows than the map holds: {}",
-        c.established
-    );
-    assert!(
-        worst.0 <= 512 && worst.1 <= 512,
-        "flows past max_flows: {worst:?}"
-    );
-    assert!(worst.2 <= 8, "exact peers past max_peers: {worst:?}");
-    assert!(
-        s.peers.iter().any(|p| p.peer == "10.95.0.0/24"),
-        "the server's many client ports were not folded into a prefix: {:?}",
-        s.peers.iter().map(|p| &p.peer).collect::<Vec<_>>()
-    );
-    assert!(
-        s.peers.len() <= 8 + 2,
-        "server peers not folded into prefixes: {}",
-        s.peers.len()
-    );
-    assert!(
-        worst.3 <= 256 && worst.4 <= 1024 && worst.5 <= 300,
-        "map or window past bounds: {worst:?}"
     );
 }
