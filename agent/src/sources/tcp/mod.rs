@@ -218,3 +218,78 @@ impl Source {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::probe::{CgroupLayout, Feature};
+
+    fn caps(helpers: &[&str]) -> Capabilities {
+        let yes = |d: &str| Feature {
+            available: true,
+            detail: d.to_owned(),
+        };
+        let types = ["sock_ops", "cgroup_sock", "cgroup_skb"];
+        Capabilities {
+            kernel_release: "test".to_owned(),
+            is_root: true,
+            btf: yes("test"),
+            tracefs: None,
+            kprobes: yes("test"),
+            cgroup: CgroupLayout::V2 {
+                unified: "/sys/fs/cgroup".into(),
+            },
+            program_types: types
+                .iter()
+                .map(|t| ((*t).to_owned(), yes("loads")))
+                .collect(),
+            helpers: helpers
+                .iter()
+                .map(|h| ((*h).to_owned(), yes("available")))
+                .collect(),
+            tracepoints: BTreeMap::new(),
+            bpf_stats_enabled: yes("test"),
+        }
+    }
+
+    const SOCK_OPS: &str = "sock_ops/sk_storage_get";
+    const CREATE: [&str; 2] = [
+        "cgroup_sock/sk_storage_get",
+        "cgroup_sock/get_current_cgroup_id",
+    ];
+    const EGRESS: [&str; 2] = ["cgroup_skb/sk_storage_get", "cgroup_skb/skb_cgroup_id"];
+
+    #[test]
+    fn auto_prefers_sock_create_and_falls_back_to_egress_like_5_10() {
+        let full = caps(&[SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]]);
+        let (_, p) = plan(&full, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_ops+sock_create");
+        // 5.10: no socket storage in cgroup/sock programs, nor get_current_cgroup_id in sock_ops.
+        let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);
+        let (_, p) = plan(&old, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_ops+cgroup_skb_egress");
+        assert!(!p.count_foreign_context);
+    }
+
+    #[test]
+    fn a_forced_path_the_kernel_lacks_is_refused_with_the_reason() {
+        let old = caps(&[SOCK_OPS, EGRESS[0], EGRESS[1]]);
+        let err = plan(&old, Attribution::SockCreate).expect_err("no sock_create storage");
+        assert!(err.to_string().contains("cgroup/sock_create"), "{err}");
+        let none = caps(&[]);
+        let err = plan(&none, Attribution::Auto).expect_err("no sock_ops storage");
+        assert!(err.to_string().contains("sock_ops"), "{err}");
+    }
+
+    #[test]
+    fn cgroup_v1_only_hosts_are_refused() {
+        let mut v1 = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
+        v1.cgroup = CgroupLayout::V1;
+        assert!(matches!(
+            plan(&v1, Attribution::Auto),
+            Err(TcpError::NoCgroupV2)
+        ));
+    }
+}

@@ -214,7 +214,12 @@ impl Tracker {
             flows: self.prev_flows.len(),
             cgroups: self.prev_stats.len(),
             hist_entries: self.prev_hist.len(),
-            peers_per_cgroup_max: self.known_peers.values().map(HashMap::len).max().unwrap_or(0),
+            peers_per_cgroup_max: self
+                .known_peers
+                .values()
+                .map(HashMap::len)
+                .max()
+                .unwrap_or(0),
             tick_entries_max: self
                 .ring
                 .iter()
@@ -292,7 +297,14 @@ impl Tracker {
                 }
                 continue;
             }
-            let prev = self.prev_flows.get(cookie).copied().unwrap_or_default();
+            // A flow evicted and re-created between two reads restarts its sums: its start
+            // time tells it apart from the one remembered.
+            let prev = self
+                .prev_flows
+                .get(cookie)
+                .filter(|p| p.start_ns == flow.start_ns)
+                .copied()
+                .unwrap_or_default();
             let peer = self.peer_key(flow.cgroup_id, flow);
             #[expect(
                 clippy::cast_precision_loss,

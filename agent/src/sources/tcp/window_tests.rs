@@ -134,3 +134,25 @@ fn an_idle_cgroup_is_dropped_from_the_kernel_maps_after_the_longest_window() {
     assert_eq!(cleanup.cgroups, vec![7]);
     assert_eq!(cleanup.hist.len(), 1);
 }
+
+#[test]
+fn a_flow_recreated_under_the_same_cookie_restarts_its_sums() {
+    let mut t = Tracker::new(limits());
+    t.update(
+        read(0, vec![(1, flow(7, [10, 0, 0, 2], 80, 50))]),
+        &mut |_| None,
+    );
+    let mut again = flow(7, [10, 0, 0, 2], 80, 3);
+    again.start_ns += 1;
+    let (snap, _) = t.update(read(0, vec![(1, again)]), &mut |_| None);
+    let peer = &snap.container(7).expect("cgroup 7").peers[0];
+    let w = peer
+        .windows
+        .iter()
+        .find(|w| w.window == "2t")
+        .expect("window");
+    assert_eq!(
+        w.samples, 53,
+        "50 from the first flow, 3 from the new one, no wrap-around"
+    );
+}
