@@ -27,8 +27,9 @@ def raise_fd_limit():
 
 def serve(addr, ports):
     sel = selectors.DefaultSelector()
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     for port in ports:
-        s = socket.socket()
+        s = socket.socket(family)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((addr, port))
         s.listen(4096)

@@ -13,8 +13,9 @@ use crate::{
     run, skip, wait_for, Cgroup, Netns,
 };
 
-/// What the TCP tests need, or the reason it cannot run.
-pub fn prerequisites(test: &str) -> Option<String> {
+/// What every TCP test needs (root, cgroup v2, python3), or the reason it cannot run; returns
+/// the interpreter.
+pub fn prerequisites_without_delay_line(test: &str) -> Option<String> {
     if !crate::is_root() {
         skip(test, "needs root (eBPF, cgroups, network namespaces)");
         return None;
@@ -23,6 +24,22 @@ pub fn prerequisites(test: &str) -> Option<String> {
         skip(test, "no cgroup v2 hierarchy");
         return None;
     }
+    let has_python = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_python {
+        skip(test, "python3 is not installed");
+        return None;
+    }
+    Some("python3".to_owned())
+}
+
+/// What the tests with a delay line need besides: iptables and a python3 with
+/// `netfilterqueue`; returns that interpreter.
+pub fn prerequisites(test: &str) -> Option<String> {
+    prerequisites_without_delay_line(test)?;
     if !has_iptables() {
         skip(
             test,

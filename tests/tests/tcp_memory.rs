@@ -15,7 +15,7 @@ use nodeward::{
 };
 use nodeward_tests::{
     net::script,
-    pingpong::{network, prerequisites, start_server, Proc},
+    pingpong::{network, prerequisites_without_delay_line, start_server, Proc},
     skip, Cgroup,
 };
 
@@ -25,7 +25,7 @@ use nodeward_tests::{
 #[test]
 fn memory_stays_within_bounds_under_connection_churn() {
     const TEST: &str = "memory_stays_within_bounds_under_connection_churn";
-    let Some(python) = prerequisites(TEST) else {
+    let Some(python) = prerequisites_without_delay_line(TEST) else {
         return;
     };
     let net = network(95);
@@ -137,4 +137,61 @@ fn memory_stays_within_bounds_under_connection_churn() {
         worst.3 <= 256 && worst.4 <= 1024 && worst.5 <= 300,
         "map or window past bounds: {worst:?}"
     );
+}
+
+/// IPv6 connections over loopback in a namespace of their own: the client container's peer is
+/// the server's IPv6 address and port, with one sample per request, and the server container
+/// counts the accepted connections (no delay line needed).
+#[test]
+fn ipv6_connections_are_measured_per_peer() {
+    const TEST: &str = "ipv6_connections_are_measured_per_peer";
+    let Some(python) = prerequisites_without_delay_line(TEST) else {
+        return;
+    };
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = match plan(&caps, Attribution::Auto) {
+        Ok(p) => p,
+        Err(e) => return skip(TEST, &format!("TCP programs unavailable: {e}")),
+    };
+    let ns = nodeward_tests::Netns::new("tcp6");
+    let (server_cg, client_cg) = (Cgroup::new("srv6"), Cgroup::new("cli6"));
+    let mut collector =
+        Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
+            .expect("TCP programs load and attach");
+    collector.tick().expect("baseline read");
+
+    let mut serve = ns.command(&python);
+    serve
+        .arg(script("pingpong.py"))
+        .args(["serve", "::1", "5006"]);
+    let _server = Proc(server_cg.spawn(serve.stdout(Stdio::null())));
+    let listening = nodeward_tests::wait_for(Duration::from_secs(10), || {
+        let out = nodeward_tests::run(ns.command("ss").args(["-tlnH"]));
+        out.contains("[::1]:5006").then_some(())
+    });
+    if listening.is_none() {
+        return skip(TEST, "no IPv6 loopback in a new network namespace");
+    }
+    let mut cmd = ns.command(&python);
+    cmd.arg(script("pingpong.py"))
+        .args(["client", "::1", "5006", "2", "20", "0", "0"])
+        .stdout(Stdio::null());
+    let status = client_cg.spawn(&mut cmd).wait().expect("client runs");
+    assert!(status.success(), "client failed: {status}");
+    let snap = collector.tick().expect("read");
+
+    let c = snap.container(client_cg.id()).expect("client container");
+    let peer = c.peers.iter().find(|p| p.peer == "[::1]:5006");
+    let peer = peer.unwrap_or_else(|| panic!("no [::1]:5006 peer: {:?}", c.peers));
+    let samples: u64 = peer.windows.first().map_or(0, |w| w.samples);
+    // One per request, plus at most one per connection for the ACK of its FIN.
+    assert!(
+        (40..=42).contains(&samples),
+        "one sample per request: {samples}"
+    );
+    let opened = snap
+        .container(server_cg.id())
+        .and_then(|s| s.window("10s"))
+        .map_or(0, |w| w.opened);
+    assert_eq!(opened, 2, "the server container accepted both connections");
 }
