@@ -32,7 +32,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
     },
     macros::{cgroup_skb, cgroup_sock, map, sock_ops},
@@ -92,6 +92,11 @@ impl SkStorageClone {
 /// load.
 #[unsafe(no_mangle)]
 static COUNT_FOREIGN_CONTEXT: u32 = 0;
+
+/// 1 to key everything by the socket's network-namespace cookie instead of its cgroup (hosts
+/// with cgroup v1 only); set by user space before load.
+#[unsafe(no_mangle)]
+static KEY_BY_NETNS: u32 = 0;
 
 /// The cgroup v2 id of each socket, written at `socket()`.
 #[unsafe(link_section = ".maps")]
@@ -182,9 +187,16 @@ fn count_drop(reason: u32) {
     }
 }
 
-/// The socket's recorded cgroup, if `sock_create` saw the socket.
+/// The socket's recorded cgroup, if `sock_create` saw the socket; on cgroup-v1 hosts, where
+/// every socket sits in the one cgroup2 root, its network namespace's cookie instead.
 #[inline(always)]
 fn socket_cgroup(ctx: &SockOpsContext) -> Option<u64> {
+    // SAFETY: a volatile read of a read-only global set before load.
+    if unsafe { core::ptr::read_volatile(&KEY_BY_NETNS) } != 0 {
+        // SAFETY: the helper takes the sock_ops context; the namespace is the socket's own,
+        // whatever task runs. Pruned by the verifier when the global is 0.
+        return Some(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) });
+    }
     // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
     // nullable socket pointer and the null check below is what it requires.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };

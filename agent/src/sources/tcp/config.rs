@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribution {
-    /// `sock_create` where the kernel allows it, else `egress`.
+    /// `sock_create` where the kernel allows it, else `egress`; `netns` on cgroup-v1 hosts.
     Auto,
     /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
     /// in cgroup/sock programs, newer than 5.10).
@@ -16,6 +16,10 @@ pub enum Attribution {
     /// A `cgroup_skb/egress` program stores the cgroup of the socket that sends a packet
     /// (works on 5.10; costs a helper call per packet sent).
     Egress,
+    /// Key by the socket's network namespace instead of its cgroup: what `auto` uses on hosts
+    /// with cgroup v1 only, where every socket sits in the one cgroup2 root (pods still have a
+    /// namespace each).
+    Netns,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

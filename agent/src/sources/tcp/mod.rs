@@ -10,7 +10,9 @@
 //! 2. `sock_ops+cgroup_skb_egress`: a `cgroup_skb/egress` program records the cgroup of the
 //!    socket that sends each first packet (5.10 kernels, whose cgroup/sock programs cannot use
 //!    socket storage).
-//! 3. Otherwise the source reports itself unavailable with the reason (a `sock_diag` polling
+//! 3. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
+//!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
+//! 4. Otherwise the source reports itself unavailable with the reason (a `sock_diag` polling
 //!    fallback is not built yet).
 //!
 //! The kernel aggregates (per-CPU, per-cgroup histograms and counters; per-flow state in an LRU
@@ -36,23 +38,51 @@ pub use snapshot::TcpSnapshot;
 
 pub const NAME: &str = "ebpf/tcp";
 
+/// Where the fallback mounts a cgroup2 hierarchy on cgroup-v1 hosts: sock_ops programs attach
+/// to a cgroup2 directory even when every socket lives in its root.
+pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/nodeward/cgroup2";
+
+/// How sockets are tied to their container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorder {
+    /// cgroup recorded at `socket()` by a `cgroup/sock_create` program.
+    SockCreate,
+    /// cgroup recorded from each socket's first packet by a `cgroup_skb/egress` program.
+    Egress,
+    /// No recording: keyed by the socket's network-namespace cookie.
+    Netns,
+}
+
 /// The hook chain chosen for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Record socket cgroups from egress packets instead of at `socket()`.
-    pub egress: bool,
+    pub recorder: Recorder,
     /// Count samples taken while another cgroup's task ran (needs `bpf_get_current_cgroup_id`
-    /// in sock_ops, which 5.10 lacks).
+    /// in sock_ops, which 5.10 lacks; meaningless when keyed by namespace).
     pub count_foreign_context: bool,
+    /// Mount a cgroup2 hierarchy at the attach point first (cgroup-v1 hosts).
+    pub mount_cgroup2: bool,
 }
 
 impl Plan {
     /// The name reported as the snapshot's `fidelity.path`.
     pub fn path(&self) -> &'static str {
-        if self.egress {
-            "sock_ops+cgroup_skb_egress"
-        } else {
-            "sock_ops+sock_create"
+        match self.recorder {
+            Recorder::SockCreate => "sock_ops+sock_create",
+            Recorder::Egress => "sock_ops+cgroup_skb_egress",
+            Recorder::Netns => "sock_ops+netns_cookie",
+        }
+    }
+
+    /// What the snapshot's ids are.
+    pub fn attribution(&self) -> &'static str {
+        match self.recorder {
+            Recorder::SockCreate | Recorder::Egress => {
+                "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
+            }
+            Recorder::Netns => {
+                "network-namespace cookie of the socket (cgroup v1 host: ids are not cgroups)"
+            }
         }
     }
 }
@@ -61,10 +91,12 @@ impl Plan {
 pub enum TcpError {
     #[error("not running as root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are needed)")]
     NotRoot,
-    #[error("no cgroup v2 hierarchy: socket cgroups cannot be recorded (the v1 network-namespace fallback is not built yet)")]
+    #[error("no cgroup v2 hierarchy: socket cgroups cannot be recorded (use attribution = \"netns\" or \"auto\")")]
     NoCgroupV2,
     #[error("kernel lacks {0}, needed by the sock_ops+sk_storage path (kernel ≥ 5.11)")]
     Missing(&'static str),
+    #[error("cannot mount a cgroup2 hierarchy at {0} to attach to: {1}")]
+    Mount(String, std::io::Error),
     #[error(transparent)]
     Reader(#[from] reader::ReaderError),
 }
@@ -74,6 +106,7 @@ fn has_helper(caps: &Capabilities, name: &str) -> bool {
 }
 
 /// Picks the hook chain from the probe and the configured attribution, or says why none fits.
+/// Returns the cgroup2 directory to attach to.
 pub fn plan(
     caps: &Capabilities,
     attribution: Attribution,
@@ -81,51 +114,104 @@ pub fn plan(
     if !caps.is_root {
         return Err(TcpError::NotRoot);
     }
-    let root = caps
-        .cgroup
-        .unified()
-        .ok_or(TcpError::NoCgroupV2)?
-        .to_path_buf();
     if !caps.has_program_type("sock_ops") {
         return Err(TcpError::Missing("the sock_ops program type"));
     }
     if !has_helper(caps, "sock_ops/sk_storage_get") {
         return Err(TcpError::Missing("bpf_sk_storage_get in sock_ops (5.3)"));
     }
+    let netns = has_helper(caps, "sock_ops/get_netns_cookie");
+    let Some(root) = caps.cgroup.unified().map(std::path::Path::to_path_buf) else {
+        // cgroup v1 only (or unknown): every socket sits in the cgroup2 root, so only the
+        // network namespace tells pods apart.
+        if !matches!(attribution, Attribution::Auto | Attribution::Netns) {
+            return Err(TcpError::NoCgroupV2);
+        }
+        if !netns {
+            return Err(TcpError::Missing(
+                "bpf_get_netns_cookie in sock_ops (cgroup-v1 fallback)",
+            ));
+        }
+        let plan = Plan {
+            recorder: Recorder::Netns,
+            count_foreign_context: false,
+            mount_cgroup2: true,
+        };
+        return Ok((CGROUP2_FALLBACK_MOUNT.into(), plan));
+    };
     let sock_create = caps.has_program_type("cgroup_sock")
         && has_helper(caps, "cgroup_sock/sk_storage_get")
         && has_helper(caps, "cgroup_sock/get_current_cgroup_id");
     let egress = caps.has_program_type("cgroup_skb")
         && has_helper(caps, "cgroup_skb/sk_storage_get")
         && has_helper(caps, "cgroup_skb/skb_cgroup_id");
-    let use_egress = match attribution {
+    let recorder = match attribution {
         Attribution::SockCreate if !sock_create => {
             return Err(TcpError::Missing(
                 "socket storage in cgroup/sock_create programs",
             ))
         }
-        Attribution::SockCreate => false,
         Attribution::Egress if !egress => {
             return Err(TcpError::Missing(
                 "socket storage and skb_cgroup_id in cgroup_skb programs",
             ))
         }
-        Attribution::Egress => true,
-        Attribution::Auto if sock_create => false,
-        Attribution::Auto if egress => true,
+        Attribution::Netns if !netns => {
+            return Err(TcpError::Missing("bpf_get_netns_cookie in sock_ops"))
+        }
+        Attribution::SockCreate => Recorder::SockCreate,
+        Attribution::Egress => Recorder::Egress,
+        Attribution::Netns => Recorder::Netns,
+        Attribution::Auto if sock_create => Recorder::SockCreate,
+        Attribution::Auto if egress => Recorder::Egress,
         Attribution::Auto => {
             return Err(TcpError::Missing(
                 "socket storage in both cgroup/sock_create and cgroup_skb programs",
             ))
         }
     };
-    Ok((
-        root,
-        Plan {
-            egress: use_egress,
-            count_foreign_context: has_helper(caps, "sock_ops/get_current_cgroup_id"),
-        },
-    ))
+    let plan = Plan {
+        recorder,
+        count_foreign_context: recorder != Recorder::Netns
+            && has_helper(caps, "sock_ops/get_current_cgroup_id"),
+        mount_cgroup2: false,
+    };
+    Ok((root, plan))
+}
+
+/// Mounts a cgroup2 hierarchy at `at` unless one is there already.
+fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
+    if crate::probe::cgroup_layout(at)
+        == (crate::probe::CgroupLayout::V2 {
+            unified: at.to_path_buf(),
+        })
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(at).map_err(|e| TcpError::Mount(at.display().to_string(), e))?;
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| {
+        TcpError::Mount(
+            at.display().to_string(),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            path.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(TcpError::Mount(
+            at.display().to_string(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// The collector without the task around it: attach, then call [`Collector::tick`]. The
@@ -144,16 +230,23 @@ impl Collector {
         plan: &Plan,
         tick: Duration,
     ) -> Result<Self, TcpError> {
+        if plan.mount_cgroup2 {
+            ensure_cgroup2(cgroup_root)?;
+        }
         let reader = reader::Reader::attach(cgroup_root, config, plan)?;
         let tracker = window::Tracker::new(window::Limits {
             windows: config.windows(tick),
             max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
             path: plan.path().to_owned(),
+            attribution: plan.attribution().to_owned(),
         });
         Ok(Self {
             reader,
             tracker,
-            paths: cgroup_path::CgroupPaths::new(Some(cgroup_root.to_path_buf())),
+            // Namespace cookies are not cgroup inodes: nothing to resolve.
+            paths: cgroup_path::CgroupPaths::new(
+                (plan.recorder != Recorder::Netns).then(|| cgroup_root.to_path_buf()),
+            ),
         })
     }
 
@@ -274,6 +367,19 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_v1_hosts_fall_back_to_network_namespaces_on_a_mounted_cgroup2() {
+        let mut v1 = caps(&[SOCK_OPS, "sock_ops/get_netns_cookie"]);
+        v1.cgroup = CgroupLayout::V1;
+        let (root, p) = plan(&v1, Attribution::Auto).expect("plan");
+        assert_eq!((p.path(), p.mount_cgroup2), ("sock_ops+netns_cookie", true));
+        assert_eq!(root, std::path::PathBuf::from(CGROUP2_FALLBACK_MOUNT));
+        assert!(matches!(
+            plan(&v1, Attribution::Egress),
+            Err(TcpError::NoCgroupV2)
+        ));
+    }
+
+    #[test]
     fn a_forced_path_the_kernel_lacks_is_refused_with_the_reason() {
         let old = caps(&[SOCK_OPS, EGRESS[0], EGRESS[1]]);
         let err = plan(&old, Attribution::SockCreate).expect_err("no sock_create storage");
@@ -284,12 +390,10 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_v1_only_hosts_are_refused() {
+    fn cgroup_v1_hosts_without_netns_cookies_are_refused_with_the_reason() {
         let mut v1 = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
         v1.cgroup = CgroupLayout::V1;
-        assert!(matches!(
-            plan(&v1, Attribution::Auto),
-            Err(TcpError::NoCgroupV2)
-        ));
+        let err = plan(&v1, Attribution::Auto).expect_err("no netns cookie");
+        assert!(err.to_string().contains("netns"), "{err}");
     }
 }

@@ -20,7 +20,7 @@ use aya::{
 use super::{
     config::TcpConfig,
     window::{Cleanup, RawRead},
-    Plan,
+    Plan, Recorder,
 };
 
 const SOCK_CREATE: &str = "nodeward_sock_create";
@@ -95,15 +95,17 @@ impl Reader {
             source,
         })?;
         let count_foreign = u32::from(plan.count_foreign_context);
+        let key_by_netns = u32::from(plan.recorder == Recorder::Netns);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(STATS, config.max_cgroups)
             .map_max_entries(HIST, config.max_hist_entries)
             .map_max_entries(FLOWS, config.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
+            .override_global("KEY_BY_NETNS", &key_by_netns, true)
             .load(crate::ebpf::OBJECT)?;
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.
-        if plan.egress {
+        if plan.recorder == Recorder::Egress {
             let tag: &mut CgroupSkb = ebpf
                 .program_mut(TAG_EGRESS)
                 .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
@@ -112,7 +114,7 @@ impl Reader {
             tag.load().map_err(prog_err(TAG_EGRESS))?;
             tag.attach(&root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                 .map_err(prog_err(TAG_EGRESS))?;
-        } else {
+        } else if plan.recorder == Recorder::SockCreate {
             let create: &mut CgroupSock = ebpf
                 .program_mut(SOCK_CREATE)
                 .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?

@@ -29,18 +29,21 @@ impl TcpSnapshot {
 /// Which hook produced the data, and so how far to trust it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Fidelity {
-    /// The hook chain in use: `sock_ops+sock_create` or `sock_ops+cgroup_skb_egress`.
+    /// The hook chain in use: `sock_ops+sock_create`, `sock_ops+cgroup_skb_egress` or
+    /// `sock_ops+netns_cookie`.
     pub path: String,
     /// `raw` (each RTT measurement the kernel takes), `smoothed` (the kernel's srtt after each
     /// measurement, on kernels before 6.10), `mixed`, or `none` before the first sample.
     pub rtt_sample: String,
-    /// How samples are attributed to containers.
+    /// How samples are attributed to containers, and so what the ids in `containers` are
+    /// (cgroup v2 ids, or network-namespace cookies on cgroup-v1 hosts).
     pub attribution: String,
 }
 
 impl Fidelity {
     pub(super) fn from_counts<'a>(
         path: &str,
+        attribution: &str,
         containers: impl Iterator<Item = &'a ContainerTcp>,
     ) -> Self {
         let (mut raw, mut all) = (0, 0);
@@ -59,8 +62,7 @@ impl Fidelity {
         Self {
             path: path.to_owned(),
             rtt_sample: rtt_sample.to_owned(),
-            attribution: "the socket's own cgroup (socket storage), never the task in softirq"
-                .to_owned(),
+            attribution: attribution.to_owned(),
         }
     }
 }

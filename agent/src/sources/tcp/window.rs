@@ -158,8 +158,9 @@ pub struct Limits {
     pub windows: Vec<(String, usize)>,
     /// Distinct exact peers per container before new ones are folded into prefixes.
     pub max_peers: usize,
-    /// The hook chain in use, reported in the snapshot's fidelity.
+    /// The hook chain in use and what ids mean, reported in the snapshot's fidelity.
     pub path: String,
+    pub attribution: String,
 }
 
 /// Sizes of the tracker's structures; each is bounded by a map size or a config value.
@@ -435,6 +436,7 @@ impl Tracker {
             tick: self.tick_no,
             fidelity: super::snapshot::Fidelity::from_counts(
                 &self.limits.path,
+                &self.limits.attribution,
                 containers.values(),
             ),
             containers,

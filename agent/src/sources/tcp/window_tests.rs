@@ -9,6 +9,7 @@ fn limits() -> Limits {
         windows: vec![("2t".to_owned(), 2), ("4t".to_owned(), 4)],
         max_peers: 2,
         path: "test".to_owned(),
+        attribution: "test".to_owned(),
     }
 }
 
