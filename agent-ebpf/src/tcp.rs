@@ -134,8 +134,6 @@ pub struct FlowState {
     pub last_rtt_us: u32,
     /// RFC 3550 jitter of this connection, times 16 (µs).
     pub jitter16_us: u32,
-    pub min_rtt_us: u32,
-    pub max_rtt_us: u32,
     /// `total_retrans` and `segs_out` as last seen, to take deltas.
     pub seen_total_retrans: u32,
     pub seen_segs_out: u32,
@@ -162,7 +160,7 @@ pub mod drop_reason {
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 10 * 4);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 8 * 4);
 
 #[cfg(test)]
 mod tests {

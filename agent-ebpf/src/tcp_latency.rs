@@ -316,7 +316,6 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
         // UAPI quirk (since 4.13): the network-order port sits in the upper 16 bits on
         // little-endian hosts (the kernel loads the be16 and shifts it left by 16).
         remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
-        min_rtt_us: u32::MAX,
         passive: u32::from(passive),
         // SAFETY: UAPI context fields, valid for full sockets (every TCP callback used here).
         seen_total_retrans: unsafe { (*ctx.ops).total_retrans },
@@ -418,12 +417,6 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         (*flow).samples += 1;
         (*flow).sum_rtt_us += rtt;
         (*flow).sum_rtt_sq += rtt * rtt;
-        if rtt_us < (*flow).min_rtt_us {
-            (*flow).min_rtt_us = rtt_us;
-        }
-        if rtt_us > (*flow).max_rtt_us {
-            (*flow).max_rtt_us = rtt_us;
-        }
         (*stats).samples += 1;
         (*stats).raw_samples += raw;
         // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
