@@ -310,10 +310,20 @@ fn told_apart(test: &str, attribution: Attribution, subnet: u8) {
         (2, 2, 4),
         "connections opened per container"
     );
-    assert!(
-        ws.foreign_context_samples + wf.foreign_context_samples > 0,
-        "the test never processed an ACK in another task's context, so it proved nothing about softirq attribution"
-    );
+    // Only kernels that let sock_ops read the current cgroup can say whose context it was.
+    let caps = Capabilities::probe(&PathsConfig::default());
+    if caps
+        .helpers
+        .get("sock_ops/get_current_cgroup_id")
+        .is_some_and(|f| f.available)
+    {
+        assert!(
+            ws.foreign_context_samples + wf.foreign_context_samples > 0,
+            "the test never processed an ACK in another task's context, so it proved nothing about softirq attribution"
+        );
+    } else {
+        eprintln!("{test}: this kernel cannot tell whose context a sample ran in; not checked");
+    }
 }
 
 /// Dropping 10% of the client's data packets: the retransmits the agent counts for the client
