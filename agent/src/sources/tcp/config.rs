@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribution {
-    /// `sock_create` where the kernel allows it, else `egress`; `netns` on cgroup-v1 hosts.
+    /// `sock_create` where the kernel allows it, else `egress`; `netns` on cgroup-v1 hosts;
+    /// `sock_diag` where no eBPF path fits.
     Auto,
     /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
     /// in cgroup/sock programs, newer than 5.10).
@@ -20,6 +21,9 @@ pub enum Attribution {
     /// with cgroup v1 only, where every socket sits in the one cgroup2 root (pods still have a
     /// namespace each).
     Netns,
+    /// No eBPF: poll every network namespace's sockets through netlink sock_diag each tick
+    /// (smoothed RTT only, connections shorter than a tick unseen); `auto` falls back to it.
+    SockDiag,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

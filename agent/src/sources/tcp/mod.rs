@@ -19,20 +19,18 @@
 //! map); this task reads the maps every `agent.tick`, keeps sliding windows, and publishes a
 //! [`TcpSnapshot`] on a `watch` channel for the API.
 
-use std::{sync::Arc, time::Duration};
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
-use crate::{config::Config, probe::Capabilities};
+use crate::probe::Capabilities;
 
 pub mod cgroup_path;
+mod collector;
 pub mod config;
+pub mod diag;
 pub mod hist;
 pub mod reader;
 pub mod snapshot;
 pub mod window;
 
+pub use collector::{Collector, Source};
 pub use config::{Attribution, TcpConfig};
 pub use snapshot::TcpSnapshot;
 
@@ -51,6 +49,8 @@ pub enum Recorder {
     Egress,
     /// No recording: keyed by the socket's network-namespace cookie.
     Netns,
+    /// No eBPF at all: every namespace's sockets polled through netlink sock_diag.
+    SockDiag,
 }
 
 /// The hook chain chosen for this node.
@@ -62,6 +62,8 @@ pub struct Plan {
     pub count_foreign_context: bool,
     /// Mount a cgroup2 hierarchy at the attach point first (cgroup-v1 hosts).
     pub mount_cgroup2: bool,
+    /// Where the sock_diag poller finds the node's processes (their network namespaces).
+    pub proc_root: std::path::PathBuf,
 }
 
 impl Plan {
@@ -71,6 +73,7 @@ impl Plan {
             Recorder::SockCreate => "sock_ops+sock_create",
             Recorder::Egress => "sock_ops+cgroup_skb_egress",
             Recorder::Netns => "sock_ops+netns_cookie",
+            Recorder::SockDiag => "sock_diag_poll",
         }
     }
 
@@ -82,6 +85,9 @@ impl Plan {
             }
             Recorder::Netns => {
                 "network-namespace cookie of the socket (cgroup v1 host: ids are not cgroups)"
+            }
+            Recorder::SockDiag => {
+                "cgroup v2 id of the socket (INET_DIAG_CGROUP_ID); one srtt sample per socket per tick"
             }
         }
     }
@@ -106,8 +112,42 @@ fn has_helper(caps: &Capabilities, name: &str) -> bool {
 }
 
 /// Picks the hook chain from the probe and the configured attribution, or says why none fits.
-/// Returns the cgroup2 directory to attach to.
+/// Returns the cgroup2 directory to attach to. With `auto`, a node where no eBPF path fits
+/// falls back to polling sock_diag, and the reason is logged.
 pub fn plan(
+    caps: &Capabilities,
+    attribution: Attribution,
+) -> Result<(std::path::PathBuf, Plan), TcpError> {
+    if attribution == Attribution::SockDiag {
+        return sock_diag_plan(caps);
+    }
+    match ebpf_plan(caps, attribution) {
+        Err(reason) if attribution == Attribution::Auto && caps.is_root => {
+            tracing::warn!(%reason, "no eBPF hook fits this kernel; polling sock_diag instead");
+            sock_diag_plan(caps)
+        }
+        other => other,
+    }
+}
+
+fn sock_diag_plan(caps: &Capabilities) -> Result<(std::path::PathBuf, Plan), TcpError> {
+    if !caps.is_root {
+        return Err(TcpError::NotRoot);
+    }
+    let root = caps.cgroup.unified().map_or_else(
+        || std::path::PathBuf::from("/"),
+        std::path::Path::to_path_buf,
+    );
+    let plan = Plan {
+        recorder: Recorder::SockDiag,
+        count_foreign_context: false,
+        mount_cgroup2: false,
+        proc_root: "/proc".into(),
+    };
+    Ok((root, plan))
+}
+
+fn ebpf_plan(
     caps: &Capabilities,
     attribution: Attribution,
 ) -> Result<(std::path::PathBuf, Plan), TcpError> {
@@ -136,6 +176,7 @@ pub fn plan(
             recorder: Recorder::Netns,
             count_foreign_context: false,
             mount_cgroup2: true,
+            proc_root: "/proc".into(),
         };
         return Ok((CGROUP2_FALLBACK_MOUNT.into(), plan));
     };
@@ -159,6 +200,7 @@ pub fn plan(
         Attribution::Netns if !netns => {
             return Err(TcpError::Missing("bpf_get_netns_cookie in sock_ops"))
         }
+        Attribution::SockDiag => Recorder::SockDiag,
         Attribution::SockCreate => Recorder::SockCreate,
         Attribution::Egress => Recorder::Egress,
         Attribution::Netns => Recorder::Netns,
@@ -175,12 +217,13 @@ pub fn plan(
         count_foreign_context: recorder != Recorder::Netns
             && has_helper(caps, "sock_ops/get_current_cgroup_id"),
         mount_cgroup2: false,
+        proc_root: "/proc".into(),
     };
     Ok((root, plan))
 }
 
 /// Mounts a cgroup2 hierarchy at `at` unless one is there already.
-fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
+pub(crate) fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
     if crate::probe::cgroup_layout(at)
         == (crate::probe::CgroupLayout::V2 {
             unified: at.to_path_buf(),
@@ -212,104 +255,6 @@ fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
         ));
     }
     Ok(())
-}
-
-/// The collector without the task around it: attach, then call [`Collector::tick`]. The
-/// integration tests drive it directly.
-#[derive(Debug)]
-pub struct Collector {
-    reader: reader::Reader,
-    tracker: window::Tracker,
-    paths: cgroup_path::CgroupPaths,
-}
-
-impl Collector {
-    pub fn attach(
-        cgroup_root: &std::path::Path,
-        config: &TcpConfig,
-        plan: &Plan,
-        tick: Duration,
-    ) -> Result<Self, TcpError> {
-        if plan.mount_cgroup2 {
-            ensure_cgroup2(cgroup_root)?;
-        }
-        let reader = reader::Reader::attach(cgroup_root, config, plan)?;
-        let tracker = window::Tracker::new(window::Limits {
-            windows: config.windows(tick),
-            max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
-            path: plan.path().to_owned(),
-            attribution: plan.attribution().to_owned(),
-        });
-        Ok(Self {
-            reader,
-            tracker,
-            // Namespace cookies are not cgroup inodes: nothing to resolve.
-            paths: cgroup_path::CgroupPaths::new(
-                (plan.recorder != Recorder::Netns).then(|| cgroup_root.to_path_buf()),
-            ),
-        })
-    }
-
-    /// Entries in the kernel maps (flows, cgroups, histogram) and the tracker's own sizes.
-    pub fn footprint(&self) -> Result<(reader::MapUsage, window::TrackerFootprint), TcpError> {
-        Ok((self.reader.usage()?, self.tracker.footprint()))
-    }
-
-    /// Reads the maps once, advances the windows, and returns the new snapshot.
-    pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
-        let raw = self.reader.read()?;
-        let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
-        self.paths.next_tick(&live);
-        let paths = &mut self.paths;
-        let (snapshot, cleanup) = self.tracker.update(raw, &mut |id| paths.resolve(id));
-        self.reader.clean(&cleanup)?;
-        Ok(snapshot)
-    }
-}
-
-pub struct Source {
-    collector: Collector,
-    tick: Duration,
-    tx: watch::Sender<Arc<TcpSnapshot>>,
-}
-
-impl Source {
-    /// Attaches the programs, or says why this node cannot run them. The receiver always
-    /// holds the latest snapshot.
-    pub fn start(
-        config: &Config,
-        caps: &Capabilities,
-    ) -> Result<(Self, watch::Receiver<Arc<TcpSnapshot>>), TcpError> {
-        let (root, plan) = plan(caps, config.tcp.attribution)?;
-        let collector = Collector::attach(&root, &config.tcp, &plan, config.agent.tick)?;
-        tracing::info!(path = plan.path(), cgroup_root = %root.display(), "TCP latency programs attached");
-        let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
-        Ok((
-            Self {
-                collector,
-                tick: config.agent.tick,
-                tx,
-            },
-            rx,
-        ))
-    }
-
-    /// Reads on every tick until cancelled; the programs are detached when this returns.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
-        let mut tick = tokio::time::interval(self.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tick.tick() => {
-                    let snapshot = self.collector.tick().map_err(|e| e.to_string())?;
-                    tracing::debug!(containers = snapshot.containers.len(), sample = %snapshot.fidelity.rtt_sample, "tcp tick");
-                    self.tx.send_replace(Arc::new(snapshot));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -385,15 +330,30 @@ mod tests {
         let err = plan(&old, Attribution::SockCreate).expect_err("no sock_create storage");
         assert!(err.to_string().contains("cgroup/sock_create"), "{err}");
         let none = caps(&[]);
-        let err = plan(&none, Attribution::Auto).expect_err("no sock_ops storage");
+        let err = plan(&none, Attribution::Egress).expect_err("no sock_ops storage");
         assert!(err.to_string().contains("sock_ops"), "{err}");
     }
 
     #[test]
-    fn cgroup_v1_hosts_without_netns_cookies_are_refused_with_the_reason() {
+    fn auto_falls_back_to_sock_diag_where_no_ebpf_path_fits_but_never_without_root() {
+        let none = caps(&[]);
+        let (_, p) = plan(&none, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_diag_poll");
+        let mut unprivileged = caps(&[]);
+        unprivileged.is_root = false;
+        assert!(matches!(
+            plan(&unprivileged, Attribution::Auto),
+            Err(TcpError::NotRoot)
+        ));
+    }
+
+    #[test]
+    fn cgroup_v1_hosts_without_netns_cookies_poll_sock_diag_or_refuse_a_forced_netns() {
         let mut v1 = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
         v1.cgroup = CgroupLayout::V1;
-        let err = plan(&v1, Attribution::Auto).expect_err("no netns cookie");
+        let err = plan(&v1, Attribution::Netns).expect_err("no netns cookie");
         assert!(err.to_string().contains("netns"), "{err}");
+        let (_, p) = plan(&v1, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_diag_poll");
     }
 }

@@ -237,7 +237,7 @@ impl Reader {
     }
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     // SAFETY: an all-zero timespec is a valid out-parameter.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
