@@ -1,6 +1,7 @@
-//! The cgroup-v1 fallback, forced on this host: samples keyed by the socket's network
-//! namespace (its cookie, as `SO_NETNS_COOKIE` reports it) instead of its cgroup. Two client
-//! namespaces and a server namespace; each is told apart by its own cookie.
+//! The fallbacks, forced on this host. The cgroup-v1 one keys samples by the socket's network
+//! namespace (its cookie, as `SO_NETNS_COOKIE` reports it) instead of its cgroup: two client
+//! namespaces and a server namespace are each told apart by their own cookie. The no-eBPF one
+//! polls sock_diag and is checked against a delay line and `ss -ti`.
 
 use std::{process::Stdio, time::Duration};
 
@@ -106,5 +107,103 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
     assert!(
         snap.container(cgroup.id()).is_none(),
         "nothing may be keyed by cgroup in this mode"
+    );
+}
+
+/// The no-eBPF fallback, forced: polling sock_diag in every namespace while a client sits
+/// behind a 20 ms ± 5 ms delay line. Samples are the kernel's smoothed RTT, once per socket
+/// per tick, so the p50 is compared loosely (10%) with the applied delays and with `ss -ti`.
+#[test]
+fn sock_diag_polling_follows_the_delay_line() {
+    const TEST: &str = "sock_diag_polling_follows_the_delay_line";
+    let Some(python) = nodeward_tests::pingpong::prerequisites(TEST) else {
+        return;
+    };
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = match plan(&caps, Attribution::SockDiag) {
+        Ok(p) => p,
+        Err(e) => return skip(TEST, &format!("sock_diag polling unavailable: {e}")),
+    };
+    let net = nodeward_tests::pingpong::network(98);
+    let (server_cg, client_cg) = (Cgroup::new("srvdiag"), Cgroup::new("clidiag"));
+    let mut collector = Collector::attach(
+        &root,
+        &TcpConfig::default(),
+        &plan,
+        Duration::from_millis(250),
+    )
+    .expect("sock_diag collector starts");
+    collector.tick().expect("baseline read");
+    let _server = Proc(nodeward_tests::pingpong::start_server(
+        &net,
+        &server_cg,
+        &python,
+        &[5008],
+    ));
+    let line = nodeward_tests::net::DelayLine::start(
+        &python,
+        &net.client,
+        5,
+        &["-p", "tcp", "--dport", "5008"],
+        20.0,
+        5.0,
+        0.0,
+    );
+    let (_client, mut out, ports) =
+        nodeward_tests::pingpong::start_client(&net, &client_cg, &python, 5008, 4, 80, 30);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiter = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            nodeward_tests::pingpong::wait_done(&mut out);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut snap = collector.tick().expect("read");
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(250));
+        snap = collector.tick().expect("read");
+    }
+    let _ = waiter.join();
+    let ss: Vec<_> = nodeward_tests::net::ss(&net.client)
+        .into_iter()
+        .filter(|s| ports.contains(&s.local_port))
+        .collect();
+
+    let c = snap.container(client_cg.id()).expect("client container");
+    let w = c.window("10s").expect("10s window");
+    let mut applied: Vec<f64> = line
+        .applied()
+        .iter()
+        .filter(|a| a.dport == 5008 && a.len > 0)
+        .filter_map(|a| a.delay_ms)
+        .collect();
+    applied.sort_by(f64::total_cmp);
+    let truth = applied[applied.len() / 2];
+    let ss_srtt = ss.iter().map(|s| s.srtt_ms).sum::<f64>() / ss.len().max(1) as f64;
+    eprintln!(
+        "sock_diag: p50 {:.2} ms over {} samples, truth {truth:.2} ms, ss srtt {ss_srtt:.2} ms, established {}",
+        w.p50_rtt_us / 1e3,
+        w.samples,
+        c.established
+    );
+    assert_eq!(snap.fidelity.path, "sock_diag_poll");
+    assert_eq!(snap.fidelity.rtt_sample, "smoothed");
+    assert_eq!(c.established, 4, "established connections seen by polling");
+    assert!(
+        w.samples >= 4,
+        "at least one poll saw the sockets: {}",
+        w.samples
+    );
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(
+        rel(w.p50_rtt_us / 1e3, truth) <= 0.10,
+        "p50 {} µs vs applied {truth} ms",
+        w.p50_rtt_us
+    );
+    assert!(
+        rel(w.p50_rtt_us / 1e3, ss_srtt) <= 0.10,
+        "p50 {} µs vs ss {ss_srtt} ms",
+        w.p50_rtt_us
     );
 }

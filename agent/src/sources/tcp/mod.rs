@@ -12,8 +12,9 @@
 //!    socket storage).
 //! 3. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
 //!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
-//! 4. Otherwise the source reports itself unavailable with the reason (a `sock_diag` polling
-//!    fallback is not built yet).
+//! 4. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
+//!    each tick (`diag.rs`), one smoothed-RTT sample per socket per tick.
+//! 5. Not root: the source reports itself unavailable with the reason.
 //!
 //! The kernel aggregates (per-CPU, per-cgroup histograms and counters; per-flow state in an LRU
 //! map); this task reads the maps every `agent.tick`, keeps sliding windows, and publishes a
