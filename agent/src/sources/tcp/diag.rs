@@ -229,32 +229,38 @@ fn namespaces(proc_root: &Path) -> Vec<std::path::PathBuf> {
     seen.into_values().collect()
 }
 
-/// Dumps every network namespace, each from a short-lived thread that enters it (`setns`
-/// changes only the calling thread).
+/// Dumps every network namespace from one short-lived thread that enters each in turn
+/// (`setns` changes only the calling thread, so the agent's own threads stay put).
 pub fn dump_all(proc_root: &Path) -> Vec<DiagSocket> {
-    let mut out = Vec::new();
-    for ns in namespaces(proc_root) {
-        let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                let f = std::fs::File::open(&ns)
-                    .map_err(|e| DiagError::Setns(ns.display().to_string(), e))?;
-                // SAFETY: a valid namespace fd; affects only this thread.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    let e = std::io::Error::last_os_error();
-                    return Err(DiagError::Setns(ns.display().to_string(), e));
+    let namespaces = namespaces(proc_root);
+    let worker = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut out = Vec::new();
+            for ns in &namespaces {
+                match enter(ns).and_then(|()| dump()) {
+                    Ok(sockets) => out.extend(sockets),
+                    // A process that exited meanwhile took its namespace with it.
+                    Err(e) => tracing::trace!(error = %e, "sock_diag dump skipped a namespace"),
                 }
-                dump()
-            })
-            .join()
-        });
-        match result {
-            Ok(Ok(sockets)) => out.extend(sockets),
-            // A process that exited meanwhile: its namespace is gone or another holds it.
-            Ok(Err(e)) => tracing::trace!(error = %e, "sock_diag dump skipped a namespace"),
-            Err(_) => tracing::warn!("sock_diag worker panicked"),
-        }
+            }
+            out
+        })
+        .join()
+    });
+    worker.unwrap_or_else(|_| {
+        tracing::warn!("sock_diag worker panicked");
+        Vec::new()
+    })
+}
+
+fn enter(ns: &Path) -> Result<(), DiagError> {
+    let f = std::fs::File::open(ns).map_err(|e| DiagError::Setns(ns.display().to_string(), e))?;
+    // SAFETY: a valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(DiagError::Setns(ns.display().to_string(), e));
     }
-    out
+    Ok(())
 }
 
 /// Keeps the cumulative counters that the kernel maps hold on the eBPF paths.
