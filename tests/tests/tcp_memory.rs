@@ -195,3 +195,49 @@ fn ipv6_connections_are_measured_per_peer() {
         .map_or(0, |w| w.opened);
     assert_eq!(opened, 2, "the server container accepted both connections");
 }
+
+/// A server that was listening before the agent started: `sock_create` never saw its
+/// listener, so its accepted connections inherit nothing; the egress program that `auto`
+/// attaches beside it attributes them from their first packet.
+#[test]
+fn connections_of_a_listener_older_than_the_agent_are_attributed() {
+    const TEST: &str = "connections_of_a_listener_older_than_the_agent_are_attributed";
+    let Some(python) = prerequisites_without_delay_line(TEST) else {
+        return;
+    };
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = match plan(&caps, Attribution::Auto) {
+        Ok(p) => p,
+        Err(e) => return skip(TEST, &format!("TCP programs unavailable: {e}")),
+    };
+    let net = network(99);
+    let (server_cg, client_cg) = (Cgroup::new("oldsrv"), Cgroup::new("newcli"));
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5009]));
+    let mut collector =
+        Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
+            .expect("TCP programs load and attach");
+    collector.tick().expect("baseline read");
+
+    let mut cmd = net.client.command(&python);
+    cmd.arg(script("pingpong.py"))
+        .args(["client", &net.server_ip, "5009", "2", "20", "0", "0"])
+        .stdout(Stdio::null());
+    let status = client_cg.spawn(&mut cmd).wait().expect("client runs");
+    assert!(status.success(), "client failed: {status}");
+    let snap = collector.tick().expect("read");
+
+    let server = snap.container(server_cg.id()).and_then(|c| c.window("10s"));
+    let (opened, samples) = server.map_or((0, 0), |w| (w.opened, w.samples));
+    eprintln!(
+        "path {}, server opened {opened}, samples {samples}",
+        snap.fidelity.path
+    );
+    if !plan.path().contains("egress") {
+        return skip(
+            TEST,
+            "this kernel has no cgroup_skb socket storage to tag old sockets",
+        );
+    }
+    assert_eq!(opened, 2, "accepted connections of the old listener");
+    assert!(samples >= 20, "their RTT samples: {samples}");
+}

@@ -9,7 +9,8 @@
 //!    cgroup at `socket()`; accepted sockets inherit the listener's (`BPF_F_CLONE`).
 //! 2. `sock_ops+cgroup_skb_egress`: a `cgroup_skb/egress` program records the cgroup of the
 //!    socket that sends each first packet (5.10 kernels, whose cgroup/sock programs cannot use
-//!    socket storage).
+//!    socket storage). Where both fit, `auto` attaches 1 and 2 together: 2 then covers sockets
+//!    that predate the agent (an old listener's accepted connections).
 //! 3. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
 //!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
 //! 4. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
@@ -46,6 +47,10 @@ pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/nodeward/cgroup2";
 pub enum Recorder {
     /// cgroup recorded at `socket()` by a `cgroup/sock_create` program.
     SockCreate,
+    /// Both: `sock_create` for every new socket, and the egress program for sockets that
+    /// predate the agent (a listener started before it, whose accepted children would
+    /// otherwise inherit nothing).
+    SockCreateAndEgress,
     /// cgroup recorded from each socket's first packet by a `cgroup_skb/egress` program.
     Egress,
     /// No recording: keyed by the socket's network-namespace cookie.
@@ -72,6 +77,7 @@ impl Plan {
     pub fn path(&self) -> &'static str {
         match self.recorder {
             Recorder::SockCreate => "sock_ops+sock_create",
+            Recorder::SockCreateAndEgress => "sock_ops+sock_create+cgroup_skb_egress",
             Recorder::Egress => "sock_ops+cgroup_skb_egress",
             Recorder::Netns => "sock_ops+netns_cookie",
             Recorder::SockDiag => "sock_diag_poll",
@@ -81,7 +87,7 @@ impl Plan {
     /// What the snapshot's ids are.
     pub fn attribution(&self) -> &'static str {
         match self.recorder {
-            Recorder::SockCreate | Recorder::Egress => {
+            Recorder::SockCreate | Recorder::SockCreateAndEgress | Recorder::Egress => {
                 "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
             }
             Recorder::Netns => {
@@ -205,6 +211,7 @@ fn ebpf_plan(
         Attribution::SockCreate => Recorder::SockCreate,
         Attribution::Egress => Recorder::Egress,
         Attribution::Netns => Recorder::Netns,
+        Attribution::Auto if sock_create && egress => Recorder::SockCreateAndEgress,
         Attribution::Auto if sock_create => Recorder::SockCreate,
         Attribution::Auto if egress => Recorder::Egress,
         Attribution::Auto => {
@@ -304,6 +311,8 @@ mod tests {
     fn auto_prefers_sock_create_and_falls_back_to_egress_like_5_10() {
         let full = caps(&[SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]]);
         let (_, p) = plan(&full, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_ops+sock_create+cgroup_skb_egress");
+        let (_, p) = plan(&full, Attribution::SockCreate).expect("plan");
         assert_eq!(p.path(), "sock_ops+sock_create");
         // 5.10: no socket storage in cgroup/sock programs, nor get_current_cgroup_id in sock_ops.
         let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);

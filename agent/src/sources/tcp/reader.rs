@@ -105,7 +105,13 @@ impl Reader {
             .load(crate::ebpf::OBJECT)?;
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.
-        if plan.recorder == Recorder::Egress {
+        let (create, egress) = match plan.recorder {
+            Recorder::SockCreate => (true, false),
+            Recorder::SockCreateAndEgress => (true, true),
+            Recorder::Egress => (false, true),
+            Recorder::Netns | Recorder::SockDiag => (false, false),
+        };
+        if egress {
             let tag: &mut CgroupSkb = ebpf
                 .program_mut(TAG_EGRESS)
                 .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
@@ -114,15 +120,15 @@ impl Reader {
             tag.load().map_err(prog_err(TAG_EGRESS))?;
             tag.attach(&root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                 .map_err(prog_err(TAG_EGRESS))?;
-        } else if plan.recorder == Recorder::SockCreate {
-            let create: &mut CgroupSock = ebpf
+        }
+        if create {
+            let prog: &mut CgroupSock = ebpf
                 .program_mut(SOCK_CREATE)
                 .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
                 .try_into()
                 .map_err(prog_err(SOCK_CREATE))?;
-            create.load().map_err(prog_err(SOCK_CREATE))?;
-            create
-                .attach(&root, CgroupAttachMode::Single)
+            prog.load().map_err(prog_err(SOCK_CREATE))?;
+            prog.attach(&root, CgroupAttachMode::Single)
                 .map_err(prog_err(SOCK_CREATE))?;
         }
         let ops: &mut SockOps = ebpf
