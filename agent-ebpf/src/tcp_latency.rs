@@ -11,13 +11,17 @@
 //!   socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
 //!   whichever task happens to be on the CPU.
 //!
-//! On kernels whose `cgroup/sock_create` programs cannot use socket storage (before 5.11?
-//! the probe decides), `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage
-//! from the first packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the
-//! sender's task). A client's SYN is such a packet; an accepted socket has sent nothing at
+//! On kernels whose `cgroup/sock_create` programs cannot use socket storage (5.10; the probe
+//! decides), and beside it everywhere else for sockets older than the agent,
+//! `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage from the first
+//! packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the sender's
+//! task); it never overwrites an entry. A client's SYN is such a packet; an accepted socket has sent nothing at
 //! PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending") and is resolved, and its
 //! open counted, at its first callback after its first packet — always before its first RTT
 //! sample, since a sample needs data it sent.
+//!
+//! On cgroup-v1 hosts user space sets `KEY_BY_NETNS` and everything is keyed by the socket's
+//! network-namespace cookie instead; no storage is used.
 //!
 //! Everything read comes from the UAPI `struct bpf_sock_ops` context and helpers, so the object
 //! is the same on every kernel (no CO-RE needed).
@@ -233,7 +237,9 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             let flags = BPF_SOCK_OPS_RTT_CB_FLAG
                 | BPF_SOCK_OPS_STATE_CB_FLAG
                 | BPF_SOCK_OPS_RETRANS_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
+            // OR in what other sock_ops programs on this socket (a CNI's) already asked for:
+            // the helper replaces the whole set.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
             // 0 = not known yet (egress tagging, accepted socket): resolved on a later callback.
             let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
             let flow = new_flow(ctx, cgroup_id, op == OP_PASSIVE_ESTABLISHED)?;
