@@ -67,7 +67,10 @@ fn flow_addr(flow: &FlowState) -> IpAddr {
         for (i, w) in flow.remote.iter().enumerate() {
             b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        IpAddr::V6(Ipv6Addr::from(b))
+        let v6 = Ipv6Addr::from(b);
+        // A dual-stack socket talking to an IPv4 peer: show (and fold) it as IPv4, or every
+        // such peer would share one ::ffff:0:0/64 prefix.
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
     }
 }
 

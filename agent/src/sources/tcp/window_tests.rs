@@ -157,3 +157,24 @@ fn a_flow_recreated_under_the_same_cookie_restarts_its_sums() {
         "50 from the first flow, 3 from the new one, no wrap-around"
     );
 }
+
+#[test]
+fn ipv4_peers_of_dual_stack_sockets_are_shown_as_ipv4() {
+    let mut t = Tracker::new(limits());
+    let mut f = flow(7, [0, 0, 0, 0], 443, 1);
+    f.family = 10;
+    let mapped: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7];
+    for (i, w) in f.remote.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([
+            mapped[i * 4],
+            mapped[i * 4 + 1],
+            mapped[i * 4 + 2],
+            mapped[i * 4 + 3],
+        ]);
+    }
+    let (snap, _) = t.update(read(1, vec![(1, f)]), &mut |_| None);
+    assert_eq!(
+        snap.container(7).expect("cgroup 7").peers[0].peer,
+        "192.0.2.7:443"
+    );
+}
