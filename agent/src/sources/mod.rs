@@ -29,16 +29,17 @@ pub fn start(
             }
             Err(reason) => tracing::warn!(source = tcp_state::NAME, %reason, "source unavailable"),
         }
-        if config.tcp.enabled {
-            match tcp::Source::start(config, caps) {
-                Ok((source, _snapshots)) => {
-                    // The API takes `_snapshots` (a watch receiver) once it exists.
-                    let cancel = cancel.clone();
-                    tasks.spawn(async move { (tcp::NAME, source.run(cancel).await) });
-                    started.push(tcp::NAME);
-                }
-                Err(reason) => tracing::warn!(source = tcp::NAME, %reason, "source unavailable"),
+    }
+    // Runs with eBPF disabled too: it then polls sock_diag.
+    if config.tcp.enabled {
+        match tcp::Source::start(config, caps) {
+            Ok((source, _snapshots)) => {
+                // The API takes `_snapshots` (a watch receiver) once it exists.
+                let cancel = cancel.clone();
+                tasks.spawn(async move { (tcp::NAME, source.run(cancel).await) });
+                started.push(tcp::NAME);
             }
+            Err(reason) => tracing::warn!(source = tcp::NAME, %reason, "source unavailable"),
         }
     }
     started

@@ -99,10 +99,16 @@ impl Source {
         config: &Config,
         caps: &Capabilities,
     ) -> Result<(Self, watch::Receiver<Arc<TcpSnapshot>>), TcpError> {
-        let (root, mut plan) = plan(caps, config.tcp.attribution)?;
+        // With eBPF turned off by config, only the sock_diag poller may run.
+        let attribution = if config.ebpf.enabled {
+            config.tcp.attribution
+        } else {
+            super::Attribution::SockDiag
+        };
+        let (root, mut plan) = plan(caps, attribution)?;
         plan.proc_root.clone_from(&config.paths.proc_root);
         let collector = Collector::attach(&root, &config.tcp, &plan, config.agent.tick)?;
-        tracing::info!(path = plan.path(), cgroup_root = %root.display(), "TCP latency programs attached");
+        tracing::info!(path = plan.path(), cgroup_root = %root.display(), "TCP latency source started");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((
             Self {
