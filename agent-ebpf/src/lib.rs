@@ -60,6 +60,9 @@ pub mod tcp_state {
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u32 = 6;
 
+pub mod tcp;
+pub use tcp::{CgroupTcpStats, FlowState, HistKey};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both types are repr(C), made only of u32/u64 fields laid out without padding,
@@ -70,4 +73,9 @@ mod pod {
     unsafe impl aya::Pod for super::rtp::UdpFlowStats {}
     unsafe impl aya::Pod for super::rtp::RtpKey {}
     unsafe impl aya::Pod for super::rtp::RtpState {}
+    // SAFETY: as above; each of these is repr(C) with u32/u64 fields only and no padding
+    // (checked by the size assertions in `tcp`).
+    unsafe impl aya::Pod for super::CgroupTcpStats {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::HistKey {}
 }

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod tcp_latency;
+#[cfg(target_arch = "bpf")]
 mod tcp_state;
 #[cfg(target_arch = "bpf")]
 mod udp_flows;

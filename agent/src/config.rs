@@ -34,6 +34,7 @@ pub struct Config {
     pub gpu: crate::sources::gpu::GpuConfig,
     pub health: crate::health::HealthConfig,
     pub api: crate::api::ApiConfig,
+    pub tcp: crate::sources::tcp::TcpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,6 +315,15 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             key,
             value: e.value,
             allowed: e.allowed,
+        });
+    }
+    if let Err((key, value, allowed)) = config.tcp.check() {
+        let origin = origin(&key);
+        return Err(ConfigError::Invalid {
+            key,
+            value,
+            origin,
+            allowed,
         });
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {

@@ -88,6 +88,7 @@ const PROGRAM_TYPES: &[(&str, ProgramType)] = &[
     ("sock_ops", ProgramType::SockOps),
     ("cgroup_skb", ProgramType::CgroupSkb),
     ("sched_cls (tc)", ProgramType::SchedClassifier),
+    ("cgroup_sock", ProgramType::CgroupSock),
 ];
 
 const HELPERS: &[(&str, ProgramType, BpfHelper)] = &[
@@ -119,6 +120,37 @@ const HELPERS: &[(&str, ProgramType, BpfHelper)] = &[
     (
         "sock_ops/sk_storage_get",
         ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_sk_storage_get,
+    ),
+    // TCP latency (sources/tcp): how a socket's cgroup can reach the sock_ops program.
+    (
+        "sock_ops/get_current_cgroup_id",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_current_cgroup_id,
+    ),
+    (
+        "sock_ops/get_socket_cookie",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_socket_cookie,
+    ),
+    (
+        "sock_ops/get_netns_cookie",
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_netns_cookie,
+    ),
+    (
+        "cgroup_sock/get_current_cgroup_id",
+        ProgramType::CgroupSock,
+        BpfHelper::BPF_FUNC_get_current_cgroup_id,
+    ),
+    (
+        "cgroup_sock/sk_storage_get",
+        ProgramType::CgroupSock,
+        BpfHelper::BPF_FUNC_sk_storage_get,
+    ),
+    (
+        "cgroup_skb/sk_storage_get",
+        ProgramType::CgroupSkb,
         BpfHelper::BPF_FUNC_sk_storage_get,
     ),
 ];

@@ -23,6 +23,8 @@ pub mod rtp;
 use nodeward::probe::cgroup_layout;
 
 pub mod fake_nvml;
+pub mod net;
+pub mod pingpong;
 
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {

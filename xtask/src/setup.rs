@@ -202,7 +202,14 @@ pub fn ensure_build_tools() -> anyhow::Result<()> {
 pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_packages(
         "test tools",
-        &strings(&["iproute2", "bpftool", "iptables", "procps", "tshark"]),
+        &strings(&[
+            "iproute2",
+            "bpftool",
+            "iptables",
+            "procps",
+            "tshark",
+            "libnetfilter-queue-dev",
+        ]),
         &strings(&[
             "iproute",
             "bpftool",

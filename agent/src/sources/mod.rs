@@ -2,6 +2,8 @@
 //! daemon's task set; one that cannot (no tracefs, not root, no GPU) logs why and the others
 //! keep working.
 
+use std::sync::Arc;
+
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -9,7 +11,7 @@ use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
 pub mod cgroup_paths;
 pub mod gpu;
-pub mod tcp_state;
+pub mod tcp;
 pub mod udp;
 
 /// What the started sources publish, for the health engine and the API to read.
@@ -19,6 +21,7 @@ pub struct Feeds {
     pub started: Vec<&'static str>,
     /// Sources that could not start, with the reason.
     pub unavailable: Vec<(&'static str, String)>,
+    pub tcp: Option<watch::Receiver<Arc<tcp::snapshot::TcpSnapshot>>>,
     pub udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     pub gpu: Option<watch::Receiver<gpu::model::GpuSnapshot>>,
 }
@@ -38,10 +41,33 @@ pub fn start(
     tasks: &mut JoinSet<TaskResult>,
 ) -> Feeds {
     let mut feeds = Feeds::default();
-    if config.ebpf.enabled {
-        start_ebpf(config, caps, cancel, tasks, &mut feeds);
-    } else {
+    // TCP runs with eBPF disabled too: it then polls sock_diag.
+    if config.tcp.enabled {
+        match tcp::Source::start(config, caps) {
+            Ok((source, rx)) => {
+                let cancel = cancel.clone();
+                tasks.spawn(async move { (tcp::NAME, source.run(cancel).await) });
+                feeds.started.push(tcp::NAME);
+                feeds.tcp = Some(rx);
+            }
+            Err(reason) => feeds.unavailable(tcp::NAME, reason.to_string()),
+        }
+    }
+    if !config.ebpf.enabled {
         tracing::info!("eBPF sources disabled by config (ebpf.enabled = false)");
+    } else if !config.udp.enabled {
+        tracing::info!("UDP/RTP source disabled by config (udp.enabled = false)");
+    } else {
+        match udp::Source::start(config, caps) {
+            Ok(source) => {
+                let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
+                let cancel = cancel.clone();
+                tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
+                feeds.started.push(udp::NAME);
+                feeds.udp = Some(rx);
+            }
+            Err(reason) => feeds.unavailable(udp::NAME, reason),
+        }
     }
     if !config.gpu.enabled {
         tracing::info!("GPU source disabled by config (gpu.enabled = false)");
@@ -58,35 +84,4 @@ pub fn start(
         }
     }
     feeds
-}
-
-fn start_ebpf(
-    config: &Config,
-    caps: &Capabilities,
-    cancel: &CancellationToken,
-    tasks: &mut JoinSet<TaskResult>,
-    feeds: &mut Feeds,
-) {
-    match tcp_state::Source::start(config, caps) {
-        Ok(source) => {
-            let cancel = cancel.clone();
-            tasks.spawn(async move { (tcp_state::NAME, source.run(cancel).await) });
-            feeds.started.push(tcp_state::NAME);
-        }
-        Err(reason) => feeds.unavailable(tcp_state::NAME, reason),
-    }
-    if !config.udp.enabled {
-        tracing::info!("UDP/RTP source disabled by config (udp.enabled = false)");
-        return;
-    }
-    match udp::Source::start(config, caps) {
-        Ok(source) => {
-            let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
-            let cancel = cancel.clone();
-            tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
-            feeds.started.push(udp::NAME);
-            feeds.udp = Some(rx);
-        }
-        Err(reason) => feeds.unavailable(udp::NAME, reason),
-    }
 }

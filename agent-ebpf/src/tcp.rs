@@ -1,0 +1,199 @@
+//! Types and arithmetic shared by the TCP latency programs (`tcp_latency.rs`) and user space
+//! (`agent/src/sources/tcp/`).
+//!
+//! The histogram bucket function lives here so that the kernel and user space agree on bucket
+//! edges by construction, and so that it is unit-tested on the host. It is written without
+//! loops: the 5.10 verifier rejects loops it cannot bound, and a straight-line binary search
+//! costs a handful of instructions.
+
+/// Sub-buckets per power of two (2^4 = 16): a bucket spans at most 1/16 of its lower edge, so
+/// a value estimated at the bucket's middle is off by at most ~3%.
+pub const HIST_SUB_BITS: u32 = 4;
+const SUB: u64 = 1 << HIST_SUB_BITS;
+/// The largest value the histogram tells apart, in microseconds (2^27 - 1 ≈ 134 s); larger
+/// samples land in the last bucket.
+pub const HIST_MAX_US: u64 = (1 << 27) - 1;
+/// Number of buckets: 16 exact ones for 0..16 µs, then 16 per power of two up to 2^27.
+pub const HIST_BUCKETS: u32 = (27 - HIST_SUB_BITS + 1) * (1 << HIST_SUB_BITS);
+
+/// floor(log2(v)) for v > 0, branch-only (no loop, no ctlz instruction on BPF).
+#[inline(always)]
+pub fn ilog2(mut v: u64) -> u32 {
+    let mut r = 0;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    r
+}
+
+/// The log-linear bucket of a sample in microseconds.
+#[inline(always)]
+pub fn bucket_of(us: u64) -> u32 {
+    let v = if us > HIST_MAX_US { HIST_MAX_US } else { us };
+    if v < SUB {
+        return v as u32;
+    }
+    let e = ilog2(v);
+    let sub = ((v >> (e - HIST_SUB_BITS)) & (SUB - 1)) as u32;
+    (e - HIST_SUB_BITS + 1) * (SUB as u32) + sub
+}
+
+/// The half-open range `[lo, hi)` of microsecond values that fall into `bucket`.
+pub fn bucket_bounds(bucket: u32) -> (u64, u64) {
+    let sub_count = SUB as u32;
+    if bucket < sub_count {
+        return (u64::from(bucket), u64::from(bucket) + 1);
+    }
+    let e = bucket / sub_count + HIST_SUB_BITS - 1;
+    let sub = u64::from(bucket % sub_count);
+    let shift = e - HIST_SUB_BITS;
+    ((SUB + sub) << shift, (SUB + sub + 1) << shift)
+}
+
+/// Key of the `TCP_RTT_HIST` per-CPU hash: one counter per (socket cgroup, bucket). Sparse, so
+/// a container whose RTTs span a few buckets costs a few entries, not a whole array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HistKey {
+    pub cgroup_id: u64,
+    pub bucket: u32,
+    pub _pad: u32,
+}
+
+/// Per-cgroup counters in the `TCP_CGROUP_STATS` per-CPU hash. All cumulative since the entry
+/// was created; user space takes differences on each tick (wrapping, so the sums may wrap).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupTcpStats {
+    /// RTT samples taken (one per `BPF_SOCK_OPS_RTT_CB`).
+    pub samples: u64,
+    /// Of those, samples that carried the raw measured RTT (kernel passes it as an argument);
+    /// the others used the smoothed `srtt`.
+    pub raw_samples: u64,
+    pub sum_rtt_us: u64,
+    /// Sum of squared samples (µs²), for the standard deviation.
+    pub sum_rtt_sq: u64,
+    /// Sum of |RTT - previous RTT of the same connection| (µs) and the number of such pairs.
+    pub sum_absdiff_us: u64,
+    pub diffs: u64,
+    /// Sum, over samples, of the connection's RFC 3550 jitter after that sample, times 16 (µs).
+    pub sum_jitter16_us: u64,
+    /// Segments retransmitted and segments sent (from `total_retrans`/`segs_out` deltas).
+    pub retrans: u64,
+    pub segs_out: u64,
+    /// Connections that reached ESTABLISHED actively (connect) or passively (accept).
+    pub opened_active: u64,
+    pub opened_passive: u64,
+    /// Established connections that closed.
+    pub closed: u64,
+    /// Samples taken while a task of another cgroup was on the CPU (softirq): the ones that
+    /// attribution by `current` would have given to the wrong container.
+    pub foreign_context: u64,
+}
+
+/// Per-connection state in the `TCP_FLOWS` LRU hash, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the connection was established, and when it
+    /// closed (0 while open).
+    pub start_ns: u64,
+    pub closed_ns: u64,
+    pub samples: u64,
+    pub sum_rtt_us: u64,
+    pub sum_rtt_sq: u64,
+    pub sum_absdiff_us: u64,
+    pub retrans: u64,
+    pub segs_out: u64,
+    /// Remote address: IPv4 in `remote[0]` (network order) when `family` is AF_INET.
+    pub remote: [u32; 4],
+    /// Remote port, host order.
+    pub remote_port: u32,
+    pub family: u32,
+    pub last_rtt_us: u32,
+    /// RFC 3550 jitter of this connection, times 16 (µs).
+    pub jitter16_us: u32,
+    /// `total_retrans` and `segs_out` as last seen, to take deltas.
+    pub seen_total_retrans: u32,
+    pub seen_segs_out: u32,
+    /// 1 if the connection was accepted (passive open), 0 if it connected.
+    pub passive: u32,
+    pub _pad: u32,
+}
+
+/// Indices of the `TCP_DROPS` per-CPU array: events not recorded because a map was full or a
+/// socket carried no cgroup.
+pub mod drop_reason {
+    /// A histogram bucket could not be inserted (histogram map full).
+    pub const HIST_FULL: u32 = 0;
+    /// A cgroup's counters could not be inserted (stats map full).
+    pub const STATS_FULL: u32 = 1;
+    /// A flow could not be inserted in the LRU flow map.
+    pub const FLOW_INSERT: u32 = 2;
+    /// An RTT sample from a socket without a recorded cgroup (created before the agent started).
+    pub const NO_CGROUP: u32 = 3;
+    /// A flow was missing when its RTT sample came (evicted from the LRU map) and was recreated.
+    pub const FLOW_EVICTED: u32 = 4;
+    pub const COUNT: u32 = 8;
+}
+
+const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 8 * 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ilog2_matches_the_standard_library() {
+        for v in [1u64, 2, 3, 15, 16, 17, 1023, 1024, 1 << 40, u64::MAX] {
+            assert_eq!(ilog2(v), v.ilog2(), "v = {v}");
+        }
+    }
+
+    #[test]
+    fn every_value_lies_within_its_bucket() {
+        let mut v = 0u64;
+        while v < HIST_MAX_US {
+            let b = bucket_of(v);
+            let (lo, hi) = bucket_bounds(b);
+            assert!(lo <= v && v < hi, "v = {v} bucket {b} [{lo}, {hi})");
+            assert!(b < HIST_BUCKETS);
+            v = v * 21 / 20 + 1;
+        }
+        assert_eq!(bucket_of(u64::MAX), HIST_BUCKETS - 1);
+    }
+
+    #[test]
+    fn buckets_are_contiguous_and_at_most_one_sixteenth_wide() {
+        for b in 0..HIST_BUCKETS - 1 {
+            let (lo, hi) = bucket_bounds(b);
+            assert_eq!(hi, bucket_bounds(b + 1).0, "gap after bucket {b}");
+            if lo >= 16 {
+                assert!((hi - lo) * 16 <= lo, "bucket {b} [{lo}, {hi}) too wide");
+            }
+        }
+    }
+}

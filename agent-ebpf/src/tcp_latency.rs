@@ -1,0 +1,488 @@
+//! TCP round-trip time, jitter, retransmits and connection life per socket cgroup.
+//!
+//! Two programs share one socket-local storage map:
+//! - `nodeward_sock_create` (`cgroup/sock_create`, attached to the cgroup v2 root) runs in the
+//!   process that calls `socket()`, so `bpf_get_current_cgroup_id` is the socket's own cgroup
+//!   (the one the kernel records in `sk_cgrp_data`). It stores that id in `SOCK_CGROUP`, an
+//!   sk_storage map created with `BPF_F_CLONE`: an accepted socket inherits its listener's entry
+//!   when the kernel clones it, before any callback runs on it.
+//! - `nodeward_tcp_sockops` (`sock_ops`, attached to the same root) enables the RTT, state and
+//!   retransmit callbacks when a connection is established and, on each callback, reads the
+//!   socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
+//!   whichever task happens to be on the CPU.
+//!
+//! On kernels whose `cgroup/sock_create` programs cannot use socket storage (5.10; the probe
+//! decides), and beside it everywhere else for sockets older than the agent,
+//! `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage from the first
+//! packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the sender's
+//! task); it never overwrites an entry. A client's SYN is such a packet; an accepted socket has sent nothing at
+//! PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending") and is resolved, and its
+//! open counted, at its first callback after its first packet — always before its first RTT
+//! sample, since a sample needs data it sent.
+//!
+//! On cgroup-v1 hosts user space sets `KEY_BY_NETNS` and everything is keyed by the socket's
+//! network-namespace cookie instead; no storage is used.
+//!
+//! Everything read comes from the UAPI `struct bpf_sock_ops` context and helpers, so the object
+//! is the same on every kernel (no CO-RE needed).
+
+use agent_ebpf::{
+    tcp::{bucket_of, drop_reason},
+    CgroupTcpStats, FlowState, HistKey,
+};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
+    },
+    macros::{cgroup_skb, cgroup_sock, map, sock_ops},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{SkBuffContext, SockContext, SockOpsContext},
+};
+
+// sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
+const OP_ACTIVE_ESTABLISHED: u32 = 4;
+const OP_PASSIVE_ESTABLISHED: u32 = 5;
+const OP_RETRANS: u32 = 8;
+const OP_STATE: u32 = 10;
+const OP_RTT: u32 = 12;
+const TCP_CLOSE: u32 = 7;
+const AF_INET: u32 = 2;
+
+/// A BTF map definition in libbpf's layout, like aya-ebpf's own `SkStorage`, but with
+/// `BPF_F_CLONE` so that accepted sockets inherit the listener's value.
+#[repr(C)]
+pub struct SkStorageClone {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const u64,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; never dereferenced.
+unsafe impl Sync for SkStorageClone {}
+
+impl SkStorageClone {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, sk: *mut core::ffi::c_void, create: bool) -> *mut u64 {
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        let map = core::ptr::from_ref(self).cast_mut().cast();
+        // SAFETY: `sk` is a socket pointer the verifier has checked non-null; the helper
+        // returns null or a pointer to this socket's u64 value.
+        unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) }.cast()
+    }
+}
+
+/// 1 when sock_ops programs may call `bpf_get_current_cgroup_id`; set by user space before
+/// load.
+#[unsafe(no_mangle)]
+static COUNT_FOREIGN_CONTEXT: u32 = 0;
+
+/// 1 to key everything by the socket's network-namespace cookie instead of its cgroup (hosts
+/// with cgroup v1 only); set by user space before load.
+#[unsafe(no_mangle)]
+static KEY_BY_NETNS: u32 = 0;
+
+/// The cgroup v2 id of each socket, written at `socket()`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "SOCK_CGROUP")]
+static SOCK_CGROUP: SkStorageClone = SkStorageClone::new();
+
+/// Per-cgroup counters. Sizes are set by user space from the config before load.
+#[map]
+static TCP_CGROUP_STATS: PerCpuHashMap<u64, CgroupTcpStats> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Per-cgroup sparse RTT histogram.
+#[map]
+static TCP_RTT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(65536, 0);
+
+/// Per-connection state, by socket cookie. LRU: the oldest idle flows make room.
+#[map]
+static TCP_FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65536, 0);
+
+/// What did not fit (indices in `agent_ebpf::tcp::drop_reason`).
+#[map]
+static TCP_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
+
+#[cgroup_sock(sock_create)]
+pub fn nodeward_sock_create(ctx: SockContext) -> i32 {
+    let _ = try_sock_create(&ctx);
+    // 1 = allow: this program only observes.
+    1
+}
+
+fn try_sock_create(ctx: &SockContext) -> Result<(), i64> {
+    let slot = SOCK_CGROUP.get(ctx.sock.cast(), true);
+    if slot.is_null() {
+        return Err(-1);
+    }
+    // SAFETY: the helper takes no arguments; sock_create runs in the creating task.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: non-null pointer to this socket's storage, valid for the program's run.
+    unsafe { *slot = cgroup_id };
+    Ok(())
+}
+
+#[cgroup_skb(egress)]
+pub fn nodeward_sock_tag_egress(ctx: SkBuffContext) -> i32 {
+    try_tag_egress(&ctx);
+    // 1 = let the packet pass: this program only observes.
+    1
+}
+
+#[inline(always)]
+fn try_tag_egress(ctx: &SkBuffContext) {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading the `sk` member of the UAPI `__sk_buff` context (nullable).
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: `sk` is a non-null socket pointer from the context; the helper returns the full
+    // socket or null (request and time-wait sockets carry no storage).
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return;
+    }
+    let slot = SOCK_CGROUP.get(full.cast(), true);
+    if slot.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage pointer; `bpf_skb_cgroup_id` reads the cgroup recorded on the
+    // skb's socket, whatever task is sending.
+    unsafe {
+        if *slot == 0 {
+            *slot = bpf_skb_cgroup_id(skb);
+        }
+    }
+}
+
+#[sock_ops]
+pub fn nodeward_tcp_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops(&ctx);
+    1
+}
+
+#[inline(always)]
+fn count_drop(reason: u32) {
+    if let Some(slot) = TCP_DROPS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The socket's recorded cgroup, if `sock_create` saw the socket; on cgroup-v1 hosts, where
+/// every socket sits in the one cgroup2 root, its network namespace's cookie instead.
+#[inline(always)]
+fn socket_cgroup(ctx: &SockOpsContext) -> Option<u64> {
+    // SAFETY: a volatile read of a read-only global set before load.
+    if unsafe { core::ptr::read_volatile(&KEY_BY_NETNS) } != 0 {
+        // SAFETY: the helper takes the sock_ops context; the namespace is the socket's own,
+        // whatever task runs. Pruned by the verifier when the global is 0.
+        return Some(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) });
+    }
+    // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
+    // nullable socket pointer and the null check below is what it requires.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let slot = SOCK_CGROUP.get(sk.cast(), false);
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage pointer.
+    Some(unsafe { *slot })
+}
+
+#[inline(always)]
+fn stats_for(cgroup_id: u64) -> Option<*mut CgroupTcpStats> {
+    if let Some(p) = TCP_CGROUP_STATS.get_ptr_mut(&cgroup_id) {
+        return Some(p);
+    }
+    if TCP_CGROUP_STATS
+        .insert(&cgroup_id, &CgroupTcpStats::default(), 0)
+        .is_err()
+    {
+        count_drop(drop_reason::STATS_FULL);
+        return None;
+    }
+    TCP_CGROUP_STATS.get_ptr_mut(&cgroup_id)
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    let op = ctx.op();
+    match op {
+        OP_ACTIVE_ESTABLISHED | OP_PASSIVE_ESTABLISHED => {
+            let flags = BPF_SOCK_OPS_RTT_CB_FLAG
+                | BPF_SOCK_OPS_STATE_CB_FLAG
+                | BPF_SOCK_OPS_RETRANS_CB_FLAG;
+            // OR in what other sock_ops programs on this socket (a CNI's) already asked for:
+            // the helper replaces the whole set.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
+            // 0 = not known yet (egress tagging, accepted socket): resolved on a later callback.
+            let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
+            let flow = new_flow(ctx, cgroup_id, op == OP_PASSIVE_ESTABLISHED)?;
+            if cgroup_id != 0 {
+                count_open(flow, cgroup_id);
+            }
+        }
+        OP_RTT => rtt_sample(ctx)?,
+        OP_RETRANS => {
+            // The kernel adds this retransmit to `total_retrans` after the callback; the delta
+            // is picked up on the next callback of this socket (an RTT sample or the close).
+        }
+        OP_STATE => {
+            if ctx.arg(1) == TCP_CLOSE {
+                close_flow(ctx);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Counts the flow's open once, against its (now known) cgroup.
+#[inline(always)]
+fn count_open(flow: *mut FlowState, cgroup_id: u64) {
+    let Some(stats) = stats_for(cgroup_id) else {
+        return;
+    };
+    // SAFETY: `flow` and `stats` are valid map values for the program's run.
+    unsafe {
+        if (*flow).passive != 0 {
+            (*stats).opened_passive += 1;
+        } else {
+            (*stats).opened_active += 1;
+        }
+    }
+}
+
+/// The flow's cgroup, resolving a pending (0) one from the socket storage when it is there.
+#[inline(always)]
+fn flow_cgroup(ctx: &SockOpsContext, flow: *mut FlowState) -> u64 {
+    // SAFETY: valid map value.
+    let known = unsafe { (*flow).cgroup_id };
+    if known != 0 {
+        return known;
+    }
+    let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
+    if cgroup_id != 0 {
+        // SAFETY: valid map value.
+        unsafe { (*flow).cgroup_id = cgroup_id };
+        count_open(flow, cgroup_id);
+    }
+    cgroup_id
+}
+
+/// The remote port as the wire has it (network order), from the UAPI context.
+#[inline(always)]
+fn remote_port_be(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    if cfg!(target_endian = "little") {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: valid in sock_ops programs; takes the context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut FlowState, i64> {
+    let family = ctx.family();
+    let mut flow = FlowState {
+        cgroup_id,
+        // SAFETY: no preconditions.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        family,
+        // UAPI quirk (since 4.13): the network-order port sits in the upper 16 bits on
+        // little-endian hosts (the kernel loads the be16 and shifts it left by 16).
+        remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
+        passive: u32::from(passive),
+        // SAFETY: UAPI context fields, valid for full sockets (every TCP callback used here).
+        seen_total_retrans: unsafe { (*ctx.ops).total_retrans },
+        // SAFETY: as above.
+        seen_segs_out: unsafe { (*ctx.ops).segs_out },
+        ..FlowState::default()
+    };
+    if family == AF_INET {
+        flow.remote[0] = ctx.remote_ip4();
+    } else {
+        // Four 32-bit loads at fixed context offsets: the verifier rejects the 64-bit copy
+        // through a moved context pointer that `remote_ip6()` compiles to.
+        // SAFETY: UAPI context fields, read in place.
+        unsafe {
+            let ops = ctx.ops;
+            flow.remote[0] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]);
+            flow.remote[1] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]);
+            flow.remote[2] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]);
+            flow.remote[3] = core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]);
+        }
+    }
+    let key = cookie(ctx);
+    if TCP_FLOWS.insert(&key, &flow, 0).is_err() {
+        count_drop(drop_reason::FLOW_INSERT);
+        return Err(-1);
+    }
+    TCP_FLOWS.get_ptr_mut(&key).ok_or(-1)
+}
+
+/// Adds the segments sent and retransmitted since the last callback to the flow and cgroup.
+#[inline(always)]
+fn account_segments(ctx: &SockOpsContext, flow: *mut FlowState, stats: *mut CgroupTcpStats) {
+    // SAFETY: UAPI context fields; `flow` and `stats` are valid map values.
+    unsafe {
+        let total_retrans = (*ctx.ops).total_retrans;
+        let segs_out = (*ctx.ops).segs_out;
+        let d_retrans = u64::from(total_retrans.wrapping_sub((*flow).seen_total_retrans));
+        let d_segs = u64::from(segs_out.wrapping_sub((*flow).seen_segs_out));
+        (*flow).seen_total_retrans = total_retrans;
+        (*flow).seen_segs_out = segs_out;
+        (*flow).retrans += d_retrans;
+        (*flow).segs_out += d_segs;
+        (*stats).retrans += d_retrans;
+        (*stats).segs_out += d_segs;
+    }
+}
+
+fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
+    // Kernels since 6.10 pass the measured RTT (µs) and the updated srtt as arguments; older
+    // ones pass nothing (zeros), and the smoothed srtt (µs << 3) is all there is.
+    let (rtt_us, raw) = if ctx.arg(1) != 0 {
+        (ctx.arg(0), 1)
+    } else {
+        // SAFETY: UAPI context field.
+        (unsafe { (*ctx.ops).srtt_us } >> 3, 0)
+    };
+    let key = cookie(ctx);
+    let flow = match TCP_FLOWS.get_ptr_mut(&key) {
+        Some(f) => f,
+        None => {
+            // Evicted from the LRU map (or established before the agent started, in which
+            // case the RTT callback would not be enabled): rebuild from the socket storage.
+            let Some(cgroup_id) = socket_cgroup(ctx) else {
+                count_drop(drop_reason::NO_CGROUP);
+                return Ok(());
+            };
+            count_drop(drop_reason::FLOW_EVICTED);
+            new_flow(ctx, cgroup_id, false)?
+        }
+    };
+    // SAFETY: `flow` is a valid LRU map value for the program's run.
+    let cgroup_id = flow_cgroup(ctx, flow);
+    if cgroup_id == 0 {
+        count_drop(drop_reason::NO_CGROUP);
+        return Ok(());
+    }
+    let Some(stats) = stats_for(cgroup_id) else {
+        return Ok(());
+    };
+    let rtt = u64::from(rtt_us);
+    // SAFETY: `flow` and `stats` are valid map values; `stats` is per-CPU.
+    unsafe {
+        let last = (*flow).last_rtt_us;
+        if (*flow).samples > 0 {
+            let d = if rtt_us > last {
+                rtt_us - last
+            } else {
+                last - rtt_us
+            };
+            // RFC 3550: J += (|D| - J) / 16, kept as 16·J so that the division is exact.
+            let j16 = (*flow).jitter16_us;
+            (*flow).jitter16_us = j16 - (j16 >> 4) + d;
+            (*flow).sum_absdiff_us += u64::from(d);
+            (*stats).sum_absdiff_us += u64::from(d);
+            (*stats).diffs += 1;
+            (*stats).sum_jitter16_us += u64::from((*flow).jitter16_us);
+        }
+        (*flow).last_rtt_us = rtt_us;
+        (*flow).samples += 1;
+        (*flow).sum_rtt_us += rtt;
+        (*flow).sum_rtt_sq += rtt * rtt;
+        (*stats).samples += 1;
+        (*stats).raw_samples += raw;
+        // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
+        // space leaves it 0 and the verifier never sees the call (dead-code pruning).
+        if core::ptr::read_volatile(&COUNT_FOREIGN_CONTEXT) != 0
+            && bpf_get_current_cgroup_id() != cgroup_id
+        {
+            (*stats).foreign_context += 1;
+        }
+        (*stats).sum_rtt_us += rtt;
+        (*stats).sum_rtt_sq += rtt * rtt;
+    }
+    account_segments(ctx, flow, stats);
+    let hkey = HistKey {
+        cgroup_id,
+        bucket: bucket_of(rtt),
+        _pad: 0,
+    };
+    match TCP_RTT_HIST.get_ptr_mut(&hkey) {
+        // SAFETY: per-CPU value.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            if TCP_RTT_HIST.insert(&hkey, &1, 0).is_err() {
+                count_drop(drop_reason::HIST_FULL);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn close_flow(ctx: &SockOpsContext) {
+    let key = cookie(ctx);
+    let Some(flow) = TCP_FLOWS.get_ptr_mut(&key) else {
+        // Evicted from the LRU map while open: still count the close, so that opened - closed
+        // stays the number of established connections (user space reports the ones it cannot
+        // see as untracked).
+        if let Some(cgroup_id) = socket_cgroup(ctx).filter(|id| *id != 0) {
+            if let Some(stats) = stats_for(cgroup_id) {
+                // SAFETY: per-CPU value.
+                unsafe { (*stats).closed += 1 };
+            }
+        }
+        return;
+    };
+    let cgroup_id = flow_cgroup(ctx, flow);
+    if cgroup_id == 0 {
+        // Never attributed (it sent nothing): user space drops it with the closed flows.
+        // SAFETY: valid map value.
+        unsafe { (*flow).closed_ns = bpf_ktime_get_ns() };
+        return;
+    }
+    let Some(stats) = stats_for(cgroup_id) else {
+        return;
+    };
+    account_segments(ctx, flow, stats);
+    // SAFETY: valid map values; user space deletes the flow after reading its final numbers.
+    unsafe {
+        if (*flow).closed_ns == 0 {
+            (*flow).closed_ns = bpf_ktime_get_ns();
+            (*stats).closed += 1;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The `[tcp]` config section: window lengths and the bounds on kernel maps and peers.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a socket's cgroup is recorded for the sock_ops program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// `sock_create` where the kernel allows it, else `egress`; `netns` on cgroup-v1 hosts;
+    /// `sock_diag` where no eBPF path fits.
+    Auto,
+    /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
+    /// in cgroup/sock programs, newer than 5.10).
+    SockCreate,
+    /// A `cgroup_skb/egress` program stores the cgroup of the socket that sends a packet
+    /// (works on 5.10; costs a helper call per packet sent).
+    Egress,
+    /// Key by the socket's network namespace instead of its cgroup: what `auto` uses on hosts
+    /// with cgroup v1 only, where every socket sits in the one cgroup2 root (pods still have a
+    /// namespace each).
+    Netns,
+    /// No eBPF: poll every network namespace's sockets through netlink sock_diag each tick
+    /// (smoothed RTT only, connections shorter than a tick unseen); `auto` falls back to it.
+    SockDiag,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// Measure TCP RTT, jitter, retransmits and connections per container (needs eBPF).
+    pub enabled: bool,
+    /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
+    pub attribution: Attribution,
+    /// The three sliding windows, shortest first. The maps are read every `agent.tick`.
+    #[serde(with = "humantime_serde")]
+    pub window_short: Duration,
+    #[serde(with = "humantime_serde")]
+    pub window_medium: Duration,
+    #[serde(with = "humantime_serde")]
+    pub window_long: Duration,
+    /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
+    pub max_cgroups: u32,
+    /// Connections tracked at once (LRU: the least recently active make room).
+    pub max_flows: u32,
+    /// (cgroup, histogram bucket) pairs; a container usually needs 5 to 30.
+    pub max_hist_entries: u32,
+    /// Distinct remote address:port per container before new peers are folded into /24
+    /// (IPv4) or /64 (IPv6) prefixes.
+    pub max_peers: u32,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            attribution: Attribution::Auto,
+            window_short: Duration::from_secs(10),
+            window_medium: Duration::from_secs(60),
+            window_long: Duration::from_secs(300),
+            max_cgroups: 4096,
+            max_flows: 65536,
+            max_hist_entries: 65536,
+            max_peers: 256,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// Range checks, as (key, value, what is allowed) for the config module's error.
+    pub fn check(&self) -> Result<(), (String, String, String)> {
+        let windows = [
+            ("tcp.window_short", self.window_short),
+            ("tcp.window_medium", self.window_medium),
+            ("tcp.window_long", self.window_long),
+        ];
+        for (key, w) in windows {
+            if w < Duration::from_secs(1) || w > Duration::from_secs(3600) {
+                return Err((
+                    key.to_owned(),
+                    format!("\"{}\"", humantime::format_duration(w)),
+                    "must be between 1s and 1h".to_owned(),
+                ));
+            }
+        }
+        let sizes = [
+            ("tcp.max_cgroups", self.max_cgroups, 16, 1 << 20),
+            ("tcp.max_flows", self.max_flows, 64, 1 << 22),
+            ("tcp.max_hist_entries", self.max_hist_entries, 64, 1 << 22),
+            ("tcp.max_peers", self.max_peers, 1, 1 << 16),
+        ];
+        for (key, v, min, max) in sizes {
+            if v < min || v > max {
+                return Err((
+                    key.to_owned(),
+                    v.to_string(),
+                    format!("must be between {min} and {max}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// (label, length in ticks) for each window.
+    pub fn windows(&self, tick: Duration) -> Vec<(String, usize)> {
+        let tick_ms = tick.as_millis().max(1);
+        [self.window_short, self.window_medium, self.window_long]
+            .into_iter()
+            .map(|w| {
+                let ticks = w.as_millis().div_ceil(tick_ms).max(1);
+                (
+                    humantime::format_duration(w).to_string(),
+                    usize::try_from(ticks).unwrap_or(usize::MAX),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_windows_are_10s_1m_5m_in_one_second_ticks() {
+        let w = TcpConfig::default().windows(Duration::from_secs(1));
+        assert_eq!(
+            w,
+            vec![
+                ("10s".to_owned(), 10),
+                ("1m".to_owned(), 60),
+                ("5m".to_owned(), 300)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_zero_peer_bound_is_rejected_by_key() {
+        let c = TcpConfig {
+            max_peers: 0,
+            ..TcpConfig::default()
+        };
+        assert_eq!(c.check().map_err(|e| e.0), Err("tcp.max_peers".to_owned()));
+    }
+}

@@ -1,0 +1,369 @@
+//! Per-container TCP round-trip time, jitter, retransmits and connection life, from eBPF.
+//!
+//! Hook chain (chosen from the start-up probe and `tcp.attribution`; see
+//! `docs/tcp-latency.md`). Every path takes RTT samples, retransmits and state changes in a
+//! `sock_ops` program (`BPF_SOCK_OPS_RTT_CB`: the raw RTT of each measurement on kernels
+//! ≥ 6.10, the smoothed srtt after each measurement before that; the snapshot's `fidelity`
+//! says which) and attributes them to the cgroup recorded in the socket's own storage:
+//! 1. `sock_ops+sock_create`: a `cgroup/sock_create` program records the creating task's
+//!    cgroup at `socket()`; accepted sockets inherit the listener's (`BPF_F_CLONE`).
+//! 2. `sock_ops+cgroup_skb_egress`: a `cgroup_skb/egress` program records the cgroup of the
+//!    socket that sends each first packet (5.10 kernels, whose cgroup/sock programs cannot use
+//!    socket storage). Where both fit, `auto` attaches 1 and 2 together: 2 then covers sockets
+//!    that predate the agent (an old listener's accepted connections).
+//! 3. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
+//!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
+//! 4. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
+//!    each tick (`diag.rs`), one smoothed-RTT sample per socket per tick.
+//! 5. Not root: the source reports itself unavailable with the reason.
+//!
+//! The kernel aggregates (per-CPU, per-cgroup histograms and counters; per-flow state in an LRU
+//! map); this task reads the maps every `agent.tick`, keeps sliding windows, and publishes a
+//! [`TcpSnapshot`] on a `watch` channel for the API.
+
+use crate::probe::Capabilities;
+
+pub mod cgroup_path;
+mod collector;
+pub mod config;
+pub mod diag;
+pub mod hist;
+pub mod reader;
+pub mod snapshot;
+pub mod window;
+
+pub use collector::{Collector, Source};
+pub use config::{Attribution, TcpConfig};
+pub use snapshot::TcpSnapshot;
+
+pub const NAME: &str = "ebpf/tcp";
+
+/// Where the fallback mounts a cgroup2 hierarchy on cgroup-v1 hosts: sock_ops programs attach
+/// to a cgroup2 directory even when every socket lives in its root.
+pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/nodeward/cgroup2";
+
+/// How sockets are tied to their container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorder {
+    /// cgroup recorded at `socket()` by a `cgroup/sock_create` program.
+    SockCreate,
+    /// Both: `sock_create` for every new socket, and the egress program for sockets that
+    /// predate the agent (a listener started before it, whose accepted children would
+    /// otherwise inherit nothing).
+    SockCreateAndEgress,
+    /// cgroup recorded from each socket's first packet by a `cgroup_skb/egress` program.
+    Egress,
+    /// No recording: keyed by the socket's network-namespace cookie.
+    Netns,
+    /// No eBPF at all: every namespace's sockets polled through netlink sock_diag.
+    SockDiag,
+}
+
+/// The hook chain chosen for this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub recorder: Recorder,
+    /// Count samples taken while another cgroup's task ran (needs `bpf_get_current_cgroup_id`
+    /// in sock_ops, which 5.10 lacks; meaningless when keyed by namespace).
+    pub count_foreign_context: bool,
+    /// Mount a cgroup2 hierarchy at the attach point first (cgroup-v1 hosts).
+    pub mount_cgroup2: bool,
+    /// Where the sock_diag poller finds the node's processes (their network namespaces).
+    pub proc_root: std::path::PathBuf,
+}
+
+impl Plan {
+    /// The name reported as the snapshot's `fidelity.path`.
+    pub fn path(&self) -> &'static str {
+        match self.recorder {
+            Recorder::SockCreate => "sock_ops+sock_create",
+            Recorder::SockCreateAndEgress => "sock_ops+sock_create+cgroup_skb_egress",
+            Recorder::Egress => "sock_ops+cgroup_skb_egress",
+            Recorder::Netns => "sock_ops+netns_cookie",
+            Recorder::SockDiag => "sock_diag_poll",
+        }
+    }
+
+    /// What the snapshot's ids are.
+    pub fn attribution(&self) -> &'static str {
+        match self.recorder {
+            Recorder::SockCreate | Recorder::SockCreateAndEgress | Recorder::Egress => {
+                "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
+            }
+            Recorder::Netns => {
+                "network-namespace cookie of the socket (cgroup v1 host: ids are not cgroups)"
+            }
+            Recorder::SockDiag => {
+                "cgroup v2 id of the socket (INET_DIAG_CGROUP_ID); one srtt sample per socket per tick"
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("not running as root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are needed)")]
+    NotRoot,
+    #[error("no cgroup v2 hierarchy: socket cgroups cannot be recorded (use attribution = \"netns\" or \"auto\")")]
+    NoCgroupV2,
+    #[error("kernel lacks {0}, needed by the sock_ops+sk_storage path (kernel ≥ 5.11)")]
+    Missing(&'static str),
+    #[error("cannot mount a cgroup2 hierarchy at {0} to attach to: {1}")]
+    Mount(String, std::io::Error),
+    #[error(transparent)]
+    Reader(#[from] reader::ReaderError),
+}
+
+fn has_helper(caps: &Capabilities, name: &str) -> bool {
+    caps.helpers.get(name).is_some_and(|f| f.available)
+}
+
+/// Picks the hook chain from the probe and the configured attribution, or says why none fits.
+/// Returns the cgroup2 directory to attach to. With `auto`, a node where no eBPF path fits
+/// falls back to polling sock_diag, and the reason is logged.
+pub fn plan(
+    caps: &Capabilities,
+    attribution: Attribution,
+) -> Result<(std::path::PathBuf, Plan), TcpError> {
+    if attribution == Attribution::SockDiag {
+        return sock_diag_plan(caps);
+    }
+    match ebpf_plan(caps, attribution) {
+        Err(reason) if attribution == Attribution::Auto && caps.is_root => {
+            tracing::warn!(%reason, "no eBPF hook fits this kernel; polling sock_diag instead");
+            sock_diag_plan(caps)
+        }
+        other => other,
+    }
+}
+
+fn sock_diag_plan(caps: &Capabilities) -> Result<(std::path::PathBuf, Plan), TcpError> {
+    if !caps.is_root {
+        return Err(TcpError::NotRoot);
+    }
+    let root = caps.cgroup.unified().map_or_else(
+        || std::path::PathBuf::from("/"),
+        std::path::Path::to_path_buf,
+    );
+    let plan = Plan {
+        recorder: Recorder::SockDiag,
+        count_foreign_context: false,
+        mount_cgroup2: false,
+        proc_root: "/proc".into(),
+    };
+    Ok((root, plan))
+}
+
+fn ebpf_plan(
+    caps: &Capabilities,
+    attribution: Attribution,
+) -> Result<(std::path::PathBuf, Plan), TcpError> {
+    if !caps.is_root {
+        return Err(TcpError::NotRoot);
+    }
+    if !caps.has_program_type("sock_ops") {
+        return Err(TcpError::Missing("the sock_ops program type"));
+    }
+    if !has_helper(caps, "sock_ops/sk_storage_get") {
+        return Err(TcpError::Missing("bpf_sk_storage_get in sock_ops (5.3)"));
+    }
+    let netns = has_helper(caps, "sock_ops/get_netns_cookie");
+    let Some(root) = caps.cgroup.unified().map(std::path::Path::to_path_buf) else {
+        // cgroup v1 only (or unknown): every socket sits in the cgroup2 root, so only the
+        // network namespace tells pods apart.
+        if !matches!(attribution, Attribution::Auto | Attribution::Netns) {
+            return Err(TcpError::NoCgroupV2);
+        }
+        if !netns {
+            return Err(TcpError::Missing(
+                "bpf_get_netns_cookie in sock_ops (cgroup-v1 fallback)",
+            ));
+        }
+        let plan = Plan {
+            recorder: Recorder::Netns,
+            count_foreign_context: false,
+            mount_cgroup2: true,
+            proc_root: "/proc".into(),
+        };
+        return Ok((CGROUP2_FALLBACK_MOUNT.into(), plan));
+    };
+    let sock_create = caps.has_program_type("cgroup_sock")
+        && has_helper(caps, "cgroup_sock/sk_storage_get")
+        && has_helper(caps, "cgroup_sock/get_current_cgroup_id");
+    let egress = caps.has_program_type("cgroup_skb")
+        && has_helper(caps, "cgroup_skb/sk_storage_get")
+        && has_helper(caps, "cgroup_skb/skb_cgroup_id");
+    let recorder = match attribution {
+        Attribution::SockCreate if !sock_create => {
+            return Err(TcpError::Missing(
+                "socket storage in cgroup/sock_create programs",
+            ))
+        }
+        Attribution::Egress if !egress => {
+            return Err(TcpError::Missing(
+                "socket storage and skb_cgroup_id in cgroup_skb programs",
+            ))
+        }
+        Attribution::Netns if !netns => {
+            return Err(TcpError::Missing("bpf_get_netns_cookie in sock_ops"))
+        }
+        Attribution::SockDiag => Recorder::SockDiag,
+        Attribution::SockCreate => Recorder::SockCreate,
+        Attribution::Egress => Recorder::Egress,
+        Attribution::Netns => Recorder::Netns,
+        Attribution::Auto if sock_create && egress => Recorder::SockCreateAndEgress,
+        Attribution::Auto if sock_create => Recorder::SockCreate,
+        Attribution::Auto if egress => Recorder::Egress,
+        Attribution::Auto => {
+            return Err(TcpError::Missing(
+                "socket storage in both cgroup/sock_create and cgroup_skb programs",
+            ))
+        }
+    };
+    let plan = Plan {
+        recorder,
+        count_foreign_context: recorder != Recorder::Netns
+            && has_helper(caps, "sock_ops/get_current_cgroup_id"),
+        mount_cgroup2: false,
+        proc_root: "/proc".into(),
+    };
+    Ok((root, plan))
+}
+
+/// Mounts a cgroup2 hierarchy at `at` unless one is there already.
+pub(crate) fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
+    if crate::probe::cgroup_layout(at)
+        == (crate::probe::CgroupLayout::V2 {
+            unified: at.to_path_buf(),
+        })
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(at).map_err(|e| TcpError::Mount(at.display().to_string(), e))?;
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| {
+        TcpError::Mount(
+            at.display().to_string(),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            path.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(TcpError::Mount(
+            at.display().to_string(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::probe::{CgroupLayout, Feature};
+
+    fn caps(helpers: &[&str]) -> Capabilities {
+        let yes = |d: &str| Feature {
+            available: true,
+            detail: d.to_owned(),
+        };
+        let types = ["sock_ops", "cgroup_sock", "cgroup_skb"];
+        Capabilities {
+            kernel_release: "test".to_owned(),
+            is_root: true,
+            btf: yes("test"),
+            tracefs: None,
+            kprobes: yes("test"),
+            cgroup: CgroupLayout::V2 {
+                unified: "/sys/fs/cgroup".into(),
+            },
+            program_types: types
+                .iter()
+                .map(|t| ((*t).to_owned(), yes("loads")))
+                .collect(),
+            helpers: helpers
+                .iter()
+                .map(|h| ((*h).to_owned(), yes("available")))
+                .collect(),
+            tracepoints: BTreeMap::new(),
+            bpf_stats_enabled: yes("test"),
+        }
+    }
+
+    const SOCK_OPS: &str = "sock_ops/sk_storage_get";
+    const CREATE: [&str; 2] = [
+        "cgroup_sock/sk_storage_get",
+        "cgroup_sock/get_current_cgroup_id",
+    ];
+    const EGRESS: [&str; 2] = ["cgroup_skb/sk_storage_get", "cgroup_skb/skb_cgroup_id"];
+
+    #[test]
+    fn auto_prefers_sock_create_and_falls_back_to_egress_like_5_10() {
+        let full = caps(&[SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]]);
+        let (_, p) = plan(&full, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_ops+sock_create+cgroup_skb_egress");
+        let (_, p) = plan(&full, Attribution::SockCreate).expect("plan");
+        assert_eq!(p.path(), "sock_ops+sock_create");
+        // 5.10: no socket storage in cgroup/sock programs, nor get_current_cgroup_id in sock_ops.
+        let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);
+        let (_, p) = plan(&old, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_ops+cgroup_skb_egress");
+        assert!(!p.count_foreign_context);
+    }
+
+    #[test]
+    fn cgroup_v1_hosts_fall_back_to_network_namespaces_on_a_mounted_cgroup2() {
+        let mut v1 = caps(&[SOCK_OPS, "sock_ops/get_netns_cookie"]);
+        v1.cgroup = CgroupLayout::V1;
+        let (root, p) = plan(&v1, Attribution::Auto).expect("plan");
+        assert_eq!((p.path(), p.mount_cgroup2), ("sock_ops+netns_cookie", true));
+        assert_eq!(root, std::path::PathBuf::from(CGROUP2_FALLBACK_MOUNT));
+        assert!(matches!(
+            plan(&v1, Attribution::Egress),
+            Err(TcpError::NoCgroupV2)
+        ));
+    }
+
+    #[test]
+    fn a_forced_path_the_kernel_lacks_is_refused_with_the_reason() {
+        let old = caps(&[SOCK_OPS, EGRESS[0], EGRESS[1]]);
+        let err = plan(&old, Attribution::SockCreate).expect_err("no sock_create storage");
+        assert!(err.to_string().contains("cgroup/sock_create"), "{err}");
+        let none = caps(&[]);
+        let err = plan(&none, Attribution::Egress).expect_err("no sock_ops storage");
+        assert!(err.to_string().contains("sock_ops"), "{err}");
+    }
+
+    #[test]
+    fn auto_falls_back_to_sock_diag_where_no_ebpf_path_fits_but_never_without_root() {
+        let none = caps(&[]);
+        let (_, p) = plan(&none, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_diag_poll");
+        let mut unprivileged = caps(&[]);
+        unprivileged.is_root = false;
+        assert!(matches!(
+            plan(&unprivileged, Attribution::Auto),
+            Err(TcpError::NotRoot)
+        ));
+    }
+
+    #[test]
+    fn cgroup_v1_hosts_without_netns_cookies_poll_sock_diag_or_refuse_a_forced_netns() {
+        let mut v1 = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
+        v1.cgroup = CgroupLayout::V1;
+        let err = plan(&v1, Attribution::Netns).expect_err("no netns cookie");
+        assert!(err.to_string().contains("netns"), "{err}");
+        let (_, p) = plan(&v1, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_diag_poll");
+    }
+}

@@ -1,0 +1,252 @@
+//! Loads and attaches the TCP latency programs and reads (and trims) their maps.
+//!
+//! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
+//! the node. aya attaches through a BPF link on kernels ≥ 5.7, and a cgroup link always runs
+//! beside other programs there; the kernel rejects the `BPF_F_ALLOW_MULTI` flag on link
+//! creation, so the mode passed is `Single` (flags 0).
+//! Links belong to the [`aya::Ebpf`] value: dropping the [`Reader`] detaches everything.
+
+use std::{fs::File, path::Path};
+
+use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use super::{
+    config::TcpConfig,
+    window::{Cleanup, RawRead},
+    Plan, Recorder,
+};
+
+const SOCK_CREATE: &str = "nodeward_sock_create";
+const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
+const SOCK_OPS: &str = "nodeward_tcp_sockops";
+const STATS: &str = "TCP_CGROUP_STATS";
+const HIST: &str = "TCP_RTT_HIST";
+const FLOWS: &str = "TCP_FLOWS";
+const DROPS: &str = "TCP_DROPS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error("cannot open the cgroup v2 root {path}: {source}")]
+    CgroupRoot {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] EbpfError),
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> ReaderError {
+    move |source| ReaderError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> ReaderError {
+    move |source| ReaderError::Program { name, source }
+}
+
+/// Entries in each kernel map now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapUsage {
+    pub flows: usize,
+    pub cgroups: usize,
+    pub hist: usize,
+}
+
+pub struct Reader {
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`,
+    /// recording socket cgroups the way `plan` says.
+    pub fn attach(
+        cgroup_root: &Path,
+        config: &TcpConfig,
+        plan: &Plan,
+    ) -> Result<Self, ReaderError> {
+        let root = File::open(cgroup_root).map_err(|source| ReaderError::CgroupRoot {
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        let count_foreign = u32::from(plan.count_foreign_context);
+        let key_by_netns = u32::from(plan.recorder == Recorder::Netns);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(STATS, config.max_cgroups)
+            .map_max_entries(HIST, config.max_hist_entries)
+            .map_max_entries(FLOWS, config.max_flows)
+            .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
+            .override_global("KEY_BY_NETNS", &key_by_netns, true)
+            .load(crate::ebpf::OBJECT)?;
+        // The tagging program first: a socket created between the two attachments is then
+        // still recorded.
+        let (create, egress) = match plan.recorder {
+            Recorder::SockCreate => (true, false),
+            Recorder::SockCreateAndEgress => (true, true),
+            Recorder::Egress => (false, true),
+            Recorder::Netns | Recorder::SockDiag => (false, false),
+        };
+        if egress {
+            let tag: &mut CgroupSkb = ebpf
+                .program_mut(TAG_EGRESS)
+                .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
+                .try_into()
+                .map_err(prog_err(TAG_EGRESS))?;
+            tag.load().map_err(prog_err(TAG_EGRESS))?;
+            tag.attach(&root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .map_err(prog_err(TAG_EGRESS))?;
+        }
+        if create {
+            let prog: &mut CgroupSock = ebpf
+                .program_mut(SOCK_CREATE)
+                .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
+                .try_into()
+                .map_err(prog_err(SOCK_CREATE))?;
+            prog.load().map_err(prog_err(SOCK_CREATE))?;
+            prog.attach(&root, CgroupAttachMode::Single)
+                .map_err(prog_err(SOCK_CREATE))?;
+        }
+        let ops: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or(ReaderError::MissingProgram(SOCK_OPS))?
+            .try_into()
+            .map_err(prog_err(SOCK_OPS))?;
+        ops.load().map_err(prog_err(SOCK_OPS))?;
+        ops.attach(&root, CgroupAttachMode::Single)
+            .map_err(prog_err(SOCK_OPS))?;
+        Ok(Self { ebpf })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ReaderError> {
+        self.ebpf.map(name).ok_or(ReaderError::MissingMap(name))
+    }
+
+    /// Reads every map once. `now_ns` is CLOCK_MONOTONIC, the clock the programs stamp with.
+    pub fn read(&self) -> Result<RawRead, ReaderError> {
+        let mut raw = RawRead {
+            now_ns: monotonic_ns(),
+            ..RawRead::default()
+        };
+        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
+        for entry in stats.iter() {
+            let (id, per_cpu) = entry.map_err(map_err(STATS))?;
+            let mut sum = CgroupTcpStats::default();
+            for s in per_cpu.iter() {
+                sum.samples += s.samples;
+                sum.raw_samples += s.raw_samples;
+                sum.sum_rtt_us = sum.sum_rtt_us.wrapping_add(s.sum_rtt_us);
+                sum.sum_rtt_sq = sum.sum_rtt_sq.wrapping_add(s.sum_rtt_sq);
+                sum.sum_absdiff_us = sum.sum_absdiff_us.wrapping_add(s.sum_absdiff_us);
+                sum.diffs += s.diffs;
+                sum.sum_jitter16_us = sum.sum_jitter16_us.wrapping_add(s.sum_jitter16_us);
+                sum.retrans += s.retrans;
+                sum.segs_out += s.segs_out;
+                sum.opened_active += s.opened_active;
+                sum.opened_passive += s.opened_passive;
+                sum.closed += s.closed;
+                sum.foreign_context += s.foreign_context;
+            }
+            raw.stats.push((id, sum));
+        }
+        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        for entry in hist.iter() {
+            let (key, per_cpu) = entry.map_err(map_err(HIST))?;
+            raw.hist.push((key, per_cpu.iter().sum()));
+        }
+        let flows: BpfHashMap<&MapData, u64, FlowState> =
+            BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
+        // An entry evicted between listing and lookup reads as an error: skip it.
+        raw.flows.extend(flows.iter().flatten());
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(DROPS)?).map_err(map_err(DROPS))?;
+        for i in 0..drop_reason::COUNT {
+            let per_cpu = drops.get(&i, 0).map_err(map_err(DROPS))?;
+            if let Some(slot) = raw.drops.get_mut(i as usize) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Counts the entries of each map (by walking the keys).
+    pub fn usage(&self) -> Result<MapUsage, ReaderError> {
+        let flows: BpfHashMap<&MapData, u64, FlowState> =
+            BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
+        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
+        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        Ok(MapUsage {
+            flows: flows.keys().flatten().count(),
+            cgroups: stats.keys().flatten().count(),
+            hist: hist.keys().flatten().count(),
+        })
+    }
+
+    /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).
+    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), ReaderError> {
+        let map = self
+            .ebpf
+            .map_mut(FLOWS)
+            .ok_or(ReaderError::MissingMap(FLOWS))?;
+        let mut flows: BpfHashMap<&mut MapData, u64, FlowState> =
+            BpfHashMap::try_from(map).map_err(map_err(FLOWS))?;
+        for cookie in &cleanup.flows {
+            let _ = flows.remove(cookie);
+        }
+        let map = self
+            .ebpf
+            .map_mut(STATS)
+            .ok_or(ReaderError::MissingMap(STATS))?;
+        let mut stats: PerCpuHashMap<&mut MapData, u64, CgroupTcpStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(STATS))?;
+        for id in &cleanup.cgroups {
+            let _ = stats.remove(id);
+        }
+        let map = self
+            .ebpf
+            .map_mut(HIST)
+            .ok_or(ReaderError::MissingMap(HIST))?;
+        let mut hist: PerCpuHashMap<&mut MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(map).map_err(map_err(HIST))?;
+        for key in &cleanup.hist {
+            let _ = hist.remove(key);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

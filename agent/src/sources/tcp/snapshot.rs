@@ -1,0 +1,253 @@
+//! The TCP latency snapshot the API reads: per container (cgroup) and window, the RTT
+//! distribution, jitter, retransmits and connection counts; per remote peer, the same sums
+//! without percentiles. Units are in the field names (`_us` microseconds, `_s` seconds).
+
+use std::collections::BTreeMap;
+
+use agent_ebpf::{tcp::drop_reason, CgroupTcpStats};
+use serde::Serialize;
+
+use super::{hist::Histogram, window::PeerDelta};
+
+/// Everything the TCP source knows at one tick.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TcpSnapshot {
+    /// Ticks since the source started.
+    pub tick: u64,
+    pub fidelity: Fidelity,
+    /// By cgroup v2 id.
+    pub containers: BTreeMap<u64, ContainerTcp>,
+    pub drops: Drops,
+}
+
+impl TcpSnapshot {
+    pub fn container(&self, cgroup_id: u64) -> Option<&ContainerTcp> {
+        self.containers.get(&cgroup_id)
+    }
+}
+
+/// Which hook produced the data, and so how far to trust it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Fidelity {
+    /// The hook chain in use: `sock_ops+sock_create`, `sock_ops+cgroup_skb_egress` or
+    /// `sock_ops+netns_cookie`.
+    pub path: String,
+    /// `raw` (each RTT measurement the kernel takes), `smoothed` (the kernel's srtt after each
+    /// measurement, on kernels before 6.10), `mixed`, or `none` before the first sample.
+    pub rtt_sample: String,
+    /// How samples are attributed to containers, and so what the ids in `containers` are
+    /// (cgroup v2 ids, or network-namespace cookies on cgroup-v1 hosts).
+    pub attribution: String,
+}
+
+impl Fidelity {
+    pub(super) fn from_counts<'a>(
+        path: &str,
+        attribution: &str,
+        containers: impl Iterator<Item = &'a ContainerTcp>,
+    ) -> Self {
+        let (mut raw, mut all) = (0, 0);
+        for c in containers {
+            if let Some(w) = c.windows.last() {
+                raw += w.raw_samples;
+                all += w.samples;
+            }
+        }
+        let rtt_sample = match (raw, all) {
+            (_, 0) => "none",
+            (r, a) if r == a => "raw",
+            (0, _) => "smoothed",
+            _ => "mixed",
+        };
+        Self {
+            path: path.to_owned(),
+            rtt_sample: rtt_sample.to_owned(),
+            attribution: attribution.to_owned(),
+        }
+    }
+}
+
+/// Events the kernel programs could not record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Drops {
+    pub hist_full: u64,
+    pub stats_full: u64,
+    pub flow_insert_failed: u64,
+    /// RTT samples from sockets created before the agent started (no recorded cgroup).
+    pub no_cgroup: u64,
+    pub flow_evicted: u64,
+}
+
+impl Drops {
+    pub(super) fn from_array(a: &[u64; drop_reason::COUNT as usize]) -> Self {
+        let at = |i: u32| a.get(i as usize).copied().unwrap_or(0);
+        Self {
+            hist_full: at(drop_reason::HIST_FULL),
+            stats_full: at(drop_reason::STATS_FULL),
+            flow_insert_failed: at(drop_reason::FLOW_INSERT),
+            no_cgroup: at(drop_reason::NO_CGROUP),
+            flow_evicted: at(drop_reason::FLOW_EVICTED),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ContainerTcp {
+    pub cgroup_id: u64,
+    /// Path of the cgroup under the v2 hierarchy, when it still exists.
+    pub cgroup_path: Option<String>,
+    /// One entry per configured window, shortest first (absent while the window is empty).
+    pub windows: Vec<WindowStats>,
+    /// Established connections now, and their ages.
+    pub established: u64,
+    pub established_age_max_s: f64,
+    pub established_age_mean_s: f64,
+    /// Established connections (opened minus closed, from the kernel's exact counters) that
+    /// the bounded flow map does not hold, so without age or peer.
+    pub established_untracked: u64,
+    pub peers: Vec<PeerTcp>,
+}
+
+impl ContainerTcp {
+    pub(super) fn new(cgroup_id: u64) -> Self {
+        Self {
+            cgroup_id,
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn set_established(&mut self, ages_ns: impl Iterator<Item = u64>) {
+        let (mut n, mut sum, mut max) = (0u64, 0f64, 0f64);
+        for age in ages_ns {
+            #[expect(clippy::cast_precision_loss, reason = "ages in ns fit f64 well enough")]
+            let s = age as f64 / 1e9;
+            n += 1;
+            sum += s;
+            max = max.max(s);
+        }
+        self.established = n;
+        self.established_age_max_s = max;
+        #[expect(clippy::cast_precision_loss, reason = "a count")]
+        let mean = if n > 0 { sum / n as f64 } else { 0.0 };
+        self.established_age_mean_s = mean;
+    }
+
+    /// The window with this label (`10s`, `1m`, `5m` by default).
+    pub fn window(&self, label: &str) -> Option<&WindowStats> {
+        self.windows.iter().find(|w| w.window == label)
+    }
+}
+
+/// One container over one window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WindowStats {
+    pub window: String,
+    pub samples: u64,
+    pub raw_samples: u64,
+    /// Percentiles from the log-linear histogram (error at most 1/32 of the value); min and max
+    /// are the edges of the lowest and highest occupied buckets.
+    pub min_rtt_us: f64,
+    pub p50_rtt_us: f64,
+    pub p90_rtt_us: f64,
+    pub p99_rtt_us: f64,
+    pub max_rtt_us: f64,
+    pub mean_rtt_us: f64,
+    /// Standard deviation of the RTT samples (one notion of jitter).
+    pub stddev_rtt_us: f64,
+    /// Mean of the per-connection RFC 3550 jitter (|ΔRTT| smoothed with gain 1/16), taken at
+    /// each sample.
+    pub jitter_us: f64,
+    /// Plain mean of |ΔRTT| between consecutive samples of the same connection.
+    pub mean_abs_diff_us: f64,
+    pub retrans: u64,
+    pub segs_out: u64,
+    /// Retransmitted segments per segment sent.
+    pub retrans_rate: f64,
+    pub opened: u64,
+    pub closed: u64,
+    /// Samples taken in softirq while another container's task ran: proof that attribution
+    /// by the socket's cgroup mattered.
+    pub foreign_context_samples: u64,
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "statistics over counts far below 2^52"
+)]
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+impl WindowStats {
+    pub(super) fn from_parts(label: &str, s: &CgroupTcpStats, h: &Histogram) -> Self {
+        let mean = ratio(s.sum_rtt_us, s.samples);
+        let var = (ratio(s.sum_rtt_sq, s.samples) - mean * mean).max(0.0);
+        Self {
+            window: label.to_owned(),
+            samples: s.samples,
+            raw_samples: s.raw_samples,
+            min_rtt_us: h.min().unwrap_or(0.0),
+            p50_rtt_us: h.quantile(0.5).unwrap_or(0.0),
+            p90_rtt_us: h.quantile(0.9).unwrap_or(0.0),
+            p99_rtt_us: h.quantile(0.99).unwrap_or(0.0),
+            max_rtt_us: h.max().unwrap_or(0.0),
+            mean_rtt_us: mean,
+            stddev_rtt_us: var.sqrt(),
+            jitter_us: ratio(s.sum_jitter16_us, s.diffs) / 16.0,
+            mean_abs_diff_us: ratio(s.sum_absdiff_us, s.diffs),
+            retrans: s.retrans,
+            segs_out: s.segs_out,
+            retrans_rate: ratio(s.retrans, s.segs_out),
+            opened: s.opened_active + s.opened_passive,
+            closed: s.closed,
+            foreign_context_samples: s.foreign_context,
+        }
+    }
+}
+
+/// One remote peer (or prefix) of a container.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerTcp {
+    /// `addr:port`, `prefix/len` once the container has more peers than the bound, or `other`.
+    pub peer: String,
+    pub established: u64,
+    pub windows: Vec<PeerWindow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerWindow {
+    pub window: String,
+    pub samples: u64,
+    pub mean_rtt_us: f64,
+    pub stddev_rtt_us: f64,
+    pub mean_abs_diff_us: f64,
+    pub retrans: u64,
+    pub segs_out: u64,
+}
+
+impl PeerWindow {
+    pub(super) fn from_delta(label: &str, d: &PeerDelta) -> Self {
+        #[expect(clippy::cast_precision_loss, reason = "a count")]
+        let n = d.samples as f64;
+        let mean = if n > 0.0 { d.sum_rtt_us / n } else { 0.0 };
+        let var = if n > 0.0 {
+            (d.sum_rtt_sq / n - mean * mean).max(0.0)
+        } else {
+            0.0
+        };
+        let diffs = if n > 1.0 { n - 1.0 } else { 1.0 };
+        Self {
+            window: label.to_owned(),
+            samples: d.samples,
+            mean_rtt_us: mean,
+            stddev_rtt_us: var.sqrt(),
+            mean_abs_diff_us: d.sum_absdiff_us / diffs,
+            retrans: d.retrans,
+            segs_out: d.segs_out,
+        }
+    }
+}

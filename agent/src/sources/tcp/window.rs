@@ -1,0 +1,453 @@
+//! Sliding windows over the kernel's cumulative counters.
+//!
+//! Every tick the reader hands over what it read from the maps ([`RawRead`]); the [`Tracker`]
+//! turns cumulative counters into per-tick differences, keeps the last ticks in a ring as long
+//! as the longest window, and sums the newest ones for each window. Memory is bounded by the
+//! map sizes (what the kernel can hold), the number of ticks in the longest window, and the
+//! peer bound per container.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use serde::Serialize;
+
+use super::{
+    hist::Histogram,
+    snapshot::{ContainerTcp, Drops, PeerTcp, PeerWindow, TcpSnapshot, WindowStats},
+};
+
+/// What one tick read from the kernel maps.
+#[derive(Debug, Default)]
+pub struct RawRead {
+    pub stats: Vec<(u64, CgroupTcpStats)>,
+    pub hist: Vec<(HistKey, u64)>,
+    pub flows: Vec<(u64, FlowState)>,
+    pub drops: [u64; drop_reason::COUNT as usize],
+    /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
+    pub now_ns: u64,
+}
+
+/// What the reader should delete from the kernel maps after this tick.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Closed flows whose final numbers were taken.
+    pub flows: Vec<u64>,
+    /// Cgroups idle for longer than the longest window, with no open connection.
+    pub cgroups: Vec<u64>,
+    pub hist: Vec<HistKey>,
+}
+
+/// A remote peer: exact address and port, or a prefix once a container has too many.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PeerKey {
+    Addr(IpAddr, u16),
+    Prefix(IpAddr, u8),
+    Other,
+}
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(IpAddr::V6(a), p) => write!(f, "[{a}]:{p}"),
+            Self::Addr(a, p) => write!(f, "{a}:{p}"),
+            Self::Prefix(a, len) => write!(f, "{a}/{len}"),
+            Self::Other => write!(f, "other"),
+        }
+    }
+}
+
+fn flow_addr(flow: &FlowState) -> IpAddr {
+    if flow.family == 2 {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(flow.remote[0])))
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in flow.remote.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = Ipv6Addr::from(b);
+        // A dual-stack socket talking to an IPv4 peer: show (and fold) it as IPv4, or every
+        // such peer would share one ::ffff:0:0/64 prefix.
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
+
+fn prefix_of(addr: IpAddr) -> PeerKey {
+    match addr {
+        IpAddr::V4(a) => {
+            PeerKey::Prefix(IpAddr::V4(Ipv4Addr::from(u32::from(a) & 0xFFFF_FF00)), 24)
+        }
+        IpAddr::V6(a) => {
+            let masked = u128::from(a) & !((1u128 << 64) - 1);
+            PeerKey::Prefix(IpAddr::V6(Ipv6Addr::from(masked)), 64)
+        }
+    }
+}
+
+/// Per-tick (or per-window) sums for one peer of one container.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerDelta {
+    pub samples: u64,
+    pub sum_rtt_us: f64,
+    pub sum_rtt_sq: f64,
+    pub sum_absdiff_us: f64,
+    pub retrans: u64,
+    pub segs_out: u64,
+}
+
+impl PeerDelta {
+    fn add(&mut self, o: &PeerDelta) {
+        self.samples += o.samples;
+        self.sum_rtt_us += o.sum_rtt_us;
+        self.sum_rtt_sq += o.sum_rtt_sq;
+        self.sum_absdiff_us += o.sum_absdiff_us;
+        self.retrans += o.retrans;
+        self.segs_out += o.segs_out;
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct CgroupDelta {
+    stats: CgroupTcpStats,
+    hist: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct Tick {
+    cgroups: HashMap<u64, CgroupDelta>,
+    peers: HashMap<(u64, PeerKey), PeerDelta>,
+}
+
+fn sub(a: &CgroupTcpStats, b: &CgroupTcpStats) -> CgroupTcpStats {
+    CgroupTcpStats {
+        samples: a.samples.wrapping_sub(b.samples),
+        raw_samples: a.raw_samples.wrapping_sub(b.raw_samples),
+        sum_rtt_us: a.sum_rtt_us.wrapping_sub(b.sum_rtt_us),
+        sum_rtt_sq: a.sum_rtt_sq.wrapping_sub(b.sum_rtt_sq),
+        sum_absdiff_us: a.sum_absdiff_us.wrapping_sub(b.sum_absdiff_us),
+        diffs: a.diffs.wrapping_sub(b.diffs),
+        sum_jitter16_us: a.sum_jitter16_us.wrapping_sub(b.sum_jitter16_us),
+        retrans: a.retrans.wrapping_sub(b.retrans),
+        segs_out: a.segs_out.wrapping_sub(b.segs_out),
+        opened_active: a.opened_active.wrapping_sub(b.opened_active),
+        opened_passive: a.opened_passive.wrapping_sub(b.opened_passive),
+        closed: a.closed.wrapping_sub(b.closed),
+        foreign_context: a.foreign_context.wrapping_sub(b.foreign_context),
+    }
+}
+
+fn add(a: &mut CgroupTcpStats, b: &CgroupTcpStats) {
+    a.samples = a.samples.wrapping_add(b.samples);
+    a.raw_samples = a.raw_samples.wrapping_add(b.raw_samples);
+    a.sum_rtt_us = a.sum_rtt_us.wrapping_add(b.sum_rtt_us);
+    a.sum_rtt_sq = a.sum_rtt_sq.wrapping_add(b.sum_rtt_sq);
+    a.sum_absdiff_us = a.sum_absdiff_us.wrapping_add(b.sum_absdiff_us);
+    a.diffs = a.diffs.wrapping_add(b.diffs);
+    a.sum_jitter16_us = a.sum_jitter16_us.wrapping_add(b.sum_jitter16_us);
+    a.retrans = a.retrans.wrapping_add(b.retrans);
+    a.segs_out = a.segs_out.wrapping_add(b.segs_out);
+    a.opened_active = a.opened_active.wrapping_add(b.opened_active);
+    a.opened_passive = a.opened_passive.wrapping_add(b.opened_passive);
+    a.closed = a.closed.wrapping_add(b.closed);
+    a.foreign_context = a.foreign_context.wrapping_add(b.foreign_context);
+}
+
+/// Window lengths in ticks, and the bounds the tracker keeps to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// (label, length in ticks), shortest first.
+    pub windows: Vec<(String, usize)>,
+    /// Distinct exact peers per container before new ones are folded into prefixes.
+    pub max_peers: usize,
+    /// The hook chain in use and what ids mean, reported in the snapshot's fidelity.
+    pub path: String,
+    pub attribution: String,
+}
+
+/// Sizes of the tracker's structures; each is bounded by a map size or a config value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerFootprint {
+    /// Ticks kept (≤ the longest window in ticks).
+    pub ticks: usize,
+    /// Flows remembered from the last read (≤ `max_flows`).
+    pub flows: usize,
+    /// Cgroups and histogram entries remembered (≤ `max_cgroups`, `max_hist_entries`).
+    pub cgroups: usize,
+    pub hist_entries: usize,
+    /// Exact peers remembered for the busiest container (≤ `max_peers`).
+    pub peers_per_cgroup_max: usize,
+    /// Entries in the largest kept tick (cgroups plus (cgroup, peer) pairs).
+    pub tick_entries_max: usize,
+}
+
+/// Turns cumulative kernel counters into sliding-window statistics.
+#[derive(Debug)]
+pub struct Tracker {
+    limits: Limits,
+    ring: VecDeque<Tick>,
+    prev_stats: HashMap<u64, CgroupTcpStats>,
+    prev_hist: HashMap<HistKey, u64>,
+    prev_flows: HashMap<u64, FlowState>,
+    /// Exact peers each container has, with the tick they were last seen.
+    known_peers: HashMap<u64, HashMap<(IpAddr, u16), u64>>,
+    /// Last tick a cgroup's counters changed.
+    last_active: HashMap<u64, u64>,
+    tick_no: u64,
+}
+
+impl Tracker {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ring: VecDeque::new(),
+            prev_stats: HashMap::new(),
+            prev_hist: HashMap::new(),
+            prev_flows: HashMap::new(),
+            known_peers: HashMap::new(),
+            last_active: HashMap::new(),
+            tick_no: 0,
+        }
+    }
+
+    /// How much the tracker holds, to check its bounds.
+    pub fn footprint(&self) -> TrackerFootprint {
+        TrackerFootprint {
+            ticks: self.ring.len(),
+            flows: self.prev_flows.len(),
+            cgroups: self.prev_stats.len(),
+            hist_entries: self.prev_hist.len(),
+            peers_per_cgroup_max: self
+                .known_peers
+                .values()
+                .map(HashMap::len)
+                .max()
+                .unwrap_or(0),
+            tick_entries_max: self
+                .ring
+                .iter()
+                .map(|t| t.cgroups.len() + t.peers.len())
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    fn longest(&self) -> usize {
+        self.limits
+            .windows
+            .iter()
+            .map(|w| w.1)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    fn peer_key(&mut self, cgroup_id: u64, flow: &FlowState) -> PeerKey {
+        let addr = flow_addr(flow);
+        #[expect(clippy::cast_possible_truncation, reason = "a port fits in u16")]
+        let exact = (addr, flow.remote_port as u16);
+        let tick = self.tick_no;
+        let longest = self.longest() as u64;
+        let known = self.known_peers.entry(cgroup_id).or_default();
+        if let Some(seen) = known.get_mut(&exact) {
+            *seen = tick;
+            return PeerKey::Addr(exact.0, exact.1);
+        }
+        known.retain(|_, seen| tick.saturating_sub(*seen) <= longest);
+        if known.len() < self.limits.max_peers {
+            known.insert(exact, tick);
+            return PeerKey::Addr(exact.0, exact.1);
+        }
+        prefix_of(addr)
+    }
+
+    /// Takes one tick's read; returns the new snapshot and what to delete from the maps.
+    pub fn update(
+        &mut self,
+        raw: RawRead,
+        resolve: &mut dyn FnMut(u64) -> Option<String>,
+    ) -> (TcpSnapshot, Cleanup) {
+        self.tick_no += 1;
+        let mut tick = Tick::default();
+        let mut cleanup = Cleanup::default();
+
+        for (id, cur) in &raw.stats {
+            let prev = self.prev_stats.get(id).copied().unwrap_or_default();
+            let d = sub(cur, &prev);
+            if d != CgroupTcpStats::default() {
+                self.last_active.insert(*id, self.tick_no);
+            }
+            tick.cgroups.entry(*id).or_default().stats = d;
+            self.prev_stats.insert(*id, *cur);
+        }
+        for (key, cur) in &raw.hist {
+            let prev = self.prev_hist.get(key).copied().unwrap_or(0);
+            tick.cgroups
+                .entry(key.cgroup_id)
+                .or_default()
+                .hist
+                .add(key.bucket, cur.wrapping_sub(prev));
+            self.prev_hist.insert(*key, *cur);
+        }
+
+        let mut open: HashMap<u64, Vec<(PeerKey, u64)>> = HashMap::new();
+        for (cookie, flow) in &raw.flows {
+            if flow.cgroup_id == 0 {
+                // Not attributed yet (an accepted socket that has sent nothing, on the egress
+                // path); it is closed, and never had a sample, if `closed_ns` is set.
+                if flow.closed_ns != 0 {
+                    cleanup.flows.push(*cookie);
+                }
+                continue;
+            }
+            // A flow evicted and re-created between two reads restarts its sums: its start
+            // time tells it apart from the one remembered.
+            let prev = self
+                .prev_flows
+                .get(cookie)
+                .filter(|p| p.start_ns == flow.start_ns)
+                .copied()
+                .unwrap_or_default();
+            let peer = self.peer_key(flow.cgroup_id, flow);
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "µs sums far below 2^52 per tick"
+            )]
+            let d = PeerDelta {
+                samples: flow.samples.wrapping_sub(prev.samples),
+                sum_rtt_us: flow.sum_rtt_us.wrapping_sub(prev.sum_rtt_us) as f64,
+                sum_rtt_sq: flow.sum_rtt_sq.wrapping_sub(prev.sum_rtt_sq) as f64,
+                sum_absdiff_us: flow.sum_absdiff_us.wrapping_sub(prev.sum_absdiff_us) as f64,
+                retrans: flow.retrans.wrapping_sub(prev.retrans),
+                segs_out: flow.segs_out.wrapping_sub(prev.segs_out),
+            };
+            tick.peers
+                .entry((flow.cgroup_id, peer.clone()))
+                .or_default()
+                .add(&d);
+            if flow.closed_ns != 0 {
+                cleanup.flows.push(*cookie);
+                self.prev_flows.remove(cookie);
+            } else {
+                open.entry(flow.cgroup_id)
+                    .or_default()
+                    .push((peer, raw.now_ns.saturating_sub(flow.start_ns)));
+                self.prev_flows.insert(*cookie, *flow);
+            }
+        }
+        // Flows the LRU map evicted: forget them.
+        let present: std::collections::HashSet<u64> = raw.flows.iter().map(|f| f.0).collect();
+        self.prev_flows.retain(|c, _| present.contains(c));
+
+        // Cgroups idle past the longest window with nothing open: drop their kernel entries.
+        let longest = self.longest() as u64;
+        for (id, _) in &raw.stats {
+            let idle = self
+                .tick_no
+                .saturating_sub(self.last_active.get(id).copied().unwrap_or(0));
+            if idle > longest && !open.contains_key(id) {
+                cleanup.cgroups.push(*id);
+            }
+        }
+        for id in &cleanup.cgroups {
+            self.prev_stats.remove(id);
+            self.last_active.remove(id);
+            self.known_peers.remove(id);
+        }
+        self.prev_hist.retain(|k, _| {
+            let gone = cleanup.cgroups.contains(&k.cgroup_id);
+            if gone {
+                cleanup.hist.push(*k);
+            }
+            !gone
+        });
+
+        self.ring.push_front(tick);
+        self.ring.truncate(self.longest());
+        (self.snapshot(&raw, &open, resolve), cleanup)
+    }
+
+    fn snapshot(
+        &self,
+        raw: &RawRead,
+        open: &HashMap<u64, Vec<(PeerKey, u64)>>,
+        resolve: &mut dyn FnMut(u64) -> Option<String>,
+    ) -> TcpSnapshot {
+        let mut containers: BTreeMap<u64, ContainerTcp> = BTreeMap::new();
+        let mut peer_windows: BTreeMap<(u64, PeerKey), Vec<PeerWindow>> = BTreeMap::new();
+        for (label, len) in &self.limits.windows {
+            let mut cg: HashMap<u64, CgroupDelta> = HashMap::new();
+            let mut peers: HashMap<(u64, PeerKey), PeerDelta> = HashMap::new();
+            for t in self.ring.iter().take(*len) {
+                for (id, d) in &t.cgroups {
+                    let e = cg.entry(*id).or_default();
+                    add(&mut e.stats, &d.stats);
+                    e.hist.merge(&d.hist);
+                }
+                for (k, d) in &t.peers {
+                    peers.entry(k.clone()).or_default().add(d);
+                }
+            }
+            for (id, d) in cg {
+                let c = containers
+                    .entry(id)
+                    .or_insert_with(|| ContainerTcp::new(id));
+                c.windows
+                    .push(WindowStats::from_parts(label, &d.stats, &d.hist));
+            }
+            for (k, d) in peers {
+                peer_windows
+                    .entry(k)
+                    .or_default()
+                    .push(PeerWindow::from_delta(label, &d));
+            }
+        }
+        for (id, flows) in open {
+            let c = containers
+                .entry(*id)
+                .or_insert_with(|| ContainerTcp::new(*id));
+            c.set_established(flows.iter().map(|f| f.1));
+        }
+        for ((id, key), windows) in peer_windows {
+            let established = open
+                .get(&id)
+                .map_or(0, |fs| fs.iter().filter(|f| f.0 == key).count() as u64);
+            let c = containers
+                .entry(id)
+                .or_insert_with(|| ContainerTcp::new(id));
+            c.peers.push(PeerTcp {
+                peer: key.to_string(),
+                established,
+                windows,
+            });
+        }
+        for (id, s) in &self.prev_stats {
+            let expected = (s.opened_active + s.opened_passive).saturating_sub(s.closed);
+            let seen = open.get(id).map_or(0, |f| f.len() as u64);
+            if expected > seen {
+                containers
+                    .entry(*id)
+                    .or_insert_with(|| ContainerTcp::new(*id))
+                    .established_untracked = expected - seen;
+            }
+        }
+        for c in containers.values_mut() {
+            c.cgroup_path = resolve(c.cgroup_id);
+        }
+        TcpSnapshot {
+            tick: self.tick_no,
+            fidelity: super::snapshot::Fidelity::from_counts(
+                &self.limits.path,
+                &self.limits.attribution,
+                containers.values(),
+            ),
+            containers,
+            drops: Drops::from_array(&raw.drops),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "window_tests.rs"]
+mod tests;
