@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
 pub mod cgroup;
+pub mod node;
+pub mod rates;
 pub mod tcp_state;
 
 /// Starts every source the node supports; returns the names of those started.
