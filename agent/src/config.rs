@@ -29,6 +29,8 @@ pub struct Config {
     pub agent: AgentConfig,
     pub ebpf: EbpfConfig,
     pub paths: PathsConfig,
+    pub containers: crate::containers::ContainersConfig,
+    pub node: crate::sources::node::NodeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

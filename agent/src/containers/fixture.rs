@@ -172,7 +172,7 @@ fn container(i: usize, driver: Driver) -> Written {
             Driver::Cgroupfs => Runtime::Unknown,
         },
         cpu_usage_ns: n * 1_000_000_000,
-        memory_bytes: n * 10 << 20,
+        memory_bytes: (n * 10) << 20,
         inactive_file_bytes: n << 20,
         memory_limit_bytes: 1 << 30,
     }

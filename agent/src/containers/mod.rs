@@ -24,6 +24,20 @@ pub use path::{identify, Identity, Qos, Runtime};
 /// into every sub-cgroup would make a scan cost grow with what containers do inside.
 const MAX_DEPTH: usize = 4;
 
+/// `[containers]` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    /// Discover workloads under `paths.cgroup_root` and read their cgroup stats every tick.
+    pub enabled: bool,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
 /// One workload found on this scan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Container {

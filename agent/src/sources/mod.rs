@@ -32,5 +32,13 @@ pub fn start(
             Err(reason) => tracing::warn!(source = tcp_state::NAME, %reason, "source unavailable"),
         }
     }
+    match cgroup::Source::start(config) {
+        Ok(source) => {
+            let cancel = cancel.clone();
+            tasks.spawn(async move { (cgroup::NAME, source.run(cancel).await) });
+            started.push(cgroup::NAME);
+        }
+        Err(reason) => tracing::warn!(source = cgroup::NAME, %reason, "source unavailable"),
+    }
     started
 }

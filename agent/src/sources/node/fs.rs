@@ -47,10 +47,6 @@ pub fn usage(host_root: &Path, m: &MountEntry) -> Option<Filesystem> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "statvfs field widths differ between targets"
-    )]
     let (frsize, blocks, bfree, bavail, files, ffree) = (
         st.f_frsize as u64,
         st.f_blocks as u64,

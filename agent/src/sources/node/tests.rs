@@ -173,10 +173,6 @@ fn this_host_reads_like_its_own_tools_say() {
     let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
     // SAFETY: `si` is a valid out-pointer.
     assert_eq!(unsafe { libc::sysinfo(&mut si) }, 0);
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "sysinfo field widths differ between targets"
-    )]
     let total = si.totalram as u64 * si.mem_unit as u64;
     assert_eq!(mem.total_bytes, total);
     let cores = std::thread::available_parallelism()
