@@ -87,7 +87,11 @@ impl Source {
 }
 
 fn log_summary(s: &Snapshot) {
-    let cores: f64 = s.workloads.iter().filter_map(|w| w.rates.cpu[0]).sum();
+    let cores = s
+        .workloads
+        .iter()
+        .filter_map(|w| w.rates.cpu[0])
+        .fold(0.0, |a, b| a + b);
     let memory: u64 = s
         .workloads
         .iter()
@@ -98,7 +102,7 @@ fn log_summary(s: &Snapshot) {
         vanished = s.vanished,
         cpu_cores_10s = format_args!("{cores:.2}"),
         memory_mib = memory >> 20,
-        node_cpu_busy_10s = ?s.node_rates.cpu_busy[0],
+        node_cpu_busy_10s = format_args!("{:.2}", s.node_rates.cpu_busy[0].unwrap_or(0.0)),
         clock_synchronized = ?s.node.as_ref().and_then(|n| n.clock.as_ref()).map(|c| c.synchronized),
         scan_ms = format_args!("{:.1}", s.scan_duration.as_secs_f64() * 1e3),
         parse_errors = s.parse_errors,
