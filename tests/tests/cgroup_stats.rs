@@ -330,3 +330,80 @@ fn memory_of_a_container_matches_what_it_allocated() {
     }
     assert_eq!(m.limit_bytes, Some(LIMIT));
 }
+
+/// A process that allocates past its cgroup's memory limit is killed by the kernel's OOM
+/// killer; the agent counts the kill for that container, and none for a sibling.
+#[test]
+fn an_oom_kill_is_counted_for_its_container() {
+    const TEST: &str = "an_oom_kill_is_counted_for_its_container";
+    require_root!(TEST);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let layout = match Layout::detect(Path::new(ROOT)) {
+        Ok(l) => l,
+        Err(e) => return skip(TEST, &e.to_string()),
+    };
+    let roots = match hierarchies(&layout, &["memory"]) {
+        Ok(r) => r,
+        Err(reason) => return skip(TEST, &reason),
+    };
+    if Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        return skip(TEST, "python3 is needed to allocate memory");
+    }
+    let (rel, _uid, id) = container_path(4);
+    let (sibling_rel, _, sibling_id) = container_path(5);
+    let tree = CgroupTree::new(&rel, &roots);
+    let sibling = CgroupTree::new(&sibling_rel, &roots);
+    enable_v2_controllers(&layout, &tree);
+    let limit_file = match layout.v1().and_then(|v| v.memory.clone()) {
+        Some(m) => m.join(&rel).join("memory.limit_in_bytes"),
+        None => layout.unified().expect("v2").join(&rel).join("memory.max"),
+    };
+    std::fs::write(&limit_file, (32u64 << 20).to_string()).expect("set memory limit");
+    // Swap would let the process page out instead of dying; v1 caps memory+swap separately.
+    if let Some(m) = layout.v1().and_then(|v| v.memory.clone()) {
+        let _ = std::fs::write(
+            m.join(&rel).join("memory.memsw.limit_in_bytes"),
+            (32u64 << 20).to_string(),
+        );
+    } else {
+        let _ = std::fs::write(
+            layout
+                .unified()
+                .expect("v2")
+                .join(&rel)
+                .join("memory.swap.max"),
+            "0",
+        );
+    }
+
+    let status = tree
+        .spawn(
+            Command::new("python3")
+                .arg("-c")
+                .arg("b = b'\\x01' * (128 << 20)"),
+        )
+        .wait()
+        .expect("wait for the allocating process");
+    use std::os::unix::process::ExitStatusExt as _;
+    if status.signal() != Some(libc::SIGKILL) {
+        return skip(
+            TEST,
+            &format!("the kernel did not OOM-kill the process ({status}): nothing to count"),
+        );
+    }
+    let snap = scanner().scan(Instant::now());
+    let m = &find(&snap, &id).stats.memory;
+    eprintln!("OOM: {m:?}");
+    assert!(m.oom_kill_events.unwrap_or(0) >= 1, "{m:?}");
+    assert_eq!(
+        find(&snap, &sibling_id).stats.memory.oom_kill_events,
+        Some(0)
+    );
+    drop(sibling);
+}
