@@ -7,7 +7,11 @@
 //! which workload owns this cgroup id (the v2 directory inode eBPF reports), this PID, this
 //! network namespace.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::Path};
+use std::{
+    collections::HashMap,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -68,14 +72,20 @@ impl Inventory {
     pub fn scan(layout: &Layout, proc_root: &Path) -> Self {
         let mut found: Vec<(String, Identity)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        // Inodes of v2 directories, straight from readdir: the cgroup id without a stat.
+        let mut v2_inodes: HashMap<String, u64> = HashMap::new();
         for root in layout.discovery_roots() {
-            walk(root, String::new(), 0, &mut |rel| {
+            let is_v2 = Some(root) == layout.unified();
+            walk(root, String::new(), 0, &mut |rel, ino| {
                 if seen.contains(rel) {
                     return WalkAction::Skip;
                 }
                 match identify(rel) {
                     Some(id) => {
                         seen.insert(rel.to_owned());
+                        if is_v2 {
+                            v2_inodes.insert(rel.to_owned(), ino);
+                        }
                         found.push((rel.to_owned(), id));
                         WalkAction::Skip
                     }
@@ -89,11 +99,11 @@ impl Inventory {
         let mut inv = Self::default();
         for (path, identity) in found {
             let dirs = layout.dirs(&path);
-            let cgroup_id = dirs
-                .unified
-                .as_deref()
-                .and_then(|d| std::fs::metadata(d).ok())
-                .map(|m| m.ino());
+            let cgroup_id = v2_inodes.get(&path).copied().or_else(|| {
+                // Found in the v1 walk only: the runtime may still have a v2 directory.
+                let d = dirs.unified.as_deref()?;
+                std::fs::metadata(d).ok().map(|m| m.ino())
+            });
             let pids = procs_of(&dirs);
             let netns = pids.iter().find_map(|&pid| netns_of(proc_root, pid));
             let index = inv.containers.len();
@@ -188,7 +198,7 @@ enum WalkAction {
     Skip,
 }
 
-fn walk(dir: &Path, rel: String, depth: usize, visit: &mut impl FnMut(&str) -> WalkAction) {
+fn walk(dir: &Path, rel: String, depth: usize, visit: &mut impl FnMut(&str, u64) -> WalkAction) {
     if depth >= MAX_DEPTH {
         return;
     }
@@ -208,7 +218,7 @@ fn walk(dir: &Path, rel: String, depth: usize, visit: &mut impl FnMut(&str) -> W
         } else {
             format!("{rel}/{name}")
         };
-        if let WalkAction::Descend = visit(&child) {
+        if let WalkAction::Descend = visit(&child, entry.ino()) {
             walk(&entry.path(), child, depth + 1, visit);
         }
     }

@@ -138,3 +138,26 @@ fn v1_unlimited_memory_sentinel_reads_as_no_limit() {
         (Some(4096), None)
     );
 }
+
+#[test]
+fn a_file_larger_than_the_read_buffer_is_read_whole() {
+    let tmp = TempDir::new("nodeward-read-big").expect("temp");
+    let mut stat = String::new();
+    for i in 0..2000 {
+        stat.push_str(&format!("padding_key_{i} {i}\n"));
+    }
+    stat.push_str("anon 123\nfile 456\ninactive_file 7\n");
+    assert!(stat.len() > 4 * INITIAL_BUF);
+    write(
+        &tmp.path,
+        &[("memory.stat", stat.as_str()), ("memory.current", "1000\n")],
+    );
+    let s = Reader::default()
+        .read(&v2_dirs(tmp.path.clone()), true)
+        .expect("exists");
+    assert_eq!(
+        (s.memory.anon_bytes, s.memory.file_bytes),
+        (Some(123), Some(456))
+    );
+    assert_eq!(s.memory.working_set_bytes, Some(993));
+}
