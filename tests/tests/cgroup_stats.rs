@@ -407,3 +407,57 @@ fn an_oom_kill_is_counted_for_its_container() {
     );
     drop(sibling);
 }
+
+/// The v2 files on a real kernel: with the root pointed at a cgroup v2 hierarchy (the host's
+/// `unified` one on hybrid hosts, which has `cpu.stat` even without controllers), the CPU rate
+/// comes from v2 `cpu.stat` and is within 10% of the process's own CPU time.
+#[test]
+fn cpu_rate_from_v2_files_matches_the_process_own_cpu_time() {
+    const TEST: &str = "cpu_rate_from_v2_files_matches_the_process_own_cpu_time";
+    require_root!(TEST);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(unified) = Layout::detect(Path::new(ROOT))
+        .ok()
+        .and_then(|l| l.unified().map(Path::to_path_buf))
+    else {
+        return skip(TEST, "no cgroup v2 hierarchy");
+    };
+    if !unified.join("cpu.stat").exists() {
+        return skip(TEST, "this kernel's cgroup v2 has no cpu.stat");
+    }
+    let (rel, _uid, id) = container_path(6);
+    let tree = CgroupTree::new(&rel, std::slice::from_ref(&unified));
+    let mut busy = tree.spawn(Command::new("sh").args(["-c", "while :; do :; done"]));
+    let pid = busy.id();
+    let mut config = Config::default();
+    config.paths.cgroup_root = unified.clone();
+    config.node.enabled = false;
+    let mut s = Scanner::new(&config).expect("v2 root");
+    assert!(
+        matches!(s.layout(), Some(Layout::V2 { .. })),
+        "{:?}",
+        s.layout()
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let cpu0 = process_cpu_seconds(pid);
+    s.scan(t0);
+    std::thread::sleep(Duration::from_secs(2));
+    let t1 = Instant::now();
+    let cpu1 = process_cpu_seconds(pid);
+    let snap = s.scan(t1);
+    let _ = busy.kill();
+    let _ = busy.wait();
+
+    let w = find(&snap, &id);
+    let truth = (cpu1 - cpu0) / (t1 - t0).as_secs_f64();
+    let agent = w.rates.cpu[0].expect("CPU rate from v2 cpu.stat");
+    eprintln!("v2 busy loop: agent {agent:.3} cores, truth {truth:.3}");
+    assert!(truth > 0.2, "the busy loop barely ran ({truth:.3} cores)");
+    assert!(
+        within(agent, truth, 0.10),
+        "agent {agent:.3} vs truth {truth:.3}"
+    );
+    assert!(w.stats.psi.cpu.is_some() || !unified.join(&rel).join("cpu.pressure").exists());
+}
