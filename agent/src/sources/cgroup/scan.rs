@@ -307,6 +307,28 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_serialises_with_flat_identity_fields() {
+        let dir = TempDir::new("nodeward-scan-json").expect("temp");
+        let written =
+            write_tree(&dir.path, FixtureLayout::Hybrid, Driver::Systemd, 1, 1).expect("fixture");
+        let snap = Scanner::new(&config_for(&dir.path))
+            .expect("scanner")
+            .scan(Instant::now());
+        let v = serde_json::to_value(&snap).expect("snapshot serialises");
+        let w = &v["workloads"][0];
+        assert_eq!(w["kind"], "container");
+        assert_eq!(w["pod_uid"], written[0].pod_uid.as_str());
+        assert_eq!(w["qos"], "guaranteed");
+        assert_eq!(w["runtime"], "containerd");
+        assert_eq!(
+            w["stats"]["memory"]["current_bytes"],
+            written[0].memory_bytes
+        );
+        assert_eq!(v["workloads"][1]["kind"], "service");
+        assert_eq!(v["layout"]["layout"], "hybrid");
+    }
+
+    #[test]
     fn a_container_removed_between_walk_and_read_is_skipped() {
         let dir = TempDir::new("nodeward-scan-gone").expect("temp");
         write_tree(&dir.path, FixtureLayout::V2, Driver::Cgroupfs, 2, 0).expect("fixture");
