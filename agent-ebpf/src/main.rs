@@ -25,7 +25,5 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 /// crate; the real programs exist only for the bpf target.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!(
-        "nodeward-ebpf holds eBPF programs; it is built for the bpf target by agent/build.rs"
-    );
+    eprintln!("nodeward-ebpf holds eBPF programs; it is built for the bpf target by agent/build.rs");
 }

@@ -25,8 +25,7 @@ static SET_STATE_OFFSETS: SetStateOffsets = SetStateOffsets {
 /// Transition counters; bounded, and an insert into a full map is dropped (the user-space
 /// reader compares totals to notice that).
 #[map]
-static TCP_STATE_EVENTS: PerCpuHashMap<TcpStateKey, u64> =
-    PerCpuHashMap::with_max_entries(16384, 0);
+static TCP_STATE_EVENTS: PerCpuHashMap<TcpStateKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
 
 #[tracepoint]
 pub fn nodeward_tcp_state(ctx: TracePointContext) -> u32 {

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "nodeward",
-    version,
-    about = "Node health agent: container network latency and jitter, cgroup, node and GPU health"
-)]
+#[command(name = "nodeward", version, about = "Node health agent: container network latency and jitter, cgroup, node and GPU health")]
 pub struct Cli {
     #[command(flatten)]
     pub config: ConfigArgs,

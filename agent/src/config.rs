@@ -179,19 +179,11 @@ pub fn load(
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let file: toml::Table =
-                text.parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
-            overlay(
-                &mut merged,
-                &file,
-                "",
-                &Origin::File(path.clone()),
-                &mut origins,
-            );
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            overlay(&mut merged, &file, "", &Origin::File(path.clone()), &mut origins);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && source.explicit_path.is_none() => {}
         Err(source) => return Err(ConfigError::Read { path, source }),
@@ -202,8 +194,12 @@ pub fn load(
         let key = if name == LOG_ENV {
             Some("log.filter".to_owned())
         } else {
-            name.strip_prefix(ENV_PREFIX)
-                .and_then(|rest| leaves.keys().find(|k| env_suffix(k) == rest).cloned())
+            name.strip_prefix(ENV_PREFIX).and_then(|rest| {
+                leaves
+                    .keys()
+                    .find(|k| env_suffix(k) == rest)
+                    .cloned()
+            })
         };
         if let Some(key) = key {
             let parsed = parse_scalar(&value, leaves.get(&key));
@@ -344,9 +340,7 @@ fn parse_scalar(text: &str, default: Option<&toml::Value>) -> toml::Value {
         return toml::Value::String(text.to_owned());
     }
     match format!("v = {text}").parse::<toml::Table>() {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(text.to_owned())),
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_owned())),
         Err(_) => toml::Value::String(text.to_owned()),
     }
 }

@@ -35,8 +35,7 @@ pub type TaskResult = (&'static str, Result<(), String>);
 pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> {
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
@@ -70,9 +69,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let drained = tokio::time::timeout(deadline, async {
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((name, Err(message))) => {
-                    tracing::warn!(task = name, %message, "task failed while stopping")
-                }
+                Ok((name, Err(message))) => tracing::warn!(task = name, %message, "task failed while stopping"),
                 Ok((name, Ok(()))) => tracing::debug!(task = name, "task stopped"),
                 Err(e) => tracing::warn!(error = %e, "task panicked while stopping"),
             }

@@ -146,18 +146,14 @@ impl Capabilities {
         let tracefs = tracefs::locate(&paths.tracefs).ok();
         let kprobes = match &tracefs {
             Some(t) if t.join("kprobe_events").exists() => Feature::yes("kprobe_events present"),
-            Some(_) => {
-                Feature::no("no kprobe_events in tracefs (kernel built without CONFIG_KPROBES)")
-            }
+            Some(_) => Feature::no("no kprobe_events in tracefs (kernel built without CONFIG_KPROBES)"),
             None => Feature::no("tracefs not mounted"),
         };
         let tracepoints = TRACEPOINTS
             .iter()
             .map(|(sys, ev)| {
                 let f = match &tracefs {
-                    Some(t) if t.join("events").join(sys).join(ev).is_dir() => {
-                        Feature::yes("present")
-                    }
+                    Some(t) if t.join("events").join(sys).join(ev).is_dir() => Feature::yes("present"),
                     Some(_) => Feature::no("not in this kernel"),
                     None => Feature::no("tracefs not mounted"),
                 };
@@ -186,8 +182,7 @@ impl Capabilities {
                 ((*name).to_owned(), f)
             })
             .collect();
-        let bpf_stats_enabled = match std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        {
+        let bpf_stats_enabled = match std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled") {
             Ok(s) if s.trim() == "1" => Feature::yes("kernel.bpf_stats_enabled=1"),
             Ok(_) => Feature::no("kernel.bpf_stats_enabled=0"),
             Err(e) => Feature::no(format!("unreadable: {e}")),
@@ -210,36 +205,17 @@ impl Capabilities {
     pub fn summary(&self) -> String {
         let mark = |f: &Feature| if f.available { "yes" } else { "no " };
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "kernel {} (running as {})",
-            self.kernel_release,
-            if self.is_root { "root" } else { "non-root" }
-        );
-        let _ = writeln!(
-            s,
-            "  BTF             {} {}",
-            mark(&self.btf),
-            self.btf.detail
-        );
+        let _ = writeln!(s, "kernel {} (running as {})", self.kernel_release, if self.is_root { "root" } else { "non-root" });
+        let _ = writeln!(s, "  BTF             {} {}", mark(&self.btf), self.btf.detail);
         let _ = writeln!(
             s,
             "  tracefs         {}",
-            self.tracefs
-                .as_ref()
-                .map_or("not mounted".to_owned(), |p| p.display().to_string())
+            self.tracefs.as_ref().map_or("not mounted".to_owned(), |p| p.display().to_string())
         );
-        let _ = writeln!(
-            s,
-            "  kprobes         {} {}",
-            mark(&self.kprobes),
-            self.kprobes.detail
-        );
+        let _ = writeln!(s, "  kprobes         {} {}", mark(&self.kprobes), self.kprobes.detail);
         let cg = match &self.cgroup {
             CgroupLayout::V2 { unified } => format!("v2 at {}", unified.display()),
-            CgroupLayout::Hybrid { unified } => {
-                format!("hybrid: v1 controllers, v2 at {}", unified.display())
-            }
+            CgroupLayout::Hybrid { unified } => format!("hybrid: v1 controllers, v2 at {}", unified.display()),
             CgroupLayout::V1 => "v1 only (attribution by network namespace)".to_owned(),
             CgroupLayout::Unknown { reason } => format!("unknown: {reason}"),
         };
@@ -254,12 +230,7 @@ impl Capabilities {
                 let _ = writeln!(s, "    {} {name} ({})", mark(f), f.detail);
             }
         }
-        let _ = write!(
-            s,
-            "  bpf stats       {} {}",
-            mark(&self.bpf_stats_enabled),
-            self.bpf_stats_enabled.detail
-        );
+        let _ = write!(s, "  bpf stats       {} {}", mark(&self.bpf_stats_enabled), self.bpf_stats_enabled.detail);
         s
     }
 
@@ -281,10 +252,7 @@ fn fs_magic(path: &Path) -> Option<i64> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type is i64 on x86_64 but not everywhere"
-    )]
+    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 on x86_64 but not everywhere")]
     (rc == 0).then_some(st.f_type as i64)
 }
 

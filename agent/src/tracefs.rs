@@ -102,11 +102,7 @@ pub struct Format {
 impl Format {
     /// Reads `events/<system>/<event>/format` under `tracefs`.
     pub fn read(tracefs: &Path, system: &str, event: &str) -> Result<Self, TracefsError> {
-        let path = tracefs
-            .join("events")
-            .join(system)
-            .join(event)
-            .join("format");
+        let path = tracefs.join("events").join(system).join(event).join("format");
         let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::NoTracepoint {
             system: system.to_owned(),
             event: event.to_owned(),
@@ -218,22 +214,13 @@ print fmt: \"family=%s protocol=%s\", __print_symbolic(REC->family, { 2, \"AF_IN
         assert_eq!(f.id, Some(1490));
         assert_eq!(f.fields.len(), 15);
         let skaddr = f.field("skaddr").expect("skaddr");
-        assert_eq!(
-            (skaddr.c_type.as_str(), skaddr.offset, skaddr.size),
-            ("const void *", 8, 8)
-        );
+        assert_eq!((skaddr.c_type.as_str(), skaddr.offset, skaddr.size), ("const void *", 8, 8));
         let old = f.field("oldstate").expect("oldstate");
         assert_eq!((old.offset, old.size, old.signed), (16, 4, true));
         let proto = f.field("protocol").expect("protocol");
-        assert_eq!(
-            (proto.c_type.as_str(), proto.offset, proto.size),
-            ("__u16", 30, 2)
-        );
+        assert_eq!((proto.c_type.as_str(), proto.offset, proto.size), ("__u16", 30, 2));
         let saddr = f.field("saddr_v6").expect("saddr_v6");
-        assert_eq!(
-            (saddr.c_type.as_str(), saddr.offset, saddr.size),
-            ("__u8[16]", 40, 16)
-        );
+        assert_eq!((saddr.c_type.as_str(), saddr.offset, saddr.size), ("__u8[16]", 40, 16));
     }
 
     #[test]

@@ -23,11 +23,7 @@ use nodeward::probe::cgroup_layout;
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");
     if let Ok(path) = std::env::var("NODEWARD_SKIP_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = writeln!(f, "{test}: {reason}");
         }
     }
@@ -52,18 +48,12 @@ macro_rules! require_root {
 
 fn unique(stem: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{stem}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{stem}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The cgroup v2 hierarchy of this host (pure v2 or hybrid), if any.
 pub fn cgroup_v2_root() -> Option<PathBuf> {
-    cgroup_layout(Path::new("/sys/fs/cgroup"))
-        .unified()
-        .map(Path::to_path_buf)
+    cgroup_layout(Path::new("/sys/fs/cgroup")).unified().map(Path::to_path_buf)
 }
 
 /// A cgroup v2 directory made for one test; its processes are moved out and the directory

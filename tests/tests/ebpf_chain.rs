@@ -11,7 +11,8 @@ use std::{
 use agent_ebpf::tcp_state::{CLOSE, SYN_SENT};
 use nodeward::{ebpf::TcpStateCounter, tracefs};
 use nodeward_tests::{
-    agent_binary, bpf_objects_of, bpftool_has, cgroup_v2_root, require_root, skip, wait_for, Cgroup,
+    agent_binary, bpf_objects_of, bpftool_has, cgroup_v2_root, require_root, skip, wait_for,
+    Cgroup,
 };
 
 /// Tests in this file load programs on the same tracepoint; they run one at a time.
@@ -37,9 +38,7 @@ fn counts_tcp_connects_per_cgroup() {
     if cgroup_v2_root().is_none() {
         return skip(TEST, "no cgroup v2 hierarchy: eBPF cgroup ids need it");
     }
-    let Some(tracefs) = tracefs_or_skip(TEST) else {
-        return;
-    };
+    let Some(tracefs) = tracefs_or_skip(TEST) else { return };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
 
     let busy = Cgroup::new("busy");
@@ -59,11 +58,7 @@ fn counts_tcp_connects_per_cgroup() {
         "for i in $(seq 25); do exec 3<>/dev/tcp/127.0.0.1/{port} || exit 1; exec 3>&-; done"
     );
     let status = busy
-        .spawn(
-            Command::new("bash")
-                .args(["-c", &script])
-                .stdin(Stdio::null()),
-        )
+        .spawn(Command::new("bash").args(["-c", &script]).stdin(Stdio::null()))
         .wait()
         .expect("wait for client");
     assert!(status.success(), "client failed: {status}");
@@ -72,10 +67,7 @@ fn counts_tcp_connects_per_cgroup() {
     let connects = counter
         .count_for(busy.id(), Some((CLOSE, SYN_SENT)))
         .expect("read map");
-    assert_eq!(
-        connects, 25,
-        "every connect() from the busy cgroup is counted once"
-    );
+    assert_eq!(connects, 25, "every connect() from the busy cgroup is counted once");
     let idle_events = counter.count_for(idle.id(), None).expect("read map");
     assert_eq!(idle_events, 0, "nothing is attributed to the idle cgroup");
     let _ = sleeper.kill();
@@ -97,13 +89,7 @@ fn sigterm_detaches_every_program() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
 
     let mut agent = Command::new(agent_binary())
-        .args([
-            "run",
-            "--set",
-            "agent.tick=200ms",
-            "--set",
-            "agent.shutdown_timeout=5s",
-        ])
+        .args(["run", "--set", "agent.tick=200ms", "--set", "agent.shutdown_timeout=5s"])
         .env("NODEWARD_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
         .stdout(Stdio::null())
@@ -117,10 +103,7 @@ fn sigterm_detaches_every_program() {
     })
     .expect("the agent loaded no eBPF program within 20 s");
     for id in &progs {
-        assert!(
-            bpftool_has("prog", *id),
-            "bpftool sees program {id} while the agent runs"
-        );
+        assert!(bpftool_has("prog", *id), "bpftool sees program {id} while the agent runs");
     }
 
     // SAFETY: kill has no memory-safety preconditions.
@@ -128,10 +111,7 @@ fn sigterm_detaches_every_program() {
     let status = wait_for(Duration::from_secs(10), || agent.try_wait().ok().flatten())
         .expect("agent exits within its shutdown deadline");
     let stderr = std::io::read_to_string(agent.stderr.take().expect("stderr")).unwrap_or_default();
-    assert!(
-        status.success(),
-        "agent exit status {status}; log:\n{stderr}"
-    );
+    assert!(status.success(), "agent exit status {status}; log:\n{stderr}");
     assert!(stderr.contains("SIGTERM received"), "log:\n{stderr}");
 
     // Program and link ids are freed asynchronously after the last reference goes.
@@ -140,17 +120,9 @@ fn sigterm_detaches_every_program() {
             .iter()
             .filter(|id| bpftool_has("prog", **id))
             .map(|id| format!("prog {id}"))
-            .chain(
-                links
-                    .iter()
-                    .filter(|id| bpftool_has("link", **id))
-                    .map(|id| format!("link {id}")),
-            )
+            .chain(links.iter().filter(|id| bpftool_has("link", **id)).map(|id| format!("link {id}")))
             .collect();
         left.is_empty().then_some(())
     });
-    assert!(
-        leftover.is_some(),
-        "programs or links left attached after SIGTERM: {progs:?} {links:?}"
-    );
+    assert!(leftover.is_some(), "programs or links left attached after SIGTERM: {progs:?} {links:?}");
 }

@@ -48,10 +48,7 @@ fn load_file(text: &str) -> Result<Config, ConfigError> {
 
 #[test]
 fn empty_file_gives_defaults() {
-    assert_eq!(
-        load_file("").expect("empty file is valid"),
-        Config::default()
-    );
+    assert_eq!(load_file("").expect("empty file is valid"), Config::default());
 }
 
 #[test]
@@ -73,10 +70,7 @@ fn file_values_override_defaults() {
     let c = load_file("[agent]\ntick = \"250ms\"\n[log]\nformat = \"json\"\n").expect("valid");
     assert_eq!(c.agent.tick, Duration::from_millis(250));
     assert_eq!(c.log.format, LogFormat::Json);
-    assert_eq!(
-        c.agent.shutdown_timeout,
-        AgentConfig::default().shutdown_timeout
-    );
+    assert_eq!(c.agent.shutdown_timeout, AgentConfig::default().shutdown_timeout);
 }
 
 #[test]
@@ -101,10 +95,7 @@ fn unknown_key_is_rejected_with_its_name() {
 fn out_of_range_duration_is_rejected() {
     let err = load_file("[agent]\ntick = \"1ms\"\n").expect_err("1ms tick is too fast");
     let msg = err.to_string();
-    assert!(
-        msg.contains("agent.tick") && msg.contains("1ms") && msg.contains("between"),
-        "{msg}"
-    );
+    assert!(msg.contains("agent.tick") && msg.contains("1ms") && msg.contains("between"), "{msg}");
 }
 
 #[test]
@@ -115,8 +106,7 @@ fn syntax_error_is_reported() {
 
 #[test]
 fn precedence_is_flag_over_env_over_file() {
-    let f =
-        file_with("[agent]\ntick = \"3s\"\nshutdown_timeout = \"3s\"\n[ebpf]\nenabled = true\n");
+    let f = file_with("[agent]\ntick = \"3s\"\nshutdown_timeout = \"3s\"\n[ebpf]\nenabled = true\n");
     let env = vec![
         ("NODEWARD_AGENT_TICK".to_owned(), "4s".to_owned()),
         ("NODEWARD_EBPF_ENABLED".to_owned(), "false".to_owned()),
@@ -133,11 +123,7 @@ fn precedence_is_flag_over_env_over_file() {
     )
     .expect("valid");
     assert_eq!(c.agent.tick, Duration::from_secs(5), "flag wins");
-    assert_eq!(
-        c.agent.shutdown_timeout,
-        Duration::from_secs(3),
-        "file beats default"
-    );
+    assert_eq!(c.agent.shutdown_timeout, Duration::from_secs(3), "file beats default");
     assert!(!c.ebpf.enabled, "env beats file");
     assert_eq!(c.log.filter, "debug", "NODEWARD_LOG sets the filter");
 }
@@ -154,10 +140,7 @@ fn bad_env_value_names_the_variable() {
     )
     .expect_err("maybe is not a bool");
     let msg = err.to_string();
-    assert!(
-        msg.contains("ebpf.enabled") && msg.contains("NODEWARD_EBPF_ENABLED"),
-        "{msg}"
-    );
+    assert!(msg.contains("ebpf.enabled") && msg.contains("NODEWARD_EBPF_ENABLED"), "{msg}");
 }
 
 #[test]
@@ -182,19 +165,12 @@ fn malformed_set_flag_is_rejected() {
 
 #[test]
 fn env_names_follow_keys() {
-    assert_eq!(
-        env_name("agent.shutdown_timeout"),
-        "NODEWARD_AGENT_SHUTDOWN_TIMEOUT"
-    );
+    assert_eq!(env_name("agent.shutdown_timeout"), "NODEWARD_AGENT_SHUTDOWN_TIMEOUT");
 }
 
 #[test]
 fn shipped_sample_config_matches_the_defaults() {
     let sample = include_str!("../../../packaging/nodeward.toml");
     let parsed: Config = toml::from_str(sample).expect("sample config parses");
-    assert_eq!(
-        parsed,
-        Config::default(),
-        "packaging/nodeward.toml drifted from the code's defaults"
-    );
+    assert_eq!(parsed, Config::default(), "packaging/nodeward.toml drifted from the code's defaults");
 }

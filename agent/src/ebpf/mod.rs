@@ -51,10 +51,7 @@ pub fn set_state_offsets(tracefs: &Path) -> Result<SetStateOffsets, LoadError> {
     let proto = format.field("protocol")?;
     for (field, f) in [("oldstate", old), ("newstate", new)] {
         if f.size != 4 {
-            return Err(LoadError::FieldSize {
-                field,
-                size: f.size,
-            });
+            return Err(LoadError::FieldSize { field, size: f.size });
         }
     }
     if proto.size != 1 && proto.size != 2 {
@@ -137,11 +134,7 @@ impl TcpStateCounter {
     }
 
     /// Total transitions counted for one cgroup, optionally only one (old → new) transition.
-    pub fn count_for(
-        &self,
-        cgroup_id: u64,
-        transition: Option<(u32, u32)>,
-    ) -> Result<u64, LoadError> {
+    pub fn count_for(&self, cgroup_id: u64, transition: Option<(u32, u32)>) -> Result<u64, LoadError> {
         Ok(self
             .counts()?
             .iter()

@@ -27,10 +27,7 @@ impl Source {
             return Err("tracepoint sock:inet_sock_set_state is missing".to_owned());
         }
         let counter = TcpStateCounter::attach(tracefs).map_err(|e| e.to_string())?;
-        tracing::info!(
-            program = "nodeward_tcp_state",
-            "attached to sock:inet_sock_set_state"
-        );
+        tracing::info!(program = "nodeward_tcp_state", "attached to sock:inet_sock_set_state");
         Ok(Self {
             counter,
             tick: config.agent.tick,
