@@ -256,6 +256,13 @@ fn a_cpu_quota_shows_as_throttling() {
         w.rates.throttled[0].unwrap_or(0.0) > 0.0,
         "throttled seconds per second"
     );
+    // A loop that always wants a full core under a 20% quota is throttled in nearly every
+    // period it runs in.
+    let ratio = w.rates.throttled_periods_ratio[0].expect("throttled share of periods");
+    assert!(
+        ratio > 0.5 && ratio <= 1.0,
+        "throttled in {ratio:.2} of periods"
+    );
 }
 
 /// A process that allocates and touches 256 MiB: the agent's memory usage, working set and

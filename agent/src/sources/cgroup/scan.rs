@@ -32,6 +32,8 @@ pub struct WorkloadRates {
     pub cpu_system: Windowed,
     /// Seconds throttled per second.
     pub throttled: Windowed,
+    /// Share of CFS periods in which the workload was throttled (0-1), where it has a quota.
+    pub throttled_periods_ratio: Windowed,
     /// Bytes per second over all devices.
     pub io_read_bytes: Windowed,
     pub io_write_bytes: Windowed,
@@ -106,7 +108,7 @@ pub struct Scanner {
     proc_root: PathBuf,
     node: Option<NodeConfig>,
     reader: Reader,
-    rates: RateTable<String, 6>,
+    rates: RateTable<String, 8>,
     node_rates: Rates<6>,
 }
 
@@ -166,6 +168,8 @@ impl Scanner {
                         cpu.throttled_ns,
                         io_known.then_some(read),
                         io_known.then_some(write),
+                        cpu.nr_periods,
+                        cpu.nr_throttled,
                     ],
                 );
                 let per_sec_ns = |i| r.rates(i).map(|v| v.map(|v| v / 1e9));
@@ -176,6 +180,13 @@ impl Scanner {
                     throttled: per_sec_ns(3),
                     io_read_bytes: r.rates(4),
                     io_write_bytes: r.rates(5),
+                    throttled_periods_ratio: {
+                        let (periods, throttled) = (r.rates(6), r.rates(7));
+                        [0, 1, 2].map(|i| match (periods[i], throttled[i]) {
+                            (Some(p), Some(t)) if p > 0.0 => Some((t / p).min(1.0)),
+                            _ => None,
+                        })
+                    },
                 };
                 snap.workloads.push(Workload {
                     container: c.clone(),

@@ -14,9 +14,14 @@ pub struct Filesystem {
     pub size_bytes: u64,
     /// Free to unprivileged users (what applications can still write).
     pub available_bytes: u64,
+    /// Blocks in use (size less free blocks, reserved ones included).
+    pub used_bytes: u64,
+    /// `df`'s Use%: used / (used + available to users), 0-1.
     pub used_fraction: f64,
     pub inodes: u64,
     pub inodes_free: u64,
+    /// Inodes in use / inodes, 0-1 (0 where the filesystem has no fixed inode count).
+    pub inodes_used_fraction: f64,
 }
 
 /// Filesystem types that hold a node's data. Anything else (tmpfs, overlay, proc, cgroup...)
@@ -65,6 +70,7 @@ pub fn usage(host_root: &Path, m: &MountEntry) -> Option<Filesystem> {
         fs_type: m.fs_vfstype.clone(),
         size_bytes: size,
         available_bytes: bavail.saturating_mul(frsize),
+        used_bytes: used.saturating_mul(frsize),
         used_fraction: if denom == 0 {
             0.0
         } else {
@@ -72,6 +78,11 @@ pub fn usage(host_root: &Path, m: &MountEntry) -> Option<Filesystem> {
         },
         inodes: files,
         inodes_free: ffree,
+        inodes_used_fraction: if files == 0 {
+            0.0
+        } else {
+            files.saturating_sub(ffree) as f64 / files as f64
+        },
     })
 }
 
@@ -122,6 +133,8 @@ overlay /run/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs overlay 
         let fs = usage(Path::new("/"), &root).expect("statvfs /");
         assert!(fs.size_bytes > 0);
         assert!((0.0..=1.0).contains(&fs.used_fraction));
+        assert!((0.0..=1.0).contains(&fs.inodes_used_fraction));
+        assert!(fs.used_bytes <= fs.size_bytes);
         // Ground truth from an independent tool: df's available 1K-blocks for /.
         let Ok(out) = std::process::Command::new("df")
             .args(["-k", "--output=avail", "/"])
