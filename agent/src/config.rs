@@ -35,6 +35,8 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     pub api: crate::api::ApiConfig,
     pub tcp: crate::sources::tcp::TcpConfig,
+    pub containers: crate::containers::ContainersConfig,
+    pub node: crate::sources::node::NodeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

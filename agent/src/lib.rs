@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod containers;
 pub mod daemon;
 pub mod ebpf;
 pub mod health;

@@ -261,3 +261,113 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One cgroup path created in several hierarchies at once (v1 controllers such as `cpuacct`
+/// and `memory`, and the v2 one), as a container runtime does on a v1 or hybrid host. Parent
+/// directories the guard had to create are removed with it, deepest first.
+#[derive(Debug)]
+pub struct CgroupTree {
+    /// `(hierarchy root, directory)` for each hierarchy, in the order given.
+    pub dirs: Vec<(PathBuf, PathBuf)>,
+    created: Vec<PathBuf>,
+}
+
+impl CgroupTree {
+    /// Creates `<root>/<rel>` under each root. Panics if one cannot be made.
+    pub fn new(rel: &str, roots: &[PathBuf]) -> Self {
+        let mut created = Vec::new();
+        let mut dirs = Vec::new();
+        for root in roots {
+            let mut dir = root.clone();
+            for part in rel.split('/').filter(|p| !p.is_empty()) {
+                dir.push(part);
+                if !dir.exists() {
+                    std::fs::create_dir(&dir)
+                        .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+                    created.push(dir.clone());
+                }
+            }
+            dirs.push((root.clone(), dir));
+        }
+        Self { dirs, created }
+    }
+
+    /// The directory of this cgroup in hierarchy `root`.
+    pub fn dir_in(&self, root: &Path) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(r, _)| r == root)
+            .map(|(_, d)| d.as_path())
+    }
+
+    /// Starts `command` already inside this cgroup in every hierarchy (it moves itself between
+    /// fork and exec).
+    pub fn spawn(&self, command: &mut Command) -> Child {
+        let procs: Vec<std::ffi::CString> = self
+            .dirs
+            .iter()
+            .map(|(_, d)| {
+                std::ffi::CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .expect("cgroup path has no NUL")
+            })
+            .collect();
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+        // (open, write, close) on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                for p in &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if n != 2 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?} in {:?}: {e}", self.dirs))
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        for (root, dir) in &self.dirs {
+            let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = std::fs::write(root.join("cgroup.procs"), format!("{pid}\n"));
+            }
+        }
+        for dir in self.created.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A process's own CPU time, user + system, from `/proc/<pid>/stat`, in seconds.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .expect("stat has a command name");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after `) `.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}

@@ -9,8 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
+pub mod cgroup;
 pub mod cgroup_paths;
 pub mod gpu;
+pub mod node;
+pub mod rates;
 pub mod tcp;
 pub mod udp;
 
@@ -82,6 +85,14 @@ pub fn start(
             // The reason reads "GPU source unavailable: <why>".
             Err(reason) => feeds.unavailable(gpu::NAME, reason.to_string()),
         }
+    }
+    match cgroup::Source::start(config) {
+        Ok(source) => {
+            let cancel = cancel.clone();
+            tasks.spawn(async move { (cgroup::NAME, source.run(cancel).await) });
+            feeds.started.push(cgroup::NAME);
+        }
+        Err(reason) => feeds.unavailable(cgroup::NAME, reason.to_string()),
     }
     feeds
 }

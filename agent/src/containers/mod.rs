@@ -1,0 +1,251 @@
+//! Every workload on the node, found in the cgroup filesystem: Kubernetes containers (pod UID,
+//! QoS class, container id, runtime; kubelet systemd and cgroupfs drivers), containers run
+//! directly by a runtime, and plain systemd services. Works on pure v2, v1 and hybrid layouts
+//! under a configurable root.
+//!
+//! [`Inventory`] is rebuilt on every scan and answers the questions other collectors ask:
+//! which workload owns this cgroup id (the v2 directory inode eBPF reports), this PID, this
+//! network namespace.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
+    path::Path,
+};
+
+use serde::Serialize;
+
+pub mod fixture;
+pub mod layout;
+pub mod path;
+pub mod proc_cgroup;
+
+pub use layout::{CgroupDirs, Layout, LayoutError};
+pub use path::{identify, Identity, Qos, Runtime};
+
+/// Directories deeper than this below a hierarchy root are not walked: the deepest workload
+/// (`kubepods.slice/<qos>.slice/<pod>.slice/<container>.scope`) is at depth 4, and walking
+/// into every sub-cgroup would make a scan cost grow with what containers do inside.
+const MAX_DEPTH: usize = 4;
+
+/// `[containers]` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    /// Discover workloads under `paths.cgroup_root` and read their cgroup stats every tick.
+    pub enabled: bool,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// One workload found on this scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Container {
+    /// Path relative to the hierarchy roots, without a leading `/`.
+    pub path: String,
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Inode of the v2 directory: what `bpf_get_current_cgroup_id` and friends return.
+    pub cgroup_id: Option<u64>,
+    /// Inode of the network namespace its first process is in.
+    pub netns: Option<u64>,
+}
+
+/// The workloads of one scan and the lookups into them.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub containers: Vec<Container>,
+    by_path: HashMap<String, usize>,
+    by_cgroup_id: HashMap<u64, usize>,
+    by_pid: HashMap<u32, usize>,
+    by_netns: HashMap<u64, Vec<usize>>,
+}
+
+impl Inventory {
+    /// Walks the hierarchies under `layout` and records every recognised workload, its cgroup
+    /// id, its processes and their network namespace (read under `proc_root`). A workload that
+    /// exits while it is being looked at is left out or recorded without the missing parts.
+    pub fn scan(layout: &Layout, proc_root: &Path) -> Self {
+        let mut found: Vec<(String, Identity)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        // Inodes of v2 directories, straight from readdir: the cgroup id without a stat.
+        let mut v2_inodes: HashMap<String, u64> = HashMap::new();
+        for root in layout.discovery_roots() {
+            let is_v2 = Some(root) == layout.unified();
+            walk(root, String::new(), 0, &mut |rel, ino| {
+                if seen.contains(rel) {
+                    return WalkAction::Skip;
+                }
+                match identify(rel) {
+                    Some(id) => {
+                        seen.insert(rel.to_owned());
+                        if is_v2 {
+                            v2_inodes.insert(rel.to_owned(), ino);
+                        }
+                        found.push((rel.to_owned(), id));
+                        WalkAction::Skip
+                    }
+                    None => WalkAction::Descend,
+                }
+            });
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let host_netns = netns_of(proc_root, 1);
+        let mut inv = Self::default();
+        for (path, identity) in found {
+            let dirs = layout.dirs(&path);
+            let cgroup_id = v2_inodes.get(&path).copied().or_else(|| {
+                // Found in the v1 walk only: the runtime may still have a v2 directory.
+                let d = dirs.unified.as_deref()?;
+                std::fs::metadata(d).ok().map(|m| m.ino())
+            });
+            let pids = procs_of(&dirs);
+            let netns = pids.iter().find_map(|&pid| netns_of(proc_root, pid));
+            let index = inv.containers.len();
+            inv.by_path.insert(path.clone(), index);
+            if let Some(id) = cgroup_id {
+                inv.by_cgroup_id.insert(id, index);
+            }
+            for pid in pids {
+                inv.by_pid.insert(pid, index);
+            }
+            // The host's namespace is shared by every host-network pod and every service: it
+            // names no single workload.
+            if let Some(ns) = netns.filter(|ns| Some(*ns) != host_netns) {
+                inv.by_netns.entry(ns).or_default().push(index);
+            }
+            inv.containers.push(Container {
+                path,
+                identity,
+                cgroup_id,
+                netns,
+            });
+        }
+        inv
+    }
+
+    /// Builds an inventory from already-known workloads (tests, other sources' fixtures).
+    pub fn from_containers(containers: Vec<Container>) -> Self {
+        let mut inv = Self::default();
+        for c in containers {
+            let index = inv.containers.len();
+            inv.by_path.insert(c.path.clone(), index);
+            if let Some(id) = c.cgroup_id {
+                inv.by_cgroup_id.insert(id, index);
+            }
+            if let Some(ns) = c.netns {
+                inv.by_netns.entry(ns).or_default().push(index);
+            }
+            inv.containers.push(c);
+        }
+        inv
+    }
+
+    pub fn len(&self) -> usize {
+        self.containers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.containers.is_empty()
+    }
+
+    /// The workload whose v2 directory has this inode number.
+    pub fn by_cgroup_id(&self, id: u64) -> Option<&Container> {
+        self.by_cgroup_id.get(&id).map(|&i| &self.containers[i])
+    }
+
+    /// The workload at this path relative to the hierarchy roots, or the nearest workload
+    /// above it (a process in a container's own sub-cgroup belongs to the container).
+    pub fn by_path(&self, path: &str) -> Option<&Container> {
+        let mut p = path.trim_matches('/');
+        loop {
+            if let Some(&i) = self.by_path.get(p) {
+                return Some(&self.containers[i]);
+            }
+            p = &p[..p.rfind('/')?];
+        }
+    }
+
+    /// The workload a process belongs to: from this scan's `cgroup.procs`, else from
+    /// `<proc_root>/<pid>/cgroup` (a process started since the scan).
+    pub fn by_pid(&self, pid: u32, proc_root: &Path) -> Option<&Container> {
+        if let Some(&i) = self.by_pid.get(&pid) {
+            return Some(&self.containers[i]);
+        }
+        let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+        proc_cgroup::ProcCgroup::parse(&text)
+            .candidate_paths()
+            .find_map(|p| self.by_path(p))
+    }
+
+    /// The workloads in this network namespace: all containers of one pod share it.
+    pub fn by_netns(&self, inode: u64) -> impl Iterator<Item = &Container> {
+        self.by_netns
+            .get(&inode)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.containers[i])
+    }
+}
+
+enum WalkAction {
+    Descend,
+    Skip,
+}
+
+fn walk(dir: &Path, rel: String, depth: usize, visit: &mut impl FnMut(&str, u64) -> WalkAction) {
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    // A directory that vanished since it was listed is simply not there any more.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        // d_type from readdir: no stat per entry, and cgroup files are never directories.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let child = if rel.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{rel}/{name}")
+        };
+        if let WalkAction::Descend = visit(&child, entry.ino()) {
+            walk(&entry.path(), child, depth + 1, visit);
+        }
+    }
+}
+
+/// The processes of a workload, from the v2 directory where it exists, else a v1 one.
+fn procs_of(dirs: &CgroupDirs) -> Vec<u32> {
+    let candidates = [
+        &dirs.unified,
+        &dirs.memory,
+        &dirs.cpuacct,
+        &dirs.cpu,
+        &dirs.pids,
+    ];
+    for dir in candidates.into_iter().flatten() {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
+    }
+    Vec::new()
+}
+
+fn netns_of(proc_root: &Path, pid: u32) -> Option<u64> {
+    std::fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+#[cfg(test)]
+mod tests;
