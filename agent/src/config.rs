@@ -32,6 +32,8 @@ pub struct Config {
     pub udp: crate::sources::udp::UdpConfig,
     /// NVIDIA GPUs through NVML (section defined in `sources::gpu`).
     pub gpu: crate::sources::gpu::GpuConfig,
+    /// Prometheus `/metrics` (section defined in `metrics`).
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

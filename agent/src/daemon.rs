@@ -12,7 +12,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, notify, probe::Capabilities, sources};
+use crate::{config::Config, metrics, notify, probe::Capabilities, sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -42,6 +42,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
     let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
+    metrics::spawn(&config, &feeds, &cancel, &mut tasks);
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod sources;
