@@ -67,10 +67,10 @@ pub fn encode_process(m: &mut Metrics) {
     }
 }
 
-fn sysconf(name: libc::c_int) -> Option<i64> {
+fn sysconf(name: libc::c_int) -> Option<libc::c_long> {
     // SAFETY: sysconf only reads a system constant.
     let v = unsafe { libc::sysconf(name) };
-    (v > 0).then_some(i64::from(v))
+    (v > 0).then_some(v)
 }
 
 /// The fields of `/proc/<pid>/stat` that are exported.
