@@ -202,13 +202,28 @@ pub fn ensure_build_tools() -> anyhow::Result<()> {
 pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_packages(
         "test tools",
-        &strings(&["iproute2", "bpftool", "iptables", "procps", "tshark"]),
+        &strings(&[
+            "iproute2",
+            "bpftool",
+            "iptables",
+            "procps",
+            "tshark",
+            // packaging tests: promtool and a real server, RPM inspection, unit verification
+            "prometheus",
+            "rpm",
+            "rpmlint",
+            "systemd",
+        ]),
+        // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[
             "iproute",
             "bpftool",
             "iptables",
             "procps-ng",
             "wireshark-cli",
+            "rpm",
+            "rpmlint",
+            "systemd",
         ]),
     )?;
     let requirements = root.join("tests/requirements.txt");

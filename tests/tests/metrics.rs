@@ -1,0 +1,397 @@
+//! `/metrics` as Prometheus meets it: the agent binary is started, scraped, and its text is
+//! judged by independent tools — `promtool check metrics`, and a real Prometheus server that
+//! scrapes the agent and answers PromQL over its HTTP API with the series the agent exported.
+//!
+//! The GPU series come from the fake NVML (so a value can be checked end to end without a GPU);
+//! the UDP counters from real datagrams on loopback when the tests run as root (eBPF).
+//! Tools that are missing (Debian's `prometheus` package, a C compiler) skip with the reason.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use nodeward_tests::{agent_binary, fake_nvml::FakeNvml, is_root, skip, wait_for};
+
+/// A port that was free a moment ago (the listener is closed before the port is handed on).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// One HTTP/1.1 exchange: `(status, head, body)`; `None` if nothing listens or it hangs up.
+fn http(port: u16, method: &str, target: &str) -> Option<(u16, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, head.to_owned(), body.to_owned()))
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A running agent; SIGTERM and wait on drop.
+struct Agent {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    // Kept alive for the agent's lifetime: the GPU source reads it.
+    _fake: Option<FakeNvml>,
+}
+
+impl Agent {
+    /// Starts `nodeward run` with `/metrics` on a free port, the fake NVML if one can be
+    /// built (with `script`), and eBPF only as root.
+    fn start(test: &str, script: &str) -> Self {
+        let port = free_port();
+        let fake = match FakeNvml::build(test, &[]) {
+            Ok(f) => {
+                f.script(script);
+                Some(f)
+            }
+            Err(reason) => {
+                eprintln!("{test}: no fake NVML ({reason}); GPU series are not checked");
+                None
+            }
+        };
+        let log = std::env::temp_dir().join(format!("nodeward-{test}-{}.log", std::process::id()));
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["run", "--set", "agent.tick=200ms"])
+            .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
+            .args(["--set", &format!("ebpf.enabled={}", is_root())])
+            .env("NODEWARD_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create agent log"));
+        match &fake {
+            Some(f) => cmd.args(["--set", &format!("gpu.library={}", f.library_str())]),
+            None => cmd.args(["--set", "gpu.enabled=false"]),
+        };
+        let mut child = cmd.spawn().expect("start nodeward");
+        let up = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the agent exited ({status}) before serving /metrics:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            http(port, "GET", "/metrics").filter(|(s, _, _)| *s == 200)
+        });
+        assert!(up.is_some(), "no /metrics on port {port} within 30 s");
+        Self {
+            child,
+            port,
+            log,
+            _fake: fake,
+        }
+    }
+
+    fn scrape(&self) -> String {
+        let (status, head, body) =
+            http(self.port, "GET", "/metrics").expect("the agent answers a scrape");
+        assert_eq!(status, 200, "{head}");
+        body
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if wait_for(Duration::from_secs(15), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The value of the sample written exactly as `series` (name and labels) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+const GPU_SCRIPT: &str = "devices = 1\ndev.0.uuid = GPU-nodeward-test-0\ndev.0.temp = 61\n";
+
+#[test]
+fn a_scrape_passes_promtool_and_carries_the_agents_own_cost() {
+    const TEST: &str = "metrics_promtool";
+    let Some(promtool) = tool("promtool") else {
+        skip(TEST, "promtool not installed (Debian package `prometheus`)");
+        return;
+    };
+    let agent = Agent::start(TEST, GPU_SCRIPT);
+
+    if is_root() {
+        // Real datagrams on loopback: the eBPF programs count each one leaving and arriving.
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+        let to = rx.local_addr().expect("local addr");
+        for _ in 0..50 {
+            tx.send_to(&[0u8; 64], to).expect("send UDP");
+        }
+        let counted = wait_for(Duration::from_secs(10), || {
+            sample(&agent.scrape(), "nodeward_udp_packets_total").filter(|n| *n >= 100.0)
+        });
+        assert!(
+            counted.is_some(),
+            "50 datagrams on loopback were not counted twice each:\n{}",
+            agent.scrape()
+        );
+    }
+
+    let text = agent.scrape();
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    check
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool finishes");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics found problems:\n{}{}\nin:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for family in [
+        "nodeward_process_cpu_seconds_total",
+        "nodeward_process_resident_memory_bytes",
+        "nodeward_ebpf_stats_enabled",
+        "nodeward_ebpf_program_run_seconds_total",
+        "nodeward_source_up",
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {family} "))
+                && text.contains(&format!("# TYPE {family} ")),
+            "{family} has no HELP/TYPE:\n{text}"
+        );
+    }
+    let rss = sample(&text, "nodeward_process_resident_memory_bytes").expect("RSS sample");
+    assert!(
+        rss > 1e6,
+        "an agent of under 1 MB RSS is not plausible: {rss}"
+    );
+    if agent._fake.is_some() {
+        assert_eq!(
+            sample(
+                &text,
+                "nodeward_gpu_temperature_celsius{gpu=\"0\",uuid=\"GPU-nodeward-test-0\"}"
+            ),
+            Some(61.0),
+            "{text}"
+        );
+    }
+    if is_root() {
+        let programs = sample(&text, "nodeward_ebpf_programs_loaded").unwrap_or(0.0);
+        assert!(
+            programs >= 1.0,
+            "as root the agent holds eBPF programs:\n{text}"
+        );
+    }
+
+    let (status, _, body) = http(agent.port, "HEAD", "/metrics").expect("HEAD answered");
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, _, _) = http(agent.port, "GET", "/nope").expect("GET answered");
+    assert_eq!(status, 404);
+    let (status, head, _) = http(agent.port, "POST", "/metrics").expect("POST answered");
+    assert_eq!(status, 405, "{head}");
+}
+
+/// Percent-encodes a query parameter.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server on a free loopback port with its own config and data; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(binary: &std::path::Path, target_port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("nodeward-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).expect("create Prometheus dir");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: nodeward\n    static_configs:\n\
+                 \x20     - targets: ['127.0.0.1:{target_port}']\n"
+            ),
+        )
+        .expect("write Prometheus config");
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).expect("create Prometheus log"))
+            .spawn()
+            .expect("start prometheus");
+        Self { child, port, dir }
+    }
+
+    fn api(&self, target: &str) -> Option<serde_json::Value> {
+        let (status, _, body) = http(self.port, "GET", target)?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The result vector of an instant query, once it is non-empty.
+    fn query(&self, promql: &str) -> Option<Vec<serde_json::Value>> {
+        let v = self.api(&format!("/api/v1/query?query={}", encode(promql)))?;
+        let result = v["data"]["result"].as_array()?.clone();
+        (!result.is_empty()).then_some(result)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
+    const TEST: &str = "metrics_prometheus";
+    let Some(binary) = tool("prometheus") else {
+        skip(
+            TEST,
+            "prometheus not installed (Debian package `prometheus`)",
+        );
+        return;
+    };
+    let agent = Agent::start(TEST, GPU_SCRIPT);
+    let prom = Prometheus::start(&binary, agent.port);
+
+    // The target is healthy only once Prometheus parsed a whole scrape without error.
+    let target = wait_for(Duration::from_secs(60), || {
+        let v = prom.api("/api/v1/targets")?;
+        let t = v["data"]["activeTargets"].as_array()?.first()?.clone();
+        (t["health"] == "up").then_some(t)
+    });
+    let Some(target) = target else {
+        panic!(
+            "Prometheus never scraped the agent successfully:\n{:?}\n{}",
+            prom.api("/api/v1/targets"),
+            prom.log()
+        );
+    };
+    assert_eq!(target["lastError"], "", "{target}");
+
+    let version = env!("CARGO_PKG_VERSION");
+    let build = wait_for(Duration::from_secs(30), || {
+        prom.query("nodeward_build_info{job=\"nodeward\"}")
+    })
+    .expect("nodeward_build_info is queryable");
+    assert_eq!(build.len(), 1, "{build:?}");
+    assert_eq!(build[0]["metric"]["version"], version, "{build:?}");
+    assert_eq!(
+        build[0]["metric"]["instance"],
+        format!("127.0.0.1:{}", agent.port)
+    );
+    assert_eq!(build[0]["value"][1], "1");
+
+    let rss = prom
+        .query("nodeward_process_resident_memory_bytes > 1e6")
+        .expect("the agent's RSS is stored and above 1 MB");
+    assert_eq!(rss.len(), 1, "{rss:?}");
+
+    if agent._fake.is_some() {
+        let temp = prom
+            .query("nodeward_gpu_temperature_celsius")
+            .expect("the fake GPU's temperature is stored");
+        assert_eq!(temp.len(), 1, "{temp:?}");
+        assert_eq!(temp[0]["metric"]["uuid"], "GPU-nodeward-test-0");
+        assert_eq!(temp[0]["metric"]["gpu"], "0");
+        assert_eq!(temp[0]["value"][1], "61");
+        let up = prom
+            .query("nodeward_source_up{source=\"gpu\"} == 1")
+            .expect("the GPU source is up");
+        assert_eq!(up.len(), 1, "{up:?}");
+    }
+}
+
+#[test]
+fn a_taken_port_stops_the_agent_at_start_naming_the_address() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let out = Command::new(agent_binary())
+        .args([
+            "run",
+            "--set",
+            "ebpf.enabled=false",
+            "--set",
+            "gpu.enabled=false",
+        ])
+        .args(["--set", &format!("metrics.listen={addr}")])
+        .env("NODEWARD_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run nodeward");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "EX_SOFTWARE; log:\n{log}");
+    assert!(
+        log.contains(&format!("cannot listen for scrapes on {addr}"))
+            && log.contains("metrics.listen"),
+        "{log}"
+    );
+}
