@@ -129,6 +129,26 @@ impl Drop for Agent {
     }
 }
 
+/// `BPF_ENABLE_STATS(BPF_STATS_RUN_TIME)`: run-time statistics stay on while the returned
+/// descriptor is open. `None` where the kernel refuses (before 5.8, or no CAP_SYS_ADMIN).
+fn enable_bpf_run_time_stats() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; ... }; BPF_STATS_RUN_TIME = 0.
+    let attr = [0u32; 2];
+    // SAFETY: the kernel reads `size_of_val(&attr)` bytes from a live, initialised array.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_long,
+        )
+    };
+    // SAFETY: a non-negative return is a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// The value of the sample written exactly as `series` (name and labels) in a scrape.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -148,6 +168,9 @@ fn a_scrape_passes_promtool_and_carries_the_agents_own_cost() {
     let agent = Agent::start(TEST, GPU_SCRIPT);
 
     if is_root() {
+        // Run-time statistics on for this test only: the kernel turns them off again when the
+        // descriptor closes (the sysctl would leave them on for everyone if the test died).
+        let stats = enable_bpf_run_time_stats();
         // Real datagrams on loopback: the eBPF programs count each one leaving and arriving.
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
@@ -163,6 +186,21 @@ fn a_scrape_passes_promtool_and_carries_the_agents_own_cost() {
             "50 datagrams on loopback were not counted twice each:\n{}",
             agent.scrape()
         );
+        if stats.is_some() {
+            let text = agent.scrape();
+            let runs: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("nodeward_ebpf_program_runs_total{program=\"nodeward_udp")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!(
+                runs >= 100.0,
+                "the UDP programs ran for 50 datagrams each way, per bpf_prog_info:\n{text}"
+            );
+        }
+        drop(stats);
     }
 
     let text = agent.scrape();

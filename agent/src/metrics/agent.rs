@@ -5,7 +5,7 @@
 //! program run), so the switch is exported next to the numbers: a zero with the switch off
 //! means "not measured", not "free".
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::Metrics;
 use crate::sources::Feeds;
@@ -120,74 +120,144 @@ pub fn encode_ebpf(m: &mut Metrics) {
         &[],
         f64::from(enabled.unwrap_or(0)),
     );
-    let ours = own_program_ids(std::path::Path::new(&format!("{PROC_SELF}/fdinfo")));
-    m.gauge(
-        "nodeward_ebpf_programs_loaded",
-        "eBPF programs the agent holds loaded.",
-        &[],
-        ours.len() as f64,
-    );
+    const RUN_SECONDS: &str =
+        "Time the kernel spent running the agent's eBPF programs, by program name, in seconds.";
+    const RUNS: &str = "Times the kernel ran the agent's eBPF programs, by program name.";
     m.declare(
         "nodeward_ebpf_program_run_seconds_total",
         super::Kind::Counter,
-        "Time the kernel spent running the agent's eBPF programs, by program name, in seconds.",
+        RUN_SECONDS,
     );
     m.declare(
         "nodeward_ebpf_program_runs_total",
         super::Kind::Counter,
-        "Times the kernel ran the agent's eBPF programs, by program name.",
+        RUNS,
     );
-    if ours.is_empty() {
-        return;
+    let programs = own_programs();
+    m.gauge(
+        "nodeward_ebpf_programs_loaded",
+        "eBPF programs the agent holds loaded.",
+        &[],
+        programs.len() as f64,
+    );
+    // One program name may be loaded more than once (one copy per attach point): those
+    // copies are one series.
+    let mut by_name: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for p in programs.values() {
+        let entry = by_name.entry(p.name.as_str()).or_default();
+        entry.0 += p.run_time_ns;
+        entry.1 += p.run_count;
     }
-    // Names come from bpf_prog_info; one program name may be loaded more than once (one copy
-    // per attach point), and those copies are one series.
-    let mut by_name: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-    for info in aya::programs::loaded_programs().flatten() {
-        if !ours.contains(&info.id()) {
-            continue;
-        }
-        let name = info
-            .name_as_str()
-            .filter(|n| !n.is_empty())
-            .map_or_else(|| format!("id{}", info.id()), str::to_owned);
-        let entry = by_name.entry(name).or_default();
-        entry.0 += info.run_time().as_secs_f64();
-        entry.1 += info.run_count();
-    }
-    for (name, (seconds, runs)) in &by_name {
+    for (name, (nanos, runs)) in by_name {
+        let labels = [("program", name)];
         m.counter(
             "nodeward_ebpf_program_run_seconds_total",
-            "Time the kernel spent running the agent's eBPF programs, by program name, in seconds.",
-            &[("program", name)],
-            *seconds,
+            RUN_SECONDS,
+            &labels,
+            nanos as f64 / 1e9,
         );
         m.counter(
             "nodeward_ebpf_program_runs_total",
-            "Times the kernel ran the agent's eBPF programs, by program name.",
-            &[("program", name)],
-            *runs as f64,
+            RUNS,
+            &labels,
+            runs as f64,
         );
     }
 }
 
-/// The ids of the eBPF programs whose file descriptors this process holds.
-fn own_program_ids(fdinfo: &std::path::Path) -> BTreeSet<u32> {
-    let Ok(dir) = std::fs::read_dir(fdinfo) else {
-        return BTreeSet::new();
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|text| prog_id(&text))
-        .collect()
+/// What the kernel's `bpf_prog_info` says about one program.
+#[derive(Debug)]
+struct ProgramStats {
+    name: String,
+    run_time_ns: u64,
+    run_count: u64,
 }
 
-/// The `prog_id:` line of one fdinfo file, present only for eBPF program descriptors.
-fn prog_id(fdinfo: &str) -> Option<u32> {
+/// The eBPF programs whose descriptors this process holds, by program id.
+///
+/// The descriptors are found through `/proc/self/fdinfo` and asked with
+/// `BPF_OBJ_GET_INFO_BY_FD`, which needs no capability beyond holding the descriptor (walking
+/// every program on the node with `BPF_PROG_GET_NEXT_ID` would need CAP_SYS_ADMIN).
+fn own_programs() -> BTreeMap<u32, ProgramStats> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("{PROC_SELF}/fdinfo")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Some(id) = std::fs::read_to_string(entry.path())
+            .ok()
+            .as_deref()
+            .and_then(program_id)
+        else {
+            continue;
+        };
+        // The descriptor may have been closed and its number reused since fdinfo was read:
+        // the id check drops such an answer.
+        if let Some((info_id, stats)) = program_info(fd) {
+            if info_id == id {
+                out.insert(id, stats);
+            }
+        }
+    }
+    out
+}
+
+/// The program id of an fdinfo text that belongs to an eBPF program (a link's fdinfo names
+/// its program too, but has no `prog_type:` line).
+fn program_id(fdinfo: &str) -> Option<u32> {
+    if !fdinfo.lines().any(|l| l.starts_with("prog_type:")) {
+        return None;
+    }
     fdinfo
         .lines()
         .find_map(|l| l.strip_prefix("prog_id:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a program descriptor: `(id, stats)`.
+fn program_info(fd: u32) -> Option<(u32, ProgramStats)> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: both are plain C structs for which all-zero bytes are a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the kernel requires the unused part of the union to be zero.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    // SAFETY: `attr` points at `info`, which outlives the call and is as long as info_len
+    // says; a bad descriptor makes the call fail, it does not touch other memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<bpf_attr>() as libc::c_long,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    let name = match String::from_utf8_lossy(&name).into_owned() {
+        n if n.is_empty() => format!("id{}", info.id),
+        n => n,
+    };
+    Some((
+        info.id,
+        ProgramStats {
+            name,
+            run_time_ns: info.run_time_ns,
+            run_count: info.run_cnt,
+        },
+    ))
 }
 
 /// Which sources started, and which could not (the reason is in the log and in `nodeward
@@ -250,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn prog_id_is_found_only_in_program_fdinfo() {
+    fn program_id_is_found_only_in_program_fdinfo() {
         let prog = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\nprog_type:\t8\n\
                     prog_jited:\t1\nprog_tag:\tab12cd34ef567890\nmemlock:\t4096\nprog_id:\t73\n\
                     run_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t0\nverified_insns:\t48\n";
@@ -259,10 +329,11 @@ mod tests {
                    map_extra:\t0x0\nmemlock:\t8192\nmap_id:\t12\nfrozen:\t0\n";
         let link = "pos:\t0\nflags:\t02000000\nmnt_id:\t16\nino:\t1057\nlink_type:\tcgroup\n\
                     link_id:\t5\nprog_tag:\tab12cd34ef567890\nprog_id:\t73\n";
-        assert_eq!(prog_id(prog), Some(73));
-        assert_eq!(prog_id(map), None);
-        // A link names its program too: the set of ids removes the duplicate.
-        assert_eq!(prog_id(link), Some(73));
+        assert_eq!(program_id(prog), Some(73));
+        assert_eq!(program_id(map), None);
+        // A link names its program, but is not one: asking it for bpf_prog_info would
+        // return its bpf_link_info.
+        assert_eq!(program_id(link), None);
     }
 
     #[test]
