@@ -1,6 +1,7 @@
 //! `cargo xtask`: nodeward's build automation. `run` and `test` are the README's two commands;
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
+mod rpm;
 mod setup;
 mod test;
 
@@ -35,6 +36,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
     GpuCheck,
+    /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
+    Rpm(rpm::RpmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Test(args) => test::run(&root, &args),
+        Cmd::Rpm(args) => rpm::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

@@ -247,5 +247,7 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
 
 pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_build_tools()?;
-    ensure_test_tools(root)
+    ensure_test_tools(root)?;
+    // The packaging tests build the RPM.
+    crate::rpm::ensure_generate_rpm()
 }
