@@ -173,7 +173,7 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port");
-    let mut agent = Command::new(setpriv)
+    let agent = Command::new(setpriv)
         .arg(format!("--inh-caps=-all,{list}"))
         .arg(format!("--bounding-set=-all,{list}"))
         .arg(agent_binary())
