@@ -433,3 +433,137 @@ fn a_taken_port_stops_the_agent_at_start_naming_the_address() {
         "{log}"
     );
 }
+
+const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../packaging/grafana/nodeward.json"
+);
+/// Exported by the health engine once it lands; the dashboard's verdict panel already uses it.
+const PLANNED: &[&str] = &["nodeward_health_verdict"];
+
+/// The metric names in the tables of docs/metrics.md.
+fn documented() -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(DOCS)
+        .expect("read docs/metrics.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+        .filter(|n| n.starts_with("nodeward_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `nodeward_…` identifier in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("nodeward_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every PromQL string in a dashboard: panel targets' `expr` and template variable queries.
+fn queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "definition" | "query", serde_json::Value::String(s)) => {
+                        out.push(s.clone())
+                    }
+                    _ => queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| queries(i, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
+    let docs = documented();
+    assert!(
+        docs.len() > 50,
+        "docs/metrics.md lists too few metrics: {docs:?}"
+    );
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("read the dashboard"))
+            .expect("the dashboard is valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "a dashboard of {} panels", panels.len());
+    let mut exprs = Vec::new();
+    queries(&dashboard, &mut exprs);
+    let used: std::collections::BTreeSet<String> =
+        exprs.iter().flat_map(|e| metric_names(e)).collect();
+    for name in &used {
+        assert!(
+            docs.contains(name),
+            "the dashboard queries {name}, which docs/metrics.md does not list"
+        );
+    }
+    for must in [
+        "nodeward_health_verdict",
+        "nodeward_container_rtp_window_jitter_max_seconds",
+        "nodeward_container_live_streams",
+        "nodeward_gpu_xid_window_events",
+        "nodeward_process_resident_memory_bytes",
+    ] {
+        assert!(used.contains(must), "the dashboard does not show {must}");
+    }
+
+    // Scrape an agent that has every GPU reading (the fake NVML), an XID event and a GPU
+    // process (this test's own, so its cgroup resolves), and, as root, the eBPF sources.
+    let script = format!(
+        "{}\nevents = 0:xid:79\n",
+        nodeward_tests::fake_nvml::every_field_script(1).replace(
+            "all.procs.compute = 101:1048576 102:2097152",
+            &format!("all.procs.compute = {}:1048576", std::process::id())
+        )
+    );
+    let agent = Agent::start("metrics_docs", &script);
+    let full = agent._fake.is_some() && is_root();
+    let text = if full {
+        wait_for(Duration::from_secs(20), || {
+            let t = agent.scrape();
+            (t.contains("nodeward_gpu_xid_window_events{")
+                && t.contains("nodeward_container_gpu_memory_used_bytes{"))
+            .then_some(t)
+        })
+        .unwrap_or_else(|| panic!("no XID or GPU process series:\n{}", agent.scrape()))
+    } else {
+        agent.scrape()
+    };
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let undocumented: Vec<&String> = exported.difference(&docs).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in docs/metrics.md: {undocumented:?}"
+    );
+    if full {
+        let stale: Vec<&String> = docs
+            .difference(&exported)
+            .filter(|n| !PLANNED.contains(&n.as_str()))
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "documented but not exported by a fully equipped agent: {stale:?}"
+        );
+    } else {
+        skip(
+            "metrics_docs",
+            "not root or no C compiler: whether every documented metric is exported was not checked",
+        );
+    }
+}
