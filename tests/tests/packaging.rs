@@ -204,6 +204,16 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
             "{source} did not start with {list}:\n{scrape}\nlog:\n{log}"
         );
     }
+    // bpf_prog_info of the agent's own programs needs no capability beyond holding them.
+    let loaded = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeward_ebpf_programs_loaded "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        loaded >= 2.0,
+        "eBPF program info not read with {list}:\n{scrape}"
+    );
     assert!(out.status.success(), "{}: {log}", out.status);
 }
 
