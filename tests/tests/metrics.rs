@@ -409,10 +409,11 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
 }
 
 #[test]
-fn a_taken_port_stops_the_agent_at_start_naming_the_address() {
+fn a_taken_port_is_logged_naming_the_address_and_the_agent_runs_on() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let out = Command::new(agent_binary())
+    let log = std::env::temp_dir().join(format!("nodeward-taken-{}.log", std::process::id()));
+    let mut agent = Command::new(agent_binary())
         .args([
             "run",
             "--set",
@@ -423,15 +424,30 @@ fn a_taken_port_stops_the_agent_at_start_naming_the_address() {
         .args(["--set", &format!("metrics.listen={addr}")])
         .env("NODEWARD_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
-        .output()
-        .expect("run nodeward");
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(70), "EX_SOFTWARE; log:\n{log}");
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create log"))
+        .spawn()
+        .expect("start nodeward");
+    let logged = wait_for(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("nodeward is running").then_some(text)
+    });
+    let still_running = agent.try_wait().expect("try_wait").is_none();
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().expect("agent exits");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
     assert!(
-        log.contains(&format!("cannot listen for scrapes on {addr}"))
-            && log.contains("metrics.listen"),
-        "{log}"
+        logged.is_some() && still_running,
+        "the agent did not run on:\n{text}"
     );
+    assert!(
+        text.contains(&format!("cannot listen for scrapes on {addr}"))
+            && text.contains("metrics.listen"),
+        "{text}"
+    );
+    assert!(status.success(), "{status}: {text}");
 }
 
 const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");

@@ -122,8 +122,10 @@ impl Exporter {
 }
 
 /// Binds the listener and spawns the scrape server into the daemon's tasks. Binding happens
-/// here, before the daemon reports ready, so a taken port fails start-up with its reason
-/// instead of leaving an agent that nobody can scrape.
+/// here, before the daemon reports ready. A port that is taken is logged as an error and the
+/// agent runs on without `/metrics`: like a source that cannot start, a missing output must
+/// not take the health verdict and the gRPC API down with it (and two agents on one machine,
+/// as in the tests, must not kill each other).
 pub fn spawn(
     config: &Config,
     feeds: &Feeds,
@@ -138,8 +140,7 @@ pub fn spawn(
     let listener = match bind(addr) {
         Ok(l) => l,
         Err(e) => {
-            let message = e.to_string();
-            tasks.spawn(async move { (NAME, Err(message)) });
+            tracing::error!(error = %e, "Prometheus metrics unavailable");
             return;
         }
     };
