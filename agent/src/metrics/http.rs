@@ -58,7 +58,7 @@ pub async fn serve(
         };
         let exporter = Arc::clone(&exporter);
         connections.spawn(async move {
-            if let Err(e) = tokio::time::timeout(IO_TIMEOUT * 2, answer(stream, &exporter)).await {
+            if let Err(e) = tokio::time::timeout(IO_TIMEOUT * 2, answer(stream, exporter)).await {
                 tracing::debug!(%peer, error = %e, "metrics: client too slow");
             }
             drop(permit);
@@ -103,13 +103,16 @@ fn route(head: &str) -> Route {
     }
 }
 
-async fn answer(mut stream: TcpStream, exporter: &Exporter) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, exporter: Arc<Exporter>) -> std::io::Result<()> {
     let Some(head) = read_head(&mut stream).await? else {
         return respond(&mut stream, 400, "text/plain", b"bad request\n", false).await;
     };
     match route(&head) {
         Route::Metrics { head } => {
-            let body = exporter.render();
+            // A scrape reads /proc files and makes bpf() calls: off the async workers.
+            let body = tokio::task::spawn_blocking(move || exporter.render())
+                .await
+                .map_err(std::io::Error::other)?;
             respond(&mut stream, 200, CONTENT_TYPE, body.as_bytes(), head).await
         }
         Route::Index { head } => {
