@@ -422,3 +422,126 @@ fn install_and_check(rpm: &Path, root: &Path) {
         "the upgrade replaced the administrator's config"
     );
 }
+
+/// Runs a scriptlet with `$1 = arg`, a logging `systemctl` first on PATH and, when `helper`
+/// is true, a logging stand-in for systemd-update-helper; returns the commands it ran.
+fn run_scriptlet(name: &str, arg: u32, helper: bool) -> Vec<String> {
+    let script = std::fs::read_to_string(Path::new(WORKSPACE).join("packaging/rpm").join(name))
+        .expect("read scriptlet");
+    let dir = temp_dir(&format!("scriptlet-{name}-{arg}-{helper}"));
+    let log = dir.join("log");
+    let logger = format!(
+        "#!/bin/sh\necho \"$(basename \"$0\") $*\" >> {}\n",
+        log.display()
+    );
+    for tool in ["systemctl", "systemd-update-helper"] {
+        let path = dir.join(tool);
+        std::fs::write(&path, &logger).expect("write stand-in");
+        let mut perms = std::fs::metadata(&path).expect("stat").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).expect("chmod");
+    }
+    // The real helper's fixed path is swapped for ours, or for one that does not exist.
+    let helper_path = if helper {
+        dir.join("systemd-update-helper")
+    } else {
+        dir.join("absent")
+    };
+    let script = script.replace(
+        "/usr/lib/systemd/systemd-update-helper",
+        &helper_path.display().to_string(),
+    );
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, name, &arg.to_string()])
+        .env("PATH", path)
+        .output()
+        .expect("run sh");
+    assert!(out.status.success(), "{name} {arg}: {}", text(&out));
+    let ran = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    ran
+}
+
+#[test]
+fn the_scriptlets_do_what_the_systemd_macros_do_on_install_upgrade_and_removal() {
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
+    // rpm passes the number of package instances left after the operation:
+    // install 1, upgrade 2 (post) / 1 (preun, postun of the old one), removal 0.
+    let cases: [(&str, u32, bool, Vec<String>); 12] = [
+        (
+            "post_install.sh",
+            1,
+            true,
+            s(&["systemd-update-helper install-system-units nodeward.service"]),
+        ),
+        (
+            "post_install.sh",
+            1,
+            false,
+            s(&["systemctl --no-reload preset nodeward.service"]),
+        ),
+        ("post_install.sh", 2, true, s(&[])),
+        ("post_install.sh", 2, false, s(&[])),
+        (
+            "pre_uninstall.sh",
+            0,
+            true,
+            s(&["systemd-update-helper remove-system-units nodeward.service"]),
+        ),
+        (
+            "pre_uninstall.sh",
+            0,
+            false,
+            s(&["systemctl --no-reload disable --now nodeward.service"]),
+        ),
+        ("pre_uninstall.sh", 1, true, s(&[])),
+        ("pre_uninstall.sh", 1, false, s(&[])),
+        (
+            "post_uninstall.sh",
+            1,
+            true,
+            s(&[
+                "systemctl daemon-reload",
+                "systemd-update-helper mark-restart-system-units nodeward.service",
+            ]),
+        ),
+        (
+            "post_uninstall.sh",
+            1,
+            false,
+            s(&[
+                "systemctl daemon-reload",
+                "systemctl try-restart nodeward.service",
+            ]),
+        ),
+        (
+            "post_uninstall.sh",
+            0,
+            true,
+            s(&["systemctl daemon-reload"]),
+        ),
+        (
+            "post_uninstall.sh",
+            0,
+            false,
+            s(&["systemctl daemon-reload"]),
+        ),
+    ];
+    for (name, arg, helper, expected) in cases {
+        assert_eq!(
+            run_scriptlet(name, arg, helper),
+            expected,
+            "{name} with $1={arg}, update helper {}",
+            if helper { "present" } else { "absent" }
+        );
+    }
+}
