@@ -37,6 +37,8 @@ pub struct Config {
     pub tcp: crate::sources::tcp::TcpConfig,
     pub containers: crate::containers::ContainersConfig,
     pub node: crate::sources::node::NodeConfig,
+    /// Prometheus `/metrics` (section defined in `metrics`).
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, notify, probe::Capabilities, sources};
+use crate::{config::Config, metrics, notify, probe::Capabilities, sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -62,6 +62,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
             )
         });
     }
+    metrics::spawn(&config, &feeds, &cancel, &mut tasks);
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

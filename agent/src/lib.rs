@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod sources;

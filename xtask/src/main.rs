@@ -2,6 +2,7 @@
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
 mod bench;
+mod rpm;
 mod setup;
 mod test;
 
@@ -38,6 +39,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
     GpuCheck,
+    /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
+    Rpm(rpm::RpmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test(args) => test::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
+        Cmd::Rpm(args) => rpm::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

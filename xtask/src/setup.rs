@@ -209,13 +209,22 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "procps",
             "tshark",
             "libnetfilter-queue-dev",
+            // packaging tests: promtool and a real server, RPM inspection, unit verification
+            "prometheus",
+            "rpm",
+            "rpmlint",
+            "systemd",
         ]),
+        // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[
             "iproute",
             "bpftool",
             "iptables",
             "procps-ng",
             "wireshark-cli",
+            "rpm",
+            "rpmlint",
+            "systemd",
         ]),
     )?;
     let requirements = root.join("tests/requirements.txt");
@@ -248,5 +257,7 @@ pub fn ensure_bench_tools() -> anyhow::Result<()> {
 
 pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_build_tools()?;
-    ensure_test_tools(root)
+    ensure_test_tools(root)?;
+    // The packaging tests build the RPM.
+    crate::rpm::ensure_generate_rpm()
 }

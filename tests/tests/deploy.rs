@@ -1,0 +1,297 @@
+//! The cluster deployment: the Kubernetes manifests validate against the API schema of
+//! Kubernetes 1.37 (kubernetes-validate from PyPI, which ships the schemas, run without a
+//! network), and they hand the agent what it needs: host PID, the host paths the config points
+//! at, eBPF capabilities, gRPC probes on the port the Service names, a config the agent accepts.
+//! The container file builds on Anolis OS 23 and starts the binary the RPM installs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use nodeward_tests::{agent_binary, is_root, skip};
+use serde_json::Value;
+
+const KUBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/kubernetes");
+const CONTAINERFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/Containerfile");
+
+fn tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The manifests `kubectl apply -f packaging/kubernetes/` applies (not its subdirectories).
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(KUBE)
+        .expect("read packaging/kubernetes")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `kubernetes-validate --strict` on `files`, without network where we can cut it (root).
+fn validate(files: &[PathBuf]) -> std::process::Output {
+    let validator = tool("kubernetes-validate").expect("checked by the caller");
+    let mut cmd = if is_root() && tool("unshare").is_some() {
+        let mut c = Command::new("unshare");
+        c.arg("--net").arg(validator);
+        c
+    } else {
+        Command::new(validator)
+    };
+    cmd.args(["--strict", "--kubernetes-version", "1.37.0"])
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate")
+}
+
+#[test]
+fn the_manifests_validate_against_the_kubernetes_1_37_schema_offline() {
+    const TEST: &str = "kube_schema";
+    if tool("kubernetes-validate").is_none() {
+        skip(
+            TEST,
+            "kubernetes-validate not installed (pip install -r tests/requirements.txt)",
+        );
+        return;
+    }
+    let files = manifests();
+    let out = validate(&files);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    for resource in [
+        "namespace/nodeward",
+        "serviceaccount/nodeward",
+        "clusterrole/nodeward",
+        "clusterrolebinding/nodeward",
+        "configmap/nodeward",
+        "daemonset/nodeward",
+        "service/nodeward",
+    ] {
+        assert!(
+            report.contains(&format!(
+                "passed for resource {resource} against version 1.37"
+            )),
+            "{resource} was not validated:\n{report}"
+        );
+    }
+
+    // The validator must be able to fail: a misspelt field in a copy of the DaemonSet.
+    let dir = std::env::temp_dir().join(format!("nodeward-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bad = dir.join("daemonset.yaml");
+    let daemonset = std::fs::read_to_string(Path::new(KUBE).join("30-daemonset.yaml"))
+        .expect("read the DaemonSet");
+    std::fs::write(&bad, daemonset.replace("hostPID:", "hostPid:")).expect("write copy");
+    let out = validate(&[bad]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hostPid"),
+        "a misspelt field passed validation"
+    );
+}
+
+/// Every document of a YAML file, as JSON, read by PyYAML (an independent parser).
+fn yaml(path: &Path) -> Option<Vec<Value>> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
+        ])
+        .arg(path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in the manifests"))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_daemonset_gives_the_agent_what_its_config_and_probes_expect() {
+    const TEST: &str = "kube_daemonset";
+    let mut docs = Vec::new();
+    for f in manifests() {
+        match yaml(&f) {
+            Some(d) => docs.extend(d),
+            None => {
+                skip(
+                    TEST,
+                    "python3 with PyYAML not available (pip install -r tests/requirements.txt)",
+                );
+                return;
+            }
+        }
+    }
+    let ds = find(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    // One toleration with operator Exists and no key tolerates every taint.
+    assert!(
+        pod["tolerations"]
+            .as_array()
+            .expect("tolerations")
+            .iter()
+            .any(|t| t["operator"] == "Exists"
+                && t.get("key").is_none()
+                && t.get("effect").is_none()),
+        "not every taint is tolerated: {}",
+        pod["tolerations"]
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_ne!(sc["privileged"], true, "capabilities, not privileged");
+    let caps = strings(&sc["capabilities"]["add"]);
+    for cap in ["BPF", "PERFMON", "NET_ADMIN"] {
+        assert!(caps.contains(&cap), "{cap} missing: {caps:?}");
+    }
+    for r in ["requests", "limits"] {
+        assert!(c["resources"][r]["memory"].is_string(), "no memory {r}");
+    }
+
+    // Probes: gRPC health on the container port named grpc, which the Service exposes.
+    let port = |name: &str| {
+        c["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            c[probe]["grpc"]["port"].as_u64(),
+            Some(port("grpc")),
+            "{probe}"
+        );
+    }
+    let svc = find(&docs, "Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "headless");
+    let svc_ports: Vec<&str> = svc["spec"]["ports"]
+        .as_array()
+        .expect("service ports")
+        .iter()
+        .filter_map(|p| p["targetPort"].as_str())
+        .collect();
+    assert_eq!(svc_ports, ["grpc", "metrics"]);
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(port("metrics").to_string().as_str())
+    );
+
+    // The host paths eBPF and the collectors need are mounted, and the config points at them.
+    let mount_of = |host: &str| -> String {
+        let volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["hostPath"]["path"] == host)
+            .unwrap_or_else(|| panic!("no hostPath volume for {host}"));
+        c["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("volume for {host} not mounted"))
+            .to_owned()
+    };
+    let cgroup = mount_of("/sys/fs/cgroup");
+    let proc = mount_of("/proc");
+    mount_of("/sys/kernel/btf");
+    mount_of("/sys/kernel/tracing");
+    mount_of("/run/nodeward");
+
+    let toml = find(&docs, "ConfigMap")["data"]["nodeward.toml"]
+        .as_str()
+        .expect("nodeward.toml in the ConfigMap")
+        .to_owned();
+    let dir = std::env::temp_dir().join(format!("nodeward-kube-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("nodeward.toml");
+    std::fs::write(&file, &toml).expect("write config");
+    let shown = Command::new(agent_binary())
+        .arg("--config")
+        .arg(&file)
+        .args(["config", "show"])
+        .env_remove("NODEWARD_LOG")
+        .output()
+        .expect("run nodeward config show");
+    let _ = std::fs::remove_dir_all(&dir);
+    let shown_text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success(),
+        "the agent rejects the ConfigMap's config: {}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert!(
+        shown_text.contains(&format!("cgroup_root = \"{cgroup}\"")),
+        "{shown_text}"
+    );
+    assert!(
+        shown_text.contains(&format!("proc_root = \"{proc}\"")),
+        "{shown_text}"
+    );
+    assert!(
+        shown_text.contains(&format!("listen = \"0.0.0.0:{}\"", port("metrics"))),
+        "metrics must listen on the pod address and the declared port:\n{shown_text}"
+    );
+
+    // prometheus-operator's PodMonitor scrapes the same named port.
+    let pm = yaml(&Path::new(KUBE).join("prometheus-operator/podmonitor.yaml"))
+        .expect("parse the PodMonitor");
+    let pm = find(&pm, "PodMonitor");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn the_container_file_builds_on_anolis_23_and_starts_the_rpms_binary() {
+    let text = std::fs::read_to_string(CONTAINERFILE).expect("read the Containerfile");
+    let from: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .collect();
+    assert_eq!(from, ["registry.openanolis.cn/openanolis/anolisos:23"]);
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        text.contains(&format!("target/rpm/nodeward-{version}-1.x86_64.rpm")),
+        "the default RPM path names another version than {version}"
+    );
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/Cargo.toml"))
+            .expect("read agent/Cargo.toml");
+    assert!(
+        manifest.contains("dest = \"/usr/bin/nodeward\"")
+            && text.contains("ENTRYPOINT [\"/usr/bin/nodeward\"]"),
+        "the image must start the binary where the RPM installs it"
+    );
+}
