@@ -198,7 +198,7 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
     let out = agent.wait_with_output().expect("agent exits");
     let log = String::from_utf8_lossy(&out.stderr);
     let scrape = scrape.unwrap_or_else(|| panic!("no scrape; log:\n{log}"));
-    for source in ["ebpf/tcp_state", "ebpf/udp"] {
+    for source in ["ebpf/tcp", "ebpf/udp"] {
         assert!(
             scrape.contains(&format!("nodeward_source_up{{source=\"{source}\"}} 1")),
             "{source} did not start with {list}:\n{scrape}\nlog:\n{log}"
