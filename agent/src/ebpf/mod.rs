@@ -21,6 +21,27 @@ pub mod udp;
 /// The eBPF object built from `agent-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
 
+/// The maps of the object whose size matters. Each source loads its own copy of the object,
+/// which creates every map in it; the maps another source owns are shrunk to one entry.
+const SIZED_MAPS: &[&str] = &[
+    "TCP_STATE_EVENTS",
+    "TCP_CGROUP_STATS",
+    "TCP_RTT_HIST",
+    "TCP_FLOWS",
+    "UDP_FLOWS",
+    "RTP_STREAMS",
+];
+
+/// A loader for a source that owns the maps `owned`: every other sized map gets one entry,
+/// so unused copies cost no kernel memory. Set the owned maps' sizes on the returned loader.
+pub fn loader_owning(owned: &[&str]) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    for name in SIZED_MAPS.iter().filter(|m| !owned.contains(m)) {
+        loader.map_max_entries(name, 1);
+    }
+    loader
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
@@ -99,7 +120,7 @@ impl TcpStateCounter {
     /// Loads and attaches the program. Detached when the value is dropped.
     pub fn attach(tracefs: &Path) -> Result<Self, LoadError> {
         let offsets = set_state_offsets(tracefs)?;
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader_owning(&[TCP_STATE_MAP])
             .override_global("SET_STATE_OFFSETS", &offsets, true)
             .load(OBJECT)?;
         let program: &mut TracePoint = ebpf

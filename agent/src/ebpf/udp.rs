@@ -6,7 +6,7 @@ use agent_ebpf::rtp::{counter, RtpKey, RtpState, UdpFlowKey, UdpFlowStats};
 use aya::{
     maps::{Array, HashMap, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
 use super::{LoadError, OBJECT};
@@ -55,9 +55,7 @@ impl UdpPrograms {
         max_flows: u32,
         max_streams: u32,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new()
-            // The TCP state map belongs to another source; keep this copy of it tiny.
-            .map_max_entries("TCP_STATE_EVENTS", 1)
+        let mut ebpf = super::loader_owning(&[FLOWS, STREAMS])
             .map_max_entries(FLOWS, max_flows.max(1))
             .map_max_entries(STREAMS, max_streams.max(1))
             .load(OBJECT)?;

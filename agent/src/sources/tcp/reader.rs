@@ -14,7 +14,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError,
 };
 
 use super::{
@@ -96,7 +96,7 @@ impl Reader {
         })?;
         let count_foreign = u32::from(plan.count_foreign_context);
         let key_by_netns = u32::from(plan.recorder == Recorder::Netns);
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = crate::ebpf::loader_owning(&[STATS, HIST, FLOWS])
             .map_max_entries(STATS, config.max_cgroups)
             .map_max_entries(HIST, config.max_hist_entries)
             .map_max_entries(FLOWS, config.max_flows)
