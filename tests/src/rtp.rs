@@ -94,10 +94,20 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(cgroup: &Cgroup) -> Self {
+        Self::start_on(cgroup, "127.0.0.1")
+    }
+
+    /// A receiver bound to `addr` (`127.0.0.1` or `::1`).
+    pub fn start_on(cgroup: &Cgroup, addr: &str) -> Self {
+        let family = if addr.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
         let script = [
             "import socket",
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
-            "s.bind(('127.0.0.1', 0))",
+            &format!("s = socket.socket(socket.{family}, socket.SOCK_DGRAM)"),
+            &format!("s.bind(('{addr}', 0))"),
             "print(s.getsockname()[1], flush=True)",
             "s.settimeout(3)",
             "while True:",
@@ -107,9 +117,10 @@ impl Receiver {
             "        break",
         ]
         .join("\n");
+        let script = script.as_str();
         let mut child = cgroup.spawn(
             Command::new("python3")
-                .args(["-c", &script])
+                .args(["-c", script])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit()),
         );

@@ -310,3 +310,61 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
     assert_eq!(c.live_streams, 0, "nothing flows any more");
     assert!(after.hook.contains("cgroup_skb"));
 }
+
+/// The same bookkeeping over IPv6: the stream is found with its IPv6 endpoints and its loss
+/// equals the drops.
+#[test]
+fn rtp_over_ipv6_is_tracked_with_its_loss() {
+    const TEST: &str = "rtp_over_ipv6_is_tracked_with_its_loss";
+    require_root!(TEST);
+    let Some(root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    if !have("python3") {
+        return skip(TEST, "needs python3");
+    }
+    let Ok(socket) = UdpSocket::bind("[::1]:0") else {
+        return skip(TEST, "no IPv6 loopback on this host");
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024).expect("attach");
+    let container = Cgroup::new("rtp6");
+    let receiver = Receiver::start_on(&container, "::1");
+    let plan = RtpPlan {
+        ssrc: 0x0006_0006,
+        payload_type: 8,
+        first_seq: 1,
+        interval: Duration::from_millis(5),
+        ts_step: 40,
+        packets: 100,
+        max_delay: Duration::from_millis(1),
+        drops: vec![10, 20, 30],
+        payload_len: 40,
+    };
+    let dropped = send_rtp(
+        &socket,
+        &format!("[::1]:{}", receiver.port),
+        &plan,
+        &mut Rng::new(6),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let maps = programs.read().expect("read");
+    let (key, state) = maps
+        .streams
+        .iter()
+        .find(|(k, _)| {
+            k.flow.cgroup_id == container.id()
+                && k.ssrc == plan.ssrc
+                && k.flow.direction == DIR_INGRESS
+        })
+        .expect("the IPv6 stream is tracked in the receiver's cgroup");
+    assert_eq!(key.flow.ip_version, 6);
+    assert_eq!(key.flow.local_port, receiver.port);
+    assert_eq!(
+        key.flow.local_addr,
+        [0, 0, 0, u32::from_be(1)],
+        "::1 in network order"
+    );
+    assert_eq!(state.lost(), u64::from(dropped));
+    assert_eq!(state.received, 97);
+}
