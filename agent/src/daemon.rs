@@ -12,7 +12,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, metrics, notify, probe::Capabilities, sources};
+use crate::{bridge, config::Config, metrics, notify, probe::Capabilities, sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,10 +41,12 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
-    // The store that sources publish into and the API reads. Sources are wired to it as they
-    // land (pass `&store` to `sources::start`); until one registers, the verdict stays UNKNOWN.
+    // The store that the API, the health engine and the metrics read; the bridge maps every
+    // source's snapshots into it and registers the sources, so the verdict leaves UNKNOWN once
+    // each enabled source has reported or said it cannot run.
     let store = crate::store::Store::new();
     let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
+    bridge::spawn(&config, &feeds, &store, &cancel, &mut tasks);
     if config.api.enabled {
         let (api, health, store, cancel) = (
             config.api.clone(),
