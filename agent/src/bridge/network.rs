@@ -23,8 +23,8 @@ use crate::{
         udp::model::{ContainerUdp, Endpoint, UdpSnapshot, WindowStats as UdpWindow},
     },
     store::{
-        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork, Provenance,
-        StreamProtocol,
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
+        Provenance, StreamProtocol,
     },
 };
 
@@ -94,12 +94,22 @@ pub fn network_meta(
 ) {
     if let Some(tcp) = tcp.filter(|t| !t.fidelity.path.contains("netns")) {
         for c in tcp.containers.values() {
-            let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), KeyedBy::CgroupId, inventory);
+            let key = network_key(
+                c.cgroup_id,
+                c.cgroup_path.as_deref(),
+                KeyedBy::CgroupId,
+                inventory,
+            );
             add_network_meta(meta, &key, c.cgroup_id, c.cgroup_path.as_deref());
         }
     }
     for c in udp.map(|u| u.containers.as_slice()).unwrap_or_default() {
-        let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), KeyedBy::CgroupId, inventory);
+        let key = network_key(
+            c.cgroup_id,
+            c.cgroup_path.as_deref(),
+            KeyedBy::CgroupId,
+            inventory,
+        );
         add_network_meta(meta, &key, c.cgroup_id, c.cgroup_path.as_deref());
     }
 }

@@ -227,14 +227,7 @@ pub fn gpu_snapshot(s: &gpu::GpuSnapshot) -> (GpuSnapshot, Provenance) {
     let gpus = s
         .devices
         .iter()
-        .map(|d| {
-            device(
-                d,
-                s.health.devices.get(&d.index),
-                s.taken_at,
-                &mut missing,
-            )
-        })
+        .map(|d| device(d, s.health.devices.get(&d.index), s.taken_at, &mut missing))
         .collect();
     let version = |r: &Reading<String>| r.value().cloned().unwrap_or_else(|| "?".to_owned());
     let mut fidelity = Vec::new();
