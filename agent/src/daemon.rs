@@ -47,24 +47,32 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let store = crate::store::Store::new();
     let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
     bridge::spawn(&config, &feeds, &store, &cancel, &mut tasks);
+    // The API is bound here rather than in its task so that the metrics exporter can read the
+    // very health state the API serves (verdict, conditions, drain).
+    let mut health = None;
     if config.api.enabled {
-        let (api, health, store, cancel) = (
-            config.api.clone(),
-            config.health.clone(),
-            store.clone(),
-            cancel.clone(),
-        );
         let clock = std::sync::Arc::new(crate::store::SystemClock);
-        tasks.spawn(async move {
-            (
-                "api",
-                crate::api::run(api, health, store, clock, cancel)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
+        match crate::api::BoundApi::bind(
+            &config.api,
+            &config.health,
+            store.clone(),
+            clock,
+            cancel.clone(),
+        )
+        .await
+        {
+            Ok(bound) => {
+                health = Some(bound.health());
+                tasks.spawn(async move { ("api", bound.serve().await.map_err(|e| e.to_string())) });
+            }
+            Err(e) => {
+                // Same outcome as before: the failed task reaches `main` through the join set.
+                let message = e.to_string();
+                tasks.spawn(async move { ("api", Err(message)) });
+            }
+        }
     }
-    metrics::spawn(&config, &feeds, &cancel, &mut tasks);
+    metrics::spawn(&config, &feeds, &store, health, &cancel, &mut tasks);
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

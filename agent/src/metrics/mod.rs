@@ -16,12 +16,14 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, daemon::TaskResult, sources::Feeds};
+use crate::{config::Config, daemon::TaskResult, sources::Feeds, store::Store};
 
 pub mod agent;
 pub mod encode;
 pub mod gpu;
+pub mod health;
 mod http;
+pub mod store;
 pub mod udp;
 
 pub use encode::{Kind, Metrics};
@@ -96,6 +98,19 @@ impl Exporter {
         exporter
     }
 
+    /// Adds what the daemon has beyond the raw feeds: the store (per-container TCP, cgroup and
+    /// node numbers) and the health state the API publishes (verdict, drain, conditions).
+    pub fn add_store(
+        &mut self,
+        store: Arc<Store>,
+        health: Option<watch::Receiver<crate::api::hub::Published>>,
+    ) {
+        self.add(move |m| store::encode(&store.snapshot(), m));
+        if let Some(rx) = health {
+            self.add_feed(rx, health::encode);
+        }
+    }
+
     /// Adds a collector that writes samples on each scrape.
     pub fn add(&mut self, collect: impl Fn(&mut Metrics) + Send + Sync + 'static) {
         self.collectors.push(Box::new(collect));
@@ -129,6 +144,8 @@ impl Exporter {
 pub fn spawn(
     config: &Config,
     feeds: &Feeds,
+    store: &Arc<Store>,
+    health: Option<watch::Receiver<crate::api::hub::Published>>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) {
@@ -144,7 +161,9 @@ pub fn spawn(
             return;
         }
     };
-    let exporter = Arc::new(Exporter::from_feeds(feeds));
+    let mut exporter = Exporter::from_feeds(feeds);
+    exporter.add_store(store.clone(), health);
+    let exporter = Arc::new(exporter);
     let cancel = cancel.clone();
     tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
     tasks.spawn(async move { (NAME, http::serve(listener, exporter, cancel).await) });
