@@ -59,9 +59,76 @@ fn send_until(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> 
     })
 }
 
-async fn drain_status(
-    client: &mut pb::node_health_client::NodeHealthClient<tonic::transport::Channel>,
-) -> pb::GetDrainStatusResponse {
+/// `nodeward run` with its API on a socket of its own, the eBPF sources on, no GPU, no metrics.
+struct Agent {
+    child: tokio::process::Child,
+    client: Client,
+    _dir: TempDir,
+}
+
+type Client = pb::node_health_client::NodeHealthClient<tonic::transport::Channel>;
+
+impl Agent {
+    async fn start(stem: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new(stem);
+        let socket = dir.0.join("agent.sock");
+        let mut cmd = tokio::process::Command::new(agent_binary());
+        cmd.args(["run", "--config", "/dev/null"])
+            .args(["--set", "api.tcp_listen=", "--set", "metrics.enabled=false"])
+            .args(["--set", "gpu.enabled=false", "--set", "agent.tick=500ms"])
+            .args(["--set", &format!("udp.idle_timeout={IDLE_TIMEOUT}")])
+            .arg("--set")
+            .arg(format!("api.unix_socket={}", socket.display()));
+        for kv in extra {
+            cmd.args(["--set", kv]);
+        }
+        let child = cmd
+            .env("NODEWARD_LOG", "warn")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start nodeward run");
+        let addr = format!("unix:{}", socket.display());
+        let client = eventually(STEP, || {
+            let (addr, socket) = (addr.clone(), socket.clone());
+            async move { nodeward::client::connect(&conn(&addr), &socket).await.ok() }
+        })
+        .await
+        .expect("the daemon answers on its socket");
+        Self {
+            child,
+            client,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        let pid = i32::try_from(self.child.id().expect("pid")).expect("pid fits");
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let exit = tokio::time::timeout(STEP, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait");
+        assert!(exit.success(), "clean exit: {exit:?}");
+    }
+}
+
+/// The store key of a test cgroup: its path below the v2 root, `/`-prefixed.
+fn key_of(cgroup: &Cgroup, v2_root: &std::path::Path) -> String {
+    format!(
+        "/{}",
+        cgroup
+            .path
+            .strip_prefix(v2_root)
+            .expect("test cgroup under the v2 root")
+            .display()
+    )
+}
+
+async fn drain_status(client: &mut Client) -> pb::GetDrainStatusResponse {
     client
         .get_drain_status(pb::GetDrainStatusRequest {})
         .await
@@ -81,31 +148,8 @@ async fn rtp_stream_reaches_health_containers_and_the_drain_handshake() {
         return skip(TEST, "python3 is missing (the RTP receiver)");
     }
 
-    let dir = TempDir::new("e2e-health");
-    let socket = dir.0.join("agent.sock");
-    let mut agent = tokio::process::Command::new(agent_binary())
-        .args(["run", "--config", "/dev/null"])
-        .args(["--set", "api.tcp_listen=", "--set", "metrics.enabled=false"])
-        .args(["--set", "tcp.enabled=false", "--set", "gpu.enabled=false"])
-        .args(["--set", "agent.tick=500ms"])
-        .args(["--set", &format!("udp.idle_timeout={IDLE_TIMEOUT}")])
-        .arg("--set")
-        .arg(format!("api.unix_socket={}", socket.display()))
-        .env("NODEWARD_LOG", "warn")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start nodeward run");
-
-    let addr = format!("unix:{}", socket.display());
-    let mut client = eventually(STEP, || {
-        let (addr, socket) = (addr.clone(), socket.clone());
-        async move { nodeward::client::connect(&conn(&addr), &socket).await.ok() }
-    })
-    .await
-    .expect("the daemon answers on its socket");
+    let agent = Agent::start("e2e-health", &["tcp.enabled=false"]).await;
+    let mut client = agent.client.clone();
 
     // 1. The verdict leaves UNKNOWN once the sources have reported (or said they cannot run).
     let report = eventually(STEP, || {
@@ -134,14 +178,7 @@ async fn rtp_stream_reaches_health_containers_and_the_drain_handshake() {
 
     // 2. A receiver in its own cgroup gets an RTP stream.
     let cgroup = Cgroup::new("e2e-rx");
-    let key = format!(
-        "/{}",
-        cgroup
-            .path
-            .strip_prefix(&v2_root)
-            .expect("test cgroup under the v2 root")
-            .display()
-    );
+    let key = key_of(&cgroup, &v2_root);
     let receiver = Receiver::start(&cgroup);
     let stop = Arc::new(AtomicBool::new(false));
     let sender = send_until(receiver.port, stop.clone());
@@ -231,12 +268,144 @@ async fn rtp_stream_reaches_health_containers_and_the_drain_handshake() {
     assert!(ready.ready_reason.contains("no live streams"), "{ready:?}");
     drop(receiver);
 
-    let pid = i32::try_from(agent.id().expect("pid")).expect("pid fits");
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let exit = tokio::time::timeout(STEP, agent.wait())
-        .await
-        .expect("exits in time")
-        .expect("wait");
-    assert!(exit.success(), "clean exit: {exit:?}");
+    agent.stop().await;
+}
+
+/// An echo server (python3) in `cgroup` on 127.0.0.1; it serves one connection and exits.
+fn echo_server(cgroup: &Cgroup) -> (std::process::Child, u16) {
+    let script = [
+        "import socket",
+        "s = socket.socket()",
+        "s.bind(('127.0.0.1', 0))",
+        "s.listen(1)",
+        "print(s.getsockname()[1], flush=True)",
+        "c, _ = s.accept()",
+        "while True:",
+        "    d = c.recv(4096)",
+        "    if not d:",
+        "        break",
+        "    c.sendall(d)",
+        "c.close()",
+    ]
+    .join("\n");
+    let mut child = cgroup.spawn(
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    );
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("server stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("server prints its port");
+    (child, line.trim().parse().expect("port number"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_established_tcp_connection_is_a_drain_stream_until_it_closes() {
+    const TEST: &str = "e2e_health_tcp";
+    if !is_root() {
+        return skip(TEST, "needs root (eBPF, cgroups)");
+    }
+    let Some(v2_root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy");
+    };
+    if !have_python() {
+        return skip(TEST, "python3 is missing (the echo server)");
+    }
+    let agent = Agent::start("e2e-health-tcp", &[]).await;
+    let mut client = agent.client.clone();
+    // The TCP source only attributes sockets created after it attached: wait for it to run.
+    eventually(STEP, || {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .get_node_health(pb::GetNodeHealthRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .health?;
+            r.sources
+                .iter()
+                .any(|s| s.name == "network" && s.last_report_unix_ms > 0)
+                .then_some(())
+        }
+    })
+    .await
+    .expect("the network source reports");
+
+    let cgroup = Cgroup::new("e2e-tcp");
+    let key = key_of(&cgroup, &v2_root);
+    let (mut server, port) = echo_server(&cgroup);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let local = conn.local_addr().expect("client address").to_string();
+    // Round trips give the server's socket RTT samples.
+    let echo = |conn: &mut std::net::TcpStream| {
+        use std::io::{Read as _, Write as _};
+        for _ in 0..20 {
+            conn.write_all(b"ping").expect("write");
+            let mut buf = [0u8; 4];
+            conn.read_exact(&mut buf).expect("echo");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    echo(&mut conn);
+
+    let streams = eventually(STEP, || {
+        let (mut c, key) = (client.clone(), key.clone());
+        async move {
+            let s = drain_status(&mut c).await;
+            s.containers.into_iter().find(|c| c.container_id == key)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{key}'s connection never counted as a stream"));
+    assert_eq!(streams.established_connections, 1, "{streams:?}");
+    assert!(
+        streams
+            .streams
+            .iter()
+            .all(|s| s.protocol == pb::StreamProtocol::Tcp as i32),
+        "{streams:?}"
+    );
+    assert!(
+        streams.streams.iter().any(|s| s.remote_addr == local),
+        "the peer is the client at {local}: {streams:?}"
+    );
+    echo(&mut conn);
+    let network = eventually(STEP, || {
+        let (mut c, key) = (client.clone(), key.clone());
+        async move {
+            let n = c
+                .get_container_network(pb::GetContainerNetworkRequest { container_id: key })
+                .await
+                .ok()?
+                .into_inner()
+                .network?;
+            n.windows
+                .iter()
+                .any(|w| w.window_seconds == 10 && w.samples > 0)
+                .then_some(n)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{key} never showed TCP RTT samples"));
+    assert!(network.established_connections >= 1, "{network:?}");
+
+    drop(conn);
+    let _ = server.wait();
+    let gone = eventually(STEP, || {
+        let (mut c, key) = (client.clone(), key.clone());
+        async move {
+            let s = drain_status(&mut c).await;
+            (!s.containers.iter().any(|c| c.container_id == key)).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "{key} still serves a stream after the connection closed: {:?}",
+        drain_status(&mut client).await
+    );
+    agent.stop().await;
 }

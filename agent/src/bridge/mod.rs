@@ -239,3 +239,97 @@ impl Bridge {
         self.publish_meta(&inventory);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SourceStatus;
+
+    fn feeds(started: &[&'static str], unavailable: &[&'static str]) -> Feeds {
+        Feeds {
+            started: started.to_vec(),
+            unavailable: unavailable
+                .iter()
+                .map(|n| (*n, format!("{n} cannot run")))
+                .collect(),
+            ..Feeds::default()
+        }
+    }
+
+    fn status(store: &Store, kind: SourceKind) -> Option<SourceStatus> {
+        store.snapshot().sources.get(&kind).cloned()
+    }
+
+    #[test]
+    fn network_waits_for_whichever_of_tcp_and_udp_runs() {
+        let store = Store::new();
+        register(
+            &store,
+            &Config::default(),
+            &feeds(&[tcp::NAME, cgroup::NAME], &[udp::NAME, gpu::NAME]),
+        );
+        assert_eq!(
+            status(&store, SourceKind::Network),
+            Some(SourceStatus::Pending)
+        );
+        assert_eq!(
+            status(&store, SourceKind::Cgroup),
+            Some(SourceStatus::Pending)
+        );
+        assert_eq!(
+            status(&store, SourceKind::Node),
+            Some(SourceStatus::Pending)
+        );
+        assert!(matches!(
+            status(&store, SourceKind::Gpu),
+            Some(SourceStatus::Unavailable { reason }) if reason.contains("gpu cannot run")
+        ));
+    }
+
+    #[test]
+    fn network_is_unavailable_only_when_neither_source_runs_with_both_reasons() {
+        let store = Store::new();
+        register(
+            &store,
+            &Config::default(),
+            &feeds(&[cgroup::NAME], &[tcp::NAME, udp::NAME]),
+        );
+        match status(&store, SourceKind::Network) {
+            Some(SourceStatus::Unavailable { reason }) => {
+                assert!(
+                    reason.contains(tcp::NAME) && reason.contains(udp::NAME),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disabled_sources_are_not_registered() {
+        let store = Store::new();
+        let mut config = Config::default();
+        config.node.enabled = false;
+        register(&store, &config, &feeds(&[cgroup::NAME], &[]));
+        let s = store.snapshot();
+        assert!(s.sources.contains_key(&SourceKind::Cgroup));
+        assert!(!s.sources.contains_key(&SourceKind::Node), "node disabled");
+        assert!(
+            !s.sources.contains_key(&SourceKind::Network),
+            "no eBPF source asked for"
+        );
+        assert!(!s.sources.contains_key(&SourceKind::Gpu));
+    }
+
+    #[test]
+    fn a_cgroup_source_that_cannot_start_marks_cgroup_and_node_unavailable() {
+        let store = Store::new();
+        register(&store, &Config::default(), &feeds(&[], &[cgroup::NAME]));
+        for kind in [SourceKind::Cgroup, SourceKind::Node] {
+            assert!(matches!(
+                status(&store, kind),
+                Some(SourceStatus::Unavailable { .. })
+            ));
+        }
+    }
+}
