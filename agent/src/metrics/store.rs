@@ -4,7 +4,7 @@
 //!
 //! Series carry `container` (the id the API uses: the runtime's container id, else the cgroup
 //! path), `pod` and `namespace` (empty until the agent resolves pods). Window gauges carry a
-//! `window` in seconds; they are statistics over the sliding window, not counters.
+//! `window` length (`10s`, `60s`, `300s`); they are statistics over the sliding window, not counters.
 
 use super::{Kind, Metrics};
 use crate::store::{ContainerMeta, Pressure, Snapshot};
@@ -102,7 +102,8 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
                 .iter()
                 .filter(|w| w.samples > 0 || w.retransmits > 0)
             {
-                let window = w.window_seconds.to_string();
+                // `10s`, `60s`, `300s`: the same values the UDP window gauges carry.
+                let window = format!("{}s", w.window_seconds);
                 let mut l = base.to_vec();
                 l.push(("window", &window));
                 m.gauge(SAMPLES, SAMPLES_HELP, &l, w.samples as f64);
@@ -274,12 +275,12 @@ mod tests {
         let l = r#"container="abc",pod="live-0",namespace="edu""#;
         assert!(
             text.contains(&format!(
-                "nodeward_container_tcp_rtt_seconds{{{l},window=\"10\",stat=\"p99\"}} 0.15\n"
+                "nodeward_container_tcp_rtt_seconds{{{l},window=\"10s\",stat=\"p99\"}} 0.15\n"
             )),
             "{text}"
         );
         assert!(text.contains(&format!(
-            "nodeward_container_tcp_window_retransmits{{{l},window=\"10\"}} 4\n"
+            "nodeward_container_tcp_window_retransmits{{{l},window=\"10s\"}} 4\n"
         )));
         assert!(text.contains(&format!(
             "nodeward_container_tcp_established_connections{{{l}}} 3\n"
@@ -289,7 +290,7 @@ mod tests {
     #[test]
     fn a_window_without_tcp_samples_has_no_rtt_series() {
         let text = render(&snapshot());
-        assert!(!text.contains("window=\"60\""), "{text}");
+        assert!(!text.contains("window=\"60s\""), "{text}");
     }
 
     #[test]
