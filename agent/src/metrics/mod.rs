@@ -3,8 +3,9 @@
 //! The exporter holds a list of collectors; each is a plain function from one feed's latest
 //! snapshot to samples, so wiring a new feed is one line in [`Exporter::from_feeds`]
 //! (`exporter.add_feed(rx, my_feed::encode)`) and one small function. Nothing is stored
-//! between scrapes: a scrape reads the `watch` channels, `/proc/self` and the kernel's eBPF
-//! program statistics, and writes them out.
+//! between scrapes: a scrape reads the `watch` channels, the store (the per-container and node
+//! numbers the API serves), the health state the API publishes, `/proc/self` and the kernel's
+//! eBPF program statistics, and writes them out.
 //!
 //! Names start with `nodeward_`, use base units (`_seconds`, `_bytes`, ratios 0..1) and
 //! counters end in `_total`. Labels are bounded: a container's cgroup and container id, a
