@@ -175,6 +175,15 @@ async fn rtp_stream_reaches_health_containers_and_the_drain_handshake() {
     for kind in ["network", "cgroup", "node"] {
         assert!(names.contains(&kind), "{kind} missing from {names:?}");
     }
+    let network = report
+        .sources
+        .iter()
+        .find(|s| s.name == "network")
+        .expect("network source");
+    assert!(
+        network.hook.contains("udp: cgroup_skb"),
+        "provenance names the UDP hook: {network:?}"
+    );
 
     // 2. A receiver in its own cgroup gets an RTP stream.
     let cgroup = Cgroup::new("e2e-rx");
