@@ -12,7 +12,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, metrics, notify, probe::Capabilities, sources};
+use crate::{bridge, config::Config, metrics, notify, probe::Capabilities, sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,28 +41,38 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
-    // The store that sources publish into and the API reads. Sources are wired to it as they
-    // land (pass `&store` to `sources::start`); until one registers, the verdict stays UNKNOWN.
+    // The store that the API, the health engine and the metrics read; the bridge maps every
+    // source's snapshots into it and registers the sources, so the verdict leaves UNKNOWN once
+    // each enabled source has reported or said it cannot run.
     let store = crate::store::Store::new();
     let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
+    bridge::spawn(&config, &feeds, &store, &cancel, &mut tasks);
+    // The API is bound here rather than in its task so that the metrics exporter can read the
+    // very health state the API serves (verdict, conditions, drain).
+    let mut health = None;
     if config.api.enabled {
-        let (api, health, store, cancel) = (
-            config.api.clone(),
-            config.health.clone(),
-            store.clone(),
-            cancel.clone(),
-        );
         let clock = std::sync::Arc::new(crate::store::SystemClock);
-        tasks.spawn(async move {
-            (
-                "api",
-                crate::api::run(api, health, store, clock, cancel)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
+        match crate::api::BoundApi::bind(
+            &config.api,
+            &config.health,
+            store.clone(),
+            clock,
+            cancel.clone(),
+        )
+        .await
+        {
+            Ok(bound) => {
+                health = Some(bound.health());
+                tasks.spawn(async move { ("api", bound.serve().await.map_err(|e| e.to_string())) });
+            }
+            Err(e) => {
+                // Same outcome as before: the failed task reaches `main` through the join set.
+                let message = e.to_string();
+                tasks.spawn(async move { ("api", Err(message)) });
+            }
+        }
     }
-    metrics::spawn(&config, &feeds, &cancel, &mut tasks);
+    metrics::spawn(&config, &feeds, &store, health, &cancel, &mut tasks);
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {

@@ -455,8 +455,9 @@ const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../packaging/grafana/nodeward.json"
 );
-/// Exported by the health engine once it lands; the dashboard's verdict panel already uses it.
-const PLANNED: &[&str] = &["nodeward_health_verdict"];
+/// Documented but not exported by the test's agent: none (the health families come from the
+/// API's published state, which the test's agent serves).
+const PLANNED: &[&str] = &[];
 
 /// The metric names in the tables of docs/metrics.md.
 fn documented() -> std::collections::BTreeSet<String> {
@@ -582,4 +583,28 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
             "not root or no C compiler: whether every documented metric is exported was not checked",
         );
     }
+}
+
+#[test]
+fn the_verdict_and_the_stores_numbers_reach_the_scrape() {
+    let agent = Agent::start("metrics_health", GPU_SCRIPT);
+    // The verdict leaves 0 (unknown) once every enabled source has reported or said it cannot
+    // run: the same moment GetNodeHealth leaves UNKNOWN.
+    let text = wait_for(Duration::from_secs(30), || {
+        let t = agent.scrape();
+        sample(&t, "nodeward_health_verdict")
+            .filter(|v| *v >= 1.0)
+            .map(|_| t)
+    })
+    .unwrap_or_else(|| panic!("the verdict stayed unknown:\n{}", agent.scrape()));
+    assert_eq!(sample(&text, "nodeward_drain_active"), Some(0.0));
+    let verdict = sample(&text, "nodeward_health_verdict").expect("verdict");
+    assert!((1.0..=3.0).contains(&verdict), "{verdict}");
+    // Node-wide numbers come from the store once the node source reported.
+    assert!(
+        text.lines()
+            .any(|l| l
+                .starts_with("nodeward_node_pressure_ratio{resource=\"memory\",kind=\"some\"}")),
+        "{text}"
+    );
 }

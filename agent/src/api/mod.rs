@@ -245,6 +245,12 @@ impl BoundApi {
         })
     }
 
+    /// The published health state (verdict, conditions, drain), for other outputs such as the
+    /// Prometheus exporter, so that they show exactly what the API serves.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<hub::Published> {
+        self.hub.subscribe()
+    }
+
     /// The bound TCP address (useful with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().map(|(_, a, _)| *a)

@@ -3,8 +3,9 @@
 //! The exporter holds a list of collectors; each is a plain function from one feed's latest
 //! snapshot to samples, so wiring a new feed is one line in [`Exporter::from_feeds`]
 //! (`exporter.add_feed(rx, my_feed::encode)`) and one small function. Nothing is stored
-//! between scrapes: a scrape reads the `watch` channels, `/proc/self` and the kernel's eBPF
-//! program statistics, and writes them out.
+//! between scrapes: a scrape reads the `watch` channels, the store (the per-container and node
+//! numbers the API serves), the health state the API publishes, `/proc/self` and the kernel's
+//! eBPF program statistics, and writes them out.
 //!
 //! Names start with `nodeward_`, use base units (`_seconds`, `_bytes`, ratios 0..1) and
 //! counters end in `_total`. Labels are bounded: a container's cgroup and container id, a
@@ -16,12 +17,14 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, daemon::TaskResult, sources::Feeds};
+use crate::{config::Config, daemon::TaskResult, sources::Feeds, store::Store};
 
 pub mod agent;
 pub mod encode;
 pub mod gpu;
+pub mod health;
 mod http;
+pub mod store;
 pub mod udp;
 
 pub use encode::{Kind, Metrics};
@@ -96,6 +99,19 @@ impl Exporter {
         exporter
     }
 
+    /// Adds what the daemon has beyond the raw feeds: the store (per-container TCP, cgroup and
+    /// node numbers) and the health state the API publishes (verdict, drain, conditions).
+    pub fn add_store(
+        &mut self,
+        store: Arc<Store>,
+        health: Option<watch::Receiver<crate::api::hub::Published>>,
+    ) {
+        self.add(move |m| store::encode(&store.snapshot(), m));
+        if let Some(rx) = health {
+            self.add_feed(rx, health::encode);
+        }
+    }
+
     /// Adds a collector that writes samples on each scrape.
     pub fn add(&mut self, collect: impl Fn(&mut Metrics) + Send + Sync + 'static) {
         self.collectors.push(Box::new(collect));
@@ -129,6 +145,8 @@ impl Exporter {
 pub fn spawn(
     config: &Config,
     feeds: &Feeds,
+    store: &Arc<Store>,
+    health: Option<watch::Receiver<crate::api::hub::Published>>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) {
@@ -144,7 +162,9 @@ pub fn spawn(
             return;
         }
     };
-    let exporter = Arc::new(Exporter::from_feeds(feeds));
+    let mut exporter = Exporter::from_feeds(feeds);
+    exporter.add_store(store.clone(), health);
+    let exporter = Arc::new(exporter);
     let cancel = cancel.clone();
     tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
     tasks.spawn(async move { (NAME, http::serve(listener, exporter, cancel).await) });

@@ -1,0 +1,298 @@
+//! TCP and UDP/RTP snapshots → the store's [`NetworkSnapshot`]: one entry per container with the
+//! two sources' windows merged by length, the per-peer breakdown, and the live streams the
+//! drain handshake waits for.
+//!
+//! What counts as a live stream:
+//! - UDP: exactly what the UDP source counts in `ContainerUdp::live_streams`: every live RTP
+//!   stream, and every live non-RTP flow that has lasted `udp.stream_min_duration` (SRT, QUIC).
+//! - TCP: every established connection of the container. On a streaming node an established
+//!   connection to a container is a viewer or a publisher, and the TCP source keeps no per-
+//!   connection byte counts that would tell an idle one apart. The agent's own cgroup is left
+//!   out, so that a controller polling `GetDrainStatus` over TCP does not hold up its own drain.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    containers::Inventory,
+    sources::{
+        tcp::snapshot::{ContainerTcp, PeerTcp, TcpSnapshot, WindowStats as TcpWindow},
+        udp::model::{ContainerUdp, Endpoint, UdpSnapshot, WindowStats as UdpWindow},
+    },
+    store::{
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
+        Provenance, StreamProtocol,
+    },
+};
+
+use super::key::{add_network_meta, network_key, KeyedBy};
+
+/// The window the per-peer breakdown is taken over (the store's "1-minute window").
+const PEER_WINDOW_SECONDS: u32 = 60;
+
+/// What the mapping needs besides the snapshots.
+#[derive(Debug, Clone, Copy)]
+pub struct NetworkParams<'a> {
+    /// `udp.stream_min_duration`: a non-RTP flow younger than this is not a stream.
+    pub udp_min_flow_age: Duration,
+    /// The agent's own cgroup v2 path (`/`-prefixed): its TCP connections are API clients,
+    /// not streams.
+    pub own_cgroup_path: Option<&'a str>,
+    pub now: SystemTime,
+}
+
+/// Merges the two sources into the store's snapshot. Either may be absent (disabled or not
+/// started); the result then holds what the other one knows.
+pub fn network_snapshot(
+    tcp: Option<&TcpSnapshot>,
+    udp: Option<&UdpSnapshot>,
+    inventory: &Inventory,
+    params: &NetworkParams<'_>,
+) -> NetworkSnapshot {
+    let mut out: BTreeMap<String, ContainerNetwork> = BTreeMap::new();
+    if let Some(tcp) = tcp {
+        let keyed = if tcp.fidelity.path.contains("netns") {
+            KeyedBy::NetnsCookie
+        } else {
+            KeyedBy::CgroupId
+        };
+        for c in tcp.containers.values() {
+            let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), keyed, inventory);
+            let own = keyed == KeyedBy::CgroupId
+                && params.own_cgroup_path.is_some()
+                && c.cgroup_path.as_deref() == params.own_cgroup_path;
+            add_tcp(out.entry(key).or_default(), c, own, params.now);
+        }
+    }
+    if let Some(udp) = udp {
+        for c in &udp.containers {
+            let key = network_key(
+                c.cgroup_id,
+                c.cgroup_path.as_deref(),
+                KeyedBy::CgroupId,
+                inventory,
+            );
+            add_udp(out.entry(key).or_default(), c, params);
+        }
+    }
+    for c in out.values_mut() {
+        c.windows.sort_by_key(|w| w.window_seconds);
+        c.streams.sort_by_key(|s| s.started_at);
+    }
+    NetworkSnapshot { containers: out }
+}
+
+/// Adds an identity (cgroup id and path) for each container only the network sources know.
+pub fn network_meta(
+    tcp: Option<&TcpSnapshot>,
+    udp: Option<&UdpSnapshot>,
+    inventory: &Inventory,
+    meta: &mut BTreeMap<String, ContainerMeta>,
+) {
+    if let Some(tcp) = tcp.filter(|t| !t.fidelity.path.contains("netns")) {
+        for c in tcp.containers.values() {
+            let key = network_key(
+                c.cgroup_id,
+                c.cgroup_path.as_deref(),
+                KeyedBy::CgroupId,
+                inventory,
+            );
+            add_network_meta(meta, &key, c.cgroup_id, c.cgroup_path.as_deref());
+        }
+    }
+    for c in udp.map(|u| u.containers.as_slice()).unwrap_or_default() {
+        let key = network_key(
+            c.cgroup_id,
+            c.cgroup_path.as_deref(),
+            KeyedBy::CgroupId,
+            inventory,
+        );
+        add_network_meta(meta, &key, c.cgroup_id, c.cgroup_path.as_deref());
+    }
+}
+
+/// Provenance of the merged snapshot: the hook and fidelity each source reports.
+pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) -> Provenance {
+    let mut hooks = Vec::new();
+    let mut fidelity = Vec::new();
+    if let Some(t) = tcp {
+        hooks.push(format!("tcp: {}", t.fidelity.path));
+        fidelity.push(format!(
+            "tcp: rtt samples {}; attribution: {}; per-peer p50 is the peer's mean RTT, p99 not kept",
+            t.fidelity.rtt_sample, t.fidelity.attribution
+        ));
+    }
+    if let Some(u) = udp {
+        hooks.push(format!("udp: {}", u.hook));
+        fidelity.push("udp: RTP loss and RFC 3550 jitter per stream".to_owned());
+    }
+    Provenance {
+        hook: hooks.join("; "),
+        fidelity: fidelity.join("; "),
+    }
+}
+
+fn window_seconds(label: &str) -> Option<u32> {
+    let d = humantime::parse_duration(label).ok()?;
+    u32::try_from(d.as_secs()).ok().filter(|s| *s > 0)
+}
+
+fn us(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        // Saturating float-to-int: RTTs are far below u64::MAX microseconds.
+        v.round() as u64
+    } else {
+        0
+    }
+}
+
+fn window_mut(c: &mut ContainerNetwork, seconds: u32) -> &mut NetworkWindow {
+    if let Some(i) = c.windows.iter().position(|w| w.window_seconds == seconds) {
+        &mut c.windows[i]
+    } else {
+        c.windows.push(NetworkWindow {
+            window_seconds: seconds,
+            ..NetworkWindow::default()
+        });
+        let last = c.windows.len() - 1;
+        &mut c.windows[last]
+    }
+}
+
+fn set_tcp_window(w: &mut NetworkWindow, t: &TcpWindow) {
+    w.samples = t.samples;
+    w.rtt_min_us = us(t.min_rtt_us);
+    w.rtt_p50_us = us(t.p50_rtt_us);
+    w.rtt_p90_us = us(t.p90_rtt_us);
+    w.rtt_p99_us = us(t.p99_rtt_us);
+    w.rtt_max_us = us(t.max_rtt_us);
+    // The store's jitter is the plain mean |ΔRTT| of consecutive samples of a connection.
+    w.jitter_us = us(t.mean_abs_diff_us);
+    w.retransmits = t.retrans;
+    w.retransmits_per_second = t.retrans as f64 / f64::from(w.window_seconds.max(1));
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+}
+
+fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, now: SystemTime) {
+    for tw in &t.windows {
+        if let Some(seconds) = window_seconds(&tw.window) {
+            set_tcp_window(window_mut(c, seconds), tw);
+        }
+    }
+    let established = t.established + t.established_untracked;
+    c.established_connections = c
+        .established_connections
+        .saturating_add(u32::try_from(established).unwrap_or(u32::MAX));
+    c.peers.extend(t.peers.iter().filter_map(peer));
+    if !own {
+        c.streams.extend(tcp_streams(t, now));
+    }
+}
+
+fn peer(p: &PeerTcp) -> Option<PeerNetwork> {
+    let w = p
+        .windows
+        .iter()
+        .find(|w| window_seconds(&w.window) == Some(PEER_WINDOW_SECONDS))
+        .or_else(|| p.windows.first())?;
+    Some(PeerNetwork {
+        remote_addr: p.peer.clone(),
+        samples: w.samples,
+        // The TCP source keeps sums per peer, not histograms: the mean stands in for p50.
+        rtt_p50_us: us(w.mean_rtt_us),
+        rtt_p99_us: 0,
+        jitter_us: us(w.mean_abs_diff_us),
+        retransmits: w.retrans,
+    })
+}
+
+/// One stream per established connection: the peers that hold them first (their remote
+/// address known where the peer is a single `addr:port`), then the rest with an unknown remote.
+/// The source keeps ages per container, not per connection, so each starts at the mean age.
+fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
+    let age = Duration::try_from_secs_f64(t.established_age_mean_s).unwrap_or_default();
+    let started_at = now.checked_sub(age).unwrap_or(now);
+    let stream = |remote: SocketAddr| LiveStream {
+        protocol: StreamProtocol::Tcp,
+        local: unspecified(),
+        remote,
+        started_at,
+        viewers: 0,
+    };
+    let total = t.established + t.established_untracked;
+    let mut out = Vec::new();
+    for p in &t.peers {
+        let remote = p.peer.parse().unwrap_or_else(|_| unspecified());
+        for _ in 0..p.established {
+            if out.len() as u64 >= total {
+                return out;
+            }
+            out.push(stream(remote));
+        }
+    }
+    while (out.len() as u64) < total {
+        out.push(stream(unspecified()));
+    }
+    out
+}
+
+fn set_udp_window(w: &mut NetworkWindow, u: &UdpWindow) {
+    w.rtp_packets = u.rtp_received;
+    w.rtp_lost = u.rtp_lost;
+    w.rtp_jitter_us = u.mean_jitter_seconds.map_or(0, |s| us(s * 1e6));
+}
+
+fn socket(e: &Endpoint) -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(e.local, e.local_port),
+        SocketAddr::new(e.remote, e.remote_port),
+    )
+}
+
+fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
+    let age = Duration::try_from_secs_f64(age_seconds).unwrap_or_default();
+    now.checked_sub(age).unwrap_or(now)
+}
+
+fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_>) {
+    for uw in &u.windows {
+        if let Ok(seconds) = u32::try_from(uw.window_seconds) {
+            set_udp_window(window_mut(c, seconds), uw);
+        }
+    }
+    for s in u.streams.iter().filter(|s| s.live) {
+        let (local, remote) = socket(&s.endpoint);
+        c.streams.push(LiveStream {
+            protocol: StreamProtocol::Udp,
+            local,
+            remote,
+            started_at: started(params.now, s.age_seconds),
+            viewers: 0,
+        });
+    }
+    let min_age = params.udp_min_flow_age.as_secs_f64();
+    for f in u
+        .flows
+        .iter()
+        .filter(|f| f.live && !f.rtp && f.age_seconds >= min_age)
+    {
+        let (local, remote) = socket(&f.endpoint);
+        c.streams.push(LiveStream {
+            protocol: StreamProtocol::Udp,
+            local,
+            remote,
+            started_at: started(params.now, f.age_seconds),
+            viewers: 0,
+        });
+    }
+}
+
+#[cfg(test)]
+#[path = "network_tests.rs"]
+mod tests;

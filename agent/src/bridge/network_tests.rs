@@ -1,0 +1,306 @@
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::{
+    containers::{Container, Identity, Runtime},
+    sources::{
+        tcp::snapshot::{Fidelity, PeerWindow},
+        udp::model::{FlowQuality, StreamQuality},
+    },
+};
+
+const NOW: Duration = Duration::from_secs(1_000_000);
+
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + NOW
+}
+
+fn params(own: Option<&str>) -> NetworkParams<'_> {
+    NetworkParams {
+        udp_min_flow_age: Duration::from_secs(10),
+        own_cgroup_path: own,
+        now: now(),
+    }
+}
+
+fn inventory() -> Inventory {
+    Inventory::from_containers(vec![Container {
+        path: "kubepods.slice/kubepods-podu1.slice/cri-containerd-live.scope".to_owned(),
+        identity: Identity::Container {
+            pod_uid: Some("u1".to_owned()),
+            qos: None,
+            container_id: "live".to_owned(),
+            runtime: Runtime::Containerd,
+        },
+        cgroup_id: Some(100),
+        netns: None,
+    }])
+}
+
+fn tcp_window(label: &str, samples: u64) -> TcpWindow {
+    TcpWindow {
+        window: label.to_owned(),
+        samples,
+        min_rtt_us: 1_000.4,
+        p50_rtt_us: 2_000.0,
+        p90_rtt_us: 3_000.0,
+        p99_rtt_us: 9_000.0,
+        max_rtt_us: 12_000.0,
+        jitter_us: 111.0,
+        mean_abs_diff_us: 250.0,
+        retrans: 30,
+        ..TcpWindow::default()
+    }
+}
+
+fn tcp(path: &str) -> TcpSnapshot {
+    let mut t = TcpSnapshot {
+        tick: 5,
+        fidelity: Fidelity {
+            path: "sock_ops+sock_create".to_owned(),
+            rtt_sample: "raw".to_owned(),
+            attribution: "cgroup".to_owned(),
+        },
+        ..TcpSnapshot::default()
+    };
+    t.containers.insert(
+        100,
+        ContainerTcp {
+            cgroup_id: 100,
+            cgroup_path: Some("/kubepods.slice/whatever".to_owned()),
+            windows: vec![tcp_window("10s", 40), tcp_window("1m", 200)],
+            established: 2,
+            established_age_mean_s: 30.0,
+            established_untracked: 1,
+            peers: vec![
+                PeerTcp {
+                    peer: "10.0.0.9:443".to_owned(),
+                    established: 2,
+                    windows: vec![PeerWindow {
+                        window: "1m".to_owned(),
+                        samples: 50,
+                        mean_rtt_us: 4_000.0,
+                        mean_abs_diff_us: 90.0,
+                        retrans: 3,
+                        ..PeerWindow::default()
+                    }],
+                },
+                PeerTcp {
+                    peer: "10.1.0.0/16".to_owned(),
+                    established: 0,
+                    windows: vec![],
+                },
+            ],
+            ..ContainerTcp::default()
+        },
+    );
+    t.containers.insert(
+        200,
+        ContainerTcp {
+            cgroup_id: 200,
+            cgroup_path: Some(path.to_owned()),
+            established: 4,
+            ..ContainerTcp::default()
+        },
+    );
+    t
+}
+
+fn endpoint(port: u16) -> Endpoint {
+    Endpoint {
+        local: [10, 0, 0, 1].into(),
+        local_port: port,
+        remote: [10, 0, 0, 2].into(),
+        remote_port: 40_000,
+        direction: "ingress",
+    }
+}
+
+fn stream(live: bool, age: f64) -> StreamQuality {
+    StreamQuality {
+        endpoint: endpoint(5004),
+        ssrc: 1,
+        payload_type: 0,
+        clock_rate: Some(8_000),
+        packets: 100,
+        bytes: 16_000,
+        expected: 100,
+        lost: 0,
+        reordered: 0,
+        jitter_seconds: Some(0.001),
+        mean_jitter_seconds: Some(0.001),
+        max_jitter_seconds: Some(0.001),
+        timestamp_step: None,
+        payload_type_changes: 0,
+        sequence_wraps: 0,
+        age_seconds: age,
+        idle_seconds: 0.0,
+        live,
+    }
+}
+
+fn flow(port: u16, live: bool, rtp: bool, age: f64) -> FlowQuality {
+    FlowQuality {
+        endpoint: endpoint(port),
+        packets: 10,
+        bytes: 1000,
+        mean_ipdv_seconds: None,
+        max_ipdv_seconds: None,
+        max_gap_seconds: 0.1,
+        age_seconds: age,
+        idle_seconds: 0.0,
+        live,
+        rtp,
+    }
+}
+
+fn udp() -> UdpSnapshot {
+    UdpSnapshot {
+        hook: "cgroup_skb".to_owned(),
+        containers: vec![ContainerUdp {
+            cgroup_id: 100,
+            cgroup_path: None,
+            // One live RTP stream, one SRT-like flow old enough; the idle stream, the RTP
+            // flow (counted as its stream) and the young flow do not count.
+            live_streams: 2,
+            streams: vec![stream(true, 20.0), stream(false, 50.0)],
+            flows: vec![
+                flow(5004, true, true, 20.0),
+                flow(9000, true, false, 15.0),
+                flow(53, true, false, 0.2),
+            ],
+            windows: vec![
+                UdpWindow {
+                    window_seconds: 10,
+                    rtp_received: 490,
+                    rtp_lost: 10,
+                    mean_jitter_seconds: Some(0.0025),
+                    ..UdpWindow::default()
+                },
+                UdpWindow {
+                    window_seconds: 300,
+                    rtp_received: 9_000,
+                    ..UdpWindow::default()
+                },
+            ],
+        }],
+        counters: Default::default(),
+    }
+}
+
+#[test]
+fn tcp_and_udp_windows_of_one_container_merge_by_length() {
+    let net = network_snapshot(Some(&tcp("/a")), Some(&udp()), &inventory(), &params(None));
+    let c = &net.containers["live"];
+    let lengths: Vec<u32> = c.windows.iter().map(|w| w.window_seconds).collect();
+    assert_eq!(
+        lengths,
+        [10, 60, 300],
+        "union of both sources, shortest first"
+    );
+    let w10 = c.window(10).expect("10 s window");
+    assert_eq!(
+        (w10.samples, w10.rtt_min_us, w10.rtt_p99_us, w10.rtt_max_us),
+        (40, 1_000, 9_000, 12_000)
+    );
+    assert_eq!(w10.jitter_us, 250, "mean |ΔRTT|, the store's definition");
+    assert_eq!((w10.retransmits, w10.retransmits_per_second), (30, 3.0));
+    assert_eq!(
+        (w10.rtp_packets, w10.rtp_lost, w10.rtp_jitter_us),
+        (490, 10, 2_500)
+    );
+    let w300 = c.window(300).expect("UDP-only window");
+    assert_eq!((w300.samples, w300.rtp_packets), (0, 9_000));
+}
+
+#[test]
+fn containers_are_keyed_by_inventory_id_else_cgroup_path() {
+    let net = network_snapshot(Some(&tcp("/test/rx")), None, &inventory(), &params(None));
+    let keys: Vec<&str> = net.containers.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["/test/rx", "live"]);
+}
+
+#[test]
+fn every_established_connection_is_a_tcp_stream_with_its_peer() {
+    let net = network_snapshot(Some(&tcp("/a")), None, &inventory(), &params(None));
+    let c = &net.containers["live"];
+    assert_eq!(c.established_connections, 3, "tracked + untracked");
+    let remotes: Vec<String> = c.streams.iter().map(|s| s.remote.to_string()).collect();
+    assert_eq!(remotes, ["10.0.0.9:443", "10.0.0.9:443", "0.0.0.0:0"]);
+    assert!(c.streams.iter().all(|s| s.protocol == StreamProtocol::Tcp));
+    assert_eq!(c.streams[0].started_at, now() - Duration::from_secs(30));
+    assert_eq!(net.containers["/a"].streams.len(), 4);
+}
+
+#[test]
+fn the_agents_own_connections_are_not_streams() {
+    let net = network_snapshot(
+        Some(&tcp("/agent")),
+        None,
+        &inventory(),
+        &params(Some("/agent")),
+    );
+    let own = &net.containers["/agent"];
+    assert_eq!(own.established_connections, 4, "still reported");
+    assert!(own.streams.is_empty(), "but never hold up a drain");
+}
+
+#[test]
+fn udp_streams_match_what_the_source_counts_as_live() {
+    let u = udp();
+    let net = network_snapshot(None, Some(&u), &inventory(), &params(None));
+    let c = &net.containers["live"];
+    assert_eq!(c.streams.len() as u32, u.containers[0].live_streams);
+    assert!(c.streams.iter().all(|s| s.protocol == StreamProtocol::Udp));
+    let ports: Vec<u16> = c.streams.iter().map(|s| s.local.port()).collect();
+    assert_eq!(ports, [5004, 9000], "oldest first");
+    assert_eq!(c.streams[0].remote.to_string(), "10.0.0.2:40000");
+}
+
+#[test]
+fn per_peer_breakdown_uses_the_minute_window_and_skips_empty_peers() {
+    let net = network_snapshot(Some(&tcp("/a")), None, &inventory(), &params(None));
+    let peers = &net.containers["live"].peers;
+    assert_eq!(peers.len(), 1, "a peer without windows has nothing to show");
+    let p = &peers[0];
+    assert_eq!(
+        (
+            p.remote_addr.as_str(),
+            p.samples,
+            p.rtt_p50_us,
+            p.jitter_us,
+            p.retransmits
+        ),
+        ("10.0.0.9:443", 50, 4_000, 90, 3)
+    );
+}
+
+#[test]
+fn netns_keyed_tcp_is_never_looked_up_as_a_cgroup() {
+    let mut t = tcp("/a");
+    t.fidelity.path = "sock_ops+netns_cookie".to_owned();
+    let net = network_snapshot(Some(&t), None, &inventory(), &params(None));
+    assert!(net.containers.contains_key("netns-cookie:100"));
+    assert!(!net.containers.contains_key("live"));
+}
+
+#[test]
+fn provenance_names_both_hooks_and_the_rtt_fidelity() {
+    let p = network_provenance(Some(&tcp("/a")), Some(&udp()));
+    assert_eq!(p.hook, "tcp: sock_ops+sock_create; udp: cgroup_skb");
+    assert!(p.fidelity.contains("rtt samples raw"), "{}", p.fidelity);
+}
+
+#[test]
+fn meta_is_added_for_network_only_containers() {
+    let mut meta = BTreeMap::new();
+    network_meta(
+        Some(&tcp("/test/rx")),
+        Some(&udp()),
+        &inventory(),
+        &mut meta,
+    );
+    let m = &meta["/test/rx"];
+    assert_eq!((m.cgroup_id, m.cgroup_path.as_str()), (200, "test/rx"));
+    assert_eq!(meta["live"].cgroup_id, 100);
+}
