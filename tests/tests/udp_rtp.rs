@@ -52,7 +52,7 @@ fn rtp_jitter_and_loss_match_tshark() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
 
-    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024)
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192)
         .expect("attach cgroup_skb programs");
     let container = Cgroup::new("rtp-rx");
     let receiver = Receiver::start(&container);
@@ -133,7 +133,7 @@ fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
         return skip(TEST, "needs python3");
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024).expect("attach");
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192).expect("attach");
     let container = Cgroup::new("udp-noise");
     let receiver = Receiver::start(&container);
     let dest = format!("127.0.0.1:{}", receiver.port);
@@ -327,7 +327,7 @@ fn rtp_over_ipv6_is_tracked_with_its_loss() {
         return skip(TEST, "no IPv6 loopback on this host");
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 1024, 1024).expect("attach");
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192).expect("attach");
     let container = Cgroup::new("rtp6");
     let receiver = Receiver::start_on(&container, "::1");
     let plan = RtpPlan {
