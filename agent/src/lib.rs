@@ -18,6 +18,7 @@ pub mod notify;
 pub mod probe;
 pub mod sources;
 pub mod store;
+pub mod supervise;
 pub mod tracefs;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.
