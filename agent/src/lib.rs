@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod probe;
+pub mod reload;
 pub mod sources;
 pub mod store;
 pub mod supervise;
