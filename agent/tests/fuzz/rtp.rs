@@ -142,3 +142,31 @@ proptest! {
         }
     }
 }
+
+/// The committed corpus: real header shapes (RTP with and without CSRCs and marker, RTCP SR/RR,
+/// STUN, DTLS, QUIC) and near misses, each with what the classifier must answer.
+#[test]
+fn rtp_corpus_packets_are_classified_as_their_protocol() {
+    for (name, text) in crate::corpus("rtp_classify") {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (want, len) = (words[words.len() - 1], words[words.len() - 2]);
+            let hex: String = words[..words.len() - 2].concat();
+            let mut head = [0u8; 12];
+            for (i, b) in head.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex byte");
+            }
+            let len: u32 = len.parse().expect("length");
+            let got = match classify(&head, len) {
+                Payload::Rtp(_) => "rtp",
+                Payload::Rtcp => "rtcp",
+                Payload::Stun => "stun",
+                Payload::Other => "other",
+            };
+            assert_eq!(got, want, "{name}: {line}");
+        }
+    }
+}
