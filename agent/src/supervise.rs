@@ -12,8 +12,10 @@
 
 use std::{future::Future, time::Duration};
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+
+use crate::daemon::TaskResult;
 
 /// How a supervised task is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +127,30 @@ where
     }
 }
 
+/// Spawns `make`'s task under [`supervise`] with the default [`Policy`] into the daemon's task
+/// set, where giving up ends as a `TaskResult` error like any task failure. Returns the
+/// receiver of the task's [`TaskHealth`].
+pub fn spawn<F, Fut>(
+    name: &'static str,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<TaskResult>,
+    make: F,
+) -> watch::Receiver<TaskHealth>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (tx, rx) = watch::channel(TaskHealth::default());
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        (
+            name,
+            supervise(name, Policy::default(), cancel, tx, make).await,
+        )
+    });
+    rx
+}
+
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
         Ok(s) => *s,
@@ -231,6 +257,42 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 4, "first run and 3 restarts");
         let h = rx.borrow().clone();
         assert_eq!((h.restarts, h.gave_up), (3, true));
+    }
+
+    #[tokio::test]
+    async fn a_supervised_task_in_the_daemon_set_serves_after_a_panic_and_stops_on_cancel() {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let c = cancel.clone();
+        let mut health = spawn("src", &cancel, &mut tasks, move || {
+            let (n, c) = (r.fetch_add(1, Ordering::SeqCst), c.clone());
+            async move {
+                assert!(n > 0, "first run panics");
+                c.cancelled().await;
+                Ok(())
+            }
+        });
+        // Default policy: the first restart follows a one-second back-off.
+        let h = health
+            .wait_for(|h| h.restarts == 1)
+            .await
+            .expect("alive")
+            .clone();
+        assert!(h
+            .last_failure
+            .is_some_and(|f| f.contains("first run panics")));
+        while runs.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            tasks.try_join_next().is_none(),
+            "the set still runs the task"
+        );
+        cancel.cancel();
+        let (name, result) = tasks.join_next().await.expect("one task").expect("joined");
+        assert_eq!((name, result), ("src", Ok(())));
     }
 
     #[tokio::test]

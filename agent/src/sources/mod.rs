@@ -27,6 +27,8 @@ pub struct Feeds {
     pub tcp: Option<watch::Receiver<Arc<tcp::snapshot::TcpSnapshot>>>,
     pub udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     pub gpu: Option<watch::Receiver<gpu::model::GpuSnapshot>>,
+    /// Restarts and last failure of each source run under `supervise`.
+    pub supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
 }
 
 impl Feeds {
@@ -88,9 +90,17 @@ pub fn start(
     }
     match cgroup::Source::start(config) {
         Ok(source) => {
-            let cancel = cancel.clone();
-            tasks.spawn(async move { (cgroup::NAME, source.run(cancel).await) });
+            // Restarted with back-off if it fails or panics, as a fresh source each time.
+            let (mut first, config, c) = (Some(source), config.clone(), cancel.clone());
+            let health = crate::supervise::spawn(cgroup::NAME, cancel, tasks, move || {
+                let source = first
+                    .take()
+                    .map_or_else(|| cgroup::Source::start(&config), Ok);
+                let cancel = c.clone();
+                async move { source?.run(cancel).await }
+            });
             feeds.started.push(cgroup::NAME);
+            feeds.supervised.push((cgroup::NAME, health));
         }
         Err(reason) => feeds.unavailable(cgroup::NAME, reason.to_string()),
     }
