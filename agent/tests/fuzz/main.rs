@@ -20,6 +20,7 @@ mod config;
 mod kernel_text;
 mod requests;
 mod rtp;
+mod sock_diag;
 
 /// Cases per property: `PROPTEST_CASES`, else a small default for ordinary test runs.
 fn cases() -> Config {
