@@ -66,10 +66,20 @@ pub fn start(
         match udp::Source::start(config, caps) {
             Ok(source) => {
                 let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
-                let cancel = cancel.clone();
-                tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
+                // Restarted with back-off (programs attached afresh), publishing into the same
+                // channel.
+                let (mut first, config, caps, c) =
+                    (Some(source), config.clone(), caps.clone(), cancel.clone());
+                let health = crate::supervise::spawn(udp::NAME, cancel, tasks, move || {
+                    let source = first
+                        .take()
+                        .map_or_else(|| udp::Source::start(&config, &caps), Ok);
+                    let (tx, cancel) = (tx.clone(), c.clone());
+                    async move { source?.run(tx, cancel).await }
+                });
                 feeds.started.push(udp::NAME);
                 feeds.udp = Some(rx);
+                feeds.supervised.push((udp::NAME, health));
             }
             Err(reason) => feeds.unavailable(udp::NAME, reason),
         }
