@@ -17,8 +17,10 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod probe;
+pub mod reload;
 pub mod sources;
 pub mod store;
+pub mod supervise;
 pub mod tracefs;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.

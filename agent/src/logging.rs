@@ -1,7 +1,11 @@
 //! Logging through `tracing`, plain or JSON, with the `log` records of aya (and any other
 //! library that uses the `log` crate) bridged in.
 
-use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
+use std::sync::OnceLock;
+
+use tracing_subscriber::{
+    fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _, EnvFilter, Registry,
+};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -11,6 +15,24 @@ pub enum LoggingError {
     Filter { filter: String, message: String },
     #[error("a logger is already installed: {0}")]
     Init(String),
+    #[error("the log filter cannot be changed: {0}")]
+    Reload(String),
+}
+
+/// The handle that swaps the filter of the installed subscriber (SIGHUP's `log.filter`).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Replaces the log filter of the subscriber `init` installed.
+pub fn set_filter(filter: &str) -> Result<(), LoggingError> {
+    let new = EnvFilter::try_new(filter).map_err(|e| LoggingError::Filter {
+        filter: filter.to_owned(),
+        message: e.to_string(),
+    })?;
+    FILTER
+        .get()
+        .ok_or_else(|| LoggingError::Reload("no subscriber installed by nodeward".to_owned()))?
+        .reload(new)
+        .map_err(|e| LoggingError::Reload(e.to_string()))
 }
 
 /// Installs the global subscriber. Call once, before anything logs.
@@ -19,6 +41,7 @@ pub fn init(config: &LogConfig) -> Result<(), LoggingError> {
         filter: config.filter.clone(),
         message: e.to_string(),
     })?;
+    let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     // `try_init` also installs the `log` → `tracing` bridge (tracing-log feature), which is
     // how aya's own log records reach this output.
@@ -36,5 +59,8 @@ pub fn init(config: &LogConfig) -> Result<(), LoggingError> {
             )
             .try_init(),
     };
-    result.map_err(|e| LoggingError::Init(e.to_string()))
+    result.map_err(|e| LoggingError::Init(e.to_string()))?;
+    // Only the first successful `init` gets here (a second one fails above).
+    let _ = FILTER.set(handle);
+    Ok(())
 }

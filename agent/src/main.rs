@@ -50,7 +50,14 @@ fn main() -> ExitCode {
         Command::GpuCheck { json, events } => {
             nodeward::sources::gpu::check::main(&config, json, events)
         }
-        Command::Run => run(config),
+        Command::Run => {
+            let reloader = nodeward::reload::Reloader::new(
+                cli.config.config.clone(),
+                cli.config.set.clone(),
+                config.clone(),
+            );
+            run(config, reloader)
+        }
         Command::Status(conn) => client(&config, |socket| async move {
             nodeward::client::status(&conn, &socket).await
         }),
@@ -94,7 +101,7 @@ where
     }
 }
 
-fn run(config: config::Config) -> ExitCode {
+fn run(config: config::Config, reloader: nodeward::reload::Reloader) -> ExitCode {
     if let Err(e) = logging::init(&config.log) {
         eprintln!("nodeward: {e}");
         return ExitCode::from(EXIT_USAGE);
@@ -118,6 +125,17 @@ fn run(config: config::Config) -> ExitCode {
             return ExitCode::from(EXIT_SOFTWARE);
         }
     };
+    // Installed before the daemon reports itself running: SIGHUP's default action is to exit.
+    let hangup = {
+        let _rt = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    };
+    match hangup {
+        Ok(h) => {
+            runtime.spawn(nodeward::reload::on_sighup(reloader, h));
+        }
+        Err(e) => tracing::warn!(error = %e, "no SIGHUP handler: config reload unavailable"),
+    }
     match runtime.block_on(daemon::run(config, caps)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -171,9 +171,14 @@ fn parse_field(line: &str) -> Option<Field> {
         Some(i) => (&decl[..i], &decl[i..]),
         None => (decl, ""),
     };
-    let split = before_array.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-    let name = before_array[split + 1..].to_owned();
-    let c_type = format!("{}{}", before_array[..=split].trim(), array);
+    // The byte after the separator: the separator may be any (multi-byte) character.
+    let split = before_array
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map(|(i, c)| i + c.len_utf8())?;
+    let name = before_array[split..].to_owned();
+    let c_type = format!("{}{}", before_array[..split].trim(), array);
     Some(Field {
         c_type,
         name,

@@ -18,6 +18,12 @@ pub struct TestArgs {
     /// Skip the lints (fmt, clippy).
     #[arg(long)]
     no_lint: bool,
+    /// Also run the proptest fuzz targets (`agent/tests/fuzz`) with many more cases.
+    #[arg(long)]
+    fuzz: bool,
+    /// Cases per fuzz property with `--fuzz` (ordinary runs use 64); bounds the time taken.
+    #[arg(long, default_value_t = 10_000)]
+    fuzz_cases: u32,
     /// Only run tests whose name contains this (passed to cargo test).
     filter: Option<String>,
 }
@@ -81,6 +87,20 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
         unit.args(["--", f]);
     }
     ok &= run_tests("unit tests", &mut unit, &mut tally)?;
+
+    if args.fuzz {
+        let mut fuzz = cargo();
+        fuzz.args(["test", "-p", "nodeward", "--test", "fuzz", "--no-fail-fast"])
+            .env("PROPTEST_CASES", args.fuzz_cases.to_string());
+        if let Some(f) = &args.filter {
+            fuzz.args(["--", f]);
+        }
+        ok &= run_tests(
+            &format!("fuzz targets, {} cases each", args.fuzz_cases),
+            &mut fuzz,
+            &mut tally,
+        )?;
+    }
 
     let skip_log = std::env::temp_dir().join(format!("nodeward-skips-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&skip_log);

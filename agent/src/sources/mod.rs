@@ -27,6 +27,8 @@ pub struct Feeds {
     pub tcp: Option<watch::Receiver<Arc<tcp::snapshot::TcpSnapshot>>>,
     pub udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     pub gpu: Option<watch::Receiver<gpu::model::GpuSnapshot>>,
+    /// Restarts and last failure of each source run under `supervise`.
+    pub supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
 }
 
 impl Feeds {
@@ -64,10 +66,20 @@ pub fn start(
         match udp::Source::start(config, caps) {
             Ok(source) => {
                 let (tx, rx) = watch::channel(udp::model::UdpSnapshot::default());
-                let cancel = cancel.clone();
-                tasks.spawn(async move { (udp::NAME, source.run(tx, cancel).await) });
+                // Restarted with back-off (programs attached afresh), publishing into the same
+                // channel.
+                let (mut first, config, caps, c) =
+                    (Some(source), config.clone(), caps.clone(), cancel.clone());
+                let health = crate::supervise::spawn(udp::NAME, cancel, tasks, move || {
+                    let source = first
+                        .take()
+                        .map_or_else(|| udp::Source::start(&config, &caps), Ok);
+                    let (tx, cancel) = (tx.clone(), c.clone());
+                    async move { source?.run(tx, cancel).await }
+                });
                 feeds.started.push(udp::NAME);
                 feeds.udp = Some(rx);
+                feeds.supervised.push((udp::NAME, health));
             }
             Err(reason) => feeds.unavailable(udp::NAME, reason),
         }
@@ -88,9 +100,17 @@ pub fn start(
     }
     match cgroup::Source::start(config) {
         Ok(source) => {
-            let cancel = cancel.clone();
-            tasks.spawn(async move { (cgroup::NAME, source.run(cancel).await) });
+            // Restarted with back-off if it fails or panics, as a fresh source each time.
+            let (mut first, config, c) = (Some(source), config.clone(), cancel.clone());
+            let health = crate::supervise::spawn(cgroup::NAME, cancel, tasks, move || {
+                let source = first
+                    .take()
+                    .map_or_else(|| cgroup::Source::start(&config), Ok);
+                let cancel = c.clone();
+                async move { source?.run(cancel).await }
+            });
             feeds.started.push(cgroup::NAME);
+            feeds.supervised.push((cgroup::NAME, health));
         }
         Err(reason) => feeds.unavailable(cgroup::NAME, reason.to_string()),
     }

@@ -43,7 +43,11 @@ pub fn limit(text: &str) -> Result<Option<u64>, ParseError> {
             let v = u64::try_from(v).map_err(|_| ParseError::NotANumber(t.to_owned()))?;
             Ok((v < V1_UNLIMITED).then_some(v))
         }
-        Err(_) => Err(ParseError::NotANumber(t.to_owned())),
+        // Past i64: still a number, and far above any real limit.
+        Err(_) => match t.parse::<u64>() {
+            Ok(_) => Ok(None),
+            Err(_) => Err(ParseError::NotANumber(t.to_owned())),
+        },
     }
 }
 

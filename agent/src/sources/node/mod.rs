@@ -250,22 +250,27 @@ pub fn parse_cpu(text: &str, ticks_per_second: u64) -> Result<Cpu, procfs::ProcE
     let t = &k.total;
     let iowait = t.iowait.unwrap_or(0);
     let idle = t.idle;
-    let all = t.user
-        + t.nice
-        + t.system
-        + idle
-        + iowait
-        + t.irq.unwrap_or(0)
-        + t.softirq.unwrap_or(0)
-        + t.steal.unwrap_or(0);
+    // Saturating: the counters are the kernel's text, and a corrupt or wrapped one must not
+    // panic the agent (found by the fuzz targets).
+    let all = [
+        t.nice,
+        t.system,
+        idle,
+        iowait,
+        t.irq.unwrap_or(0),
+        t.softirq.unwrap_or(0),
+        t.steal.unwrap_or(0),
+    ]
+    .into_iter()
+    .fold(t.user, u64::saturating_add);
     Ok(Cpu {
         cores: k.cpu_time.len(),
-        user_ns: ns(t.user + t.nice),
+        user_ns: ns(t.user.saturating_add(t.nice)),
         system_ns: ns(t.system),
         idle_ns: ns(idle),
         iowait_ns: ns(iowait),
         steal_ns: ns(t.steal.unwrap_or(0)),
-        busy_ns: ns(all - idle - iowait),
+        busy_ns: ns(all.saturating_sub(idle).saturating_sub(iowait)),
     })
 }
 
