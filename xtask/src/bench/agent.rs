@@ -96,46 +96,12 @@ impl Agent {
 
     /// Per program name: (run count, total run time in ns) so far.
     pub fn program_stats(&self) -> BTreeMap<String, (u64, u64)> {
-        let mut out = BTreeMap::new();
-        for id in &self.prog_ids {
-            let Ok(o) = Command::new("bpftool")
-                .args(["prog", "show", "id", &id.to_string(), "-j"])
-                .output()
-            else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
-                continue;
-            };
-            let name = v["name"].as_str().unwrap_or("?").to_owned();
-            let cnt = v["run_cnt"].as_u64().unwrap_or(0);
-            let ns = v["run_time_ns"].as_u64().unwrap_or(0);
-            let e = out.entry(name).or_insert((0, 0));
-            e.0 += cnt;
-            e.1 += ns;
-        }
-        out
+        program_stats(&self.prog_ids)
     }
 
     /// CPU time (user + system) the agent has used, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
-            return f64::NAN;
-        };
-        // Fields after the command name (which may contain spaces) start after ") ".
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            return f64::NAN;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the line: 11 and 12 after the state.
-        let ticks = |i: usize| {
-            f.get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) + ticks(12)) / hz
+        cpu_seconds(self.pid())
     }
 
     /// Peak resident set size so far (VmHWM), in bytes.
@@ -179,7 +145,7 @@ impl Agent {
 }
 
 /// The BPF program ids a process holds, from `/proc/<pid>/fdinfo`.
-fn prog_ids(pid: u32) -> Vec<u32> {
+pub fn prog_ids(pid: u32) -> Vec<u32> {
     let mut ids = Vec::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return ids;
@@ -199,4 +165,48 @@ fn prog_ids(pid: u32) -> Vec<u32> {
         }
     }
     ids
+}
+
+/// Per program name: (run count, total run time in ns) so far, of the programs `ids`.
+pub fn program_stats(ids: &[u32]) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let Ok(o) = Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string(), "-j"])
+            .output()
+        else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+            continue;
+        };
+        let name = v["name"].as_str().unwrap_or("?").to_owned();
+        let cnt = v["run_cnt"].as_u64().unwrap_or(0);
+        let ns = v["run_time_ns"].as_u64().unwrap_or(0);
+        let e = out.entry(name).or_insert((0, 0));
+        e.0 += cnt;
+        e.1 += ns;
+    }
+    out
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the state.
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }

@@ -9,6 +9,7 @@
 mod agent;
 mod collector;
 mod footprint;
+mod peer;
 mod scenarios;
 
 use std::{fmt::Write as _, path::Path, process::Command, time::Instant};
@@ -113,6 +114,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("agent footprint", footprint::footprint),
         ("cgroup scan scaling", collector::scan),
         ("API latency and Watch memory", collector::api),
+        ("peer: bpftrace RTT histogram", peer::bpftrace),
     ];
     let total = scenarios.len();
     for (i, (name, scenario)) in scenarios.into_iter().enumerate() {
@@ -245,6 +247,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     let _ = writeln!(s, "{}", scenarios::DESCRIPTION);
     let _ = writeln!(s, "{}", footprint::DESCRIPTION);
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
+    let _ = writeln!(s, "{}", peer::DESCRIPTION);
     s
 }
 
