@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         Command::GpuCheck { json, events } => {
             nodeward::sources::gpu::check::main(&config, json, events)
         }
+        Command::BenchScan(args) => nodeward::bench::scan(&config, &args),
+        Command::BenchApi(args) => nodeward::bench::api(&config.api.unix_socket, &args),
+        Command::BenchWatch(args) => nodeward::bench::watch(&config.api.unix_socket, &args),
         Command::Run => {
             let reloader = nodeward::reload::Reloader::new(
                 cli.config.config.clone(),

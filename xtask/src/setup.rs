@@ -250,8 +250,8 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     ensure_packages(
         "bench tools",
-        &strings(&["iperf3", "bpftool", "gcc"]),
-        &strings(&["iperf3", "bpftool", "gcc"]),
+        &strings(&["iperf3", "bpftool", "gcc", "bpftrace"]),
+        &strings(&["iperf3", "bpftool", "gcc", "bpftrace"]),
     )
 }
 
