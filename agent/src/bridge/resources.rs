@@ -68,7 +68,7 @@ pub fn cgroup_snapshot(scan: &CgroupScan) -> CgroupSnapshot {
 
 pub fn cgroup_provenance(scan: &CgroupScan) -> Provenance {
     let hook = match &scan.layout {
-        Some(l) => format!("cgroup filesystem ({l:?})"),
+        Some(l) => format!("cgroup filesystem ({l})"),
         None => "cgroup filesystem".to_owned(),
     };
     Provenance {

@@ -74,6 +74,18 @@ pub enum LayoutError {
     NotACgroupRoot(PathBuf),
 }
 
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::V2 { unified } => write!(f, "cgroup v2 at {}", unified.display()),
+            Self::Hybrid { unified, .. } => {
+                write!(f, "hybrid: v1 controllers, v2 at {}", unified.display())
+            }
+            Self::V1 { .. } => write!(f, "cgroup v1 only"),
+        }
+    }
+}
+
 impl Layout {
     /// Recognises pure v2 (`<root>/cgroup.controllers`), hybrid (`<root>/unified` beside v1
     /// controller directories) and v1.
