@@ -182,13 +182,17 @@ fn the_daemonset_gives_the_agent_what_its_config_and_probes_expect() {
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("no container port {name}"))
     };
-    for probe in ["readinessProbe", "livenessProbe"] {
+    // Probes ask the agent over the Unix socket the ConfigMap's config serves (the pod's TCP
+    // listener is loopback-only without TLS, out of a kubelet gRPC probe's reach).
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let cmd = strings(&c[probe]["exec"]["command"]);
         assert_eq!(
-            c[probe]["grpc"]["port"].as_u64(),
-            Some(port("grpc")),
+            cmd,
+            ["/usr/bin/nodeward", "status", "--addr", "unix:/run/nodeward/nodeward.sock"],
             "{probe}"
         );
     }
+    assert!(port("grpc") > 0);
     let svc = find(&docs, "Service");
     assert_eq!(svc["spec"]["clusterIP"], "None", "headless");
     let svc_ports: Vec<&str> = svc["spec"]["ports"]
