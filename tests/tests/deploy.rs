@@ -188,7 +188,12 @@ fn the_daemonset_gives_the_agent_what_its_config_and_probes_expect() {
         let cmd = strings(&c[probe]["exec"]["command"]);
         assert_eq!(
             cmd,
-            ["/usr/bin/nodeward", "status", "--addr", "unix:/run/nodeward/nodeward.sock"],
+            [
+                "/usr/bin/nodeward",
+                "status",
+                "--addr",
+                "unix:/run/nodeward/nodeward.sock"
+            ],
             "{probe}"
         );
     }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
-    health::{Engine, HealthConfig, HealthReport},
+    health::{Engine, HealthConfig},
     store::{Clock, Store},
 };
 
@@ -218,7 +218,11 @@ impl BoundApi {
                 }
             },
         };
-        let hub = hub::HealthHub::new(HealthReport::initial(clock.now()));
+        // The first published state is a real evaluation of the store (the sources are
+        // registered before the API is bound), so even a call that beats the evaluator's first
+        // tick names the sources the verdict waits for.
+        let mut engine = Engine::new(health.clone());
+        let hub = hub::HealthHub::new(engine.evaluate(&store.snapshot(), clock.now()));
         let drain = drain::DrainController::new(clock.clone());
         let service = service::Service::new(service::ServiceParts {
             node: node_name(&api.node_name),
@@ -235,7 +239,7 @@ impl BoundApi {
             service,
             hub,
             drain,
-            engine: Engine::new(health.clone()),
+            engine,
             store,
             clock,
             interval: health.interval,
