@@ -281,6 +281,17 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
     let c = end
         .container(container.id())
         .expect("container in the report");
+    let dir = container
+        .path
+        .file_name()
+        .expect("cgroup dir")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        c.cgroup_path.as_deref().is_some_and(|p| p.ends_with(&dir)),
+        "the cgroup id resolves to its path: {:?}",
+        c.cgroup_path
+    );
     let w10 = &c.windows[0];
     assert_eq!(w10.window_seconds, 10);
     assert_eq!(w10.rtp_lost, u64::from(dropped), "{w10:?}");

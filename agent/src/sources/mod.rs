@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{config::Config, daemon::TaskResult, probe::Capabilities};
 
 pub mod cgroup;
-pub mod cgroup_paths;
+pub mod cgroup_path;
 pub mod gpu;
 pub mod node;
 pub mod rates;

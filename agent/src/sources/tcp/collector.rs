@@ -7,8 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cgroup_path, diag, ensure_cgroup2, plan, reader, window, Plan, Recorder, TcpConfig, TcpError,
-    TcpSnapshot,
+    diag, ensure_cgroup2, plan, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
 };
 use crate::{config::Config, probe::Capabilities};
 
@@ -25,7 +24,7 @@ enum Input {
 pub struct Collector {
     input: Input,
     tracker: window::Tracker,
-    paths: cgroup_path::CgroupPaths,
+    paths: crate::sources::cgroup_path::CgroupPaths,
 }
 
 impl Collector {
@@ -53,7 +52,7 @@ impl Collector {
             input,
             tracker,
             // Namespace cookies are not cgroup inodes: nothing to resolve.
-            paths: cgroup_path::CgroupPaths::new(
+            paths: crate::sources::cgroup_path::CgroupPaths::new(
                 (plan.recorder != Recorder::Netns).then(|| cgroup_root.to_path_buf()),
             ),
         })

@@ -23,7 +23,6 @@
 
 use crate::probe::Capabilities;
 
-pub mod cgroup_path;
 mod collector;
 pub mod config;
 pub mod diag;

@@ -24,7 +24,7 @@ use self::{
     model::{ContainerUdp, Endpoint, FlowQuality, StreamQuality, UdpCounters, UdpSnapshot},
     windows::{Differ, History},
 };
-use super::cgroup_paths::CgroupPaths;
+use super::cgroup_path::CgroupPaths;
 use crate::{
     config::Config,
     ebpf::{
@@ -98,7 +98,7 @@ impl Source {
             tick,
             differ: Differ::default(),
             history: HashMap::new(),
-            paths: CgroupPaths::new(cgroup_v2_root),
+            paths: CgroupPaths::new(Some(cgroup_v2_root.to_path_buf())),
         })
     }
 
@@ -167,6 +167,12 @@ impl Source {
         }
         // Containers with no tick in five minutes have no window left to report.
         self.history.retain(|_, h| !h.is_empty());
+        let mut live_ids: Vec<u64> = maps.flows.iter().map(|(k, _)| k.cgroup_id).collect();
+        live_ids.extend(maps.streams.iter().map(|(k, _)| k.flow.cgroup_id));
+        live_ids.extend(self.history.keys());
+        live_ids.sort_unstable();
+        live_ids.dedup();
+        self.paths.next_tick(&live_ids);
 
         let rtp_flows: HashSet<UdpFlowKey> = maps
             .streams
@@ -178,7 +184,7 @@ impl Source {
         let entry = |cg: u64, paths: &mut CgroupPaths| -> ContainerUdp {
             ContainerUdp {
                 cgroup_id: cg,
-                cgroup_path: paths.lookup(cg),
+                cgroup_path: paths.resolve(cg),
                 live_streams: 0,
                 streams: Vec::new(),
                 flows: Vec::new(),

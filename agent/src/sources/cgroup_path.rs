@@ -1,8 +1,8 @@
-//! cgroup v2 id → path, by walking the unified hierarchy for the directory whose inode number
-//! is the id. Until the container discovery module maps ids to pods, the path is the name.
+//! cgroup v2 id → path, for the sources that only see ids (eBPF): the id of a v2 cgroup is the
+//! inode number of its directory, so a miss walks the unified hierarchy.
 //!
-//! Results are cached; a miss triggers at most one walk per tick, so a node with thousands of
-//! cgroups pays one directory walk per tick only when a new cgroup shows up.
+//! Results are cached; a miss triggers at most one walk per tick (a burst of new cgroups costs
+//! one walk, which resolves all of them), and each tick forgets ids no longer in use.
 
 use std::{
     collections::HashMap,
@@ -45,10 +45,9 @@ impl CgroupPaths {
         let mut found = HashMap::new();
         walk(&root, &root, &mut found, 0);
         let out = found.get(&id).cloned();
-        // Keep only what will be asked again: ids already cached, plus this one.
-        if let Some(p) = &out {
-            self.cache.insert(id, p.clone());
-        }
+        // Keep everything the walk found: other new ids of this tick resolve without another
+        // walk, and `next_tick` drops what is not in use.
+        self.cache.extend(found);
         out
     }
 }
