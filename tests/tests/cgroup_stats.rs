@@ -37,6 +37,27 @@ fn container_path(n: u32) -> (String, String, String) {
 }
 
 /// The hierarchies a test needs, or the reason it cannot run here.
+/// What every test here needs: the host's cgroup layout and the hierarchies holding
+/// `controllers` (and python3, for the memory tests), or the reason to skip.
+fn prerequisites(
+    controllers: &[&str],
+    needs_python: bool,
+) -> Result<(Layout, Vec<PathBuf>), String> {
+    let layout = Layout::detect(Path::new(ROOT)).map_err(|e| e.to_string())?;
+    let roots = hierarchies(&layout, controllers)?;
+    let python_ok = || {
+        Command::new("python3")
+            .arg("-c")
+            .arg("pass")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if needs_python && !python_ok() {
+        return Err("python3 is needed to allocate memory".to_owned());
+    }
+    Ok((layout, roots))
+}
+
 fn hierarchies(layout: &Layout, controllers: &[&str]) -> Result<Vec<PathBuf>, String> {
     let mut roots: Vec<PathBuf> = layout
         .unified()
@@ -118,12 +139,8 @@ fn cpu_rate_of_a_busy_container_matches_the_process_own_cpu_time() {
     const TEST: &str = "cpu_rate_of_a_busy_container_matches_the_process_own_cpu_time";
     require_root!(TEST);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let layout = match Layout::detect(Path::new(ROOT)) {
-        Ok(l) => l,
-        Err(e) => return skip(TEST, &e.to_string()),
-    };
-    let roots = match hierarchies(&layout, &["cpuacct", "cpu"]) {
-        Ok(r) => r,
+    let (layout, roots) = match prerequisites(&["cpuacct", "cpu"], false) {
+        Ok(p) => p,
         Err(reason) => return skip(TEST, &reason),
     };
     let (rel, uid, id) = container_path(1);
@@ -199,12 +216,8 @@ fn a_cpu_quota_shows_as_throttling() {
     const TEST: &str = "a_cpu_quota_shows_as_throttling";
     require_root!(TEST);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let layout = match Layout::detect(Path::new(ROOT)) {
-        Ok(l) => l,
-        Err(e) => return skip(TEST, &e.to_string()),
-    };
-    let roots = match hierarchies(&layout, &["cpuacct", "cpu"]) {
-        Ok(r) => r,
+    let (layout, roots) = match prerequisites(&["cpuacct", "cpu"], false) {
+        Ok(p) => p,
         Err(reason) => return skip(TEST, &reason),
     };
     let (rel, _uid, id) = container_path(2);
@@ -274,23 +287,10 @@ fn memory_of_a_container_matches_what_it_allocated() {
     const LIMIT: u64 = 1 << 30;
     require_root!(TEST);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let layout = match Layout::detect(Path::new(ROOT)) {
-        Ok(l) => l,
-        Err(e) => return skip(TEST, &e.to_string()),
-    };
-    let roots = match hierarchies(&layout, &["memory"]) {
-        Ok(r) => r,
+    let (layout, roots) = match prerequisites(&["memory"], true) {
+        Ok(p) => p,
         Err(reason) => return skip(TEST, &reason),
     };
-    if Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        return skip(TEST, "python3 is needed to allocate memory");
-    }
     let (rel, _uid, id) = container_path(3);
     let tree = CgroupTree::new(&rel, &roots);
     enable_v2_controllers(&layout, &tree);
@@ -345,23 +345,10 @@ fn an_oom_kill_is_counted_for_its_container() {
     const TEST: &str = "an_oom_kill_is_counted_for_its_container";
     require_root!(TEST);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let layout = match Layout::detect(Path::new(ROOT)) {
-        Ok(l) => l,
-        Err(e) => return skip(TEST, &e.to_string()),
-    };
-    let roots = match hierarchies(&layout, &["memory"]) {
-        Ok(r) => r,
+    let (layout, roots) = match prerequisites(&["memory"], true) {
+        Ok(p) => p,
         Err(reason) => return skip(TEST, &reason),
     };
-    if Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        return skip(TEST, "python3 is needed to allocate memory");
-    }
     let (rel, _uid, id) = container_path(4);
     let (sibling_rel, _, sibling_id) = container_path(5);
     let tree = CgroupTree::new(&rel, &roots);
