@@ -12,6 +12,13 @@ use nodeward::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, None | Some(Command::Run)) {
+        // The command-line tools end quietly when their reader goes away (`nodeward status |
+        // head`), as Unix tools do, instead of panicking on EPIPE. The daemon keeps SIGPIPE
+        // ignored: a client hanging up is an error on that connection only.
+        // SAFETY: sets a signal disposition before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let source = config::Source {
         explicit_path: cli.config.config.as_deref(),
         flags: &cli.config.set,

@@ -102,6 +102,30 @@ mod toml_lite {
 /// With `NOTIFY_SOCKET` and `WATCHDOG_USEC` set as systemd sets them, the agent sends READY=1
 /// once running and then WATCHDOG=1 pings; on SIGINT it sends STOPPING=1 and exits 0. JSON logs
 /// are one object per line.
+/// A command-line tool whose reader has gone (`nodeward config show | head -0`) ends the way Unix
+/// tools do, on SIGPIPE, rather than panicking on the failed write (it used to: exit 101 and a
+/// backtrace).
+#[test]
+fn a_closed_stdout_ends_a_tool_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = agent()
+        .args(["config", "show"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nodeward config show");
+    // Close the read end before the tool has printed anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for nodeward");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn notifies_systemd_and_pings_watchdog() {
     let dir = std::env::temp_dir().join(format!("nodeward-notify-{}", std::process::id()));

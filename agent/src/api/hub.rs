@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::drain::{Drain, DrainController};
 use crate::{
-    health::{Engine, HealthReport},
+    health::{Engine, HealthReport, Verdict},
     store::{Clock, Store},
 };
 
@@ -33,6 +33,7 @@ pub struct HealthHub {
 
 impl HealthHub {
     pub fn new(initial: HealthReport) -> Self {
+        log_verdict(None, &initial);
         let (tx, _) = watch::channel(Published {
             report: Arc::new(initial),
             drain: None,
@@ -54,6 +55,9 @@ impl HealthHub {
     pub fn publish(&self, report: HealthReport, drain: Option<Drain>) {
         self.tx.send_if_modified(|cur| {
             let changed = !cur.report.same_state(&report) || cur.drain != drain;
+            if cur.report.verdict != report.verdict {
+                log_verdict(Some(cur.report.verdict), &report);
+            }
             cur.report = Arc::new(report);
             cur.drain = drain;
             if changed {
@@ -62,6 +66,32 @@ impl HealthHub {
             changed
         });
     }
+}
+
+/// Logs the first verdict and every change of verdict, with what causes it: the line an operator
+/// reads to see when and why a node changed (the initial one is `Unknown` until every enabled
+/// source has reported; nothing is carried over from an earlier run).
+fn log_verdict(previous: Option<Verdict>, report: &HealthReport) {
+    let causes: Vec<String> = report
+        .causes()
+        .map(|c| {
+            if c.subject.is_empty() {
+                c.kind.clone()
+            } else {
+                format!("{}({})", c.kind, c.subject)
+            }
+        })
+        .collect();
+    let previous = previous
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_else(|| "none".to_owned());
+    tracing::info!(
+        verdict = ?report.verdict,
+        previous,
+        ?causes,
+        unknown_reason = report.unknown_reason.as_str(),
+        "health verdict"
+    );
 }
 
 /// Evaluates the store every `interval` (and on drain changes) until cancelled.
