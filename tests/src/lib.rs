@@ -25,6 +25,7 @@ use nodeward::probe::cgroup_layout;
 pub mod fake_nvml;
 pub mod net;
 pub mod pingpong;
+pub mod pki;
 
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {
