@@ -372,3 +372,53 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / hz
 }
+
+/// This process's bounding set, by capability number.
+pub fn own_bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The number of the capabilities the agent's unit and DaemonSet name (`CAP_` form).
+pub fn cap_number(name: &str) -> Option<u32> {
+    Some(match name {
+        "CAP_DAC_READ_SEARCH" => 2,
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_PTRACE" => 19,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_SYS_RESOURCE" => 24,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        _ => return None,
+    })
+}
+
+/// Splits capabilities (`CAP_BPF` or `BPF` form) into those this process can hand on — as a
+/// `setpriv` list such as `+bpf,+perfmon` — and those it lacks itself (a sandbox's bounding set
+/// may be smaller than a real node's).
+pub fn grantable_caps(names: &[&str]) -> (String, Vec<String>) {
+    let ours = own_bounding_set();
+    let mut granted = Vec::new();
+    let mut missing = Vec::new();
+    for name in names {
+        let full = if name.starts_with("CAP_") {
+            (*name).to_owned()
+        } else {
+            format!("CAP_{name}")
+        };
+        match cap_number(&full) {
+            Some(n) if ours & (1 << n) != 0 => granted.push(format!(
+                "+{}",
+                full.trim_start_matches("CAP_").to_lowercase()
+            )),
+            _ => missing.push(full),
+        }
+    }
+    (granted.join(","), missing)
+}

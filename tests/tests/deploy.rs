@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use nodeward_tests::{agent_binary, is_root, skip};
+use nodeward_tests::{agent_binary, cap_number, grantable_caps, is_root, skip};
 use serde_json::Value;
 
 const KUBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/kubernetes");
@@ -302,5 +302,126 @@ fn the_container_file_builds_on_anolis_23_and_starts_the_rpms_binary() {
         manifest.contains("dest = \"/usr/bin/nodeward\"")
             && text.contains("ENTRYPOINT [\"/usr/bin/nodeward\"]"),
         "the image must start the binary where the RPM installs it"
+    );
+}
+
+/// The DaemonSet's container runs with a read-only root filesystem and a handful of
+/// capabilities instead of `privileged`; the agent must work so. Run it that way here: in a
+/// private mount namespace whose root mount is read-only (a `touch` proves it) but for the one
+/// writable volume the DaemonSet mounts (`/run/nodeward`, here a test directory), with exactly
+/// the DaemonSet's capabilities (those this sandbox can grant). The eBPF sources start, the API
+/// answers on the socket in the writable directory, and nothing failed with EROFS.
+#[test]
+fn the_agent_runs_with_the_daemonsets_capabilities_on_a_read_only_root() {
+    const TEST: &str = "kube_read_only_root";
+    if !is_root() {
+        return skip(TEST, "needs root for a mount namespace and capabilities");
+    }
+    let (Some(unshare), Some(setpriv)) = (tool("unshare"), tool("setpriv")) else {
+        return skip(
+            TEST,
+            "unshare or setpriv missing (Debian package `util-linux`)",
+        );
+    };
+    let Some(docs) = yaml(&Path::new(KUBE).join("30-daemonset.yaml")) else {
+        return skip(TEST, "python3 with PyYAML missing (tests/requirements.txt)");
+    };
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{sc}");
+    let writable: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .filter(|m| m["readOnly"] != true)
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(writable, ["/run/nodeward"], "the only writable volume");
+    let add = strings(&sc["capabilities"]["add"]);
+    let (caps, missing) = grantable_caps(&add);
+    assert!(
+        add.iter()
+            .all(|c| cap_number(&format!("CAP_{c}")).is_some()),
+        "the test does not know every capability the DaemonSet adds: {add:?}"
+    );
+    if !missing.is_empty() {
+        eprintln!("{TEST}: this machine cannot grant {missing:?}; testing without them");
+    }
+
+    let run_dir = std::env::temp_dir().join(format!("nodeward-ro-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).expect("create the run directory");
+    let socket = run_dir.join("nodeward.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    // The run directory stays writable (its own bind mount); then the root mount of this
+    // namespace only is made read-only, and a write to it must fail before the agent starts.
+    let script = r#"set -e
+mount --bind "$RUN" "$RUN"
+mount -o remount,bind,ro /
+if touch /var/tmp/nodeward-ro-probe 2>/dev/null; then echo "root is writable" >&2; exit 97; fi
+exec "$SETPRIV" --inh-caps="-all,$CAPS" --bounding-set="-all,$CAPS" "$AGENT" run \
+  --set gpu.enabled=false --set api.tcp_listen= --set "api.unix_socket=$RUN/nodeward.sock" \
+  --set "metrics.listen=127.0.0.1:$PORT""#;
+    let mut agent = Command::new(unshare)
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("RUN", &run_dir)
+        .env("SETPRIV", setpriv)
+        .env("CAPS", &caps)
+        .env("AGENT", agent_binary())
+        .env("PORT", port.to_string())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("NODEWARD_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent in a read-only mount namespace");
+    let scrape = nodeward_tests::wait_for(std::time::Duration::from_secs(30), || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.contains("nodeward_source_up").then_some(body)
+    });
+    let status = Command::new(agent_binary())
+        .args(["status", "--json", "--addr"])
+        .arg(format!("unix:{}", socket.display()))
+        .env_remove("NODEWARD_LOG")
+        .output()
+        .expect("run nodeward status");
+    // SAFETY: kill has no memory-safety preconditions; sh exec'd into setpriv, then the agent.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let exited = nodeward_tests::wait_for(std::time::Duration::from_secs(15), || {
+        agent.try_wait().ok().flatten()
+    });
+    let out = agent.wait_with_output().expect("agent exits");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&run_dir);
+
+    let scrape = scrape.unwrap_or_else(|| panic!("no metrics scrape; log:\n{log}"));
+    for source in ["ebpf/tcp", "ebpf/udp"] {
+        assert!(
+            scrape.contains(&format!("nodeward_source_up{{source=\"{source}\"}} 1")),
+            "{source} did not start on a read-only root with {caps}:\n{scrape}\nlog:\n{log}"
+        );
+    }
+    assert!(
+        status.status.success(),
+        "the API did not answer on the writable volume: {}\nlog:\n{log}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        !log.contains("Read-only file system") && !log.contains("os error 30"),
+        "something tried to write to the read-only root:\n{log}"
+    );
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the agent stops cleanly: {exited:?}\n{log}"
     );
 }

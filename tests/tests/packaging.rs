@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, is_root, skip, wait_for};
+use nodeward_tests::{agent_binary, cap_number, grantable_caps, is_root, skip, wait_for};
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/nodeward.service");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -114,31 +114,6 @@ fn systemd_analyze_verifies_the_unit_without_a_warning() {
     }
 }
 
-/// This process's bounding set, by capability number.
-fn own_bounding_set() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapBnd:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
-fn cap_number(name: &str) -> Option<u32> {
-    Some(match name {
-        "CAP_DAC_READ_SEARCH" => 2,
-        "CAP_NET_ADMIN" => 12,
-        "CAP_SYS_PTRACE" => 19,
-        "CAP_SYS_ADMIN" => 21,
-        "CAP_SYS_RESOURCE" => 24,
-        "CAP_PERFMON" => 38,
-        "CAP_BPF" => 39,
-        _ => return None,
-    })
-}
-
 #[test]
 fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
     const TEST: &str = "unit_capabilities";
@@ -152,23 +127,16 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
     };
     let unit = std::fs::read_to_string(UNIT).expect("read the unit");
     let caps = directive(&unit, "CapabilityBoundingSet");
-    let ours = own_bounding_set();
-    // A capability this sandbox lacks itself cannot be granted; say which, and go on without.
-    let (granted, missing): (Vec<&String>, Vec<&String>) = caps
-        .iter()
-        .partition(|c| cap_number(c).is_some_and(|n| ours & (1 << n) != 0));
     assert!(
         caps.iter().all(|c| cap_number(c).is_some()),
         "the test does not know every capability the unit names: {caps:?}"
     );
+    // A capability this sandbox lacks itself cannot be granted; say which, and go on without.
+    let names: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let (list, missing) = grantable_caps(&names);
     if !missing.is_empty() {
         eprintln!("{TEST}: this machine cannot grant {missing:?}; testing without them");
     }
-    let list: Vec<String> = granted
-        .iter()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let list = list.join(",");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
