@@ -246,6 +246,32 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cargo-deny release the supply-chain check runs (`deny.toml`).
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// cargo-deny for the supply-chain check of `cargo xtask test`.
+pub fn ensure_cargo_deny() -> anyhow::Result<()> {
+    if let Ok(out) = Command::new("cargo").args(["deny", "--version"]).output() {
+        if out.status.success() {
+            say(&format!(
+                "cargo-deny: already installed ({})",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ));
+            return Ok(());
+        }
+    }
+    step(
+        &format!("building cargo-deny {CARGO_DENY_VERSION} (takes about 5 minutes)"),
+        crate::cargo().args([
+            "install",
+            "--locked",
+            "cargo-deny",
+            "--version",
+            CARGO_DENY_VERSION,
+        ]),
+    )
+}
+
 /// What the benchmark drives.
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     ensure_packages(

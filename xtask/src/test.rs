@@ -65,6 +65,63 @@ fn run_tests(what: &str, cmd: &mut Command, tally: &mut Tally) -> anyhow::Result
     Ok(child.wait()?.success())
 }
 
+/// What the supply-chain checks gave: each `cargo deny check` counts as one test.
+#[derive(Default)]
+struct Checks {
+    passed: u64,
+    failed: u64,
+    skipped: Vec<String>,
+}
+
+/// `cargo deny` against `deny.toml`. Licences, bans and sources need only the lock file;
+/// advisories need the RustSec database, fetched from GitHub, which some build machines cannot
+/// reach: then that check is reported as skipped, with the reason, and never as passed.
+fn supply_chain() -> anyhow::Result<Checks> {
+    setup::ensure_cargo_deny()?;
+    let mut checks = Checks::default();
+    let mut count = |what: &str, ok: bool| {
+        say(&format!(
+            "supply chain: cargo deny check {what} {}",
+            if ok { "ok" } else { "FAILED" }
+        ));
+        if ok {
+            checks.passed += 1;
+        } else {
+            checks.failed += 1;
+        }
+    };
+    for what in ["licenses", "bans", "sources"] {
+        let status = cargo()
+            .args(["deny", "--offline", "check", "--hide-inclusion-graph", what])
+            .status()
+            .context("cargo deny")?;
+        count(what, status.success());
+    }
+    say("supply chain: fetching the RustSec advisory database");
+    let fetch = cargo()
+        .args(["deny", "fetch", "db"])
+        .output()
+        .context("cargo deny fetch")?;
+    if fetch.status.success() {
+        let status = cargo()
+            .args(["deny", "check", "--disable-fetch", "advisories"])
+            .status()
+            .context("cargo deny")?;
+        count("advisories", status.success());
+    } else {
+        let stderr = String::from_utf8_lossy(&fetch.stderr);
+        let why = stderr
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("no reason given");
+        checks.skipped.push(format!(
+            "cargo deny check advisories: the RustSec advisory database could not be fetched ({why})"
+        ));
+    }
+    Ok(checks)
+}
+
 pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     setup::ensure_all(root)?;
     step(
@@ -122,7 +179,7 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     }
     ok &= run_tests("privileged integration tests", &mut privileged, &mut tally)?;
 
-    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+    let mut skips: Vec<String> = std::fs::read_to_string(&skip_log)
         .unwrap_or_default()
         .lines()
         .map(str::to_owned)
@@ -153,8 +210,14 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     }
 
     // A skipped test returned early and libtest counted it as passed: count it as skipped.
+    let mut passed = tally.passed.saturating_sub(skips.len() as u64);
+    if !args.no_lint {
+        let chain = supply_chain()?;
+        passed += chain.passed;
+        tally.failed += chain.failed;
+        skips.extend(chain.skipped);
+    }
     let skipped = skips.len() as u64;
-    let passed = tally.passed.saturating_sub(skipped);
     for s in &skips {
         say(&format!("skipped: {s}"));
     }
