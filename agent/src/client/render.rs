@@ -258,6 +258,9 @@ pub fn gpus(r: &pb::ListGpusResponse) -> String {
             ));
         }
         health.extend(g.throttle_reasons.iter().cloned());
+        if !g.unreadable.is_empty() {
+            health.push(format!("unreadable={}", g.unreadable.join(",")));
+        }
         let _ = writeln!(
             out,
             "{:<5} {:<24} {:<22} {:>4.0}% {:>16} {:>5.0}C {:>6.0}W  {}",

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::{container_labels, Metrics};
 use crate::sources::gpu::{
     model::{DeviceStats, GpuHealthDevice},
-    GpuSnapshot, Reading,
+    GpuSnapshot, Reading, SourceStatus,
 };
 
 /// Writes one GPU snapshot.
@@ -28,6 +28,30 @@ pub fn encode(s: &GpuSnapshot, m: &mut Metrics) {
         &[],
         if s.poll_error.is_some() { 1.0 } else { 0.0 },
     );
+    m.gauge(
+        "nodeward_gpu_source_degraded",
+        "1 while NVML fails as a whole (it cannot count the GPUs) and the source re-initialises it with back-off.",
+        &[],
+        if matches!(s.status, SourceStatus::Degraded(_)) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    m.counter(
+        "nodeward_gpu_nvml_reinit_attempts_total",
+        "Times the source shut NVML down and initialised it again after it failed as a whole.",
+        &[],
+        s.reinit_attempts_total as f64,
+    );
+    for (error, n) in &s.count_errors_total {
+        m.counter(
+            "nodeward_gpu_nvml_count_errors_total",
+            "Failed nvmlDeviceGetCount calls (the whole library failing), by NVML error.",
+            &[("error", error)],
+            *n as f64,
+        );
+    }
     m.gauge(
         "nodeward_gpu_poll_duration_seconds",
         "How long the last NVML poll of every GPU took, in seconds.",
@@ -151,6 +175,14 @@ fn encode_device(d: &DeviceStats, m: &mut Metrics) {
             "nodeward_gpu_row_remap_failed",
             "1 when a row remap failed: the GPU should be replaced.",
             Some(if r.failed { 1.0 } else { 0.0 }),
+        );
+    }
+    for (error, n) in &d.nvml_errors_total {
+        m.counter(
+            "nodeward_gpu_nvml_errors_total",
+            "Failed NVML calls on the GPU since the agent started, by NVML error (\"not supported\" is an answer, not counted); the reading of a failed call is left out, not shown as 0.",
+            &[labels[0], labels[1], ("error", error)],
+            *n as f64,
         );
     }
     encode_labelled(d, &labels, m);
