@@ -135,7 +135,10 @@ mod tests {
         assert_eq!(error_kind(&NvmlError::Unknown), Some("unknown"));
         assert_eq!(error_kind(&NvmlError::Timeout), Some("timeout"));
         assert_eq!(error_kind(&NvmlError::GpuLost), Some("gpu_lost"));
-        assert_eq!(error_kind(&NvmlError::UnexpectedVariant(12345)), Some("other"));
+        assert_eq!(
+            error_kind(&NvmlError::UnexpectedVariant(12345)),
+            Some("other")
+        );
         assert_eq!(error_kind(&NvmlError::NotSupported), None);
         assert_eq!(error_kind(&NvmlError::FunctionNotFound), None);
     }
