@@ -44,14 +44,12 @@ pub fn encode(s: &GpuSnapshot, m: &mut Metrics) {
         &[],
         s.reinit_attempts_total as f64,
     );
-    for (error, n) in &s.count_errors_total {
-        m.counter(
-            "nodeward_gpu_nvml_count_errors_total",
-            "Failed nvmlDeviceGetCount calls (the whole library failing), by NVML error.",
-            &[("error", error)],
-            *n as f64,
-        );
-    }
+    m.counter(
+        "nodeward_gpu_nvml_count_errors_total",
+        "Polls whose nvmlDeviceGetCount failed: NVML failing as a whole (the degraded reason names the error; failed re-initialisations count in nodeward_gpu_nvml_reinit_attempts_total).",
+        &[],
+        s.count_errors_total.values().sum::<u64>() as f64,
+    );
     m.gauge(
         "nodeward_gpu_poll_duration_seconds",
         "How long the last NVML poll of every GPU took, in seconds.",
