@@ -226,11 +226,18 @@ fn the_running_source_degrades_when_nvml_fails_as_a_whole_and_reinitialises_it()
         assert!(failing.shutdown >= 1, "{failing:?}");
         assert!(failing.init >= 2, "{failing:?}");
 
+        let fixed = std::time::Instant::now();
         fake.script(healthy);
         let back = until(&mut rx, "the source runs again", |s| {
             s.status == SourceStatus::Running && s.devices.len() == 2
         })
         .await;
+        eprintln!(
+            "figure: NVML back {:?} after the script was fixed; {} re-initialisation(s), calls {:?}",
+            fixed.elapsed(),
+            back.reinit_attempts_total,
+            fake.calls()
+        );
         assert_eq!(device(&back, 0).temperature_celsius, Reading::Supported(45));
         assert!(back.reinit_attempts_total >= 1);
         // The count errors survive the new NVML instance.
@@ -442,6 +449,7 @@ fn the_agent_counts_a_failing_reading_reports_it_missing_and_recovers() {
         Some(5.0),
         "one error per failing poll"
     );
+    eprintln!("figure: 5 polls scripted to fail, 5 errors counted, temperature back at 41");
     // Further polls count nothing more.
     let later = fake.calls().count + 3;
     wait_for(WAIT, || (fake.calls().count >= later).then_some(()))
@@ -467,6 +475,7 @@ fn the_agent_names_a_gpu_that_fell_off_the_bus_and_keeps_serving_the_other() {
     let base = "devices = 2\nall.temp = 40\n";
     fake.script(base);
     let mut agent = Agent::start(&fake);
+    let lost_at = std::time::Instant::now();
     fake.script(&format!("{base}dev.1.lost = 1\n"));
     let m = agent.metrics_until("GPU 1 lost", |m| {
         sample(m, &gpu_series("nodeward_gpu_lost", 1, UUID1)) == Some(1.0)
@@ -501,6 +510,10 @@ fn the_agent_names_a_gpu_that_fell_off_the_bus_and_keeps_serving_the_other() {
             .then_some(s)
     })
     .expect("a GpuLost condition");
+    eprintln!(
+        "figure: GpuLost condition in the API {:?} after GPU 1 was lost",
+        lost_at.elapsed()
+    );
     let conditions = status["health"]["conditions"].as_array().expect("list");
     let lost: Vec<_> = conditions
         .iter()
@@ -551,11 +564,20 @@ fn the_agent_reports_nvml_failing_as_a_whole_then_available_again() {
     assert!(failing.shutdown > started.shutdown, "{failing:?}");
     assert!(failing.init > started.init, "{failing:?}");
 
+    let fixed = std::time::Instant::now();
     fake.script(base);
-    agent.metrics_until("the GPUs back", |m| {
+    let back = agent.metrics_until("the GPUs back", |m| {
         sample(m, "nodeward_gpu_source_degraded") == Some(0.0)
             && sample(m, "nodeward_gpu_devices") == Some(2.0)
     });
+    eprintln!(
+        "figure: agent's GPU source back {:?} after the script was fixed; reinit attempts {:?}, \
+         count errors {:?}, calls {:?}",
+        fixed.elapsed(),
+        sample(&back, "nodeward_gpu_nvml_reinit_attempts_total"),
+        sample(&back, "nodeward_gpu_nvml_count_errors_total"),
+        fake.calls()
+    );
     let gpus = wait_for(WAIT, || {
         let g = agent.ask("gpus");
         (g["available"] == true).then_some(g)

@@ -448,7 +448,7 @@ impl Reinit {
         self.next_at = Instant::now() + wait;
         self.delay = (self.delay * 2).min(REINIT_BACKOFF.1);
         format!(
-            "{error}; re-initialising NVML ({} attempt(s) so far, next in {})",
+            "{error}; re-initialising NVML ({} failed attempt(s) so far, next in {})",
             self.attempts,
             humantime::format_duration(wait)
         )
@@ -501,6 +501,27 @@ mod tests {
         assert!(explain(lib, &NvmlError::LibRmVersionMismatch)
             .starts_with("driver/library version mismatch"));
         assert!(explain(lib, &NvmlError::Unknown).starts_with("NVML initialisation failed"));
+    }
+
+    #[test]
+    fn reinitialisation_backs_off_doubling_to_a_minute_and_resets_on_success() {
+        let mut r = Reinit::new();
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let before = Instant::now();
+            let reason = r.failed("cannot count the GPUs: Unknown Error");
+            assert!(reason.starts_with("cannot count the GPUs"), "{reason}");
+            waits.push((r.next_at - before).as_secs());
+            r.attempts += 1;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        let reason = r.failed("x");
+        assert!(
+            reason.contains("9 failed attempt(s) so far, next in 1m"),
+            "{reason}"
+        );
+        r.succeeded();
+        assert_eq!((r.attempts, r.delay), (0, REINIT_BACKOFF.0));
     }
 
     #[test]
