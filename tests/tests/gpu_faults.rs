@@ -300,9 +300,11 @@ impl Agent {
         };
         let up = wait_for(WAIT, || {
             agent.alive();
-            agent
-                .scrape()
-                .filter(|m| m.contains("nodeward_gpu_devices 2"))
+            // Events watched: the event thread has made its one nvmlDeviceGetCount call, so
+            // from now on only polls make them (what `@count` in the tests relies on).
+            agent.scrape().filter(|m| {
+                m.contains("nodeward_gpu_devices 2") && m.contains("nodeward_gpu_events_watched 1")
+            })
         });
         assert!(
             up.is_some(),
