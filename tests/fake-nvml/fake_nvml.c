@@ -12,7 +12,11 @@
  * Keys (absent means NVML_ERROR_NOT_SUPPORTED unless noted):
  *   init = <rc>                 return code of nvmlInit_v2 (default 0; 18 = version mismatch)
  *   driver_version, nvml_version    strings (defaults "999.99.99", "12.999.99")
- *   devices = N                 device count (default 1), at most 64
+ *   devices = N                 device count (default 1), at most 64; `ERR:<rc>` makes
+ *                               nvmlDeviceGetCount_v2 itself fail (the whole library failing)
+ *   record_calls = 1            keep `fake_nvml.calls` next to the script up to date: lines
+ *                               `init N`, `shutdown N`, `count N` (calls so far; the counts
+ *                               carry over when the library is unloaded and loaded again)
  *   events = D:xid:N D:sbe D:dbe ...  events delivered in order, each once
  *   event_wait_rc = <rc>        make nvmlEventSetWait_v2 fail with rc (e.g. 15, GPU lost)
  *   dev.<i>.<field> / all.<field>   a device's value; `all.` applies to every device
@@ -26,7 +30,17 @@
  * enc.util, dec.util, enc.stats (sessions,fps,latency_us),
  * procs.compute, procs.graphics (`pid:bytes ...`, empty value = none),
  * procutil (`pid:sm:mem:enc:dec[:timestamp] ...`), register (rc of nvmlDeviceRegisterEvents,
- * default 0).
+ * default 0), handle (rc of nvmlDeviceGetHandleByIndex_v2, e.g. `ERR:999`: the device is
+ * counted but cannot be opened).
+ *
+ * Changes over time: rewrite the script (see above), or put them in the script itself with a
+ * line `@count N`: the lines after it (up to the next `@count`) apply only once
+ * nvmlDeviceGetCount_v2 has been called N times or more, and, being later in the file, win
+ * over earlier lines. `@count 0` goes back to "always". The agent's source calls
+ * nvmlDeviceGetCount_v2 once when it opens NVML, once when it registers for events, and once
+ * per poll; a test that polls a `Gpu` itself without events knows exactly which poll is which.
+ * Example: `all.temp = 50`, `@count 3`, `all.temp = ERR:999`, `@count 5`, `all.temp = 51`:
+ * polls 2..3 (calls 3 and 4) read an error, every later poll 51.
  *
  * Build with -DFAKE_OMIT_INIT to leave nvmlInit_v2 out (a library missing symbols), or
  * -DFAKE_OMIT_ENCODER_STATS to leave nvmlDeviceGetEncoderStats out (an older driver).
@@ -70,7 +84,11 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fake_dev devs[MAX_DEVICES];
 static char keys[MAX_ENTRIES][64];
 static char vals[MAX_ENTRIES][512];
+static unsigned long long from_count[MAX_ENTRIES]; /* `@count N` in force for each entry */
 static int n_entries;
+/* Calls so far, for `@count` and `record_calls`. */
+static unsigned long long n_init, n_shutdown, n_count;
+static int counts_loaded;
 static struct stat last_stat;
 static int have_stat;
 static int delivered; /* events already handed out */
@@ -112,9 +130,15 @@ static void reload(void) {
     have_stat = 1;
     n_entries = 0;
     char line[1024];
+    unsigned long long from = 0;
     while (fgets(line, sizeof line, f) && n_entries < MAX_ENTRIES) {
         char *l = trim(line);
         if (!*l || *l == '#') continue;
+        if (strncmp(l, "@count", 6) == 0) {
+            from = strtoull(l + 6, NULL, 10);
+            continue;
+        }
+        from_count[n_entries] = from;
         char *eq = strchr(l, '=');
         if (!eq) continue;
         *eq = 0;
@@ -127,7 +151,7 @@ static void reload(void) {
 
 static const char *global(const char *key) {
     for (int i = n_entries - 1; i >= 0; i--)
-        if (strcmp(keys[i], key) == 0) return vals[i];
+        if (from_count[i] <= n_count && strcmp(keys[i], key) == 0) return vals[i];
     return NULL;
 }
 
@@ -221,12 +245,59 @@ static nvmlReturn_t dev_tuple(nvmlDevice_t d, const char *name, unsigned long lo
     return rc;
 }
 
+/* `fake_nvml.calls`, next to the script. */
+static const char *calls_path(void) {
+    static char path[4200];
+    const char *script = script_path();
+    if (!script) return NULL;
+    snprintf(path, sizeof path, "%s", script);
+    char *slash = strrchr(path, '/');
+    char *name = slash ? slash + 1 : path;
+    snprintf(name, sizeof path - (size_t)(name - path), "fake_nvml.calls");
+    return path;
+}
+
+/* Picks the counts up from a previous load of the library. Caller holds the lock. */
+static void load_counts(void) {
+    if (counts_loaded) return;
+    counts_loaded = 1;
+    const char *path = calls_path();
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) return;
+    char name[32];
+    unsigned long long v;
+    while (fscanf(f, "%31s %llu", name, &v) == 2) {
+        if (strcmp(name, "init") == 0) n_init = v;
+        else if (strcmp(name, "shutdown") == 0) n_shutdown = v;
+        else if (strcmp(name, "count") == 0) n_count = v;
+    }
+    fclose(f);
+}
+
+/* Writes the counts when the script asks for them. Caller holds the lock. */
+static void record_calls(void) {
+    unsigned long long on = 0;
+    if (parse_u64(global("record_calls"), &on) != OK || !on) return;
+    const char *path = calls_path();
+    if (!path) return;
+    char tmp[4300];
+    snprintf(tmp, sizeof tmp, "%s.new", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fprintf(f, "init %llu\nshutdown %llu\ncount %llu\n", n_init, n_shutdown, n_count);
+    fclose(f);
+    rename(tmp, path);
+}
+
 /* ---- library and system ---- */
 
 #ifndef FAKE_OMIT_INIT
 nvmlReturn_t nvmlInit_v2(void) {
     pthread_mutex_lock(&lock);
+    load_counts();
+    n_init++;
     reload();
+    record_calls();
     for (unsigned i = 0; i < MAX_DEVICES; i++) devs[i].index = i;
     unsigned long long rc = 0;
     const char *v = global("init");
@@ -237,13 +308,21 @@ nvmlReturn_t nvmlInit_v2(void) {
 nvmlReturn_t nvmlInitWithFlags(unsigned flags) { (void)flags; return nvmlInit_v2(); }
 #endif
 
-nvmlReturn_t nvmlShutdown(void) { return OK; }
+nvmlReturn_t nvmlShutdown(void) {
+    pthread_mutex_lock(&lock);
+    load_counts();
+    n_shutdown++;
+    record_calls();
+    pthread_mutex_unlock(&lock);
+    return OK;
+}
 
 const char *nvmlErrorString(nvmlReturn_t rc) {
     switch (rc) {
     case OK: return "Success";
     case E_NOT_SUPPORTED: return "Not Supported";
     case E_GPU_IS_LOST: return "GPU is lost";
+    case E_TIMEOUT: return "Timeout";
     case 18: return "RM has detected an NVML/RM version mismatch";
     default: return "Unknown Error";
     }
@@ -261,18 +340,26 @@ nvmlReturn_t nvmlSystemGetNVMLVersion(char *buf, unsigned len) { return sys_stri
 
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count) {
     pthread_mutex_lock(&lock);
+    load_counts();
+    n_count++;
     reload();
-    *count = device_count();
+    record_calls();
+    unsigned long long n = 0;
+    const char *v = global("devices");
+    nvmlReturn_t rc = v ? parse_u64(v, &n) : OK;
+    if (rc == OK) *count = device_count();
     pthread_mutex_unlock(&lock);
-    return OK;
+    return rc;
 }
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *device) {
     pthread_mutex_lock(&lock);
     nvmlReturn_t rc = index < device_count() ? OK : E_INVALID;
     if (rc == OK) {
-        unsigned long long lost = 0;
+        unsigned long long lost = 0, dummy = 0;
+        const char *h = field(index, "handle");
         if (parse_u64(field(index, "lost"), &lost) == OK && lost) rc = E_GPU_IS_LOST;
+        else if (h) rc = parse_u64(h, &dummy);
         *device = &devs[index];
     }
     pthread_mutex_unlock(&lock);

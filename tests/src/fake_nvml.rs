@@ -64,6 +64,27 @@ impl FakeNvml {
             .unwrap_or_else(|e| panic!("rename script: {e}"));
     }
 
+    /// The library's call counts, when the script has `record_calls = 1` (zeros before the
+    /// first call).
+    pub fn calls(&self) -> Calls {
+        let text = std::fs::read_to_string(self.dir.join("fake_nvml.calls")).unwrap_or_default();
+        let mut calls = Calls::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(n)) = (words.next(), words.next().and_then(|n| n.parse().ok()))
+            else {
+                continue;
+            };
+            match name {
+                "init" => calls.init = n,
+                "shutdown" => calls.shutdown = n,
+                "count" => calls.count = n,
+                _ => {}
+            }
+        }
+        calls
+    }
+
     /// `gpu.library` as a string.
     pub fn library_str(&self) -> String {
         self.library.display().to_string()
@@ -81,6 +102,16 @@ impl FakeNvml {
         let config = self.config();
         Gpu::open(&config.gpu, &config.paths.proc_root).expect("the fake NVML opens")
     }
+}
+
+/// How often the fake's library-wide functions were called (`record_calls = 1`), across
+/// unloads and loads of the library: the ground truth for re-initialisation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls {
+    pub init: u64,
+    pub shutdown: u64,
+    /// `nvmlDeviceGetCount_v2`: once per poll after start-up, and what `@count N` counts.
+    pub count: u64,
 }
 
 /// A script in which `devices` GPUs answer every call the source makes (one active NVLink

@@ -538,8 +538,10 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
 
     // Scrape an agent that has every GPU reading (the fake NVML), an XID event and a GPU
     // process (this test's own, so its cgroup resolves), and, as root, the eBPF sources.
+    // The throttle reasons (not exported as a metric) time out, so that the per-GPU NVML
+    // error counter has a series.
     let script = format!(
-        "{}\nevents = 0:xid:79\n",
+        "{}\nevents = 0:xid:79\nall.throttle = ERR:10\n",
         nodeward_tests::fake_nvml::every_field_script(1).replace(
             "all.procs.compute = 101:1048576 102:2097152",
             &format!("all.procs.compute = {}:1048576", std::process::id())

@@ -185,6 +185,12 @@ impl From<&store::GpuDevice> for pb::Gpu {
                     used_memory_bytes: p.used_memory_bytes,
                 })
                 .collect(),
+            unreadable: g.unreadable.clone(),
+            nvml_errors_total: g
+                .nvml_errors_total
+                .iter()
+                .map(|(k, n)| (k.clone(), *n))
+                .collect(),
         }
     }
 }

@@ -205,6 +205,12 @@ impl Bridge {
             gpu::SourceStatus::Unavailable(reason) => {
                 self.store.mark_unavailable(SourceKind::Gpu, reason.clone());
             }
+            // NVML failed as a whole and is being re-initialised: nothing it would say can be
+            // trusted, so the source is shown unavailable with the reason until it answers.
+            gpu::SourceStatus::Degraded(reason) => {
+                self.store
+                    .mark_unavailable(SourceKind::Gpu, format!("GPU source degraded: {reason}"));
+            }
             gpu::SourceStatus::Running if resources::gpu_polled(&snap) => {
                 let (data, provenance) = resources::gpu_snapshot(&snap);
                 self.store.publish_gpus(snap.taken_at, provenance, data);

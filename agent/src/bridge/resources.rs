@@ -124,6 +124,8 @@ pub fn node_provenance(n: &node::NodeStats) -> Provenance {
 struct Missing<'a> {
     device: u32,
     out: &'a mut Vec<String>,
+    /// The readings that failed (not those the device does not support).
+    failed: Vec<String>,
 }
 
 impl Missing<'_> {
@@ -137,6 +139,7 @@ impl Missing<'_> {
             }
             Reading::Error(e) => {
                 self.out.push(format!("gpu{} {what}: {e}", self.device));
+                self.failed.push(what.to_owned());
                 T::default()
             }
         }
@@ -152,6 +155,7 @@ fn device(
     let mut m = Missing {
         device: d.index,
         out: missing,
+        failed: Vec::new(),
     };
     let uuid = m.take("uuid", &d.uuid);
     let name = m.take("name", &d.name);
@@ -218,6 +222,8 @@ fn device(
         row_remap_failed: remap.is_some_and(|r| r.failed),
         lost: d.lost || health.is_some_and(|h| h.lost),
         processes,
+        unreadable: m.failed,
+        nvml_errors_total: d.nvml_errors_total.clone(),
     }
 }
 

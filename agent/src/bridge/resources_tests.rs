@@ -235,6 +235,7 @@ fn device(index: u32) -> DeviceStats {
             cgroup: None,
             container_id: Some("abc".to_owned()),
         }]),
+        nvml_errors_total: [("timeout".to_owned(), 1)].into_iter().collect(),
     }
 }
 
@@ -260,6 +261,8 @@ fn gpu_snap() -> gpu::GpuSnapshot {
         nvml_version: Reading::Supported("12.550".to_owned()),
         devices: vec![device(0), device(1)],
         poll_error: None,
+        count_errors_total: Default::default(),
+        reinit_attempts_total: 0,
         health,
         taken_at: SystemTime::UNIX_EPOCH + Duration::from_secs(77),
         poll_micros: 10,
@@ -273,6 +276,9 @@ fn gpu_readings_map_to_store_units() {
     assert_eq!((g.uuid.as_str(), g.utilization_percent), ("GPU-0", 42.0));
     assert_eq!(g.power_watts, 123.5);
     assert_eq!(g.throttle_reasons, ["HwSlowdown"]);
+    // A failed reading is named (its field is a default 0); an unsupported one is not.
+    assert_eq!(g.unreadable, ["memory utilization"]);
+    assert_eq!(g.nvml_errors_total.get("timeout"), Some(&1));
     assert_eq!((g.ecc_corrected_total, g.ecc_uncorrected_total), (3, 1));
     assert_eq!((g.row_remap_pending, g.row_remap_failed), (1, true));
     assert_eq!(g.processes[0].container_id, "abc");

@@ -234,7 +234,9 @@ fn or_dash(s: &str) -> &str {
 
 pub fn gpus(r: &pb::ListGpusResponse) -> String {
     if !r.available {
-        return "no GPU source on this node (no GPU, no NVML, or disabled)\n".to_owned();
+        return "no GPU source on this node (no GPU, no NVML, disabled, or NVML failing: \
+                `nodeward status` says why)\n"
+            .to_owned();
     }
     let mut out = format!(
         "{:<5} {:<24} {:<22} {:>5} {:>16} {:>6} {:>7}  {}\n",
@@ -258,6 +260,9 @@ pub fn gpus(r: &pb::ListGpusResponse) -> String {
             ));
         }
         health.extend(g.throttle_reasons.iter().cloned());
+        if !g.unreadable.is_empty() {
+            health.push(format!("unreadable={}", g.unreadable.join(",")));
+        }
         let _ = writeln!(
             out,
             "{:<5} {:<24} {:<22} {:>4.0}% {:>16} {:>5.0}C {:>6.0}W  {}",

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::{container_labels, Metrics};
 use crate::sources::gpu::{
     model::{DeviceStats, GpuHealthDevice},
-    GpuSnapshot, Reading,
+    GpuSnapshot, Reading, SourceStatus,
 };
 
 /// Writes one GPU snapshot.
@@ -27,6 +27,28 @@ pub fn encode(s: &GpuSnapshot, m: &mut Metrics) {
         "1 when NVML could not even count the GPUs in the last poll (the per-GPU series are then missing, not healthy).",
         &[],
         if s.poll_error.is_some() { 1.0 } else { 0.0 },
+    );
+    m.gauge(
+        "nodeward_gpu_source_degraded",
+        "1 while NVML fails as a whole (it cannot count the GPUs) and the source re-initialises it with back-off.",
+        &[],
+        if matches!(s.status, SourceStatus::Degraded(_)) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    m.counter(
+        "nodeward_gpu_nvml_reinit_attempts_total",
+        "Times the source shut NVML down and initialised it again after it failed as a whole.",
+        &[],
+        s.reinit_attempts_total as f64,
+    );
+    m.counter(
+        "nodeward_gpu_nvml_count_errors_total",
+        "Polls whose nvmlDeviceGetCount failed: NVML failing as a whole (the degraded reason names the error; failed re-initialisations count in nodeward_gpu_nvml_reinit_attempts_total).",
+        &[],
+        s.count_errors_total.values().sum::<u64>() as f64,
     );
     m.gauge(
         "nodeward_gpu_poll_duration_seconds",
@@ -151,6 +173,14 @@ fn encode_device(d: &DeviceStats, m: &mut Metrics) {
             "nodeward_gpu_row_remap_failed",
             "1 when a row remap failed: the GPU should be replaced.",
             Some(if r.failed { 1.0 } else { 0.0 }),
+        );
+    }
+    for (error, n) in &d.nvml_errors_total {
+        m.counter(
+            "nodeward_gpu_nvml_errors_total",
+            "Failed NVML calls on the GPU since the agent started, by NVML error (\"not supported\" is an answer, not counted); the reading of a failed call is left out, not shown as 0.",
+            &[labels[0], labels[1], ("error", error)],
+            *n as f64,
         );
     }
     encode_labelled(d, &labels, m);

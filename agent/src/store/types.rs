@@ -221,6 +221,10 @@ pub struct GpuDevice {
     /// NVML reports the GPU lost / fallen off the bus.
     pub lost: bool,
     pub processes: Vec<GpuProcess>,
+    /// Readings NVML failed to give in the last poll (their fields above are 0, not measured).
+    pub unreadable: Vec<String>,
+    /// Failed NVML calls on this GPU since the agent started, by error kind.
+    pub nvml_errors_total: BTreeMap<String, u64>,
 }
 
 /// What the GPU source reports each tick.

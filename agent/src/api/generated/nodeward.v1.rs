@@ -307,6 +307,18 @@ pub struct Gpu {
     /// Processes using the GPU.
     #[prost(message, repeated, tag = "18")]
     pub processes: ::prost::alloc::vec::Vec<GpuProcess>,
+    /// Readings NVML failed to give in the last poll ("temperature", "power", ...): their fields
+    /// above are 0, which is then not a measurement. Readings the GPU does not support are not
+    /// listed (see the GPU source's fidelity).
+    #[prost(string, repeated, tag = "19")]
+    pub unreadable: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Failed NVML calls on this GPU since the agent started, by NVML error ("unknown",
+    /// "timeout", "gpu_lost", ...): counts.
+    #[prost(map = "string, uint64", tag = "20")]
+    pub nvml_errors_total: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        u64,
+    >,
 }
 /// A mounted filesystem of the node.
 #[allow(clippy::all)]

@@ -80,6 +80,7 @@ fn device() -> DeviceStats {
             encoder_sessions: ns(),
         },
         processes: Reading::Supported(vec![process(101, 1000), process(102, 24)]),
+        nvml_errors_total: [("timeout".to_owned(), 3)].into_iter().collect(),
     }
 }
 
@@ -107,6 +108,8 @@ fn snapshot() -> GpuSnapshot {
         nvml_version: Reading::Supported("12.550".to_owned()),
         devices: vec![device()],
         poll_error: None,
+        count_errors_total: [("unknown".to_owned(), 2)].into_iter().collect(),
+        reinit_attempts_total: 1,
         health,
         taken_at: SystemTime::now(),
         poll_micros: 2500,
@@ -211,4 +214,22 @@ fn a_lost_gpu_is_one_with_its_last_uuid() {
         !text.contains("nodeward_gpu_temperature_celsius{"),
         "{text}"
     );
+}
+
+#[test]
+fn failed_nvml_calls_are_counted_by_kind_and_a_degraded_source_says_so() {
+    let text = render();
+    has(
+        &text,
+        "nodeward_gpu_nvml_errors_total{gpu=\"0\",uuid=\"GPU-abc\",error=\"timeout\"} 3",
+    );
+    has(&text, "nodeward_gpu_nvml_count_errors_total 2");
+    has(&text, "nodeward_gpu_nvml_reinit_attempts_total 1");
+    has(&text, "nodeward_gpu_source_degraded 0");
+    let mut s = snapshot();
+    s.status = SourceStatus::Degraded("cannot count the GPUs".to_owned());
+    s.devices.clear();
+    let mut m = Metrics::new();
+    encode(&s, &mut m);
+    has(&m.render(), "nodeward_gpu_source_degraded 1");
 }

@@ -109,6 +109,14 @@ fn render_device(out: &mut String, d: &DeviceStats) {
             ""
         }
     );
+    if !d.nvml_errors_total.is_empty() {
+        let counts: Vec<String> = d
+            .nvml_errors_total
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        let _ = writeln!(out, "  failed NVML calls: {}", counts.join(", "));
+    }
     if d.lost {
         // Every reading is the same "GPU is lost" error; one line says it.
         return;

@@ -10,7 +10,7 @@
 
 use std::{
     ffi::OsStr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -28,6 +28,7 @@ pub mod model;
 pub mod poll;
 pub mod procs;
 pub mod reading;
+mod recover;
 pub mod xid;
 
 pub use model::{GpuHealthInput, GpuSnapshot, SourceStatus};
@@ -188,6 +189,18 @@ impl Gpu {
         .map_err(GpuError::Thread)
     }
 
+    /// What must outlive this NVML instance when it is shut down to be initialised again:
+    /// error counters, GPU identities, the XID/ECC window.
+    pub fn keep(&mut self) -> (poll::Kept, Arc<events::EventState>) {
+        (self.poller.keep(), Arc::clone(&self.events))
+    }
+
+    /// Takes over what a previous instance kept (see [`Gpu::keep`]).
+    pub fn restore(&mut self, (kept, events): (poll::Kept, Arc<events::EventState>)) {
+        self.poller.restore(kept);
+        self.events = events;
+    }
+
     /// Reads every GPU once (blocking: call it from a blocking thread).
     pub fn poll(&mut self) -> GpuSnapshot {
         let started = Instant::now();
@@ -201,6 +214,7 @@ impl Gpu {
                 snapshot.poll_error = Some(e.to_string());
             }
         }
+        snapshot.count_errors_total = self.poller.count_errors_total();
         snapshot.health = self.health_input(&snapshot.devices);
         snapshot.taken_at = SystemTime::now();
         snapshot.poll_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -242,6 +256,8 @@ impl Gpu {
 #[derive(Debug)]
 pub struct Source {
     gpu: Gpu,
+    config: GpuConfig,
+    proc_root: PathBuf,
     interval: Duration,
     tx: watch::Sender<GpuSnapshot>,
 }
@@ -256,7 +272,13 @@ impl Source {
             config.gpu.poll_interval
         };
         let (tx, _) = watch::channel(GpuSnapshot::empty(SourceStatus::Running));
-        Ok(Self { gpu, interval, tx })
+        Ok(Self {
+            gpu,
+            config: config.gpu.clone(),
+            proc_root: config.paths.proc_root.clone(),
+            interval,
+            tx,
+        })
     }
 
     /// The latest snapshot, for the health engine, the API and the metrics.
@@ -264,55 +286,19 @@ impl Source {
         self.tx.subscribe()
     }
 
-    /// Polls until cancelled; the event thread stops with it.
+    /// Polls until cancelled; the event thread stops with it. When NVML fails as a whole
+    /// (it cannot count the GPUs), the source reports itself degraded, shuts NVML down and
+    /// initialises it again with back-off until it answers; it never ends the agent for that
+    /// (see [`recover`]).
     pub async fn run(self, cancel: CancellationToken) -> Result<(), String> {
         let Self {
-            mut gpu,
+            gpu,
+            config,
+            proc_root,
             interval,
             tx,
         } = self;
-        let events = gpu
-            .watch_events(cancel.child_token())
-            .map_err(|e| e.to_string())?;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break Ok(()),
-                _ = tick.tick() => {
-                    let joined = tokio::task::spawn_blocking(move || {
-                        let snapshot = gpu.poll();
-                        (gpu, snapshot)
-                    })
-                    .await;
-                    match joined {
-                        Ok((back, snapshot)) => {
-                            gpu = back;
-                            log_changes(tx.borrow().devices.as_slice(), &snapshot);
-                            tx.send_replace(snapshot);
-                        }
-                        Err(e) => break Err(GpuError::Join(e.to_string()).to_string()),
-                    }
-                }
-            }
-        };
-        // The event thread sees the cancelled token within one wait.
-        let _ = tokio::task::spawn_blocking(move || events.join()).await;
-        result
-    }
-}
-
-/// Logs a GPU that fell off the bus once, when it happens, not on every poll.
-fn log_changes(before: &[model::DeviceStats], now: &GpuSnapshot) {
-    for d in &now.devices {
-        let was_lost = before.iter().any(|b| b.index == d.index && b.lost);
-        if d.lost && !was_lost {
-            tracing::error!(
-                device = d.index,
-                uuid = d.uuid.value().map(String::as_str).unwrap_or("?"),
-                "GPU has fallen off the bus (lost); it needs a reset"
-            );
-        }
+        recover::poll_loop(gpu, &config, &proc_root, interval, &tx, &cancel).await
     }
 }
 

@@ -17,6 +17,10 @@ pub enum SourceStatus {
     /// NVML could not be loaded or initialised; the reason is shown to the operator.
     Unavailable(String),
     Running,
+    /// NVML ran, then failed as a whole (it cannot count the GPUs): the source has shut it
+    /// down and re-initialises it with back-off; the reason says what failed and when the
+    /// next attempt is.
+    Degraded(String),
 }
 
 /// Everything the source read in one poll.
@@ -29,6 +33,11 @@ pub struct GpuSnapshot {
     /// Set when NVML could not even count the GPUs in this poll: `devices` and `health` are
     /// then empty because nothing could be read, not because all is well.
     pub poll_error: Option<String>,
+    /// Failed `nvmlDeviceGetCount` calls since the source started, by error kind.
+    pub count_errors_total: BTreeMap<String, u64>,
+    /// Times the source shut NVML down and initialised it again after it failed as a whole,
+    /// successful or not.
+    pub reinit_attempts_total: u64,
     pub health: GpuHealthInput,
     /// When the poll finished.
     #[serde(with = "unix_seconds")]
@@ -45,6 +54,8 @@ impl GpuSnapshot {
             nvml_version: Reading::NotSupported,
             devices: Vec::new(),
             poll_error: None,
+            count_errors_total: BTreeMap::new(),
+            reinit_attempts_total: 0,
             health: GpuHealthInput::default(),
             taken_at: SystemTime::now(),
             poll_micros: 0,
@@ -84,6 +95,9 @@ pub struct DeviceStats {
     pub media: Media,
     /// Compute and graphics processes with what they use, mapped to their cgroup.
     pub processes: Reading<Vec<GpuProcess>>,
+    /// Failed NVML calls on this GPU since the source started, by error kind (`unknown`,
+    /// `timeout`, `gpu_lost`, … see `reading::error_kind`); "not supported" is not counted.
+    pub nvml_errors_total: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

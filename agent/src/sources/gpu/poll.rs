@@ -20,7 +20,7 @@ use super::{
         ProcessSample, RetiredPages, RowRemapping, ThrottleReasons,
     },
     procs,
-    reading::{is_lost, is_not_supported, Reading},
+    reading::{error_kind, is_lost, is_not_supported, Reading},
 };
 
 /// NVLink links a device can have (`NVML_NVLINK_MAX_LINKS`).
@@ -57,19 +57,48 @@ pub struct Poller {
     /// Newest per-process utilisation sample seen, per device, so each poll asks only for
     /// samples taken since.
     last_sample_at: BTreeMap<u32, u64>,
+    /// Failed NVML calls per device index and error kind, since the source started.
+    errors_total: BTreeMap<u32, BTreeMap<&'static str, u64>>,
+    /// Failed `nvmlDeviceGetCount` calls (the whole library failing), by error kind.
+    count_errors_total: BTreeMap<&'static str, u64>,
 }
 
-/// Tracks whether any call on a device said the GPU is lost.
+/// What a poller remembers that must outlive a re-initialisation of NVML: the identities that
+/// name a lost GPU, and the error counters (which must not reset).
+#[derive(Debug, Default)]
+pub struct Kept {
+    last_identity: BTreeMap<u32, (String, String)>,
+    errors_total: BTreeMap<u32, BTreeMap<&'static str, u64>>,
+    count_errors_total: BTreeMap<&'static str, u64>,
+}
+
+/// Tracks whether any call on a device said the GPU is lost, and counts the failed calls.
 struct Calls {
     lost: bool,
+    errors: BTreeMap<&'static str, u64>,
 }
 
 impl Calls {
+    fn new() -> Self {
+        Self {
+            lost: false,
+            errors: BTreeMap::new(),
+        }
+    }
+
     fn get<T>(&mut self, result: Result<T, NvmlError>) -> Reading<T> {
         if let Err(e) = &result {
-            self.lost |= is_lost(e);
+            self.failed(e);
         }
         Reading::from_nvml(result)
+    }
+
+    /// Notes a failed call; "not supported" is an answer, not a failure.
+    fn failed(&mut self, e: &NvmlError) {
+        self.lost |= is_lost(e);
+        if let Some(kind) = error_kind(e) {
+            *self.errors.entry(kind).or_default() += 1;
+        }
     }
 }
 
@@ -80,30 +109,75 @@ impl Poller {
             proc_root,
             last_identity: BTreeMap::new(),
             last_sample_at: BTreeMap::new(),
+            errors_total: BTreeMap::new(),
+            count_errors_total: BTreeMap::new(),
         }
+    }
+
+    /// Hands over what must survive a re-initialisation (see [`Poller::restore`]).
+    pub fn keep(&mut self) -> Kept {
+        Kept {
+            last_identity: std::mem::take(&mut self.last_identity),
+            errors_total: std::mem::take(&mut self.errors_total),
+            count_errors_total: std::mem::take(&mut self.count_errors_total),
+        }
+    }
+
+    /// Takes back what a previous poller kept.
+    pub fn restore(&mut self, kept: Kept) {
+        self.last_identity = kept.last_identity;
+        self.errors_total = kept.errors_total;
+        self.count_errors_total = kept.count_errors_total;
+    }
+
+    /// Failed `nvmlDeviceGetCount` calls so far, by error kind.
+    pub fn count_errors_total(&self) -> BTreeMap<String, u64> {
+        self.count_errors_total
+            .iter()
+            .map(|(k, n)| ((*k).to_owned(), *n))
+            .collect()
+    }
+
+    /// Adds one device's failed calls of this poll to its totals and returns the totals.
+    fn count_errors(&mut self, index: u32, calls: &Calls) -> BTreeMap<String, u64> {
+        let totals = self.errors_total.entry(index).or_default();
+        for (kind, n) in &calls.errors {
+            *totals.entry(kind).or_default() += n;
+        }
+        totals.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
     }
 
     pub fn nvml(&self) -> &Arc<Nvml> {
         &self.nvml
     }
 
-    /// Reads all devices. Fails only when NVML cannot even count them.
+    /// Reads all devices. Fails only when NVML cannot even count them (counted by kind).
     pub fn poll(&mut self) -> Result<Vec<DeviceStats>, NvmlError> {
-        let count = self.nvml.device_count()?;
+        let count = match self.nvml.device_count() {
+            Ok(n) => n,
+            Err(e) => {
+                let kind = error_kind(&e).unwrap_or("not_supported");
+                *self.count_errors_total.entry(kind).or_default() += 1;
+                return Err(e);
+            }
+        };
         Ok((0..count).map(|i| self.read_device(i)).collect())
     }
 
     fn read_device(&mut self, index: u32) -> DeviceStats {
         let nvml = Arc::clone(&self.nvml);
+        let mut calls = Calls::new();
         let device = match nvml.device_by_index(index) {
             Ok(d) => d,
-            Err(e) => return self.unreadable(index, &e),
+            Err(e) => {
+                calls.failed(&e);
+                return self.unreadable(index, &e, &calls);
+            }
         };
-        let mut calls = Calls { lost: false };
         let uuid = calls.get(device.uuid());
         if calls.lost {
             if let Reading::Error(_) = uuid {
-                return self.unreadable(index, &NvmlError::GpuLost);
+                return self.unreadable(index, &NvmlError::GpuLost, &calls);
             }
         }
         let name = calls.get(device.name());
@@ -175,9 +249,11 @@ impl Poller {
                 }),
             },
             processes: Reading::NotSupported,
+            nvml_errors_total: BTreeMap::new(),
         };
         stats.processes = self.processes(index, &device, &mut calls);
         stats.lost = calls.lost;
+        stats.nvml_errors_total = self.count_errors(index, &calls);
         if let (Some(uuid), Some(name)) = (stats.uuid.value(), stats.name.value()) {
             self.last_identity
                 .insert(index, (uuid.clone(), name.clone()));
@@ -186,7 +262,8 @@ impl Poller {
     }
 
     /// A device that cannot be read at all: lost, or its handle failed.
-    fn unreadable(&self, index: u32, e: &NvmlError) -> DeviceStats {
+    fn unreadable(&mut self, index: u32, e: &NvmlError, calls: &Calls) -> DeviceStats {
+        let nvml_errors_total = self.count_errors(index, calls);
         fn err<T>(message: &str) -> Reading<T> {
             Reading::Error(message.to_owned())
         }
@@ -236,6 +313,7 @@ impl Poller {
                 encoder_sessions: err(&msg),
             },
             processes: err(&msg),
+            nvml_errors_total,
         }
     }
 
@@ -275,7 +353,7 @@ impl Poller {
                 if !is_not_supported(&e) {
                     tracing::debug!(device = index, error = %e, "per-process GPU utilisation unreadable");
                 }
-                calls.lost |= is_lost(&e);
+                calls.failed(&e);
                 Vec::new()
             }
         };

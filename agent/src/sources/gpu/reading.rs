@@ -74,6 +74,32 @@ pub fn is_lost(e: &NvmlError) -> bool {
     matches!(e, NvmlError::GpuLost | NvmlError::ResetRequired)
 }
 
+/// A short, stable name for a failed NVML call, the `error` label of
+/// `nodeward_gpu_nvml_errors_total`; `None` for "not supported", which is not a failure.
+pub fn error_kind(e: &NvmlError) -> Option<&'static str> {
+    Some(match e {
+        e if is_not_supported(e) => return None,
+        NvmlError::Unknown => "unknown",
+        NvmlError::Timeout => "timeout",
+        NvmlError::GpuLost => "gpu_lost",
+        NvmlError::ResetRequired => "reset_required",
+        NvmlError::Uninitialized => "uninitialized",
+        NvmlError::NoPermission => "no_permission",
+        NvmlError::DriverNotLoaded => "driver_not_loaded",
+        NvmlError::LibRmVersionMismatch => "lib_rm_version_mismatch",
+        NvmlError::InvalidArg => "invalid_argument",
+        NvmlError::NotFound => "not_found",
+        NvmlError::InsufficientSize(_) => "insufficient_size",
+        NvmlError::InsufficientMemory => "insufficient_memory",
+        NvmlError::IrqIssue => "irq_issue",
+        NvmlError::CorruptedInfoROM => "corrupted_inforom",
+        NvmlError::OperatingSystem => "operating_system",
+        NvmlError::InUse => "in_use",
+        NvmlError::NoData => "no_data",
+        _ => "other",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +128,19 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(Reading::from_nvml(Ok::<u32, NvmlError>(7)).show("C"), "7 C");
+    }
+
+    #[test]
+    fn error_kinds_name_failures_and_leave_not_supported_out() {
+        assert_eq!(error_kind(&NvmlError::Unknown), Some("unknown"));
+        assert_eq!(error_kind(&NvmlError::Timeout), Some("timeout"));
+        assert_eq!(error_kind(&NvmlError::GpuLost), Some("gpu_lost"));
+        assert_eq!(
+            error_kind(&NvmlError::UnexpectedVariant(12345)),
+            Some("other")
+        );
+        assert_eq!(error_kind(&NvmlError::NotSupported), None);
+        assert_eq!(error_kind(&NvmlError::FunctionNotFound), None);
     }
 
     #[test]
