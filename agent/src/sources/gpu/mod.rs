@@ -264,6 +264,12 @@ impl Source {
         self.tx.subscribe()
     }
 
+    /// Publishes into `tx` instead of the source's own channel, so that a restarted source
+    /// feeds the readers of the one before it.
+    pub fn publish_into(self, tx: watch::Sender<GpuSnapshot>) -> Self {
+        Self { tx, ..self }
+    }
+
     /// Polls until cancelled; the event thread stops with it.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), String> {
         let Self {
