@@ -94,10 +94,37 @@ pub fn spawn(
             .collect(),
     };
     let cancel = cancel.clone();
+    let (supervised, store, c) = (feeds.supervised.clone(), store.clone(), cancel.clone());
     tasks.spawn(async move {
         bridge.run(cancel).await;
         (NAME, Ok(()))
     });
+    tasks.spawn(async move {
+        publish_tasks(&store, supervised, c).await;
+        (NAME, Ok(()))
+    });
+}
+
+/// Copies each supervised task's health into the store whenever its supervisor changes it
+/// (a failure, a restart), for the health rules and the API.
+async fn publish_tasks(
+    store: &Store,
+    supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
+    cancel: CancellationToken,
+) {
+    use tokio_stream::StreamExt as _;
+    // A watch stream yields the current value first, then every change.
+    let mut changes: tokio_stream::StreamMap<_, _> = supervised
+        .into_iter()
+        .map(|(name, rx)| (name, tokio_stream::wrappers::WatchStream::new(rx)))
+        .collect();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            // `None` once every supervisor ended: the branch is then off until shutdown.
+            Some((name, health)) = changes.next() => store.publish_task(name, health),
+        }
+    }
 }
 
 /// The agent's own cgroup v2 path, `/`-prefixed as the eBPF sources report paths.

@@ -1,6 +1,7 @@
 //! The health rules: each looks at one part of a [`Snapshot`] and says which causes are present
 //! right now, with the numbers behind them. Rules never remember anything except the previous
-//! OOM-kill counters (a kill is an increase of a counter); hold and recovery times are applied
+//! OOM-kill counters (a kill is an increase of a counter) and task restart counts (see
+//! [`super::tasks`]); hold and recovery times are applied
 //! afterwards by the hysteresis tracker.
 
 use std::{collections::BTreeMap, time::SystemTime};
@@ -26,6 +27,7 @@ pub struct Observation {
 #[derive(Debug, Default)]
 pub struct RuleMemory {
     oom_totals: BTreeMap<String, u64>,
+    task_restarts: super::tasks::Memory,
 }
 
 fn ev(metric: &str, value: f64, threshold: f64, unit: &str, window_seconds: u32) -> Evidence {
@@ -63,6 +65,7 @@ pub fn evaluate(
 ) -> Vec<Observation> {
     let mut out = Vec::new();
     stale_sources(snapshot, cfg, now, &mut out);
+    super::tasks::evaluate(snapshot, &mut memory.task_restarts, &mut out);
     if fresh(snapshot, SourceKind::Network, cfg, now) {
         network(snapshot, cfg, &mut out);
     }
