@@ -96,7 +96,11 @@ pub fn policy(task: &str, default: Policy) -> Policy {
 /// the task that has not fired yet, the task panics (in its own task, as a bug in the source
 /// would, so that the source is dropped and the supervisor sees a panic) once `ticks` has
 /// changed `after_n_ticks` times. `ticks` is a fresh subscription to what the source publishes.
-pub async fn inject<T, F>(task: &'static str, ticks: watch::Receiver<T>, run: F) -> Result<(), String>
+pub async fn inject<T, F>(
+    task: &'static str,
+    ticks: watch::Receiver<T>,
+    run: F,
+) -> Result<(), String>
 where
     F: Future<Output = Result<(), String>>,
 {
@@ -308,7 +312,10 @@ mod tests {
             Some("panicked: fault injected into t after 3 ticks (NODEWARD_FAULT_INJECT)")
         );
         // Ticks published faster than they are seen may be seen as one: at least three.
-        assert!(ticks.load(Ordering::SeqCst) >= 3, "panicked at the third tick seen");
+        assert!(
+            ticks.load(Ordering::SeqCst) >= 3,
+            "panicked at the third tick seen"
+        );
         // The restarted task publishes on, and never panics again.
         while ticks.load(Ordering::SeqCst) < 20 {
             tokio::time::sleep(Duration::from_millis(1)).await;

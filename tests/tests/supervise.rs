@@ -126,9 +126,7 @@ impl Agent {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
             .await
             .ok()?;
-        let request = format!(
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        );
+        let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
         s.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
@@ -210,7 +208,7 @@ async fn watch_the_outage(agent: &Agent, task: &str) -> Outage {
         seen.calls += 1;
         match (&report, metrics) {
             (None, _) => seen.failed_calls += 1,
-            (Some(r), Some((_, up))) if up == 0.0 => {
+            (Some(r), Some((_, 0.0))) => {
                 seen.scrapes_down += 1;
                 if restart_condition(r, task).is_some_and(|c| {
                     c.reason == "RestartPending" && c.message.contains(&panic_message)
@@ -236,7 +234,10 @@ async fn assert_restart_reported(agent: &Agent, task: &str) {
         Some((1.0, 1.0)),
         "one restart, running again:\n{text}"
     );
-    let report = agent.health().await.expect("GetNodeHealth after the restart");
+    let report = agent
+        .health()
+        .await
+        .expect("GetNodeHealth after the restart");
     let c = restart_condition(&report, task)
         .unwrap_or_else(|| panic!("no SourceRestarted for {task}: {:?}", report.conditions));
     assert_eq!(c.severity, pb::Severity::Warning as i32, "{c:?}");

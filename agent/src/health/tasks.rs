@@ -153,7 +153,10 @@ mod tests {
             )]
         );
         assert_eq!(r.verdict, Verdict::Degraded);
-        assert!(!r.drain_recommended, "a restarted source is no reason to drain");
+        assert!(
+            !r.drain_recommended,
+            "a restarted source is no reason to drain"
+        );
         let c = &r.conditions[0];
         assert!(
             c.message.contains("ebpf/tcp")
@@ -215,7 +218,12 @@ mod tests {
         let r = eval(&mut e, &store, 0, &h);
         assert_eq!(
             conditions(&r),
-            [("SourceFailed", "GaveUp", ConditionStatus::Firing, "ebpf/tcp")]
+            [(
+                "SourceFailed",
+                "GaveUp",
+                ConditionStatus::Firing,
+                "ebpf/tcp"
+            )]
         );
         assert!(
             r.conditions[0].message.contains("after 5 restart(s)")

@@ -56,13 +56,16 @@ pub fn start(
                 let (mut first, config, caps, c) =
                     (Some(source), config.clone(), caps.clone(), cancel.clone());
                 let health = crate::supervise::spawn(tcp::NAME, cancel, tasks, move || {
-                    let source = first.take().map_or_else(
-                        || tcp::Source::start(&config, &caps).map(|(s, _)| s),
-                        Ok,
-                    );
+                    let source = first
+                        .take()
+                        .map_or_else(|| tcp::Source::start(&config, &caps).map(|(s, _)| s), Ok);
                     let (tx, cancel) = (tx.clone(), c.clone());
                     crate::fault::inject(tcp::NAME, tx.subscribe(), async move {
-                        source.map_err(|e| e.to_string())?.publish_into(tx).run(cancel).await
+                        source
+                            .map_err(|e| e.to_string())?
+                            .publish_into(tx)
+                            .run(cancel)
+                            .await
                     })
                 });
                 feeds.started.push(tcp::NAME);
@@ -109,9 +112,7 @@ pub fn start(
                 // Restarted with back-off (NVML opened afresh), publishing into the same channel.
                 let (mut first, config, c) = (Some(source), config.clone(), cancel.clone());
                 let health = crate::supervise::spawn(gpu::NAME, cancel, tasks, move || {
-                    let source = first
-                        .take()
-                        .map_or_else(|| gpu::Source::start(&config), Ok);
+                    let source = first.take().map_or_else(|| gpu::Source::start(&config), Ok);
                     // A run's own token: dropping a failed run cancels it, which stops that
                     // run's NVML event thread (otherwise it would wait for shutdown).
                     let (tx, cancel) = (tx.clone(), c.child_token());
