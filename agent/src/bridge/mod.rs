@@ -287,6 +287,43 @@ mod tests {
         store.snapshot().sources.get(&kind).cloned()
     }
 
+    #[tokio::test]
+    async fn each_supervised_tasks_health_reaches_the_store_on_every_change() {
+        use crate::supervise::TaskHealth;
+        let store = Store::new();
+        let (tcp_tx, tcp_rx) = watch::channel(TaskHealth::default());
+        let (_gpu_tx, gpu_rx) = watch::channel(TaskHealth::default());
+        let cancel = CancellationToken::new();
+        let (s, c) = (store.clone(), cancel.clone());
+        let task = tokio::spawn(async move {
+            publish_tasks(&s, vec![(tcp::NAME, tcp_rx), (gpu::NAME, gpu_rx)], c).await;
+        });
+        let wait = |f: fn(&crate::store::Snapshot) -> bool| {
+            let store = store.clone();
+            async move {
+                while !f(&store.snapshot()) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        };
+        // The current values first: both tasks up, never restarted.
+        wait(|s| s.tasks.len() == 2 && s.tasks.values().all(|h| h.up && h.restarts == 0)).await;
+        tcp_tx.send_modify(|h| {
+            h.restarts = 1;
+            h.up = false;
+            h.last_failure = Some("panicked: boom".to_owned());
+        });
+        wait(|s| {
+            s.tasks
+                .get(tcp::NAME)
+                .is_some_and(|h| h.restarts == 1 && !h.up)
+        })
+        .await;
+        assert_eq!(store.snapshot().tasks[gpu::NAME], TaskHealth::default());
+        cancel.cancel();
+        task.await.expect("stops on cancel");
+    }
+
     #[test]
     fn network_waits_for_whichever_of_tcp_and_udp_runs() {
         let store = Store::new();
