@@ -204,18 +204,7 @@ mod armed {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{
-            atomic::{AtomicU32, Ordering},
-            Arc,
-        },
-        time::Duration,
-    };
-
-    use tokio_util::sync::CancellationToken;
-
     use super::*;
-    use crate::supervise::{supervise, TaskHealth};
 
     #[test]
     fn specs_parse_with_and_without_a_backoff_and_bad_ones_name_the_problem() {
@@ -262,8 +251,25 @@ mod tests {
         assert_eq!(out, Err("its own error".to_owned()));
         assert_eq!(policy("no-such-task", Policy::default()), Policy::default());
     }
+}
 
-    #[cfg(debug_assertions)]
+/// The armed path, which only debug builds have.
+#[cfg(all(test, debug_assertions))]
+mod armed_tests {
+    use std::{
+        sync::{
+            atomic::{AtomicU32, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{armed, Fault, Policy};
+    use crate::supervise::{supervise, TaskHealth};
+
     #[tokio::test]
     async fn an_armed_fault_panics_once_after_its_ticks_and_the_restarted_task_runs_on() {
         let armed = armed::Armed::for_test(Fault {
