@@ -93,10 +93,12 @@ where
     let mut failures: u32 = 0;
     loop {
         let started = Instant::now();
-        health.send_if_modified(|h| !std::mem::replace(&mut h.up, true));
         // A task of its own, so that a panic is caught as a `JoinError` instead of unwinding here;
         // aborted if the supervisor itself is dropped (the daemon's shutdown deadline).
         let mut run = AbortOnDropHandle::new(tokio::spawn(make()));
+        // Up once the factory has made the source (for the eBPF sources: attached it), so that
+        // `up` after a restart means the new run is in place.
+        health.send_if_modified(|h| !std::mem::replace(&mut h.up, true));
         let outcome = tokio::select! {
             joined = &mut run => joined,
             _ = cancel.cancelled() => {
