@@ -13,6 +13,7 @@ pub mod config;
 pub mod containers;
 pub mod daemon;
 pub mod ebpf;
+pub mod fault;
 pub mod health;
 pub mod logging;
 pub mod metrics;

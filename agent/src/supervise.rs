@@ -52,7 +52,7 @@ impl Policy {
 }
 
 /// What the supervisor reports about its task.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskHealth {
     /// Restarts since the agent started.
     pub restarts: u32,
@@ -60,6 +60,21 @@ pub struct TaskHealth {
     pub last_failure: Option<String>,
     /// Set when the supervisor stopped restarting.
     pub gave_up: bool,
+    /// False from a failure until the next run starts (the back-off), and for good once the
+    /// supervisor gave up.
+    pub up: bool,
+}
+
+impl Default for TaskHealth {
+    /// A task that has just been started: up, never failed.
+    fn default() -> Self {
+        Self {
+            restarts: 0,
+            last_failure: None,
+            gave_up: false,
+            up: true,
+        }
+    }
 }
 
 /// Runs `make()` until `cancel` fires, restarting it per `policy` when it fails. Returns
@@ -81,6 +96,9 @@ where
         // A task of its own, so that a panic is caught as a `JoinError` instead of unwinding here;
         // aborted if the supervisor itself is dropped (the daemon's shutdown deadline).
         let mut run = AbortOnDropHandle::new(tokio::spawn(make()));
+        // Up once the factory has made the source (for the eBPF sources: attached it), so that
+        // `up` after a restart means the new run is in place.
+        health.send_if_modified(|h| !std::mem::replace(&mut h.up, true));
         let outcome = tokio::select! {
             joined = &mut run => joined,
             _ = cancel.cancelled() => {
@@ -107,6 +125,7 @@ where
         health.send_modify(|h| {
             h.last_failure = Some(failure.clone());
             h.gave_up = gave_up;
+            h.up = false;
             if !gave_up {
                 h.restarts += 1;
             }
@@ -127,9 +146,10 @@ where
     }
 }
 
-/// Spawns `make`'s task under [`supervise`] with the default [`Policy`] into the daemon's task
-/// set, where giving up ends as a `TaskResult` error like any task failure. Returns the
-/// receiver of the task's [`TaskHealth`].
+/// Spawns `make`'s task under [`supervise`] with the default [`Policy`] (or, in debug builds,
+/// one with the back-off a fault-injection spec asks for: see [`crate::fault`]) into the
+/// daemon's task set, where giving up ends as a `TaskResult` error like any task failure.
+/// Returns the receiver of the task's [`TaskHealth`].
 pub fn spawn<F, Fut>(
     name: &'static str,
     cancel: &CancellationToken,
@@ -142,12 +162,8 @@ where
 {
     let (tx, rx) = watch::channel(TaskHealth::default());
     let cancel = cancel.clone();
-    tasks.spawn(async move {
-        (
-            name,
-            supervise(name, Policy::default(), cancel, tx, make).await,
-        )
-    });
+    let policy = crate::fault::policy(name, Policy::default());
+    tasks.spawn(async move { (name, supervise(name, policy, cancel, tx, make).await) });
     rx
 }
 
@@ -227,6 +243,7 @@ mod tests {
         while runs.load(Ordering::SeqCst) < 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        assert!(rx.borrow().up, "up again once the next run started");
         cancel.cancel();
         assert_eq!(sup.await.expect("supervisor task"), Ok(()));
         assert_eq!(
@@ -256,7 +273,7 @@ mod tests {
         assert!(e.contains("no such map") && e.contains("3 restarts"), "{e}");
         assert_eq!(runs.load(Ordering::SeqCst), 4, "first run and 3 restarts");
         let h = rx.borrow().clone();
-        assert_eq!((h.restarts, h.gave_up), (3, true));
+        assert_eq!((h.restarts, h.gave_up, h.up), (3, true, false));
     }
 
     #[tokio::test]
@@ -317,6 +334,7 @@ mod tests {
                 .is_some_and(|f| f.contains("stopped before shutdown")),
             "{h:?}"
         );
+        assert!(!h.up, "down while waiting to restart");
         // The supervisor now waits an hour; cancelling must end it at once.
         cancel.cancel();
         assert_eq!(sup.await.expect("supervisor task"), Ok(()));

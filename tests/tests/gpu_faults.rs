@@ -562,6 +562,23 @@ fn the_agent_reports_nvml_failing_as_a_whole_then_available_again() {
         "{gpu_source}"
     );
     assert_eq!(agent.ask("gpus")["available"], false);
+    // A source that reported and then fell away is a warning, not silently dropped.
+    let lost = status["health"]["conditions"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["type"] == "SourceLost" && c["subject"] == "gpu")
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no SourceLost for gpu in {status}"));
+    assert!(
+        lost["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("GPU source degraded"),
+        "{lost}"
+    );
+    assert_eq!(status["health"]["verdict"], "VERDICT_DEGRADED", "{status}");
     let failing = fake.calls();
     assert!(failing.shutdown > started.shutdown, "{failing:?}");
     assert!(failing.init > started.init, "{failing:?}");

@@ -94,10 +94,37 @@ pub fn spawn(
             .collect(),
     };
     let cancel = cancel.clone();
+    let (supervised, store, c) = (feeds.supervised.clone(), store.clone(), cancel.clone());
     tasks.spawn(async move {
         bridge.run(cancel).await;
         (NAME, Ok(()))
     });
+    tasks.spawn(async move {
+        publish_tasks(&store, supervised, c).await;
+        (NAME, Ok(()))
+    });
+}
+
+/// Copies each supervised task's health into the store whenever its supervisor changes it
+/// (a failure, a restart), for the health rules and the API.
+async fn publish_tasks(
+    store: &Store,
+    supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
+    cancel: CancellationToken,
+) {
+    use tokio_stream::StreamExt as _;
+    // A watch stream yields the current value first, then every change.
+    let mut changes: tokio_stream::StreamMap<_, _> = supervised
+        .into_iter()
+        .map(|(name, rx)| (name, tokio_stream::wrappers::WatchStream::new(rx)))
+        .collect();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            // `None` once every supervisor ended: the branch is then off until shutdown.
+            Some((name, health)) = changes.next() => store.publish_task(name, health),
+        }
+    }
 }
 
 /// The agent's own cgroup v2 path, `/`-prefixed as the eBPF sources report paths.
@@ -264,6 +291,43 @@ mod tests {
 
     fn status(store: &Store, kind: SourceKind) -> Option<SourceStatus> {
         store.snapshot().sources.get(&kind).cloned()
+    }
+
+    #[tokio::test]
+    async fn each_supervised_tasks_health_reaches_the_store_on_every_change() {
+        use crate::supervise::TaskHealth;
+        let store = Store::new();
+        let (tcp_tx, tcp_rx) = watch::channel(TaskHealth::default());
+        let (_gpu_tx, gpu_rx) = watch::channel(TaskHealth::default());
+        let cancel = CancellationToken::new();
+        let (s, c) = (store.clone(), cancel.clone());
+        let task = tokio::spawn(async move {
+            publish_tasks(&s, vec![(tcp::NAME, tcp_rx), (gpu::NAME, gpu_rx)], c).await;
+        });
+        let wait = |f: fn(&crate::store::Snapshot) -> bool| {
+            let store = store.clone();
+            async move {
+                while !f(&store.snapshot()) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        };
+        // The current values first: both tasks up, never restarted.
+        wait(|s| s.tasks.len() == 2 && s.tasks.values().all(|h| h.up && h.restarts == 0)).await;
+        tcp_tx.send_modify(|h| {
+            h.restarts = 1;
+            h.up = false;
+            h.last_failure = Some("panicked: boom".to_owned());
+        });
+        wait(|s| {
+            s.tasks
+                .get(tcp::NAME)
+                .is_some_and(|h| h.restarts == 1 && !h.up)
+        })
+        .await;
+        assert_eq!(store.snapshot().tasks[gpu::NAME], TaskHealth::default());
+        cancel.cancel();
+        task.await.expect("stops on cancel");
     }
 
     #[test]

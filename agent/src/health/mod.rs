@@ -13,6 +13,7 @@ use crate::store::{clock::elapsed, Provenance, Snapshot, SourceKind, SourceStatu
 pub mod config;
 mod hysteresis;
 pub mod rules;
+pub mod tasks;
 
 pub use config::HealthConfig;
 

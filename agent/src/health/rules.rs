@@ -1,12 +1,13 @@
 //! The health rules: each looks at one part of a [`Snapshot`] and says which causes are present
 //! right now, with the numbers behind them. Rules never remember anything except the previous
-//! OOM-kill counters (a kill is an increase of a counter); hold and recovery times are applied
+//! OOM-kill counters (a kill is an increase of a counter) and task restart counts (see
+//! [`super::tasks`]); hold and recovery times are applied
 //! afterwards by the hysteresis tracker.
 
 use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{config::HealthConfig, Evidence, Severity};
-use crate::store::{clock::elapsed, ContainerMeta, Snapshot, SourceKind};
+use crate::store::{clock::elapsed, ContainerMeta, Snapshot, SourceKind, SourceStatus};
 
 /// A cause present at this evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,9 @@ pub struct Observation {
 #[derive(Debug, Default)]
 pub struct RuleMemory {
     oom_totals: BTreeMap<String, u64>,
+    task_restarts: super::tasks::Memory,
+    /// Sources that have reported at least once in this run.
+    reported: std::collections::BTreeSet<SourceKind>,
 }
 
 fn ev(metric: &str, value: f64, threshold: f64, unit: &str, window_seconds: u32) -> Evidence {
@@ -63,6 +67,8 @@ pub fn evaluate(
 ) -> Vec<Observation> {
     let mut out = Vec::new();
     stale_sources(snapshot, cfg, now, &mut out);
+    lost_sources(snapshot, &mut memory.reported, &mut out);
+    super::tasks::evaluate(snapshot, &mut memory.task_restarts, &mut out);
     if fresh(snapshot, SourceKind::Network, cfg, now) {
         network(snapshot, cfg, &mut out);
     }
@@ -108,6 +114,37 @@ fn stale_sources(
                 )],
                 immediate: true,
             });
+        }
+    }
+}
+
+/// A source that reported and then became unavailable (the GPU source when NVML fails as a
+/// whole, say) is a warning: its absence is news, unlike a source that never could start here
+/// (no GPU on the node), which the verdict simply does not wait for.
+fn lost_sources(
+    snapshot: &Snapshot,
+    reported: &mut std::collections::BTreeSet<SourceKind>,
+    out: &mut Vec<Observation>,
+) {
+    for (kind, status) in &snapshot.sources {
+        match status {
+            SourceStatus::Reporting { .. } => {
+                reported.insert(*kind);
+            }
+            SourceStatus::Unavailable { reason } if reported.contains(kind) => {
+                out.push(Observation {
+                    kind: "SourceLost",
+                    reason: "BecameUnavailable",
+                    subject: kind.name().to_owned(),
+                    severity: Severity::Warning,
+                    message: format!(
+                        "source {kind} reported before and is now unavailable: {reason}"
+                    ),
+                    evidence: Vec::new(),
+                    immediate: true,
+                });
+            }
+            _ => {}
         }
     }
 }

@@ -149,6 +149,46 @@ fn unavailable_source_does_not_hold_the_verdict_back() {
 }
 
 #[test]
+fn a_source_that_reported_and_became_unavailable_is_a_warning() {
+    let store = Store::new();
+    store.register(SourceKind::Node);
+    store.register(SourceKind::Gpu);
+    store.publish_node(at(0), prov("procfs"), NodeStats::default());
+    store.publish_gpus(at(0), prov("nvml"), GpuSnapshot::default());
+    let mut engine = Engine::new(cfg());
+    assert_eq!(
+        engine.evaluate(&store.snapshot(), at(0)).verdict,
+        Verdict::Healthy
+    );
+    store.mark_unavailable(
+        SourceKind::Gpu,
+        "GPU source degraded: cannot count the GPUs",
+    );
+    store.publish_node(at(1), prov("procfs"), NodeStats::default());
+    let r = engine.evaluate(&store.snapshot(), at(1));
+    assert_eq!(r.verdict, Verdict::Degraded);
+    let lost = r
+        .conditions
+        .iter()
+        .find(|c| c.kind == "SourceLost")
+        .expect("SourceLost");
+    assert_eq!(lost.subject, "gpu");
+    assert!(
+        lost.message.contains("cannot count the GPUs"),
+        "{}",
+        lost.message
+    );
+    // A source unavailable from the start is not news (no GPU on this node).
+    let fresh = Store::new();
+    fresh.register(SourceKind::Node);
+    fresh.register(SourceKind::Gpu);
+    fresh.mark_unavailable(SourceKind::Gpu, "no NVIDIA driver");
+    fresh.publish_node(at(0), prov("procfs"), NodeStats::default());
+    let r = Engine::new(cfg()).evaluate(&fresh.snapshot(), at(0));
+    assert_eq!(r.verdict, Verdict::Healthy);
+}
+
+#[test]
 fn high_p99_rtt_fires_only_after_the_hold_time_then_recovers_after_the_recovery_time() {
     let store = Store::new();
     store.register(SourceKind::Network);

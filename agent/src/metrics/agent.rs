@@ -288,9 +288,46 @@ impl SourceList {
     }
 }
 
+/// Restarts and state of each supervised source task, from its supervisor's channel.
+pub fn encode_task(name: &str, h: &crate::supervise::TaskHealth, m: &mut Metrics) {
+    m.counter(
+        "nodeward_task_restarts_total",
+        "Times the supervisor restarted the source task after a failure or panic.",
+        &[("task", name)],
+        f64::from(h.restarts),
+    );
+    m.gauge(
+        "nodeward_task_up",
+        "1 while the supervised source task runs; 0 while it waits to be restarted after a \
+         failure, or after the supervisor gave up on it.",
+        &[("task", name)],
+        if h.up { 1.0 } else { 0.0 },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_that_restarted_and_runs_is_up_with_its_count_and_one_waiting_is_down() {
+        let mut m = Metrics::new();
+        let mut h = crate::supervise::TaskHealth {
+            restarts: 2,
+            ..Default::default()
+        };
+        encode_task("ebpf/tcp", &h, &mut m);
+        h.up = false;
+        encode_task("gpu", &h, &mut m);
+        let text = m.render();
+        for line in [
+            "nodeward_task_restarts_total{task=\"ebpf/tcp\"} 2",
+            "nodeward_task_up{task=\"ebpf/tcp\"} 1",
+            "nodeward_task_up{task=\"gpu\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
 
     // A /proc/<pid>/stat line in the kernel's layout, with a command name holding ") (".
     const STAT: &str = "4242 (tokio ) (x) S 1 4242 4242 0 -1 4194560 3312 0 0 0 \

@@ -90,6 +90,10 @@ impl Exporter {
         exporter.add(agent::encode_ebpf);
         let sources = agent::SourceList::from_feeds(feeds);
         exporter.add(move |m| sources.encode(m));
+        for (name, rx) in &feeds.supervised {
+            let (name, rx) = (*name, rx.clone());
+            exporter.add(move |m| agent::encode_task(name, &rx.borrow(), m));
+        }
         if let Some(rx) = &feeds.udp {
             exporter.add_feed(rx.clone(), udp::encode);
         }

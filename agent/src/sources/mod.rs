@@ -27,7 +27,7 @@ pub struct Feeds {
     pub tcp: Option<watch::Receiver<Arc<tcp::snapshot::TcpSnapshot>>>,
     pub udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     pub gpu: Option<watch::Receiver<gpu::model::GpuSnapshot>>,
-    /// Restarts and last failure of each source run under `supervise`.
+    /// Restarts and last failure of each source run under `supervise` (every source).
     pub supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
 }
 
@@ -49,11 +49,28 @@ pub fn start(
     // TCP runs with eBPF disabled too: it then polls sock_diag.
     if config.tcp.enabled {
         match tcp::Source::start(config, caps) {
-            Ok((source, rx)) => {
-                let cancel = cancel.clone();
-                tasks.spawn(async move { (tcp::NAME, source.run(cancel).await) });
+            Ok((source, _)) => {
+                let (tx, rx) = watch::channel(Arc::new(tcp::TcpSnapshot::default()));
+                // Restarted with back-off, publishing into the same channel. A failed run's
+                // programs and links are dropped with it before the next run attaches afresh.
+                let (mut first, config, caps, c) =
+                    (Some(source), config.clone(), caps.clone(), cancel.clone());
+                let health = crate::supervise::spawn(tcp::NAME, cancel, tasks, move || {
+                    let source = first
+                        .take()
+                        .map_or_else(|| tcp::Source::start(&config, &caps).map(|(s, _)| s), Ok);
+                    let (tx, cancel) = (tx.clone(), c.clone());
+                    crate::fault::inject(tcp::NAME, tx.subscribe(), async move {
+                        source
+                            .map_err(|e| e.to_string())?
+                            .publish_into(tx)
+                            .run(cancel)
+                            .await
+                    })
+                });
                 feeds.started.push(tcp::NAME);
                 feeds.tcp = Some(rx);
+                feeds.supervised.push((tcp::NAME, health));
             }
             Err(reason) => feeds.unavailable(tcp::NAME, reason.to_string()),
         }
@@ -75,7 +92,9 @@ pub fn start(
                         .take()
                         .map_or_else(|| udp::Source::start(&config, &caps), Ok);
                     let (tx, cancel) = (tx.clone(), c.clone());
-                    async move { source?.run(tx, cancel).await }
+                    crate::fault::inject(udp::NAME, tx.subscribe(), async move {
+                        source?.run(tx, cancel).await
+                    })
                 });
                 feeds.started.push(udp::NAME);
                 feeds.udp = Some(rx);
@@ -89,10 +108,26 @@ pub fn start(
     } else {
         match gpu::Source::start(config) {
             Ok(source) => {
-                feeds.gpu = Some(source.subscribe());
-                let cancel = cancel.clone();
-                tasks.spawn(async move { (gpu::NAME, source.run(cancel).await) });
+                let (tx, rx) = watch::channel(source.subscribe().borrow().clone());
+                // Restarted with back-off (NVML opened afresh), publishing into the same channel.
+                let (mut first, config, c) = (Some(source), config.clone(), cancel.clone());
+                let health = crate::supervise::spawn(gpu::NAME, cancel, tasks, move || {
+                    let source = first.take().map_or_else(|| gpu::Source::start(&config), Ok);
+                    // A run's own token: dropping a failed run cancels it, which stops that
+                    // run's NVML event thread (otherwise it would wait for shutdown).
+                    let (tx, cancel) = (tx.clone(), c.child_token());
+                    crate::fault::inject(gpu::NAME, tx.subscribe(), async move {
+                        let _stop_events = cancel.clone().drop_guard();
+                        source
+                            .map_err(|e| e.to_string())?
+                            .publish_into(tx)
+                            .run(cancel)
+                            .await
+                    })
+                });
+                feeds.gpu = Some(rx);
                 feeds.started.push(gpu::NAME);
+                feeds.supervised.push((gpu::NAME, health));
             }
             // The reason reads "GPU source unavailable: <why>".
             Err(reason) => feeds.unavailable(gpu::NAME, reason.to_string()),
@@ -107,7 +142,9 @@ pub fn start(
                     .take()
                     .map_or_else(|| cgroup::Source::start(&config), Ok);
                 let cancel = c.clone();
-                async move { source?.run(cancel).await }
+                crate::fault::inject(cgroup::NAME, cgroup::latest(), async move {
+                    source?.run(cancel).await
+                })
             });
             feeds.started.push(cgroup::NAME);
             feeds.supervised.push((cgroup::NAME, health));

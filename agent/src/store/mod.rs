@@ -90,6 +90,8 @@ pub struct Snapshot {
     pub gpus: Option<Arc<GpuSnapshot>>,
     /// Container identity (pod, namespace, labels) by container id, from whichever source knows it.
     pub containers: Option<Arc<BTreeMap<String, ContainerMeta>>>,
+    /// Each supervised source task's restarts and last failure, by task name (`ebpf/tcp`, ...).
+    pub tasks: BTreeMap<&'static str, crate::supervise::TaskHealth>,
 }
 
 impl Snapshot {
@@ -169,6 +171,13 @@ impl Store {
     /// Replaces the container identity table (container id → pod, namespace, labels).
     pub fn publish_container_meta(&self, meta: BTreeMap<String, ContainerMeta>) {
         self.write(|s| s.containers = Some(Arc::new(meta)));
+    }
+
+    /// Replaces what the supervisor last said about task `name`.
+    pub fn publish_task(&self, name: &'static str, health: crate::supervise::TaskHealth) {
+        self.write(|s| {
+            s.tasks.insert(name, health);
+        });
     }
 
     /// A consistent copy of the current state.

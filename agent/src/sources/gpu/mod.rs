@@ -286,6 +286,12 @@ impl Source {
         self.tx.subscribe()
     }
 
+    /// Publishes into `tx` instead of the source's own channel, so that a restarted source
+    /// feeds the readers of the one before it.
+    pub fn publish_into(self, tx: watch::Sender<GpuSnapshot>) -> Self {
+        Self { tx, ..self }
+    }
+
     /// Polls until cancelled; the event thread stops with it. When NVML fails as a whole
     /// (it cannot count the GPUs), the source reports itself degraded, shuts NVML down and
     /// initialises it again with back-off until it answers; it never ends the agent for that

@@ -119,6 +119,12 @@ impl Source {
         ))
     }
 
+    /// Publishes into `tx` instead of the channel `start` made, so that a restarted source
+    /// feeds the readers of the one before it.
+    pub fn publish_into(self, tx: watch::Sender<Arc<TcpSnapshot>>) -> Self {
+        Self { tx, ..self }
+    }
+
     /// Reads on every tick until cancelled; the programs are detached when this returns.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
         let mut tick = tokio::time::interval(self.tick);

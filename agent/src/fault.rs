@@ -1,0 +1,333 @@
+//! Fault injection for tests: makes a supervised source task panic on demand in a real running
+//! agent, to prove that the supervisor restarts it, that the restart shows as a
+//! `SourceRestarted` condition and in the `nodeward_task_*` metrics, and that the rest of the
+//! agent keeps serving.
+//!
+//! Debug builds only (`cfg(debug_assertions)`): in a release build — the RPM, the container
+//! image — the variable below is never read and [`inject`] only runs the task, so a production
+//! agent cannot be made to fail this way by accident. In a debug build it is armed with
+//!
+//! ```text
+//! NODEWARD_FAULT_INJECT=panic:<task>:<after_n_ticks>[:<backoff>][,<another>...]
+//! ```
+//!
+//! e.g. `panic:ebpf/tcp:5:5s`: the `ebpf/tcp` task panics once, after its source published 5
+//! snapshots, and its supervisor waits 5 s (not its default 1 s) before the first restart, so
+//! that a test has time to look at the agent while the task is down. Tasks: `ebpf/tcp`,
+//! `ebpf/udp`, `gpu`, `cgroup`. Each fault fires once per process; an armed fault is logged at
+//! WARN, and a spec that does not parse at ERROR (and nothing is armed).
+
+use std::{future::Future, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::supervise::Policy;
+
+/// The environment variable read (in debug builds only).
+pub const ENV: &str = "NODEWARD_FAULT_INJECT";
+
+/// One injected fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// The supervised task's name, e.g. `ebpf/tcp`.
+    pub task: String,
+    /// The task panics when its source has published this many snapshots (at least 1).
+    pub after_ticks: u32,
+    /// The supervisor's wait before the first restart, instead of the default.
+    pub backoff: Option<Duration>,
+}
+
+/// Parses a spec (see the module's doc).
+pub fn parse(spec: &str) -> Result<Vec<Fault>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|one| {
+            let bad = |why: &str| format!("{ENV}: `{one}`: {why}");
+            let parts: Vec<&str> = one.split(':').collect();
+            let (kind, task, after, backoff) = match parts.as_slice() {
+                [kind, task, after] => (*kind, *task, *after, None),
+                [kind, task, after, backoff] => (*kind, *task, *after, Some(*backoff)),
+                _ => return Err(bad("expected panic:<task>:<after_n_ticks>[:<backoff>]")),
+            };
+            if kind != "panic" {
+                return Err(bad("the only fault is `panic`"));
+            }
+            if task.is_empty() {
+                return Err(bad("no task named"));
+            }
+            let after_ticks = after
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad("after_n_ticks must be a whole number ≥ 1"))?;
+            let backoff = backoff
+                .map(|b| humantime::parse_duration(b).map_err(|e| bad(&format!("backoff: {e}"))))
+                .transpose()?;
+            Ok(Fault {
+                task: task.to_owned(),
+                after_ticks,
+                backoff,
+            })
+        })
+        .collect()
+}
+
+/// The restart policy of `task`: `default`, or in a debug build with a fault armed for the
+/// task, `default` with the fault's back-off.
+pub fn policy(task: &str, default: Policy) -> Policy {
+    #[cfg(debug_assertions)]
+    if let Some(backoff) = armed::get()
+        .iter()
+        .find(|a| a.fault.task == task)
+        .and_then(|a| a.fault.backoff)
+    {
+        return Policy {
+            initial_backoff: backoff,
+            max_backoff: default.max_backoff.max(backoff),
+            ..default
+        };
+    }
+    let _ = task;
+    default
+}
+
+/// Runs `run`, the body of supervised task `task`. In a debug build with a fault armed for
+/// the task that has not fired yet, the task panics (in its own task, as a bug in the source
+/// would, so that the source is dropped and the supervisor sees a panic) once `ticks` has
+/// changed `after_n_ticks` times. `ticks` is a fresh subscription to what the source publishes.
+pub async fn inject<T, F>(
+    task: &'static str,
+    ticks: watch::Receiver<T>,
+    run: F,
+) -> Result<(), String>
+where
+    F: Future<Output = Result<(), String>>,
+{
+    #[cfg(debug_assertions)]
+    if let Some(armed) = armed::get()
+        .iter()
+        .find(|a| a.fault.task == task && !a.fired())
+    {
+        return armed.run(task, ticks, run).await;
+    }
+    let _ = (task, ticks);
+    run.await
+}
+
+#[cfg(debug_assertions)]
+mod armed {
+    use std::{
+        future::Future,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            OnceLock,
+        },
+    };
+
+    use tokio::sync::watch;
+
+    use super::{parse, Fault, ENV};
+
+    pub(super) struct Armed {
+        pub(super) fault: Fault,
+        fired: AtomicBool,
+    }
+
+    /// The faults armed by the environment, read once.
+    pub(super) fn get() -> &'static [Armed] {
+        static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+        ARMED.get_or_init(|| {
+            let Ok(spec) = std::env::var(ENV) else {
+                return Vec::new();
+            };
+            match parse(&spec) {
+                Ok(faults) => faults
+                    .into_iter()
+                    .map(|fault| {
+                        tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}, debug build): the task will panic once");
+                        Armed {
+                            fault,
+                            fired: AtomicBool::new(false),
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "fault injection spec ignored");
+                    Vec::new()
+                }
+            }
+        })
+    }
+
+    impl Armed {
+        #[cfg(test)]
+        pub(super) fn for_test(fault: Fault) -> Self {
+            Self {
+                fault,
+                fired: AtomicBool::new(false),
+            }
+        }
+
+        pub(super) fn fired(&self) -> bool {
+            self.fired.load(Ordering::SeqCst)
+        }
+
+        pub(super) async fn run<T, F>(
+            &self,
+            task: &str,
+            mut ticks: watch::Receiver<T>,
+            run: F,
+        ) -> Result<(), String>
+        where
+            F: Future<Output = Result<(), String>>,
+        {
+            let mut run = std::pin::pin!(run);
+            let mut seen = 0u32;
+            loop {
+                tokio::select! {
+                    result = &mut run => return result,
+                    changed = ticks.changed() => {
+                        if changed.is_err() {
+                            return run.await;
+                        }
+                        seen += 1;
+                        if seen >= self.fault.after_ticks && !self.fired.swap(true, Ordering::SeqCst) {
+                            panic!("fault injected into {task} after {seen} ticks ({ENV})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_and_without_a_backoff_and_bad_ones_name_the_problem() {
+        let faults = parse("panic:ebpf/tcp:5:5s, panic:gpu:2").expect("valid");
+        assert_eq!(
+            faults,
+            [
+                Fault {
+                    task: "ebpf/tcp".to_owned(),
+                    after_ticks: 5,
+                    backoff: Some(Duration::from_secs(5)),
+                },
+                Fault {
+                    task: "gpu".to_owned(),
+                    after_ticks: 2,
+                    backoff: None,
+                },
+            ]
+        );
+        for (spec, why) in [
+            ("crash:gpu:1", "only fault"),
+            ("panic:gpu", "expected"),
+            ("panic:gpu:0", "≥ 1"),
+            ("panic::3", "no task"),
+            ("panic:gpu:3:soon", "backoff"),
+        ] {
+            let e = parse(spec).expect_err(spec);
+            assert!(e.contains(why) && e.contains(ENV), "{spec}: {e}");
+        }
+    }
+
+    /// Only debug builds arm faults; the test binary of a release build has none armed (the
+    /// variable is not set here, so this checks the pass-through path either way).
+    #[tokio::test]
+    async fn a_task_without_an_armed_fault_runs_unchanged_and_keeps_the_default_policy() {
+        let (tx, rx) = watch::channel(0u32);
+        let out = inject("no-such-task", rx, async move {
+            for i in 1..=3 {
+                tx.send_replace(i);
+            }
+            Err("its own error".to_owned())
+        })
+        .await;
+        assert_eq!(out, Err("its own error".to_owned()));
+        assert_eq!(policy("no-such-task", Policy::default()), Policy::default());
+    }
+}
+
+/// The armed path, which only debug builds have.
+#[cfg(all(test, debug_assertions))]
+mod armed_tests {
+    use std::{
+        sync::{
+            atomic::{AtomicU32, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{armed, Fault, Policy};
+    use crate::supervise::{supervise, TaskHealth};
+
+    #[tokio::test]
+    async fn an_armed_fault_panics_once_after_its_ticks_and_the_restarted_task_runs_on() {
+        let armed = armed::Armed::for_test(Fault {
+            task: "t".to_owned(),
+            after_ticks: 3,
+            backoff: None,
+        });
+        let armed: &'static armed::Armed = Box::leak(Box::new(armed));
+        let (tx, _) = watch::channel(0u32);
+        let ticks = Arc::new(AtomicU32::new(0));
+        let cancel = CancellationToken::new();
+        let (htx, mut hrx) = watch::channel(TaskHealth::default());
+        let policy = Policy {
+            initial_backoff: Duration::from_millis(1),
+            ..Policy::default()
+        };
+        let (t, c, tx2) = (ticks.clone(), cancel.clone(), tx.clone());
+        let sup = tokio::spawn(supervise("t", policy, cancel.clone(), htx, move || {
+            let (t, c, tx) = (t.clone(), c.clone(), tx2.clone());
+            let rx = tx.subscribe();
+            let body = async move {
+                loop {
+                    tokio::select! {
+                        () = c.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_millis(1)) => {
+                            tx.send_replace(t.fetch_add(1, Ordering::SeqCst) + 1);
+                        }
+                    }
+                }
+            };
+            async move {
+                if armed.fired() {
+                    body.await
+                } else {
+                    armed.run("t", rx, body).await
+                }
+            }
+        }));
+        let h = hrx
+            .wait_for(|h| h.restarts == 1)
+            .await
+            .expect("supervisor alive")
+            .clone();
+        assert_eq!(
+            h.last_failure.as_deref(),
+            Some("panicked: fault injected into t after 3 ticks (NODEWARD_FAULT_INJECT)")
+        );
+        // Ticks published faster than they are seen may be seen as one: at least three.
+        assert!(
+            ticks.load(Ordering::SeqCst) >= 3,
+            "panicked at the third tick seen"
+        );
+        // The restarted task publishes on, and never panics again.
+        while ticks.load(Ordering::SeqCst) < 20 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        cancel.cancel();
+        assert_eq!(sup.await.expect("supervisor"), Ok(()));
+        assert_eq!(hrx.borrow().restarts, 1, "fired once");
+    }
+}
