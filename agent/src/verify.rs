@@ -1,0 +1,486 @@
+//! `nodeward probe --verify`: proves, on the kernel it runs on, that every eBPF program in the
+//! agent passes the verifier and that the hook paths the probe chooses attach and produce data.
+//!
+//! It loads each program of the embedded object on its own (verifier verdict, instruction
+//! counts), then attaches what the daemon would attach on this node (the TCP latency programs
+//! for the path [`crate::sources::tcp::plan`] picks, the UDP/RTP programs, the TCP state
+//! tracepoint), moves itself into a throw-away child cgroup, makes loopback traffic there, and
+//! reads the result back through the sources' own code. Every count is compared with the traffic
+//! it made: the kernel maps are the only witness, nothing is inferred.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::programs::Program;
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    probe::Capabilities,
+    sources::{tcp, udp},
+};
+
+/// TCP connections made, and request/response exchanges on each.
+const TCP_CONNECTIONS: u64 = 3;
+const TCP_EXCHANGES: u64 = 20;
+/// RTP packets sent from one UDP socket to another.
+const RTP_PACKETS: u64 = 50;
+/// Lines of a verifier log kept in the report (its end, where the reason is).
+const LOG_LINES: usize = 8;
+
+/// The verifier's verdict on one program, loaded on its own.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramCheck {
+    pub name: String,
+    pub kind: String,
+    pub loaded: bool,
+    /// Instructions after the verifier's rewrites (`xlated_prog_len / 8`).
+    pub xlated_insns: Option<u32>,
+    /// Instructions the verifier walked (kernels ≥ 5.16 report it).
+    pub verified_insns: Option<u32>,
+    /// The load error with the last lines of the verifier log.
+    pub error: Option<String>,
+}
+
+/// One hook path attached for real and fed with traffic.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathCheck {
+    pub source: &'static str,
+    /// The hook path (as the source reports it).
+    pub path: String,
+    pub attached: bool,
+    pub error: Option<String>,
+    /// What was generated (packets, exchanges, connections), and what the kernel maps counted.
+    pub generated: u64,
+    pub observed: u64,
+    /// How `observed` is compared with `generated`.
+    pub rule: &'static str,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cgroup: String,
+    pub programs: Vec<ProgramCheck>,
+    pub paths: Vec<PathCheck>,
+    /// Every path chosen on this node attached and produced the data expected.
+    pub passed: bool,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = format!("kernel {} (cgroups: {})\nprograms:\n", self.kernel, self.cgroup);
+        for p in &self.programs {
+            let insns = match (p.xlated_insns, p.verified_insns) {
+                (Some(x), Some(v)) => format!("{x} insns, {v} verified"),
+                (Some(x), None) => format!("{x} insns"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  {} {} ({}) {}",
+                if p.loaded { "loaded  " } else { "REJECTED" },
+                p.name,
+                p.kind,
+                insns
+            );
+            if let Some(e) = &p.error {
+                for line in e.lines() {
+                    let _ = writeln!(s, "      {line}");
+                }
+            }
+        }
+        let _ = writeln!(s, "hook paths:");
+        for p in &self.paths {
+            let _ = writeln!(
+                s,
+                "  {} {}: {} — attached {}, generated {}, observed {} ({})",
+                if p.passed { "ok  " } else { "FAIL" },
+                p.source,
+                p.path,
+                if p.attached { "yes" } else { "no" },
+                p.generated,
+                p.observed,
+                p.rule
+            );
+            if let Some(e) = &p.error {
+                let _ = writeln!(s, "      {e}");
+            }
+        }
+        let _ = write!(s, "verify: {}", if self.passed { "PASS" } else { "FAIL" });
+        s
+    }
+}
+
+/// The error of a failed load, with the end of the verifier log (where its reason is).
+fn describe_error(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() <= LOG_LINES + 1 {
+        return lines.join("\n");
+    }
+    let mut out = vec![lines[0], "…"];
+    out.extend(&lines[lines.len() - LOG_LINES..]);
+    out.join("\n")
+}
+
+fn load_one(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        Program::TracePoint(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::KProbe(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+/// Loads every program of the object, each on its own, and records the verifier's verdict.
+pub fn check_programs(config: &Config) -> Result<Vec<ProgramCheck>, String> {
+    let mut loader = crate::ebpf::loader_owning(&[]);
+    // The tracepoint program reads record offsets from a global; any valid value verifies.
+    let offsets = crate::tracefs::locate(&config.paths.tracefs)
+        .ok()
+        .and_then(|t| crate::ebpf::set_state_offsets(&t).ok())
+        .unwrap_or_default();
+    loader.override_global("SET_STATE_OFFSETS", &offsets, true);
+    let mut ebpf = loader
+        .load(crate::ebpf::OBJECT)
+        .map_err(|e| format!("loading the eBPF object: {e}"))?;
+    let mut out = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        let kind = format!("{:?}", program.prog_type());
+        let result = load_one(program);
+        let info = program.info().ok();
+        out.push(ProgramCheck {
+            name: name.to_owned(),
+            kind,
+            loaded: result.is_ok(),
+            xlated_insns: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::size_translated)
+                .map(|b| b / 8),
+            verified_insns: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::verified_instruction_count),
+            error: result.err().map(|e| describe_error(&e)),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// A child cgroup this process moves into; it moves back and removes the directory on drop.
+struct ChildCgroup {
+    path: PathBuf,
+    home: PathBuf,
+}
+
+impl ChildCgroup {
+    fn enter(root: &Path) -> Result<Self, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("no cgroup v2 line in /proc/self/cgroup")?;
+        let home = root.join(rel.trim().trim_start_matches('/'));
+        let path = root.join(format!("nodeward-verify-{}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
+        let me = Self { path, home };
+        std::fs::write(
+            me.path.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .map_err(|e| format!("move into {}: {e}", me.path.display()))?;
+        Ok(me)
+    }
+
+    fn id(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.ino())
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let pid = format!("{}\n", std::process::id());
+        if std::fs::write(self.home.join("cgroup.procs"), &pid).is_err() {
+            let _ = std::fs::write(
+                self.path
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .join("cgroup.procs"),
+                &pid,
+            );
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Connects `TCP_CONNECTIONS` times to a loopback echo server in this process and makes
+/// `TCP_EXCHANGES` request/response exchanges on each. Returns the open client streams (kept
+/// open until the read, so a polling path sees them) and the server thread.
+fn tcp_traffic() -> std::io::Result<(Vec<TcpStream>, std::thread::JoinHandle<()>)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        for _ in 0..TCP_CONNECTIONS {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            peers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        for p in peers {
+            let _ = p.join();
+        }
+    });
+    let mut clients = Vec::new();
+    for _ in 0..TCP_CONNECTIONS {
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 32];
+        for i in 0..TCP_EXCHANGES {
+            let msg = format!("ping {i:08}\n");
+            c.write_all(msg.as_bytes())?;
+            c.read_exact(&mut buf[..msg.len()])?;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        clients.push(c);
+    }
+    Ok((clients, server))
+}
+
+/// Sends `RTP_PACKETS` RTP packets (PCMU, one SSRC) between two loopback UDP sockets and
+/// returns (sender port, receiver port, packets received).
+fn rtp_traffic() -> std::io::Result<(u16, u16, u64)> {
+    let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let to = rx.local_addr()?;
+    let mut received = 0;
+    let mut buf = [0u8; 512];
+    for i in 0..RTP_PACKETS {
+        let mut pkt = vec![0x80, 0x00];
+        pkt.extend_from_slice(&(1000 + i as u16).to_be_bytes());
+        pkt.extend_from_slice(&(160 * i as u32).to_be_bytes());
+        pkt.extend_from_slice(&0x5eed_cafe_u32.to_be_bytes());
+        pkt.extend_from_slice(&[0xff; 160]);
+        tx.send_to(&pkt, to)?;
+        if rx.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok((tx.local_addr()?.port(), to.port(), received))
+}
+
+fn tcp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> PathCheck {
+    let mut check = PathCheck {
+        source: tcp::NAME,
+        path: String::new(),
+        attached: false,
+        error: None,
+        generated: TCP_CONNECTIONS * TCP_EXCHANGES,
+        observed: 0,
+        rule: "RTT samples in the child cgroup >= request/response exchanges",
+        passed: false,
+    };
+    let (root, plan) = match tcp::plan(caps, tcp::Attribution::Auto) {
+        Ok(p) => p,
+        Err(e) => {
+            check.error = Some(e.to_string());
+            return check;
+        }
+    };
+    check.path = plan.path().to_owned();
+    if plan.recorder == tcp::Recorder::SockDiag {
+        check.generated = TCP_CONNECTIONS;
+        check.rule = "sockets polled in the child cgroup >= connections held open";
+    }
+    let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return check;
+        }
+    };
+    check.attached = true;
+    if let Err(e) = collector.tick() {
+        check.error = Some(format!("baseline read: {e}"));
+        return check;
+    }
+    let traffic = tcp_traffic();
+    let snapshot = collector.tick();
+    match (traffic, snapshot) {
+        (Err(e), _) => check.error = Some(format!("loopback traffic: {e}")),
+        (_, Err(e)) => check.error = Some(format!("read: {e}")),
+        (Ok((clients, server)), Ok(snap)) => {
+            drop(clients);
+            let _ = server.join();
+            // Namespace cookies are not cgroup ids: on that path every sample of the host's
+            // namespace counts.
+            let containers: Vec<_> = if plan.recorder == tcp::Recorder::Netns {
+                snap.containers.values().collect()
+            } else {
+                snap.container(cgroup.id()).into_iter().collect()
+            };
+            check.observed = containers
+                .iter()
+                .filter_map(|c| c.windows.first())
+                .map(|w| w.samples)
+                .sum();
+            check.passed = check.observed >= check.generated;
+        }
+    }
+    check
+}
+
+fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> PathCheck {
+    let mut check = PathCheck {
+        source: udp::NAME,
+        path: udp::HOOK.to_owned(),
+        attached: false,
+        error: None,
+        generated: RTP_PACKETS,
+        observed: 0,
+        rule: "RTP packets of the stream received in the child cgroup == packets received",
+        passed: false,
+    };
+    let mut source = match udp::Source::start(config, caps) {
+        Ok(s) => s,
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return check;
+        }
+    };
+    check.attached = true;
+    match rtp_traffic() {
+        Err(e) => check.error = Some(format!("loopback traffic: {e}")),
+        Ok((_, rx_port, received)) => match source.poll() {
+            Err(e) => check.error = Some(format!("read: {e}")),
+            Ok(snap) => {
+                check.generated = received;
+                let mut egress = 0;
+                if let Some(c) = snap.container(cgroup.id()) {
+                    check.observed = c
+                        .streams
+                        .iter()
+                        .filter(|s| s.ssrc == 0x5eed_cafe && s.endpoint.local_port == rx_port)
+                        .map(|s| s.packets)
+                        .sum();
+                    egress = c
+                        .flows
+                        .iter()
+                        .filter(|f| {
+                            f.endpoint.direction == "egress" && f.endpoint.remote_port == rx_port
+                        })
+                        .map(|f| f.packets)
+                        .sum();
+                }
+                check.passed =
+                    received == RTP_PACKETS && check.observed == received && egress == received;
+                if !check.passed {
+                    check.error = Some(format!(
+                        "sent {RTP_PACKETS}, received {received}, egress flow counted {egress}"
+                    ));
+                }
+            }
+        },
+    }
+    check
+}
+
+fn tcp_state_check(config: &Config, cgroup: &ChildCgroup) -> PathCheck {
+    let mut check = PathCheck {
+        source: "ebpf/tcp_state",
+        path: "tracepoint sock:inet_sock_set_state".to_owned(),
+        attached: false,
+        error: None,
+        generated: TCP_CONNECTIONS,
+        observed: 0,
+        rule: "CLOSE→SYN_SENT transitions in the child cgroup == connect() calls",
+        passed: false,
+    };
+    let counter = crate::tracefs::locate(&config.paths.tracefs)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::ebpf::TcpStateCounter::attach(&t).map_err(|e| describe_error(&e)));
+    let counter = match counter {
+        Ok(c) => c,
+        Err(e) => {
+            check.error = Some(e);
+            return check;
+        }
+    };
+    check.attached = true;
+    let transition = Some((agent_ebpf::tcp_state::CLOSE, agent_ebpf::tcp_state::SYN_SENT));
+    match tcp_traffic() {
+        Err(e) => check.error = Some(format!("loopback traffic: {e}")),
+        Ok((clients, server)) => {
+            drop(clients);
+            let _ = server.join();
+            match counter.count_for(cgroup.id(), transition) {
+                Ok(n) => {
+                    check.observed = n;
+                    check.passed = n == TCP_CONNECTIONS;
+                }
+                Err(e) => check.error = Some(format!("read: {e}")),
+            }
+        }
+    }
+    check
+}
+
+/// Runs every check. Needs root and a cgroup v2 hierarchy to make the child cgroup in.
+pub fn run(config: &Config) -> Result<Report, String> {
+    if let Err(e) = crate::tracefs::locate_or_mount(&config.paths.tracefs) {
+        tracing::warn!(error = %e, "tracefs unavailable: the tracepoint program cannot attach");
+    }
+    let caps = Capabilities::probe(&config.paths);
+    if !caps.is_root {
+        return Err("--verify needs root (it loads eBPF programs and makes a cgroup)".to_owned());
+    }
+    let root = caps
+        .cgroup
+        .unified()
+        .ok_or("--verify needs a cgroup v2 hierarchy to make its child cgroup in")?
+        .to_path_buf();
+    let programs = check_programs(config)?;
+    let cgroup = ChildCgroup::enter(&root)?;
+    let paths = vec![
+        tcp_check(config, &caps, &cgroup),
+        udp_check(config, &caps, &cgroup),
+        tcp_state_check(config, &cgroup),
+    ];
+    let passed = paths.iter().all(|p| p.passed);
+    Ok(Report {
+        kernel: caps.kernel_release.clone(),
+        cgroup: format!("{} (child {})", root.display(), cgroup.path.display()),
+        programs,
+        paths,
+        passed,
+    })
+}
