@@ -51,6 +51,9 @@ pub struct ProgramCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct PathCheck {
     pub source: &'static str,
+    /// `chosen`: what the daemon uses on this node; `fallback`: a path of the TCP fallback
+    /// chain forced on, to prove it would work if chosen.
+    pub role: &'static str,
     /// The hook path (as the source reports it).
     pub path: String,
     pub attached: bool,
@@ -69,8 +72,12 @@ pub struct Report {
     pub cgroup: String,
     pub programs: Vec<ProgramCheck>,
     pub paths: Vec<PathCheck>,
+    /// TCP attributions this kernel cannot run, with the reason (not attempted).
+    pub unavailable: Vec<String>,
     /// Every path chosen on this node attached and produced the data expected.
     pub passed: bool,
+    /// Every fallback this kernel supports attached and produced the data expected too.
+    pub fallbacks_passed: bool,
 }
 
 impl Report {
@@ -101,8 +108,9 @@ impl Report {
         for p in &self.paths {
             let _ = writeln!(
                 s,
-                "  {} {}: {} — attached {}, generated {}, observed {} ({})",
+                "  {} {} {}: {} — attached {}, generated {}, observed {} ({})",
                 if p.passed { "ok  " } else { "FAIL" },
+                p.role,
                 p.source,
                 p.path,
                 if p.attached { "yes" } else { "no" },
@@ -114,7 +122,15 @@ impl Report {
                 let _ = writeln!(s, "      {e}");
             }
         }
-        let _ = write!(s, "verify: {}", if self.passed { "PASS" } else { "FAIL" });
+        for u in &self.unavailable {
+            let _ = writeln!(s, "  n/a  fallback {u}");
+        }
+        let _ = write!(
+            s,
+            "verify: {} (fallbacks: {})",
+            if self.passed { "PASS" } else { "FAIL" },
+            if self.fallbacks_passed { "pass" } else { "FAIL" }
+        );
         s
     }
 }
@@ -297,9 +313,22 @@ fn rtp_traffic() -> std::io::Result<(u16, u16, u64)> {
     Ok((tx.local_addr()?.port(), to.port(), received))
 }
 
-fn tcp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> PathCheck {
+/// Attaches the TCP latency programs for the path `attribution` leads to, makes traffic and
+/// counts the RTT samples of the child cgroup. `Err` when this kernel cannot run that path.
+fn tcp_check(
+    config: &Config,
+    caps: &Capabilities,
+    cgroup: &ChildCgroup,
+    attribution: tcp::Attribution,
+) -> Result<PathCheck, String> {
+    let (root, plan) = tcp::plan(caps, attribution).map_err(|e| e.to_string())?;
     let mut check = PathCheck {
         source: tcp::NAME,
+        role: if attribution == tcp::Attribution::Auto {
+            "chosen"
+        } else {
+            "fallback"
+        },
         path: String::new(),
         attached: false,
         error: None,
@@ -307,13 +336,6 @@ fn tcp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         observed: 0,
         rule: "RTT samples in the child cgroup >= request/response exchanges",
         passed: false,
-    };
-    let (root, plan) = match tcp::plan(caps, tcp::Attribution::Auto) {
-        Ok(p) => p,
-        Err(e) => {
-            check.error = Some(e.to_string());
-            return check;
-        }
     };
     check.path = plan.path().to_owned();
     if plan.recorder == tcp::Recorder::SockDiag {
@@ -325,13 +347,13 @@ fn tcp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         Ok(c) => c,
         Err(e) => {
             check.error = Some(describe_error(&e));
-            return check;
+            return Ok(check);
         }
     };
     check.attached = true;
     if let Err(e) = collector.tick() {
         check.error = Some(format!("baseline read: {e}"));
-        return check;
+        return Ok(check);
     }
     let traffic = tcp_traffic();
     let snapshot = collector.tick();
@@ -356,12 +378,13 @@ fn tcp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
             check.passed = check.observed >= check.generated;
         }
     }
-    check
+    Ok(check)
 }
 
 fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> PathCheck {
     let mut check = PathCheck {
         source: udp::NAME,
+        role: "chosen",
         path: udp::HOOK.to_owned(),
         attached: false,
         error: None,
@@ -417,6 +440,7 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
 fn tcp_state_check(config: &Config, cgroup: &ChildCgroup) -> PathCheck {
     let mut check = PathCheck {
         source: "ebpf/tcp_state",
+        role: "chosen",
         path: "tracepoint sock:inet_sock_set_state".to_owned(),
         attached: false,
         error: None,
@@ -470,17 +494,49 @@ pub fn run(config: &Config) -> Result<Report, String> {
         .to_path_buf();
     let programs = check_programs(config)?;
     let cgroup = ChildCgroup::enter(&root)?;
-    let paths = vec![
-        tcp_check(config, &caps, &cgroup),
-        udp_check(config, &caps, &cgroup),
-        tcp_state_check(config, &cgroup),
-    ];
-    let passed = paths.iter().all(|p| p.passed);
+    let mut paths = Vec::new();
+    let mut unavailable = Vec::new();
+    match tcp_check(config, &caps, &cgroup, tcp::Attribution::Auto) {
+        Ok(p) => paths.push(p),
+        // No path at all (not even sock_diag): the chosen TCP path fails.
+        Err(reason) => paths.push(PathCheck {
+            source: tcp::NAME,
+            role: "chosen",
+            path: "none".to_owned(),
+            attached: false,
+            error: Some(reason),
+            generated: 0,
+            observed: 0,
+            rule: "a path must be chosen",
+            passed: false,
+        }),
+    }
+    // The fallback chain, each link forced on, in the order `auto` would fall to them.
+    for attribution in [
+        tcp::Attribution::SockCreate,
+        tcp::Attribution::Egress,
+        tcp::Attribution::Netns,
+        tcp::Attribution::SockDiag,
+    ] {
+        match tcp_check(config, &caps, &cgroup, attribution) {
+            Ok(p) => paths.push(p),
+            Err(reason) => unavailable.push(format!("{attribution:?}: {reason}")),
+        }
+    }
+    paths.push(udp_check(config, &caps, &cgroup));
+    paths.push(tcp_state_check(config, &cgroup));
+    let passed = paths
+        .iter()
+        .filter(|p| p.role == "chosen")
+        .all(|p| p.passed);
+    let fallbacks_passed = paths.iter().all(|p| p.passed);
     Ok(Report {
         kernel: caps.kernel_release.clone(),
         cgroup: format!("{} (child {})", root.display(), cgroup.path.display()),
         programs,
         paths,
+        unavailable,
         passed,
+        fallbacks_passed,
     })
 }
