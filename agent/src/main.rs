@@ -33,7 +33,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Probe { json, verify: true } => verify(&config, json),
-        Command::Probe { json, verify: false } => {
+        Command::Probe {
+            json,
+            verify: false,
+        } => {
             let caps = Capabilities::probe(&config.paths);
             if json {
                 match serde_json::to_string_pretty(&caps) {

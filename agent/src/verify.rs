@@ -83,7 +83,10 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
-        let mut s = format!("kernel {} (cgroups: {})\nprograms:\n", self.kernel, self.cgroup);
+        let mut s = format!(
+            "kernel {} (cgroups: {})\nprograms:\n",
+            self.kernel, self.cgroup
+        );
         for p in &self.programs {
             let insns = match (p.xlated_insns, p.verified_insns) {
                 (Some(x), Some(v)) => format!("{x} insns, {v} verified"),
@@ -129,7 +132,11 @@ impl Report {
             s,
             "verify: {} (fallbacks: {})",
             if self.passed { "PASS" } else { "FAIL" },
-            if self.fallbacks_passed { "pass" } else { "FAIL" }
+            if self.fallbacks_passed {
+                "pass"
+            } else {
+                "FAIL"
+            }
         );
         s
     }
@@ -342,8 +349,7 @@ fn tcp_check(
         check.generated = TCP_CONNECTIONS;
         check.rule = "sockets polled in the child cgroup >= connections held open";
     }
-    let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick)
-    {
+    let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick) {
         Ok(c) => c,
         Err(e) => {
             check.error = Some(describe_error(&e));
@@ -460,7 +466,10 @@ fn tcp_state_check(config: &Config, cgroup: &ChildCgroup) -> PathCheck {
         }
     };
     check.attached = true;
-    let transition = Some((agent_ebpf::tcp_state::CLOSE, agent_ebpf::tcp_state::SYN_SENT));
+    let transition = Some((
+        agent_ebpf::tcp_state::CLOSE,
+        agent_ebpf::tcp_state::SYN_SENT,
+    ));
     match tcp_traffic() {
         Err(e) => check.error = Some(format!("loopback traffic: {e}")),
         Ok((clients, server)) => {
@@ -539,4 +548,21 @@ pub fn run(config: &Config) -> Result<Report, String> {
         passed,
         fallbacks_passed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_verifier_log_keeps_its_first_line_and_its_end() {
+        let log: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        let short = describe_error(&format!("load failed: Verifier output:\n{log}"));
+        let lines: Vec<&str> = short.lines().collect();
+        assert_eq!(lines.len(), LOG_LINES + 2, "{short}");
+        assert_eq!(lines[0], "load failed: Verifier output:");
+        assert_eq!(lines[1], "…");
+        assert_eq!(lines[lines.len() - 1], "line 39");
+        assert_eq!(describe_error(&"one line"), "one line");
+    }
 }
