@@ -327,15 +327,12 @@ fn tcp_check(
     caps: &Capabilities,
     cgroup: &ChildCgroup,
     attribution: tcp::Attribution,
+    role: &'static str,
 ) -> Result<PathCheck, String> {
     let (root, plan) = tcp::plan(caps, attribution).map_err(|e| e.to_string())?;
     let mut check = PathCheck {
         source: tcp::NAME,
-        role: if attribution == tcp::Attribution::Auto {
-            "chosen"
-        } else {
-            "fallback"
-        },
+        role,
         path: String::new(),
         attached: false,
         error: None,
@@ -505,7 +502,14 @@ pub fn run(config: &Config) -> Result<Report, String> {
     let cgroup = ChildCgroup::enter(&root)?;
     let mut paths = Vec::new();
     let mut unavailable = Vec::new();
-    match tcp_check(config, &caps, &cgroup, tcp::Attribution::Auto) {
+    // The path the daemon would take: `tcp.attribution` (default `auto`), sock_diag when eBPF
+    // is turned off.
+    let chosen = if config.ebpf.enabled {
+        config.tcp.attribution
+    } else {
+        tcp::Attribution::SockDiag
+    };
+    match tcp_check(config, &caps, &cgroup, chosen, "chosen") {
         Ok(p) => paths.push(p),
         // No path at all (not even sock_diag): the chosen TCP path fails.
         Err(reason) => paths.push(PathCheck {
@@ -526,8 +530,11 @@ pub fn run(config: &Config) -> Result<Report, String> {
         tcp::Attribution::Egress,
         tcp::Attribution::Netns,
         tcp::Attribution::SockDiag,
-    ] {
-        match tcp_check(config, &caps, &cgroup, attribution) {
+    ]
+    .into_iter()
+    .filter(|a| *a != chosen)
+    {
+        match tcp_check(config, &caps, &cgroup, attribution, "fallback") {
             Ok(p) => paths.push(p),
             Err(reason) => unavailable.push(format!("{attribution:?}: {reason}")),
         }

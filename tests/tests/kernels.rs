@@ -326,7 +326,12 @@ fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        // no_timer_check: on a busy host a TCG guest's timer can look broken to the IO-APIC
+        // check, which then panics the kernel before init.
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 loglevel=4 no_timer_check",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -477,9 +482,20 @@ fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: &
         accels.insert(0, Accel::Kvm);
     }
     let mut booted = None;
-    for accel in accels {
+    // A guest that never reached the check (a kernel panic during a TCG boot on a busy host)
+    // gets one more boot; a check that ran and failed does not.
+    let attempts = accels.iter().copied().chain([Accel::Tcg]);
+    for accel in attempts {
         let start = Instant::now();
         match boot(&dir, &kernel, &initrd, accel) {
+            Ok(Some(out)) if !out.1.contains("NODEWARD-VERIFY-RC=") && accel == Accel::Tcg => {
+                eprintln!(
+                    "{} never ran the check; console:\n{}\nbooting once more",
+                    kernel.release,
+                    tail(&out.0, 20)
+                );
+                booted = Some(out);
+            }
             Ok(Some(out)) => {
                 eprintln!(
                     "{} booted with {accel:?} in {:?}",
@@ -542,4 +558,19 @@ fn this_host_verifies_every_program_and_hook_path() {
     let log = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let path = check_report("this host", &stdout, out.status.code(), &log);
     eprintln!("this host: the probe chose {path}");
+    // The configured attribution is what is checked as chosen (here the 5.10-era fallback).
+    let out = Command::new(agent_binary())
+        .args([
+            "probe",
+            "--verify",
+            "--json",
+            "--set",
+            "tcp.attribution=egress",
+        ])
+        .output()
+        .expect("run nodeward probe --verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let path = check_report("this host, egress", &stdout, out.status.code(), &log);
+    assert_eq!(path, "sock_ops+cgroup_skb_egress");
 }
