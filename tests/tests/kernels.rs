@@ -242,6 +242,14 @@ echo "nodeward-init: running probe --verify"
 /bin/nodeward probe --verify --json > /tmp/verify.json 2> /tmp/verify.err
 rc=$?
 { cat /tmp/verify.json; echo "NODEWARD-VERIFY-RC=$rc"; echo "NODEWARD-STDERR:"; tail -20 /tmp/verify.err; } > /dev/ttyS1
+# The same on cgroup v1 only (Anolis 8's default): no cgroup2 mounted anywhere.
+umount /sys/fs/cgroup
+mount -t tmpfs cgroup /sys/fs/cgroup
+for c in cpu memory; do mkdir /sys/fs/cgroup/$c; mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c; done
+echo "nodeward-init: running probe --verify on cgroup v1"
+/bin/nodeward probe --verify --json > /tmp/verify.json 2> /tmp/verify.err
+rc=$?
+{ echo "NODEWARD-V1-BEGIN"; cat /tmp/verify.json; echo "NODEWARD-VERIFY-RC=$rc"; echo "NODEWARD-STDERR:"; tail -20 /tmp/verify.err; } > /dev/ttyS1
 sync
 poweroff -f
 "#;
@@ -455,7 +463,8 @@ fn check_report(what: &str, json: &str, rc: Option<i32>, log: &str) -> String {
 }
 
 /// Boots Debian `suite`'s kernel, runs the check inside, and asserts the probe chose `expect`.
-fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: &str) {
+/// `expect_path`: the TCP path `auto` must choose with cgroup v2, then with cgroup v1 only.
+fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: (&str, &str)) {
     if let Err(reason) = tools() {
         skip(test, &reason);
         return;
@@ -511,18 +520,28 @@ fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: &
     }
     let (console, result) = booted.expect("neither KVM nor TCG booted the guest");
     eprintln!("{}", tail(&console, 30));
-    let rc = result
-        .lines()
-        .find_map(|l| l.strip_prefix("NODEWARD-VERIFY-RC="))
-        .and_then(|v| v.trim().parse().ok());
-    let what = format!("{} ({suite})", kernel.release);
-    let path = check_report(&what, &result, rc, &format!("{result}\n{console}"));
+    let (v2, v1) = result
+        .split_once("NODEWARD-V1-BEGIN")
+        .unwrap_or((result.as_str(), ""));
+    let rc = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("NODEWARD-VERIFY-RC="))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let log = format!("{result}\n{console}");
+    let what = format!("{} ({suite}, cgroup v2)", kernel.release);
+    let path = check_report(&what, v2, rc(v2), &log);
     eprintln!("{what}: the probe chose {path}");
-    assert_eq!(path, expect_path, "{what}: chosen TCP hook path");
+    assert_eq!(path, expect_path.0, "{what}: chosen TCP hook path");
+    let what = format!("{} ({suite}, cgroup v1 only)", kernel.release);
+    let path = check_report(&what, v1, rc(v1), &log);
+    eprintln!("{what}: the probe chose {path}");
+    assert_eq!(path, expect_path.1, "{what}: chosen TCP hook path");
 }
 
 /// Debian 11's 5.10 (the ANCK 5.10 generation): every program passes the verifier, the probe
-/// picks sock_create + egress tagging, and that and every other supported fallback produce data.
+/// picks sock_create + egress tagging, and that and every other supported fallback produce data;
+/// with cgroup v1 only it picks sock_diag polling, which produces data too.
 #[test]
 fn debian_bullseye_5_10_verifies_every_program_and_hook_path() {
     require_root!("debian_bullseye_5_10_verifies_every_program_and_hook_path");
@@ -530,11 +549,12 @@ fn debian_bullseye_5_10_verifies_every_program_and_hook_path() {
         "debian_bullseye_5_10_verifies_every_program_and_hook_path",
         "bullseye",
         "5.10.",
-        "sock_ops+sock_create+cgroup_skb_egress",
+        // cgroup v1 only: 5.10 has no netns cookie in sock_ops, so no eBPF path fits.
+        ("sock_ops+sock_create+cgroup_skb_egress", "sock_diag_poll"),
     );
 }
 
-/// Debian 12's 6.1: the same checks.
+/// Debian 12's 6.1: the same checks; with cgroup v1 only the probe picks netns cookies.
 #[test]
 fn debian_bookworm_6_1_verifies_every_program_and_hook_path() {
     require_root!("debian_bookworm_6_1_verifies_every_program_and_hook_path");
@@ -542,7 +562,10 @@ fn debian_bookworm_6_1_verifies_every_program_and_hook_path() {
         "debian_bookworm_6_1_verifies_every_program_and_hook_path",
         "bookworm",
         "6.1.",
-        "sock_ops+sock_create+cgroup_skb_egress",
+        (
+            "sock_ops+sock_create+cgroup_skb_egress",
+            "sock_ops+netns_cookie",
+        ),
     );
 }
 
