@@ -346,6 +346,13 @@ fn tcp_check(
         check.generated = TCP_CONNECTIONS;
         check.rule = "sockets polled in the child cgroup >= connections held open";
     }
+    if cgroup.is_none() || plan.recorder == tcp::Recorder::Netns {
+        check.rule = if plan.recorder == tcp::Recorder::SockDiag {
+            "sockets polled on the node >= connections held open"
+        } else {
+            "RTT samples on the node >= request/response exchanges"
+        };
+    }
     let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick) {
         Ok(c) => c,
         Err(e) => {
@@ -464,6 +471,9 @@ fn tcp_state_check(config: &Config, cgroup: Option<&ChildCgroup>) -> PathCheck {
         }
     };
     check.attached = true;
+    if cgroup.is_none() {
+        check.rule = "CLOSE→SYN_SENT transitions on the node >= connect() calls";
+    }
     let transition = Some((
         agent_ebpf::tcp_state::CLOSE,
         agent_ebpf::tcp_state::SYN_SENT,
@@ -523,6 +533,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
     } else {
         tcp::Attribution::SockDiag
     };
+    let chosen_path = tcp::plan(&caps, chosen).ok().map(|(_, p)| p.path());
     match tcp_check(config, &caps, cgroup, chosen, "chosen") {
         Ok(p) => paths.push(p),
         // No path at all (not even sock_diag): the chosen TCP path fails.
@@ -548,6 +559,11 @@ pub fn run(config: &Config) -> Result<Report, String> {
     .into_iter()
     .filter(|a| *a != chosen)
     {
+        // `auto` may have landed on this very path already.
+        let same = tcp::plan(&caps, attribution).is_ok_and(|(_, p)| Some(p.path()) == chosen_path);
+        if same {
+            continue;
+        }
         match tcp_check(config, &caps, cgroup, attribution, "fallback") {
             Ok(p) => paths.push(p),
             Err(reason) => unavailable.push(format!("{attribution:?}: {reason}")),
