@@ -64,6 +64,12 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 /// What the host needs, or why it cannot run the test.
 fn tools() -> Result<(), String> {
+    if std::env::consts::ARCH != "x86_64" {
+        return Err(format!(
+            "the guests are Debian amd64 kernels and the agent binary here is {}",
+            std::env::consts::ARCH
+        ));
+    }
     for tool in [
         "qemu-system-x86_64",
         "busybox",
