@@ -603,3 +603,36 @@ fn this_host_verifies_every_program_and_hook_path() {
     let path = check_report("this host, egress", &stdout, out.status.code(), &log);
     assert_eq!(path, "sock_ops+cgroup_skb_egress");
 }
+
+/// The check fails when the kernel maps miss traffic: with room for one UDP flow, the RTP
+/// exchange (an egress and an ingress flow) cannot be counted whole, so `--verify` must say FAIL
+/// for the UDP path and exit 1, while the TCP paths still pass.
+#[test]
+fn verify_fails_when_the_maps_miss_traffic() {
+    require_root!("verify_fails_when_the_maps_miss_traffic");
+    let out = Command::new(agent_binary())
+        .args(["probe", "--verify", "--json", "--set", "udp.max_flows=1"])
+        .output()
+        .expect("run nodeward probe --verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON report: {stdout}"));
+    let path = |source: &str| {
+        report["paths"]
+            .as_array()
+            .expect("paths")
+            .iter()
+            .find(|p| p["role"] == "chosen" && p["source"] == source)
+            .cloned()
+            .unwrap_or_else(|| panic!("no chosen {source} path"))
+    };
+    let udp = path("ebpf/udp");
+    eprintln!("udp with one flow slot: {udp}");
+    assert_eq!(udp["passed"], Value::Bool(false), "{udp}");
+    assert_eq!(path("ebpf/tcp")["passed"], Value::Bool(true));
+    assert_eq!(report["passed"], Value::Bool(false));
+    assert_eq!(out.status.code(), Some(1), "exit status");
+}
