@@ -36,6 +36,11 @@ pub enum Command {
         /// Print JSON instead of the summary.
         #[arg(long)]
         json: bool,
+        /// Also load every eBPF program, attach the hook paths chosen for this kernel (and each
+        /// TCP fallback it supports), make loopback traffic from a child cgroup and check the
+        /// kernel maps counted it (needs root). Exits 1 if a chosen path produces no data.
+        #[arg(long)]
+        verify: bool,
     },
     /// Inspect the configuration.
     #[command(subcommand)]

@@ -24,6 +24,7 @@ pub mod sources;
 pub mod store;
 pub mod supervise;
 pub mod tracefs;
+pub mod verify;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.
 pub const EXIT_USAGE: u8 = 64;

@@ -39,7 +39,11 @@ fn main() -> ExitCode {
             print!("{}", config::to_toml(&config));
             ExitCode::SUCCESS
         }
-        Command::Probe { json } => {
+        Command::Probe { json, verify: true } => verify(&config, json),
+        Command::Probe {
+            json,
+            verify: false,
+        } => {
             let caps = Capabilities::probe(&config.paths);
             if json {
                 match serde_json::to_string_pretty(&caps) {
@@ -83,6 +87,34 @@ fn main() -> ExitCode {
         Command::Drain(cmd) => client(&config, |socket| async move {
             nodeward::client::drain(&cmd, &socket).await
         }),
+    }
+}
+
+/// `nodeward probe --verify`: exit 0 when every chosen hook path produced its data, 1 when one
+/// did not, 70 when the check itself could not run.
+fn verify(config: &config::Config, json: bool) -> ExitCode {
+    let report = match nodeward::verify::run(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nodeward: {e}");
+            return ExitCode::from(EXIT_SOFTWARE);
+        }
+    };
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("nodeward: {e}");
+                return ExitCode::from(EXIT_SOFTWARE);
+            }
+        }
+    } else {
+        println!("{}", report.summary());
+    }
+    if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -214,6 +214,10 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "rpm",
             "rpmlint",
             "systemd",
+            // kernels test: boot Debian's 5.10 and 6.1 kernels with the agent in an initramfs
+            "qemu-system-x86",
+            "busybox-static",
+            "cpio",
         ]),
         // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[

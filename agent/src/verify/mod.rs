@@ -1,0 +1,491 @@
+//! `nodeward probe --verify`: proves, on the kernel it runs on, that every eBPF program in the
+//! agent passes the verifier and that the hook paths the probe chooses attach and produce data.
+//!
+//! It loads each program of the embedded object on its own (verifier verdict, instruction
+//! counts), then attaches what the daemon would attach on this node (the TCP latency programs
+//! for the path [`crate::sources::tcp::plan`] picks, the UDP/RTP programs, the TCP state
+//! tracepoint), moves itself into a throw-away child cgroup, makes loopback traffic there, and
+//! reads the result back through the sources' own code. Every count is compared with the traffic
+//! it made: the kernel maps are the only witness, nothing is inferred.
+
+mod traffic;
+
+use std::path::Path;
+
+use aya::programs::Program;
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    probe::Capabilities,
+    sources::{tcp, udp},
+};
+
+use self::traffic::{
+    rtp_traffic, tcp_traffic, ChildCgroup, RTP_PACKETS, TCP_CONNECTIONS, TCP_EXCHANGES,
+};
+
+/// Lines of a verifier log kept in the report (its end, where the reason is).
+const LOG_LINES: usize = 8;
+
+/// The verifier's verdict on one program, loaded on its own.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramCheck {
+    pub name: String,
+    pub kind: String,
+    pub loaded: bool,
+    /// Instructions after the verifier's rewrites (`xlated_prog_len / 8`).
+    pub xlated_insns: Option<u32>,
+    /// Instructions the verifier walked (kernels ≥ 5.16 report it).
+    pub verified_insns: Option<u32>,
+    /// The load error with the last lines of the verifier log.
+    pub error: Option<String>,
+}
+
+/// One hook path attached for real and fed with traffic.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathCheck {
+    pub source: &'static str,
+    /// `chosen`: what the daemon uses on this node; `fallback`: a path of the TCP fallback
+    /// chain forced on, to prove it would work if chosen.
+    pub role: &'static str,
+    /// The hook path (as the source reports it).
+    pub path: String,
+    pub attached: bool,
+    pub error: Option<String>,
+    /// What was generated (packets, exchanges, connections), and what the kernel maps counted.
+    pub generated: u64,
+    pub observed: u64,
+    /// How `observed` is compared with `generated`.
+    pub rule: &'static str,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cgroup: String,
+    pub programs: Vec<ProgramCheck>,
+    pub paths: Vec<PathCheck>,
+    /// TCP attributions this kernel cannot run, with the reason (not attempted).
+    pub unavailable: Vec<String>,
+    /// Every path chosen on this node attached and produced the data expected.
+    pub passed: bool,
+    /// Every fallback this kernel supports attached and produced the data expected too.
+    pub fallbacks_passed: bool,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = format!(
+            "kernel {} (cgroups: {})\nprograms:\n",
+            self.kernel, self.cgroup
+        );
+        for p in &self.programs {
+            let insns = match (p.xlated_insns, p.verified_insns) {
+                (Some(x), Some(v)) => format!("{x} insns, {v} verified"),
+                (Some(x), None) => format!("{x} insns"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  {} {} ({}) {}",
+                if p.loaded { "loaded  " } else { "REJECTED" },
+                p.name,
+                p.kind,
+                insns
+            );
+            if let Some(e) = &p.error {
+                for line in e.lines() {
+                    let _ = writeln!(s, "      {line}");
+                }
+            }
+        }
+        let _ = writeln!(s, "hook paths:");
+        for p in &self.paths {
+            let _ = writeln!(
+                s,
+                "  {} {} {}: {} — attached {}, generated {}, observed {} ({})",
+                if p.passed { "ok  " } else { "FAIL" },
+                p.role,
+                p.source,
+                p.path,
+                if p.attached { "yes" } else { "no" },
+                p.generated,
+                p.observed,
+                p.rule
+            );
+            if let Some(e) = &p.error {
+                let _ = writeln!(s, "      {e}");
+            }
+        }
+        for u in &self.unavailable {
+            let _ = writeln!(s, "  n/a  fallback {u}");
+        }
+        let _ = write!(
+            s,
+            "verify: {} (fallbacks: {})",
+            if self.passed { "PASS" } else { "FAIL" },
+            if self.fallbacks_passed {
+                "pass"
+            } else {
+                "FAIL"
+            }
+        );
+        s
+    }
+}
+
+/// The error of a failed load, with the end of the verifier log (where its reason is).
+fn describe_error(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() <= LOG_LINES + 1 {
+        return lines.join("\n");
+    }
+    let mut out = vec![lines[0], "…"];
+    out.extend(&lines[lines.len() - LOG_LINES..]);
+    out.join("\n")
+}
+
+fn load_one(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        Program::TracePoint(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::KProbe(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+/// Loads every program of the object, each on its own, and records the verifier's verdict.
+pub fn check_programs(config: &Config) -> Result<Vec<ProgramCheck>, String> {
+    let mut loader = crate::ebpf::loader_owning(&[]);
+    // The tracepoint program reads record offsets from a global; any valid value verifies.
+    let offsets = crate::tracefs::locate(&config.paths.tracefs)
+        .ok()
+        .and_then(|t| crate::ebpf::set_state_offsets(&t).ok())
+        .unwrap_or_default();
+    loader.override_global("SET_STATE_OFFSETS", &offsets, true);
+    let mut ebpf = loader
+        .load(crate::ebpf::OBJECT)
+        .map_err(|e| format!("loading the eBPF object: {e}"))?;
+    let mut out = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        let kind = format!("{:?}", program.prog_type());
+        let result = load_one(program);
+        let info = program.info().ok();
+        out.push(ProgramCheck {
+            name: name.to_owned(),
+            kind,
+            loaded: result.is_ok(),
+            xlated_insns: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::size_translated)
+                .map(|b| b / 8),
+            verified_insns: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::verified_instruction_count),
+            error: result.err().map(|e| describe_error(&e)),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Attaches the TCP latency programs for the path `attribution` leads to, makes traffic and
+/// counts the RTT samples of the child cgroup. `Err` when this kernel cannot run that path.
+fn tcp_check(
+    config: &Config,
+    caps: &Capabilities,
+    cgroup: Option<&ChildCgroup>,
+    attribution: tcp::Attribution,
+    role: &'static str,
+) -> Result<PathCheck, String> {
+    let (root, plan) = tcp::plan(caps, attribution).map_err(|e| e.to_string())?;
+    let mut check = PathCheck {
+        source: tcp::NAME,
+        role,
+        path: String::new(),
+        attached: false,
+        error: None,
+        generated: TCP_CONNECTIONS * TCP_EXCHANGES,
+        observed: 0,
+        rule: "RTT samples in the child cgroup >= request/response exchanges",
+        passed: false,
+    };
+    check.path = plan.path().to_owned();
+    if plan.recorder == tcp::Recorder::SockDiag {
+        check.generated = TCP_CONNECTIONS;
+        check.rule = "sockets polled in the child cgroup >= connections held open";
+    }
+    if cgroup.is_none() || plan.recorder == tcp::Recorder::Netns {
+        check.rule = if plan.recorder == tcp::Recorder::SockDiag {
+            "sockets polled on the node >= connections held open"
+        } else {
+            "RTT samples on the node >= request/response exchanges"
+        };
+    }
+    let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick) {
+        Ok(c) => c,
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return Ok(check);
+        }
+    };
+    check.attached = true;
+    if let Err(e) = collector.tick() {
+        check.error = Some(format!("baseline read: {e}"));
+        return Ok(check);
+    }
+    let traffic = tcp_traffic();
+    let snapshot = collector.tick();
+    match (traffic, snapshot) {
+        (Err(e), _) => check.error = Some(format!("loopback traffic: {e}")),
+        (_, Err(e)) => check.error = Some(format!("read: {e}")),
+        (Ok((clients, server)), Ok(snap)) => {
+            drop(clients);
+            let _ = server.join();
+            // Namespace cookies are not cgroup ids, and without cgroup v2 there is no child
+            // cgroup: then every sample on the node counts.
+            let containers: Vec<_> = match cgroup {
+                Some(cg) if plan.recorder != tcp::Recorder::Netns => {
+                    snap.container(cg.id()).into_iter().collect()
+                }
+                _ => snap.containers.values().collect(),
+            };
+            check.observed = containers
+                .iter()
+                .filter_map(|c| c.windows.first())
+                .map(|w| w.samples)
+                .sum();
+            check.passed = check.observed >= check.generated;
+        }
+    }
+    Ok(check)
+}
+
+fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> PathCheck {
+    let mut check = PathCheck {
+        source: udp::NAME,
+        role: "chosen",
+        path: udp::HOOK.to_owned(),
+        attached: false,
+        error: None,
+        generated: RTP_PACKETS,
+        observed: 0,
+        rule: "RTP packets of the stream received in the child cgroup == packets received",
+        passed: false,
+    };
+    let mut source = match udp::Source::start(config, caps) {
+        Ok(s) => s,
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return check;
+        }
+    };
+    check.attached = true;
+    match rtp_traffic() {
+        Err(e) => check.error = Some(format!("loopback traffic: {e}")),
+        Ok((_, rx_port, received)) => match source.poll() {
+            Err(e) => check.error = Some(format!("read: {e}")),
+            Ok(snap) => {
+                check.generated = received;
+                let mut egress = 0;
+                if let Some(c) = snap.container(cgroup.id()) {
+                    check.observed = c
+                        .streams
+                        .iter()
+                        .filter(|s| s.ssrc == 0x5eed_cafe && s.endpoint.local_port == rx_port)
+                        .map(|s| s.packets)
+                        .sum();
+                    egress = c
+                        .flows
+                        .iter()
+                        .filter(|f| {
+                            f.endpoint.direction == "egress" && f.endpoint.remote_port == rx_port
+                        })
+                        .map(|f| f.packets)
+                        .sum();
+                }
+                check.passed =
+                    received == RTP_PACKETS && check.observed == received && egress == received;
+                if !check.passed {
+                    check.error = Some(format!(
+                        "sent {RTP_PACKETS}, received {received}, egress flow counted {egress}"
+                    ));
+                }
+            }
+        },
+    }
+    check
+}
+
+fn tcp_state_check(config: &Config, cgroup: Option<&ChildCgroup>) -> PathCheck {
+    let mut check = PathCheck {
+        source: "ebpf/tcp_state",
+        role: "chosen",
+        path: "tracepoint sock:inet_sock_set_state".to_owned(),
+        attached: false,
+        error: None,
+        generated: TCP_CONNECTIONS,
+        observed: 0,
+        rule: "CLOSE→SYN_SENT transitions in the child cgroup == connect() calls",
+        passed: false,
+    };
+    let counter = crate::tracefs::locate(&config.paths.tracefs)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::ebpf::TcpStateCounter::attach(&t).map_err(|e| describe_error(&e)));
+    let counter = match counter {
+        Ok(c) => c,
+        Err(e) => {
+            check.error = Some(e);
+            return check;
+        }
+    };
+    check.attached = true;
+    if cgroup.is_none() {
+        check.rule = "CLOSE→SYN_SENT transitions on the node >= connect() calls";
+    }
+    let transition = Some((
+        agent_ebpf::tcp_state::CLOSE,
+        agent_ebpf::tcp_state::SYN_SENT,
+    ));
+    match tcp_traffic() {
+        Err(e) => check.error = Some(format!("loopback traffic: {e}")),
+        Ok((clients, server)) => {
+            drop(clients);
+            let _ = server.join();
+            // Without cgroup v2 every task reports the same id: count the node's transitions.
+            let count = match cgroup {
+                Some(cg) => counter.count_for(cg.id(), transition),
+                None => counter.counts().map(|all| {
+                    all.iter()
+                        .filter(|(k, _)| Some((k.oldstate, k.newstate)) == transition)
+                        .map(|(_, n)| *n)
+                        .sum()
+                }),
+            };
+            match count {
+                Ok(n) => {
+                    check.observed = n;
+                    check.passed = if cgroup.is_some() {
+                        n == TCP_CONNECTIONS
+                    } else {
+                        n >= TCP_CONNECTIONS
+                    };
+                }
+                Err(e) => check.error = Some(format!("read: {e}")),
+            }
+        }
+    }
+    check
+}
+
+/// Runs every check. Needs root and a cgroup v2 hierarchy to make the child cgroup in.
+pub fn run(config: &Config) -> Result<Report, String> {
+    if let Err(e) = crate::tracefs::locate_or_mount(&config.paths.tracefs) {
+        tracing::warn!(error = %e, "tracefs unavailable: the tracepoint program cannot attach");
+    }
+    let caps = Capabilities::probe(&config.paths);
+    if !caps.is_root {
+        return Err("--verify needs root (it loads eBPF programs and makes a cgroup)".to_owned());
+    }
+    let programs = check_programs(config)?;
+    // Without cgroup v2 (cgroup v1 only) there is no child cgroup to make: the counts are then
+    // the node's, and the UDP source (which needs cgroup v2) is reported unavailable.
+    let root = caps.cgroup.unified().map(Path::to_path_buf);
+    let cgroup = root.as_deref().map(ChildCgroup::enter).transpose()?;
+    let cgroup = cgroup.as_ref();
+    let mut paths = Vec::new();
+    let mut unavailable = Vec::new();
+    // The path the daemon would take: `tcp.attribution` (default `auto`), sock_diag when eBPF
+    // is turned off.
+    let chosen = if config.ebpf.enabled {
+        config.tcp.attribution
+    } else {
+        tcp::Attribution::SockDiag
+    };
+    let chosen_path = tcp::plan(&caps, chosen).ok().map(|(_, p)| p.path());
+    match tcp_check(config, &caps, cgroup, chosen, "chosen") {
+        Ok(p) => paths.push(p),
+        // No path at all (not even sock_diag): the chosen TCP path fails.
+        Err(reason) => paths.push(PathCheck {
+            source: tcp::NAME,
+            role: "chosen",
+            path: "none".to_owned(),
+            attached: false,
+            error: Some(reason),
+            generated: 0,
+            observed: 0,
+            rule: "a path must be chosen",
+            passed: false,
+        }),
+    }
+    // The fallback chain, each link forced on, in the order `auto` would fall to them.
+    for attribution in [
+        tcp::Attribution::SockCreate,
+        tcp::Attribution::Egress,
+        tcp::Attribution::Netns,
+        tcp::Attribution::SockDiag,
+    ]
+    .into_iter()
+    .filter(|a| *a != chosen)
+    {
+        // `auto` may have landed on this very path already.
+        let same = tcp::plan(&caps, attribution).is_ok_and(|(_, p)| Some(p.path()) == chosen_path);
+        if same {
+            continue;
+        }
+        match tcp_check(config, &caps, cgroup, attribution, "fallback") {
+            Ok(p) => paths.push(p),
+            Err(reason) => unavailable.push(format!("{attribution:?}: {reason}")),
+        }
+    }
+    match cgroup {
+        Some(cg) => paths.push(udp_check(config, &caps, cg)),
+        None => unavailable.push(format!(
+            "{}: needs a cgroup v2 hierarchy (cgroups here: {:?})",
+            udp::NAME,
+            caps.cgroup
+        )),
+    }
+    paths.push(tcp_state_check(config, cgroup));
+    let passed = paths
+        .iter()
+        .filter(|p| p.role == "chosen")
+        .all(|p| p.passed);
+    let fallbacks_passed = paths.iter().all(|p| p.passed);
+    Ok(Report {
+        kernel: caps.kernel_release.clone(),
+        cgroup: match cgroup {
+            Some(cg) => format!("v2, child {}", cg.path.display()),
+            None => format!("{:?} (no child cgroup: node-wide counts)", caps.cgroup),
+        },
+        programs,
+        paths,
+        unavailable,
+        passed,
+        fallbacks_passed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_verifier_log_keeps_its_first_line_and_its_end() {
+        let log: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        let short = describe_error(&format!("load failed: Verifier output:\n{log}"));
+        let lines: Vec<&str> = short.lines().collect();
+        assert_eq!(lines.len(), LOG_LINES + 2, "{short}");
+        assert_eq!(lines[0], "load failed: Verifier output:");
+        assert_eq!(lines[1], "…");
+        assert_eq!(lines[lines.len() - 1], "line 39");
+        assert_eq!(describe_error(&"one line"), "one line");
+    }
+}
