@@ -12,7 +12,7 @@ pub enum Attribution {
     /// `sock_diag` where no eBPF path fits.
     Auto,
     /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
-    /// in cgroup/sock programs, newer than 5.10).
+    /// in cgroup/sock programs: the probe checks; Debian's 5.10.223 has it, see docs/kernels.md).
     SockCreate,
     /// A `cgroup_skb/egress` program stores the cgroup of the socket that sends a packet
     /// (works on 5.10; costs a helper call per packet sent).
