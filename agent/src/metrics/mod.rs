@@ -25,6 +25,7 @@ pub mod gpu;
 pub mod health;
 mod http;
 pub mod store;
+pub mod tcp;
 pub mod udp;
 
 pub use encode::{Kind, Metrics};
@@ -90,6 +91,9 @@ impl Exporter {
         exporter.add(agent::encode_ebpf);
         let sources = agent::SourceList::from_feeds(feeds);
         exporter.add(move |m| sources.encode(m));
+        if let Some(rx) = &feeds.tcp {
+            exporter.add_feed(rx.clone(), |s, m| tcp::encode(s, m));
+        }
         if let Some(rx) = &feeds.udp {
             exporter.add_feed(rx.clone(), udp::encode);
         }
