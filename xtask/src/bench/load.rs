@@ -39,7 +39,7 @@ its drop counters (`nodeward_tcp_drops_total`, reasons that lose a sample) say i
 failed calls; Watch streams that lived the whole run and their fewest messages; the agent's \
 CPU and its peak RSS (VmHWM) against the memory limit of the DaemonSet \
 (`packaging/kubernetes/30-daemonset.yaml`); its largest RSS in the first and in the last \
-minute (baseline columns: first), which stay level when nothing grows. One round of 10 \
+minute (10 s with `--quick`; baseline columns: first), which stay level when nothing grows. One round of 10 \
 minutes (30 s with `--quick`).";
 
 const SCENARIO: &str = "Load soak";
@@ -56,7 +56,9 @@ fn soak_seconds(plan: Plan) -> u64 {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn v2_root() -> PathBuf {
@@ -189,7 +191,11 @@ fn daemonset_memory_limit(yaml: &str) -> Option<f64> {
             let units = [("Ki", 1024.0), ("Mi", 1_048_576.0), ("Gi", 1_073_741_824.0)];
             return units
                 .iter()
-                .find_map(|(s, m)| v.strip_suffix(s).and_then(|n| n.parse::<f64>().ok()).map(|n| n * m))
+                .find_map(|(s, m)| {
+                    v.strip_suffix(s)
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .map(|n| n * m)
+                })
                 .or_else(|| v.parse().ok());
         }
     }
@@ -278,7 +284,10 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
     )?;
     // The callers start once the agent knows the container, so GetContainerNetwork has one.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(samples_of(agent_bin, &agent.socket, &container.id()) > 0.0) {
+    // NaN (no answer yet) and 0 both mean: not yet.
+    while samples_of(agent_bin, &agent.socket, &container.id()).partial_cmp(&0.0)
+        != Some(std::cmp::Ordering::Greater)
+    {
         if Instant::now() > deadline {
             bail!("the agent never reported the load container");
         }
@@ -286,10 +295,19 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
     }
     let (cpu0, t0) = (agent.cpu_seconds(), Instant::now());
     let mut api = Command::new(agent_bin)
-        .args(["bench-load-api", "--addr", &format!("unix:{}", agent.socket)])
+        .args([
+            "bench-load-api",
+            "--addr",
+            &format!("unix:{}", agent.socket),
+        ])
         .args(["--addr", &format!("http://127.0.0.1:{api_port}")])
         .args(["--callers", "100", "--rate", "10"])
-        .args(["--streams", &STREAMS.to_string(), "--watch-connections", "10"])
+        .args([
+            "--streams",
+            &STREAMS.to_string(),
+            "--watch-connections",
+            "10",
+        ])
         .args(["--container", &container.id()])
         .args(["--duration", &format!("{seconds}s")])
         .stdout(Stdio::piped())
@@ -317,7 +335,12 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
     let metrics = scrape(metrics_port)?;
     let lost: f64 = ["no_cgroup", "stats_full", "flow_insert_failed"]
         .iter()
-        .map(|r| series(&metrics, &format!("nodeward_tcp_drops_total{{reason=\"{r}\"}}")))
+        .map(|r| {
+            series(
+                &metrics,
+                &format!("nodeward_tcp_drops_total{{reason=\"{r}\"}}"),
+            )
+        })
         .sum();
     let peak = agent.peak_rss_bytes() / 1_048_576.0;
     let in_segs = container.tcp_counter("InSegs");
@@ -333,7 +356,11 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         f(&api, "errors"),
         f(&api, "streams_opened") - f(&api, "streams_failed"),
     ));
-    let first: Vec<f64> = rss.iter().filter(|(t, _)| *t <= minute).map(|r| r.1).collect();
+    let first: Vec<f64> = rss
+        .iter()
+        .filter(|(t, _)| *t <= minute)
+        .map(|r| r.1)
+        .collect();
     let end = rss.last().map_or(Duration::ZERO, |r| r.0);
     let last: Vec<f64> = rss
         .iter()
@@ -350,7 +377,13 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         vec![(counted + lost) / produced],
     );
     accounted.target = Some(("≥ 1".to_owned(), (counted + lost) / produced >= 1.0));
-    let mut errors = row(&scenario, "failed unary calls", "", vec![], vec![f(&api, "errors")]);
+    let mut errors = row(
+        &scenario,
+        "failed unary calls",
+        "",
+        vec![],
+        vec![f(&api, "errors")],
+    );
     errors.target = Some(("0".to_owned(), f(&api, "errors") == 0.0));
     let lived = f(&api, "streams_opened") - f(&api, "streams_failed");
     let mut streams = row(
@@ -361,7 +394,13 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         vec![lived],
     );
     streams.target = Some((format!("{STREAMS}"), lived == f64::from(STREAMS)));
-    let mut mem = row(&scenario, "agent peak RSS (VmHWM)", "MiB", vec![], vec![peak]);
+    let mut mem = row(
+        &scenario,
+        "agent peak RSS (VmHWM)",
+        "MiB",
+        vec![],
+        vec![peak],
+    );
     mem.target = Some((
         format!("< {:.0} MiB (DaemonSet limit)", ceiling / 1_048_576.0),
         peak * 1_048_576.0 < ceiling,
@@ -389,7 +428,13 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
             vec![],
             vec![f(&api, "calls_per_second")],
         ),
-        row(&scenario, "unary call p99", "ms", vec![], vec![f(&api, "p99_ms")]),
+        row(
+            &scenario,
+            "unary call p99",
+            "ms",
+            vec![],
+            vec![f(&api, "p99_ms")],
+        ),
         errors,
         streams,
         row(
@@ -403,7 +448,10 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         mem,
         row(
             &scenario,
-            "agent RSS, largest in the first minute (baseline columns) and in the last",
+            &format!(
+                "agent RSS, largest in the first {} s (baseline columns) and in the last {0} s",
+                minute.as_secs()
+            ),
             "MiB",
             vec![max(&first)],
             vec![max(&last)],

@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Fewer rounds and shorter runs (about 3 minutes).
     #[arg(long)]
     quick: bool,
-    /// Run only the scenarios whose name contains this text (e.g. `load`); the report then goes
+    /// Run only the scenarios whose name starts with this text (e.g. `load`); the report then goes
     /// to `target/bench/BENCHMARKS-only.md`, leaving `docs/BENCHMARKS.md` to full runs.
     #[arg(long)]
     only: Option<String>,
@@ -120,11 +120,18 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("cgroup scan scaling", collector::scan),
         ("API latency and Watch memory", collector::api),
         ("peer: bpftrace RTT histogram", peer::bpftrace),
-        ("load soak: gRPC callers, Watch streams, RTT samples", load::soak),
+        (
+            "load soak: gRPC callers, Watch streams, RTT samples",
+            load::soak,
+        ),
     ];
     let scenarios: Vec<_> = scenarios
         .into_iter()
-        .filter(|(name, _)| args.only.as_ref().is_none_or(|o| name.contains(o.as_str())))
+        .filter(|(name, _)| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| name.starts_with(o.as_str()))
+        })
         .collect();
     let total = scenarios.len();
     for (i, (name, scenario)) in scenarios.into_iter().enumerate() {
