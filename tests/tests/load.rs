@@ -18,7 +18,7 @@
 //!   segments received, and every sample needs a segment received that ACKs new data.
 //!
 //! `NODEWARD_LOAD_SECONDS` sets the length of the run (default 40); `cargo xtask bench` runs
-//! the same load for 10 minutes (scenario `load`).
+//! the same load for 10 minutes (scenario "load soak"; alone: `cargo xtask bench --only load`).
 
 use std::{
     path::Path,
@@ -218,6 +218,11 @@ async fn load_grpc_and_rtt_samples() {
             "gpu.enabled=false",
             "--set",
             "api.watch_heartbeat=1s",
+        ])
+        // The longest window holds every sample of the run, however long it is made.
+        .args([
+            "--set",
+            &format!("tcp.window_long={}s", (seconds + 180).clamp(300, 3600)),
         ])
         .env("NODEWARD_LOG", "warn")
         .env_remove("NOTIFY_SOCKET")
