@@ -10,6 +10,8 @@
 //! - `bench-watch`: holds N `WatchNodeHealth` streams open; says `ready` on stdout once every
 //!   stream has its first message, so the caller can read the agent's memory meanwhile.
 //!
+//! - `bench-rr`, `bench-load-api`: the load case of issue 10 (see [`load`]).
+//!
 //! Every subcommand prints one JSON object. Nothing here asserts a timing.
 
 use std::{
@@ -20,6 +22,8 @@ use std::{
 
 use clap::Args;
 use serde::Serialize;
+
+pub mod load;
 
 use crate::{
     api::pb::{self, node_health_client::NodeHealthClient},

@@ -25,6 +25,7 @@ pub mod gpu;
 pub mod health;
 mod http;
 pub mod store;
+pub mod tcp;
 pub mod udp;
 
 pub use encode::{Kind, Metrics};
@@ -93,6 +94,9 @@ impl Exporter {
         for (name, rx) in &feeds.supervised {
             let (name, rx) = (*name, rx.clone());
             exporter.add(move |m| agent::encode_task(name, &rx.borrow(), m));
+        }
+        if let Some(rx) = &feeds.tcp {
+            exporter.add_feed(rx.clone(), |s, m| tcp::encode(s, m));
         }
         if let Some(rx) = &feeds.udp {
             exporter.add_feed(rx.clone(), udp::encode);

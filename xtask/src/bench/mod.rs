@@ -9,6 +9,7 @@
 mod agent;
 mod collector;
 mod footprint;
+mod load;
 mod peer;
 mod scenarios;
 
@@ -23,6 +24,10 @@ pub struct BenchArgs {
     /// Fewer rounds and shorter runs (about 3 minutes).
     #[arg(long)]
     quick: bool,
+    /// Run only the scenarios whose name starts with this text (e.g. `load`); the report then goes
+    /// to `target/bench/BENCHMARKS-only.md`, leaving `docs/BENCHMARKS.md` to full runs.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Settings shared by every scenario.
@@ -115,7 +120,19 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("cgroup scan scaling", collector::scan),
         ("API latency and Watch memory", collector::api),
         ("peer: bpftrace RTT histogram", peer::bpftrace),
+        (
+            "load soak: gRPC callers, Watch streams, RTT samples",
+            load::soak,
+        ),
     ];
+    let scenarios: Vec<_> = scenarios
+        .into_iter()
+        .filter(|(name, _)| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| name.starts_with(o.as_str()))
+        })
+        .collect();
     let total = scenarios.len();
     for (i, (name, scenario)) in scenarios.into_iter().enumerate() {
         say(&format!(
@@ -142,7 +159,13 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     agent::restore_bpf_stats(&stats_before);
     let report = render(&rows, plan, args.quick, started.elapsed().as_secs());
-    let path = root.join("docs/BENCHMARKS.md");
+    let path = if args.only.is_some() {
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        dir.join("BENCHMARKS-only.md")
+    } else {
+        root.join("docs/BENCHMARKS.md")
+    };
     std::fs::write(&path, report).with_context(|| format!("write {}", path.display()))?;
     say(&format!(
         "wrote {} in {:.0} s",
@@ -248,6 +271,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     let _ = writeln!(s, "{}", footprint::DESCRIPTION);
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
     let _ = writeln!(s, "{}", peer::DESCRIPTION);
+    let _ = writeln!(s, "{}", load::DESCRIPTION);
     s
 }
 
