@@ -5,7 +5,7 @@
 //! path of the chain, say so in its log (WARN naming the program) and in the network source's
 //! fidelity, deliver RTT samples of connections this test makes (the ground truth), and hold no
 //! program of the path it left: the eBPF programs it holds are read from `/proc/<pid>/fdinfo`
-//! and named by `bpftool`.
+//! and named by `bpftool`. A path named in the config is not auto: it is reported unavailable.
 
 use std::{
     path::PathBuf,
@@ -40,6 +40,10 @@ struct Agent {
 
 impl Agent {
     async fn start(stem: &str, fault: &str) -> Self {
+        Self::start_with(stem, fault, &[]).await
+    }
+
+    async fn start_with(stem: &str, fault: &str, extra: &[&str]) -> Self {
         let dir = TempDir::new(stem);
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
@@ -48,6 +52,7 @@ impl Agent {
             .args(["--set", "api.tcp_listen=", "--set", "metrics.enabled=false"])
             .args(["--set", "agent.tick=200ms", "--set", "gpu.enabled=false"])
             .args(["--set", "udp.enabled=false"])
+            .args(extra.iter().flat_map(|kv| ["--set", kv]))
             .arg("--set")
             .arg(format!("api.unix_socket={}", socket.display()))
             .env("NODEWARD_FAULT_INJECT", fault)
@@ -65,13 +70,19 @@ impl Agent {
         })
         .await;
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        Self {
+        let agent = Self {
             child,
             client: client
                 .unwrap_or_else(|| panic!("the daemon never answered on its socket:\n{log_text}")),
             log,
             _dir: dir,
-        }
+        };
+        assert!(
+            agent.log_text().contains("fault injection armed"),
+            "the agent did not arm the fault:\n{}",
+            agent.log_text()
+        );
+        agent
     }
 
     fn pid(&self) -> u32 {
@@ -171,6 +182,11 @@ fn own_netns_cookie() -> Option<u64> {
 }
 
 fn prerequisites(test: &str) -> Option<PathBuf> {
+    // The test binary and the agent beside it share the profile.
+    if !cfg!(debug_assertions) {
+        skip(test, "fault injection exists in debug builds only");
+        return None;
+    }
     if !is_root() {
         skip(test, "needs root (eBPF, cgroups)");
         return None;
@@ -384,4 +400,60 @@ async fn with_sock_create_and_egress_both_rejected_auto_lands_on_netns_cookies_a
         fallback_warnings(&log, TAG_EGRESS).len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_path_whose_program_is_rejected_is_reported_unavailable_without_fallback() {
+    const TEST: &str = "tcp_fallback_forced_path_rejected";
+    if prerequisites(TEST).is_none() {
+        return;
+    }
+    let agent = Agent::start_with(
+        "tcp-fallback-forced",
+        &format!("reject:{SOCK_CREATE}"),
+        &["tcp.attribution=sock_create"],
+    )
+    .await;
+    let source = eventually(STEP, || {
+        let mut c = agent.client.clone();
+        async move {
+            c.get_node_health(pb::GetNodeHealthRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .health?
+                .sources
+                .into_iter()
+                .find(|s| s.name == "network" && s.reason.contains(SOCK_CREATE))
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "no network source names the rejected program as its reason:\n{}",
+            agent.log_text()
+        )
+    });
+    assert_eq!(
+        source.state,
+        pb::SourceState::Unavailable as i32,
+        "{source:?}"
+    );
+    let log = agent.log_text();
+    assert!(
+        fallback_warnings(&log, SOCK_CREATE).is_empty(),
+        "a configured path never falls back:\n{log}"
+    );
+    let held = programs_held(agent.pid());
+    assert_eq!(
+        (
+            count(&held, SOCK_CREATE),
+            count(&held, TAG_EGRESS),
+            count(&held, SOCK_OPS)
+        ),
+        (0, 0, 0),
+        "programs held: {held:?}"
+    );
+    agent.stop().await;
+    eprintln!("{TEST}: network source unavailable: {}", source.reason);
 }
