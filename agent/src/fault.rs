@@ -1,7 +1,8 @@
 //! Fault injection for tests: makes a supervised source task panic on demand in a real running
 //! agent, to prove that the supervisor restarts it, that the restart shows as a
 //! `SourceRestarted` condition and in the `nodeward_task_*` metrics, and that the rest of the
-//! agent keeps serving.
+//! agent keeps serving; and makes the load of a named eBPF program fail as a verifier
+//! rejection would, to prove that `tcp.attribution = "auto"` falls back to the next path.
 //!
 //! Debug builds only (`cfg(debug_assertions)`): in a release build — the RPM, the container
 //! image — the variable below is never read and [`inject`] only runs the task, so a production
@@ -9,13 +10,20 @@
 //!
 //! ```text
 //! NODEWARD_FAULT_INJECT=panic:<task>:<after_n_ticks>[:<backoff>][,<another>...]
+//! NODEWARD_FAULT_INJECT=reject:<program>[,<another>...]
 //! ```
 //!
 //! e.g. `panic:ebpf/tcp:5:5s`: the `ebpf/tcp` task panics once, after its source published 5
 //! snapshots, and its supervisor waits 5 s (not its default 1 s) before the first restart, so
 //! that a test has time to look at the agent while the task is down. Tasks: `ebpf/tcp`,
-//! `ebpf/udp`, `gpu`, `cgroup`. Each fault fires once per process; an armed fault is logged at
-//! WARN, and a spec that does not parse at ERROR (and nothing is armed).
+//! `ebpf/udp`, `gpu`, `cgroup`. Each panic fires once per process.
+//!
+//! `reject:nodeward_sock_create`: every load of that eBPF program (by its name in the object)
+//! fails before the kernel is asked, every time, as a kernel whose verifier rejects it would.
+//! Only the TCP source's programs consult it ([`reject`]).
+//!
+//! An armed fault is logged at WARN, and a spec that does not parse at ERROR (and nothing is
+//! armed).
 
 use std::{future::Future, time::Duration};
 
@@ -37,21 +45,40 @@ pub struct Fault {
     pub backoff: Option<Duration>,
 }
 
+/// One item of a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// `panic:<task>:<after_n_ticks>[:<backoff>]`.
+    Panic(Fault),
+    /// `reject:<program>`: loads of this eBPF program fail.
+    Reject(String),
+}
+
 /// Parses a spec (see the module's doc).
-pub fn parse(spec: &str) -> Result<Vec<Fault>, String> {
+pub fn parse(spec: &str) -> Result<Vec<Spec>, String> {
     spec.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|one| {
             let bad = |why: &str| format!("{ENV}: `{one}`: {why}");
             let parts: Vec<&str> = one.split(':').collect();
+            if let ["reject", program] = parts.as_slice() {
+                if program.is_empty() {
+                    return Err(bad("no program named"));
+                }
+                return Ok(Spec::Reject((*program).to_owned()));
+            }
             let (kind, task, after, backoff) = match parts.as_slice() {
                 [kind, task, after] => (*kind, *task, *after, None),
                 [kind, task, after, backoff] => (*kind, *task, *after, Some(*backoff)),
-                _ => return Err(bad("expected panic:<task>:<after_n_ticks>[:<backoff>]")),
+                _ => {
+                    return Err(bad(
+                        "expected panic:<task>:<after_n_ticks>[:<backoff>] or reject:<program>",
+                    ))
+                }
             };
             if kind != "panic" {
-                return Err(bad("the only fault is `panic`"));
+                return Err(bad("the faults are `panic` and `reject`"));
             }
             if task.is_empty() {
                 return Err(bad("no task named"));
@@ -64,13 +91,27 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>, String> {
             let backoff = backoff
                 .map(|b| humantime::parse_duration(b).map_err(|e| bad(&format!("backoff: {e}"))))
                 .transpose()?;
-            Ok(Fault {
+            Ok(Spec::Panic(Fault {
                 task: task.to_owned(),
                 after_ticks,
                 backoff,
-            })
+            }))
         })
         .collect()
+}
+
+/// Whether loading eBPF program `program` may go ahead: in a debug build with
+/// `reject:<program>` armed, an error that stands in for the verifier's rejection. Called
+/// before the program is handed to the kernel.
+pub fn reject(program: &str) -> Result<(), String> {
+    #[cfg(debug_assertions)]
+    if armed::rejects().iter().any(|p| p == program) {
+        return Err(format!(
+            "rejected by fault injection ({ENV}=reject:{program}), standing in for the verifier"
+        ));
+    }
+    let _ = program;
+    Ok(())
 }
 
 /// The restart policy of `task`: `default`, or in a debug build with a fault armed for the
@@ -127,36 +168,65 @@ mod armed {
 
     use tokio::sync::watch;
 
-    use super::{parse, Fault, ENV};
+    use super::{parse, Fault, Spec, ENV};
 
     pub(super) struct Armed {
         pub(super) fault: Fault,
         fired: AtomicBool,
     }
 
-    /// The faults armed by the environment, read once.
-    pub(super) fn get() -> &'static [Armed] {
-        static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
-        ARMED.get_or_init(|| {
+    /// The spec in the environment, parsed once (and logged once).
+    fn specs() -> &'static [Spec] {
+        static SPECS: OnceLock<Vec<Spec>> = OnceLock::new();
+        SPECS.get_or_init(|| {
             let Ok(spec) = std::env::var(ENV) else {
                 return Vec::new();
             };
             match parse(&spec) {
-                Ok(faults) => faults
-                    .into_iter()
-                    .map(|fault| {
-                        tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}, debug build): the task will panic once");
-                        Armed {
-                            fault,
-                            fired: AtomicBool::new(false),
-                        }
-                    })
-                    .collect(),
+                Ok(specs) => specs,
                 Err(e) => {
                     tracing::error!(error = %e, "fault injection spec ignored");
                     Vec::new()
                 }
             }
+        })
+    }
+
+    /// The panics armed by the environment, read once.
+    pub(super) fn get() -> &'static [Armed] {
+        static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+        ARMED.get_or_init(|| {
+            specs()
+                .iter()
+                .filter_map(|s| match s {
+                    Spec::Panic(f) => Some(f.clone()),
+                    Spec::Reject(_) => None,
+                })
+                .map(|fault| {
+                    tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}, debug build): the task will panic once");
+                    Armed {
+                        fault,
+                        fired: AtomicBool::new(false),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// The eBPF programs whose loads are made to fail, read once.
+    pub(super) fn rejects() -> &'static [String] {
+        static REJECTS: OnceLock<Vec<String>> = OnceLock::new();
+        REJECTS.get_or_init(|| {
+            specs()
+                .iter()
+                .filter_map(|s| match s {
+                    Spec::Reject(p) => Some(p.clone()),
+                    Spec::Panic(_) => None,
+                })
+                .inspect(|program| {
+                    tracing::warn!(%program, "fault injection armed ({ENV}, debug build): loads of this eBPF program will fail");
+                })
+                .collect()
         })
     }
 
@@ -208,24 +278,28 @@ mod tests {
 
     #[test]
     fn specs_parse_with_and_without_a_backoff_and_bad_ones_name_the_problem() {
-        let faults = parse("panic:ebpf/tcp:5:5s, panic:gpu:2").expect("valid");
+        let faults =
+            parse("panic:ebpf/tcp:5:5s, panic:gpu:2,reject:nodeward_sock_create").expect("valid");
         assert_eq!(
             faults,
             [
-                Fault {
+                Spec::Panic(Fault {
                     task: "ebpf/tcp".to_owned(),
                     after_ticks: 5,
                     backoff: Some(Duration::from_secs(5)),
-                },
-                Fault {
+                }),
+                Spec::Panic(Fault {
                     task: "gpu".to_owned(),
                     after_ticks: 2,
                     backoff: None,
-                },
+                }),
+                Spec::Reject("nodeward_sock_create".to_owned()),
             ]
         );
         for (spec, why) in [
-            ("crash:gpu:1", "only fault"),
+            ("crash:gpu:1", "faults are"),
+            ("reject:", "no program"),
+            ("reject:a:b", "faults are"),
             ("panic:gpu", "expected"),
             ("panic:gpu:0", "≥ 1"),
             ("panic::3", "no task"),
@@ -250,6 +324,7 @@ mod tests {
         .await;
         assert_eq!(out, Err("its own error".to_owned()));
         assert_eq!(policy("no-such-task", Policy::default()), Policy::default());
+        assert_eq!(reject("no_such_program"), Ok(()));
     }
 }
 

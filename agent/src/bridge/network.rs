@@ -124,6 +124,13 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
             "tcp: rtt samples {}; attribution: {}; per-peer p50 is the peer's mean RTT, p99 not kept",
             t.fidelity.rtt_sample, t.fidelity.attribution
         ));
+        if !t.fidelity.fell_back_from.is_empty() {
+            fidelity.push(format!(
+                "tcp: fell back to {}: {}",
+                t.fidelity.path,
+                t.fidelity.fell_back_from.join("; ")
+            ));
+        }
     }
     if let Some(u) = udp {
         hooks.push(format!("udp: {}", u.hook));

@@ -60,6 +60,7 @@ fn tcp(path: &str) -> TcpSnapshot {
             path: "sock_ops+sock_create".to_owned(),
             rtt_sample: "raw".to_owned(),
             attribution: "cgroup".to_owned(),
+            fell_back_from: Vec::new(),
         },
         ..TcpSnapshot::default()
     };
@@ -289,6 +290,27 @@ fn provenance_names_both_hooks_and_the_rtt_fidelity() {
     let p = network_provenance(Some(&tcp("/a")), Some(&udp()));
     assert_eq!(p.hook, "tcp: sock_ops+sock_create; udp: cgroup_skb");
     assert!(p.fidelity.contains("rtt samples raw"), "{}", p.fidelity);
+    assert!(!p.fidelity.contains("fell back"), "{}", p.fidelity);
+}
+
+#[test]
+fn provenance_names_the_paths_a_fallback_left_behind_and_why() {
+    let mut t = tcp("/a");
+    t.fidelity.path = "sock_ops+cgroup_skb_egress".to_owned();
+    t.fidelity.fell_back_from = vec![
+        "sock_ops+sock_create+cgroup_skb_egress failed (program `nodeward_sock_create`: x)"
+            .to_owned(),
+    ];
+    let p = network_provenance(Some(&t), None);
+    assert_eq!(p.hook, "tcp: sock_ops+cgroup_skb_egress");
+    assert!(
+        p.fidelity.contains(
+            "tcp: fell back to sock_ops+cgroup_skb_egress: sock_ops+sock_create+cgroup_skb_egress \
+             failed (program `nodeward_sock_create`: x)"
+        ),
+        "{}",
+        p.fidelity
+    );
 }
 
 #[test]

@@ -51,6 +51,8 @@ pub struct PathCheck {
     pub role: &'static str,
     /// The hook path (as the source reports it).
     pub path: String,
+    /// Paths of the `auto` chain tried before `path` that failed, each with its reason.
+    pub fell_back_from: Vec<String>,
     pub attached: bool,
     pub error: Option<String>,
     /// What was generated (packets, exchanges, connections), and what the kernel maps counted.
@@ -116,6 +118,9 @@ impl Report {
                 p.observed,
                 p.rule
             );
+            for f in &p.fell_back_from {
+                let _ = writeln!(s, "      fell back from {f}");
+            }
             if let Some(e) = &p.error {
                 let _ = writeln!(s, "      {e}");
             }
@@ -205,11 +210,17 @@ fn tcp_check(
     attribution: tcp::Attribution,
     role: &'static str,
 ) -> Result<PathCheck, String> {
-    let (root, plan) = tcp::plan(caps, attribution).map_err(|e| e.to_string())?;
+    // `auto` falls back along the chain as the daemon does; a forced path is tried alone.
+    let mut paths = tcp::chain(caps, attribution).map_err(|e| e.to_string())?;
+    for (_, plan) in &mut paths {
+        plan.proc_root.clone_from(&config.paths.proc_root);
+    }
+    let first_path = paths.first().map(|(_, p)| p.path()).unwrap_or("none");
     let mut check = PathCheck {
         source: tcp::NAME,
         role,
-        path: String::new(),
+        path: first_path.to_owned(),
+        fell_back_from: Vec::new(),
         attached: false,
         error: None,
         generated: TCP_CONNECTIONS * TCP_EXCHANGES,
@@ -217,7 +228,16 @@ fn tcp_check(
         rule: "RTT samples in the child cgroup >= request/response exchanges",
         passed: false,
     };
+    let (mut collector, plan) =
+        match tcp::Collector::attach_chain(paths, &config.tcp, config.agent.tick) {
+            Ok((c, _, plan)) => (c, plan),
+            Err(e) => {
+                check.error = Some(describe_error(&e));
+                return Ok(check);
+            }
+        };
     check.path = plan.path().to_owned();
+    check.fell_back_from = collector.fell_back_from().to_vec();
     if plan.recorder == tcp::Recorder::SockDiag {
         check.generated = TCP_CONNECTIONS;
         check.rule = "sockets polled in the child cgroup >= connections held open";
@@ -229,13 +249,6 @@ fn tcp_check(
             "RTT samples on the node >= request/response exchanges"
         };
     }
-    let mut collector = match tcp::Collector::attach(&root, &config.tcp, &plan, config.agent.tick) {
-        Ok(c) => c,
-        Err(e) => {
-            check.error = Some(describe_error(&e));
-            return Ok(check);
-        }
-    };
     check.attached = true;
     if let Err(e) = collector.tick() {
         check.error = Some(format!("baseline read: {e}"));
@@ -273,6 +286,7 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         source: udp::NAME,
         role: "chosen",
         path: udp::HOOK.to_owned(),
+        fell_back_from: Vec::new(),
         attached: false,
         error: None,
         generated: RTP_PACKETS,
@@ -329,6 +343,7 @@ fn tcp_state_check(config: &Config, cgroup: Option<&ChildCgroup>) -> PathCheck {
         source: "ebpf/tcp_state",
         role: "chosen",
         path: "tracepoint sock:inet_sock_set_state".to_owned(),
+        fell_back_from: Vec::new(),
         attached: false,
         error: None,
         generated: TCP_CONNECTIONS,
@@ -409,7 +424,6 @@ pub fn run(config: &Config) -> Result<Report, String> {
     } else {
         tcp::Attribution::SockDiag
     };
-    let chosen_path = tcp::plan(&caps, chosen).ok().map(|(_, p)| p.path());
     match tcp_check(config, &caps, cgroup, chosen, "chosen") {
         Ok(p) => paths.push(p),
         // No path at all (not even sock_diag): the chosen TCP path fails.
@@ -417,6 +431,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
             source: tcp::NAME,
             role: "chosen",
             path: "none".to_owned(),
+            fell_back_from: Vec::new(),
             attached: false,
             error: Some(reason),
             generated: 0,
@@ -425,6 +440,8 @@ pub fn run(config: &Config) -> Result<Report, String> {
             passed: false,
         }),
     }
+    // Where `auto` landed, after any run-time fallback.
+    let chosen_path = paths.last().map(|p| p.path.clone());
     // The fallback chain, each link forced on, in the order `auto` would fall to them.
     for attribution in [
         tcp::Attribution::SockCreate,
@@ -436,7 +453,8 @@ pub fn run(config: &Config) -> Result<Report, String> {
     .filter(|a| *a != chosen)
     {
         // `auto` may have landed on this very path already.
-        let same = tcp::plan(&caps, attribution).is_ok_and(|(_, p)| Some(p.path()) == chosen_path);
+        let same = tcp::plan(&caps, attribution)
+            .is_ok_and(|(_, p)| chosen_path.as_deref() == Some(p.path()));
         if same {
             continue;
         }

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    diag, ensure_cgroup2, plan, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
+    chain, diag, ensure_cgroup2, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
 };
 use crate::{config::Config, probe::Capabilities};
 
@@ -25,6 +25,31 @@ pub struct Collector {
     input: Input,
     tracker: window::Tracker,
     paths: crate::sources::cgroup_path::CgroupPaths,
+    /// Paths of the chain that failed before this one attached, each as `path: reason`.
+    fell_back_from: Vec<String>,
+}
+
+/// Lines of a load error kept in the log and the fidelity: its first lines (the error, the
+/// start of the verifier log) and its last (where the verifier states the reason).
+const ERROR_HEAD: usize = 3;
+const ERROR_TAIL: usize = 4;
+
+/// A load or attach error cut to what a log line can carry: the first and last lines of a
+/// verifier log, joined with ` | `.
+fn brief(e: &TcpError) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.len() <= ERROR_HEAD + ERROR_TAIL {
+        return lines.join(" | ");
+    }
+    let mut out = lines[..ERROR_HEAD].to_vec();
+    out.push("…");
+    out.extend(&lines[lines.len() - ERROR_TAIL..]);
+    out.join(" | ")
 }
 
 impl Collector {
@@ -55,7 +80,45 @@ impl Collector {
             paths: crate::sources::cgroup_path::CgroupPaths::new(
                 (plan.recorder != Recorder::Netns).then(|| cgroup_root.to_path_buf()),
             ),
+            fell_back_from: Vec::new(),
         })
+    }
+
+    /// Attaches the first path of `chain` that loads and attaches. A path that fails is
+    /// logged at WARN (path, program, error) and everything it attached is dropped before
+    /// the next is tried; the failures are kept for the snapshot's fidelity. The last
+    /// failure is returned when every path fails.
+    pub fn attach_chain(
+        chain: Vec<(std::path::PathBuf, Plan)>,
+        config: &TcpConfig,
+        tick: Duration,
+    ) -> Result<(Self, std::path::PathBuf, Plan), TcpError> {
+        let mut failed = Vec::new();
+        let mut last = None;
+        let total = chain.len();
+        for (i, (root, plan)) in chain.into_iter().enumerate() {
+            match Self::attach(&root, config, &plan, tick) {
+                Ok(mut collector) => {
+                    collector.fell_back_from = failed;
+                    return Ok((collector, root, plan));
+                }
+                Err(e) => {
+                    let reason = brief(&e);
+                    let program = e.program().unwrap_or("-");
+                    if i + 1 < total {
+                        tracing::warn!(path = plan.path(), program, error = %reason, "TCP hook path failed to load or attach; its programs are dropped and the next path of the chain is tried");
+                    }
+                    failed.push(format!("{} failed ({reason})", plan.path()));
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(TcpError::Missing("a hook path to try")))
+    }
+
+    /// The paths that failed before this one attached, each with its reason.
+    pub fn fell_back_from(&self) -> &[String] {
+        &self.fell_back_from
     }
 
     /// Entries in the kernel maps (flows, cgroups, histogram) and the tracker's own sizes.
@@ -76,7 +139,11 @@ impl Collector {
         let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
         self.paths.next_tick(&live);
         let paths = &mut self.paths;
-        let (snapshot, cleanup) = self.tracker.update(raw, &mut |id| paths.resolve(id));
+        let (mut snapshot, cleanup) = self.tracker.update(raw, &mut |id| paths.resolve(id));
+        snapshot
+            .fidelity
+            .fell_back_from
+            .clone_from(&self.fell_back_from);
         match &mut self.input {
             Input::Ebpf(r) => r.clean(&cleanup)?,
             Input::Diag(p) => p.clean(&cleanup),
@@ -104,10 +171,14 @@ impl Source {
         } else {
             super::Attribution::SockDiag
         };
-        let (root, mut plan) = plan(caps, attribution)?;
-        plan.proc_root.clone_from(&config.paths.proc_root);
-        let collector = Collector::attach(&root, &config.tcp, &plan, config.agent.tick)?;
-        tracing::info!(path = plan.path(), cgroup_root = %root.display(), "TCP latency source started");
+        // `auto`: the chosen path, then its fallbacks; a configured path alone.
+        let mut paths = chain(caps, attribution)?;
+        for (_, plan) in &mut paths {
+            plan.proc_root.clone_from(&config.paths.proc_root);
+        }
+        let (collector, root, plan) =
+            Collector::attach_chain(paths, &config.tcp, config.agent.tick)?;
+        tracing::info!(path = plan.path(), cgroup_root = %root.display(), fell_back_from = ?collector.fell_back_from(), "TCP latency source started");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((
             Self {
@@ -140,5 +211,28 @@ impl Source {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_verifier_log_is_cut_to_its_first_and_last_lines_on_one_line() {
+        let log: String = (0..30).map(|i| format!("{i}: insn\n")).collect();
+        let e = TcpError::Reader(reader::ReaderError::Refused {
+            name: reader::SOCK_CREATE,
+            reason: format!("verifier said:\n{log}"),
+        });
+        assert_eq!(e.program(), Some(reader::SOCK_CREATE));
+        assert_eq!(
+            brief(&e),
+            "program `nodeward_sock_create`: verifier said: | 0: insn | 1: insn | … | 26: insn \
+             | 27: insn | 28: insn | 29: insn"
+        );
+        let short = TcpError::Missing("x");
+        assert_eq!(short.program(), None);
+        assert!(!brief(&short).contains('…'));
     }
 }

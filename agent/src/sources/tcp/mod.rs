@@ -17,6 +17,12 @@
 //!    each tick (`diag.rs`), one smoothed-RTT sample per socket per tick.
 //! 5. Not root: the source reports itself unavailable with the reason.
 //!
+//! With `auto`, the probe only says which paths the kernel should run; the verifier and the
+//! attachment have the last word. When a program of the chosen path is rejected (or fails to
+//! attach), [`Collector::attach_chain`] drops what that path attached and tries the next path
+//! of [`chain`], down to sock_diag; the paths that failed, with their reasons, are reported in
+//! the snapshot's fidelity. A path named in the config is tried alone.
+//!
 //! The kernel aggregates (per-CPU, per-cgroup histograms and counters; per-flow state in an LRU
 //! map); this task reads the maps every `agent.tick`, keeps sliding windows, and publishes a
 //! [`TcpSnapshot`] on a `watch` channel for the API.
@@ -83,6 +89,18 @@ impl Plan {
         }
     }
 
+    /// The eBPF programs this path loads, in the order they are loaded.
+    pub fn programs(&self) -> &'static [&'static str] {
+        use reader::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
+        match self.recorder {
+            Recorder::SockCreate => &[SOCK_CREATE, SOCK_OPS],
+            Recorder::SockCreateAndEgress => &[TAG_EGRESS, SOCK_CREATE, SOCK_OPS],
+            Recorder::Egress => &[TAG_EGRESS, SOCK_OPS],
+            Recorder::Netns => &[SOCK_OPS],
+            Recorder::SockDiag => &[],
+        }
+    }
+
     /// What the snapshot's ids are.
     pub fn attribution(&self) -> &'static str {
         match self.recorder {
@@ -113,6 +131,16 @@ pub enum TcpError {
     Reader(#[from] reader::ReaderError),
 }
 
+impl TcpError {
+    /// The eBPF program whose load or attachment failed, if one did.
+    pub fn program(&self) -> Option<&'static str> {
+        match self {
+            Self::Reader(e) => e.program(),
+            _ => None,
+        }
+    }
+}
+
 fn has_helper(caps: &Capabilities, name: &str) -> bool {
     caps.helpers.get(name).is_some_and(|f| f.available)
 }
@@ -134,6 +162,41 @@ pub fn plan(
         }
         other => other,
     }
+}
+
+/// The paths to try in order: with `auto`, the one [`plan`] picks, then every later path of
+/// the chain sock_create+egress → sock_create → egress → netns cookies → sock_diag that the
+/// probe allows on this node; any other attribution, its own path alone.
+pub fn chain(
+    caps: &Capabilities,
+    attribution: Attribution,
+) -> Result<Vec<(std::path::PathBuf, Plan)>, TcpError> {
+    let first = plan(caps, attribution)?;
+    if attribution != Attribution::Auto {
+        return Ok(vec![first]);
+    }
+    let rank = |r: Recorder| match r {
+        Recorder::SockCreateAndEgress => 0,
+        Recorder::SockCreate => 1,
+        Recorder::Egress => 2,
+        Recorder::Netns => 3,
+        Recorder::SockDiag => 4,
+    };
+    let after = rank(first.1.recorder);
+    let mut out = vec![first];
+    for next in [
+        Attribution::SockCreate,
+        Attribution::Egress,
+        Attribution::Netns,
+        Attribution::SockDiag,
+    ] {
+        // A path the probe rules out is no fallback (the reason was logged by `plan` for auto).
+        let Ok(p) = plan(caps, next) else { continue };
+        if rank(p.1.recorder) > after && out.iter().all(|(_, q)| q.path() != p.1.path()) {
+            out.push(p);
+        }
+    }
+    Ok(out)
 }
 
 fn sock_diag_plan(caps: &Capabilities) -> Result<(std::path::PathBuf, Plan), TcpError> {
@@ -318,6 +381,69 @@ mod tests {
         let (_, p) = plan(&old, Attribution::Auto).expect("plan");
         assert_eq!(p.path(), "sock_ops+cgroup_skb_egress");
         assert!(!p.count_foreign_context);
+    }
+
+    fn paths(chain: &[(std::path::PathBuf, Plan)]) -> Vec<&'static str> {
+        chain.iter().map(|(_, p)| p.path()).collect()
+    }
+
+    #[test]
+    fn the_auto_chain_runs_from_the_chosen_path_down_to_sock_diag_in_order() {
+        let all = [
+            SOCK_OPS,
+            CREATE[0],
+            CREATE[1],
+            EGRESS[0],
+            EGRESS[1],
+            "sock_ops/get_netns_cookie",
+        ];
+        let full = caps(&all);
+        assert_eq!(
+            paths(&chain(&full, Attribution::Auto).expect("chain")),
+            [
+                "sock_ops+sock_create+cgroup_skb_egress",
+                "sock_ops+sock_create",
+                "sock_ops+cgroup_skb_egress",
+                "sock_ops+netns_cookie",
+                "sock_diag_poll",
+            ]
+        );
+        // 5.10-like: no sock_create storage, no netns cookie: the paths the probe rules out
+        // are left out, never tried.
+        let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);
+        assert_eq!(
+            paths(&chain(&old, Attribution::Auto).expect("chain")),
+            ["sock_ops+cgroup_skb_egress", "sock_diag_poll"]
+        );
+        // cgroup v1: netns cookies on a mounted cgroup2, then sock_diag.
+        let mut v1 = caps(&all);
+        v1.cgroup = CgroupLayout::V1;
+        let v1_chain = chain(&v1, Attribution::Auto).expect("chain");
+        assert_eq!(
+            paths(&v1_chain),
+            ["sock_ops+netns_cookie", "sock_diag_poll"]
+        );
+        assert!(v1_chain[0].1.mount_cgroup2);
+        // Each path names the programs it loads; a later path never needs more of them.
+        assert_eq!(
+            chain(&full, Attribution::Auto).expect("chain")[2]
+                .1
+                .programs(),
+            [reader::TAG_EGRESS, reader::SOCK_OPS]
+        );
+    }
+
+    #[test]
+    fn a_configured_path_is_its_own_chain_without_fallback() {
+        let all = [SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]];
+        for (a, path) in [
+            (Attribution::SockCreate, "sock_ops+sock_create"),
+            (Attribution::Egress, "sock_ops+cgroup_skb_egress"),
+            (Attribution::SockDiag, "sock_diag_poll"),
+        ] {
+            assert_eq!(paths(&chain(&caps(&all), a).expect("chain")), [path]);
+        }
+        assert!(chain(&caps(&[]), Attribution::Egress).is_err());
     }
 
     #[test]

@@ -23,9 +23,9 @@ use super::{
     Plan, Recorder,
 };
 
-const SOCK_CREATE: &str = "nodeward_sock_create";
-const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
-const SOCK_OPS: &str = "nodeward_tcp_sockops";
+pub const SOCK_CREATE: &str = "nodeward_sock_create";
+pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
+pub const SOCK_OPS: &str = "nodeward_tcp_sockops";
 const STATS: &str = "TCP_CGROUP_STATS";
 const HIST: &str = "TCP_RTT_HIST";
 const FLOWS: &str = "TCP_FLOWS";
@@ -54,6 +54,28 @@ pub enum ReaderError {
         name: &'static str,
         source: MapError,
     },
+    /// A load refused before the kernel was asked (fault injection, debug builds).
+    #[error("program `{name}`: {reason}")]
+    Refused { name: &'static str, reason: String },
+}
+
+impl ReaderError {
+    /// The program whose load or attachment failed, if one did.
+    pub fn program(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingProgram(name)
+            | Self::Program { name, .. }
+            | Self::Refused { name, .. } => Some(name),
+            Self::CgroupRoot { .. } | Self::Object(_) | Self::MissingMap(_) | Self::Map { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// Asks the fault-injection hook whether `name` may be loaded (always yes in release builds).
+fn may_load(name: &'static str) -> Result<(), ReaderError> {
+    crate::fault::reject(name).map_err(|reason| ReaderError::Refused { name, reason })
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> ReaderError {
@@ -117,6 +139,7 @@ impl Reader {
                 .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
                 .try_into()
                 .map_err(prog_err(TAG_EGRESS))?;
+            may_load(TAG_EGRESS)?;
             tag.load().map_err(prog_err(TAG_EGRESS))?;
             tag.attach(&root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                 .map_err(prog_err(TAG_EGRESS))?;
@@ -127,6 +150,7 @@ impl Reader {
                 .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
                 .try_into()
                 .map_err(prog_err(SOCK_CREATE))?;
+            may_load(SOCK_CREATE)?;
             prog.load().map_err(prog_err(SOCK_CREATE))?;
             prog.attach(&root, CgroupAttachMode::Single)
                 .map_err(prog_err(SOCK_CREATE))?;
@@ -136,6 +160,7 @@ impl Reader {
             .ok_or(ReaderError::MissingProgram(SOCK_OPS))?
             .try_into()
             .map_err(prog_err(SOCK_OPS))?;
+        may_load(SOCK_OPS)?;
         ops.load().map_err(prog_err(SOCK_OPS))?;
         ops.attach(&root, CgroupAttachMode::Single)
             .map_err(prog_err(SOCK_OPS))?;

@@ -38,6 +38,9 @@ pub struct Fidelity {
     /// How samples are attributed to containers, and so what the ids in `containers` are
     /// (cgroup v2 ids, or network-namespace cookies on cgroup-v1 hosts).
     pub attribution: String,
+    /// Paths of the `auto` chain that were tried first and failed to load or attach, each as
+    /// `<path> failed (<reason>)`; empty when the first path attached.
+    pub fell_back_from: Vec<String>,
 }
 
 impl Fidelity {
@@ -63,6 +66,7 @@ impl Fidelity {
             path: path.to_owned(),
             rtt_sample: rtt_sample.to_owned(),
             attribution: attribution.to_owned(),
+            fell_back_from: Vec::new(),
         }
     }
 }
