@@ -539,6 +539,17 @@ fn the_agent_reports_nvml_failing_as_a_whole_then_available_again() {
     let base = "devices = 2\nrecord_calls = 1\nall.temp = 40\n";
     fake.script(base);
     let mut agent = Agent::start(&fake);
+    // SourceLost is for a source the health engine saw reporting: wait until an evaluation has
+    // taken the GPU source's first report in, or the failure below can beat it.
+    let seen = wait_for(WAIT, || {
+        let status = agent.ask("status");
+        let sources = status["health"]["sources"].as_array().cloned()?;
+        sources
+            .iter()
+            .any(|s| s["name"] == "gpu" && s["state"] == "SOURCE_STATE_REPORTING")
+            .then_some(())
+    });
+    assert!(seen.is_some(), "the health engine never saw the GPU source report");
     let started = fake.calls();
     fake.script("devices = ERR:999\nrecord_calls = 1\n");
     let m = agent.metrics_until("the source degraded and re-initialising", |m| {

@@ -131,7 +131,11 @@ fn lost_sources(
             SourceStatus::Reporting { .. } => {
                 reported.insert(*kind);
             }
-            SourceStatus::Unavailable { reason } if reported.contains(kind) => {
+            // The store keeps a source's last data, so a report made and lost between two
+            // evaluations still counts as reported.
+            SourceStatus::Unavailable { reason }
+                if reported.contains(kind) || snapshot.has_published(*kind) =>
+            {
                 out.push(Observation {
                     kind: "SourceLost",
                     reason: "BecameUnavailable",

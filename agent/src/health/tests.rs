@@ -189,6 +189,28 @@ fn a_source_that_reported_and_became_unavailable_is_a_warning() {
 }
 
 #[test]
+fn a_source_lost_before_the_engine_saw_it_report_is_still_a_warning() {
+    // The report and the failure both fall between two evaluations.
+    let store = Store::new();
+    store.register(SourceKind::Node);
+    store.register(SourceKind::Gpu);
+    store.publish_node(at(0), prov("procfs"), NodeStats::default());
+    let mut engine = Engine::new(cfg());
+    engine.evaluate(&store.snapshot(), at(0));
+    store.publish_gpus(at(1), prov("nvml"), GpuSnapshot::default());
+    store.mark_unavailable(SourceKind::Gpu, "GPU source degraded: NVML gone");
+    store.publish_node(at(1), prov("procfs"), NodeStats::default());
+    let r = engine.evaluate(&store.snapshot(), at(1));
+    assert_eq!(r.verdict, Verdict::Degraded);
+    let lost = r
+        .conditions
+        .iter()
+        .find(|c| c.kind == "SourceLost")
+        .expect("SourceLost");
+    assert_eq!(lost.subject, "gpu");
+}
+
+#[test]
 fn high_p99_rtt_fires_only_after_the_hold_time_then_recovers_after_the_recovery_time() {
     let store = Store::new();
     store.register(SourceKind::Network);

@@ -95,6 +95,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Whether the source has published data in this run (kept when it later becomes
+    /// unavailable, so a source that reported and fell away can be told from one that never ran).
+    pub fn has_published(&self, kind: SourceKind) -> bool {
+        match kind {
+            SourceKind::Network => self.network.is_some(),
+            SourceKind::Cgroup => self.cgroups.is_some(),
+            SourceKind::Node => self.node.is_some(),
+            SourceKind::Gpu => self.gpus.is_some(),
+        }
+    }
+
     /// Time of the source's latest report, if it reported.
     pub fn reported_at(&self, kind: SourceKind) -> Option<SystemTime> {
         match self.sources.get(&kind) {
