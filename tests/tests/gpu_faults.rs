@@ -549,7 +549,10 @@ fn the_agent_reports_nvml_failing_as_a_whole_then_available_again() {
             .any(|s| s["name"] == "gpu" && s["state"] == "SOURCE_STATE_REPORTING")
             .then_some(())
     });
-    assert!(seen.is_some(), "the health engine never saw the GPU source report");
+    assert!(
+        seen.is_some(),
+        "the health engine never saw the GPU source report"
+    );
     let started = fake.calls();
     fake.script("devices = ERR:999\nrecord_calls = 1\n");
     let m = agent.metrics_until("the source degraded and re-initialising", |m| {

@@ -38,6 +38,7 @@ struct Tally {
 /// Runs `cmd`, echoing its output, and adds up libtest's `test result:` lines.
 fn run_tests(what: &str, cmd: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
     say(&format!("{what}: {cmd:?}"));
+    let failed_before = tally.failed;
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -62,7 +63,17 @@ fn run_tests(what: &str, cmd: &mut Command, tally: &mut Tally) -> anyhow::Result
             }
         }
     }
-    Ok(child.wait()?.success())
+    let status = child.wait()?;
+    if !status.success() && tally.failed == failed_before {
+        // No test reported failing, yet the run failed: a test binary did not build, crashed
+        // (signal, abort, stack overflow) or was killed. Count it, so the summary says so.
+        say(&format!(
+            "{what}: FAILED: cargo exited with {status} although no test reported failing \
+             (a test binary did not build or crashed; cargo's error is above)"
+        ));
+        tally.failed += 1;
+    }
+    Ok(status.success())
 }
 
 /// What the supply-chain checks gave: each `cargo deny check` counts as one test.
@@ -207,6 +218,7 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
             if clippy.success() { "clean" } else { "FAILED" }
         ));
         ok &= fmt.success() && clippy.success();
+        tally.failed += u64::from(!fmt.success()) + u64::from(!clippy.success());
     }
 
     // A skipped test returned early and libtest counted it as passed: count it as skipped.
