@@ -30,9 +30,8 @@ agent is under; and idle with 100 and 1,000 containers: real cgroups named as th
 systemd driver names them (burstable pods, two containers each), created in the host's cgroup \
 v2 hierarchy and in the v1 controllers the agent reads on this hybrid host, with no process in \
 them, so the agent discovers them and reads the kernel's stat files every tick. The count \
-`nodeward containers` lists is shown: the agent's scan finds the containers (its debug log says \
-so), but this build lists none over the API, because nothing publishes the cgroup source's \
-snapshot to the store yet (`Store::publish_cgroups` is called only by tests). The CPU of the \
+`nodeward containers` lists over the API is shown, so a row where the agent missed containers \
+says so. The CPU of the \
 agent's eBPF programs is shown apart: the kernel charges it to whichever task or softirq ran \
 them, not to the agent's process. No baseline: this is the agent's own cost.";
 
