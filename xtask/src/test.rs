@@ -101,6 +101,19 @@ fn supply_chain() -> anyhow::Result<Checks> {
             checks.failed += 1;
         }
     };
+    // `cargo deny` reads `cargo metadata` for every platform, so it needs the sources of crates
+    // this machine never builds (Windows-only ones); a fresh cargo cache lacks them and the
+    // checks run `--offline`. Fetch them first (crates.io only, pinned by the lock file).
+    say("supply chain: fetching the sources of every locked crate, all platforms (cargo fetch --locked)");
+    let fetched = cargo()
+        .args(["fetch", "--locked"])
+        .status()
+        .context("cargo fetch")?;
+    if !fetched.success() {
+        say(&format!(
+            "supply chain: cargo fetch --locked failed ({fetched}); the checks below will say what is missing"
+        ));
+    }
     for what in ["licenses", "bans", "sources"] {
         let status = cargo()
             .args(["deny", "--offline", "check", "--hide-inclusion-graph", what])
