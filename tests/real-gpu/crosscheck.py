@@ -208,6 +208,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodeward", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--poll-samples", type=int, default=20, help="ticks of the daemon's GPU poll time to read")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     nodeward = os.path.abspath(args.nodeward)
@@ -245,7 +246,7 @@ def main():
         else:
             time.sleep(3)  # let utilisation, clocks and power settle
             phase("load", load.pid)
-        agent_phase(nodeward, args.out, handles)
+        agent_phase(nodeward, args.out, handles, args.poll_samples)
     finally:
         if load:
             load.kill()
@@ -260,7 +261,7 @@ def main():
     sys.exit(1 if fails else 0)
 
 
-def agent_phase(nodeward, out, handles):
+def agent_phase(nodeward, out, handles, poll_samples):
     """The daemon: the GPU through the API (`nodeward gpus --json`) and /metrics."""
     sock = "/tmp/nodeward-xcheck/nodeward.sock"
     os.makedirs(os.path.dirname(sock), exist_ok=True)
@@ -295,6 +296,20 @@ def agent_phase(nodeward, out, handles):
             if m.startswith("nodeward_gpu_temperature") and uuid in m:
                 got = float(m.rsplit(" ", 1)[1])
                 check(abs(got - temp) <= 3, "[agent] /metrics temperature", f"{got} vs NVML {temp}")
+        # The daemon's own poll time, once per tick for a while (INFO: a figure, not a check).
+        polls = []
+        for _ in range(poll_samples):
+            try:
+                text = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=5).read().decode()
+                for m in text.splitlines():
+                    if m.startswith("nodeward_gpu_poll_duration_seconds "):
+                        polls.append(float(m.split()[1]) * 1000)
+            except OSError:
+                pass
+            time.sleep(1.0)
+        if polls:
+            polls.sort()
+            line("INFO", "[agent] GPU poll time, ms", f"{len(polls)} ticks: min {polls[0]:.2f}, median {polls[len(polls) // 2]:.2f}, max {polls[-1]:.2f}")
         with open(os.path.join(out, "agent.txt"), "w") as f:
             f.write((reply or "") + "\n\n" + "\n".join(gpu_lines) + "\n")
     finally:
