@@ -27,6 +27,7 @@ import urllib.request
 import pynvml as N
 
 REPORT = []
+METRICS_ADDR = "127.0.0.1:19464"
 
 
 def line(kind, what, detail=""):
@@ -261,6 +262,10 @@ def main():
     sys.exit(1 if fails else 0)
 
 
+def scrape():
+    return urllib.request.urlopen(f"http://{METRICS_ADDR}/metrics", timeout=5).read().decode()
+
+
 def agent_phase(nodeward, out, handles, poll_samples):
     """The daemon: the GPU through the API (`nodeward gpus --json`) and /metrics."""
     sock = "/tmp/nodeward-xcheck/nodeward.sock"
@@ -268,7 +273,7 @@ def agent_phase(nodeward, out, handles, poll_samples):
     log = open(os.path.join(out, "agent.log"), "w")
     agent = subprocess.Popen(
         [nodeward, "--set", f"api.unix_socket={sock}", "--set", "api.tcp_listen=127.0.0.1:50551",
-         "--set", "metrics.listen=127.0.0.1:19464", "--set", "agent.tick=1s", "run"],
+         "--set", f"metrics.listen={METRICS_ADDR}", "--set", "agent.tick=1s", "run"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -286,7 +291,7 @@ def agent_phase(nodeward, out, handles, poll_samples):
             check(uuid in reply, "[agent] the API names GPU 0 by its NVML UUID", uuid)
         metrics = ""
         try:
-            metrics = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=5).read().decode()
+            metrics = scrape()
         except OSError as e:
             line("FAIL", "[agent] /metrics", str(e))
         gpu_lines = [m for m in metrics.splitlines() if m.startswith("nodeward_gpu")]
@@ -300,8 +305,7 @@ def agent_phase(nodeward, out, handles, poll_samples):
         polls = []
         for _ in range(poll_samples):
             try:
-                text = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=5).read().decode()
-                for m in text.splitlines():
+                for m in scrape().splitlines():
                     if m.startswith("nodeward_gpu_poll_duration_seconds "):
                         polls.append(float(m.split()[1]) * 1000)
             except OSError:

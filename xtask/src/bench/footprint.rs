@@ -31,9 +31,8 @@ systemd driver names them (burstable pods, two containers each), created in the 
 v2 hierarchy and in the v1 controllers the agent reads on this hybrid host, with no process in \
 them, so the agent discovers them and reads the kernel's stat files every tick. The count \
 `nodeward containers` lists over the API is shown, so a row where the agent missed containers \
-says so. The CPU of the \
-agent's eBPF programs is shown apart: the kernel charges it to whichever task or softirq ran \
-them, not to the agent's process. No baseline: this is the agent's own cost.";
+says so. The CPU of the agent's eBPF programs is shown apart: the kernel charges it to whichever \
+task or softirq ran them, not to the agent's process. No baseline: this is the agent's own cost.";
 
 const SCENARIO: &str = "Agent footprint";
 const SOCKOPS: &str = "nodeward_tcp_sockops";
