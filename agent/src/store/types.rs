@@ -85,6 +85,38 @@ pub struct PeerNetwork {
     pub retransmits: u64,
 }
 
+/// One container's network counters since the agent started: what Prometheus `rate()` and
+/// `histogram_quantile()` need. They only grow while the agent runs; a source that restarts
+/// with fresh kernel maps carries its old totals forward so that nothing here goes backwards.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetworkTotals {
+    /// TCP RTT samples at the kernel's histogram resolution.
+    pub rtt: RttHistogram,
+    /// TCP segments retransmitted and sent.
+    pub tcp_retransmits: u64,
+    pub tcp_segments_out: u64,
+    /// TCP connections that reached ESTABLISHED (connect or accept), and that closed.
+    pub tcp_connections_opened: u64,
+    pub tcp_connections_closed: u64,
+    /// RTP packets received, and lost (sequence-number gaps).
+    pub rtp_packets: u64,
+    pub rtp_lost: u64,
+}
+
+/// A cumulative RTT distribution: sparse, non-cumulative bucket counts at the resolution of the
+/// kernel's log-linear histogram (`agent_ebpf::tcp::bucket_bounds`), ascending by upper bound.
+/// The exporter folds them into Prometheus `le` buckets whose bounds are kernel bucket edges,
+/// so the folding adds no error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RttHistogram {
+    /// (exclusive upper bound in microseconds, samples in that bucket), ascending.
+    pub buckets: Vec<(u64, u64)>,
+    /// Samples in all buckets.
+    pub count: u64,
+    /// Sum of the samples, in microseconds.
+    pub sum_us: u64,
+}
+
 /// One container's network summary.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerNetwork {
@@ -96,6 +128,8 @@ pub struct ContainerNetwork {
     /// Live streams right now (oldest first).
     pub streams: Vec<LiveStream>,
     pub peers: Vec<PeerNetwork>,
+    /// Counters since the agent started (what /metrics exports as `_total` and `_bucket`).
+    pub totals: NetworkTotals,
 }
 
 impl ContainerNetwork {
