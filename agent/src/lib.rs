@@ -23,7 +23,6 @@ pub mod reload;
 pub mod sources;
 pub mod store;
 pub mod supervise;
-pub mod tracefs;
 pub mod verify;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.

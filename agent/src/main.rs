@@ -152,9 +152,6 @@ fn run(config: config::Config, reloader: nodeward::reload::Reloader) -> ExitCode
         eprintln!("nodeward: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if let Err(e) = nodeward::tracefs::locate_or_mount(&config.paths.tracefs) {
-        tracing::warn!(error = %e, "tracefs unavailable: tracepoint programs cannot attach");
-    }
     let caps = Capabilities::probe(&config.paths);
     for line in caps.summary().lines() {
         tracing::info!(target: "nodeward::probe", "{line}");

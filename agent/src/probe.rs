@@ -15,7 +15,23 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::{config::PathsConfig, tracefs};
+use crate::config::PathsConfig;
+
+/// Where tracefs is mounted: `configured` if it is non-empty, else the usual two places. The
+/// probe only reports it (kprobes, tracepoints); no program the agent attaches goes through
+/// tracefs, so nothing mounts it.
+fn locate_tracefs(configured: &Path) -> Option<PathBuf> {
+    if !configured.as_os_str().is_empty() {
+        return configured
+            .join("events")
+            .is_dir()
+            .then(|| configured.to_path_buf());
+    }
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+}
 
 /// How cgroups are mounted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -175,7 +191,7 @@ impl Capabilities {
             Ok(m) => Feature::yes(format!("{} ({} KiB)", paths.btf.display(), m.len() / 1024)),
             Err(e) => Feature::no(format!("{}: {e}", paths.btf.display())),
         };
-        let tracefs = tracefs::locate(&paths.tracefs).ok();
+        let tracefs = locate_tracefs(&paths.tracefs);
         let kprobes = match &tracefs {
             Some(t) if t.join("kprobe_events").exists() => Feature::yes("kprobe_events present"),
             Some(_) => {
