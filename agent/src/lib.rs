@@ -5,7 +5,6 @@
 //! them together, and the integration tests in `tests/` drive the same parts directly.
 
 pub mod api;
-pub mod bench;
 pub mod bridge;
 pub mod cli;
 pub mod client;

@@ -61,13 +61,6 @@ fn main() -> ExitCode {
         Command::GpuCheck { json, events } => {
             nodeward::sources::gpu::check::main(&config, json, events)
         }
-        Command::BenchScan(args) => nodeward::bench::scan(&config, &args),
-        Command::BenchApi(args) => nodeward::bench::api(&config.api.unix_socket, &args),
-        Command::BenchWatch(args) => nodeward::bench::watch(&config.api.unix_socket, &args),
-        Command::BenchRr(args) => nodeward::bench::load::rr(&args),
-        Command::BenchLoadApi(args) => {
-            nodeward::bench::load::load_api(&config.api.unix_socket, &args)
-        }
         Command::Run => {
             let reloader = nodeward::reload::Reloader::new(
                 cli.config.config.clone(),

@@ -8,9 +8,7 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{
-    agent_binary, bpf_objects_of, bpftool_has, require_root, skip, wait_for,
-};
+use nodeward_tests::{agent_binary, bpf_objects_of, bpftool_has, require_root, skip, wait_for};
 
 /// Tests in this file count the agent's programs in the kernel; they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -168,7 +168,6 @@ proptest! {
 
     #[test]
     fn no_kernel_text_parser_panics_on_any_input(text in prop_oneof![kernelish(), "\\PC*"]) {
-        let _ = Format::parse(&text);
         let _ = parse::u64_value(&text);
         let _ = parse::limit(&text);
         let _ = parse::keyed(&text).count();
