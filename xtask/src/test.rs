@@ -215,6 +215,12 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
         "building nodeward (the integration tests start the binary)",
         cargo().args(["build", "-p", "nodeward"]),
     )?;
+    // The shipped configuration, on its own (building it with the tests crate would unify the
+    // test-only features in): the packaging test checks it holds no bench, fixture or fault code.
+    step(
+        "building nodeward in release mode (the binary the RPM ships; a packaging test inspects it)",
+        cargo().args(["build", "--release", "-p", "nodeward"]),
+    )?;
 
     let mut tally = Tally::default();
 

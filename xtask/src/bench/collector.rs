@@ -23,7 +23,7 @@ pub const DESCRIPTION: &str = "\
 (`agent/src/containers/fixture.rs`: pure v2, systemd driver, two containers per pod, every stat \
 file) with N containers to `/dev/shm` and runs the agent's own `Scanner` on it repeatedly: \
 discovery, every container's stats, the node's stats from the real `/proc`, the rates. CPU per \
-scan is the scanning thread's user+system time (`getrusage(RUSAGE_THREAD)`); the first scan \
+scan is the scanning thread's user+system time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`); the first scan \
 also creates every container's rate history, so it is reported on its own. The RSS row puts \
 the process's resident memory after the first scan in the baseline columns and after the last \
 in the other: a ratio near 1 means memory stays flat over repeated scans. Target (issue 5): \

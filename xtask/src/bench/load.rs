@@ -123,19 +123,17 @@ impl Container {
             .arg(bin)
             .args(args)
             .stdout(Stdio::piped());
-        // SAFETY: between fork and exec; only async-signal-safe calls on memory prepared before.
+        // SAFETY: between fork and exec; only system calls (open, write, close: async-signal-
+        // safe, nothing allocated) on memory prepared before.
         unsafe {
             cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
+                use rustix::fs::{Mode, OFlags};
+                let fd =
+                    rustix::fs::open(&*procs, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+                match rustix::io::write(&fd, b"0\n")? {
+                    2 => Ok(()),
+                    _ => Err(std::io::ErrorKind::WriteZero.into()),
                 }
-                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                libc::close(fd);
-                if n != 2 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
             });
         }
         cmd.spawn().context("start nodeward-bench rr")
@@ -161,9 +159,8 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if let Ok(pids) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                crate::send_signal(pid, rustix::process::Signal::Kill);
                 let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
             }
         }

@@ -69,16 +69,10 @@ pub struct WatchArgs {
     pub hold: Duration,
 }
 
-/// This thread's user + system CPU time, in seconds.
+/// This thread's user + system CPU time, in seconds (`CLOCK_THREAD_CPUTIME_ID`).
 fn thread_cpu_seconds() -> f64 {
-    // SAFETY: rusage is plain data; getrusage only writes into it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage and a valid `who`.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-        return f64::NAN;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// Resident set size now (VmRSS), in bytes.

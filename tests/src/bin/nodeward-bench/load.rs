@@ -244,14 +244,17 @@ struct LoadApiReport {
 /// Lets this process hold more descriptors than the usual soft limit of 1,024 (the hard limit
 /// stays).
 fn raise_nofile() {
-    // SAFETY: rlimit is plain data, filled in by getrlimit.
-    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer and resource.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < r.rlim_max {
-        r.rlim_cur = r.rlim_max;
-        // SAFETY: valid pointer and resource; raising the soft limit up to the hard one is
-        // always allowed.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let r = getrlimit(Resource::Nofile);
+    if r.current < r.maximum {
+        // Raising the soft limit up to the hard one is always allowed.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: r.maximum,
+                maximum: r.maximum,
+            },
+        );
     }
 }
 
