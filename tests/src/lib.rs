@@ -46,14 +46,13 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Sends `signal` to `pid`; a process that is already gone is no error here.
-pub fn send_signal(pid: u32, signal: rustix::process::Signal) {
-    if let Some(pid) = i32::try_from(pid)
+/// Sends `signal` to `pid` (`kill(2)`).
+pub fn send_signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    Ok(rustix::process::kill_process(pid, signal)?)
 }
 
 /// Skips the calling test unless running as root. Use as `require_root!("name");`.
@@ -136,7 +135,7 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         for pid in self.pids() {
-            send_signal(pid, rustix::process::Signal::Kill);
+            let _ = send_signal(pid, rustix::process::Signal::Kill);
             let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -325,7 +324,7 @@ impl Drop for CgroupTree {
         for (root, dir) in &self.dirs {
             let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
             for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                send_signal(pid, rustix::process::Signal::Kill);
+                let _ = send_signal(pid, rustix::process::Signal::Kill);
                 let _ = std::fs::write(root.join("cgroup.procs"), format!("{pid}\n"));
             }
         }

@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, bpf_objects_of, bpftool_has, require_root, skip, wait_for};
+use nodeward_tests::{
+    agent_binary, bpf_objects_of, bpftool_has, require_root, send_signal, skip, wait_for,
+};
+use rustix::process::Signal;
 
 /// Tests in this file count the agent's programs in the kernel; they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -51,8 +54,7 @@ fn sigterm_detaches_every_program() {
         );
     }
 
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    send_signal(pid, Signal::Term).expect("SIGTERM the agent");
     let status = wait_for(Duration::from_secs(10), || agent.try_wait().ok().flatten())
         .expect("agent exits within its shutdown deadline");
     let stderr = std::io::read_to_string(agent.stderr.take().expect("stderr")).unwrap_or_default();
@@ -136,8 +138,7 @@ fn sigkill_leaves_nothing_attached_and_restart_works() {
         again.is_disjoint(&progs),
         "the restart loaded fresh programs"
     );
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    send_signal(second.id(), Signal::Term).expect("SIGTERM the agent");
     let status = wait_for(Duration::from_secs(10), || second.try_wait().ok().flatten())
         .expect("the restarted agent stops on SIGTERM");
     assert!(status.success());

@@ -34,8 +34,9 @@ use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
     api::{conn, eventually, TempDir},
-    cgroup_v2_root, is_root, process_cpu_seconds, skip, Cgroup, Netns,
+    cgroup_v2_root, is_root, process_cpu_seconds, send_signal, skip, Cgroup, Netns,
 };
+use rustix::process::Signal;
 
 const TEST: &str = "load_grpc_and_rtt_samples";
 /// The load generators (`rr`, `load-api`), built by cargo with this package's tests.
@@ -487,8 +488,7 @@ async fn load_grpc_and_rtt_samples() {
         "more samples ({samples}) than segments the namespace received ({in_segs})"
     );
 
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    send_signal(pid, Signal::Term).expect("SIGTERM the agent");
     let exit = tokio::time::timeout(Duration::from_secs(30), agent.wait())
         .await
         .expect("the agent stops within 30 s of SIGTERM")

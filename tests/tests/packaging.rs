@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, cap_number, grantable_caps, is_root, skip, wait_for};
+use nodeward_tests::{
+    agent_binary, cap_number, grantable_caps, is_root, send_signal, skip, wait_for,
+};
+use rustix::process::Signal;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/nodeward.service");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -163,8 +166,7 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
         s.read_to_string(&mut body).ok()?;
         body.contains("nodeward_source_up").then_some(body)
     });
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    send_signal(agent.id(), Signal::Term).expect("SIGTERM the agent");
     let out = agent.wait_with_output().expect("agent exits");
     let log = String::from_utf8_lossy(&out.stderr);
     let scrape = scrape.unwrap_or_else(|| panic!("no scrape; log:\n{log}"));

@@ -127,14 +127,13 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Sends `signal` to `pid`; a process that is already gone is no error here.
-pub fn send_signal(pid: u32, signal: rustix::process::Signal) {
-    if let Some(pid) = i32::try_from(pid)
+/// Sends `signal` to `pid` (`kill(2)`).
+pub fn send_signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    Ok(rustix::process::kill_process(pid, signal)?)
 }
 
 /// A command that runs `program` as root: directly when we are root, else through sudo.

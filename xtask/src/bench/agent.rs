@@ -127,7 +127,7 @@ impl Agent {
     }
 
     pub fn stop(mut self) -> anyhow::Result<()> {
-        crate::send_signal(self.child.id(), rustix::process::Signal::Term);
+        let _ = crate::send_signal(self.child.id(), rustix::process::Signal::Term);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {

@@ -160,7 +160,7 @@ impl Drop for Container {
     fn drop(&mut self) {
         if let Ok(pids) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
             for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                crate::send_signal(pid, rustix::process::Signal::Kill);
+                let _ = crate::send_signal(pid, rustix::process::Signal::Kill);
                 let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
             }
         }

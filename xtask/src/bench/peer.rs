@@ -76,7 +76,7 @@ impl Bpftrace {
 
 impl Drop for Bpftrace {
     fn drop(&mut self) {
-        crate::send_signal(self.child.id(), rustix::process::Signal::Int);
+        let _ = crate::send_signal(self.child.id(), rustix::process::Signal::Int);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
