@@ -1,15 +1,12 @@
 //! nodeward's eBPF programs, built for `bpfel-unknown-none` by `agent/build.rs` (aya-build)
 //! and embedded in the `nodeward` binary. One module per probe family.
 //!
-//! No program reads a kernel struct at a compile-time offset: Rust eBPF has no CO-RE, so
-//! tracepoint field offsets come from user space (read from the tracepoint's `format` file)
-//! and everything else goes through UAPI contexts and BPF helpers.
+//! No program reads a kernel struct at a compile-time offset: Rust eBPF has no CO-RE, so every
+//! program goes through UAPI contexts and BPF helpers.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod tcp_latency;
-#[cfg(target_arch = "bpf")]
-mod tcp_state;
 #[cfg(target_arch = "bpf")]
 mod udp_flows;
 

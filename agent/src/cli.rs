@@ -55,21 +55,6 @@ pub enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         events: std::time::Duration,
     },
-    /// Benchmark: CPU time of one cgroup scan of a fake cgroupfs (`cargo xtask bench`).
-    #[command(name = "bench-scan", hide = true)]
-    BenchScan(crate::bench::ScanArgs),
-    /// Benchmark: `GetNodeHealth` latency with concurrent callers (`cargo xtask bench`).
-    #[command(name = "bench-api", hide = true)]
-    BenchApi(crate::bench::ApiArgs),
-    /// Benchmark: hold many `WatchNodeHealth` streams open (`cargo xtask bench`).
-    #[command(name = "bench-watch", hide = true)]
-    BenchWatch(crate::bench::WatchArgs),
-    /// Benchmark: TCP request/response on loopback, counting exchanges (load test, bench).
-    #[command(name = "bench-rr", hide = true)]
-    BenchRr(crate::bench::load::RrArgs),
-    /// Benchmark: unary callers and Watch streams at once (load test, bench).
-    #[command(name = "bench-load-api", hide = true)]
-    BenchLoadApi(crate::bench::load::LoadApiArgs),
     /// Show the node's health verdict, conditions, sources and drain state (asks the agent).
     Status(crate::client::Conn),
     /// Follow the node's health: the current state, then every change and heartbeats.

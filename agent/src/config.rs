@@ -108,7 +108,9 @@ pub struct PathsConfig {
     pub proc_root: PathBuf,
     /// Kernel BTF, used by the capability probe.
     pub btf: PathBuf,
-    /// tracefs mount; empty means `/sys/kernel/tracing`, then `/sys/kernel/debug/tracing`.
+    /// tracefs mount the capability probe looks in (it reports kprobes and tracepoints; nothing
+    /// is mounted or attached there); empty means `/sys/kernel/tracing`, then
+    /// `/sys/kernel/debug/tracing`.
     pub tracefs: PathBuf,
 }
 

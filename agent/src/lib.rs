@@ -5,7 +5,6 @@
 //! them together, and the integration tests in `tests/` drive the same parts directly.
 
 pub mod api;
-pub mod bench;
 pub mod bridge;
 pub mod cli;
 pub mod client;
@@ -23,7 +22,6 @@ pub mod reload;
 pub mod sources;
 pub mod store;
 pub mod supervise;
-pub mod tracefs;
 pub mod verify;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.

@@ -61,13 +61,6 @@ fn main() -> ExitCode {
         Command::GpuCheck { json, events } => {
             nodeward::sources::gpu::check::main(&config, json, events)
         }
-        Command::BenchScan(args) => nodeward::bench::scan(&config, &args),
-        Command::BenchApi(args) => nodeward::bench::api(&config.api.unix_socket, &args),
-        Command::BenchWatch(args) => nodeward::bench::watch(&config.api.unix_socket, &args),
-        Command::BenchRr(args) => nodeward::bench::load::rr(&args),
-        Command::BenchLoadApi(args) => {
-            nodeward::bench::load::load_api(&config.api.unix_socket, &args)
-        }
         Command::Run => {
             let reloader = nodeward::reload::Reloader::new(
                 cli.config.config.clone(),
@@ -151,9 +144,6 @@ fn run(config: config::Config, reloader: nodeward::reload::Reloader) -> ExitCode
     if let Err(e) = logging::init(&config.log) {
         eprintln!("nodeward: {e}");
         return ExitCode::from(EXIT_USAGE);
-    }
-    if let Err(e) = nodeward::tracefs::locate_or_mount(&config.paths.tracefs) {
-        tracing::warn!(error = %e, "tracefs unavailable: tracepoint programs cannot attach");
     }
     let caps = Capabilities::probe(&config.paths);
     for line in caps.summary().lines() {

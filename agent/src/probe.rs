@@ -15,7 +15,23 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::{config::PathsConfig, tracefs};
+use crate::config::PathsConfig;
+
+/// Where tracefs is mounted: `configured` if it is non-empty, else the usual two places. The
+/// probe only reports it (kprobes, tracepoints); no program the agent attaches goes through
+/// tracefs, so nothing mounts it.
+fn locate_tracefs(configured: &Path) -> Option<PathBuf> {
+    if !configured.as_os_str().is_empty() {
+        return configured
+            .join("events")
+            .is_dir()
+            .then(|| configured.to_path_buf());
+    }
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+}
 
 /// How cgroups are mounted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -166,8 +182,7 @@ impl Capabilities {
     /// Probes this host. Takes a second or less: each program-type and helper check loads a
     /// two-instruction program.
     pub fn probe(paths: &PathsConfig) -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let is_root = unsafe { libc::geteuid() } == 0;
+        let is_root = rustix::process::geteuid().is_root();
         let kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|e| format!("unknown ({e})"));
@@ -175,7 +190,7 @@ impl Capabilities {
             Ok(m) => Feature::yes(format!("{} ({} KiB)", paths.btf.display(), m.len() / 1024)),
             Err(e) => Feature::no(format!("{}: {e}", paths.btf.display())),
         };
-        let tracefs = tracefs::locate(&paths.tracefs).ok();
+        let tracefs = locate_tracefs(&paths.tracefs);
         let kprobes = match &tracefs {
             Some(t) if t.join("kprobe_events").exists() => Feature::yes("kprobe_events present"),
             Some(_) => {
@@ -311,13 +326,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     reason = "f_type is i64 on x86_64 glibc but narrower on other targets"
 )]
 fn fs_magic(path: &Path) -> Option<i64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: an all-zero statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| i64::from(st.f_type))
+    rustix::fs::statfs(path).ok().map(|st| i64::from(st.f_type))
 }
 
 /// Recognises pure v2, hybrid (v2 at `<root>/unified`) and v1-only layouts.

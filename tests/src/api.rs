@@ -333,6 +333,5 @@ pub async fn next(
 
 /// This process's uid (the identity the Unix socket reports).
 pub fn uid() -> u32 {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc::getuid() }
+    rustix::process::getuid().as_raw()
 }

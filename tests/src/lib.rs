@@ -43,8 +43,16 @@ pub fn skip(test: &str, reason: &str) {
 
 /// Whether the tests run as root; privileged tests skip (with the reason) when not.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
+}
+
+/// Sends `signal` to `pid` (`kill(2)`).
+pub fn send_signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    Ok(rustix::process::kill_process(pid, signal)?)
 }
 
 /// Skips the calling test unless running as root. Use as `require_root!("name");`.
@@ -106,20 +114,9 @@ impl Cgroup {
         let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())
             .expect("cgroup path has no NUL");
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-        // (open, write, close) on memory prepared before the fork.
+        // (open, write, close: plain system calls, no allocation) on memory prepared before.
         unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                libc::close(fd);
-                if n != 2 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            command.pre_exec(move || join_cgroup(&procs));
         }
         command
             .spawn()
@@ -138,8 +135,7 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         for pid in self.pids() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = send_signal(pid, rustix::process::Signal::Kill);
             let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -313,22 +309,9 @@ impl CgroupTree {
             })
             .collect();
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-        // (open, write, close) on memory prepared before the fork.
+        // (open, write, close: plain system calls, no allocation) on memory prepared before.
         unsafe {
-            command.pre_exec(move || {
-                for p in &procs {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                    libc::close(fd);
-                    if n != 2 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            command.pre_exec(move || procs.iter().try_for_each(|p| join_cgroup(p)));
         }
         command
             .spawn()
@@ -340,9 +323,8 @@ impl Drop for CgroupTree {
     fn drop(&mut self) {
         for (root, dir) in &self.dirs {
             let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                let _ = send_signal(pid, rustix::process::Signal::Kill);
                 let _ = std::fs::write(root.join("cgroup.procs"), format!("{pid}\n"));
             }
         }
@@ -352,6 +334,17 @@ impl Drop for CgroupTree {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` ("0" is the
+/// caller). Safe to call between fork and exec: system calls only, nothing allocated.
+fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(procs, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+    match rustix::io::write(&fd, b"0\n")? {
+        2 => Ok(()),
+        _ => Err(std::io::ErrorKind::WriteZero.into()),
     }
 }
 
@@ -368,8 +361,7 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after `) `.
     let ticks: u64 =
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
     ticks as f64 / hz
 }
 

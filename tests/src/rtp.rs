@@ -179,8 +179,7 @@ impl Capture {
 
     /// Stops the capture and waits until the file is complete.
     pub fn stop(mut self) -> PathBuf {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = crate::send_signal(self.child.id(), rustix::process::Signal::Int);
         wait_for(Duration::from_secs(10), || {
             self.child.try_wait().ok().flatten()
         })

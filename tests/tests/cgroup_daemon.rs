@@ -9,7 +9,8 @@ use std::{
 };
 
 use nodeward::containers::fixture::{write_tree, Driver, FixtureLayout, TempDir};
-use nodeward_tests::agent_binary;
+use nodeward_tests::{agent_binary, send_signal};
+use rustix::process::Signal;
 
 /// Waits for the next scan summary and returns its `workloads` count.
 fn next_scan(lines: &mpsc::Receiver<String>) -> u64 {
@@ -72,8 +73,7 @@ fn the_daemon_scans_a_fixture_tree_every_tick_and_follows_removals() {
     next_scan(&rx);
     assert_eq!(next_scan(&rx), 7, "the removed container is gone");
 
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    send_signal(agent.id(), Signal::Term).expect("SIGTERM the agent");
     let status = agent.wait().expect("agent exits");
     assert!(status.success(), "agent exit: {status}");
 }

@@ -1,86 +1,20 @@
-//! The eBPF chain end to end: the embedded program loads, attaches to a real tracepoint, counts
-//! real TCP traffic per cgroup, and the daemon detaches everything when told to stop.
+//! The eBPF chain end to end: the daemon loads and attaches its embedded programs, and detaches
+//! everything when told to stop or killed. (What the programs count, per cgroup, against real
+//! traffic is `tcp_latency.rs`, `udp_rtp.rs` and `nodeward probe --verify`.)
 
 use std::{
-    net::TcpListener,
     process::{Command, Stdio},
     sync::Mutex,
     time::Duration,
 };
 
-use agent_ebpf::tcp_state::{CLOSE, SYN_SENT};
-use nodeward::{ebpf::TcpStateCounter, tracefs};
 use nodeward_tests::{
-    agent_binary, bpf_objects_of, bpftool_has, cgroup_v2_root, require_root, skip, wait_for, Cgroup,
+    agent_binary, bpf_objects_of, bpftool_has, require_root, send_signal, skip, wait_for,
 };
+use rustix::process::Signal;
 
-/// Tests in this file load programs on the same tracepoint; they run one at a time.
+/// Tests in this file count the agent's programs in the kernel; they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn tracefs_or_skip(test: &str) -> Option<std::path::PathBuf> {
-    match tracefs::locate_or_mount(std::path::Path::new("")) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            skip(test, &format!("no tracefs: {e}"));
-            None
-        }
-    }
-}
-
-/// A process in a fresh cgroup opens N TCP connections to a loopback listener; the program
-/// counts exactly N CLOSE→SYN_SENT transitions for that cgroup id, and none for an idle
-/// sibling cgroup.
-#[test]
-fn counts_tcp_connects_per_cgroup() {
-    const TEST: &str = "counts_tcp_connects_per_cgroup";
-    require_root!(TEST);
-    if cgroup_v2_root().is_none() {
-        return skip(TEST, "no cgroup v2 hierarchy: eBPF cgroup ids need it");
-    }
-    let Some(tracefs) = tracefs_or_skip(TEST) else {
-        return;
-    };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-
-    let busy = Cgroup::new("busy");
-    let idle = Cgroup::new("idle");
-    let counter = TcpStateCounter::attach(&tracefs).expect("program loads and attaches");
-
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let port = listener.local_addr().expect("local addr").port();
-    let acceptor = std::thread::spawn(move || {
-        for _ in 0..25 {
-            let _ = listener.accept();
-        }
-    });
-
-    let mut sleeper = idle.spawn(Command::new("sleep").arg("30"));
-    let script = format!(
-        "for i in $(seq 25); do exec 3<>/dev/tcp/127.0.0.1/{port} || exit 1; exec 3>&-; done"
-    );
-    let status = busy
-        .spawn(
-            Command::new("bash")
-                .args(["-c", &script])
-                .stdin(Stdio::null()),
-        )
-        .wait()
-        .expect("wait for client");
-    assert!(status.success(), "client failed: {status}");
-    acceptor.join().expect("acceptor thread");
-
-    let connects = counter
-        .count_for(busy.id(), Some((CLOSE, SYN_SENT)))
-        .expect("read map");
-    assert_eq!(
-        connects, 25,
-        "every connect() from the busy cgroup is counted once"
-    );
-    let idle_events = counter.count_for(idle.id(), None).expect("read map");
-    assert_eq!(idle_events, 0, "nothing is attributed to the idle cgroup");
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
-}
 
 /// `nodeward run` attaches its programs, and after SIGTERM exits 0 with none of them (nor their
 /// links) left in the kernel, as `bpftool` sees it.
@@ -88,9 +22,6 @@ fn counts_tcp_connects_per_cgroup() {
 fn sigterm_detaches_every_program() {
     const TEST: &str = "sigterm_detaches_every_program";
     require_root!(TEST);
-    if tracefs_or_skip(TEST).is_none() {
-        return;
-    }
     if Command::new("bpftool").arg("version").output().is_err() {
         return skip(TEST, "bpftool is not installed");
     }
@@ -123,8 +54,7 @@ fn sigterm_detaches_every_program() {
         );
     }
 
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    send_signal(pid, Signal::Term).expect("SIGTERM the agent");
     let status = wait_for(Duration::from_secs(10), || agent.try_wait().ok().flatten())
         .expect("agent exits within its shutdown deadline");
     let stderr = std::io::read_to_string(agent.stderr.take().expect("stderr")).unwrap_or_default();
@@ -161,9 +91,6 @@ fn sigterm_detaches_every_program() {
 fn sigkill_leaves_nothing_attached_and_restart_works() {
     const TEST: &str = "sigkill_leaves_nothing_attached_and_restart_works";
     require_root!(TEST);
-    if tracefs_or_skip(TEST).is_none() {
-        return;
-    }
     if Command::new("bpftool").arg("version").output().is_err() {
         return skip(TEST, "bpftool is not installed");
     }
@@ -211,8 +138,7 @@ fn sigkill_leaves_nothing_attached_and_restart_works() {
         again.is_disjoint(&progs),
         "the restart loaded fresh programs"
     );
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    send_signal(second.id(), Signal::Term).expect("SIGTERM the agent");
     let status = wait_for(Duration::from_secs(10), || second.try_wait().ok().flatten())
         .expect("the restarted agent stops on SIGTERM");
     assert!(status.success());

@@ -34,10 +34,13 @@ use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
     api::{conn, eventually, TempDir},
-    cgroup_v2_root, is_root, process_cpu_seconds, skip, Cgroup, Netns,
+    cgroup_v2_root, is_root, process_cpu_seconds, send_signal, skip, Cgroup, Netns,
 };
+use rustix::process::Signal;
 
 const TEST: &str = "load_grpc_and_rtt_samples";
+/// The load generators (`rr`, `load-api`), built by cargo with this package's tests.
+const BENCH: &str = env!("CARGO_BIN_EXE_nodeward-bench");
 /// Exchanges per second asked of the generator: 2 RTT samples each, so 60,000 samples/s when
 /// the machine keeps up (the report says what it achieved).
 const RR_RATE: u32 = 30_000;
@@ -283,8 +286,8 @@ async fn load_grpc_and_rtt_samples() {
             .expect("under v2")
             .display()
     );
-    let mut rr = ns.command(agent_binary().to_str().expect("utf-8 path"));
-    rr.args(["bench-rr", "--connections", &RR_CONNECTIONS.to_string()])
+    let mut rr = ns.command(BENCH);
+    rr.args(["rr", "--connections", &RR_CONNECTIONS.to_string()])
         .args(["--rate", &RR_RATE.to_string()])
         .args(["--duration", &format!("{}s", seconds + 10)])
         .stdout(Stdio::piped());
@@ -317,8 +320,8 @@ async fn load_grpc_and_rtt_samples() {
         })
     };
     let cpu0 = process_cpu_seconds(pid);
-    let api_out = tokio::process::Command::new(agent_binary())
-        .arg("bench-load-api")
+    let api_out = tokio::process::Command::new(BENCH)
+        .arg("load-api")
         .args([
             "--addr",
             &unix,
@@ -339,22 +342,22 @@ async fn load_grpc_and_rtt_samples() {
         .output();
     let api_out = tokio::time::timeout(Duration::from_secs(seconds + 180), api_out)
         .await
-        .expect("bench-load-api finishes")
-        .expect("run bench-load-api");
+        .expect("load-api finishes")
+        .expect("run nodeward-bench load-api");
     assert!(
         api_out.status.success(),
-        "bench-load-api failed: {}",
+        "nodeward-bench load-api failed: {}",
         api_out.status
     );
     let api = last_json(&api_out.stdout);
     let rr_out = tokio::time::timeout(Duration::from_secs(seconds + 180), rr)
         .await
-        .expect("bench-rr finishes")
+        .expect("rr finishes")
         .expect("join")
-        .expect("run bench-rr");
+        .expect("run nodeward-bench rr");
     assert!(
         rr_out.status.success(),
-        "bench-rr failed: {}",
+        "nodeward-bench rr failed: {}",
         rr_out.status
     );
     let rr = last_json(&rr_out.stdout);
@@ -485,8 +488,7 @@ async fn load_grpc_and_rtt_samples() {
         "more samples ({samples}) than segments the namespace received ({in_segs})"
     );
 
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    send_signal(pid, Signal::Term).expect("SIGTERM the agent");
     let exit = tokio::time::timeout(Duration::from_secs(30), agent.wait())
         .await
         .expect("the agent stops within 30 s of SIGTERM")

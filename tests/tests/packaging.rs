@@ -2,7 +2,9 @@
 //! the systemd unit by `systemd-analyze verify` and `security`, its capability set by running
 //! the agent with exactly those capabilities, and the RPM (built by `xtask rpm --reuse-debug`
 //! from the debug binary, in seconds) by `rpm -qpl/--scripts/-qpR`, `rpmlint`, and an install
-//! into a scratch root whose files must be where the unit and the docs say.
+//! into a scratch root whose files must be where the unit and the docs say; and the release
+//! binary (what the RPM and the image ship) by its `--help`, its parser and its symbol table:
+//! it holds the product, no benchmark, fixture or fault-injection code.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, cap_number, grantable_caps, is_root, skip, wait_for};
+use nodeward_tests::{
+    agent_binary, cap_number, grantable_caps, is_root, send_signal, skip, wait_for,
+};
+use rustix::process::Signal;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/nodeward.service");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -161,8 +166,7 @@ fn the_units_capabilities_are_enough_for_the_ebpf_sources() {
         s.read_to_string(&mut body).ok()?;
         body.contains("nodeward_source_up").then_some(body)
     });
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    send_signal(agent.id(), Signal::Term).expect("SIGTERM the agent");
     let out = agent.wait_with_output().expect("agent exits");
     let log = String::from_utf8_lossy(&out.stderr);
     let scrape = scrape.unwrap_or_else(|| panic!("no scrape; log:\n{log}"));
@@ -512,4 +516,128 @@ fn the_scriptlets_do_what_the_systemd_macros_do_on_install_upgrade_and_removal()
             if helper { "present" } else { "absent" }
         );
     }
+}
+
+/// The binary of the shipped configuration: `cargo build --release -p nodeward` (one package,
+/// so no other package's features are unified in), which `cargo xtask test` builds before the
+/// tests and `cargo xtask rpm` packages.
+fn release_binary() -> PathBuf {
+    let debug = agent_binary();
+    let bin = debug
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/nodeward")
+        .join("release/nodeward");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release -p nodeward, or cargo xtask test)",
+        bin.display()
+    );
+    bin
+}
+
+/// Demangled names of the functions and data the binary defines (`nm -C --defined-only`).
+fn defined_symbols(bin: &Path) -> Vec<String> {
+    let out = Command::new("nm")
+        .args(["-C", "--defined-only"])
+        .arg(bin)
+        .output()
+        .expect("run nm (binutils)");
+    assert!(out.status.success(), "nm failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.splitn(3, ' ').nth(2))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The shipped binary answers to no benchmark or fault-injection command, hidden or not, and
+/// none of that code (nor the tests' fake cgroupfs) is linked in: its `--help`, clap's answer
+/// to each former hidden subcommand, its symbol table and its bytes are all checked. Each check
+/// is paired with one that shows it can see what it looks for (a hidden command that does
+/// exist is recognised; the daemon's own modules are in the symbol table).
+#[test]
+fn the_release_binary_holds_no_bench_fixture_or_fault_injection_code() {
+    const TEST: &str = "the_release_binary_holds_no_bench_fixture_or_fault_injection_code";
+    if tool("nm").is_none() {
+        return skip(TEST, "nm (binutils) is not installed");
+    }
+    let bin = release_binary();
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the release binary")
+    };
+
+    let help = run(&["--help"]);
+    assert!(help.status.success(), "--help: {}", text(&help));
+    let help = text(&help);
+    assert!(
+        help.contains("status"),
+        "--help lists the commands:\n{help}"
+    );
+    // Word by word: "default" is no fault.
+    let lower = help.to_lowercase();
+    let words: Vec<&str> = lower.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    for word in ["bench", "fault", "fixture", "inject"] {
+        assert!(
+            !words.iter().any(|w| w.starts_with(word)),
+            "--help mentions {word:?}:\n{help}"
+        );
+    }
+
+    // Hidden subcommands do not show in --help: ask the parser for each one by name.
+    let hidden = run(&["gpu-check", "--help"]);
+    assert!(
+        hidden.status.success(),
+        "the hidden gpu-check is recognised by name: {}",
+        text(&hidden)
+    );
+    for sub in [
+        "bench-scan",
+        "bench-api",
+        "bench-watch",
+        "bench-rr",
+        "bench-load-api",
+        "fault-inject",
+    ] {
+        let out = run(&[sub]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "nodeward {sub}: {said}");
+        assert!(
+            said.contains(&format!("unrecognized subcommand '{sub}'")),
+            "nodeward {sub}: {said}"
+        );
+    }
+
+    let symbols = defined_symbols(&bin);
+    assert!(
+        symbols.iter().any(|s| s.starts_with("nodeward::daemon::")),
+        "the symbol table names the agent's own modules ({} symbols): stripped?",
+        symbols.len()
+    );
+    let test_code: Vec<&String> = symbols
+        .iter()
+        .filter(|s| {
+            ["bench", "fault", "containers::fixture"]
+                .iter()
+                .any(|m| s.contains(&format!("nodeward::{m}::")))
+                || s.contains("nodeward_bench::")
+        })
+        .collect();
+    assert!(
+        test_code.is_empty(),
+        "the release binary links test code: {test_code:#?}"
+    );
+
+    // The fault-injection switch is an environment variable: its name must not be in the
+    // binary at all, so no build of the product can read it.
+    let bytes = std::fs::read(&bin).expect("read the release binary");
+    let armed = b"NODEWARD_FAULT_INJECT";
+    assert!(
+        !bytes.windows(armed.len()).any(|w| w == armed),
+        "the release binary contains the fault-injection variable's name"
+    );
 }

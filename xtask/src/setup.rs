@@ -276,6 +276,34 @@ pub fn ensure_cargo_deny() -> anyhow::Result<()> {
     )
 }
 
+/// The Buf CLI release that `cargo xtask test` lints the proto with (`proto/buf.yaml`).
+pub const BUF_VERSION: &str = "1.75.0";
+
+/// The Buf CLI for `buf lint` and `buf breaking`. Its PyPI package (`buf-bin`) ships the
+/// released binary, so pip installs it without a Go toolchain.
+pub fn ensure_buf() -> anyhow::Result<()> {
+    if let Ok(out) = Command::new("buf").arg("--version").output() {
+        if out.status.success() {
+            say(&format!(
+                "buf: already installed ({})",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ));
+            return Ok(());
+        }
+    }
+    step(
+        &format!("installing the Buf CLI {BUF_VERSION} (pip package buf-bin)"),
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("buf-bin=={BUF_VERSION}"),
+        ]),
+    )
+}
+
 /// What the benchmark drives.
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     ensure_packages(
@@ -288,6 +316,7 @@ pub fn ensure_bench_tools() -> anyhow::Result<()> {
 pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_build_tools()?;
     ensure_test_tools(root)?;
+    ensure_buf()?;
     // The packaging tests build the RPM.
     crate::rpm::ensure_generate_rpm()
 }

@@ -77,7 +77,7 @@ fn run_tests(what: &str, cmd: &mut Command, tally: &mut Tally) -> anyhow::Result
     Ok(())
 }
 
-/// What the supply-chain checks gave: each `cargo deny check` counts as one test.
+/// What a group of checks gave (`cargo deny check ...`, `buf ...`): each counts as one test.
 #[derive(Default)]
 struct Checks {
     passed: u64,
@@ -147,11 +147,79 @@ fn supply_chain() -> anyhow::Result<Checks> {
     Ok(checks)
 }
 
+/// The ref `buf breaking` compares the proto with: the previous commit, unless
+/// `NODEWARD_BUF_AGAINST` names another (a release tag, or the merge base in CI).
+fn breaking_baseline() -> String {
+    std::env::var("NODEWARD_BUF_AGAINST").unwrap_or_else(|_| "HEAD~1".to_owned())
+}
+
+/// `buf lint` and `buf breaking` (rules in `proto/buf.yaml`), each one check. `buf breaking`
+/// needs the baseline commit and its proto: a shallow clone or the first commit has none, and
+/// then the check is skipped with the reason, never passed.
+fn proto_checks(root: &Path) -> anyhow::Result<Checks> {
+    setup::ensure_buf()?;
+    let mut checks = Checks::default();
+    let mut count = |what: &str, ok: bool| {
+        say(&format!(
+            "proto: {what} {}",
+            if ok { "ok" } else { "FAILED" }
+        ));
+        if ok {
+            checks.passed += 1;
+        } else {
+            checks.failed += 1;
+        }
+    };
+    let lint = Command::new("buf")
+        .args(["lint", "proto"])
+        .current_dir(root)
+        .status()
+        .context("buf lint")?;
+    count("buf lint", lint.success());
+
+    let against = breaking_baseline();
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let commit = format!("{against}^{{commit}}");
+    let tree = format!("{against}:proto");
+    if !git(&["rev-parse", "--verify", "--quiet", &commit]) {
+        checks.skipped.push(format!(
+            "buf breaking: no commit {against} to compare with (first commit or shallow clone)"
+        ));
+    } else if !git(&["cat-file", "-e", &tree]) {
+        checks.skipped.push(format!(
+            "buf breaking: {against} has no proto/ to compare with"
+        ));
+    } else {
+        let status = Command::new("buf")
+            .args(["breaking", "proto", "--against"])
+            .arg(format!(".git#ref={against},subdir=proto"))
+            .current_dir(root)
+            .status()
+            .context("buf breaking")?;
+        count(&format!("buf breaking against {against}"), status.success());
+    }
+    Ok(checks)
+}
+
 pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     setup::ensure_all(root)?;
     step(
         "building nodeward (the integration tests start the binary)",
         cargo().args(["build", "-p", "nodeward"]),
+    )?;
+    // The shipped configuration, on its own (building it with the tests crate would unify the
+    // test-only features in): the packaging test checks it holds no bench, fixture or fault code.
+    step(
+        "building nodeward in release mode (the binary the RPM ships; a packaging test inspects it)",
+        cargo().args(["build", "--release", "-p", "nodeward"]),
     )?;
 
     let mut tally = Tally::default();
@@ -236,10 +304,11 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     // A skipped test returned early and libtest counted it as passed: count it as skipped.
     let mut passed = tally.passed.saturating_sub(skips.len() as u64);
     if !args.no_lint {
-        let chain = supply_chain()?;
-        passed += chain.passed;
-        tally.failed += chain.failed;
-        skips.extend(chain.skipped);
+        for checks in [supply_chain()?, proto_checks(root)?] {
+            passed += checks.passed;
+            tally.failed += checks.failed;
+            skips.extend(checks.skipped);
+        }
     }
     let skipped = skips.len() as u64;
     for s in &skips {

@@ -15,6 +15,9 @@ use std::{
 
 use serde::Serialize;
 
+// The fake cgroupfs of the unit tests, the integration tests and the scan benchmark: never in
+// the shipped binary (the tests crate turns the feature on; release builds leave it off).
+#[cfg(any(test, feature = "test-fixtures"))]
 pub mod fixture;
 pub mod layout;
 pub mod path;

@@ -47,6 +47,16 @@ impl ProcCgroup {
             .chain(v1)
             .filter(|p| !p.is_empty())
     }
+
+    /// The cgroup the process runs in, as an absolute path (`/kubepods/...`): the first of
+    /// [`Self::candidate_paths`], else `/` when the v2 line puts it at the root; `None` when
+    /// the text names no useful cgroup at all.
+    pub fn path(&self) -> Option<String> {
+        match self.candidate_paths().next() {
+            Some(p) => Some(format!("/{p}")),
+            None => self.unified.as_ref().map(|_| "/".to_owned()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -72,6 +82,17 @@ mod tests {
             p.candidate_paths().collect::<Vec<_>>(),
             ["kubepods.slice/kubepods-pod1.slice/cri-containerd-ab.scope"]
         );
+    }
+
+    #[test]
+    fn path_is_absolute_and_falls_back_to_the_root_only_with_a_v2_line() {
+        assert_eq!(
+            ProcCgroup::parse(HYBRID).path().as_deref(),
+            Some("/process_api/2e992bab960331be0d707fe78346e218")
+        );
+        assert_eq!(ProcCgroup::parse("0::/\n").path().as_deref(), Some("/"));
+        assert_eq!(ProcCgroup::parse("4:memory:/\n").path(), None);
+        assert_eq!(ProcCgroup::parse("").path(), None);
     }
 
     #[test]

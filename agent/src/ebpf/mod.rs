@@ -5,16 +5,7 @@
 //! everything, so a clean shutdown (or a SIGKILL, which closes the file descriptors) leaves
 //! nothing attached. Nothing is pinned.
 
-use std::{collections::HashMap, path::Path};
-
-use agent_ebpf::{SetStateOffsets, TcpStateKey};
-use aya::{
-    maps::{MapError, PerCpuHashMap},
-    programs::{ProgramError, TracePoint},
-    Ebpf, EbpfError, EbpfLoader,
-};
-
-use crate::tracefs::{Format, TracefsError};
+use aya::{maps::MapError, programs::ProgramError, EbpfError, EbpfLoader};
 
 pub mod udp;
 
@@ -24,7 +15,6 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The maps of the object whose size matters. Each source loads its own copy of the object,
 /// which creates every map in it; the maps another source owns are shrunk to one entry.
 const SIZED_MAPS: &[&str] = &[
-    "TCP_STATE_EVENTS",
     "TCP_CGROUP_STATS",
     "TCP_RTT_HIST",
     "TCP_FLOWS",
@@ -44,10 +34,6 @@ pub fn loader_owning(owned: &[&str]) -> EbpfLoader<'static> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error("tracepoint field `{field}` has size {size}, which the program cannot read")]
-    FieldSize { field: &'static str, size: u32 },
     #[error("loading the eBPF object failed: {0}")]
     Object(#[from] EbpfError),
     #[error("program `{0}` is missing from the eBPF object")]
@@ -71,113 +57,4 @@ pub enum LoadError {
         name: &'static str,
         source: MapError,
     },
-}
-
-/// Reads the record layout of `sock:inet_sock_set_state` for the program.
-pub fn set_state_offsets(tracefs: &Path) -> Result<SetStateOffsets, LoadError> {
-    let format = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let old = format.field("oldstate")?;
-    let new = format.field("newstate")?;
-    let proto = format.field("protocol")?;
-    for (field, f) in [("oldstate", old), ("newstate", new)] {
-        if f.size != 4 {
-            return Err(LoadError::FieldSize {
-                field,
-                size: f.size,
-            });
-        }
-    }
-    if proto.size != 1 && proto.size != 2 {
-        return Err(LoadError::FieldSize {
-            field: "protocol",
-            size: proto.size,
-        });
-    }
-    Ok(SetStateOffsets {
-        oldstate: old.offset,
-        newstate: new.offset,
-        protocol: proto.offset,
-        protocol_size: proto.size,
-    })
-}
-
-const TCP_STATE_PROGRAM: &str = "nodeward_tcp_state";
-const TCP_STATE_MAP: &str = "TCP_STATE_EVENTS";
-
-/// Counts TCP state transitions per cgroup (`sock:inet_sock_set_state`): the proof that the
-/// whole chain (build, embed, load, attach, read) works on this node.
-pub struct TcpStateCounter {
-    ebpf: Ebpf,
-}
-
-impl std::fmt::Debug for TcpStateCounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpStateCounter").finish_non_exhaustive()
-    }
-}
-
-impl TcpStateCounter {
-    /// Loads and attaches the program. Detached when the value is dropped.
-    pub fn attach(tracefs: &Path) -> Result<Self, LoadError> {
-        let offsets = set_state_offsets(tracefs)?;
-        let mut ebpf = loader_owning(&[TCP_STATE_MAP])
-            .override_global("SET_STATE_OFFSETS", &offsets, true)
-            .load(OBJECT)?;
-        let program: &mut TracePoint = ebpf
-            .program_mut(TCP_STATE_PROGRAM)
-            .ok_or(LoadError::MissingProgram(TCP_STATE_PROGRAM))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                name: TCP_STATE_PROGRAM,
-                source,
-            })?;
-        program.load().map_err(|source| LoadError::Program {
-            name: TCP_STATE_PROGRAM,
-            source,
-        })?;
-        program
-            .attach("sock", "inet_sock_set_state")
-            .map_err(|source| LoadError::Program {
-                name: TCP_STATE_PROGRAM,
-                source,
-            })?;
-        Ok(Self { ebpf })
-    }
-
-    /// The counters summed over CPUs, by (cgroup id, old state, new state).
-    pub fn counts(&self) -> Result<HashMap<TcpStateKey, u64>, LoadError> {
-        let map = self
-            .ebpf
-            .map(TCP_STATE_MAP)
-            .ok_or(LoadError::MissingMap(TCP_STATE_MAP))?;
-        let map: PerCpuHashMap<_, TcpStateKey, u64> =
-            PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map {
-                name: TCP_STATE_MAP,
-                source,
-            })?;
-        let mut out = HashMap::new();
-        for entry in map.iter() {
-            let (key, per_cpu) = entry.map_err(|source| LoadError::Map {
-                name: TCP_STATE_MAP,
-                source,
-            })?;
-            out.insert(key, per_cpu.iter().sum());
-        }
-        Ok(out)
-    }
-
-    /// Total transitions counted for one cgroup, optionally only one (old → new) transition.
-    pub fn count_for(
-        &self,
-        cgroup_id: u64,
-        transition: Option<(u32, u32)>,
-    ) -> Result<u64, LoadError> {
-        Ok(self
-            .counts()?
-            .iter()
-            .filter(|(k, _)| k.cgroup_id == cgroup_id)
-            .filter(|(k, _)| transition.is_none_or(|(o, n)| k.oldstate == o && k.newstate == n))
-            .map(|(_, v)| *v)
-            .sum())
-    }
 }

@@ -3,8 +3,7 @@
 //!
 //! It loads each program of the embedded object on its own (verifier verdict, instruction
 //! counts), then attaches what the daemon would attach on this node (the TCP latency programs
-//! for the path [`crate::sources::tcp::plan`] picks, the UDP/RTP programs, the TCP state
-//! tracepoint), moves itself into a throw-away child cgroup, makes loopback traffic there, and
+//! for the path [`crate::sources::tcp::plan`] picks, the UDP/RTP programs), moves itself into a throw-away child cgroup, makes loopback traffic there, and
 //! reads the result back through the sources' own code. Every count is compared with the traffic
 //! it made: the kernel maps are the only witness, nothing is inferred.
 
@@ -167,15 +166,8 @@ fn load_one(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
 }
 
 /// Loads every program of the object, each on its own, and records the verifier's verdict.
-pub fn check_programs(config: &Config) -> Result<Vec<ProgramCheck>, String> {
-    let mut loader = crate::ebpf::loader_owning(&[]);
-    // The tracepoint program reads record offsets from a global; any valid value verifies.
-    let offsets = crate::tracefs::locate(&config.paths.tracefs)
-        .ok()
-        .and_then(|t| crate::ebpf::set_state_offsets(&t).ok())
-        .unwrap_or_default();
-    loader.override_global("SET_STATE_OFFSETS", &offsets, true);
-    let mut ebpf = loader
+pub fn check_programs() -> Result<Vec<ProgramCheck>, String> {
+    let mut ebpf = crate::ebpf::loader_owning(&[])
         .load(crate::ebpf::OBJECT)
         .map_err(|e| format!("loading the eBPF object: {e}"))?;
     let mut out = Vec::new();
@@ -338,78 +330,13 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
     check
 }
 
-fn tcp_state_check(config: &Config, cgroup: Option<&ChildCgroup>) -> PathCheck {
-    let mut check = PathCheck {
-        source: "ebpf/tcp_state",
-        role: "chosen",
-        path: "tracepoint sock:inet_sock_set_state".to_owned(),
-        fell_back_from: Vec::new(),
-        attached: false,
-        error: None,
-        generated: TCP_CONNECTIONS,
-        observed: 0,
-        rule: "CLOSE→SYN_SENT transitions in the child cgroup == connect() calls",
-        passed: false,
-    };
-    let counter = crate::tracefs::locate(&config.paths.tracefs)
-        .map_err(|e| e.to_string())
-        .and_then(|t| crate::ebpf::TcpStateCounter::attach(&t).map_err(|e| describe_error(&e)));
-    let counter = match counter {
-        Ok(c) => c,
-        Err(e) => {
-            check.error = Some(e);
-            return check;
-        }
-    };
-    check.attached = true;
-    if cgroup.is_none() {
-        check.rule = "CLOSE→SYN_SENT transitions on the node >= connect() calls";
-    }
-    let transition = Some((
-        agent_ebpf::tcp_state::CLOSE,
-        agent_ebpf::tcp_state::SYN_SENT,
-    ));
-    match tcp_traffic() {
-        Err(e) => check.error = Some(format!("loopback traffic: {e}")),
-        Ok((clients, server)) => {
-            drop(clients);
-            let _ = server.join();
-            // Without cgroup v2 every task reports the same id: count the node's transitions.
-            let count = match cgroup {
-                Some(cg) => counter.count_for(cg.id(), transition),
-                None => counter.counts().map(|all| {
-                    all.iter()
-                        .filter(|(k, _)| Some((k.oldstate, k.newstate)) == transition)
-                        .map(|(_, n)| *n)
-                        .sum()
-                }),
-            };
-            match count {
-                Ok(n) => {
-                    check.observed = n;
-                    check.passed = if cgroup.is_some() {
-                        n == TCP_CONNECTIONS
-                    } else {
-                        n >= TCP_CONNECTIONS
-                    };
-                }
-                Err(e) => check.error = Some(format!("read: {e}")),
-            }
-        }
-    }
-    check
-}
-
 /// Runs every check. Needs root and a cgroup v2 hierarchy to make the child cgroup in.
 pub fn run(config: &Config) -> Result<Report, String> {
-    if let Err(e) = crate::tracefs::locate_or_mount(&config.paths.tracefs) {
-        tracing::warn!(error = %e, "tracefs unavailable: the tracepoint program cannot attach");
-    }
     let caps = Capabilities::probe(&config.paths);
     if !caps.is_root {
         return Err("--verify needs root (it loads eBPF programs and makes a cgroup)".to_owned());
     }
-    let programs = check_programs(config)?;
+    let programs = check_programs()?;
     // Without cgroup v2 (cgroup v1 only) there is no child cgroup to make: the counts are then
     // the node's, and the UDP source (which needs cgroup v2) is reported unavailable.
     let root = caps.cgroup.unified().map(Path::to_path_buf);
@@ -471,7 +398,6 @@ pub fn run(config: &Config) -> Result<Report, String> {
             caps.cgroup
         )),
     }
-    paths.push(tcp_state_check(config, cgroup));
     let passed = paths
         .iter()
         .filter(|p| p.role == "chosen")

@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use crate::containers::proc_cgroup::ProcCgroup;
+
 /// TCP connections made, and request/response exchanges on each.
 pub(super) const TCP_CONNECTIONS: u64 = 3;
 pub(super) const TCP_EXCHANGES: u64 = 20;
@@ -25,11 +27,10 @@ impl ChildCgroup {
     pub(super) fn enter(root: &Path) -> Result<Self, String> {
         let own = std::fs::read_to_string("/proc/self/cgroup")
             .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
+        let rel = ProcCgroup::parse(&own)
+            .unified
             .ok_or("no cgroup v2 line in /proc/self/cgroup")?;
-        let home = root.join(rel.trim().trim_start_matches('/'));
+        let home = root.join(rel);
         let path = root.join(format!("nodeward-verify-{}", std::process::id()));
         std::fs::create_dir(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
         let me = Self { path, home };

@@ -1,4 +1,4 @@
-//! Kernel text: tracefs `format` files, cgroup files (keyed, limits, PSI, io.stat, blkio),
+//! Kernel text: cgroup files (keyed, limits, PSI, io.stat, blkio),
 //! `/proc/stat`, `/proc/diskstats`, `/proc/net/dev`, `/proc/mounts`, os-release,
 //! `/proc/<pid>/cgroup` and cgroup paths.
 
@@ -11,7 +11,6 @@ use nodeward::{
         cgroup::parse,
         node::{self, fs::disk_mounts, OsRelease},
     },
-    tracefs::Format,
 };
 use proptest::prelude::*;
 
@@ -26,18 +25,6 @@ fn sweep(target: &str, mut check: impl FnMut(&str, &str, bool)) {
             check(&name, cut, false);
         }
     }
-}
-
-#[test]
-fn tracefs_corpus_gives_named_fields_with_offsets() {
-    sweep("tracefs", |name, text, whole| {
-        let f = Format::parse(text);
-        if whole && name.starts_with("ok-") {
-            assert!(!f.name.is_empty() && f.id.is_some(), "{name}: {f:?}");
-            assert!(f.field("common_type").is_ok(), "{name}: no common_type");
-            assert!(f.fields.len() > 4, "{name}: {} fields", f.fields.len());
-        }
-    });
 }
 
 #[test]
@@ -181,7 +168,6 @@ proptest! {
 
     #[test]
     fn no_kernel_text_parser_panics_on_any_input(text in prop_oneof![kernelish(), "\\PC*"]) {
-        let _ = Format::parse(&text);
         let _ = parse::u64_value(&text);
         let _ = parse::limit(&text);
         let _ = parse::keyed(&text).count();
@@ -210,40 +196,6 @@ proptest! {
         );
         if let Ok(cpu) = node::parse_cpu(&text, ticks) {
             prop_assert_eq!(cpu.cores, 1);
-        }
-    }
-
-    #[test]
-    fn tracefs_field_lines_round_trip(
-        fields in prop::collection::vec(
-            (
-                prop::sample::select(vec!["int", "unsigned short", "__u16", "const void *", "__u8", "u64"]),
-                "[a-z_][a-z0-9_]{0,15}",
-                prop::option::of(1u32..64),
-                any::<u32>(),
-                any::<u32>(),
-                any::<bool>(),
-            ),
-            1..20,
-        ),
-        id in any::<u32>(),
-    ) {
-        let mut text = format!("name: fuzzed\nID: {id}\nformat:\n");
-        for (ty, name, array, offset, size, signed) in &fields {
-            let array = array.map(|n| format!("[{n}]")).unwrap_or_default();
-            text += &format!(
-                "\tfield:{ty} {name}{array};\toffset:{offset};\tsize:{size};\tsigned:{};\n",
-                u8::from(*signed)
-            );
-        }
-        let f = Format::parse(&text);
-        prop_assert_eq!(f.id, Some(id));
-        prop_assert_eq!(f.fields.len(), fields.len());
-        for (got, (ty, name, array, offset, size, signed)) in f.fields.iter().zip(&fields) {
-            prop_assert_eq!(&got.name, name);
-            let array = array.map(|n| format!("[{n}]")).unwrap_or_default();
-            prop_assert_eq!(&got.c_type, &format!("{ty}{array}"));
-            prop_assert_eq!((got.offset, got.size, got.signed), (*offset, *size, *signed));
         }
     }
 

@@ -1,5 +1,5 @@
 //! Property-based fuzz targets (proptest) for everything that parses text or requests the agent
-//! does not control: kernel text (tracefs formats, cgroup, PSI, io.stat, /proc, os-release,
+//! does not control: kernel text (cgroup, PSI, io.stat, /proc, os-release,
 //! cgroup paths), the config loader, the RTP/UDP classifier and RFC 3550 state machine (the
 //! user-space twin of the eBPF code) and the gRPC request validation.
 //!

@@ -1,6 +1,6 @@
-//! Collector scaling and API latency, measured by the release binary's hidden `bench-scan`,
-//! `bench-api` and `bench-watch` subcommands (see `agent/src/bench.rs`), so that xtask does not
-//! link the agent's library.
+//! Collector scaling and API latency, measured by `nodeward-bench scan`, `api` and `watch`
+//! (`tests/src/bin/nodeward-bench`, built in release mode next to the agent), so that xtask does
+//! not link the agent's library.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -13,28 +13,28 @@ use anyhow::{bail, Context as _};
 
 use super::{
     agent::Agent,
-    median,
+    bench_bin, median,
     scenarios::{row, ALL_PROGRAMS},
     Plan, Row,
 };
 
 pub const DESCRIPTION: &str = "\
-- **cgroup scan, N containers**: `nodeward bench-scan` (hidden) writes the tests' fake cgroupfs \
+- **cgroup scan, N containers**: `nodeward-bench scan` writes the tests' fake cgroupfs \
 (`agent/src/containers/fixture.rs`: pure v2, systemd driver, two containers per pod, every stat \
 file) with N containers to `/dev/shm` and runs the agent's own `Scanner` on it repeatedly: \
 discovery, every container's stats, the node's stats from the real `/proc`, the rates. CPU per \
-scan is the scanning thread's user+system time (`getrusage(RUSAGE_THREAD)`); the first scan \
+scan is the scanning thread's user+system time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`); the first scan \
 also creates every container's rate history, so it is reported on its own. The RSS row puts \
 the process's resident memory after the first scan in the baseline columns and after the last \
 in the other: a ratio near 1 means memory stays flat over repeated scans. Target (issue 5): \
 under 50 ms of CPU per scan with 1,000 containers.
-- **API, 100 callers**: the agent (idle) is called by `nodeward bench-api` (hidden), 100 \
+- **API, 100 callers**: the agent (idle) is called by `nodeward-bench api`, 100 \
 callers each on its own connection to the agent's Unix socket, each calling `GetNodeHealth` \
 10 times a second (1,000 calls/s in all; latency percentiles over every call of the run), then \
 the same callers closed-loop (each calls again as soon as it has its answer: the rate the agent \
 sustains while the callers compete with it for the same two cores; its latency is queueing, \
 not service time). Target (issue 7): p99 under 2 ms (at the paced rate).
-- **API, 1,000 Watch streams**: `nodeward bench-watch` (hidden) opens 1,000 \
+- **API, 1,000 Watch streams**: `nodeward-bench watch` opens 1,000 \
 `WatchNodeHealth` streams over 10 connections, waits for each one's first message, and holds \
 them; the metric is the agent's resident memory (VmRSS) then, minus before the streams were \
 opened (after the latency runs). Target (issue 7): under 50 MB.";
@@ -68,8 +68,8 @@ pub fn scan(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Ro
         let scans = if n >= 5_000 { scans / 2 } else { scans };
         crate::say(&format!("  cgroup scan: {n} containers, {scans} scans"));
         let v = json(
-            Command::new(agent_bin)
-                .args(["--set", "gpu.enabled=false", "bench-scan"])
+            Command::new(bench_bin(agent_bin))
+                .args(["--set", "gpu.enabled=false", "scan"])
                 .args([
                     "--containers",
                     &n.to_string(),
@@ -145,8 +145,8 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         let agent = Agent::start(agent_bin, &["--set", "gpu.enabled=false"], ALL_PROGRAMS)?;
         let addr = format!("unix:{}", agent.socket);
         // 100 callers at 10 calls/s each: latency at a steady 1,000 calls/s.
-        let v = json(Command::new(agent_bin).args([
-            "bench-api",
+        let v = json(Command::new(bench_bin(agent_bin)).args([
+            "api",
             "--addr",
             &addr,
             "--callers",
@@ -160,8 +160,8 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         p99.push(v["p99_ms"].as_f64().unwrap_or(f64::NAN));
         // The same callers as fast as they can: what the agent sustains on this machine, where
         // the callers compete with it for the same two cores.
-        let v = json(Command::new(agent_bin).args([
-            "bench-api",
+        let v = json(Command::new(bench_bin(agent_bin)).args([
+            "api",
             "--addr",
             &addr,
             "--callers",
@@ -174,18 +174,18 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         rate_sat.push(v["calls_per_second"].as_f64().unwrap_or(f64::NAN));
 
         let before = agent.rss_bytes();
-        let mut watch = Command::new(agent_bin)
-            .args(["bench-watch", "--addr", &addr, "--streams", "1000"])
+        let mut watch = Command::new(bench_bin(agent_bin))
+            .args(["watch", "--addr", &addr, "--streams", "1000"])
             .args(["--hold", "2s"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("start bench-watch")?;
-        let stdout = watch.stdout.take().context("bench-watch stdout")?;
+            .context("start nodeward-bench watch")?;
+        let stdout = watch.stdout.take().context("nodeward-bench watch stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let ready = lines.next().transpose()?.unwrap_or_default();
         if ready.trim() != "ready" {
-            bail!("bench-watch said {ready:?} instead of ready");
+            bail!("nodeward-bench watch said {ready:?} instead of ready");
         }
         // Let the agent settle with every stream open before reading its memory.
         std::thread::sleep(Duration::from_secs(1));
@@ -193,7 +193,7 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         let report = lines.next().transpose()?.unwrap_or_default();
         let _ = watch.wait();
         let v: serde_json::Value = serde_json::from_str(&report)
-            .with_context(|| format!("bench-watch report: {report}"))?;
+            .with_context(|| format!("nodeward-bench watch report: {report}"))?;
         opened.push(v["opened"].as_f64().unwrap_or(f64::NAN));
         agent.stop()?;
     }

@@ -1,9 +1,8 @@
 //! The load soak of issue 10: the release agent serves 100 unary gRPC callers and 1,000
 //! `WatchNodeHealth` streams while a container (a cgroup of its own, in a network namespace of
 //! its own) carries TCP request/response traffic paced at 30,000 exchanges (60,000 RTT
-//! samples) a second, for 10 minutes (30 s with `--quick`). The traffic and the callers are the
-//! release binary's hidden `bench-rr` and `bench-load-api` (see `agent/src/bench/load.rs`); the
-//! same load, bounded, is the test `tests/tests/load.rs`, which asserts what this only reports.
+//! samples) a second, for 10 minutes (30 s with `--quick`). The traffic and the callers are
+//! `nodeward-bench rr` and `load-api` (`tests/src/bin/nodeward-bench/load.rs`); the same load, bounded, is the test `tests/tests/load.rs`, which asserts what this only reports.
 
 use std::{
     io::{Read as _, Write as _},
@@ -17,6 +16,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     agent::Agent,
+    bench_bin,
     scenarios::{row, ALL_PROGRAMS},
     Plan, Row,
 };
@@ -24,11 +24,11 @@ use super::{
 pub const DESCRIPTION: &str = "\
 - **Load soak** (issue 10): the release agent (GPU off, `api.watch_heartbeat = 1s`, \
 `tcp.window_long` longer than the run so that its longest window holds every sample) serves \
-`nodeward bench-load-api` (hidden): 100 unary callers, each on its own connection (half on the \
+`nodeward-bench load-api`: 100 unary callers, each on its own connection (half on the \
 Unix socket, half on the TCP listener), each calling 10 times a second in turn `GetNodeHealth`, \
 `ListContainers`, `GetDrainStatus`, `ListGpus` and `GetContainerNetwork`, and 1,000 \
 `WatchNodeHealth` streams over 10 connections, each counting its messages; meanwhile \
-`nodeward bench-rr` (hidden), in a cgroup and a network namespace of its own, runs 8 loopback \
+`nodeward-bench rr`, in a cgroup and a network namespace of its own, runs 8 loopback \
 TCP connections paced at 30,000 request/response exchanges a second in all, counting the \
 exchanges it completes. Each exchange gives the kernel 2 RTT measurements (the response ACKs \
 the request, the next request ACKs the response), both in the load container. Rows: the RTT \
@@ -123,22 +123,20 @@ impl Container {
             .arg(bin)
             .args(args)
             .stdout(Stdio::piped());
-        // SAFETY: between fork and exec; only async-signal-safe calls on memory prepared before.
+        // SAFETY: between fork and exec; only system calls (open, write, close: async-signal-
+        // safe, nothing allocated) on memory prepared before.
         unsafe {
             cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
+                use rustix::fs::{Mode, OFlags};
+                let fd =
+                    rustix::fs::open(&*procs, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+                match rustix::io::write(&fd, b"0\n")? {
+                    2 => Ok(()),
+                    _ => Err(std::io::ErrorKind::WriteZero.into()),
                 }
-                let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                libc::close(fd);
-                if n != 2 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
             });
         }
-        cmd.spawn().context("start bench-rr")
+        cmd.spawn().context("start nodeward-bench rr")
     }
 
     /// `Tcp:` counters of the namespace (`/proc/net/snmp` read inside it).
@@ -161,9 +159,8 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if let Ok(pids) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                let _ = crate::send_signal(pid, rustix::process::Signal::Kill);
                 let _ = std::fs::write(self.root.join("cgroup.procs"), format!("{pid}\n"));
             }
         }
@@ -275,9 +272,9 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
     )?;
     let container = Container::new()?;
     let rr = container.spawn(
-        agent_bin,
+        &bench_bin(agent_bin),
         &[
-            "bench-rr".to_owned(),
+            "rr".to_owned(),
             "--rate".to_owned(),
             RR_RATE.to_string(),
             "--connections".to_owned(),
@@ -298,12 +295,8 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         std::thread::sleep(Duration::from_millis(500));
     }
     let (cpu0, t0) = (agent.cpu_seconds(), Instant::now());
-    let mut api = Command::new(agent_bin)
-        .args([
-            "bench-load-api",
-            "--addr",
-            &format!("unix:{}", agent.socket),
-        ])
+    let mut api = Command::new(bench_bin(agent_bin))
+        .args(["load-api", "--addr", &format!("unix:{}", agent.socket)])
         .args(["--addr", &format!("http://127.0.0.1:{api_port}")])
         .args(["--callers", "100", "--rate", "10"])
         .args([
@@ -316,7 +309,7 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         .args(["--duration", &format!("{seconds}s")])
         .stdout(Stdio::piped())
         .spawn()
-        .context("start bench-load-api")?;
+        .context("start nodeward-bench load-api")?;
     let minute = Duration::from_secs(60.min(seconds / 3));
     let mut rss: Vec<(Duration, f64)> = Vec::new();
     while api.try_wait()?.is_none() {
@@ -324,8 +317,8 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         std::thread::sleep(Duration::from_secs(1));
     }
     let cpu = (agent.cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
-    let api = report(api, "bench-load-api")?;
-    let rr = report(rr, "bench-rr")?;
+    let api = report(api, "nodeward-bench load-api")?;
+    let rr = report(rr, "nodeward-bench rr")?;
     // The last samples reach the windows within a tick or two.
     let mut counted = f64::NAN;
     for _ in 0..20 {

@@ -30,6 +30,15 @@ pub struct BenchArgs {
     only: Option<String>,
 }
 
+/// The load generators and measuring clients (`tests/src/bin/nodeward-bench`), built next to
+/// the agent: they link the agent's library but are no part of the shipped binary.
+pub const BENCH_BIN: &str = "nodeward-bench";
+
+/// `nodeward-bench`, from the same build directory as `agent_bin`.
+pub fn bench_bin(agent_bin: &Path) -> std::path::PathBuf {
+    agent_bin.with_file_name(BENCH_BIN)
+}
+
 /// Settings shared by every scenario.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -95,6 +104,19 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     step(
         "building nodeward in release mode",
         cargo().args(["build", "--release", "-p", "nodeward"]),
+    )?;
+    // A build of its own: building both packages in one cargo run would unify their features
+    // and put the tests' fixtures into the agent being measured.
+    step(
+        "building the load generators (nodeward-bench) in release mode",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "nodeward-tests",
+            "--bin",
+            BENCH_BIN,
+        ]),
     )?;
     let plan = if args.quick {
         Plan {

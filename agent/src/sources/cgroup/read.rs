@@ -6,7 +6,7 @@
 use std::{
     ffi::CStr,
     io::Read as _,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
@@ -89,19 +89,10 @@ impl Reader {
     /// or the cgroup was removed (reads of a removed cgroup fail with ENODEV).
     fn text(&mut self, dir: Option<&Dir>, file: &CStr) -> Option<&str> {
         let dir = dir?;
-        // SAFETY: `dir` is an open directory descriptor and `file` a NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                file.as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: `fd` was just opened and is owned by nothing else.
-        let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        use rustix::fs::{Mode, OFlags};
+        let fd =
+            rustix::fs::openat(dir, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        let mut f = std::fs::File::from(fd);
         if self.buf.is_empty() {
             self.buf.resize(INITIAL_BUF, 0);
         }

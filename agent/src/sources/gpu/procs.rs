@@ -5,37 +5,15 @@
 
 use std::path::Path;
 
+use crate::containers::proc_cgroup::ProcCgroup;
+
 /// The cgroup a process runs in, from the text of `/proc/<pid>/cgroup`.
 ///
 /// On a pure cgroup v2 host that is the `0::` line. On a hybrid host the `0::` line may say
 /// only `/`, while the v1 controllers carry the container's path: then the `memory` (or `cpu`)
-/// controller's path is used.
+/// controller's path is used ([`ProcCgroup::path`], the parser container discovery uses too).
 pub fn cgroup_path_from_proc(text: &str) -> Option<String> {
-    let mut v2 = None;
-    let mut memory = None;
-    let mut cpu = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        if controllers.is_empty() {
-            v2 = Some(path);
-        } else if controllers.split(',').any(|c| c == "memory") {
-            memory = Some(path);
-        } else if controllers.split(',').any(|c| c == "cpu") {
-            cpu = Some(path);
-        }
-    }
-    fn useful(p: Option<&str>) -> Option<&str> {
-        p.filter(|p| !p.is_empty() && *p != "/")
-    }
-    useful(v2)
-        .or_else(|| useful(memory))
-        .or_else(|| useful(cpu))
-        .or(v2)
-        .map(str::to_owned)
+    ProcCgroup::parse(text).path()
 }
 
 /// Reads the cgroup of `pid` under `proc_root` (the host's `/proc` in a DaemonSet).

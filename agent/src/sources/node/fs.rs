@@ -43,22 +43,15 @@ pub fn disk_mounts(mounts_text: &str) -> Result<Vec<MountEntry>, procfs::ProcErr
 
 /// `statvfs` of a mount point as seen under `host_root`; `None` if it cannot be read.
 pub fn usage(host_root: &Path, m: &MountEntry) -> Option<Filesystem> {
-    use std::os::unix::ffi::OsStrExt as _;
     let path = host_root.join(m.fs_file.trim_start_matches('/'));
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: an all-zero statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
+    let st = rustix::fs::statvfs(&path).ok()?;
     let (frsize, blocks, bfree, bavail, files, ffree) = (
-        st.f_frsize as u64,
-        st.f_blocks as u64,
-        st.f_bfree as u64,
-        st.f_bavail as u64,
-        st.f_files as u64,
-        st.f_ffree as u64,
+        st.f_frsize,
+        st.f_blocks,
+        st.f_bfree,
+        st.f_bavail,
+        st.f_files,
+        st.f_ffree,
     );
     let size = blocks.saturating_mul(frsize);
     // `df`'s Use%: used / (used + available to users), so reserved blocks count as full.

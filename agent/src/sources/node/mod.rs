@@ -232,9 +232,9 @@ pub fn collect(proc_root: &Path, config: &NodeConfig) -> NodeStats {
 }
 
 fn ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
+    Some(rustix::param::clock_ticks_per_second())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
 }
 
 /// `/proc/stat`'s `cpu` line, through procfs's `KernelStats`.

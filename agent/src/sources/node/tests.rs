@@ -169,11 +169,8 @@ fn this_host_reads_like_its_own_tools_say() {
     let s = collect(Path::new("/proc"), &NodeConfig::default());
     let mem = s.memory.expect("meminfo");
     // Ground truth from the kernel through another door: sysinfo(2).
-    // SAFETY: an all-zero sysinfo is a valid out-parameter.
-    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: `si` is a valid out-pointer.
-    assert_eq!(unsafe { libc::sysinfo(&mut si) }, 0);
-    let total = si.totalram as u64 * si.mem_unit as u64;
+    let si = rustix::system::sysinfo();
+    let total = si.totalram as u64 * u64::from(si.mem_unit);
     assert_eq!(mem.total_bytes, total);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

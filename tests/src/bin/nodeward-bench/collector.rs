@@ -1,18 +1,13 @@
-//! Hidden diagnostic subcommands that `cargo xtask bench` drives: they measure parts of the agent
-//! from inside the release binary, so that the benchmark needs no second build of the library
-//! (xtask stays free of the agent's dependencies and `cargo xtask test` no slower).
+//! Collector and API figures for `cargo xtask bench` (scenarios `cgroup scan scaling` and `API
+//! latency and Watch memory`):
 //!
-//! - `bench-scan`: one cgroup scan of a fake cgroupfs of N containers (the fixture the tests
-//!   use), repeated; CPU time per scan from the thread's own rusage, and resident memory after
-//!   the first and the last scan, to show it stays flat.
-//! - `bench-api`: `GetNodeHealth` from C concurrent callers, each on its own connection to the
+//! - `scan`: one cgroup scan of a fake cgroupfs of N containers (the fixture the tests use),
+//!   repeated; CPU time per scan from the thread's own rusage, and resident memory after the
+//!   first and the last scan, to show it stays flat.
+//! - `api`: `GetNodeHealth` from C concurrent callers, each on its own connection to the
 //!   agent's socket; latency percentiles.
-//! - `bench-watch`: holds N `WatchNodeHealth` streams open; says `ready` on stdout once every
-//!   stream has its first message, so the caller can read the agent's memory meanwhile.
-//!
-//! - `bench-rr`, `bench-load-api`: the load case of issue 10 (see [`load`]).
-//!
-//! Every subcommand prints one JSON object. Nothing here asserts a timing.
+//! - `watch`: holds N `WatchNodeHealth` streams open; says `ready` on stdout once every stream
+//!   has its first message, so the caller can read the agent's memory meanwhile.
 
 use std::{
     path::PathBuf,
@@ -21,17 +16,16 @@ use std::{
 };
 
 use clap::Args;
-use serde::Serialize;
-
-pub mod load;
-
-use crate::{
+use nodeward::{
     api::pb::{self, node_health_client::NodeHealthClient},
-    client::Conn,
+    client::ClientError,
     config::Config,
     containers::fixture::{write_tree, Driver, FixtureLayout, TempDir},
     sources::cgroup::Scanner,
 };
+use serde::Serialize;
+
+use crate::{conn, fail, print, runtime};
 
 #[derive(Debug, Clone, Args)]
 pub struct ScanArgs {
@@ -75,31 +69,10 @@ pub struct WatchArgs {
     pub hold: Duration,
 }
 
-fn print(v: &impl Serialize) -> ExitCode {
-    match serde_json::to_string(v) {
-        Ok(s) => {
-            println!("{s}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
-    }
-}
-
-fn fail(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("nodeward: {e}");
-    ExitCode::from(crate::EXIT_SOFTWARE)
-}
-
-/// This thread's user + system CPU time, in seconds.
+/// This thread's user + system CPU time, in seconds (`CLOCK_THREAD_CPUTIME_ID`).
 fn thread_cpu_seconds() -> f64 {
-    // SAFETY: rusage is plain data; getrusage only writes into it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage and a valid `who`.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-        return f64::NAN;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// Resident set size now (VmRSS), in bytes.
@@ -172,25 +145,6 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
     print(&report)
 }
 
-fn conn(addr: &str) -> Conn {
-    Conn {
-        addr: Some(addr.to_owned()),
-        json: true,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_domain: None,
-        connect_timeout: Duration::from_secs(10),
-    }
-}
-
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-}
-
 #[derive(Serialize)]
 struct ApiReport {
     callers: usize,
@@ -211,7 +165,7 @@ pub fn api(default_socket: &std::path::Path, args: &ApiArgs) -> ExitCode {
     let result = rt.block_on(async {
         let mut clients = Vec::with_capacity(args.callers);
         for _ in 0..args.callers {
-            clients.push(crate::client::connect(&conn(&args.addr), &socket).await?);
+            clients.push(nodeward::client::connect(&conn(&args.addr), &socket).await?);
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + args.duration;
@@ -242,11 +196,11 @@ pub fn api(default_socket: &std::path::Path, args: &ApiArgs) -> ExitCode {
         let mut lat = Vec::new();
         let mut errors = 0;
         while let Some(r) = tasks.join_next().await {
-            let (l, e) = r.map_err(|e| crate::client::ClientError::Usage(e.to_string()))?;
+            let (l, e) = r.map_err(|e| ClientError::Usage(e.to_string()))?;
             lat.extend(l);
             errors += e;
         }
-        Ok::<_, crate::client::ClientError>((lat, errors, started.elapsed()))
+        Ok::<_, ClientError>((lat, errors, started.elapsed()))
     });
     let (mut lat, errors, elapsed) = match result {
         Ok(r) => r,
@@ -288,7 +242,7 @@ pub fn watch(default_socket: &std::path::Path, args: &WatchArgs) -> ExitCode {
     let result = rt.block_on(async {
         let mut clients: Vec<NodeHealthClient<_>> = Vec::new();
         for _ in 0..args.connections.max(1) {
-            clients.push(crate::client::connect(&conn(&args.addr), &socket).await?);
+            clients.push(nodeward::client::connect(&conn(&args.addr), &socket).await?);
         }
         let started = Instant::now();
         let mut streams = Vec::with_capacity(args.streams);
@@ -310,7 +264,7 @@ pub fn watch(default_socket: &std::path::Path, args: &WatchArgs) -> ExitCode {
         println!("ready");
         tokio::time::sleep(args.hold).await;
         drop(streams);
-        Ok::<_, crate::client::ClientError>(WatchReport {
+        Ok::<_, ClientError>(WatchReport {
             streams: args.streams,
             opened,
             seconds_to_open,

@@ -1,12 +1,12 @@
-//! The load case of issue 10, as two hidden subcommands that the load test
-//! (`tests/tests/load.rs`) and `cargo xtask bench` (scenario `load`) drive:
+//! The load case of issue 10, as two subcommands that the load test (`tests/tests/load.rs`) and
+//! `cargo xtask bench` (scenario `load`) drive:
 //!
-//! - `bench-rr`: TCP request/response over loopback between N client and N server threads of
+//! - `rr`: TCP request/response over loopback between N client and N server threads of
 //!   this one process, so that both ends of every connection sit in the caller's cgroup (the
 //!   test starts it in a cgroup of its own). Each completed exchange (request written, whole
 //!   response read) is counted: the ground truth for the RTT samples the agent must account
 //!   for. Paced to a total rate, or as fast as it goes.
-//! - `bench-load-api`: C unary callers, each on its own connection, cycling through the read
+//! - `load-api`: C unary callers, each on its own connection, cycling through the read
 //!   RPCs (`GetNodeHealth`, `ListContainers`, `GetDrainStatus`, `ListGpus` and, given a
 //!   container, `GetContainerNetwork`), paced per caller; and S `WatchNodeHealth` streams over a
 //!   few shared connections, each counting its messages and heartbeats. Any failed call, and any
@@ -29,8 +29,12 @@ use std::{
 use clap::Args;
 use serde::Serialize;
 
-use super::{conn, fail, print, runtime};
-use crate::api::pb::{self, node_health_client::NodeHealthClient};
+use nodeward::{
+    api::pb::{self, node_health_client::NodeHealthClient},
+    client::ClientError,
+};
+
+use crate::{conn, fail, print, runtime};
 
 #[derive(Debug, Clone, Args)]
 pub struct RrArgs {
@@ -240,14 +244,17 @@ struct LoadApiReport {
 /// Lets this process hold more descriptors than the usual soft limit of 1,024 (the hard limit
 /// stays).
 fn raise_nofile() {
-    // SAFETY: rlimit is plain data, filled in by getrlimit.
-    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer and resource.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < r.rlim_max {
-        r.rlim_cur = r.rlim_max;
-        // SAFETY: valid pointer and resource; raising the soft limit up to the hard one is
-        // always allowed.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let r = getrlimit(Resource::Nofile);
+    if r.current < r.maximum {
+        // Raising the soft limit up to the hard one is always allowed.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: r.maximum,
+                maximum: r.maximum,
+            },
+        );
     }
 }
 
@@ -394,11 +401,11 @@ pub fn load_api(default_socket: &std::path::Path, args: &LoadApiArgs) -> ExitCod
         let addr = |i: usize| args.addr[i % args.addr.len()].clone();
         let mut callers = Vec::with_capacity(args.callers);
         for i in 0..args.callers {
-            callers.push(crate::client::connect(&conn(&addr(i)), &socket).await?);
+            callers.push(nodeward::client::connect(&conn(&addr(i)), &socket).await?);
         }
         let mut watchers = Vec::new();
         for i in 0..args.watch_connections.max(1) {
-            watchers.push(crate::client::connect(&conn(&addr(i)), &socket).await?);
+            watchers.push(nodeward::client::connect(&conn(&addr(i)), &socket).await?);
         }
         // Open every stream (its first message is the current state) before the clock starts.
         let opening = Instant::now();
@@ -466,7 +473,7 @@ pub fn load_api(default_socket: &std::path::Path, args: &LoadApiArgs) -> ExitCod
         };
         let mut latencies = Vec::new();
         while let Some(j) = calls.join_next().await {
-            let r = j.map_err(|e| crate::client::ClientError::Usage(e.to_string()))?;
+            let r = j.map_err(|e| ClientError::Usage(e.to_string()))?;
             latencies.extend(r.latencies_ms);
             for (k, n) in r.by_rpc.iter().enumerate() {
                 if *n > 0 {
@@ -513,7 +520,7 @@ pub fn load_api(default_socket: &std::path::Path, args: &LoadApiArgs) -> ExitCod
         report.p50_ms = percentile(&latencies, 0.5);
         report.p99_ms = percentile(&latencies, 0.99);
         report.max_ms = percentile(&latencies, 1.0);
-        Ok::<_, crate::client::ClientError>(report)
+        Ok::<_, ClientError>(report)
     });
     match result {
         Ok(r) => print(&r),
