@@ -805,8 +805,12 @@ fn prometheus_p99_from_the_rtt_histogram_matches_the_agents_own_p99() {
     let (_client, mut out, _) = start_client(&net, &client_cg, &python, 5001, CONNS, ROUNDS, 1);
     wait_done(&mut out);
     // Prometheus has everything once it stored what the agent serves now, twice alike.
-    let unlabelled = count.replace(&format!(",node=\"{NODE}\""), "");
-    let direct = || sample(&agent.scrape(), &unlabelled);
+    let series = format!("nodeward_tcp_rtt_seconds_count{{container_id=\"{key}\",");
+    let direct = || {
+        let text = agent.scrape();
+        let line = text.lines().find(|l| l.starts_with(&series))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok()
+    };
     let stored = wait_for(Duration::from_secs(30), || {
         let (now, stored) = (direct()?, prom.value(&count)?);
         (now == stored && now >= before + f64::from(CONNS * ROUNDS)).then_some(stored)
