@@ -441,6 +441,47 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
             .expect("the GPU source is up");
         assert_eq!(up.len(), 1, "{up:?}");
     }
+
+    // Every dashboard query evaluates on this Prometheus with the `node` variable set to the
+    // label the scrape configuration adds ...
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("read the dashboard"))
+            .expect("the dashboard is valid JSON");
+    let mut exprs = Vec::new();
+    queries(&dashboard, &mut exprs);
+    let promql = |e: &str| e.replace("$node", NODE).replace("$__rate_interval", "1m");
+    for e in exprs.iter().filter(|e| !e.starts_with("label_values(")) {
+        let answer = prom.api(&format!("/api/v1/query?query={}", encode(&promql(e))));
+        assert!(
+            answer.is_some_and(|a| a["status"] == "success"),
+            "the dashboard's query does not evaluate: {}",
+            promql(e)
+        );
+    }
+    // ... and the verdict panel turns the state set into the number its value mappings show.
+    let panel = exprs
+        .iter()
+        .find(|e| e.contains("nodeward_health_verdict_state"))
+        .expect("a verdict panel");
+    let consistent = wait_for(Duration::from_secs(30), || {
+        let current = prom.query("nodeward_health_verdict_state == 1")?;
+        let [state] = current.as_slice() else {
+            panic!("not exactly one current state: {current:?}");
+        };
+        let number = match state["metric"]["state"].as_str()? {
+            "unknown" => 0.0,
+            "healthy" => 1.0,
+            "degraded" => 2.0,
+            "unhealthy" => 3.0,
+            other => panic!("unknown state {other}"),
+        };
+        (prom.value(&promql(panel))? == number).then_some(number)
+    });
+    assert!(
+        consistent.is_some(),
+        "the verdict panel's {} never matched nodeward_health_verdict_state",
+        promql(panel)
+    );
 }
 
 #[test]
