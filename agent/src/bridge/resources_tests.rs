@@ -321,6 +321,30 @@ fn gpu_readings_map_to_store_units() {
 }
 
 #[test]
+fn gpu_processes_outside_containers_are_keyed_by_cgroup_path_like_every_source() {
+    let mut s = gpu_snap();
+    let process = |pid, cgroup: Option<&str>| NvmlProcess {
+        pid,
+        kind: ProcessKind::Compute,
+        used_memory_bytes: Some(1),
+        sample: None,
+        cgroup: cgroup.map(str::to_owned),
+        container_id: None,
+    };
+    s.devices[0].processes = Reading::Supported(vec![
+        process(7, Some("system.slice/encoder.service")),
+        process(8, None),
+    ]);
+    let (snap, _) = gpu_snapshot(&s);
+    let keys: Vec<&str> = snap.gpus[0]
+        .processes
+        .iter()
+        .map(|p| p.container_id.as_str())
+        .collect();
+    assert_eq!(keys, ["/system.slice/encoder.service", ""]);
+}
+
+#[test]
 fn gpu_xids_and_lost_come_from_the_health_input_bounded_per_code() {
     let (snap, _) = gpu_snapshot(&gpu_snap());
     let g = &snap.gpus[1];
