@@ -62,8 +62,14 @@ impl Agent {
     /// Starts `nodeward run` with `/metrics` on a free port, the fake NVML if one can be
     /// built (with `script`), and eBPF only as root.
     fn start(test: &str, script: &str) -> Self {
+        Self::launch(test, Some(script), &[])
+    }
+
+    /// As [`Agent::start`]; `gpu_script: None` runs without a GPU source, `extra` are more
+    /// `--set key=value` pairs.
+    fn launch(test: &str, gpu_script: Option<&str>, extra: &[String]) -> Self {
         let port = free_port();
-        let fake = match FakeNvml::build(test, &[]) {
+        let fake = gpu_script.and_then(|script| match FakeNvml::build(test, &[]) {
             Ok(f) => {
                 f.script(script);
                 Some(f)
@@ -72,7 +78,7 @@ impl Agent {
                 eprintln!("{test}: no fake NVML ({reason}); GPU series are not checked");
                 None
             }
-        };
+        });
         let log = std::env::temp_dir().join(format!("nodeward-{test}-{}.log", std::process::id()));
         let mut cmd = Command::new(agent_binary());
         cmd.args(["run", "--set", "agent.tick=200ms"])
@@ -86,6 +92,9 @@ impl Agent {
             Some(f) => cmd.args(["--set", &format!("gpu.library={}", f.library_str())]),
             None => cmd.args(["--set", "gpu.enabled=false"]),
         };
+        for kv in extra {
+            cmd.args(["--set", kv]);
+        }
         let mut child = cmd.spawn().expect("start nodeward");
         let up = wait_for(Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -226,8 +235,14 @@ fn a_scrape_passes_promtool_and_carries_the_agents_own_cost() {
     );
 
     for family in [
-        "nodeward_process_cpu_seconds_total",
-        "nodeward_process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "process_virtual_memory_bytes",
+        "nodeward_tcp_rtt_seconds",
+        "nodeward_health_verdict_state",
         "nodeward_ebpf_stats_enabled",
         "nodeward_ebpf_program_run_seconds_total",
         "nodeward_source_up",
@@ -238,7 +253,7 @@ fn a_scrape_passes_promtool_and_carries_the_agents_own_cost() {
             "{family} has no HELP/TYPE:\n{text}"
         );
     }
-    let rss = sample(&text, "nodeward_process_resident_memory_bytes").expect("RSS sample");
+    let rss = sample(&text, "process_resident_memory_bytes").expect("RSS sample");
     assert!(
         rss > 1e6,
         "an agent of under 1 MB RSS is not plausible: {rss}"
@@ -281,6 +296,10 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
+/// The static `node` label the tests' Prometheus puts on the agent's series, as
+/// docs/metrics.md tells host installs to.
+const NODE: &str = "test-node";
+
 /// A Prometheus server on a free loopback port with its own config and data; killed on drop.
 struct Prometheus {
     child: Child,
@@ -299,7 +318,8 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
                  scrape_configs:\n  - job_name: nodeward\n    static_configs:\n\
-                 \x20     - targets: ['127.0.0.1:{target_port}']\n"
+                 \x20     - targets: ['127.0.0.1:{target_port}']\n\
+                 \x20       labels: {{node: {NODE}}}\n"
             ),
         )
         .expect("write Prometheus config");
@@ -337,6 +357,31 @@ impl Prometheus {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
+
+    /// Waits until Prometheus has scraped the agent without error; panics with its log if not.
+    fn wait_healthy(&self) -> serde_json::Value {
+        let target = wait_for(Duration::from_secs(60), || {
+            let v = self.api("/api/v1/targets")?;
+            let t = v["data"]["activeTargets"].as_array()?.first()?.clone();
+            (t["health"] == "up").then_some(t)
+        });
+        target.unwrap_or_else(|| {
+            panic!(
+                "Prometheus never scraped the agent successfully:\n{:?}\n{}",
+                self.api("/api/v1/targets"),
+                self.log()
+            )
+        })
+    }
+
+    /// The single value of an instant query, once there is one.
+    fn value(&self, promql: &str) -> Option<f64> {
+        let result = self.query(promql)?;
+        let [one] = result.as_slice() else {
+            panic!("{promql}: more than one series: {result:?}");
+        };
+        one["value"][1].as_str()?.parse().ok()
+    }
 }
 
 impl Drop for Prometheus {
@@ -361,18 +406,7 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
     let prom = Prometheus::start(&binary, agent.port);
 
     // The target is healthy only once Prometheus parsed a whole scrape without error.
-    let target = wait_for(Duration::from_secs(60), || {
-        let v = prom.api("/api/v1/targets")?;
-        let t = v["data"]["activeTargets"].as_array()?.first()?.clone();
-        (t["health"] == "up").then_some(t)
-    });
-    let Some(target) = target else {
-        panic!(
-            "Prometheus never scraped the agent successfully:\n{:?}\n{}",
-            prom.api("/api/v1/targets"),
-            prom.log()
-        );
-    };
+    let target = prom.wait_healthy();
     assert_eq!(target["lastError"], "", "{target}");
 
     let version = env!("CARGO_PKG_VERSION");
@@ -386,10 +420,11 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
         build[0]["metric"]["instance"],
         format!("127.0.0.1:{}", agent.port)
     );
+    assert_eq!(build[0]["metric"]["node"], NODE, "{build:?}");
     assert_eq!(build[0]["value"][1], "1");
 
     let rss = prom
-        .query("nodeward_process_resident_memory_bytes > 1e6")
+        .query("process_resident_memory_bytes > 1e6")
         .expect("the agent's RSS is stored and above 1 MB");
     assert_eq!(rss.len(), 1, "{rss:?}");
 
@@ -406,6 +441,47 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_series() {
             .expect("the GPU source is up");
         assert_eq!(up.len(), 1, "{up:?}");
     }
+
+    // Every dashboard query evaluates on this Prometheus with the `node` variable set to the
+    // label the scrape configuration adds ...
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("read the dashboard"))
+            .expect("the dashboard is valid JSON");
+    let mut exprs = Vec::new();
+    queries(&dashboard, &mut exprs);
+    let promql = |e: &str| e.replace("$node", NODE).replace("$__rate_interval", "1m");
+    for e in exprs.iter().filter(|e| !e.starts_with("label_values(")) {
+        let answer = prom.api(&format!("/api/v1/query?query={}", encode(&promql(e))));
+        assert!(
+            answer.is_some_and(|a| a["status"] == "success"),
+            "the dashboard's query does not evaluate: {}",
+            promql(e)
+        );
+    }
+    // ... and the verdict panel turns the state set into the number its value mappings show.
+    let panel = exprs
+        .iter()
+        .find(|e| e.contains("nodeward_health_verdict_state"))
+        .expect("a verdict panel");
+    let consistent = wait_for(Duration::from_secs(30), || {
+        let current = prom.query("nodeward_health_verdict_state == 1")?;
+        let [state] = current.as_slice() else {
+            panic!("not exactly one current state: {current:?}");
+        };
+        let number = match state["metric"]["state"].as_str()? {
+            "unknown" => 0.0,
+            "healthy" => 1.0,
+            "degraded" => 2.0,
+            "unhealthy" => 3.0,
+            other => panic!("unknown state {other}"),
+        };
+        (prom.value(&promql(panel))? == number).then_some(number)
+    });
+    assert!(
+        consistent.is_some(),
+        "the verdict panel's {} never matched nodeward_health_verdict_state",
+        promql(panel)
+    );
 }
 
 #[test]
@@ -459,28 +535,31 @@ const DASHBOARD: &str = concat!(
 /// API's published state, which the test's agent serves).
 const PLANNED: &[&str] = &[];
 
-/// The metric names in the tables of docs/metrics.md.
+/// The metric names in the tables of docs/metrics.md, up to its migration table (which names
+/// the old ones).
 fn documented() -> std::collections::BTreeSet<String> {
-    std::fs::read_to_string(DOCS)
-        .expect("read docs/metrics.md")
+    let text = std::fs::read_to_string(DOCS).expect("read docs/metrics.md");
+    let current = text.split("\n## Migration").next().unwrap_or_default();
+    current
         .lines()
         .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
-        .filter(|n| n.starts_with("nodeward_"))
+        .filter(|n| n.starts_with("nodeward_") || n.starts_with("process_"))
         .map(str::to_owned)
         .collect()
 }
 
-/// Every `nodeward_…` identifier in a PromQL expression.
+/// Every `nodeward_…` and `process_…` metric name in a PromQL expression, a histogram's
+/// `_bucket`, `_sum` and `_count` series under the histogram's name.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(at) = rest.find("nodeward_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_owned());
-        rest = &tail[end..];
+    let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+    for word in words.filter(|w| w.starts_with("nodeward_") || w.starts_with("process_")) {
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| word.strip_suffix(suffix))
+            .filter(|base| base.ends_with("_seconds"))
+            .unwrap_or(word);
+        out.push(name.to_owned());
     }
     out
 }
@@ -520,6 +599,16 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
     queries(&dashboard, &mut exprs);
     let used: std::collections::BTreeSet<String> =
         exprs.iter().flat_map(|e| metric_names(e)).collect();
+    for e in exprs
+        .iter()
+        .filter(|e| e.contains("nodeward_") || e.contains("process_"))
+    {
+        assert!(
+            !e.contains("instance=~")
+                && (e.contains("node=~\"$node\"") || e.starts_with("label_values(")),
+            "a dashboard query not keyed by the `node` variable: {e}"
+        );
+    }
     for name in &used {
         assert!(
             docs.contains(name),
@@ -527,11 +616,12 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
         );
     }
     for must in [
-        "nodeward_health_verdict",
-        "nodeward_container_rtp_window_jitter_max_seconds",
+        "nodeward_health_verdict_state",
+        "nodeward_tcp_rtt_seconds",
+        "nodeward_container_rtp_jitter_seconds",
         "nodeward_container_live_streams",
         "nodeward_gpu_xid_window_events",
-        "nodeward_process_resident_memory_bytes",
+        "process_resident_memory_bytes",
     ] {
         assert!(used.contains(must), "the dashboard does not show {must}");
     }
@@ -589,24 +679,214 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
 
 #[test]
 fn the_verdict_and_the_stores_numbers_reach_the_scrape() {
+    let cpu_stall_before = cpu_some_stall_seconds();
     let agent = Agent::start("metrics_health", GPU_SCRIPT);
     // The verdict leaves 0 (unknown) once every enabled source has reported or said it cannot
     // run: the same moment GetNodeHealth leaves UNKNOWN.
+    let state = |t: &str, s: &str| {
+        sample(
+            t,
+            &format!("nodeward_health_verdict_state{{state=\"{s}\"}}"),
+        )
+    };
     let text = wait_for(Duration::from_secs(30), || {
         let t = agent.scrape();
-        sample(&t, "nodeward_health_verdict")
-            .filter(|v| *v >= 1.0)
-            .map(|_| t)
+        (state(&t, "unknown") == Some(0.0)).then_some(t)
     })
     .unwrap_or_else(|| panic!("the verdict stayed unknown:\n{}", agent.scrape()));
     assert_eq!(sample(&text, "nodeward_drain_active"), Some(0.0));
-    let verdict = sample(&text, "nodeward_health_verdict").expect("verdict");
-    assert!((1.0..=3.0).contains(&verdict), "{verdict}");
-    // Node-wide numbers come from the store once the node source reported.
+    let states: Vec<f64> = ["unknown", "healthy", "degraded", "unhealthy"]
+        .iter()
+        .map(|s| state(&text, s).unwrap_or_else(|| panic!("no {s} series:\n{text}")))
+        .collect();
+    assert_eq!(
+        states.iter().filter(|v| **v == 1.0).count(),
+        1,
+        "exactly one current state: {states:?}"
+    );
+    assert!(states.iter().all(|v| *v == 0.0 || *v == 1.0), "{states:?}");
+    // Node-wide numbers come from the store once the node source reported: the kernel's
+    // CPU stall time, which /proc/pressure shows too, read before the agent started and after
+    // the scrape.
+    let scraped = sample(
+        &text,
+        "nodeward_node_pressure_seconds_total{resource=\"cpu\",kind=\"some\"}",
+    )
+    .unwrap_or_else(|| panic!("no node CPU pressure:\n{text}"));
+    if let (Some(before), Some(after)) = (cpu_stall_before, cpu_some_stall_seconds()) {
+        assert!(
+            before <= scraped && scraped <= after,
+            "{scraped} s exported, {before} .. {after} s in /proc/pressure/cpu"
+        );
+    }
+}
+
+/// `total=` of the `some` line of /proc/pressure/cpu, in seconds; `None` without PSI.
+fn cpu_some_stall_seconds() -> Option<f64> {
+    let psi = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    let total_us: f64 = psi
+        .lines()
+        .find(|l| l.starts_with("some "))?
+        .rsplit("total=")
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(total_us / 1e6)
+}
+
+/// The agent's own p99 RTT for `key` over its 60 s window, in microseconds, and the samples in
+/// that window, from gRPC `GetContainerNetwork`.
+fn agent_p99_us(socket: &std::path::Path, key: &str) -> Option<(u64, u64)> {
+    use nodeward::api::pb;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let addr = format!("unix:{}", socket.display());
+        let mut client = nodeward::client::connect(&nodeward_tests::api::conn(&addr), socket)
+            .await
+            .ok()?;
+        let network = client
+            .get_container_network(pb::GetContainerNetworkRequest {
+                container_id: key.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .network?;
+        let w = network.windows.iter().find(|w| w.window_seconds == 60)?;
+        Some((w.rtt_p99_us, w.samples))
+    })
+}
+
+/// The width of the exported histogram bucket that holds `us`: how far `histogram_quantile()`
+/// may be from the true quantile when both fall in it.
+fn bucket_width_s(us: u64) -> f64 {
+    let bounds = nodeward::metrics::rtt::LE_US;
+    let upper = bounds.iter().position(|le| *le >= us).expect("below 8.4 s");
+    let lower = if upper == 0 { 0 } else { bounds[upper - 1] };
+    (bounds[upper] - lower) as f64 / 1e6
+}
+
+/// A container's TCP traffic runs behind a 20 ms ± 5 ms delay line while a real Prometheus
+/// scrapes the agent every second: the p99 Prometheus computes from the exported histogram
+/// (`histogram_quantile(0.99, sum by (le) (rate(nodeward_tcp_rtt_seconds_bucket[1m])))`, the
+/// container's series only) is within the width of its bucket of the agent's own p99
+/// (GetContainerNetwork, at the kernel's 1/16 resolution).
+#[test]
+fn prometheus_p99_from_the_rtt_histogram_matches_the_agents_own_p99() {
+    use nodeward_tests::{
+        api::TempDir,
+        cgroup_v2_root,
+        net::DelayLine,
+        pingpong::{network, prerequisites, start_client, start_server, wait_done, Proc},
+        Cgroup,
+    };
+    const TEST: &str = "metrics_rtt_histogram";
+    const CONNS: u32 = 4;
+    const ROUNDS: u32 = 100;
+    let Some(binary) = tool("prometheus") else {
+        skip(
+            TEST,
+            "prometheus not installed (Debian package `prometheus`)",
+        );
+        return;
+    };
+    let Some(python) = prerequisites(TEST) else {
+        return;
+    };
+    let v2_root = cgroup_v2_root().expect("prerequisites checked cgroup v2");
+    let dir = TempDir::new(TEST);
+    let socket = dir.0.join("agent.sock");
+    let agent = Agent::launch(
+        TEST,
+        None,
+        &[
+            format!("api.unix_socket={}", socket.display()),
+            "api.tcp_listen=".to_owned(),
+        ],
+    );
+    let prom = Prometheus::start(&binary, agent.port);
+    prom.wait_healthy();
+
+    let net = network(97);
+    let (server_cg, client_cg) = (Cgroup::new("mrtt-srv"), Cgroup::new("mrtt-cli"));
+    let key = format!(
+        "/{}",
+        client_cg
+            .path
+            .strip_prefix(&v2_root)
+            .expect("test cgroup under the v2 root")
+            .display()
+    );
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5001]));
+    // One exchange without delay first, so that the container's series exist in Prometheus
+    // before the measured traffic: rate() cannot see what a counter did before its first scrape.
+    let (_warm, mut warm_out, _) = start_client(&net, &client_cg, &python, 5001, 1, 1, 0);
+    wait_done(&mut warm_out);
+    let count = format!("nodeward_tcp_rtt_seconds_count{{container_id=\"{key}\",node=\"{NODE}\"}}");
+    let before = wait_for(Duration::from_secs(30), || prom.value(&count)).unwrap_or_else(|| {
+        panic!(
+            "{key} has no RTT histogram in Prometheus:\n{}",
+            agent.scrape()
+        )
+    });
+
+    let _line = DelayLine::start(
+        &python,
+        &net.client,
+        6,
+        &["-p", "tcp", "--dport", "5001"],
+        20.0,
+        5.0,
+        0.0,
+    );
+    let (_client, mut out, _) = start_client(&net, &client_cg, &python, 5001, CONNS, ROUNDS, 1);
+    wait_done(&mut out);
+    // Prometheus has everything once it stored what the agent serves now, twice alike.
+    let series = format!("nodeward_tcp_rtt_seconds_count{{container_id=\"{key}\",");
+    let direct = || {
+        let text = agent.scrape();
+        let line = text.lines().find(|l| l.starts_with(&series))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok()
+    };
+    let stored = wait_for(Duration::from_secs(30), || {
+        let (now, stored) = (direct()?, prom.value(&count)?);
+        (now == stored && now >= before + f64::from(CONNS * ROUNDS)).then_some(stored)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Prometheus never caught up with the agent's count: {:?} vs {:?} (before {before})",
+            prom.value(&count),
+            direct()
+        )
+    });
+
+    let (agent_p99_us, window_samples) = agent_p99_us(&socket, &key)
+        .unwrap_or_else(|| panic!("GetContainerNetwork has no 60 s window for {key}"));
+    let promql = format!(
+        "histogram_quantile(0.99, sum by (le) (rate(nodeward_tcp_rtt_seconds_bucket{{container_id=\"{key}\"}}[1m])))"
+    );
+    let prom_p99 = prom
+        .value(&promql)
+        .unwrap_or_else(|| panic!("no answer to {promql}"));
+    let agent_p99 = agent_p99_us as f64 / 1e6;
+    let width = bucket_width_s(agent_p99_us);
+    eprintln!(
+        "{TEST}: Prometheus p99 {:.2} ms, agent p99 {:.2} ms ({window_samples} samples in 60 s, \
+         {stored} in the histogram), bucket width {:.2} ms",
+        prom_p99 * 1e3,
+        agent_p99 * 1e3,
+        width * 1e3
+    );
     assert!(
-        text.lines()
-            .any(|l| l
-                .starts_with("nodeward_node_pressure_ratio{resource=\"memory\",kind=\"some\"}")),
-        "{text}"
+        agent_p99 > 0.015 && agent_p99 < 0.1,
+        "the agent's p99 {agent_p99} s is not the delay line's 20 ± 5 ms"
+    );
+    assert!(
+        (prom_p99 - agent_p99).abs() <= width,
+        "Prometheus p99 {prom_p99} s vs the agent's {agent_p99} s: more than the bucket width {width} s apart"
     );
 }

@@ -31,6 +31,8 @@ fn pressure(p: Option<&Psi>) -> Pressure {
         some_avg60: p.some.avg60,
         full_avg10: p.full.map_or(0.0, |f| f.avg10),
         full_avg60: p.full.map_or(0.0, |f| f.avg60),
+        some_total_us: p.some.total_us,
+        full_total_us: p.full.map_or(0, |f| f.total_us),
     })
     .unwrap_or_default()
 }
@@ -41,6 +43,7 @@ pub fn container_stats(w: &Workload) -> ContainerStats {
     let r = &w.rates;
     ContainerStats {
         cpu_usage_cores: r.cpu[0].unwrap_or(0.0),
+        cpu_usage_seconds_total: s.cpu.usage_ns.map_or(0.0, |ns| ns as f64 / 1e9),
         cpu_throttled_ratio: r.throttled_periods_ratio[0].unwrap_or(0.0),
         cpu_throttled_seconds_total: s.cpu.throttled_ns.map_or(0.0, |ns| ns as f64 / 1e9),
         memory_bytes: s.memory.current_bytes.unwrap_or(0),
@@ -48,6 +51,8 @@ pub fn container_stats(w: &Workload) -> ContainerStats {
         oom_kills_total: s.memory.oom_kill_events.unwrap_or(0),
         io_read_bytes_per_second: r.io_read_bytes[0].unwrap_or(0.0),
         io_write_bytes_per_second: r.io_write_bytes[0].unwrap_or(0.0),
+        io_read_bytes_total: s.io.iter().fold(0, |t, d| t.saturating_add(d.read_bytes)),
+        io_write_bytes_total: s.io.iter().fold(0, |t, d| t.saturating_add(d.write_bytes)),
         pids: s.pids.current.unwrap_or(0),
         pids_limit: s.pids.limit.unwrap_or(0),
         cpu_pressure: pressure(s.psi.cpu.as_ref()),
@@ -197,7 +202,13 @@ fn device(
             ps.iter()
                 .map(|p| GpuProcess {
                     pid: p.pid,
-                    container_id: p.container_id.clone().unwrap_or_default(),
+                    // The store's key, as for every other source: the container id, else
+                    // the cgroup path (a systemd service, say).
+                    container_id: match (&p.container_id, &p.cgroup) {
+                        (Some(id), _) => id.clone(),
+                        (None, Some(path)) => format!("/{}", path.trim_start_matches('/')),
+                        (None, None) => String::new(),
+                    },
                     used_memory_bytes: p.used_memory_bytes.unwrap_or(0),
                 })
                 .collect()

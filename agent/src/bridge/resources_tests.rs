@@ -4,7 +4,11 @@ use super::*;
 use crate::{
     containers::{Container, Identity, Runtime},
     sources::{
-        cgroup::{parse::PsiLine, scan::WorkloadRates, CgroupStats},
+        cgroup::{
+            parse::{DeviceIo, PsiLine},
+            scan::WorkloadRates,
+            CgroupStats,
+        },
         gpu::{
             model::{
                 Clocks, Ecc, GpuHealthDevice, GpuHealthInput, GpuProcess as NvmlProcess, Media,
@@ -21,11 +25,14 @@ fn psi(some10: f64, full10: Option<f64>) -> Psi {
         some: PsiLine {
             avg10: some10,
             avg60: some10 / 2.0,
+            // A distinct total per line, so a mix-up of `some` and `full` shows.
+            total_us: (some10 * 1e6) as u64,
             ..PsiLine::default()
         },
         full: full10.map(|f| PsiLine {
             avg10: f,
             avg60: f / 2.0,
+            total_us: (f * 1e6) as u64 + 7,
             ..PsiLine::default()
         }),
     }
@@ -33,7 +40,16 @@ fn psi(some10: f64, full10: Option<f64>) -> Psi {
 
 fn workload() -> Workload {
     let mut stats = CgroupStats::default();
+    stats.cpu.usage_ns = Some(7_250_000_000);
     stats.cpu.throttled_ns = Some(2_500_000_000);
+    stats.io = [(1_000, 20), (300, 4)]
+        .into_iter()
+        .map(|(read_bytes, write_bytes)| DeviceIo {
+            read_bytes,
+            write_bytes,
+            ..DeviceIo::default()
+        })
+        .collect();
     stats.memory.current_bytes = Some(1 << 20);
     stats.memory.limit_bytes = None;
     stats.memory.oom_kill_events = Some(2);
@@ -84,6 +100,25 @@ fn workload_maps_to_container_stats_over_the_shortest_window() {
     );
     assert_eq!(s.cpu_pressure.full_avg60, 0.0, "no `full` line");
     assert_eq!(s.io_pressure, Pressure::default());
+}
+
+#[test]
+fn workload_counters_are_the_kernels_totals() {
+    let s = container_stats(&workload());
+    assert_eq!(s.cpu_usage_seconds_total, 7.25);
+    assert_eq!((s.io_read_bytes_total, s.io_write_bytes_total), (1_300, 24));
+    assert_eq!(
+        (
+            s.memory_pressure.some_total_us,
+            s.memory_pressure.full_total_us
+        ),
+        (4_000_000, 1_000_007)
+    );
+    assert_eq!(
+        (s.cpu_pressure.some_total_us, s.cpu_pressure.full_total_us),
+        (8_000_000, 0),
+        "no `full` line: no full total"
+    );
 }
 
 #[test]
@@ -283,6 +318,30 @@ fn gpu_readings_map_to_store_units() {
     assert_eq!((g.row_remap_pending, g.row_remap_failed), (1, true));
     assert_eq!(g.processes[0].container_id, "abc");
     assert!(g.xids.is_empty() && !g.lost);
+}
+
+#[test]
+fn gpu_processes_outside_containers_are_keyed_by_cgroup_path_like_every_source() {
+    let mut s = gpu_snap();
+    let process = |pid, cgroup: Option<&str>| NvmlProcess {
+        pid,
+        kind: ProcessKind::Compute,
+        used_memory_bytes: Some(1),
+        sample: None,
+        cgroup: cgroup.map(str::to_owned),
+        container_id: None,
+    };
+    s.devices[0].processes = Reading::Supported(vec![
+        process(7, Some("system.slice/encoder.service")),
+        process(8, None),
+    ]);
+    let (snap, _) = gpu_snapshot(&s);
+    let keys: Vec<&str> = snap.gpus[0]
+        .processes
+        .iter()
+        .map(|p| p.container_id.as_str())
+        .collect();
+    assert_eq!(keys, ["/system.slice/encoder.service", ""]);
 }
 
 #[test]

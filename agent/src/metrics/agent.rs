@@ -1,5 +1,6 @@
-//! The agent's own cost and state: CPU time and memory from `/proc/self`, the run time and run
-//! count of its eBPF programs from the kernel's `bpf_prog_info`, and which sources run.
+//! The agent's own cost and state: the standard `process_*` series every Prometheus client
+//! library exports (read from `/proc/self` with procfs), the run time and run count of its eBPF
+//! programs from the kernel's `bpf_prog_info`, and which sources run.
 //!
 //! eBPF run time is only counted while `kernel.bpf_stats_enabled = 1` (it costs a little per
 //! program run), so the switch is exported next to the numbers: a zero with the switch off
@@ -7,13 +8,17 @@
 
 use std::collections::BTreeMap;
 
+use procfs::process::{LimitValue, Process};
+
 use super::Metrics;
 use crate::sources::Feeds;
 
 const PROC_SELF: &str = "/proc/self";
 const BPF_STATS_ENABLED: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// CPU, memory, threads, file descriptors, start time; and a build-info series.
+/// A build-info series, and the `process_*` families with the names and meanings of the Go and
+/// Rust client libraries' process collectors, so that the dashboards people already have for
+/// their exporters work for the agent too. A figure `/proc` does not give is left out.
 pub fn encode_process(m: &mut Metrics) {
     m.gauge(
         "nodeward_build_info",
@@ -21,91 +26,62 @@ pub fn encode_process(m: &mut Metrics) {
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
-    let stat = std::fs::read_to_string(format!("{PROC_SELF}/stat")).unwrap_or_default();
-    let Some(stat) = ProcStat::parse(&stat) else {
+    let Ok(me) = Process::myself() else {
         return;
     };
-    let ticks = sysconf(libc::_SC_CLK_TCK).unwrap_or(100) as f64;
-    let page = sysconf(libc::_SC_PAGESIZE).unwrap_or(4096) as f64;
-    m.counter(
-        "nodeward_process_cpu_seconds_total",
-        "CPU time the agent has used, user and system, in seconds.",
-        &[],
-        (stat.utime + stat.stime) as f64 / ticks,
-    );
-    m.gauge(
-        "nodeward_process_resident_memory_bytes",
-        "The agent's resident set size, in bytes.",
-        &[],
-        stat.rss_pages as f64 * page,
-    );
-    m.gauge(
-        "nodeward_process_threads",
-        "Threads in the agent's process.",
-        &[],
-        stat.threads as f64,
-    );
-    if let Some(boot) = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .as_deref()
-        .and_then(boot_time)
-    {
-        m.gauge(
-            "nodeward_process_start_time_seconds",
-            "When the agent started, in seconds since the Unix epoch.",
+    if let Ok(stat) = me.stat() {
+        let ticks = procfs::ticks_per_second() as f64;
+        m.counter(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
             &[],
-            boot as f64 + stat.start_ticks as f64 / ticks,
+            (stat.utime + stat.stime) as f64 / ticks,
+        );
+        m.gauge(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            &[],
+            stat.rss as f64 * procfs::page_size() as f64,
+        );
+        m.gauge(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            &[],
+            stat.vsize as f64,
+        );
+        m.gauge(
+            "process_threads",
+            "Number of OS threads in the process.",
+            &[],
+            stat.num_threads as f64,
+        );
+        if let Ok(boot) = procfs::boot_time_secs() {
+            m.gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                &[],
+                boot as f64 + stat.starttime as f64 / ticks,
+            );
+        }
+    }
+    if let Ok(fds) = me.fd_count() {
+        m.gauge(
+            "process_open_fds",
+            "Number of open file descriptors (eBPF programs, maps and links among them).",
+            &[],
+            fds as f64,
         );
     }
-    if let Ok(fds) = std::fs::read_dir(format!("{PROC_SELF}/fd")) {
-        m.gauge(
-            "nodeward_process_open_fds",
-            "File descriptors the agent holds open (eBPF programs, maps and links among them).",
-            &[],
-            fds.count() as f64,
-        );
+    if let Ok(limits) = me.limits() {
+        if let LimitValue::Value(max) = limits.max_open_files.soft_limit {
+            m.gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                &[],
+                max as f64,
+            );
+        }
     }
-}
-
-fn sysconf(name: libc::c_int) -> Option<libc::c_long> {
-    // SAFETY: sysconf only reads a system constant.
-    let v = unsafe { libc::sysconf(name) };
-    (v > 0).then_some(v)
-}
-
-/// The fields of `/proc/<pid>/stat` that are exported.
-#[derive(Debug, PartialEq, Eq)]
-struct ProcStat {
-    utime: u64,
-    stime: u64,
-    threads: u64,
-    start_ticks: u64,
-    rss_pages: u64,
-}
-
-impl ProcStat {
-    /// The command name (field 2) may hold spaces and parentheses, so fields are counted from
-    /// the last `)`. Field numbers below are proc(5)'s, 1-based.
-    fn parse(text: &str) -> Option<Self> {
-        let rest = &text[text.rfind(')')? + 1..];
-        // `rest` starts at field 3 (state).
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-        Some(Self {
-            utime: field(14)?,
-            stime: field(15)?,
-            threads: field(20)?,
-            start_ticks: field(22)?,
-            rss_pages: field(24)?,
-        })
-    }
-}
-
-/// `btime` of `/proc/stat`: boot time in seconds since the epoch.
-fn boot_time(text: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Run time and count of each eBPF program the agent holds, summed by program name.
@@ -329,33 +305,6 @@ mod tests {
         }
     }
 
-    // A /proc/<pid>/stat line in the kernel's layout, with a command name holding ") (".
-    const STAT: &str = "4242 (tokio ) (x) S 1 4242 4242 0 -1 4194560 3312 0 0 0 \
-        150 75 0 0 20 0 4 0 123456 1234567890 2048 18446744073709551615 1 1 0 0 0 0 0 \
-        4096 17987 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
-
-    #[test]
-    fn proc_stat_fields_are_counted_from_the_last_parenthesis() {
-        assert_eq!(
-            ProcStat::parse(STAT),
-            Some(ProcStat {
-                utime: 150,
-                stime: 75,
-                threads: 4,
-                start_ticks: 123456,
-                rss_pages: 2048,
-            })
-        );
-        assert_eq!(ProcStat::parse("garbage"), None);
-    }
-
-    #[test]
-    fn boot_time_is_read_from_proc_stat() {
-        let text = "cpu  1 2 3 4\nintr 5\nctxt 6\nbtime 1763776800\nprocesses 7\n";
-        assert_eq!(boot_time(text), Some(1_763_776_800));
-        assert_eq!(boot_time("cpu 1\n"), None);
-    }
-
     #[test]
     fn program_id_is_found_only_in_program_fdinfo() {
         let prog = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\nprog_type:\t8\n\
@@ -373,19 +322,68 @@ mod tests {
         assert_eq!(program_id(link), None);
     }
 
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} sample in:\n{text}"))
+    }
+
     #[test]
-    fn this_process_reports_its_own_cost() {
+    fn this_process_reports_its_own_cost_as_getrusage_and_getrlimit_see_it() {
+        // Ground truth through other doors than /proc: getrusage(2) before and after the
+        // scrape (other tests' threads run meanwhile), getrlimit(2), the clock.
+        let rusage = || {
+            // SAFETY: an all-zero rusage is a valid out-parameter.
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: `u` is a valid out-pointer.
+            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }, 0);
+            u
+        };
+        let cpu_of = |u: &libc::rusage| {
+            (u.ru_utime.tv_sec + u.ru_stime.tv_sec) as f64
+                + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) as f64 / 1e6
+        };
+        let before = rusage();
         let mut m = Metrics::new();
         encode_process(&mut m);
+        let after = rusage();
         let text = m.render();
-        let rss = text
-            .lines()
-            .find_map(|l| l.strip_prefix("nodeward_process_resident_memory_bytes "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .expect("an RSS sample");
-        // A running test binary holds at least a megabyte and surely less than 10 GiB.
-        assert!(rss > 1e6 && rss < 1e10, "{rss}");
-        assert!(m.has("nodeward_process_cpu_seconds_total"), "{text}");
-        assert!(m.has("nodeward_process_start_time_seconds"), "{text}");
+        let rss = value(&text, "process_resident_memory_bytes");
+        // ru_maxrss is the peak RSS in KiB: the current RSS cannot exceed it.
+        assert!(
+            rss > 1e6 && rss <= after.ru_maxrss as f64 * 1024.0,
+            "RSS {rss} vs peak {} KiB",
+            after.ru_maxrss
+        );
+        assert!(value(&text, "process_virtual_memory_bytes") >= rss);
+        // /proc truncates user and system time to clock ticks (10 ms each).
+        let cpu = value(&text, "process_cpu_seconds_total");
+        assert!(
+            cpu >= cpu_of(&before) - 0.02 && cpu <= cpu_of(&after) + 1e-6,
+            "cpu {cpu} vs getrusage {} .. {}",
+            cpu_of(&before),
+            cpu_of(&after)
+        );
+        // SAFETY: an all-zero rlimit is a valid out-parameter.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: `limit` is a valid out-pointer.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(value(&text, "process_max_fds"), limit.rlim_cur as f64);
+        let open = value(&text, "process_open_fds");
+        assert!(open >= 3.0 && open <= limit.rlim_cur as f64, "{open}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
+        let start = value(&text, "process_start_time_seconds");
+        // The test binary started before this test and within the last day.
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
     }
 }

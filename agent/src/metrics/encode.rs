@@ -18,6 +18,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 impl Kind {
@@ -25,6 +26,7 @@ impl Kind {
         match self {
             Self::Counter => "counter",
             Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
         }
     }
 }
@@ -90,6 +92,38 @@ impl Metrics {
         family
     }
 
+    /// Adds one histogram: `buckets` are (upper bound, samples at or below it) ascending, as
+    /// Prometheus counts them (cumulative); the `+Inf` bucket is written from `count`.
+    pub fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        count: u64,
+        sum: f64,
+    ) {
+        let family = self.family(name, Kind::Histogram, help);
+        let out = &mut family.samples;
+        let mut le = String::new();
+        for (bound, cumulative) in buckets {
+            le.clear();
+            write_value(*bound, &mut le);
+            write_series(out, name, "_bucket", labels, Some(&le));
+            write_value(*cumulative as f64, out);
+            out.push('\n');
+        }
+        write_series(out, name, "_bucket", labels, Some("+Inf"));
+        write_value(count as f64, out);
+        out.push('\n');
+        write_series(out, name, "_sum", labels, None);
+        write_value(sum, out);
+        out.push('\n');
+        write_series(out, name, "_count", labels, None);
+        write_value(count as f64, out);
+        out.push('\n');
+    }
+
     fn sample(
         &mut self,
         name: &'static str,
@@ -100,21 +134,7 @@ impl Metrics {
     ) {
         let family = self.family(name, kind, help);
         let out = &mut family.samples;
-        out.push_str(name);
-        if !labels.is_empty() {
-            out.push('{');
-            for (i, (label, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(label);
-                out.push_str("=\"");
-                escape_label_value(value, out);
-                out.push('"');
-            }
-            out.push('}');
-        }
-        out.push(' ');
+        write_series(out, name, "", labels, None);
         write_value(value, out);
         out.push('\n');
     }
@@ -151,6 +171,34 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `name{labels}` and the space before the value; `le` is a histogram bucket's bound.
+fn write_series(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&str, &str)],
+    le: Option<&str>,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    let le = le.map(|v| ("le", v));
+    let mut all = labels.iter().copied().chain(le).peekable();
+    if all.peek().is_some() {
+        out.push('{');
+        for (i, (label, value)) in all.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(label);
+            out.push_str("=\"");
+            escape_label_value(value, out);
+            out.push('"');
+        }
+        out.push('}');
+    }
+    out.push(' ');
 }
 
 /// Label values escape backslash, double quote and line feed.
@@ -264,6 +312,28 @@ mod tests {
                 "-Inf",
                 "42"
             ]
+        );
+    }
+
+    #[test]
+    fn a_histogram_has_cumulative_buckets_inf_sum_and_count() {
+        let mut m = Metrics::new();
+        m.histogram(
+            "nodeward_h_seconds",
+            "H.",
+            &[("container_id", "a")],
+            &[(0.001, 2), (0.002, 5)],
+            7,
+            0.0105,
+        );
+        assert_eq!(
+            m.render(),
+            "# HELP nodeward_h_seconds H.\n# TYPE nodeward_h_seconds histogram\n\
+             nodeward_h_seconds_bucket{container_id=\"a\",le=\"0.001\"} 2\n\
+             nodeward_h_seconds_bucket{container_id=\"a\",le=\"0.002\"} 5\n\
+             nodeward_h_seconds_bucket{container_id=\"a\",le=\"+Inf\"} 7\n\
+             nodeward_h_seconds_sum{container_id=\"a\"} 0.0105\n\
+             nodeward_h_seconds_count{container_id=\"a\"} 7\n"
         );
     }
 

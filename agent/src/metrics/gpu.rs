@@ -1,14 +1,13 @@
 //! NVIDIA GPUs: utilisation, memory, temperature, power, clocks, ECC, retired pages and
 //! remapped rows, NVLink and PCIe errors, the media engines, XID and ECC events within
-//! `gpu.xid_window`, lost GPUs, and GPU memory per container.
+//! `gpu.xid_window` and lost GPUs. GPU memory per container comes from the store (`store.rs`),
+//! with the labels every per-container series carries.
 //!
 //! Series are labelled by the GPU's index (`gpu`, nvidia-smi's order) and `uuid`. A reading the
 //! device does not support, or that failed, is left out: a 0 would claim a measurement.
 //! Percentages become ratios (0..1), milliwatts watts and MHz hertz, the base units.
 
-use std::collections::BTreeMap;
-
-use super::{container_labels, Metrics};
+use super::Metrics;
 use crate::sources::gpu::{
     model::{DeviceStats, GpuHealthDevice},
     GpuSnapshot, Reading, SourceStatus,
@@ -184,7 +183,6 @@ fn encode_device(d: &DeviceStats, m: &mut Metrics) {
         );
     }
     encode_labelled(d, &labels, m);
-    encode_processes(d, &labels, m);
 }
 
 /// Families with a label beyond the GPU's own: clock, error kind, NVLink link.
@@ -288,30 +286,6 @@ fn encode_labelled(d: &DeviceStats, gpu: &[(&str, &str); 2], m: &mut Metrics) {
                 );
             }
         }
-    }
-}
-
-/// GPU memory per container: the sum over the container's processes on this GPU.
-fn encode_processes(d: &DeviceStats, gpu: &[(&str, &str); 2], m: &mut Metrics) {
-    let mut by_cgroup: BTreeMap<&str, u64> = BTreeMap::new();
-    for p in d.processes.value().into_iter().flatten() {
-        if let (Some(cgroup), Some(bytes)) = (p.cgroup.as_deref(), p.used_memory_bytes) {
-            *by_cgroup.entry(cgroup).or_default() += bytes;
-        }
-    }
-    for (cgroup, bytes) in by_cgroup {
-        let (cgroup, container_id) = container_labels(0, Some(cgroup));
-        m.gauge(
-            "nodeward_container_gpu_memory_used_bytes",
-            "GPU memory used by the container's processes on the GPU, in bytes.",
-            &[
-                ("cgroup", &cgroup),
-                ("container_id", &container_id),
-                gpu[0],
-                gpu[1],
-            ],
-            bytes as f64,
-        );
     }
 }
 

@@ -10,22 +10,23 @@ use crate::{
     health::{Severity, Verdict},
 };
 
-const VERDICT: &str = "nodeward_health_verdict";
-const VERDICT_HELP: &str = "The node verdict: 0 unknown, 1 healthy, 2 degraded, 3 unhealthy.";
+const VERDICT: &str = "nodeward_health_verdict_state";
+const VERDICT_HELP: &str =
+    "The node verdict as a state set: one series per `state`, 1 for the current verdict, 0 for the others.";
 const DRAIN: &str = "nodeward_drain_active";
 const DRAIN_HELP: &str = "1 while a drain is in progress (BeginDrain called, not cancelled).";
 const CONDITION: &str = "nodeward_health_condition";
 const CONDITION_HELP: &str =
     "1 while a condition of this type and severity is firing or recovering (it counts towards the verdict).";
 
-pub fn verdict_value(v: Verdict) -> f64 {
-    match v {
-        Verdict::Unknown => 0.0,
-        Verdict::Healthy => 1.0,
-        Verdict::Degraded => 2.0,
-        Verdict::Unhealthy => 3.0,
-    }
-}
+/// Every verdict and its `state` label, so that each scrape has all four series: a query for
+/// `state="unhealthy"` then reads 0 on a healthy node instead of finding nothing.
+const STATES: [(Verdict, &str); 4] = [
+    (Verdict::Unknown, "unknown"),
+    (Verdict::Healthy, "healthy"),
+    (Verdict::Degraded, "degraded"),
+    (Verdict::Unhealthy, "unhealthy"),
+];
 
 fn severity(s: Severity) -> &'static str {
     match s {
@@ -36,7 +37,10 @@ fn severity(s: Severity) -> &'static str {
 }
 
 pub fn encode(p: &Published, m: &mut Metrics) {
-    m.gauge(VERDICT, VERDICT_HELP, &[], verdict_value(p.report.verdict));
+    for (verdict, state) in STATES {
+        let current = f64::from(u8::from(p.report.verdict == verdict));
+        m.gauge(VERDICT, VERDICT_HELP, &[("state", state)], current);
+    }
     m.gauge(
         DRAIN,
         DRAIN_HELP,
@@ -92,11 +96,23 @@ mod tests {
     }
 
     #[test]
-    fn verdict_is_exported_as_the_dashboards_number() {
+    fn verdict_is_a_state_set_with_one_series_at_1() {
         let mut m = Metrics::new();
         encode(&published(Verdict::Degraded, vec![]), &mut m);
         let text = m.render();
-        assert!(text.contains("nodeward_health_verdict 2\n"), "{text}");
+        let states: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nodeward_health_verdict_state{"))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                "nodeward_health_verdict_state{state=\"unknown\"} 0",
+                "nodeward_health_verdict_state{state=\"healthy\"} 0",
+                "nodeward_health_verdict_state{state=\"degraded\"} 1",
+                "nodeward_health_verdict_state{state=\"unhealthy\"} 0",
+            ]
+        );
         assert!(text.contains("nodeward_drain_active 0\n"), "{text}");
         assert!(
             text.contains("# TYPE nodeward_health_condition gauge"),

@@ -1,31 +1,56 @@
-//! Just enough HTTP/1.1 to be scraped: `GET /metrics` (and `HEAD`), one request per
-//! connection, answered with `Connection: close`.
+//! The scrape endpoint on hyper 1 and axum, the HTTP stack tonic already brings: `GET /metrics`
+//! (and `HEAD`, which axum answers with the same head), 405 for other methods there, 404
+//! elsewhere.
 //!
-//! A full HTTP stack would be most of the agent's dependency tree for one read-only page; the
-//! scrape protocol needs only this. Requests are bounded in size, time and concurrency so that a
-//! slow or hostile client cannot hold the agent's memory or its runtime.
+//! Bounded so that a slow or hostile client cannot hold the agent's memory or its runtime: at
+//! most [`MAX_CONNECTIONS`] connections are served at once (more wait in the kernel's accept
+//! queue), a request head must arrive within [`IO_TIMEOUT`], a whole connection ends after
+//! [`CONNECTION_TIMEOUT`], and each connection serves one request (as Prometheus's scrapes
+//! need no keep-alive across a scrape interval).
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-    task::JoinSet,
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse as _, Response},
+    routing::get,
+    Router,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{encode::CONTENT_TYPE, Exporter};
 
-/// The longest request head read; a scrape's is a few hundred bytes.
-const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request and read the answer.
+/// How long a client may take to send its request head.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection may last in all: request, rendering and the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 16;
 
-const INDEX: &str = "<html><head><title>nodeward</title></head><body>\
-<h1>nodeward</h1><p><a href=\"/metrics\">metrics</a></p></body></html>\n";
+/// The routes: `/metrics` only.
+fn router(exporter: Arc<Exporter>) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(exporter)
+}
+
+async fn scrape(State(exporter): State<Arc<Exporter>>) -> Response {
+    // A scrape reads /proc files and makes bpf() calls: off the async workers.
+    match tokio::task::spawn_blocking(move || exporter.render()).await {
+        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: rendering a scrape failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response()
+        }
+    }
+}
 
 /// Accepts scrapes until `cancel` fires; connections in flight are dropped then.
 pub async fn serve(
@@ -33,6 +58,7 @@ pub async fn serve(
     exporter: Arc<Exporter>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
+    let service = TowerToHyperService::new(router(exporter));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
     loop {
@@ -56,160 +82,75 @@ pub async fn serve(
                 }
             },
         };
-        let exporter = Arc::clone(&exporter);
+        let service = service.clone();
         connections.spawn(async move {
-            if let Err(e) = tokio::time::timeout(IO_TIMEOUT * 2, answer(stream, exporter)).await {
-                tracing::debug!(%peer, error = %e, "metrics: client too slow");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics: connection failed"),
+                Err(_) => tracing::debug!(%peer, "metrics: client too slow"),
             }
             drop(permit);
         });
     }
 }
 
-/// What the request asked for.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics { head: bool },
-    Index { head: bool },
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-}
-
-/// Reads the request line of a complete request head.
-fn route(head: &str) -> Route {
-    let Some(line) = head.lines().next() else {
-        return Route::BadRequest;
-    };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Route::BadRequest;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Route::BadRequest;
-    }
-    let head = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return Route::MethodNotAllowed,
-    };
-    // Prometheus may add query parameters; they select nothing here.
-    let path = target.split('?').next().unwrap_or(target);
-    match path {
-        "/metrics" => Route::Metrics { head },
-        "/" => Route::Index { head },
-        _ => Route::NotFound,
-    }
-}
-
-async fn answer(mut stream: TcpStream, exporter: Arc<Exporter>) -> std::io::Result<()> {
-    let Some(head) = read_head(&mut stream).await? else {
-        return respond(&mut stream, 400, "text/plain", b"bad request\n", false).await;
-    };
-    match route(&head) {
-        Route::Metrics { head } => {
-            // A scrape reads /proc files and makes bpf() calls: off the async workers.
-            let body = tokio::task::spawn_blocking(move || exporter.render())
-                .await
-                .map_err(std::io::Error::other)?;
-            respond(&mut stream, 200, CONTENT_TYPE, body.as_bytes(), head).await
-        }
-        Route::Index { head } => {
-            respond(&mut stream, 200, "text/html", INDEX.as_bytes(), head).await
-        }
-        Route::NotFound => respond(&mut stream, 404, "text/plain", b"not found\n", false).await,
-        Route::MethodNotAllowed => {
-            respond(&mut stream, 405, "text/plain", b"only GET\n", false).await
-        }
-        Route::BadRequest => respond(&mut stream, 400, "text/plain", b"bad request\n", false).await,
-    }
-}
-
-/// Reads up to the blank line that ends the head. `None`: too long, or the client hung up.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut chunk))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    head_only: bool,
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Bad Request",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if status == 405 {
-        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(&out).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-}
-
 #[cfg(test)]
 mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt as _;
+
     use super::*;
 
-    #[test]
-    fn routes_scrapes_and_refuses_the_rest() {
+    async fn answer(method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
+        let mut exporter = Exporter::new();
+        exporter.add(|m| m.gauge("nodeward_test", "Test.", &[], 1.0));
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .expect("a request");
+        let response = router(Arc::new(exporter))
+            .oneshot(request)
+            .await
+            .expect("the router answers");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("a body");
+        (status, content_type, body.to_vec())
+    }
+
+    #[tokio::test]
+    async fn get_metrics_is_the_scrape_in_the_text_format() {
+        let (status, content_type, body) = answer("GET", "/metrics?name[]=x").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type.as_deref(), Some(CONTENT_TYPE));
         assert_eq!(
-            route("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head: false }
+            String::from_utf8_lossy(&body),
+            "# HELP nodeward_test Test.\n# TYPE nodeward_test gauge\nnodeward_test 1\n"
         );
+    }
+
+    #[tokio::test]
+    async fn head_has_no_body_other_paths_are_404_and_other_methods_405() {
+        let (status, _, body) = answer("HEAD", "/metrics").await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        for path in ["/", "/debug", "/metrics/x"] {
+            assert_eq!(answer("GET", path).await.0, StatusCode::NOT_FOUND, "{path}");
+        }
         assert_eq!(
-            route("GET /metrics?name[]=x HTTP/1.1\r\n\r\n"),
-            Route::Metrics { head: false }
+            answer("POST", "/metrics").await.0,
+            StatusCode::METHOD_NOT_ALLOWED
         );
-        assert_eq!(
-            route("HEAD /metrics HTTP/1.0\r\n\r\n"),
-            Route::Metrics { head: true }
-        );
-        assert_eq!(
-            route("GET / HTTP/1.1\r\n\r\n"),
-            Route::Index { head: false }
-        );
-        assert_eq!(route("GET /debug HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(
-            route("POST /metrics HTTP/1.1\r\n\r\n"),
-            Route::MethodNotAllowed
-        );
-        assert_eq!(route("GET /metrics\r\n\r\n"), Route::BadRequest);
-        assert_eq!(route("GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
-        assert_eq!(route(""), Route::BadRequest);
     }
 }

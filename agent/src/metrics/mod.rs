@@ -1,15 +1,18 @@
 //! Prometheus `/metrics`: what the sources publish, rendered in the text format on each scrape.
 //!
-//! The exporter holds a list of collectors; each is a plain function from one feed's latest
-//! snapshot to samples, so wiring a new feed is one line in [`Exporter::from_feeds`]
-//! (`exporter.add_feed(rx, my_feed::encode)`) and one small function. Nothing is stored
-//! between scrapes: a scrape reads the `watch` channels, the store (the per-container and node
-//! numbers the API serves), the health state the API publishes, `/proc/self` and the kernel's
-//! eBPF program statistics, and writes them out.
+//! Every per-container and node figure is read from the store (`network`, `store`), the same
+//! data the gRPC API and the health rules read, with one label scheme
+//! ([`container_labels`]); the verdict from the health state the API publishes. Besides them,
+//! a few collectors describe the agent itself: `/proc/self` (`process_*`), the kernel's eBPF
+//! program statistics, the supervisor's task states, and the sources' own diagnostics (the
+//! eBPF programs' drop and packet counters, the GPU devices) from their feeds. Nothing is kept
+//! between scrapes: each collector is a plain function that writes what it reads.
 //!
-//! Names start with `nodeward_`, use base units (`_seconds`, `_bytes`, ratios 0..1) and
-//! counters end in `_total`. Labels are bounded: a container's cgroup and container id, a
-//! GPU's index and UUID, a window length, an eBPF program name — never a connection or flow.
+//! Names start with `nodeward_` (the standard `process_*` families excepted), use base units
+//! (`_seconds`, `_bytes`, ratios 0..1); counters end in `_total` and are totals since the agent
+//! (or the kernel) started, so that `rate()` works. Labels are bounded: a container's id, name,
+//! pod and namespace, a GPU's index and UUID, an eBPF program name — never a connection or
+//! flow.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -17,13 +20,20 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, daemon::TaskResult, sources::Feeds, store::Store};
+use crate::{
+    config::Config,
+    daemon::TaskResult,
+    sources::Feeds,
+    store::{ContainerMeta, Store},
+};
 
 pub mod agent;
 pub mod encode;
 pub mod gpu;
 pub mod health;
 mod http;
+pub mod network;
+pub mod rtt;
 pub mod store;
 pub mod tcp;
 pub mod udp;
@@ -83,8 +93,8 @@ impl Exporter {
         Self::default()
     }
 
-    /// Everything the daemon knows how to export today: the agent itself, which sources run,
-    /// and each feed that started.
+    /// The agent itself (process, eBPF programs, sources and tasks) and the sources' own
+    /// diagnostics from the feeds that started. [`Exporter::add_store`] adds the figures.
     pub fn from_feeds(feeds: &Feeds) -> Self {
         let mut exporter = Self::new();
         exporter.add(agent::encode_process);
@@ -107,14 +117,18 @@ impl Exporter {
         exporter
     }
 
-    /// Adds what the daemon has beyond the raw feeds: the store (per-container TCP, cgroup and
-    /// node numbers) and the health state the API publishes (verdict, drain, conditions).
+    /// Adds the store (every per-container and node figure) and the health state the API
+    /// publishes (verdict, drain, conditions).
     pub fn add_store(
         &mut self,
         store: Arc<Store>,
         health: Option<watch::Receiver<crate::api::hub::Published>>,
     ) {
-        self.add(move |m| store::encode(&store.snapshot(), m));
+        self.add(move |m| {
+            let snapshot = store.snapshot();
+            network::encode(&snapshot, m);
+            store::encode(&snapshot, m);
+        });
         if let Some(rx) = health {
             self.add_feed(rx, health::encode);
         }
@@ -185,15 +199,18 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
     tokio::net::TcpListener::from_std(std_listener).map_err(listen)
 }
 
-/// The labels every per-container series carries: the cgroup path below the v2 root (or
-/// `id:<cgroup id>` once the cgroup is gone) and the container id found in it ("" for a
-/// cgroup that is not a container's). Pod and namespace join here once the agent resolves them.
-pub fn container_labels(cgroup_id: u64, cgroup_path: Option<&str>) -> (String, String) {
-    match cgroup_path {
-        Some(path) => (
-            path.to_owned(),
-            crate::sources::gpu::procs::container_for_cgroup(path).unwrap_or_default(),
-        ),
-        None => (format!("id:{cgroup_id}"), String::new()),
-    }
+/// The labels every per-container series carries: `container_id` (the store's key: the
+/// runtime's container id, else the cgroup path), `container` (the container's name, empty
+/// until the agent resolves pods), `pod` and `namespace` (likewise). The same four on every
+/// per-container family, so series of different families join on them.
+pub fn container_labels<'a>(
+    id: &'a str,
+    meta: Option<&'a ContainerMeta>,
+) -> [(&'static str, &'a str); 4] {
+    [
+        ("container_id", id),
+        ("container", meta.map_or("", |m| m.name.as_str())),
+        ("pod", meta.map_or("", |m| m.pod_name.as_str())),
+        ("namespace", meta.map_or("", |m| m.pod_namespace.as_str())),
+    ]
 }

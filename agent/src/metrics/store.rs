@@ -1,144 +1,84 @@
-//! Per-container TCP and cgroup numbers and the node's pressure and disks, read from the store
-//! (the same data the gRPC API and the health rules read), so a dashboard and `ListContainers`
-//! agree.
+//! Per-container cgroup numbers and GPU memory, and the node's pressure and disks, read from
+//! the store (the same data the gRPC API and the health rules read), so a dashboard and
+//! `ListContainers` agree. Per-container series carry the labels of
+//! [`container_labels`](super::container_labels).
 //!
-//! Series carry `container` (the id the API uses: the runtime's container id, else the cgroup
-//! path), `pod` and `namespace` (empty until the agent resolves pods). Window gauges carry a
-//! `window` length (`10s`, `60s`, `300s`); they are statistics over the sliding window, not counters.
+//! Pressure (PSI) is exported as the kernel's stall-time counters (`total=`), the way
+//! node_exporter and cAdvisor do: `rate()` over any range gives the share of time stalled,
+//! where the kernel's own averages are fixed at 10, 60 and 300 s.
 
-use super::{Kind, Metrics};
-use crate::store::{ContainerMeta, Pressure, Snapshot};
+use super::{container_labels, Kind, Metrics};
+use crate::store::{Pressure, Snapshot};
 
 const FAMILIES: &[(&str, Kind, &str)] = &[
-    (RTT, Kind::Gauge, RTT_HELP),
-    (SAMPLES, Kind::Gauge, SAMPLES_HELP),
-    (JITTER, Kind::Gauge, JITTER_HELP),
-    (RETRANS, Kind::Gauge, RETRANS_HELP),
-    (ESTABLISHED, Kind::Gauge, ESTABLISHED_HELP),
-    (CPU, Kind::Gauge, CPU_HELP),
-    (THROTTLED_RATIO, Kind::Gauge, THROTTLED_RATIO_HELP),
+    (CPU, Kind::Counter, CPU_HELP),
     (THROTTLED_SECONDS, Kind::Counter, THROTTLED_SECONDS_HELP),
     (MEMORY, Kind::Gauge, MEMORY_HELP),
     (MEMORY_LIMIT, Kind::Gauge, MEMORY_LIMIT_HELP),
     (OOM, Kind::Counter, OOM_HELP),
-    (PSI, Kind::Gauge, PSI_HELP),
-    (NODE_PSI, Kind::Gauge, NODE_PSI_HELP),
+    (IO_READ, Kind::Counter, IO_READ_HELP),
+    (IO_WRITE, Kind::Counter, IO_WRITE_HELP),
+    (PSI, Kind::Counter, PSI_HELP),
+    (GPU_MEMORY, Kind::Gauge, GPU_MEMORY_HELP),
+    (NODE_PSI, Kind::Counter, NODE_PSI_HELP),
     (DISK_USED, Kind::Gauge, DISK_USED_HELP),
 ];
 
-const RTT: &str = "nodeward_container_tcp_rtt_seconds";
-const RTT_HELP: &str = "TCP round-trip time of the container's connections over the window, by `stat` (min, p50, p90, p99, max), in seconds.";
-const SAMPLES: &str = "nodeward_container_tcp_rtt_samples";
-const SAMPLES_HELP: &str = "TCP RTT samples of the container within the window.";
-const JITTER: &str = "nodeward_container_tcp_jitter_seconds";
-const JITTER_HELP: &str =
-    "Mean |difference| between consecutive RTT samples of a connection within the window, in seconds.";
-const RETRANS: &str = "nodeward_container_tcp_window_retransmits";
-const RETRANS_HELP: &str = "TCP segments the container retransmitted within the window.";
-const ESTABLISHED: &str = "nodeward_container_tcp_established_connections";
-const ESTABLISHED_HELP: &str = "Established TCP connections of the container now.";
-const CPU: &str = "nodeward_container_cpu_usage_cores";
-const CPU_HELP: &str = "CPU seconds per second the container used over the shortest window.";
-const THROTTLED_RATIO: &str = "nodeward_container_cpu_throttled_ratio";
-const THROTTLED_RATIO_HELP: &str =
-    "Share of CFS periods in which the container was throttled over the shortest window, 0..1.";
+const CPU: &str = "nodeward_container_cpu_usage_seconds_total";
+const CPU_HELP: &str = "CPU time the container's cgroup used, user and system, in seconds.";
 const THROTTLED_SECONDS: &str = "nodeward_container_cpu_throttled_seconds_total";
 const THROTTLED_SECONDS_HELP: &str =
-    "Time the container was throttled since its cgroup was created.";
+    "Time the container was throttled by its CPU limit, in seconds.";
 const MEMORY: &str = "nodeward_container_memory_bytes";
-const MEMORY_HELP: &str = "Memory the container's cgroup uses now.";
+const MEMORY_HELP: &str = "Memory the container's cgroup uses now, in bytes.";
 const MEMORY_LIMIT: &str = "nodeward_container_memory_limit_bytes";
-const MEMORY_LIMIT_HELP: &str = "Memory limit of the container's cgroup; absent when unlimited.";
+const MEMORY_LIMIT_HELP: &str =
+    "Memory limit of the container's cgroup, in bytes; absent when unlimited.";
 const OOM: &str = "nodeward_container_oom_kills_total";
 const OOM_HELP: &str = "Processes the OOM killer ended in the container's cgroup.";
-const PSI: &str = "nodeward_container_pressure_ratio";
-const PSI_HELP: &str = "PSI of the container's cgroup over 10 s: share of time `some` or `full` tasks stalled on `resource`, 0..1.";
-const NODE_PSI: &str = "nodeward_node_pressure_ratio";
-const NODE_PSI_HELP: &str =
-    "Node-wide PSI over 10 s: share of time `some` or `full` tasks stalled on `resource`, 0..1.";
+const IO_READ: &str = "nodeward_container_io_read_bytes_total";
+const IO_READ_HELP: &str = "Bytes the container's cgroup read from block devices.";
+const IO_WRITE: &str = "nodeward_container_io_write_bytes_total";
+const IO_WRITE_HELP: &str = "Bytes the container's cgroup wrote to block devices.";
+const PSI: &str = "nodeward_container_pressure_seconds_total";
+const PSI_HELP: &str = "PSI of the container's cgroup: time in which some (`kind=\"some\"`) or all non-idle (`kind=\"full\"`) tasks stalled on `resource`, in seconds.";
+const GPU_MEMORY: &str = "nodeward_container_gpu_memory_used_bytes";
+const GPU_MEMORY_HELP: &str = "GPU memory used by the container's processes on the GPU, in bytes.";
+const NODE_PSI: &str = "nodeward_node_pressure_seconds_total";
+const NODE_PSI_HELP: &str = "Node-wide PSI: time in which some (`kind=\"some\"`) or all non-idle (`kind=\"full\"`) tasks stalled on `resource`, in seconds.";
 const DISK_USED: &str = "nodeward_node_filesystem_used_ratio";
 const DISK_USED_HELP: &str = "Share of the filesystem's space in use, 0..1.";
 
+/// One counter per resource and kind. `full` is left out where the kernel defines none (the
+/// node's CPU).
+#[expect(clippy::cast_precision_loss, reason = "microseconds far below 2^52")]
 fn pressure(
     m: &mut Metrics,
     name: &'static str,
     help: &'static str,
     base: &[(&str, &str)],
-    resources: [(&str, &Pressure); 3],
+    resources: [(&str, &Pressure, bool); 3],
 ) {
-    for (resource, p) in resources {
-        for (kind, value) in [("some", p.some_avg10), ("full", p.full_avg10)] {
+    for (resource, p, has_full) in resources {
+        let kinds = [("some", p.some_total_us), ("full", p.full_total_us)];
+        for (kind, us) in kinds.into_iter().take(if has_full { 2 } else { 1 }) {
             let mut labels = base.to_vec();
             labels.extend([("resource", resource), ("kind", kind)]);
-            m.gauge(name, help, &labels, value / 100.0);
+            m.counter(name, help, &labels, us as f64 / 1e6);
         }
     }
 }
 
-fn labels<'a>(id: &'a str, meta: Option<&'a ContainerMeta>) -> [(&'static str, &'a str); 3] {
-    [
-        ("container", id),
-        ("pod", meta.map_or("", |m| m.pod_name.as_str())),
-        ("namespace", meta.map_or("", |m| m.pod_namespace.as_str())),
-    ]
-}
-
+#[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
 pub fn encode(s: &Snapshot, m: &mut Metrics) {
     for (name, kind, help) in FAMILIES {
         m.declare(name, *kind, help);
     }
     let meta = |id: &str| s.containers.as_ref().and_then(|c| c.get(id));
-    if let Some(net) = &s.network {
-        for (id, c) in &net.containers {
-            let base = labels(id, meta(id));
-            m.gauge(
-                ESTABLISHED,
-                ESTABLISHED_HELP,
-                &base,
-                f64::from(c.established_connections),
-            );
-            for w in c
-                .windows
-                .iter()
-                .filter(|w| w.samples > 0 || w.retransmits > 0)
-            {
-                // `10s`, `60s`, `300s`: the same values the UDP window gauges carry.
-                let window = format!("{}s", w.window_seconds);
-                let mut l = base.to_vec();
-                l.push(("window", &window));
-                m.gauge(SAMPLES, SAMPLES_HELP, &l, w.samples as f64);
-                m.gauge(RETRANS, RETRANS_HELP, &l, w.retransmits as f64);
-                if w.samples == 0 {
-                    // No RTT was measured: no RTT sample, rather than a 0 that claims one.
-                    continue;
-                }
-                m.gauge(JITTER, JITTER_HELP, &l, w.jitter_us as f64 / 1e6);
-                // A `stat` label, not `quantile`: Prometheus reserves that for summaries, and
-                // these are a histogram's percentiles over a sliding window, read as gauges.
-                for (stat, us) in [
-                    ("min", w.rtt_min_us),
-                    ("p50", w.rtt_p50_us),
-                    ("p90", w.rtt_p90_us),
-                    ("p99", w.rtt_p99_us),
-                    ("max", w.rtt_max_us),
-                ] {
-                    let mut lq = l.clone();
-                    lq.push(("stat", stat));
-                    m.gauge(RTT, RTT_HELP, &lq, us as f64 / 1e6);
-                }
-            }
-        }
-    }
     if let Some(cg) = &s.cgroups {
         for (id, c) in &cg.containers {
-            let base = labels(id, meta(id));
-            m.gauge(CPU, CPU_HELP, &base, c.cpu_usage_cores);
-            m.gauge(
-                THROTTLED_RATIO,
-                THROTTLED_RATIO_HELP,
-                &base,
-                c.cpu_throttled_ratio,
-            );
+            let base = container_labels(id, meta(id));
+            m.counter(CPU, CPU_HELP, &base, c.cpu_usage_seconds_total);
             m.counter(
                 THROTTLED_SECONDS,
                 THROTTLED_SECONDS_HELP,
@@ -155,17 +95,39 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
                 );
             }
             m.counter(OOM, OOM_HELP, &base, c.oom_kills_total as f64);
+            m.counter(IO_READ, IO_READ_HELP, &base, c.io_read_bytes_total as f64);
+            m.counter(
+                IO_WRITE,
+                IO_WRITE_HELP,
+                &base,
+                c.io_write_bytes_total as f64,
+            );
             pressure(
                 m,
                 PSI,
                 PSI_HELP,
                 &base,
                 [
-                    ("cpu", &c.cpu_pressure),
-                    ("memory", &c.memory_pressure),
-                    ("io", &c.io_pressure),
+                    ("cpu", &c.cpu_pressure, true),
+                    ("memory", &c.memory_pressure, true),
+                    ("io", &c.io_pressure, true),
                 ],
             );
+        }
+    }
+    if let Some(gpus) = &s.gpus {
+        for gpu in &gpus.gpus {
+            let index = gpu.index.to_string();
+            // A container's processes on one GPU are one series.
+            let mut by_container = std::collections::BTreeMap::<&str, u64>::new();
+            for p in gpu.processes.iter().filter(|p| !p.container_id.is_empty()) {
+                *by_container.entry(&p.container_id).or_default() += p.used_memory_bytes;
+            }
+            for (id, bytes) in by_container {
+                let mut labels = container_labels(id, meta(id)).to_vec();
+                labels.extend([("gpu", index.as_str()), ("uuid", gpu.uuid.as_str())]);
+                m.gauge(GPU_MEMORY, GPU_MEMORY_HELP, &labels, bytes as f64);
+            }
         }
     }
     if let Some(n) = &s.node {
@@ -175,9 +137,9 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
             NODE_PSI_HELP,
             &[],
             [
-                ("cpu", &n.cpu_pressure),
-                ("memory", &n.memory_pressure),
-                ("io", &n.io_pressure),
+                ("cpu", &n.cpu_pressure, false),
+                ("memory", &n.memory_pressure, true),
+                ("io", &n.io_pressure, true),
             ],
         );
         for d in &n.disks {
@@ -197,42 +159,23 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        CgroupSnapshot, ContainerNetwork, ContainerStats, Disk, NetworkSnapshot, NetworkWindow,
+        CgroupSnapshot, ContainerMeta, ContainerStats, Disk, GpuDevice, GpuProcess, GpuSnapshot,
         NodeStats,
     };
 
     fn snapshot() -> Snapshot {
-        let mut net = NetworkSnapshot::default();
-        net.containers.insert(
-            "abc".to_owned(),
-            ContainerNetwork {
-                windows: vec![
-                    NetworkWindow {
-                        window_seconds: 10,
-                        samples: 20,
-                        rtt_p99_us: 150_000,
-                        jitter_us: 2_000,
-                        retransmits: 4,
-                        ..NetworkWindow::default()
-                    },
-                    NetworkWindow {
-                        window_seconds: 60,
-                        rtp_packets: 10,
-                        ..NetworkWindow::default()
-                    },
-                ],
-                established_connections: 3,
-                ..ContainerNetwork::default()
-            },
-        );
         let mut cg = CgroupSnapshot::default();
         cg.containers.insert(
             "abc".to_owned(),
             ContainerStats {
                 cpu_usage_cores: 1.25,
+                cpu_usage_seconds_total: 812.5,
                 memory_bytes: 1024,
+                io_read_bytes_total: 4096,
                 memory_pressure: Pressure {
                     full_avg10: 12.5,
+                    some_total_us: 3_000_000,
+                    full_total_us: 1_500_000,
                     ..Pressure::default()
                 },
                 ..ContainerStats::default()
@@ -242,15 +185,36 @@ mod tests {
         meta.insert(
             "abc".to_owned(),
             ContainerMeta {
+                id: "abc".to_owned(),
                 pod_name: "live-0".to_owned(),
                 pod_namespace: "edu".to_owned(),
                 ..ContainerMeta::default()
             },
         );
+        let process = |pid, container_id: &str, used_memory_bytes| GpuProcess {
+            pid,
+            container_id: container_id.to_owned(),
+            used_memory_bytes,
+        };
         Snapshot {
-            network: Some(Arc::new(net)),
             cgroups: Some(Arc::new(cg)),
+            gpus: Some(Arc::new(GpuSnapshot {
+                gpus: vec![GpuDevice {
+                    index: 1,
+                    uuid: "GPU-1".to_owned(),
+                    processes: vec![
+                        process(10, "abc", 1 << 20),
+                        process(11, "abc", 2 << 20),
+                        process(12, "", 4 << 20),
+                    ],
+                    ..GpuDevice::default()
+                }],
+            })),
             node: Some(Arc::new(NodeStats {
+                cpu_pressure: Pressure {
+                    some_total_us: 48_214_377,
+                    ..Pressure::default()
+                },
                 disks: vec![Disk {
                     mount_point: "/".to_owned(),
                     used_ratio: 0.5,
@@ -269,42 +233,84 @@ mod tests {
         m.render()
     }
 
-    #[test]
-    fn tcp_windows_become_percentile_gauges_in_seconds_with_pod_labels() {
-        let text = render(&snapshot());
-        let l = r#"container="abc",pod="live-0",namespace="edu""#;
+    const ABC: &str = r#"container_id="abc",container="",pod="live-0",namespace="edu""#;
+
+    fn has(text: &str, line: &str) {
         assert!(
-            text.contains(&format!(
-                "nodeward_container_tcp_rtt_seconds{{{l},window=\"10s\",stat=\"p99\"}} 0.15\n"
-            )),
-            "{text}"
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
         );
-        assert!(text.contains(&format!(
-            "nodeward_container_tcp_window_retransmits{{{l},window=\"10s\"}} 4\n"
-        )));
-        assert!(text.contains(&format!(
-            "nodeward_container_tcp_established_connections{{{l}}} 3\n"
-        )));
     }
 
     #[test]
-    fn a_window_without_tcp_samples_has_no_rtt_series() {
+    fn cgroup_counters_are_totals_in_base_units_with_the_container_labels() {
         let text = render(&snapshot());
-        assert!(!text.contains("window=\"60s\""), "{text}");
-    }
-
-    #[test]
-    fn cgroup_and_node_numbers_are_in_base_units() {
-        let text = render(&snapshot());
-        assert!(text.contains("nodeward_container_cpu_usage_cores{container=\"abc\""));
-        assert!(text.contains(
-            "nodeward_container_pressure_ratio{container=\"abc\",pod=\"live-0\",namespace=\"edu\",resource=\"memory\",kind=\"full\"} 0.125\n"
-        ), "{text}");
+        has(
+            &text,
+            &format!("nodeward_container_cpu_usage_seconds_total{{{ABC}}} 812.5"),
+        );
+        has(
+            &text,
+            &format!("nodeward_container_io_read_bytes_total{{{ABC}}} 4096"),
+        );
+        has(
+            &text,
+            &format!("nodeward_container_memory_bytes{{{ABC}}} 1024"),
+        );
         assert!(
             !text.contains("nodeward_container_memory_limit_bytes{"),
             "unlimited has no sample"
         );
-        assert!(text.contains("nodeward_node_filesystem_used_ratio{mount_point=\"/\"} 0.5\n"));
+    }
+
+    #[test]
+    fn pressure_is_the_kernels_stall_time_in_seconds() {
+        let text = render(&snapshot());
+        has(
+            &text,
+            &format!(
+                "nodeward_container_pressure_seconds_total{{{ABC},resource=\"memory\",kind=\"some\"}} 3"
+            ),
+        );
+        has(
+            &text,
+            &format!(
+                "nodeward_container_pressure_seconds_total{{{ABC},resource=\"memory\",kind=\"full\"}} 1.5"
+            ),
+        );
+        has(
+            &text,
+            "nodeward_node_pressure_seconds_total{resource=\"cpu\",kind=\"some\"} 48.214377",
+        );
+        assert!(
+            !text.contains("nodeward_node_pressure_seconds_total{resource=\"cpu\",kind=\"full\"}"),
+            "the node's CPU has no `full`: {text}"
+        );
+        assert!(text.contains("# TYPE nodeward_node_pressure_seconds_total counter\n"));
+    }
+
+    #[test]
+    fn gpu_memory_is_summed_per_container_and_gpu_and_unattributed_processes_are_left_out() {
+        let text = render(&snapshot());
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nodeward_container_gpu_memory_used_bytes{"))
+            .collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "nodeward_container_gpu_memory_used_bytes{{{ABC},gpu=\"1\",uuid=\"GPU-1\"}} 3145728"
+            )]
+        );
+    }
+
+    #[test]
+    fn node_disks_keep_their_mount_point() {
+        let text = render(&snapshot());
+        has(
+            &text,
+            "nodeward_node_filesystem_used_ratio{mount_point=\"/\"} 0.5",
+        );
     }
 
     #[test]

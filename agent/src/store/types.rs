@@ -195,13 +195,18 @@ pub struct NetworkSnapshot {
 
 // ---- cgroups ----
 
-/// PSI of one resource, percentages as in `/proc/pressure/*` and `*.pressure`.
+/// PSI of one resource, as in `/proc/pressure/*` and `*.pressure`: the averages in percent,
+/// the totals (the kernel's `total=`) in microseconds of stall since boot or cgroup creation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Pressure {
     pub some_avg10: f64,
     pub full_avg10: f64,
     pub some_avg60: f64,
     pub full_avg60: f64,
+    /// Time some tasks stalled, microseconds (a counter: what Prometheus `rate()` needs).
+    pub some_total_us: u64,
+    /// Time all non-idle tasks stalled at once, microseconds; 0 where the kernel has no `full`.
+    pub full_total_us: u64,
 }
 
 /// One container's cgroup statistics.
@@ -209,6 +214,8 @@ pub struct Pressure {
 pub struct ContainerStats {
     /// CPU-seconds per second over the last tick.
     pub cpu_usage_cores: f64,
+    /// CPU time the cgroup used since it was created, seconds (a counter).
+    pub cpu_usage_seconds_total: f64,
     /// Throttled periods / periods over the last tick (0-1).
     pub cpu_throttled_ratio: f64,
     pub cpu_throttled_seconds_total: f64,
@@ -219,6 +226,9 @@ pub struct ContainerStats {
     pub oom_kills_total: u64,
     pub io_read_bytes_per_second: f64,
     pub io_write_bytes_per_second: f64,
+    /// Bytes read and written on block devices since the cgroup was created (counters).
+    pub io_read_bytes_total: u64,
+    pub io_write_bytes_total: u64,
     pub pids: u64,
     /// 0 = unlimited.
     pub pids_limit: u64,
@@ -274,7 +284,8 @@ pub struct XidEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuProcess {
     pub pid: u32,
-    /// Attributed container id, empty if not attributed.
+    /// The store key of the process's container (container id, else its cgroup path); empty
+    /// when the process's cgroup could not be read.
     pub container_id: String,
     pub used_memory_bytes: u64,
 }

@@ -184,3 +184,37 @@ fn this_host_reads_like_its_own_tools_say() {
     );
     assert!(s.clock.is_some());
 }
+
+#[test]
+fn node_pressure_keeps_the_kernels_stall_totals() {
+    // /proc/pressure of a 6.18 host: CPU has a `full` line the kernel zeroes system-wide.
+    let root = std::env::temp_dir().join(format!("nodeward-psi-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("pressure")).expect("create fake /proc");
+    for (file, text) in [
+        (
+            "cpu",
+            "some avg10=1.50 avg60=0.90 avg300=0.40 total=48214377\n\
+             full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        ),
+        (
+            "memory",
+            "some avg10=0.00 avg60=0.02 avg300=0.00 total=912345\n\
+             full avg10=0.00 avg60=0.01 avg300=0.00 total=701234\n",
+        ),
+        (
+            "io",
+            "some avg10=0.92 avg60=1.02 avg300=1.15 total=12214192\n\
+             full avg10=0.74 avg60=0.83 avg300=0.95 total=10313649\n",
+        ),
+    ] {
+        std::fs::write(root.join("pressure").join(file), text).expect("write pressure file");
+    }
+    let mut unavailable = Vec::new();
+    let psi = read_psi(&root, &mut unavailable);
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(unavailable.is_empty(), "{unavailable:?}");
+    let totals = |p: Option<Psi>| p.map(|p| (p.some.total_us, p.full.map(|f| f.total_us)));
+    assert_eq!(totals(psi.cpu), Some((48_214_377, None)));
+    assert_eq!(totals(psi.memory), Some((912_345, Some(701_234))));
+    assert_eq!(totals(psi.io), Some((12_214_192, Some(10_313_649))));
+}
