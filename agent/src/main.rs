@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::GpuCheck { json, events } => {
-            nodeward::sources::gpu::check::main(&config, json, events)
+            nodeward::sources::gpu::check::main(&config.gpu, &config.paths, json, events)
         }
         Command::BenchScan(args) => nodeward::bench::scan(&config, &args),
         Command::BenchApi(args) => nodeward::bench::api(&config.api.unix_socket, &args),

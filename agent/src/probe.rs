@@ -15,7 +15,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::{config::PathsConfig, tracefs};
+use crate::{paths::PathsConfig, tracefs};
 
 /// How cgroups are mounted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -151,7 +151,8 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     setup::ensure_all(root)?;
     step(
         "building nodeward (the integration tests start the binary)",
-        cargo().args(["build", "-p", "nodeward"]),
+        // With the test hooks (agent/src/fault.rs) that supervise.rs and tcp_fallback.rs arm.
+        cargo().args(["build", "-p", "nodeward", "--features", "fault-injection"]),
     )?;
 
     let mut tally = Tally::default();
