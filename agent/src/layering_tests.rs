@@ -14,7 +14,7 @@ use std::{
 /// The layers, lowest first. Every top-level module must be in one.
 const LAYERS: &[(&str, &[&str])] = &[
     // Plain types and hooks every layer may use: the task contract, host paths, the kernel
-    // and filesystem helpers, and the supervisor that runs tasks.
+    // and filesystem helpers, the test-only fault hooks.
     (
         "types",
         &[
@@ -26,9 +26,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "ebpf",
             "probe",
             "fault",
-            "supervise",
         ],
     ),
+    // Runs tasks and restarts them; it applies a fault's back-off, never the other way round.
+    ("supervisor", &["supervise"]),
     ("store", &["store"]),
     ("sources", &["sources"]),
     ("bridge", &["bridge"]),
@@ -152,18 +153,25 @@ fn referenced_modules(code: &str, path: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     let bytes = code.as_bytes();
     let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    // Inline `mod x { ... }` blocks open at these brace depths: `super` inside one stays in
+    // the file's module.
+    let mut inline_mods: Vec<usize> = Vec::new();
+    let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         let starts_word = i == 0 || !is_ident(bytes[i - 1]);
-        if starts_word && code[i..].starts_with("crate::") {
-            i += "crate::".len();
-            if code[i..].starts_with('{') {
-                let close = matching_brace(&code[i..]).map_or(code.len(), |c| i + c);
-                found.extend(top_level_names(&code[i + 1..close]));
-                i = close;
+        let path_from = |at: usize, found: &mut Vec<String>| -> usize {
+            if code[at..].starts_with('{') {
+                let close = matching_brace(&code[at..]).map_or(code.len(), |c| at + c);
+                found.extend(top_level_names(&code[at + 1..close]));
+                close
             } else {
-                found.push(ident_at(&code[i..]).to_owned());
+                found.push(ident_at(&code[at..]).to_owned());
+                at
             }
+        };
+        if starts_word && code[i..].starts_with("crate::") {
+            i = path_from(i + "crate::".len(), &mut found);
         } else if starts_word && code[i..].starts_with("super::") {
             let mut ups = 0;
             while code[i..].starts_with("super::") {
@@ -171,16 +179,28 @@ fn referenced_modules(code: &str, path: &[String]) -> Vec<String> {
                 i += "super::".len();
             }
             // `super` from a top-level module's file (or beyond) is the crate root.
-            if ups >= path.len() {
-                if code[i..].starts_with('{') {
-                    let close = matching_brace(&code[i..]).map_or(code.len(), |c| i + c);
-                    found.extend(top_level_names(&code[i + 1..close]));
-                    i = close;
-                } else {
-                    found.push(ident_at(&code[i..]).to_owned());
-                }
+            if ups >= path.len() + inline_mods.len() {
+                i = path_from(i, &mut found);
             }
+        } else if starts_word && code[i..].starts_with("mod ") {
+            let after = &code[i + "mod ".len()..];
+            let name = ident_at(after.trim_start());
+            let rest = after.trim_start()[name.len()..].trim_start();
+            if !name.is_empty() && rest.starts_with('{') {
+                inline_mods.push(depth);
+            }
+            i += "mod ".len();
         } else {
+            match bytes[i] {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth = depth.saturating_sub(1);
+                    if inline_mods.last() == Some(&depth) {
+                        inline_mods.pop();
+                    }
+                }
+                _ => {}
+            }
             i += code[i..].chars().next().map_or(1, char::len_utf8);
         }
     }
@@ -348,9 +368,11 @@ fn references_are_read_from_code_and_not_from_comments_strings_or_tests() {
     let mut got = referenced_modules(&product_code(code), &["bridge".to_owned()]);
     got.sort();
     assert_eq!(got, ["daemon", "health", "sources", "store"]);
-    // `super` inside a nested module stays within its top-level module.
+    // `super` inside a nested module, or an inline one, stays within its top-level module.
     let nested = referenced_modules("use super::drain::Drain;", &["api".into(), "x".into()]);
     assert!(nested.is_empty(), "{nested:?}");
+    let inline = "mod armed { use super::parse; }\nuse super::daemon;";
+    assert_eq!(referenced_modules(inline, &["fault".into()]), ["daemon"]);
 }
 
 /// A reference from a lower layer to a higher one is reported, naming the file and both layers.

@@ -154,3 +154,129 @@ pub fn spawn(
         task: running.health,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicU32, Ordering},
+        time::SystemTime,
+    };
+
+    use super::*;
+    use crate::{
+        health::{ConditionStatus, Verdict},
+        store::{NodeStats, Provenance, SourceKind},
+    };
+
+    /// The wall clock, except that reading it for the `panic_at`-th time panics: the engine's
+    /// loop reads the clock on every evaluation, so this panics inside the real evaluator task.
+    #[derive(Debug)]
+    struct FailingClock {
+        reads: AtomicU32,
+        panic_at: u32,
+    }
+
+    impl Clock for FailingClock {
+        fn now(&self) -> SystemTime {
+            let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+            assert!(n != self.panic_at, "clock failed on read {n}");
+            SystemTime::now()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_evaluator_is_restarted_and_reported_like_a_sources() {
+        let store = Store::new();
+        store.register(SourceKind::Node);
+        store.publish_node(SystemTime::now(), Provenance::default(), NodeStats::default());
+        // Read 1: the first start's evaluation; 2: the first tick; 3: the second tick panics.
+        let clock = Arc::new(FailingClock {
+            reads: AtomicU32::new(0),
+            panic_at: 3,
+        });
+        let config = HealthConfig {
+            interval: Duration::from_millis(100),
+            ..HealthConfig::default()
+        };
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let health = spawn(&config, store.clone(), clock.clone(), &cancel, &mut tasks);
+        let mut published = health.subscribe();
+        assert_eq!(published.borrow().report.verdict, Verdict::Healthy);
+
+        // The supervisor saw the panic and restarted the evaluator (after the default back-off).
+        let mut task = health.task.clone();
+        let h = task
+            .wait_for(|h| h.restarts == 1 && h.up)
+            .await
+            .expect("supervisor alive")
+            .clone();
+        assert_eq!(
+            h.last_failure.as_deref(),
+            Some("panicked: clock failed on read 3")
+        );
+        assert!(
+            tasks.try_join_next().is_none(),
+            "a restarted evaluator does not end the daemon's task set"
+        );
+
+        // What the bridge does with every supervised task's health in the daemon: the restarted
+        // engine then reports its own restart as a condition, in the same channel.
+        store.publish_task(NAME, h);
+        let report = published
+            .wait_for(|p| {
+                p.report
+                    .conditions
+                    .iter()
+                    .any(|c| c.kind == "SourceRestarted" && c.subject == NAME)
+            })
+            .await
+            .expect("the channel outlives the failed run")
+            .report
+            .clone();
+        let c = report
+            .conditions
+            .iter()
+            .find(|c| c.subject == NAME)
+            .expect("the condition");
+        assert_eq!(c.status, ConditionStatus::Firing);
+        assert!(c.message.contains("clock failed on read 3"), "{}", c.message);
+        assert_eq!(report.verdict, Verdict::Degraded);
+        assert!(clock.reads.load(Ordering::SeqCst) > 3, "a fresh run reads on");
+
+        cancel.cancel();
+        let (name, result) = tasks.join_next().await.expect("one task").expect("joined");
+        assert_eq!(name, NAME);
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_drain_begun_between_ticks_is_published_at_once() {
+        let store = Store::new();
+        let clock = Arc::new(crate::store::SystemClock);
+        let config = HealthConfig {
+            interval: Duration::from_secs(60),
+            ..HealthConfig::default()
+        };
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let health = spawn(&config, store, clock, &cancel, &mut tasks);
+        let mut published = health.subscribe();
+        assert!(published.borrow_and_update().drain.is_none());
+        let requester = crate::health::drain::Requester {
+            requested_by: "test".to_owned(),
+            identity: String::new(),
+            reason: "maintenance".to_owned(),
+            at: SystemTime::UNIX_EPOCH,
+        };
+        health.drain.begin(requester, Duration::from_secs(30));
+        let p = published
+            .wait_for(|p| p.drain.is_some())
+            .await
+            .expect("published");
+        assert_eq!(p.drain.as_ref().map(|d| d.requesters.len()), Some(1));
+        drop(p);
+        cancel.cancel();
+        assert!(tasks.join_next().await.is_some());
+    }
+}
