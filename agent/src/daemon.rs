@@ -16,13 +16,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bridge,
-    config::Config,
-    health, metrics, notify,
-    probe::Capabilities,
-    sources,
-    supervise::TaskResult,
-    task::TaskError,
+    bridge, config::Config, health, metrics, notify, probe::Capabilities, sources,
+    supervise::TaskResult, task::TaskError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +57,8 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     // The health engine runs whether or not the API is served, supervised like a source: its
     // restarts reach the store (and so the verdict) and `/metrics` through `feeds.supervised`.
     let clock = std::sync::Arc::new(crate::store::SystemClock);
-    let health = health::evaluator::spawn(&config.health, store.clone(), clock, &cancel, &mut tasks);
+    let health =
+        health::evaluator::spawn(&config.health, store.clone(), clock, &cancel, &mut tasks);
     feeds
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));
@@ -71,9 +67,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         match crate::api::BoundApi::bind(&config.api, &health, store.clone(), cancel.clone()).await
         {
             Ok(bound) => {
-                tasks.spawn(async move {
-                    ("api", bound.serve().await.map_err(TaskError::failed))
-                });
+                tasks.spawn(async move { ("api", bound.serve().await.map_err(TaskError::failed)) });
             }
             Err(e) => {
                 // The failed task reaches `main` through the join set, as any task failure.

@@ -23,10 +23,7 @@ pub enum TaskError {
     Aborted(String),
     /// Its supervisor stopped restarting it after this failure.
     #[error("{last} (gave up after {restarts} restarts)")]
-    GaveUp {
-        last: Box<TaskError>,
-        restarts: u32,
-    },
+    GaveUp { last: Box<TaskError>, restarts: u32 },
 }
 
 impl TaskError {

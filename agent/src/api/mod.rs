@@ -21,9 +21,9 @@ pub mod identity;
 pub mod requests;
 pub mod service;
 
-pub use config::ApiConfig;
 /// The drain state and the published health, which the API translates.
 pub use crate::health::{drain, hub};
+pub use config::ApiConfig;
 
 /// The code generated from `proto/nodeward/v1/*.proto`.
 #[allow(

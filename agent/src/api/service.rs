@@ -9,8 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert,
-    identity,
+    convert, identity,
     pb::{self, node_health_server::NodeHealth},
     requests::{self, ContainerFilter, DrainAsk},
 };

@@ -408,7 +408,11 @@ mod tests {
     #[test]
     fn a_cgroup_source_that_cannot_start_marks_cgroup_and_node_unavailable() {
         let store = Store::new();
-        register(&store, &crate::config::Config::default().bridge(), &feeds(&[], &[cgroup::NAME]));
+        register(
+            &store,
+            &crate::config::Config::default().bridge(),
+            &feeds(&[], &[cgroup::NAME]),
+        );
         for kind in [SourceKind::Cgroup, SourceKind::Node] {
             assert!(matches!(
                 status(&store, kind),

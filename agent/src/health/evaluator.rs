@@ -188,7 +188,11 @@ mod tests {
     async fn a_panic_in_the_evaluator_is_restarted_and_reported_like_a_sources() {
         let store = Store::new();
         store.register(SourceKind::Node);
-        store.publish_node(SystemTime::now(), Provenance::default(), NodeStats::default());
+        store.publish_node(
+            SystemTime::now(),
+            Provenance::default(),
+            NodeStats::default(),
+        );
         // Read 1: the first start's evaluation; 2: the first tick; 3: the second tick panics.
         let clock = Arc::new(FailingClock {
             reads: AtomicU32::new(0),
@@ -240,9 +244,16 @@ mod tests {
             .find(|c| c.subject == NAME)
             .expect("the condition");
         assert_eq!(c.status, ConditionStatus::Firing);
-        assert!(c.message.contains("clock failed on read 3"), "{}", c.message);
+        assert!(
+            c.message.contains("clock failed on read 3"),
+            "{}",
+            c.message
+        );
         assert_eq!(report.verdict, Verdict::Degraded);
-        assert!(clock.reads.load(Ordering::SeqCst) > 3, "a fresh run reads on");
+        assert!(
+            clock.reads.load(Ordering::SeqCst) > 3,
+            "a fresh run reads on"
+        );
 
         cancel.cancel();
         let (name, result) = tasks.join_next().await.expect("one task").expect("joined");

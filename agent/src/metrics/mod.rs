@@ -109,11 +109,7 @@ impl Exporter {
 
     /// Adds what the daemon has beyond the raw feeds: the store (per-container TCP, cgroup and
     /// node numbers) and the health state the API publishes (verdict, drain, conditions).
-    pub fn add_store(
-        &mut self,
-        store: Arc<Store>,
-        health: Option<watch::Receiver<Published>>,
-    ) {
+    pub fn add_store(&mut self, store: Arc<Store>, health: Option<watch::Receiver<Published>>) {
         self.add(move |m| store::encode(&store.snapshot(), m));
         if let Some(rx) = health {
             self.add_feed(rx, health::encode);

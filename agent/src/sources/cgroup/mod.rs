@@ -13,7 +13,10 @@ use std::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{containers::ContainersConfig, sources::{node::NodeConfig, Shared}};
+use crate::{
+    containers::ContainersConfig,
+    sources::{node::NodeConfig, Shared},
+};
 
 pub mod parse;
 pub mod read;

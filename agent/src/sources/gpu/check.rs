@@ -6,8 +6,8 @@ use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{model::DeviceStats, Gpu, GpuError, GpuSnapshot, Reading};
 use super::GpuConfig;
+use super::{model::DeviceStats, Gpu, GpuError, GpuSnapshot, Reading};
 use crate::paths::PathsConfig;
 
 /// `EX_UNAVAILABLE` from sysexits.h: no usable NVML on this node.

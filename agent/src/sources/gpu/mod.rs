@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-
 pub mod check;
 pub mod events;
 pub mod model;

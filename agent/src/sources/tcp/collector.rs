@@ -177,8 +177,7 @@ impl Source {
         for (_, plan) in &mut paths {
             plan.proc_root.clone_from(&shared.paths.proc_root);
         }
-        let (collector, root, plan) =
-            Collector::attach_chain(paths, config, shared.tick)?;
+        let (collector, root, plan) = Collector::attach_chain(paths, config, shared.tick)?;
         tracing::info!(path = plan.path(), cgroup_root = %root.display(), fell_back_from = ?collector.fell_back_from(), "TCP latency source started");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((
