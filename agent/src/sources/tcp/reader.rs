@@ -54,7 +54,7 @@ pub enum ReaderError {
         name: &'static str,
         source: MapError,
     },
-    /// A load refused before the kernel was asked (fault injection, debug builds).
+    /// A load refused before the kernel was asked (fault injection, a test-only feature).
     #[error("program `{name}`: {reason}")]
     Refused { name: &'static str, reason: String },
 }
