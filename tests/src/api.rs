@@ -228,6 +228,7 @@ pub fn network(streams: usize) -> NetworkSnapshot {
                 })
                 .collect(),
             peers: Vec::new(),
+            ..Default::default()
         },
     );
     NetworkSnapshot { containers }
