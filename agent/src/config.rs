@@ -15,6 +15,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::paths::PathsConfig;
+
 /// The default config file location.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeward/nodeward.toml";
 /// Prefix of the environment variables that override config keys (`NODEWARD_AGENT_TICK`, ...).
@@ -39,6 +41,38 @@ pub struct Config {
     pub node: crate::sources::node::NodeConfig,
     /// Prometheus `/metrics` (section defined in `metrics`).
     pub metrics: crate::metrics::MetricsConfig,
+}
+
+impl Config {
+    /// What every source shares: the tick, the host paths, whether eBPF may load.
+    pub fn shared(&self) -> crate::sources::Shared {
+        crate::sources::Shared {
+            tick: self.agent.tick,
+            paths: self.paths.clone(),
+            ebpf: self.ebpf.enabled,
+        }
+    }
+
+    /// The sources' sections, for `sources::start` to hand each source its own.
+    pub fn sources(&self) -> crate::sources::Sections {
+        crate::sources::Sections {
+            tcp: self.tcp.clone(),
+            udp: self.udp.clone(),
+            gpu: self.gpu.clone(),
+            containers: self.containers.clone(),
+            node: self.node.clone(),
+            shared: self.shared(),
+        }
+    }
+
+    /// What the bridge from the sources to the store reads.
+    pub fn bridge(&self) -> crate::bridge::Settings {
+        crate::bridge::Settings {
+            containers: self.containers.enabled,
+            node: self.node.enabled,
+            udp_min_flow_age: self.udp.stream_min_duration,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,32 +130,6 @@ pub struct EbpfConfig {
 impl Default for EbpfConfig {
     fn default() -> Self {
         Self { enabled: true }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PathsConfig {
-    /// Root of the cgroup filesystem (the host's, when running in a DaemonSet).
-    pub cgroup_root: PathBuf,
-    /// The proc filesystem (the host's, when running in a DaemonSet).
-    pub proc_root: PathBuf,
-    /// Kernel BTF, used by the capability probe.
-    pub btf: PathBuf,
-    /// tracefs mount the capability probe looks in (it reports kprobes and tracepoints; nothing
-    /// is mounted or attached there); empty means `/sys/kernel/tracing`, then
-    /// `/sys/kernel/debug/tracing`.
-    pub tracefs: PathBuf,
-}
-
-impl Default for PathsConfig {
-    fn default() -> Self {
-        Self {
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
-            proc_root: PathBuf::from("/proc"),
-            btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
-            tracefs: PathBuf::new(),
-        }
     }
 }
 
@@ -304,7 +312,14 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             allowed: e.reason.to_owned(),
         });
     }
-    crate::sources::gpu::validate(&config.gpu, origin)?;
+    if let Err(e) = crate::sources::gpu::validate(&config.gpu) {
+        return Err(ConfigError::Invalid {
+            key: e.key.to_owned(),
+            value: e.value,
+            origin: origin(e.key),
+            allowed: e.allowed.to_owned(),
+        });
+    }
     if let Err(e) = config.health.validate() {
         let key = format!("health.{}", e.key);
         return Err(ConfigError::Invalid {

@@ -1,8 +1,11 @@
-//! The daemon's life: start the sources, tell systemd we are ready, wait for SIGTERM/SIGINT or
-//! for a task to fail, then cancel everything and wait for it within the shutdown deadline.
+//! The daemon's life: start the sources and the health engine, tell systemd we are ready, wait
+//! for SIGTERM/SIGINT or for a task to fail, then cancel everything and wait for it within the
+//! shutdown deadline.
 //!
-//! Tasks share one [`CancellationToken`]; each returns a `Result`, and a task that ends before
-//! shutdown was asked for is an error that reaches `main`, never a silent hang.
+//! Tasks share one [`CancellationToken`]; each returns a [`TaskResult`], and a task that ends
+//! before shutdown was asked for is an error that reaches `main`, never a silent hang. The
+//! sources and the health evaluator run under supervision (restarted with back-off); the API,
+//! the metrics exporter and the bridge are outputs that only read what they publish.
 
 use std::time::Duration;
 
@@ -12,14 +15,20 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{bridge, config::Config, metrics, notify, probe::Capabilities, sources};
+use crate::{
+    bridge, config::Config, health, metrics, notify, probe::Capabilities, sources,
+    supervise::TaskResult, task::TaskError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot install the {0} signal handler: {1}")]
     Signal(&'static str, std::io::Error),
-    #[error("task `{task}` failed: {message}")]
-    TaskFailed { task: &'static str, message: String },
+    #[error("task `{task}` failed: {source}")]
+    TaskFailed {
+        task: &'static str,
+        source: TaskError,
+    },
     #[error("task `{task}` stopped unexpectedly")]
     TaskEnded { task: &'static str },
     #[error("task panicked or was aborted: {0}")]
@@ -27,9 +36,6 @@ pub enum DaemonError {
     #[error("shutdown did not finish within {0:?}; {1} task(s) aborted")]
     ShutdownTimeout(Duration, usize),
 }
-
-/// What a task returns: its name, and an error message if it failed.
-pub type TaskResult = (&'static str, Result<(), String>);
 
 /// Runs until a signal or a task failure. Returns once everything has stopped.
 pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> {
@@ -41,38 +47,43 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let cancel = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
 
-    // The store that the API, the health engine and the metrics read; the bridge maps every
-    // source's snapshots into it and registers the sources, so the verdict leaves UNKNOWN once
-    // each enabled source has reported or said it cannot run.
+    // The store that the health engine, the API and the metrics read; the bridge maps every
+    // source's snapshots into it. The sources are registered first, so the verdict leaves
+    // UNKNOWN once each enabled source has reported or said it cannot run.
     let store = crate::store::Store::new();
-    let feeds = sources::start(&config, &caps, &cancel, &mut tasks);
-    bridge::spawn(&config, &feeds, &store, &cancel, &mut tasks);
-    // The API is bound here rather than in its task so that the metrics exporter can read the
-    // very health state the API serves (verdict, conditions, drain).
-    let mut health = None;
+    let mut feeds = sources::start(&config.sources(), &caps, &cancel, &mut tasks);
+    let bridge_settings = config.bridge();
+    bridge::register(&store, &bridge_settings, &feeds);
+    // The health engine runs whether or not the API is served, supervised like a source: its
+    // restarts reach the store (and so the verdict) and `/metrics` through `feeds.supervised`.
+    let clock = std::sync::Arc::new(crate::store::SystemClock);
+    let health =
+        health::evaluator::spawn(&config.health, store.clone(), clock, &cancel, &mut tasks);
+    feeds
+        .supervised
+        .push((health::evaluator::NAME, health.task.clone()));
+    bridge::spawn(&bridge_settings, &feeds, &store, &cancel, &mut tasks);
     if config.api.enabled {
-        let clock = std::sync::Arc::new(crate::store::SystemClock);
-        match crate::api::BoundApi::bind(
-            &config.api,
-            &config.health,
-            store.clone(),
-            clock,
-            cancel.clone(),
-        )
-        .await
+        match crate::api::BoundApi::bind(&config.api, &health, store.clone(), cancel.clone()).await
         {
             Ok(bound) => {
-                health = Some(bound.health());
-                tasks.spawn(async move { ("api", bound.serve().await.map_err(|e| e.to_string())) });
+                tasks.spawn(async move { ("api", bound.serve().await.map_err(TaskError::failed)) });
             }
             Err(e) => {
-                // Same outcome as before: the failed task reaches `main` through the join set.
-                let message = e.to_string();
-                tasks.spawn(async move { ("api", Err(message)) });
+                // The failed task reaches `main` through the join set, as any task failure.
+                let e = TaskError::failed(e);
+                tasks.spawn(async move { ("api", Err(e)) });
             }
         }
     }
-    metrics::spawn(&config, &feeds, &store, health, &cancel, &mut tasks);
+    metrics::spawn(
+        &config.metrics,
+        &feeds,
+        &store,
+        Some(health.subscribe()),
+        &cancel,
+        &mut tasks,
+    );
     if let Some(interval) = notify::watchdog_interval() {
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -101,8 +112,8 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     let drained = tokio::time::timeout(deadline, async {
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((name, Err(message))) => {
-                    tracing::warn!(task = name, %message, "task failed while stopping")
+                Ok((name, Err(e))) => {
+                    tracing::warn!(task = name, error = %e, "task failed while stopping")
                 }
                 Ok((name, Ok(()))) => tracing::debug!(task = name, "task stopped"),
                 Err(e) => tracing::warn!(error = %e, "task panicked while stopping"),
@@ -122,7 +133,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
 
 fn early_exit(joined: Result<TaskResult, tokio::task::JoinError>) -> DaemonError {
     match joined {
-        Ok((task, Err(message))) => DaemonError::TaskFailed { task, message },
+        Ok((task, Err(source))) => DaemonError::TaskFailed { task, source },
         Ok((task, Ok(()))) => DaemonError::TaskEnded { task },
         Err(e) => DaemonError::TaskJoin(e.to_string()),
     }

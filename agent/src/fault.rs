@@ -4,9 +4,11 @@
 //! agent keeps serving; and makes the load of a named eBPF program fail as a verifier
 //! rejection would, to prove that `tcp.attribution = "auto"` falls back to the next path.
 //!
-//! Debug builds only (`cfg(debug_assertions)`): in a release build — the RPM, the container
-//! image — the variable below is never read and [`inject`] only runs the task, so a production
-//! agent cannot be made to fail this way by accident. In a debug build it is armed with
+//! Test code: this module exists only with the `fault-injection` cargo feature, which the
+//! tests crate turns on (and `cargo xtask test` builds the binary with). A release build — the
+//! RPM, the container image — leaves it off, so the shipped binary holds none of this, reads no
+//! such variable, and cannot be made to fail this way by accident. With the feature it is
+//! armed with
 //!
 //! ```text
 //! NODEWARD_FAULT_INJECT=panic:<task>:<after_n_ticks>[:<backoff>][,<another>...]
@@ -29,9 +31,9 @@ use std::{future::Future, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::supervise::Policy;
+use crate::task::TaskError;
 
-/// The environment variable read (in debug builds only).
+/// The environment variable read (with the `fault-injection` feature only).
 pub const ENV: &str = "NODEWARD_FAULT_INJECT";
 
 /// One injected fault.
@@ -100,63 +102,48 @@ pub fn parse(spec: &str) -> Result<Vec<Spec>, String> {
         .collect()
 }
 
-/// Whether loading eBPF program `program` may go ahead: in a debug build with
-/// `reject:<program>` armed, an error that stands in for the verifier's rejection. Called
-/// before the program is handed to the kernel.
+/// Whether loading eBPF program `program` may go ahead: with `reject:<program>` armed, an
+/// error that stands in for the verifier's rejection. Called before the program is handed to
+/// the kernel.
 pub fn reject(program: &str) -> Result<(), String> {
-    #[cfg(debug_assertions)]
     if armed::rejects().iter().any(|p| p == program) {
         return Err(format!(
             "rejected by fault injection ({ENV}=reject:{program}), standing in for the verifier"
         ));
     }
-    let _ = program;
     Ok(())
 }
 
-/// The restart policy of `task`: `default`, or in a debug build with a fault armed for the
-/// task, `default` with the fault's back-off.
-pub fn policy(task: &str, default: Policy) -> Policy {
-    #[cfg(debug_assertions)]
-    if let Some(backoff) = armed::get()
+/// The wait before the first restart of `task` that an armed fault asks for, if any; the
+/// supervisor uses it instead of its default.
+pub fn backoff(task: &str) -> Option<Duration> {
+    armed::get()
         .iter()
         .find(|a| a.fault.task == task)
         .and_then(|a| a.fault.backoff)
-    {
-        return Policy {
-            initial_backoff: backoff,
-            max_backoff: default.max_backoff.max(backoff),
-            ..default
-        };
-    }
-    let _ = task;
-    default
 }
 
-/// Runs `run`, the body of supervised task `task`. In a debug build with a fault armed for
-/// the task that has not fired yet, the task panics (in its own task, as a bug in the source
-/// would, so that the source is dropped and the supervisor sees a panic) once `ticks` has
-/// changed `after_n_ticks` times. `ticks` is a fresh subscription to what the source publishes.
+/// Runs `run`, the body of supervised task `task`. With a fault armed for the task that has
+/// not fired yet, the task panics (in its own task, as a bug in the source would, so that the
+/// source is dropped and the supervisor sees a panic) once `ticks` has changed
+/// `after_n_ticks` times. `ticks` is a fresh subscription to what the source publishes.
 pub async fn inject<T, F>(
     task: &'static str,
     ticks: watch::Receiver<T>,
     run: F,
-) -> Result<(), String>
+) -> Result<(), TaskError>
 where
-    F: Future<Output = Result<(), String>>,
+    F: Future<Output = Result<(), TaskError>>,
 {
-    #[cfg(debug_assertions)]
     if let Some(armed) = armed::get()
         .iter()
         .find(|a| a.fault.task == task && !a.fired())
     {
         return armed.run(task, ticks, run).await;
     }
-    let _ = (task, ticks);
     run.await
 }
 
-#[cfg(debug_assertions)]
 mod armed {
     use std::{
         future::Future,
@@ -169,6 +156,7 @@ mod armed {
     use tokio::sync::watch;
 
     use super::{parse, Fault, Spec, ENV};
+    use crate::task::TaskError;
 
     pub(super) struct Armed {
         pub(super) fault: Fault,
@@ -203,7 +191,7 @@ mod armed {
                     Spec::Reject(_) => None,
                 })
                 .map(|fault| {
-                    tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}, debug build): the task will panic once");
+                    tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}): the task will panic once");
                     Armed {
                         fault,
                         fired: AtomicBool::new(false),
@@ -224,7 +212,7 @@ mod armed {
                     Spec::Panic(_) => None,
                 })
                 .inspect(|program| {
-                    tracing::warn!(%program, "fault injection armed ({ENV}, debug build): loads of this eBPF program will fail");
+                    tracing::warn!(%program, "fault injection armed ({ENV}): loads of this eBPF program will fail");
                 })
                 .collect()
         })
@@ -248,9 +236,9 @@ mod armed {
             task: &str,
             mut ticks: watch::Receiver<T>,
             run: F,
-        ) -> Result<(), String>
+        ) -> Result<(), TaskError>
         where
-            F: Future<Output = Result<(), String>>,
+            F: Future<Output = Result<(), TaskError>>,
         {
             let mut run = std::pin::pin!(run);
             let mut seen = 0u32;
@@ -310,8 +298,7 @@ mod tests {
         }
     }
 
-    /// Only debug builds arm faults; the test binary of a release build has none armed (the
-    /// variable is not set here, so this checks the pass-through path either way).
+    /// The variable is not set here: nothing is armed, and the hooks change nothing.
     #[tokio::test]
     async fn a_task_without_an_armed_fault_runs_unchanged_and_keeps_the_default_policy() {
         let (tx, rx) = watch::channel(0u32);
@@ -319,17 +306,20 @@ mod tests {
             for i in 1..=3 {
                 tx.send_replace(i);
             }
-            Err("its own error".to_owned())
+            Err(TaskError::failed("its own error"))
         })
         .await;
-        assert_eq!(out, Err("its own error".to_owned()));
-        assert_eq!(policy("no-such-task", Policy::default()), Policy::default());
+        assert_eq!(
+            out.map_err(|e| e.to_string()),
+            Err("its own error".to_owned())
+        );
+        assert_eq!(backoff("no-such-task"), None);
         assert_eq!(reject("no_such_program"), Ok(()));
     }
 }
 
-/// The armed path, which only debug builds have.
-#[cfg(all(test, debug_assertions))]
+/// The armed path, driven by the real supervisor.
+#[cfg(test)]
 mod armed_tests {
     use std::{
         sync::{
@@ -342,8 +332,8 @@ mod armed_tests {
     use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
 
-    use super::{armed, Fault, Policy};
-    use crate::supervise::{supervise, TaskHealth};
+    use super::{armed, Fault};
+    use crate::supervise::{supervise, Policy, TaskHealth};
 
     #[tokio::test]
     async fn an_armed_fault_panics_once_after_its_ticks_and_the_restarted_task_runs_on() {
@@ -402,7 +392,7 @@ mod armed_tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         cancel.cancel();
-        assert_eq!(sup.await.expect("supervisor"), Ok(()));
+        assert!(sup.await.expect("supervisor").is_ok());
         assert_eq!(hrx.borrow().restarts, 1, "fired once");
     }
 }

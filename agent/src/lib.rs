@@ -12,17 +12,23 @@ pub mod config;
 pub mod containers;
 pub mod daemon;
 pub mod ebpf;
+#[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod paths;
 pub mod probe;
 pub mod reload;
 pub mod sources;
 pub mod store;
 pub mod supervise;
+pub mod task;
 pub mod verify;
+
+#[cfg(test)]
+mod layering_tests;
 
 /// `EX_USAGE` from sysexits.h: the exit code for a bad config or command line.
 pub const EXIT_USAGE: u8 = 64;

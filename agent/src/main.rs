@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::GpuCheck { json, events } => {
-            nodeward::sources::gpu::check::main(&config, json, events)
+            nodeward::sources::gpu::check::main(&config.gpu, &config.paths, json, events)
         }
         Command::Run => {
             let reloader = nodeward::reload::Reloader::new(

@@ -15,7 +15,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::config::PathsConfig;
+use crate::paths::PathsConfig;
 
 /// Where tracefs is mounted: `configured` if it is non-empty, else the usual two places. The
 /// probe only reports it (kprobes, tracepoints); no program the agent attaches goes through

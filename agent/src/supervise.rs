@@ -15,7 +15,10 @@ use std::{future::Future, time::Duration};
 use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
-use crate::daemon::TaskResult;
+pub use crate::task::{TaskError, TaskHealth};
+
+/// What a task in the daemon's set returns: its name, and why it stopped if it failed.
+pub type TaskResult = (&'static str, Result<(), TaskError>);
 
 /// How a supervised task is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,32 +54,6 @@ impl Policy {
     }
 }
 
-/// What the supervisor reports about its task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskHealth {
-    /// Restarts since the agent started.
-    pub restarts: u32,
-    /// The last failure (error message or panic payload), if any.
-    pub last_failure: Option<String>,
-    /// Set when the supervisor stopped restarting.
-    pub gave_up: bool,
-    /// False from a failure until the next run starts (the back-off), and for good once the
-    /// supervisor gave up.
-    pub up: bool,
-}
-
-impl Default for TaskHealth {
-    /// A task that has just been started: up, never failed.
-    fn default() -> Self {
-        Self {
-            restarts: 0,
-            last_failure: None,
-            gave_up: false,
-            up: true,
-        }
-    }
-}
-
 /// Runs `make()` until `cancel` fires, restarting it per `policy` when it fails. Returns
 /// `Ok(())` on cancellation, or the final failure once `max_restarts` is exhausted.
 pub async fn supervise<F, Fut>(
@@ -85,10 +62,10 @@ pub async fn supervise<F, Fut>(
     cancel: CancellationToken,
     health: watch::Sender<TaskHealth>,
     mut make: F,
-) -> Result<(), String>
+) -> Result<(), TaskError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
 {
     let mut failures: u32 = 0;
     loop {
@@ -108,10 +85,10 @@ where
         };
         let failure = match outcome {
             Ok(Ok(())) if cancel.is_cancelled() => return Ok(()),
-            Ok(Ok(())) => "stopped before shutdown was asked for".to_owned(),
-            Ok(Err(message)) => message,
-            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
-            Err(e) => format!("was aborted: {e}"),
+            Ok(Ok(())) => TaskError::Ended,
+            Ok(Err(e)) => e,
+            Err(e) if e.is_panic() => TaskError::Panicked(panic_message(e.into_panic())),
+            Err(e) => TaskError::Aborted(e.to_string()),
         };
         if cancel.is_cancelled() {
             tracing::warn!(task = name, %failure, "task failed while stopping");
@@ -123,7 +100,7 @@ where
         failures += 1;
         let gave_up = failures > policy.max_restarts;
         health.send_modify(|h| {
-            h.last_failure = Some(failure.clone());
+            h.last_failure = Some(failure.to_string());
             h.gave_up = gave_up;
             h.up = false;
             if !gave_up {
@@ -132,10 +109,10 @@ where
         });
         if gave_up {
             tracing::error!(task = name, %failure, restarts = policy.max_restarts, "task failed again; not restarting it");
-            return Err(format!(
-                "{failure} (gave up after {} restarts)",
-                policy.max_restarts
-            ));
+            return Err(TaskError::GaveUp {
+                last: Box::new(failure),
+                restarts: policy.max_restarts,
+            });
         }
         let wait = policy.backoff(failures);
         tracing::warn!(task = name, %failure, restart = failures, of = policy.max_restarts, ?wait, "task failed; restarting it");
@@ -146,10 +123,12 @@ where
     }
 }
 
-/// Spawns `make`'s task under [`supervise`] with the default [`Policy`] (or, in debug builds,
-/// one with the back-off a fault-injection spec asks for: see [`crate::fault`]) into the
-/// daemon's task set, where giving up ends as a `TaskResult` error like any task failure.
-/// Returns the receiver of the task's [`TaskHealth`].
+/// Spawns `make`'s task under [`supervise`] with the default [`Policy`] into the daemon's task
+/// set, where giving up ends as a [`TaskResult`] error like any task failure. Returns the
+/// receiver of the task's [`TaskHealth`].
+///
+/// With the `fault-injection` feature, the back-off is the one a fault armed for `name` asks
+/// for (see `crate::fault`); without it there is no such code in the binary.
 pub fn spawn<F, Fut>(
     name: &'static str,
     cancel: &CancellationToken,
@@ -158,11 +137,20 @@ pub fn spawn<F, Fut>(
 ) -> watch::Receiver<TaskHealth>
 where
     F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
 {
     let (tx, rx) = watch::channel(TaskHealth::default());
     let cancel = cancel.clone();
-    let policy = crate::fault::policy(name, Policy::default());
+    #[cfg_attr(
+        not(feature = "fault-injection"),
+        expect(unused_mut, reason = "only fault injection changes the policy")
+    )]
+    let mut policy = Policy::default();
+    #[cfg(feature = "fault-injection")]
+    if let Some(backoff) = crate::fault::backoff(name) {
+        policy.initial_backoff = backoff;
+        policy.max_backoff = policy.max_backoff.max(backoff);
+    }
     tasks.spawn(async move { (name, supervise(name, policy, cancel, tx, make).await) });
     rx
 }
@@ -245,7 +233,7 @@ mod tests {
         }
         assert!(rx.borrow().up, "up again once the next run started");
         cancel.cancel();
-        assert_eq!(sup.await.expect("supervisor task"), Ok(()));
+        assert!(sup.await.expect("supervisor task").is_ok());
         assert_eq!(
             runs.load(Ordering::SeqCst),
             3,
@@ -265,11 +253,11 @@ mod tests {
             tx,
             move || {
                 r.fetch_add(1, Ordering::SeqCst);
-                async { Err("no such map".to_owned()) }
+                async { Err(TaskError::failed("no such map")) }
             },
         )
         .await;
-        let e = result.expect_err("gives up");
+        let e = result.expect_err("gives up").to_string();
         assert!(e.contains("no such map") && e.contains("3 restarts"), "{e}");
         assert_eq!(runs.load(Ordering::SeqCst), 4, "first run and 3 restarts");
         let h = rx.borrow().clone();
@@ -309,7 +297,8 @@ mod tests {
         );
         cancel.cancel();
         let (name, result) = tasks.join_next().await.expect("one task").expect("joined");
-        assert_eq!((name, result), ("src", Ok(())));
+        assert_eq!(name, "src");
+        assert!(result.is_ok(), "{result:?}");
     }
 
     #[tokio::test]
@@ -337,6 +326,6 @@ mod tests {
         assert!(!h.up, "down while waiting to restart");
         // The supervisor now waits an hour; cancelling must end it at once.
         cancel.cancel();
-        assert_eq!(sup.await.expect("supervisor task"), Ok(()));
+        assert!(sup.await.expect("supervisor task").is_ok());
     }
 }

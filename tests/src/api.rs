@@ -73,21 +73,25 @@ pub struct TestApi {
     pub tcp: Option<SocketAddr>,
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), ApiError>>>,
+    /// The health evaluator, which the daemon runs beside the API.
+    _health: tokio::task::JoinSet<nodeward::supervise::TaskResult>,
 }
 
 impl TestApi {
     pub async fn start(api: ApiConfig, health: HealthConfig) -> Self {
         let store = Store::new();
         let cancel = CancellationToken::new();
-        let bound = BoundApi::bind(
-            &api,
+        let mut health_tasks = tokio::task::JoinSet::new();
+        let health = nodeward::health::evaluator::spawn(
             &health,
             store.clone(),
             Arc::new(SystemClock),
-            cancel.clone(),
-        )
-        .await
-        .expect("the API binds");
+            &cancel,
+            &mut health_tasks,
+        );
+        let bound = BoundApi::bind(&api, &health, store.clone(), cancel.clone())
+            .await
+            .expect("the API binds");
         let tcp = bound.tcp_addr();
         let task = tokio::spawn(bound.serve());
         Self {
@@ -96,6 +100,7 @@ impl TestApi {
             tcp,
             cancel,
             task: Some(task),
+            _health: health_tasks,
         }
     }
 
@@ -223,7 +228,7 @@ pub fn network(streams: usize) -> NetworkSnapshot {
                 })
                 .collect(),
             peers: Vec::new(),
-            totals: Default::default(),
+            ..Default::default()
         },
     );
     NetworkSnapshot { containers }

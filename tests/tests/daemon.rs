@@ -1,5 +1,5 @@
 //! The daemon as a user meets it: exit code 64 on bad config, JSON logs, systemd's READY and
-//! watchdog notifications, and a clean stop on SIGINT.
+//! watchdog notifications, a clean stop on SIGINT, and a verdict with the API turned off.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -193,4 +193,75 @@ fn notifies_systemd_and_pings_watchdog() {
             "{line}"
         );
     }
+}
+
+/// One scrape of `/metrics` on 127.0.0.1:`port`, or `None` while it does not answer.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The health engine is the daemon's, not the API's: with the API off, the verdict is still
+/// evaluated (it leaves UNKNOWN once the sources report) and `/metrics` shows it, with the
+/// evaluator counted among the supervised tasks.
+#[test]
+fn the_verdict_is_evaluated_and_exported_with_the_api_disabled() {
+    let dir = std::env::temp_dir().join(format!("nodeward-no-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("agent.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut child = agent()
+        .args(["run", "--config", "/dev/null"])
+        .args(["--set", "api.enabled=false", "--set", "ebpf.enabled=false"])
+        .args(["--set", "tcp.enabled=false", "--set", "gpu.enabled=false"])
+        .args(["--set", "agent.tick=200ms", "--set", "health.interval=100ms"])
+        .arg("--set")
+        .arg(format!("api.unix_socket={}", socket.display()))
+        .arg("--set")
+        .arg(format!("metrics.listen=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nodeward run");
+    let verdict = wait_for(Duration::from_secs(60), || {
+        let text = scrape(port)?;
+        let v = sample(&text, "nodeward_health_verdict")?;
+        (v != 0.0).then_some((v, text))
+    });
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten());
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    let socket_existed = socket.exists();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (verdict, text) =
+        verdict.unwrap_or_else(|| panic!("no verdict other than UNKNOWN in /metrics:\n{stderr}"));
+    assert!(
+        [1.0, 2.0, 3.0].contains(&verdict),
+        "healthy, degraded or unhealthy: {verdict}"
+    );
+    assert_eq!(
+        sample(&text, "nodeward_task_up{task=\"health\"}"),
+        Some(1.0),
+        "the evaluator runs as a supervised task:\n{text}"
+    );
+    assert!(!socket_existed, "the API stayed off");
+    assert!(stderr.contains("health verdict"), "{stderr}");
+    assert!(status.expect("exits after SIGTERM").success(), "{stderr}");
 }

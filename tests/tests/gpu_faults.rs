@@ -191,7 +191,7 @@ fn the_running_source_degrades_when_nvml_fails_as_a_whole_and_reinitialises_it()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let source = nodeward::sources::gpu::Source::start(&config).expect("source starts");
+        let source = nodeward::sources::gpu::Source::start(&config.gpu, &config.shared()).expect("source starts");
         let mut rx = source.subscribe();
         let cancel = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(source.run(cancel.clone()));

@@ -499,7 +499,8 @@ fn the_running_source_publishes_snapshots_and_stops_when_cancelled() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let source = nodeward::sources::gpu::Source::start(&config).expect("source starts");
+        let source = nodeward::sources::gpu::Source::start(&config.gpu, &config.shared())
+            .expect("source starts");
         let mut snapshots = source.subscribe();
         let cancel = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(source.run(cancel.clone()));

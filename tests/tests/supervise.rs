@@ -1,6 +1,7 @@
-//! A source task that panics inside the real agent: the debug build's fault injection
-//! (`NODEWARD_FAULT_INJECT`, see `agent/src/fault.rs`) makes the TCP or the GPU source panic
-//! once. The agent must keep answering the API while the task waits out its back-off, report a
+//! A supervised task that panics inside the real agent: fault injection (the
+//! `fault-injection` feature, which `cargo xtask test` builds the binary with;
+//! `NODEWARD_FAULT_INJECT`, see `agent/src/fault.rs`) makes the TCP or the GPU source, or the
+//! health evaluator, panic once. The agent must keep answering the API while the task waits out its back-off, report a
 //! `SourceRestarted` condition naming the task and the panic, count the restart in
 //! `/metrics`, deliver data from the restarted source again (ground truth: connections and GPU
 //! readings this test makes after the restart), and — for TCP — attach its eBPF programs afresh
@@ -37,7 +38,7 @@ fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
-/// `nodeward run` (a debug build, where fault injection exists) with the fault armed, its API
+/// `nodeward run` (built with the `fault-injection` feature) with the fault armed, its API
 /// on a socket of its own, `/metrics` on a free port and its log in a file.
 struct Agent {
     child: tokio::process::Child,
@@ -93,7 +94,7 @@ impl Agent {
         .await;
         assert!(
             armed.is_some(),
-            "the agent did not arm the fault (a release build?):\n{}",
+            "the agent did not arm the fault (built without the fault-injection feature?):\n{}",
             agent.log_text()
         );
         agent
@@ -546,5 +547,66 @@ async fn a_gpu_source_that_panics_is_restarted_reported_and_polls_again() {
         "{TEST}: {} API calls during the outage, {} failed; {} scrapes saw the task down, {} \
          answers carried RestartPending; one event thread after the restart",
         outage.calls, outage.failed_calls, outage.scrapes_down, outage.answers_pending
+    );
+}
+
+/// The health evaluator is a supervised task like a source: a panic in it is restarted with
+/// back-off and reported as `SourceRestarted` for `health` and in `nodeward_task_*`; the API
+/// keeps answering (with the last verdict) while it is down, and the drain state, which lives
+/// outside the evaluator, survives its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_evaluator_that_panics_is_restarted_and_reported_like_a_source() {
+    const TASK: &str = "health";
+    // The evaluator's "ticks" are changes of the published state: the first verdict (UNKNOWN
+    // until the sources report) is one, the drain begun below another. A machine whose
+    // conditions flap only makes the panic come sooner.
+    let agent = Agent::start(
+        "supervise-health",
+        &format!("panic:{TASK}:2:{BACKOFF}"),
+        &[
+            "gpu.enabled=false",
+            "udp.enabled=false",
+            "tcp.enabled=false",
+        ],
+    )
+    .await;
+    let verdict = eventually(STEP, || async {
+        agent
+            .health()
+            .await
+            .filter(|r| r.verdict != pb::Verdict::Unknown as i32)
+    })
+    .await;
+    assert!(
+        verdict.is_some(),
+        "the sources never reported:\n{}",
+        agent.log_text()
+    );
+    let mut client = agent.client.clone();
+    client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "supervise-test".into(),
+            reason: "evaluator restart".into(),
+            deadline_seconds: 600,
+        })
+        .await
+        .expect("BeginDrain");
+
+    let outage = watch_the_outage(&agent, TASK).await;
+    assert_eq!(
+        outage.failed_calls, 0,
+        "the API answered every call while {TASK} was down: {outage:?}"
+    );
+    assert_restart_reported(&agent, TASK).await;
+    let report = agent.health().await.expect("GetNodeHealth");
+    assert_eq!(
+        report.drain.map(|d| d.state),
+        Some(pb::DrainState::Draining as i32),
+        "the drain outlives the evaluator's restart"
+    );
+    let log = agent.stop().await;
+    assert!(
+        log.contains("panicked: fault injected into health"),
+        "the panic is logged:\n{log}"
     );
 }

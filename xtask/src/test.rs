@@ -213,7 +213,8 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     setup::ensure_all(root)?;
     step(
         "building nodeward (the integration tests start the binary)",
-        cargo().args(["build", "-p", "nodeward"]),
+        // With the test hooks (agent/src/fault.rs) that supervise.rs and tcp_fallback.rs arm.
+        cargo().args(["build", "-p", "nodeward", "--features", "fault-injection"]),
     )?;
     // The shipped configuration, on its own (building it with the tests crate would unify the
     // test-only features in): the packaging test checks it holds no bench, fixture or fault code.

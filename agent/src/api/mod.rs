@@ -1,6 +1,7 @@
 //! The gRPC API: `nodeward.v1.NodeHealth`, `grpc.health.v1.Health` and server reflection (v1),
 //! on a Unix socket and on TCP (TLS optional, required off loopback). It only translates: the
-//! health engine decides, the store holds the data, the drain controller holds the drain.
+//! health engine (a task of its own, `health::evaluator`) decides and publishes, the store
+//! holds the data, the drain controller (in `health`) holds the drain.
 //!
 //! The generated code is checked in under `generated/` (see `tests/tests/proto_codegen.rs`, which
 //! regenerates it and fails on a difference), so building the agent needs no `protoc`.
@@ -12,19 +13,16 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::{
-    health::{Engine, HealthConfig},
-    store::{Clock, Store},
-};
+use crate::{health::evaluator::Health, store::Store};
 
 pub mod config;
 mod convert;
-pub mod drain;
-pub mod hub;
 pub mod identity;
 pub mod requests;
 pub mod service;
 
+/// The drain state and the published health, which the API translates.
+pub use crate::health::{drain, hub};
 pub use config::ApiConfig;
 
 /// The code generated from `proto/nodeward/v1/*.proto`.
@@ -48,8 +46,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub enum ApiError {
     #[error("invalid configuration: {0}")]
     Config(#[from] config::ApiConfigError),
-    #[error("invalid configuration: {0}")]
-    HealthConfig(#[from] crate::health::config::HealthConfigError),
     #[error("cannot create the socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -82,12 +78,6 @@ pub enum ApiError {
 #[derive(Debug)]
 pub struct BoundApi {
     service: service::Service,
-    hub: hub::HealthHub,
-    drain: drain::DrainController,
-    engine: Engine,
-    store: Arc<Store>,
-    clock: Arc<dyn Clock>,
-    interval: Duration,
     unix: Option<(UnixListener, PathBuf)>,
     tcp: Option<(TcpListener, SocketAddr, Option<ServerTlsConfig>)>,
     cancel: CancellationToken,
@@ -185,16 +175,14 @@ impl BoundApi {
     /// Validates the config and binds the listeners (so that errors show before serving).
     pub async fn bind(
         api: &ApiConfig,
-        health: &HealthConfig,
+        health: &Health,
         store: Arc<Store>,
-        clock: Arc<dyn Clock>,
         cancel: CancellationToken,
     ) -> Result<Self, ApiError> {
-        // A child: the API stops with the daemon, and stopping the API's own parts (the
-        // evaluator, Watch streams) never cancels the daemon's other tasks.
+        // A child: the API stops with the daemon, and stopping the API's own parts (Watch
+        // streams) never cancels the daemon's other tasks.
         let cancel = cancel.child_token();
         api.validate()?;
-        health.validate()?;
         // A listener that cannot start is logged and left out; the agent keeps collecting and
         // serves on the other one (as with sources that cannot run on this node).
         let unix = if api.unix_socket.as_os_str().is_empty() {
@@ -218,18 +206,12 @@ impl BoundApi {
                 }
             },
         };
-        // The first published state is a real evaluation of the store (the sources are
-        // registered before the API is bound), so even a call that beats the evaluator's first
-        // tick names the sources the verdict waits for.
-        let mut engine = Engine::new(health.clone());
-        let hub = hub::HealthHub::new(engine.evaluate(&store.snapshot(), clock.now()));
-        let drain = drain::DrainController::new(clock.clone());
         let service = service::Service::new(service::ServiceParts {
             node: node_name(&api.node_name),
-            store: store.clone(),
-            hub: hub.clone(),
-            drain: drain.clone(),
-            clock: clock.clone(),
+            store,
+            health: health.subscribe(),
+            drain: health.drain.clone(),
+            clock: health.clock.clone(),
             heartbeat: api.watch_heartbeat,
             default_deadline: api.drain_default_deadline,
             allowed_drain_identities: api.drain_allowed_identities.clone(),
@@ -237,22 +219,10 @@ impl BoundApi {
         });
         Ok(Self {
             service,
-            hub,
-            drain,
-            engine,
-            store,
-            clock,
-            interval: health.interval,
             unix,
             tcp,
             cancel,
         })
-    }
-
-    /// The published health state (verdict, conditions, drain), for other outputs such as the
-    /// Prometheus exporter, so that they show exactly what the API serves.
-    pub fn health(&self) -> tokio::sync::watch::Receiver<hub::Published> {
-        self.hub.subscribe()
     }
 
     /// The bound TCP address (useful with port 0).
@@ -264,12 +234,6 @@ impl BoundApi {
     pub async fn serve(self) -> Result<(), ApiError> {
         let Self {
             service,
-            hub,
-            drain,
-            engine,
-            store,
-            clock,
-            interval,
             unix,
             tcp,
             cancel,
@@ -278,16 +242,6 @@ impl BoundApi {
         if no_listener {
             tracing::error!("no gRPC listener could start; the API is not served");
         }
-        let evaluator = tokio::spawn(hub::run(
-            engine,
-            store,
-            drain,
-            hub,
-            clock,
-            interval,
-            cancel.clone(),
-        ));
-
         let (reporter, health_service) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<pb::node_health_server::NodeHealthServer<service::Service>>()
@@ -380,24 +334,9 @@ impl BoundApi {
             () = announce => servers.await,
         };
         cancel.cancel();
-        let _ = evaluator.await;
         if let Some(path) = unix_path {
             let _ = std::fs::remove_file(&path);
         }
         u.and(t)
     }
-}
-
-/// Binds and serves the API until `cancel`; the daemon's entry point.
-pub async fn run(
-    api: ApiConfig,
-    health: HealthConfig,
-    store: Arc<Store>,
-    clock: Arc<dyn Clock>,
-    cancel: CancellationToken,
-) -> Result<(), ApiError> {
-    BoundApi::bind(&api, &health, store, clock, cancel)
-        .await?
-        .serve()
-        .await
 }

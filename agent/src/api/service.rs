@@ -3,20 +3,23 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert,
-    drain::{DrainController, Requester},
-    hub::HealthHub,
-    identity,
+    convert, identity,
     pb::{self, node_health_server::NodeHealth},
     requests::{self, ContainerFilter, DrainAsk},
 };
-use crate::store::{clock::unix_ms, Clock, Snapshot, SourceKind, Store};
+use crate::{
+    health::{
+        drain::{DrainController, Requester},
+        hub::Published,
+    },
+    store::{clock::unix_ms, Clock, Snapshot, SourceKind, Store},
+};
 
 /// Everything the RPCs read. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -28,7 +31,7 @@ pub struct Service {
 struct Inner {
     node: String,
     store: Arc<Store>,
-    hub: HealthHub,
+    health: watch::Receiver<Published>,
     drain: DrainController,
     clock: Arc<dyn Clock>,
     heartbeat: Duration,
@@ -42,7 +45,8 @@ struct Inner {
 pub struct ServiceParts {
     pub node: String,
     pub store: Arc<Store>,
-    pub hub: HealthHub,
+    /// The health engine's published state.
+    pub health: watch::Receiver<Published>,
     pub drain: DrainController,
     pub clock: Arc<dyn Clock>,
     pub heartbeat: Duration,
@@ -58,7 +62,7 @@ impl Service {
             inner: Arc::new(Inner {
                 node: p.node,
                 store: p.store,
-                hub: p.hub,
+                health: p.health,
                 drain: p.drain,
                 clock: p.clock,
                 heartbeat: p.heartbeat,
@@ -130,7 +134,7 @@ impl NodeHealth for Service {
         &self,
         _: Request<pb::GetNodeHealthRequest>,
     ) -> Result<Response<pb::GetNodeHealthResponse>, Status> {
-        let p = self.inner.hub.current();
+        let p = self.inner.health.borrow().clone();
         let snap = self.inner.store.snapshot();
         // The drain state is read live, not from the last evaluation, so a caller sees its own
         // BeginDrain in the very next GetNodeHealth.
@@ -152,7 +156,7 @@ impl NodeHealth for Service {
         req: Request<pb::WatchNodeHealthRequest>,
     ) -> Result<Response<Self::WatchNodeHealthStream>, Status> {
         let heartbeat = requests::heartbeat(req.get_ref(), self.inner.heartbeat)?;
-        let mut rx = self.inner.hub.subscribe();
+        let mut rx = self.inner.health.clone();
         // Two messages at most wait for a slow reader; meanwhile the watch channel keeps only
         // the newest state, so the reader skips to it instead of the agent queueing old ones.
         let (tx, out) = mpsc::channel(2);

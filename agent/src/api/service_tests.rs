@@ -9,8 +9,7 @@ use tonic::Request;
 
 use super::*;
 use crate::{
-    api::{drain::DrainController, hub::HealthHub},
-    health::HealthReport,
+    health::{drain::DrainController, hub::HealthHub, HealthReport},
     store::{ManualClock, Store},
 };
 
@@ -19,7 +18,7 @@ fn service(hub: &HealthHub, cancel: &CancellationToken) -> Service {
     Service::new(ServiceParts {
         node: "n".to_owned(),
         store: Store::new(),
-        hub: hub.clone(),
+        health: hub.subscribe(),
         drain: DrainController::new(clock.clone()),
         clock,
         heartbeat: Duration::from_secs(3600),

@@ -10,17 +10,21 @@
 //! The store's `Network` kind is fed by two sources (TCP and UDP/RTP): it is registered when
 //! either started, and marked unavailable only when neither could.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config,
     containers::{proc_cgroup::ProcCgroup, Inventory},
-    daemon::TaskResult,
     sources::{cgroup, gpu, tcp, udp, Feeds},
     store::{Provenance, SourceKind, Store},
+    supervise::TaskResult,
+    task::TaskHealth,
 };
 
 pub mod key;
@@ -29,9 +33,20 @@ pub mod resources;
 
 pub const NAME: &str = "bridge";
 
+/// What the bridge reads from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// `containers.enabled`: per-container cgroup stats go into the store.
+    pub containers: bool,
+    /// `node.enabled`: node stats go into the store.
+    pub node: bool,
+    /// `udp.stream_min_duration`: a UDP flow younger than this is not a stream yet.
+    pub udp_min_flow_age: Duration,
+}
+
 /// Declares every enabled source in the store, and those that could not start as unavailable,
 /// so that the verdict waits for exactly the sources that will report.
-pub fn register(store: &Store, config: &Config, feeds: &Feeds) {
+pub fn register(store: &Store, config: &Settings, feeds: &Feeds) {
     let started = |name: &str| feeds.started.contains(&name);
     let why_not = |name: &str| {
         feeds
@@ -52,8 +67,8 @@ pub fn register(store: &Store, config: &Config, feeds: &Feeds) {
         }
     }
     let cgroup_kinds = [
-        (SourceKind::Cgroup, config.containers.enabled),
-        (SourceKind::Node, config.node.enabled),
+        (SourceKind::Cgroup, config.containers),
+        (SourceKind::Node, config.node),
     ];
     for (kind, _) in cgroup_kinds.into_iter().filter(|(_, enabled)| *enabled) {
         match why_not(cgroup::NAME) {
@@ -68,24 +83,23 @@ pub fn register(store: &Store, config: &Config, feeds: &Feeds) {
     }
 }
 
-/// Registers the sources and spawns the task that keeps the store up to date.
+/// Spawns the task that keeps the store up to date, once the sources are [`register`]ed.
 pub fn spawn(
-    config: &Config,
+    config: &Settings,
     feeds: &Feeds,
     store: &Arc<Store>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) {
-    register(store, config, feeds);
     let bridge = Bridge {
         store: store.clone(),
         tcp: feeds.tcp.clone(),
         udp: feeds.udp.clone(),
         gpu: feeds.gpu.clone(),
         cgroup: feeds.started.contains(&cgroup::NAME).then(cgroup::latest),
-        publish_cgroups: config.containers.enabled,
-        publish_node: config.node.enabled,
-        udp_min_flow_age: config.udp.stream_min_duration,
+        publish_cgroups: config.containers,
+        publish_node: config.node,
+        udp_min_flow_age: config.udp_min_flow_age,
         own_cgroup_path: own_cgroup_path(),
         network_notes: [tcp::NAME, udp::NAME]
             .into_iter()
@@ -109,7 +123,7 @@ pub fn spawn(
 /// (a failure, a restart), for the health rules and the API.
 async fn publish_tasks(
     store: &Store,
-    supervised: Vec<(&'static str, watch::Receiver<crate::supervise::TaskHealth>)>,
+    supervised: Vec<(&'static str, watch::Receiver<TaskHealth>)>,
     cancel: CancellationToken,
 ) {
     use tokio_stream::StreamExt as _;
@@ -335,7 +349,7 @@ mod tests {
         let store = Store::new();
         register(
             &store,
-            &Config::default(),
+            &crate::config::Config::default().bridge(),
             &feeds(&[tcp::NAME, cgroup::NAME], &[udp::NAME, gpu::NAME]),
         );
         assert_eq!(
@@ -361,7 +375,7 @@ mod tests {
         let store = Store::new();
         register(
             &store,
-            &Config::default(),
+            &crate::config::Config::default().bridge(),
             &feeds(&[cgroup::NAME], &[tcp::NAME, udp::NAME]),
         );
         match status(&store, SourceKind::Network) {
@@ -378,9 +392,9 @@ mod tests {
     #[test]
     fn disabled_sources_are_not_registered() {
         let store = Store::new();
-        let mut config = Config::default();
+        let mut config = crate::config::Config::default();
         config.node.enabled = false;
-        register(&store, &config, &feeds(&[cgroup::NAME], &[]));
+        register(&store, &config.bridge(), &feeds(&[cgroup::NAME], &[]));
         let s = store.snapshot();
         assert!(s.sources.contains_key(&SourceKind::Cgroup));
         assert!(!s.sources.contains_key(&SourceKind::Node), "node disabled");
@@ -394,7 +408,11 @@ mod tests {
     #[test]
     fn a_cgroup_source_that_cannot_start_marks_cgroup_and_node_unavailable() {
         let store = Store::new();
-        register(&store, &Config::default(), &feeds(&[], &[cgroup::NAME]));
+        register(
+            &store,
+            &crate::config::Config::default().bridge(),
+            &feeds(&[], &[cgroup::NAME]),
+        );
         for kind in [SourceKind::Cgroup, SourceKind::Node] {
             assert!(matches!(
                 status(&store, kind),

@@ -11,6 +11,9 @@ use std::time::SystemTime;
 use crate::store::{clock::elapsed, Provenance, Snapshot, SourceKind, SourceStatus};
 
 pub mod config;
+pub mod drain;
+pub mod evaluator;
+pub mod hub;
 mod hysteresis;
 pub mod rules;
 pub mod tasks;

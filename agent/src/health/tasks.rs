@@ -1,6 +1,7 @@
-//! Supervised source tasks as conditions: a restart is an event, like an OOM kill.
+//! Supervised tasks as conditions: a restart is an event, like an OOM kill. The tasks are the
+//! sources and the health evaluator itself (`health`), supervised alike.
 //!
-//! - `SourceRestarted` (warning), subject the task (`ebpf/tcp`, `gpu`, ...): reason
+//! - `SourceRestarted` (warning), subject the task (`ebpf/tcp`, `gpu`, `health`, ...): reason
 //!   `RestartPending` while the failed task waits out its back-off, `Restarted` at the
 //!   evaluation that first sees its restart count go up. It fires at once and, once the task
 //!   runs again, stays `Recovering` (and counted) for `health.recovery`, so a restart is visible
@@ -15,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use super::{rules::Observation, Evidence, Severity};
-use crate::{store::Snapshot, supervise::TaskHealth};
+use crate::{store::Snapshot, task::TaskHealth};
 
 /// Restart counts seen at the previous evaluation, by task.
 pub type Memory = BTreeMap<&'static str, u32>;
@@ -87,7 +88,7 @@ mod tests {
     use crate::{
         health::{ConditionStatus, Engine, HealthConfig, HealthReport, Verdict},
         store::{NodeStats, Provenance, SourceKind, Store},
-        supervise::TaskHealth,
+        task::TaskHealth,
     };
 
     fn at(secs: u64) -> SystemTime {

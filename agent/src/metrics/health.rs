@@ -6,7 +6,7 @@
 
 use super::{Kind, Metrics};
 use crate::{
-    api::hub::Published,
+    health::hub::Published,
     health::{Severity, Verdict},
 };
 

@@ -21,10 +21,10 @@ use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config,
-    daemon::TaskResult,
+    health::hub::Published,
     sources::Feeds,
     store::{ContainerMeta, Store},
+    supervise::TaskResult,
 };
 
 pub mod agent;
@@ -117,13 +117,9 @@ impl Exporter {
         exporter
     }
 
-    /// Adds the store (every per-container and node figure) and the health state the API
-    /// publishes (verdict, drain, conditions).
-    pub fn add_store(
-        &mut self,
-        store: Arc<Store>,
-        health: Option<watch::Receiver<crate::api::hub::Published>>,
-    ) {
+    /// Adds the store (every per-container and node figure) and the health state the health
+    /// task publishes (verdict, drain, conditions).
+    pub fn add_store(&mut self, store: Arc<Store>, health: Option<watch::Receiver<Published>>) {
         self.add(move |m| {
             let snapshot = store.snapshot();
             network::encode(&snapshot, m);
@@ -165,18 +161,18 @@ impl Exporter {
 /// not take the health verdict and the gRPC API down with it (and two agents on one machine,
 /// as in the tests, must not kill each other).
 pub fn spawn(
-    config: &Config,
+    config: &MetricsConfig,
     feeds: &Feeds,
     store: &Arc<Store>,
-    health: Option<watch::Receiver<crate::api::hub::Published>>,
+    health: Option<watch::Receiver<Published>>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) {
-    if !config.metrics.enabled {
+    if !config.enabled {
         tracing::info!("Prometheus metrics disabled by config (metrics.enabled = false)");
         return;
     }
-    let addr = config.metrics.listen;
+    let addr = config.listen;
     let listener = match bind(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -189,7 +185,10 @@ pub fn spawn(
     let exporter = Arc::new(exporter);
     let cancel = cancel.clone();
     tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-    tasks.spawn(async move { (NAME, http::serve(listener, exporter, cancel).await) });
+    tasks.spawn(async move {
+        let served = http::serve(listener, exporter, cancel).await;
+        (NAME, served.map_err(crate::task::TaskError::failed))
+    });
 }
 
 fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {

@@ -91,7 +91,7 @@ pub struct Snapshot {
     /// Container identity (pod, namespace, labels) by container id, from whichever source knows it.
     pub containers: Option<Arc<BTreeMap<String, ContainerMeta>>>,
     /// Each supervised source task's restarts and last failure, by task name (`ebpf/tcp`, ...).
-    pub tasks: BTreeMap<&'static str, crate::supervise::TaskHealth>,
+    pub tasks: BTreeMap<&'static str, crate::task::TaskHealth>,
 }
 
 impl Snapshot {
@@ -185,7 +185,7 @@ impl Store {
     }
 
     /// Replaces what the supervisor last said about task `name`.
-    pub fn publish_task(&self, name: &'static str, health: crate::supervise::TaskHealth) {
+    pub fn publish_task(&self, name: &'static str, health: crate::task::TaskHealth) {
         self.write(|s| {
             s.tasks.insert(name, health);
         });

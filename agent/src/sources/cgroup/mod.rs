@@ -13,7 +13,10 @@ use std::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::{
+    containers::ContainersConfig,
+    sources::{node::NodeConfig, Shared},
+};
 
 pub mod parse;
 pub mod read;
@@ -40,13 +43,17 @@ pub struct Source {
 
 impl Source {
     /// Says why the source cannot run: both parts disabled, or no cgroup hierarchy at the root.
-    pub fn start(config: &Config) -> Result<Self, String> {
-        if !config.containers.enabled && !config.node.enabled {
+    pub fn start(
+        containers: &ContainersConfig,
+        node: &NodeConfig,
+        shared: &Shared,
+    ) -> Result<Self, String> {
+        if !containers.enabled && !node.enabled {
             return Err(
                 "disabled by config (containers.enabled = false, node.enabled = false)".to_owned(),
             );
         }
-        let scanner = Scanner::new(config).map_err(|e| {
+        let scanner = Scanner::new(containers, node, &shared.paths).map_err(|e| {
             format!("{e} (set paths.cgroup_root, or containers.enabled = false to keep node stats)")
         })?;
         if let Some(layout) = scanner.layout() {
@@ -54,7 +61,7 @@ impl Source {
         }
         Ok(Self {
             scanner,
-            tick: config.agent.tick,
+            tick: shared.tick,
         })
     }
 

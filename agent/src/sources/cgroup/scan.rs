@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use super::read::{CgroupStats, Reader};
 use crate::{
-    config::Config,
     containers::{Container, Inventory, Layout},
     sources::{
         node::{self, NodeConfig, NodeStats},
@@ -114,16 +113,20 @@ pub struct Scanner {
 
 impl Scanner {
     /// Fails only when containers are enabled and the cgroup root holds no hierarchy.
-    pub fn new(config: &Config) -> Result<Self, ScanError> {
-        let layout = if config.containers.enabled {
-            Some(Layout::detect(&config.paths.cgroup_root)?)
+    pub fn new(
+        containers: &crate::containers::ContainersConfig,
+        node: &NodeConfig,
+        paths: &crate::paths::PathsConfig,
+    ) -> Result<Self, ScanError> {
+        let layout = if containers.enabled {
+            Some(Layout::detect(&paths.cgroup_root)?)
         } else {
             None
         };
         Ok(Self {
             layout,
-            proc_root: config.paths.proc_root.clone(),
-            node: config.node.enabled.then(|| config.node.clone()),
+            proc_root: paths.proc_root.clone(),
+            node: node.enabled.then(|| node.clone()),
             reader: Reader::default(),
             rates: RateTable::default(),
             node_rates: Rates::default(),
@@ -254,6 +257,7 @@ fn is_partition<'a>(name: &str, mut all: impl Iterator<Item = &'a str>) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::containers::fixture::{write_tree, Driver, FixtureLayout, TempDir};
 
     #[test]
@@ -263,6 +267,10 @@ mod tests {
         assert!(is_partition("nvme0n1p2", all.iter().copied()));
         assert!(!is_partition("nvme0n1", all.iter().copied()));
         assert!(!is_partition("sdb", all.iter().copied()));
+    }
+
+    fn scanner(c: &Config) -> Result<Scanner, ScanError> {
+        Scanner::new(&c.containers, &c.node, &c.paths)
     }
 
     fn config_for(root: &std::path::Path) -> Config {
@@ -278,7 +286,7 @@ mod tests {
         let dir = TempDir::new("nodeward-scan").expect("temp");
         let written =
             write_tree(&dir.path, FixtureLayout::V2, Driver::Systemd, 6, 1).expect("fixture");
-        let mut s = Scanner::new(&config_for(&dir.path)).expect("scanner");
+        let mut s = scanner(&config_for(&dir.path)).expect("scanner");
         let t0 = Instant::now();
         let first = s.scan(t0);
         assert_eq!(first.workloads.len(), 7);
@@ -322,7 +330,7 @@ mod tests {
         let dir = TempDir::new("nodeward-scan-json").expect("temp");
         let written =
             write_tree(&dir.path, FixtureLayout::Hybrid, Driver::Systemd, 1, 1).expect("fixture");
-        let snap = Scanner::new(&config_for(&dir.path))
+        let snap = scanner(&config_for(&dir.path))
             .expect("scanner")
             .scan(Instant::now());
         let v = serde_json::to_value(&snap).expect("snapshot serialises");
@@ -360,8 +368,8 @@ mod tests {
     fn a_missing_cgroup_root_is_an_error_only_when_containers_are_enabled() {
         let mut c = Config::default();
         c.paths.cgroup_root = PathBuf::from("/nonexistent/cgroup");
-        assert!(Scanner::new(&c).is_err());
+        assert!(scanner(&c).is_err());
         c.containers.enabled = false;
-        assert!(Scanner::new(&c).is_ok());
+        assert!(scanner(&c).is_ok());
     }
 }

@@ -6,16 +6,21 @@ use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
+use super::GpuConfig;
 use super::{model::DeviceStats, Gpu, GpuError, GpuSnapshot, Reading};
-use crate::config::Config;
+use crate::paths::PathsConfig;
 
 /// `EX_UNAVAILABLE` from sysexits.h: no usable NVML on this node.
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
 /// Reads the GPUs twice, `events_for` apart, watching events in between. `gpu.enabled` is
 /// ignored: asking for the check is asking for NVML.
-pub fn read_once(config: &Config, events_for: Duration) -> Result<GpuSnapshot, GpuError> {
-    let mut gpu = Gpu::open(&config.gpu, &config.paths.proc_root)?;
+pub fn read_once(
+    config: &GpuConfig,
+    paths: &PathsConfig,
+    events_for: Duration,
+) -> Result<GpuSnapshot, GpuError> {
+    let mut gpu = Gpu::open(config, &paths.proc_root)?;
     let cancel = CancellationToken::new();
     let events = gpu.watch_events(cancel.clone())?;
     // The first poll sets the per-process sample baseline; the second reads after it.
@@ -28,8 +33,8 @@ pub fn read_once(config: &Config, events_for: Duration) -> Result<GpuSnapshot, G
 }
 
 /// The subcommand: prints the snapshot (text or JSON); exit 69 when NVML is unavailable.
-pub fn main(config: &Config, json: bool, events_for: Duration) -> ExitCode {
-    match read_once(config, events_for) {
+pub fn main(config: &GpuConfig, paths: &PathsConfig, json: bool, events_for: Duration) -> ExitCode {
+    match read_once(config, paths, events_for) {
         Ok(snapshot) => {
             if json {
                 match serde_json::to_string_pretty(&snapshot) {

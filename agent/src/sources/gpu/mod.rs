@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, Origin};
-
 pub mod check;
 pub mod events;
 pub mod model;
@@ -71,13 +69,22 @@ impl Default for GpuConfig {
     }
 }
 
-/// Range checks of the `[gpu]` section; `origin` says where a key's value came from.
-pub fn validate(gpu: &GpuConfig, origin: impl Fn(&str) -> Origin) -> Result<(), ConfigError> {
-    let invalid = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
-        key: key.to_owned(),
+/// A `[gpu]` key whose value is out of range; the config loader adds where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` = {value}: {allowed}")]
+pub struct GpuConfigError {
+    /// The full key, e.g. `gpu.poll_interval`.
+    pub key: &'static str,
+    pub value: String,
+    pub allowed: &'static str,
+}
+
+/// Range checks of the `[gpu]` section.
+pub fn validate(gpu: &GpuConfig) -> Result<(), GpuConfigError> {
+    let invalid = |key: &'static str, value: String, allowed: &'static str| GpuConfigError {
+        key,
         value,
-        origin: origin(key),
-        allowed: allowed.to_owned(),
+        allowed,
     };
     let shown = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
     let p = gpu.poll_interval;
@@ -264,18 +271,18 @@ pub struct Source {
 
 impl Source {
     /// Opens NVML, or says why the GPU source cannot run on this node.
-    pub fn start(config: &Config) -> Result<Self, GpuError> {
-        let gpu = Gpu::open(&config.gpu, &config.paths.proc_root)?;
-        let interval = if config.gpu.poll_interval.is_zero() {
-            config.agent.tick
+    pub fn start(config: &GpuConfig, shared: &crate::sources::Shared) -> Result<Self, GpuError> {
+        let gpu = Gpu::open(config, &shared.paths.proc_root)?;
+        let interval = if config.poll_interval.is_zero() {
+            shared.tick
         } else {
-            config.gpu.poll_interval
+            config.poll_interval
         };
         let (tx, _) = watch::channel(GpuSnapshot::empty(SourceStatus::Running));
         Ok(Self {
             gpu,
-            config: config.gpu.clone(),
-            proc_root: config.paths.proc_root.clone(),
+            config: config.clone(),
+            proc_root: shared.paths.proc_root.clone(),
             interval,
             tx,
         })
@@ -325,18 +332,18 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_intervals_are_rejected_with_the_key() {
         let ok = GpuConfig::default();
-        assert!(validate(&ok, |_| Origin::Default).is_ok());
+        assert!(validate(&ok).is_ok());
         let fast = GpuConfig {
             poll_interval: Duration::from_millis(5),
             ..GpuConfig::default()
         };
-        let err = validate(&fast, |_| Origin::Flag).expect_err("5ms is too fast");
+        let err = validate(&fast).expect_err("5ms is too fast");
         assert!(err.to_string().contains("gpu.poll_interval"), "{err}");
         let never = GpuConfig {
             xid_window: Duration::ZERO,
             ..GpuConfig::default()
         };
-        let err = validate(&never, |_| Origin::Default).expect_err("a zero window counts nothing");
+        let err = validate(&never).expect_err("a zero window counts nothing");
         assert!(err.to_string().contains("gpu.xid_window"), "{err}");
     }
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     chain, diag, ensure_cgroup2, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
 };
-use crate::{config::Config, probe::Capabilities};
+use crate::{probe::Capabilities, sources::Shared};
 
 /// Where the counters come from.
 #[derive(Debug)]
@@ -168,28 +168,28 @@ impl Source {
     /// Attaches the programs, or says why this node cannot run them. The receiver always
     /// holds the latest snapshot.
     pub fn start(
-        config: &Config,
+        config: &TcpConfig,
+        shared: &Shared,
         caps: &Capabilities,
     ) -> Result<(Self, watch::Receiver<Arc<TcpSnapshot>>), TcpError> {
         // With eBPF turned off by config, only the sock_diag poller may run.
-        let attribution = if config.ebpf.enabled {
-            config.tcp.attribution
+        let attribution = if shared.ebpf {
+            config.attribution
         } else {
             super::Attribution::SockDiag
         };
         // `auto`: the chosen path, then its fallbacks; a configured path alone.
         let mut paths = chain(caps, attribution)?;
         for (_, plan) in &mut paths {
-            plan.proc_root.clone_from(&config.paths.proc_root);
+            plan.proc_root.clone_from(&shared.paths.proc_root);
         }
-        let (collector, root, plan) =
-            Collector::attach_chain(paths, &config.tcp, config.agent.tick)?;
+        let (collector, root, plan) = Collector::attach_chain(paths, config, shared.tick)?;
         tracing::info!(path = plan.path(), cgroup_root = %root.display(), fell_back_from = ?collector.fell_back_from(), "TCP latency source started");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((
             Self {
                 collector,
-                tick: config.agent.tick,
+                tick: shared.tick,
                 tx,
             },
             rx,

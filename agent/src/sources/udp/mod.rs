@@ -26,7 +26,6 @@ use self::{
 };
 use super::cgroup_path::CgroupPaths;
 use crate::{
-    config::Config,
     ebpf::{
         udp::{UdpMaps, UdpPrograms},
         LoadError,
@@ -68,7 +67,7 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     /// Attaches the programs, or says why this node cannot run them.
-    pub fn start(config: &Config, caps: &Capabilities) -> Result<Self, String> {
+    pub fn start(config: &UdpConfig, tick: Duration, caps: &Capabilities) -> Result<Self, String> {
         if !caps.is_root {
             return Err("not running as root (CAP_BPF and CAP_NET_ADMIN are needed)".to_owned());
         }
@@ -79,7 +78,7 @@ impl Source {
             "no cgroup v2 hierarchy: cgroup_skb needs one (tc on host interfaces is not implemented yet)"
                 .to_owned()
         })?;
-        Self::attach(root, &config.udp, config.agent.tick).map_err(|e| e.to_string())
+        Self::attach(root, config, tick).map_err(|e| e.to_string())
     }
 
     /// Attaches at `cgroup_v2_root` with this configuration (tests use it directly).

@@ -118,7 +118,7 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
     let mut config = config.clone();
     config.paths.cgroup_root = dir.path.clone();
     config.containers.enabled = true;
-    let mut scanner = match Scanner::new(&config) {
+    let mut scanner = match Scanner::new(&config.containers, &config.node, &config.paths) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };

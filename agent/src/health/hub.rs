@@ -1,20 +1,16 @@
-//! The evaluation loop and the latest published health state.
+//! The latest published health state.
 //!
-//! The engine runs once per `health.interval` (and at once when the drain state changes); the
-//! result goes into a `watch` channel that holds only the latest state. `GetNodeHealth` reads it;
+//! The evaluator ([`super::evaluator`]) runs the engine once per `health.interval` (and at once
+//! when the drain state changes); the result goes into a `watch` channel that holds only the
+//! latest state, read by the API and `/metrics`. `GetNodeHealth` reads it;
 //! each `WatchNodeHealth` stream is woken only when the state changed (verdict, conditions'
 //! status, sources, drain), never queues old states, and so a slow client skips to the latest.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-use super::drain::{Drain, DrainController};
-use crate::{
-    health::{Engine, HealthReport, Verdict},
-    store::{Clock, Store},
-};
+use super::{drain::Drain, HealthReport, Verdict};
 
 /// One published state.
 #[derive(Debug, Clone)]
@@ -25,6 +21,18 @@ pub struct Published {
     pub revision: u64,
 }
 
+impl Published {
+    /// The first state of a run of the agent; logs its verdict.
+    pub fn first(report: HealthReport, drain: Option<Drain>) -> Self {
+        log_verdict(None, &report);
+        Self {
+            report: Arc::new(report),
+            drain,
+            revision: 0,
+        }
+    }
+}
+
 /// The latest health state, shared by every RPC.
 #[derive(Debug, Clone)]
 pub struct HealthHub {
@@ -33,12 +41,11 @@ pub struct HealthHub {
 
 impl HealthHub {
     pub fn new(initial: HealthReport) -> Self {
-        log_verdict(None, &initial);
-        let (tx, _) = watch::channel(Published {
-            report: Arc::new(initial),
-            drain: None,
-            revision: 0,
-        });
+        Self::from_sender(watch::Sender::new(Published::first(initial, None)))
+    }
+
+    /// A hub that publishes into `tx` (the channel that outlives the evaluator's restarts).
+    pub fn from_sender(tx: watch::Sender<Published>) -> Self {
         Self { tx }
     }
 
@@ -92,32 +99,4 @@ fn log_verdict(previous: Option<Verdict>, report: &HealthReport) {
         unknown_reason = report.unknown_reason.as_str(),
         "health verdict"
     );
-}
-
-/// Evaluates the store every `interval` (and on drain changes) until cancelled.
-pub async fn run(
-    mut engine: Engine,
-    store: Arc<Store>,
-    drain: DrainController,
-    hub: HealthHub,
-    clock: Arc<dyn Clock>,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut drain_changes = drain.subscribe();
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticker.tick() => {}
-            changed = drain_changes.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-        }
-        let report = engine.evaluate(&store.snapshot(), clock.now());
-        hub.publish(report, drain.current());
-    }
 }
