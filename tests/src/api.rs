@@ -223,6 +223,7 @@ pub fn network(streams: usize) -> NetworkSnapshot {
                 })
                 .collect(),
             peers: Vec::new(),
+            totals: Default::default(),
         },
     );
     NetworkSnapshot { containers }

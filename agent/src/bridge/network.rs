@@ -197,6 +197,7 @@ fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, now: SystemTim
         .established_connections
         .saturating_add(u32::try_from(established).unwrap_or(u32::MAX));
     c.peers.extend(t.peers.iter().filter_map(peer));
+    c.totals += &t.totals;
     if !own {
         c.streams.extend(tcp_streams(t, now));
     }
@@ -268,6 +269,7 @@ fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
 }
 
 fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_>) {
+    c.totals += &u.totals;
     for uw in &u.windows {
         if let Ok(seconds) = u32::try_from(uw.window_seconds) {
             set_udp_window(window_mut(c, seconds), uw);

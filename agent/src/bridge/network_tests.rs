@@ -184,6 +184,7 @@ fn udp() -> UdpSnapshot {
                     ..UdpWindow::default()
                 },
             ],
+            totals: crate::store::NetworkTotals::default(),
         }],
         counters: Default::default(),
     }
@@ -325,4 +326,59 @@ fn meta_is_added_for_network_only_containers() {
     let m = &meta["/test/rx"];
     assert_eq!((m.cgroup_id, m.cgroup_path.as_str()), (200, "test/rx"));
     assert_eq!(meta["live"].cgroup_id, 100);
+}
+
+#[test]
+fn totals_of_tcp_and_udp_and_of_every_id_of_one_container_add_up() {
+    use crate::store::{NetworkTotals, RttHistogram};
+    let rtt = |buckets: Vec<(u64, u64)>, sum_us| RttHistogram {
+        count: buckets.iter().map(|b| b.1).sum(),
+        buckets,
+        sum_us,
+    };
+    let mut t = tcp("/system.slice/x.service");
+    let c100 = t.containers.get_mut(&100).expect("container 100");
+    c100.totals = NetworkTotals {
+        rtt: rtt(vec![(1088, 3), (2176, 1)], 5_000),
+        tcp_retransmits: 2,
+        tcp_segments_out: 40,
+        tcp_connections_opened: 3,
+        tcp_connections_closed: 1,
+        ..NetworkTotals::default()
+    };
+    // A second cgroup of the same workload (the inventory maps both to "live").
+    let mut other = c100.clone();
+    other.cgroup_id = 101;
+    other.peers.clear();
+    other.totals = NetworkTotals {
+        rtt: rtt(vec![(544, 2), (1088, 1)], 1_500),
+        tcp_segments_out: 10,
+        ..NetworkTotals::default()
+    };
+    t.containers.insert(101, other);
+    let mut inv = inventory();
+    let mut second = inv.containers[0].clone();
+    second.cgroup_id = Some(101);
+    second.path.push_str("/sub");
+    inv = Inventory::from_containers(vec![inv.containers[0].clone(), second]);
+    let mut u = udp();
+    u.containers[0].totals = NetworkTotals {
+        rtp_packets: 9_000,
+        rtp_lost: 12,
+        ..NetworkTotals::default()
+    };
+    let snap = network_snapshot(Some(&t), Some(&u), &inv, &params(None));
+    let totals = &snap.containers["live"].totals;
+    assert_eq!(totals.rtt.buckets, vec![(544, 2), (1088, 4), (2176, 1)]);
+    assert_eq!((totals.rtt.count, totals.rtt.sum_us), (7, 6_500));
+    assert_eq!(
+        (
+            totals.tcp_retransmits,
+            totals.tcp_segments_out,
+            totals.tcp_connections_opened,
+            totals.tcp_connections_closed
+        ),
+        (2, 50, 3, 1)
+    );
+    assert_eq!((totals.rtp_packets, totals.rtp_lost), (9_000, 12));
 }

@@ -310,6 +310,7 @@ mod tests {
                         max_jitter_seconds: Some(0.006),
                         mean_ipdv_seconds: None,
                     }],
+                    totals: crate::store::NetworkTotals::default(),
                 },
                 ContainerUdp {
                     cgroup_id: 9,
@@ -321,6 +322,7 @@ mod tests {
                         window_seconds: 60,
                         ..WindowStats::default()
                     }],
+                    totals: crate::store::NetworkTotals::default(),
                 },
             ],
             counters: UdpCounters {

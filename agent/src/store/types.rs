@@ -88,7 +88,7 @@ pub struct PeerNetwork {
 /// One container's network counters since the agent started: what Prometheus `rate()` and
 /// `histogram_quantile()` need. They only grow while the agent runs; a source that restarts
 /// with fresh kernel maps carries its old totals forward so that nothing here goes backwards.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetworkTotals {
     /// TCP RTT samples at the kernel's histogram resolution.
     pub rtt: RttHistogram,
@@ -107,7 +107,7 @@ pub struct NetworkTotals {
 /// kernel's log-linear histogram (`agent_ebpf::tcp::bucket_bounds`), ascending by upper bound.
 /// The exporter folds them into Prometheus `le` buckets whose bounds are kernel bucket edges,
 /// so the folding adds no error.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RttHistogram {
     /// (exclusive upper bound in microseconds, samples in that bucket), ascending.
     pub buckets: Vec<(u64, u64)>,
@@ -115,6 +115,54 @@ pub struct RttHistogram {
     pub count: u64,
     /// Sum of the samples, in microseconds.
     pub sum_us: u64,
+}
+
+impl RttHistogram {
+    /// Adds `count` samples to the bucket with this exclusive upper bound, keeping the buckets
+    /// ascending and sparse (an empty count adds nothing). `sum_us` is the caller's to add.
+    pub fn add_bucket(&mut self, upper_us: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        match self.buckets.binary_search_by_key(&upper_us, |b| b.0) {
+            Ok(i) => self.buckets[i].1 += count,
+            Err(i) => self.buckets.insert(i, (upper_us, count)),
+        }
+        self.count += count;
+    }
+}
+
+impl std::ops::AddAssign<&RttHistogram> for RttHistogram {
+    fn add_assign(&mut self, other: &RttHistogram) {
+        for &(upper, count) in &other.buckets {
+            self.add_bucket(upper, count);
+        }
+        self.sum_us += other.sum_us;
+    }
+}
+
+impl std::ops::AddAssign<&NetworkTotals> for NetworkTotals {
+    /// Sums two sets of counters: two sources (TCP and UDP) or two ids that map to one
+    /// container, or a restarted source's totals on top of those it carried forward.
+    fn add_assign(&mut self, o: &NetworkTotals) {
+        // Destructured so that a field added to the type cannot be forgotten here.
+        let NetworkTotals {
+            rtt,
+            tcp_retransmits,
+            tcp_segments_out,
+            tcp_connections_opened,
+            tcp_connections_closed,
+            rtp_packets,
+            rtp_lost,
+        } = o;
+        self.rtt += rtt;
+        self.tcp_retransmits += tcp_retransmits;
+        self.tcp_segments_out += tcp_segments_out;
+        self.tcp_connections_opened += tcp_connections_opened;
+        self.tcp_connections_closed += tcp_connections_closed;
+        self.rtp_packets += rtp_packets;
+        self.rtp_lost += rtp_lost;
+    }
 }
 
 /// One container's network summary.

@@ -72,6 +72,7 @@ impl Collector {
             max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
             path: plan.path().to_owned(),
             attribution: plan.attribution().to_owned(),
+            max_totals: usize::try_from(config.max_cgroups).unwrap_or(usize::MAX),
         });
         Ok(Self {
             input,
@@ -114,6 +115,11 @@ impl Collector {
             }
         }
         Err(last.unwrap_or(TcpError::Missing("a hook path to try")))
+    }
+
+    /// Carries the totals of the run before this one (its last snapshot) forward.
+    pub fn carry(&mut self, prior: &TcpSnapshot) {
+        self.tracker.carry(prior);
     }
 
     /// The paths that failed before this one attached, each with its reason.
@@ -191,8 +197,11 @@ impl Source {
     }
 
     /// Publishes into `tx` instead of the channel `start` made, so that a restarted source
-    /// feeds the readers of the one before it.
-    pub fn publish_into(self, tx: watch::Sender<Arc<TcpSnapshot>>) -> Self {
+    /// feeds the readers of the one before it, and carries forward the totals of the last
+    /// snapshot there so that they stay monotonic across the restart.
+    pub fn publish_into(mut self, tx: watch::Sender<Arc<TcpSnapshot>>) -> Self {
+        let prior = Arc::clone(&tx.borrow());
+        self.collector.carry(&prior);
         Self { tx, ..self }
     }
 

@@ -8,6 +8,7 @@ use agent_ebpf::{tcp::drop_reason, CgroupTcpStats};
 use serde::Serialize;
 
 use super::{hist::Histogram, window::PeerDelta};
+use crate::store::NetworkTotals;
 
 /// Everything the TCP source knows at one tick.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -110,6 +111,9 @@ pub struct ContainerTcp {
     /// the bounded flow map does not hold, so without age or peer.
     pub established_untracked: u64,
     pub peers: Vec<PeerTcp>,
+    /// Counters since the agent started, carried across restarts of the source (the RTP
+    /// fields stay 0: they are the UDP source's).
+    pub totals: NetworkTotals,
 }
 
 impl ContainerTcp {

@@ -11,8 +11,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use agent_ebpf::{
+    tcp::{bucket_bounds, drop_reason},
+    CgroupTcpStats, FlowState, HistKey,
+};
 use serde::Serialize;
+
+use crate::store::{NetworkTotals, RttHistogram};
 
 use super::{
     hist::Histogram,
@@ -108,6 +113,37 @@ impl PeerDelta {
     }
 }
 
+/// One container's counters since the agent started: what this tracker summed from the
+/// kernel's deltas, on top of what an earlier run of the source had counted (`carried`).
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    carried: NetworkTotals,
+    stats: CgroupTcpStats,
+    hist: Histogram,
+    /// Tick of the last change, to forget the idlest first.
+    last_active: u64,
+}
+
+impl Totals {
+    fn network(&self) -> NetworkTotals {
+        let mut out = self.carried.clone();
+        let mut rtt = RttHistogram::default();
+        for (bucket, count) in self.hist.iter() {
+            rtt.add_bucket(bucket_bounds(bucket).1, count);
+        }
+        rtt.sum_us = self.stats.sum_rtt_us;
+        out += &NetworkTotals {
+            rtt,
+            tcp_retransmits: self.stats.retrans,
+            tcp_segments_out: self.stats.segs_out,
+            tcp_connections_opened: self.stats.opened_active + self.stats.opened_passive,
+            tcp_connections_closed: self.stats.closed,
+            ..NetworkTotals::default()
+        };
+        out
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct CgroupDelta {
     stats: CgroupTcpStats,
@@ -164,6 +200,9 @@ pub struct Limits {
     /// The hook chain in use and what ids mean, reported in the snapshot's fidelity.
     pub path: String,
     pub attribution: String,
+    /// Containers whose totals since the agent started are kept; beyond it, those idle the
+    /// longest are forgotten (their counters then restart from 0 if they come back).
+    pub max_totals: usize,
 }
 
 /// Sizes of the tracker's structures; each is bounded by a map size or a config value.
@@ -194,6 +233,7 @@ pub struct Tracker {
     known_peers: HashMap<u64, HashMap<(IpAddr, u16), u64>>,
     /// Last tick a cgroup's counters changed.
     last_active: HashMap<u64, u64>,
+    totals: HashMap<u64, Totals>,
     tick_no: u64,
 }
 
@@ -207,7 +247,42 @@ impl Tracker {
             prev_flows: HashMap::new(),
             known_peers: HashMap::new(),
             last_active: HashMap::new(),
+            totals: HashMap::new(),
             tick_no: 0,
+        }
+    }
+
+    /// Carries the totals of an earlier run of the source (its last snapshot) forward, so
+    /// that a restart with fresh kernel maps does not take any counter backwards.
+    pub fn carry(&mut self, prior: &TcpSnapshot) {
+        for (id, c) in &prior.containers {
+            if c.totals != NetworkTotals::default() {
+                self.totals.entry(*id).or_default().carried += &c.totals;
+            }
+        }
+    }
+
+    fn add_totals(&mut self, tick: &Tick) {
+        for (id, d) in &tick.cgroups {
+            if d.stats == CgroupTcpStats::default() && d.hist.is_empty() {
+                continue;
+            }
+            let t = self.totals.entry(*id).or_default();
+            add(&mut t.stats, &d.stats);
+            t.hist.merge(&d.hist);
+            t.last_active = self.tick_no;
+        }
+        let excess = self.totals.len().saturating_sub(self.limits.max_totals);
+        if excess > 0 {
+            let mut idle: Vec<(u64, u64)> = self
+                .totals
+                .iter()
+                .map(|(id, t)| (t.last_active, *id))
+                .collect();
+            idle.sort_unstable();
+            for (_, id) in idle.into_iter().take(excess) {
+                self.totals.remove(&id);
+            }
         }
     }
 
@@ -363,6 +438,7 @@ impl Tracker {
             !gone
         });
 
+        self.add_totals(&tick);
         self.ring.push_front(tick);
         self.ring.truncate(self.longest());
         (self.snapshot(&raw, &open, resolve), cleanup)
@@ -431,6 +507,12 @@ impl Tracker {
                     .or_insert_with(|| ContainerTcp::new(*id))
                     .established_untracked = expected - seen;
             }
+        }
+        for (id, t) in &self.totals {
+            containers
+                .entry(*id)
+                .or_insert_with(|| ContainerTcp::new(*id))
+                .totals = t.network();
         }
         for c in containers.values_mut() {
             c.cgroup_path = resolve(c.cgroup_id);

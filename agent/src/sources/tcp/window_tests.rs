@@ -10,6 +10,7 @@ fn limits() -> Limits {
         max_peers: 2,
         path: "test".to_owned(),
         attribution: "test".to_owned(),
+        max_totals: 16,
     }
 }
 
@@ -177,4 +178,141 @@ fn ipv4_peers_of_dual_stack_sockets_are_shown_as_ipv4() {
         snap.container(7).expect("cgroup 7").peers[0].peer,
         "192.0.2.7:443"
     );
+}
+
+/// A read of cgroup `id` whose kernel counters stand at `samples` RTT samples of `rtt` µs (all
+/// in one bucket), `samples / 10` retransmits of `samples` segments, and `opened`/`closed`
+/// connections.
+fn counters(id: u64, samples: u64, rtt: u64, opened: u64, closed: u64) -> RawRead {
+    RawRead {
+        stats: vec![(
+            id,
+            CgroupTcpStats {
+                retrans: samples / 10,
+                segs_out: samples,
+                opened_active: opened,
+                closed,
+                ..stats(samples, rtt)
+            },
+        )],
+        hist: vec![(
+            HistKey {
+                cgroup_id: id,
+                bucket: bucket_of(rtt),
+                _pad: 0,
+            },
+            samples,
+        )],
+        now_ns: 11_000_000_000,
+        ..RawRead::default()
+    }
+}
+
+fn upper(rtt: u64) -> u64 {
+    agent_ebpf::tcp::bucket_bounds(bucket_of(rtt)).1
+}
+
+#[test]
+fn totals_count_every_sample_since_start_beyond_the_windows_and_a_map_cleanup() {
+    let mut t = Tracker::new(limits());
+    for c in [10, 30, 60, 100] {
+        t.update(counters(7, c, 1000, 3, 1), &mut |_| None);
+    }
+    // Idle until the cgroup's kernel entries are deleted, then it counts again from 0.
+    let mut cleaned = false;
+    for _ in 0..10 {
+        cleaned |= !t
+            .update(counters(7, 100, 1000, 3, 1), &mut |_| None)
+            .1
+            .cgroups
+            .is_empty();
+        if cleaned {
+            break;
+        }
+    }
+    assert!(cleaned, "the idle cgroup was never cleaned up");
+    let (snap, _) = t.update(counters(7, 20, 1000, 2, 2), &mut |_| None);
+    let c = snap.container(7).expect("cgroup 7");
+    assert_eq!(
+        c.window("4t").map(|w| w.samples),
+        Some(20),
+        "windows only hold their ticks"
+    );
+    let totals = &c.totals;
+    assert_eq!(totals.rtt.buckets, vec![(upper(1000), 120)]);
+    assert_eq!((totals.rtt.count, totals.rtt.sum_us), (120, 120_000));
+    assert_eq!((totals.tcp_retransmits, totals.tcp_segments_out), (12, 120));
+    assert_eq!(
+        (totals.tcp_connections_opened, totals.tcp_connections_closed),
+        (5, 3)
+    );
+    assert_eq!((totals.rtp_packets, totals.rtp_lost), (0, 0));
+}
+
+#[test]
+fn a_restarted_tracker_with_fresh_maps_carries_the_old_totals_forward() {
+    let mut first = Tracker::new(limits());
+    first.update(counters(7, 40, 1000, 4, 0), &mut |_| None);
+    let (before, _) = first.update(counters(7, 100, 1000, 4, 0), &mut |_| None);
+
+    let mut second = Tracker::new(limits());
+    second.carry(&before);
+    // The new run's maps start empty: 5 samples in a lower bucket, 3 in the old one.
+    let mut fresh = counters(7, 8, 1000, 1, 1);
+    fresh.hist = vec![
+        (
+            HistKey {
+                cgroup_id: 7,
+                bucket: bucket_of(200),
+                _pad: 0,
+            },
+            5,
+        ),
+        (
+            HistKey {
+                cgroup_id: 7,
+                bucket: bucket_of(1000),
+                _pad: 0,
+            },
+            3,
+        ),
+    ];
+    let (after, _) = second.update(fresh, &mut |_| None);
+    let totals = &after.container(7).expect("cgroup 7").totals;
+    assert_eq!(
+        totals.rtt.buckets,
+        vec![(upper(200), 5), (upper(1000), 103)]
+    );
+    assert_eq!(totals.rtt.count, 108);
+    assert_eq!(totals.rtt.sum_us, 100_000 + 8_000);
+    assert_eq!(totals.tcp_segments_out, 108);
+    assert_eq!(
+        (totals.tcp_connections_opened, totals.tcp_connections_closed),
+        (5, 1)
+    );
+    let old = &before.container(7).expect("cgroup 7").totals;
+    assert!(
+        totals.rtt.count >= old.rtt.count && totals.tcp_retransmits >= old.tcp_retransmits,
+        "nothing went backwards: {old:?} -> {totals:?}"
+    );
+}
+
+#[test]
+fn totals_are_kept_for_at_most_max_totals_containers_the_idlest_forgotten() {
+    let mut t = Tracker::new(Limits {
+        max_totals: 2,
+        ..limits()
+    });
+    let mut last = None;
+    for (id, n) in [(1, 10), (2, 10), (3, 10)] {
+        last = Some(t.update(counters(id, n, 500, 0, 0), &mut |_| None).0);
+    }
+    let snap = last.expect("snapshot");
+    let with_totals: Vec<u64> = snap
+        .containers
+        .values()
+        .filter(|c| c.totals.rtt.count > 0)
+        .map(|c| c.cgroup_id)
+        .collect();
+    assert_eq!(with_totals, vec![2, 3]);
 }

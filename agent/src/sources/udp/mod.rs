@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::config::UdpConfig;
 use self::{
     model::{ContainerUdp, Endpoint, FlowQuality, StreamQuality, UdpCounters, UdpSnapshot},
-    windows::{Differ, History},
+    windows::{Differ, History, Totals},
 };
 use super::cgroup_path::CgroupPaths;
 use crate::{
@@ -55,6 +55,8 @@ pub struct Source {
     tick: Duration,
     differ: Differ,
     history: HashMap<u64, History>,
+    totals: HashMap<u64, Totals>,
+    ticks: u64,
     paths: CgroupPaths,
 }
 
@@ -98,6 +100,8 @@ impl Source {
             tick,
             differ: Differ::default(),
             history: HashMap::new(),
+            totals: HashMap::new(),
+            ticks: 0,
             paths: CgroupPaths::new(Some(cgroup_v2_root.to_path_buf())),
         })
     }
@@ -108,6 +112,10 @@ impl Source {
         tx: watch::Sender<UdpSnapshot>,
         cancel: CancellationToken,
     ) -> Result<(), String> {
+        // A restarted source publishes into its predecessor's channel: what is there is the
+        // last thing that run counted, and the totals go on from it.
+        let prior = tx.borrow().clone();
+        self.carry(&prior);
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -153,6 +161,15 @@ impl Source {
         Ok(snapshot)
     }
 
+    /// Carries the totals of an earlier run of the source (its last snapshot) forward.
+    pub fn carry(&mut self, prior: &UdpSnapshot) {
+        for c in &prior.containers {
+            if c.totals != crate::store::NetworkTotals::default() {
+                self.totals.insert(c.cgroup_id, Totals::carried(&c.totals));
+            }
+        }
+    }
+
     fn live(&self, idle_ns: u64) -> bool {
         idle_ns <= self.config.idle_timeout.as_nanos() as u64
     }
@@ -162,14 +179,36 @@ impl Source {
         let deltas = self.differ.tick(&maps.flows, &maps.streams, |s| {
             now_ns.saturating_sub(s.last_arrival_ns) <= idle_timeout
         });
+        self.ticks += 1;
         for (cg, d) in deltas {
+            let mut t = self.totals.get(&cg).copied().unwrap_or_default();
+            if t.add(&d, self.ticks) {
+                self.totals.insert(cg, t);
+            }
             self.history.entry(cg).or_default().push(now, d);
+        }
+        // Bounded like the streams map: a container that had RTP had a stream in it.
+        let excess = self
+            .totals
+            .len()
+            .saturating_sub(self.config.max_streams as usize);
+        if excess > 0 {
+            let mut idle: Vec<(u64, u64)> = self
+                .totals
+                .iter()
+                .map(|(id, t)| (t.last_active, *id))
+                .collect();
+            idle.sort_unstable();
+            for (_, id) in idle.into_iter().take(excess) {
+                self.totals.remove(&id);
+            }
         }
         // Containers with no tick in five minutes have no window left to report.
         self.history.retain(|_, h| !h.is_empty());
         let mut live_ids: Vec<u64> = maps.flows.iter().map(|(k, _)| k.cgroup_id).collect();
         live_ids.extend(maps.streams.iter().map(|(k, _)| k.flow.cgroup_id));
         live_ids.extend(self.history.keys());
+        live_ids.extend(self.totals.keys());
         live_ids.sort_unstable();
         live_ids.dedup();
         self.paths.next_tick(&live_ids);
@@ -189,6 +228,7 @@ impl Source {
                 streams: Vec::new(),
                 flows: Vec::new(),
                 windows: Vec::new(),
+                totals: crate::store::NetworkTotals::default(),
             }
         };
         for (k, s) in maps.streams.iter().filter(|(_, s)| s.confirmed == 1) {
@@ -232,6 +272,12 @@ impl Source {
                 .entry(*cg)
                 .or_insert_with(|| entry(*cg, &mut self.paths));
             c.windows = h.windows(now);
+        }
+        for (cg, t) in &self.totals {
+            containers
+                .entry(*cg)
+                .or_insert_with(|| entry(*cg, &mut self.paths))
+                .totals = t.network();
         }
         let mut containers: Vec<ContainerUdp> = containers.into_values().collect();
         containers.sort_by_key(|c| c.cgroup_id);

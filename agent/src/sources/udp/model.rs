@@ -5,6 +5,8 @@ use std::{net::IpAddr, time::Duration};
 
 use serde::Serialize;
 
+use crate::store::NetworkTotals;
+
 /// The windows every source reports over.
 pub const WINDOWS: [Duration; 3] = [
     Duration::from_secs(10),
@@ -56,6 +58,9 @@ pub struct ContainerUdp {
     pub flows: Vec<FlowQuality>,
     /// One entry per window in [`WINDOWS`] order.
     pub windows: Vec<WindowStats>,
+    /// RTP counters since the agent started, carried across restarts of the source (the TCP
+    /// fields stay 0).
+    pub totals: NetworkTotals,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -13,6 +13,7 @@ use std::{
 use agent_ebpf::rtp::{RtpKey, RtpState, UdpFlowKey, UdpFlowStats};
 
 use super::model::{WindowStats, WINDOWS};
+use crate::store::NetworkTotals;
 
 /// What one tick added for one container.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,6 +80,50 @@ impl Differ {
         self.prev_flows = flows.iter().copied().collect();
         self.prev_streams = streams.iter().copied().collect();
         out
+    }
+}
+
+/// One container's RTP counters since the agent started, carried across restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub received: u64,
+    pub expected: u64,
+    /// The highest `expected - received` seen: duplicates make the difference shrink at
+    /// times, and a counter must not go backwards.
+    pub lost: u64,
+    /// Order of the last change (the source's tick number), to forget the idlest first.
+    pub last_active: u64,
+}
+
+impl Totals {
+    /// Seeds the totals from what an earlier run of the source published.
+    pub fn carried(t: &NetworkTotals) -> Self {
+        Self {
+            received: t.rtp_packets,
+            expected: t.rtp_packets + t.rtp_lost,
+            lost: t.rtp_lost,
+            last_active: 0,
+        }
+    }
+
+    /// Adds one tick's delta; false when the tick carried no RTP.
+    pub fn add(&mut self, d: &TickDelta, tick: u64) -> bool {
+        if d.rtp_received == 0 && d.rtp_expected == 0 {
+            return false;
+        }
+        self.received += d.rtp_received;
+        self.expected += d.rtp_expected;
+        self.lost = self.lost.max(self.expected.saturating_sub(self.received));
+        self.last_active = tick;
+        true
+    }
+
+    pub fn network(&self) -> NetworkTotals {
+        NetworkTotals {
+            rtp_packets: self.received,
+            rtp_lost: self.lost,
+            ..NetworkTotals::default()
+        }
     }
 }
 
@@ -176,6 +221,29 @@ mod tests {
         // Evicted and re-created with a fresh counter: 7 new packets, not -143.
         let t3 = d.tick(&[flow(1, 7)], &[], |_| true);
         assert_eq!(t3[&1].udp_packets, 7);
+    }
+
+    #[test]
+    fn rtp_totals_never_go_back_when_duplicates_cover_a_loss_and_survive_a_restart() {
+        let tick = |received, expected| TickDelta {
+            rtp_received: received,
+            rtp_expected: expected,
+            ..TickDelta::default()
+        };
+        let mut t = Totals::default();
+        assert!(t.add(&tick(90, 100), 1));
+        assert_eq!((t.received, t.lost), (90, 10));
+        // Late duplicates: more received than expected this tick; the loss count stays.
+        assert!(t.add(&tick(15, 10), 2));
+        assert_eq!((t.received, t.lost), (105, 10));
+        assert!(!t.add(&tick(0, 0), 3), "a tick without RTP changes nothing");
+        assert!(t.add(&tick(50, 60), 4));
+        assert_eq!((t.received, t.lost), (155, 15));
+
+        let mut restarted = Totals::carried(&t.network());
+        assert!(restarted.add(&tick(10, 12), 1));
+        let n = restarted.network();
+        assert_eq!((n.rtp_packets, n.rtp_lost), (165, 17));
     }
 
     #[test]
