@@ -16,7 +16,7 @@ fn ms(t: Option<SystemTime>) -> i64 {
 impl From<&store::NetworkWindow> for pb::NetworkWindow {
     fn from(w: &store::NetworkWindow) -> Self {
         Self {
-            window_seconds: w.window_seconds,
+            window_seconds: u32::try_from(w.window.as_secs()).unwrap_or(u32::MAX),
             samples: w.samples,
             rtt_min_us: w.rtt_min_us,
             rtt_p50_us: w.rtt_p50_us,

@@ -86,6 +86,7 @@ pub fn spawn(
         publish_cgroups: config.containers.enabled,
         publish_node: config.node.enabled,
         udp_min_flow_age: config.udp.stream_min_duration,
+        peer_window: config.health.network_window,
         own_cgroup_path: own_cgroup_path(),
         network_notes: [tcp::NAME, udp::NAME]
             .into_iter()
@@ -143,6 +144,7 @@ struct Bridge {
     publish_cgroups: bool,
     publish_node: bool,
     udp_min_flow_age: std::time::Duration,
+    peer_window: crate::store::Window,
     own_cgroup_path: Option<String>,
     network_notes: Vec<String>,
 }
@@ -260,6 +262,7 @@ impl Bridge {
         let now = SystemTime::now();
         let params = network::NetworkParams {
             udp_min_flow_age: self.udp_min_flow_age,
+            peer_window: self.peer_window,
             own_cgroup_path: self.own_cgroup_path.as_deref(),
             now,
         };

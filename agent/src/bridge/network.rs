@@ -24,20 +24,20 @@ use crate::{
     },
     store::{
         ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
-        Provenance, StreamProtocol,
+        Provenance, StreamProtocol, Window,
     },
 };
 
 use super::key::{add_network_meta, network_key, KeyedBy};
-
-/// The window the per-peer breakdown is taken over (the store's "1-minute window").
-const PEER_WINDOW_SECONDS: u32 = 60;
 
 /// What the mapping needs besides the snapshots.
 #[derive(Debug, Clone, Copy)]
 pub struct NetworkParams<'a> {
     /// `udp.stream_min_duration`: a non-RTP flow younger than this is not a stream.
     pub udp_min_flow_age: Duration,
+    /// The window the per-peer breakdown is taken over: `health.network_window`, the one
+    /// the rules read.
+    pub peer_window: Window,
     /// The agent's own cgroup v2 path (`/`-prefixed): its TCP connections are API clients,
     /// not streams.
     pub own_cgroup_path: Option<&'a str>,
@@ -64,7 +64,7 @@ pub fn network_snapshot(
             let own = keyed == KeyedBy::CgroupId
                 && params.own_cgroup_path.is_some()
                 && c.cgroup_path.as_deref() == params.own_cgroup_path;
-            add_tcp(out.entry(key).or_default(), c, own, params.now);
+            add_tcp(out.entry(key).or_default(), c, own, params);
         }
     }
     if let Some(udp) = udp {
@@ -79,7 +79,7 @@ pub fn network_snapshot(
         }
     }
     for c in out.values_mut() {
-        c.windows.sort_by_key(|w| w.window_seconds);
+        c.windows.sort_by_key(|w| w.window);
         c.streams.sort_by_key(|s| s.started_at);
     }
     NetworkSnapshot { containers: out }
@@ -142,11 +142,6 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
     }
 }
 
-fn window_seconds(label: &str) -> Option<u32> {
-    let d = humantime::parse_duration(label).ok()?;
-    u32::try_from(d.as_secs()).ok().filter(|s| *s > 0)
-}
-
 fn us(v: f64) -> u64 {
     if v.is_finite() && v > 0.0 {
         // Saturating float-to-int: RTTs are far below u64::MAX microseconds.
@@ -156,14 +151,11 @@ fn us(v: f64) -> u64 {
     }
 }
 
-fn window_mut(c: &mut ContainerNetwork, seconds: u32) -> &mut NetworkWindow {
-    if let Some(i) = c.windows.iter().position(|w| w.window_seconds == seconds) {
+fn window_mut(c: &mut ContainerNetwork, window: Window) -> &mut NetworkWindow {
+    if let Some(i) = c.windows.iter().position(|w| w.window == window) {
         &mut c.windows[i]
     } else {
-        c.windows.push(NetworkWindow {
-            window_seconds: seconds,
-            ..NetworkWindow::default()
-        });
+        c.windows.push(NetworkWindow::new(window));
         let last = c.windows.len() - 1;
         &mut c.windows[last]
     }
@@ -179,35 +171,34 @@ fn set_tcp_window(w: &mut NetworkWindow, t: &TcpWindow) {
     // The store's jitter is the plain mean |ΔRTT| of consecutive samples of a connection.
     w.jitter_us = us(t.mean_abs_diff_us);
     w.retransmits = t.retrans;
-    w.retransmits_per_second = t.retrans as f64 / f64::from(w.window_seconds.max(1));
+    w.retransmits_per_second = t.retrans as f64 / w.window.duration().as_secs_f64().max(1.0);
 }
 
 fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, now: SystemTime) {
+fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, params: &NetworkParams<'_>) {
     for tw in &t.windows {
-        if let Some(seconds) = window_seconds(&tw.window) {
-            set_tcp_window(window_mut(c, seconds), tw);
-        }
+        set_tcp_window(window_mut(c, tw.window), tw);
     }
     let established = t.established + t.established_untracked;
     c.established_connections = c
         .established_connections
         .saturating_add(u32::try_from(established).unwrap_or(u32::MAX));
-    c.peers.extend(t.peers.iter().filter_map(peer));
+    c.peers
+        .extend(t.peers.iter().filter_map(|p| peer(p, params.peer_window)));
     c.totals += &t.totals;
     if !own {
-        c.streams.extend(tcp_streams(t, now));
+        c.streams.extend(tcp_streams(t, params.now));
     }
 }
 
-fn peer(p: &PeerTcp) -> Option<PeerNetwork> {
+fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
     let w = p
         .windows
         .iter()
-        .find(|w| window_seconds(&w.window) == Some(PEER_WINDOW_SECONDS))
+        .find(|w| w.window == window)
         .or_else(|| p.windows.first())?;
     Some(PeerNetwork {
         remote_addr: p.peer.clone(),
@@ -271,9 +262,7 @@ fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
 fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_>) {
     c.totals += &u.totals;
     for uw in &u.windows {
-        if let Ok(seconds) = u32::try_from(uw.window_seconds) {
-            set_udp_window(window_mut(c, seconds), uw);
-        }
+        set_udp_window(window_mut(c, uw.window), uw);
     }
     for s in u.streams.iter().filter(|s| s.live) {
         let (local, remote) = socket(&s.endpoint);

@@ -18,6 +18,7 @@ fn now() -> SystemTime {
 fn params(own: Option<&str>) -> NetworkParams<'_> {
     NetworkParams {
         udp_min_flow_age: Duration::from_secs(10),
+        peer_window: Window::from_secs(60),
         own_cgroup_path: own,
         now: now(),
     }
@@ -37,9 +38,8 @@ fn inventory() -> Inventory {
     }])
 }
 
-fn tcp_window(label: &str, samples: u64) -> TcpWindow {
+fn tcp_window(seconds: u64, samples: u64) -> TcpWindow {
     TcpWindow {
-        window: label.to_owned(),
         samples,
         min_rtt_us: 1_000.4,
         p50_rtt_us: 2_000.0,
@@ -49,7 +49,7 @@ fn tcp_window(label: &str, samples: u64) -> TcpWindow {
         jitter_us: 111.0,
         mean_abs_diff_us: 250.0,
         retrans: 30,
-        ..TcpWindow::default()
+        ..TcpWindow::new(Window::from_secs(seconds))
     }
 }
 
@@ -69,7 +69,7 @@ fn tcp(path: &str) -> TcpSnapshot {
         ContainerTcp {
             cgroup_id: 100,
             cgroup_path: Some("/kubepods.slice/whatever".to_owned()),
-            windows: vec![tcp_window("10s", 40), tcp_window("1m", 200)],
+            windows: vec![tcp_window(10, 40), tcp_window(60, 200)],
             established: 2,
             established_age_mean_s: 30.0,
             established_untracked: 1,
@@ -78,12 +78,11 @@ fn tcp(path: &str) -> TcpSnapshot {
                     peer: "10.0.0.9:443".to_owned(),
                     established: 2,
                     windows: vec![PeerWindow {
-                        window: "1m".to_owned(),
                         samples: 50,
                         mean_rtt_us: 4_000.0,
                         mean_abs_diff_us: 90.0,
                         retrans: 3,
-                        ..PeerWindow::default()
+                        ..PeerWindow::new(Window::from_secs(60))
                     }],
                 },
                 PeerTcp {
@@ -172,16 +171,14 @@ fn udp() -> UdpSnapshot {
             ],
             windows: vec![
                 UdpWindow {
-                    window_seconds: 10,
                     rtp_received: 490,
                     rtp_lost: 10,
                     mean_jitter_seconds: Some(0.0025),
-                    ..UdpWindow::default()
+                    ..UdpWindow::new(Window::from_secs(10))
                 },
                 UdpWindow {
-                    window_seconds: 300,
                     rtp_received: 9_000,
-                    ..UdpWindow::default()
+                    ..UdpWindow::new(Window::from_secs(300))
                 },
             ],
             totals: crate::store::NetworkTotals::default(),
@@ -194,13 +191,13 @@ fn udp() -> UdpSnapshot {
 fn tcp_and_udp_windows_of_one_container_merge_by_length() {
     let net = network_snapshot(Some(&tcp("/a")), Some(&udp()), &inventory(), &params(None));
     let c = &net.containers["live"];
-    let lengths: Vec<u32> = c.windows.iter().map(|w| w.window_seconds).collect();
+    let lengths: Vec<u64> = c.windows.iter().map(|w| w.window.as_secs()).collect();
     assert_eq!(
         lengths,
         [10, 60, 300],
         "union of both sources, shortest first"
     );
-    let w10 = c.window(10).expect("10 s window");
+    let w10 = c.window(Window::from_secs(10)).expect("10 s window");
     assert_eq!(
         (w10.samples, w10.rtt_min_us, w10.rtt_p99_us, w10.rtt_max_us),
         (40, 1_000, 9_000, 12_000)
@@ -211,7 +208,7 @@ fn tcp_and_udp_windows_of_one_container_merge_by_length() {
         (w10.rtp_packets, w10.rtp_lost, w10.rtp_jitter_us),
         (490, 10, 2_500)
     );
-    let w300 = c.window(300).expect("UDP-only window");
+    let w300 = c.window(Window::from_secs(300)).expect("UDP-only window");
     assert_eq!((w300.samples, w300.rtp_packets), (0, 9_000));
 }
 

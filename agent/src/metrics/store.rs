@@ -103,7 +103,7 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
                 .filter(|w| w.samples > 0 || w.retransmits > 0)
             {
                 // `10s`, `60s`, `300s`: the same values the UDP window gauges carry.
-                let window = format!("{}s", w.window_seconds);
+                let window = format!("{}s", w.window.as_secs());
                 let mut l = base.to_vec();
                 l.push(("window", &window));
                 m.gauge(SAMPLES, SAMPLES_HELP, &l, w.samples as f64);
@@ -208,17 +208,15 @@ mod tests {
             ContainerNetwork {
                 windows: vec![
                     NetworkWindow {
-                        window_seconds: 10,
                         samples: 20,
                         rtt_p99_us: 150_000,
                         jitter_us: 2_000,
                         retransmits: 4,
-                        ..NetworkWindow::default()
+                        ..NetworkWindow::new(crate::store::Window::from_secs(10))
                     },
                     NetworkWindow {
-                        window_seconds: 60,
                         rtp_packets: 10,
-                        ..NetworkWindow::default()
+                        ..NetworkWindow::new(crate::store::Window::from_secs(60))
                     },
                 ],
                 established_connections: 3,

@@ -139,7 +139,7 @@ fn encode_container(c: &ContainerUdp, m: &mut Metrics) {
 }
 
 fn encode_window(container: &[(&str, &str); 2], w: &WindowStats, m: &mut Metrics) {
-    let window = format!("{}s", w.window_seconds);
+    let window = format!("{}s", w.window.as_secs());
     let labels = [container[0], container[1], ("window", window.as_str())];
     let mut gauge = |name: &'static str, value: f64| m.gauge(name, help(name), &labels, value);
     gauge(
@@ -298,7 +298,7 @@ mod tests {
                     streams: vec![stream(true, Some(0.004)), stream(false, Some(0.5))],
                     flows: vec![],
                     windows: vec![WindowStats {
-                        window_seconds: 10,
+                        window: crate::store::Window::from_secs(10),
                         udp_packets: 500,
                         udp_bytes: 600_000,
                         rtp_received: 490,
@@ -318,10 +318,7 @@ mod tests {
                     live_streams: 0,
                     streams: vec![],
                     flows: vec![],
-                    windows: vec![WindowStats {
-                        window_seconds: 60,
-                        ..WindowStats::default()
-                    }],
+                    windows: vec![WindowStats::new(crate::store::Window::from_secs(60))],
                     totals: crate::store::NetworkTotals::default(),
                 },
             ],

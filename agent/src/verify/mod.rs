@@ -228,14 +228,18 @@ fn tcp_check(
         rule: "RTT samples in the child cgroup >= request/response exchanges",
         passed: false,
     };
-    let (mut collector, plan) =
-        match tcp::Collector::attach_chain(paths, &config.tcp, config.agent.tick) {
-            Ok((c, _, plan)) => (c, plan),
-            Err(e) => {
-                check.error = Some(describe_error(&e));
-                return Ok(check);
-            }
-        };
+    let (mut collector, plan) = match tcp::Collector::attach_chain(
+        paths,
+        &config.tcp,
+        config.agent.tick,
+        &config.network.windows,
+    ) {
+        Ok((c, _, plan)) => (c, plan),
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return Ok(check);
+        }
+    };
     check.path = plan.path().to_owned();
     check.fell_back_from = collector.fell_back_from().to_vec();
     if plan.recorder == tcp::Recorder::SockDiag {

@@ -8,7 +8,7 @@ use agent_ebpf::{tcp::drop_reason, CgroupTcpStats};
 use serde::Serialize;
 
 use super::{hist::Histogram, window::PeerDelta};
-use crate::store::NetworkTotals;
+use crate::store::{NetworkTotals, Window};
 
 /// Everything the TCP source knows at one tick.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -140,16 +140,16 @@ impl ContainerTcp {
         self.established_age_mean_s = mean;
     }
 
-    /// The window with this label (`10s`, `1m`, `5m` by default).
-    pub fn window(&self, label: &str) -> Option<&WindowStats> {
-        self.windows.iter().find(|w| w.window == label)
+    /// The window of this length, if it holds data.
+    pub fn window(&self, window: Window) -> Option<&WindowStats> {
+        self.windows.iter().find(|w| w.window == window)
     }
 }
 
 /// One container over one window.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WindowStats {
-    pub window: String,
+    pub window: Window,
     pub samples: u64,
     pub raw_samples: u64,
     /// Percentiles from the log-linear histogram (error at most 1/32 of the value); min and max
@@ -191,11 +191,16 @@ fn ratio(num: u64, den: u64) -> f64 {
 }
 
 impl WindowStats {
-    pub(super) fn from_parts(label: &str, s: &CgroupTcpStats, h: &Histogram) -> Self {
+    /// A window with nothing counted.
+    pub fn new(window: Window) -> Self {
+        Self::from_parts(window, &CgroupTcpStats::default(), &Histogram::default())
+    }
+
+    pub(super) fn from_parts(window: Window, s: &CgroupTcpStats, h: &Histogram) -> Self {
         let mean = ratio(s.sum_rtt_us, s.samples);
         let var = (ratio(s.sum_rtt_sq, s.samples) - mean * mean).max(0.0);
         Self {
-            window: label.to_owned(),
+            window,
             samples: s.samples,
             raw_samples: s.raw_samples,
             min_rtt_us: h.min().unwrap_or(0.0),
@@ -226,9 +231,9 @@ pub struct PeerTcp {
     pub windows: Vec<PeerWindow>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PeerWindow {
-    pub window: String,
+    pub window: Window,
     pub samples: u64,
     pub mean_rtt_us: f64,
     pub stddev_rtt_us: f64,
@@ -238,7 +243,12 @@ pub struct PeerWindow {
 }
 
 impl PeerWindow {
-    pub(super) fn from_delta(label: &str, d: &PeerDelta) -> Self {
+    /// A window with nothing counted.
+    pub fn new(window: Window) -> Self {
+        Self::from_delta(window, &PeerDelta::default())
+    }
+
+    pub(super) fn from_delta(window: Window, d: &PeerDelta) -> Self {
         #[expect(clippy::cast_precision_loss, reason = "a count")]
         let n = d.samples as f64;
         let mean = if n > 0.0 { d.sum_rtt_us / n } else { 0.0 };
@@ -249,7 +259,7 @@ impl PeerWindow {
         };
         let diffs = if n > 1.0 { n - 1.0 } else { 1.0 };
         Self {
-            window: label.to_owned(),
+            window,
             samples: d.samples,
             mean_rtt_us: mean,
             stddev_rtt_us: var.sqrt(),

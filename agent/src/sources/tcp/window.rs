@@ -17,7 +17,7 @@ use agent_ebpf::{
 };
 use serde::Serialize;
 
-use crate::store::{NetworkTotals, RttHistogram};
+use crate::store::{NetworkTotals, RttHistogram, Window};
 
 use super::{
     hist::Histogram,
@@ -193,8 +193,8 @@ fn add(a: &mut CgroupTcpStats, b: &CgroupTcpStats) {
 /// Window lengths in ticks, and the bounds the tracker keeps to.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// (label, length in ticks), shortest first.
-    pub windows: Vec<(String, usize)>,
+    /// (window, its length in ticks), shortest first.
+    pub windows: Vec<(Window, usize)>,
     /// Distinct exact peers per container before new ones are folded into prefixes.
     pub max_peers: usize,
     /// The hook chain in use and what ids mean, reported in the snapshot's fidelity.
@@ -452,10 +452,10 @@ impl Tracker {
     ) -> TcpSnapshot {
         let mut containers: BTreeMap<u64, ContainerTcp> = BTreeMap::new();
         let mut peer_windows: BTreeMap<(u64, PeerKey), Vec<PeerWindow>> = BTreeMap::new();
-        for (label, len) in &self.limits.windows {
+        for &(window, len) in &self.limits.windows {
             let mut cg: HashMap<u64, CgroupDelta> = HashMap::new();
             let mut peers: HashMap<(u64, PeerKey), PeerDelta> = HashMap::new();
-            for t in self.ring.iter().take(*len) {
+            for t in self.ring.iter().take(len) {
                 for (id, d) in &t.cgroups {
                     let e = cg.entry(*id).or_default();
                     add(&mut e.stats, &d.stats);
@@ -470,13 +470,13 @@ impl Tracker {
                     .entry(id)
                     .or_insert_with(|| ContainerTcp::new(id));
                 c.windows
-                    .push(WindowStats::from_parts(label, &d.stats, &d.hist));
+                    .push(WindowStats::from_parts(window, &d.stats, &d.hist));
             }
             for (k, d) in peers {
                 peer_windows
                     .entry(k)
                     .or_default()
-                    .push(PeerWindow::from_delta(label, &d));
+                    .push(PeerWindow::from_delta(window, &d));
             }
         }
         for (id, flows) in open {
