@@ -154,7 +154,7 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
     let peer = c
         .peers
         .iter()
-        .find(|p| p.peer == format!("{}:5001", net.server_ip));
+        .find(|p| p.peer.to_string() == format!("{}:5001", net.server_ip));
     let peer = peer.unwrap_or_else(|| panic!("server not among the client's peers: {:?}", c.peers));
     assert_eq!(
         (c.established, peer.established),
@@ -167,7 +167,8 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         c.established_age_max_s
     );
     assert_eq!(
-        snap.fidelity.rtt_sample, "raw",
+        snap.fidelity.rtt_sample,
+        nodeward::sources::tcp::snapshot::RttSample::Raw,
         "this kernel passes each measured RTT to sock_ops"
     );
     assert!(

@@ -134,7 +134,7 @@ fn memory_stays_within_bounds_under_connection_churn() {
     );
     assert!(worst.2 <= 8, "exact peers past max_peers: {worst:?}");
     assert!(
-        s.peers.iter().any(|p| p.peer == "10.95.0.0/24"),
+        s.peers.iter().any(|p| p.peer.to_string() == "10.95.0.0/24"),
         "the server's many client ports were not folded into a prefix: {:?}",
         s.peers.iter().map(|p| &p.peer).collect::<Vec<_>>()
     );
@@ -196,7 +196,7 @@ fn ipv6_connections_are_measured_per_peer() {
     let snap = collector.tick().expect("read");
 
     let c = snap.container(client_cg.id()).expect("client container");
-    let peer = c.peers.iter().find(|p| p.peer == "[::1]:5006");
+    let peer = c.peers.iter().find(|p| p.peer.to_string() == "[::1]:5006");
     let peer = peer.unwrap_or_else(|| panic!("no [::1]:5006 peer: {:?}", c.peers));
     let samples: u64 = peer.windows.first().map_or(0, |w| w.samples);
     // One per request, plus at most one per connection for the ACK of its FIN.

@@ -3,6 +3,7 @@
 //! namespaces and a server namespace are each told apart by their own cookie. The no-eBPF one
 //! polls sock_diag and is checked against a delay line and `ss -ti`.
 
+use nodeward::sources::tcp::{snapshot::RttSample, Recorder};
 use nodeward::store::{Window, DEFAULT_NETWORK_WINDOWS};
 use std::{process::Stdio, time::Duration};
 
@@ -84,7 +85,7 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
     client(&b, &cgroup, &addr_b, "3");
     let snap = collector.tick().expect("read");
 
-    assert_eq!(snap.fidelity.path, "sock_ops+netns_cookie");
+    assert_eq!(snap.fidelity.path, Some(Recorder::Netns));
     for (cookie, addr, conns) in [(ca, &addr_a, 2), (cb, &addr_b, 3)] {
         let c = snap
             .container(cookie)
@@ -94,7 +95,10 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
             w.opened, conns,
             "connections opened from {addr}'s client namespace"
         );
-        let peer = c.peers.iter().find(|p| p.peer == format!("{addr}:5007"));
+        let peer = c
+            .peers
+            .iter()
+            .find(|p| p.peer.to_string() == format!("{addr}:5007"));
         let samples = peer
             .and_then(|p| p.windows.first())
             .map_or(0, |w| w.samples);
@@ -194,8 +198,8 @@ fn sock_diag_polling_follows_the_delay_line() {
         w.samples,
         c.established
     );
-    assert_eq!(snap.fidelity.path, "sock_diag_poll");
-    assert_eq!(snap.fidelity.rtt_sample, "smoothed");
+    assert_eq!(snap.fidelity.path, Some(Recorder::SockDiag));
+    assert_eq!(snap.fidelity.rtt_sample, RttSample::Smoothed);
     assert_eq!(c.established, 4, "established connections seen by polling");
     assert!(
         w.samples >= 4,

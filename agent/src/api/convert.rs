@@ -76,7 +76,7 @@ pub fn container_network(
             .iter()
             .take(MAX_PEERS)
             .map(|p| pb::PeerNetwork {
-                remote_addr: p.remote_addr.clone(),
+                remote_addr: p.remote.to_string(),
                 samples: p.samples,
                 rtt_p50_us: p.rtt_p50_us,
                 rtt_p99_us: p.rtt_p99_us,

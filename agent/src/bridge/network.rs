@@ -19,12 +19,15 @@ use std::{
 use crate::{
     containers::Inventory,
     sources::{
-        tcp::snapshot::{ContainerTcp, PeerTcp, TcpSnapshot, WindowStats as TcpWindow},
+        tcp::{
+            snapshot::{ContainerTcp, PeerTcp, TcpSnapshot, WindowStats as TcpWindow},
+            Ids, Recorder,
+        },
         udp::model::{ContainerUdp, Endpoint, UdpSnapshot, WindowStats as UdpWindow},
     },
     store::{
-        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
-        Provenance, StreamProtocol, Window,
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, Peer,
+        PeerNetwork, Provenance, StreamProtocol, Window,
     },
 };
 
@@ -54,11 +57,7 @@ pub fn network_snapshot(
 ) -> NetworkSnapshot {
     let mut out: BTreeMap<String, ContainerNetwork> = BTreeMap::new();
     if let Some(tcp) = tcp {
-        let keyed = if tcp.fidelity.path.contains("netns") {
-            KeyedBy::NetnsCookie
-        } else {
-            KeyedBy::CgroupId
-        };
+        let keyed = keyed_by(tcp);
         for c in tcp.containers.values() {
             let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), keyed, inventory);
             let own = keyed == KeyedBy::CgroupId
@@ -85,6 +84,14 @@ pub fn network_snapshot(
     NetworkSnapshot { containers: out }
 }
 
+/// What the TCP snapshot's ids are, from the hook path that produced it.
+fn keyed_by(tcp: &TcpSnapshot) -> KeyedBy {
+    match tcp.fidelity.path.map(Recorder::ids) {
+        Some(Ids::NetnsCookie) => KeyedBy::NetnsCookie,
+        Some(Ids::CgroupV2) | None => KeyedBy::CgroupId,
+    }
+}
+
 /// Adds an identity (cgroup id and path) for each container only the network sources know.
 pub fn network_meta(
     tcp: Option<&TcpSnapshot>,
@@ -92,7 +99,7 @@ pub fn network_meta(
     inventory: &Inventory,
     meta: &mut BTreeMap<String, ContainerMeta>,
 ) {
-    if let Some(tcp) = tcp.filter(|t| !t.fidelity.path.contains("netns")) {
+    if let Some(tcp) = tcp.filter(|t| keyed_by(t) == KeyedBy::CgroupId) {
         for c in tcp.containers.values() {
             let key = network_key(
                 c.cgroup_id,
@@ -119,15 +126,16 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
     let mut hooks = Vec::new();
     let mut fidelity = Vec::new();
     if let Some(t) = tcp {
-        hooks.push(format!("tcp: {}", t.fidelity.path));
+        let path = t.fidelity.path.map_or("none", Recorder::name);
+        hooks.push(format!("tcp: {path}"));
         fidelity.push(format!(
             "tcp: rtt samples {}; attribution: {}; per-peer p50 is the peer's mean RTT, p99 not kept",
-            t.fidelity.rtt_sample, t.fidelity.attribution
+            t.fidelity.rtt_sample,
+            t.fidelity.path.map_or("none", Recorder::attribution)
         ));
         if !t.fidelity.fell_back_from.is_empty() {
             fidelity.push(format!(
-                "tcp: fell back to {}: {}",
-                t.fidelity.path,
+                "tcp: fell back to {path}: {}",
                 t.fidelity.fell_back_from.join("; ")
             ));
         }
@@ -201,7 +209,7 @@ fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
         .find(|w| w.window == window)
         .or_else(|| p.windows.first())?;
     Some(PeerNetwork {
-        remote_addr: p.peer.clone(),
+        remote: p.peer,
         samples: w.samples,
         // The TCP source keeps sums per peer, not histograms: the mean stands in for p50.
         rtt_p50_us: us(w.mean_rtt_us),
@@ -227,7 +235,10 @@ fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
     let total = t.established + t.established_untracked;
     let mut out = Vec::new();
     for p in &t.peers {
-        let remote = p.peer.parse().unwrap_or_else(|_| unspecified());
+        let remote = match p.peer {
+            Peer::Addr(a) => a,
+            Peer::Prefix(..) | Peer::Other => unspecified(),
+        };
         for _ in 0..p.established {
             if out.len() as u64 >= total {
                 return out;

@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     containers::{Container, Identity, Runtime},
     sources::{
-        tcp::snapshot::{Fidelity, PeerWindow},
+        tcp::snapshot::{Fidelity, PeerWindow, RttSample},
         udp::model::{FlowQuality, StreamQuality},
     },
 };
@@ -57,9 +57,8 @@ fn tcp(path: &str) -> TcpSnapshot {
     let mut t = TcpSnapshot {
         tick: 5,
         fidelity: Fidelity {
-            path: "sock_ops+sock_create".to_owned(),
-            rtt_sample: "raw".to_owned(),
-            attribution: "cgroup".to_owned(),
+            path: Some(Recorder::SockCreate),
+            rtt_sample: RttSample::Raw,
             fell_back_from: Vec::new(),
         },
         ..TcpSnapshot::default()
@@ -75,7 +74,7 @@ fn tcp(path: &str) -> TcpSnapshot {
             established_untracked: 1,
             peers: vec![
                 PeerTcp {
-                    peer: "10.0.0.9:443".to_owned(),
+                    peer: Peer::Addr(([10, 0, 0, 9], 443).into()),
                     established: 2,
                     windows: vec![PeerWindow {
                         samples: 50,
@@ -86,7 +85,7 @@ fn tcp(path: &str) -> TcpSnapshot {
                     }],
                 },
                 PeerTcp {
-                    peer: "10.1.0.0/16".to_owned(),
+                    peer: Peer::Prefix([10, 1, 0, 0].into(), 16),
                     established: 0,
                     windows: vec![],
                 },
@@ -264,20 +263,20 @@ fn per_peer_breakdown_uses_the_minute_window_and_skips_empty_peers() {
     let p = &peers[0];
     assert_eq!(
         (
-            p.remote_addr.as_str(),
+            p.remote.to_string(),
             p.samples,
             p.rtt_p50_us,
             p.jitter_us,
             p.retransmits
         ),
-        ("10.0.0.9:443", 50, 4_000, 90, 3)
+        ("10.0.0.9:443".to_owned(), 50, 4_000, 90, 3)
     );
 }
 
 #[test]
 fn netns_keyed_tcp_is_never_looked_up_as_a_cgroup() {
     let mut t = tcp("/a");
-    t.fidelity.path = "sock_ops+netns_cookie".to_owned();
+    t.fidelity.path = Some(Recorder::Netns);
     let net = network_snapshot(Some(&t), None, &inventory(), &params(None));
     assert!(net.containers.contains_key("netns-cookie:100"));
     assert!(!net.containers.contains_key("live"));
@@ -294,7 +293,7 @@ fn provenance_names_both_hooks_and_the_rtt_fidelity() {
 #[test]
 fn provenance_names_the_paths_a_fallback_left_behind_and_why() {
     let mut t = tcp("/a");
-    t.fidelity.path = "sock_ops+cgroup_skb_egress".to_owned();
+    t.fidelity.path = Some(Recorder::Egress);
     t.fidelity.fell_back_from = vec![
         "sock_ops+sock_create+cgroup_skb_egress failed (program `nodeward_sock_create`: x)"
             .to_owned(),

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
@@ -151,10 +151,36 @@ pub struct LiveStream {
     pub viewers: u32,
 }
 
-/// Per-peer breakdown over the 1-minute window.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A container's remote peer: one address and port, or, once a container has more peers than
+/// `tcp.max_peers`, the prefix (/24, /64) the rest are folded into. Written as `addr:port`
+/// (`[v6]:port`), `prefix/len` or `other` only at the edges (API, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Addr(SocketAddr),
+    Prefix(IpAddr, u8),
+    Other,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Prefix(a, len) => write!(f, "{a}/{len}"),
+            Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+impl serde::Serialize for Peer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Per-peer breakdown over `health.network_window`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerNetwork {
-    pub remote_addr: String,
+    pub remote: Peer,
     pub samples: u64,
     pub rtt_p50_us: u64,
     pub rtt_p99_us: u64,

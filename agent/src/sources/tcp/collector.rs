@@ -72,8 +72,7 @@ impl Collector {
         let tracker = window::Tracker::new(window::Limits {
             windows: windows.iter().map(|w| (*w, w.ticks(tick))).collect(),
             max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
-            path: plan.path().to_owned(),
-            attribution: plan.attribution().to_owned(),
+            recorder: plan.recorder,
             max_totals: usize::try_from(config.max_cgroups).unwrap_or(usize::MAX),
         });
         Ok(Self {

@@ -12,8 +12,7 @@ fn limits() -> Limits {
     Limits {
         windows: vec![(W2, 2), (W4, 4)],
         max_peers: 2,
-        path: "test".to_owned(),
-        attribution: "test".to_owned(),
+        recorder: super::super::Recorder::SockCreate,
         max_totals: 16,
     }
 }
@@ -97,7 +96,7 @@ fn established_connections_report_their_age_and_closed_ones_are_cleaned_up() {
         .expect("cgroup 7")
         .peers
         .iter()
-        .find(|p| p.peer == "10.0.0.2:80")
+        .find(|p| p.peer == Peer::Addr(([10, 0, 0, 2], 80).into()))
         .cloned();
     let w = peer
         .expect("peer")
@@ -120,7 +119,7 @@ fn peers_beyond_the_bound_fold_into_a_prefix() {
         .expect("cgroup 7")
         .peers
         .iter()
-        .map(|p| p.peer.clone())
+        .map(|p| p.peer.to_string())
         .collect();
     peers.sort();
     assert_eq!(peers.len(), 3, "two exact peers and one prefix: {peers:?}");
@@ -180,7 +179,7 @@ fn ipv4_peers_of_dual_stack_sockets_are_shown_as_ipv4() {
     let (snap, _) = t.update(read(1, vec![(1, f)]), &mut |_| None);
     assert_eq!(
         snap.container(7).expect("cgroup 7").peers[0].peer,
-        "192.0.2.7:443"
+        Peer::Addr(([192, 0, 2, 7], 443).into())
     );
 }
 
