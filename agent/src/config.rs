@@ -16,6 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use crate::paths::PathsConfig;
+use crate::store::{Window, DEFAULT_NETWORK_WINDOWS};
 
 /// The default config file location.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeward/nodeward.toml";
@@ -37,6 +38,7 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     pub api: crate::api::ApiConfig,
     pub tcp: crate::sources::tcp::TcpConfig,
+    pub network: NetworkConfig,
     pub containers: crate::containers::ContainersConfig,
     pub node: crate::sources::node::NodeConfig,
     /// Prometheus `/metrics` (section defined in `metrics`).
@@ -50,6 +52,7 @@ impl Config {
             tick: self.agent.tick,
             paths: self.paths.clone(),
             ebpf: self.ebpf.enabled,
+            windows: self.network.windows.clone(),
         }
     }
 
@@ -71,6 +74,7 @@ impl Config {
             containers: self.containers.enabled,
             node: self.node.enabled,
             udp_min_flow_age: self.udp.stream_min_duration,
+            peer_window: self.health.network_window,
         }
     }
 }
@@ -130,6 +134,62 @@ pub struct EbpfConfig {
 impl Default for EbpfConfig {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+/// The `[network]` section: what the TCP and UDP sources, the store, the health rules and
+/// `/metrics` share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The sliding windows every network figure is reported over, shortest first.
+    pub windows: Vec<Window>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            windows: DEFAULT_NETWORK_WINDOWS.to_vec(),
+        }
+    }
+}
+
+/// Bounds on `network.windows`: each window's length, and how many (each costs a pass over
+/// the TCP ring per tick and a label value per metric).
+pub const WINDOW_MIN: Duration = Duration::from_secs(1);
+pub const WINDOW_MAX: Duration = Duration::from_secs(3600);
+pub const WINDOWS_MAX: usize = 8;
+
+impl NetworkConfig {
+    /// What is wrong with `windows`, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        if self.windows.is_empty() || self.windows.len() > WINDOWS_MAX {
+            return Err(format!("must list 1 to {WINDOWS_MAX} windows"));
+        }
+        if let Some(w) = self
+            .windows
+            .iter()
+            .find(|w| w.duration() < WINDOW_MIN || w.duration() > WINDOW_MAX)
+        {
+            return Err(format!(
+                "window \"{w}\" is out of range: each must be between {} and {}",
+                humantime::format_duration(WINDOW_MIN),
+                humantime::format_duration(WINDOW_MAX)
+            ));
+        }
+        if self.windows.windows(2).any(|p| p[0] >= p[1]) {
+            return Err("must be distinct and ascending (shortest first)".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The windows as `"10s", "1m", "5m"`, for error messages.
+    pub fn listed(&self) -> String {
+        self.windows
+            .iter()
+            .map(|w| format!("\"{w}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -319,6 +379,29 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             origin: origin(e.key),
             allowed: e.allowed.to_owned(),
         });
+    }
+    if let Err(allowed) = config.network.check() {
+        return Err(ConfigError::Invalid {
+            key: "network.windows".to_owned(),
+            value: format!("[{}]", config.network.listed()),
+            origin: origin("network.windows"),
+            allowed,
+        });
+    }
+    // Every key that names a window must name a configured one: a rule reading a window no
+    // source keeps would never fire.
+    for (key, window) in config.health.window_keys() {
+        if !config.network.windows.contains(&window) {
+            return Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                value: format!("\"{window}\""),
+                origin: origin(key),
+                allowed: format!(
+                    "must be one of network.windows ({})",
+                    config.network.listed()
+                ),
+            });
+        }
     }
     if let Err(e) = config.health.validate() {
         let key = format!("health.{}", e.key);

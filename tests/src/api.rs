@@ -196,26 +196,23 @@ pub fn network(streams: usize) -> NetworkSnapshot {
         ContainerNetwork {
             windows: vec![
                 NetworkWindow {
-                    window_seconds: 10,
                     samples: 200,
                     rtt_p50_us: 1_800,
                     rtt_p99_us: 9_000,
-                    ..Default::default()
+                    ..NetworkWindow::new(nodeward::store::Window::from_secs(10))
                 },
                 NetworkWindow {
-                    window_seconds: 60,
                     samples: 1_200,
                     rtt_p50_us: 2_000,
                     rtt_p99_us: 11_000,
                     jitter_us: 700,
-                    ..Default::default()
+                    ..NetworkWindow::new(nodeward::store::Window::from_secs(60))
                 },
                 NetworkWindow {
-                    window_seconds: 300,
                     samples: 6_000,
                     rtt_p50_us: 2_100,
                     rtt_p99_us: 12_000,
-                    ..Default::default()
+                    ..NetworkWindow::new(nodeward::store::Window::from_secs(300))
                 },
             ],
             established_connections: streams as u32 + 1,

@@ -25,9 +25,13 @@ fn udp_maps_full_are_counted_not_fatal() {
         max_streams: 4,
         ..Default::default()
     };
-    let mut source =
-        nodeward::sources::udp::Source::attach(&root, &config, Duration::from_millis(200))
-            .expect("attach the UDP source with tiny maps");
+    let mut source = nodeward::sources::udp::Source::attach(
+        &root,
+        &config,
+        Duration::from_millis(200),
+        &nodeward::store::DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("attach the UDP source with tiny maps");
     let before = source.poll().expect("poll before").counters;
 
     let receiver = UdpSocket::bind("127.0.0.1:0").expect("receiver");

@@ -225,7 +225,10 @@ async fn load_grpc_and_rtt_samples() {
         // The longest window holds every sample of the run, however long it is made.
         .args([
             "--set",
-            &format!("tcp.window_long={}s", (seconds + 180).clamp(300, 3600)),
+            &format!(
+                "network.windows=[\"10s\", \"1m\", \"{}s\"]",
+                (seconds + 180).clamp(300, 3600)
+            ),
         ])
         .env("NODEWARD_LOG", "warn")
         .env_remove("NOTIFY_SOCKET")

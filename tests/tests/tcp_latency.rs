@@ -5,6 +5,7 @@
 //! Truth is what the delay line applied (it logs every packet's delay) and what the kernel
 //! itself reports (`ss -ti`, `nstat`); never the agent's own output.
 
+use nodeward::store::{Window, DEFAULT_NETWORK_WINDOWS};
 use std::{sync::Mutex, time::Duration};
 
 use nodeward::{
@@ -28,8 +29,14 @@ fn collector(test: &str, attribution: Attribution) -> Option<Collector> {
     let caps = Capabilities::probe(&PathsConfig::default());
     match plan(&caps, attribution) {
         Ok((root, plan)) => Some(
-            Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
-                .expect("TCP programs load and attach"),
+            Collector::attach(
+                &root,
+                &TcpConfig::default(),
+                &plan,
+                Duration::from_secs(1),
+                &DEFAULT_NETWORK_WINDOWS,
+            )
+            .expect("TCP programs load and attach"),
         ),
         Err(e) => {
             skip(
@@ -43,7 +50,7 @@ fn collector(test: &str, attribution: Attribution) -> Option<Collector> {
 
 fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
     snap.container(cgroup.id())
-        .and_then(|c| c.window("10s"))
+        .and_then(|c| c.window(Window::from_secs(10)))
         .cloned()
         .unwrap_or_else(|| {
             panic!(
@@ -147,7 +154,7 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
     let peer = c
         .peers
         .iter()
-        .find(|p| p.peer == format!("{}:5001", net.server_ip));
+        .find(|p| p.peer.to_string() == format!("{}:5001", net.server_ip));
     let peer = peer.unwrap_or_else(|| panic!("server not among the client's peers: {:?}", c.peers));
     assert_eq!(
         (c.established, peer.established),
@@ -160,7 +167,8 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         c.established_age_max_s
     );
     assert_eq!(
-        snap.fidelity.rtt_sample, "raw",
+        snap.fidelity.rtt_sample,
+        nodeward::sources::tcp::snapshot::RttSample::Raw,
         "this kernel passes each measured RTT to sock_ops"
     );
     assert!(

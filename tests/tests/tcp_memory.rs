@@ -2,6 +2,7 @@
 //! against small map sizes. Bounds are structural (entries in each map and each user-space
 //! table), never timings or RSS, which this shared machine makes noisy.
 
+use nodeward::store::{Window, DEFAULT_NETWORK_WINDOWS};
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
@@ -42,8 +43,14 @@ fn memory_stays_within_bounds_under_connection_churn() {
         Ok(p) => p,
         Err(e) => return skip(TEST, &format!("TCP programs unavailable: {e}")),
     };
-    let mut collector = Collector::attach(&root, &config, &plan, Duration::from_secs(1))
-        .expect("TCP programs load and attach");
+    let mut collector = Collector::attach(
+        &root,
+        &config,
+        &plan,
+        Duration::from_secs(1),
+        &DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("TCP programs load and attach");
     collector.tick().expect("baseline read");
 
     let _server = Proc(start_server(&net, &server_cg, &python, &[5005]));
@@ -96,7 +103,10 @@ fn memory_stays_within_bounds_under_connection_churn() {
 
     let c = snap.container(client_cg.id()).expect("client container");
     let s = snap.container(server_cg.id()).expect("server container");
-    let (cw, sw) = (c.window("5m").expect("5m"), s.window("5m").expect("5m"));
+    let (cw, sw) = (
+        c.window(Window::from_secs(300)).expect("5m"),
+        s.window(Window::from_secs(300)).expect("5m"),
+    );
     eprintln!(
         "client: opened {} closed {} established {} untracked {}; server: opened {} closed {} peers {}; \
          worst: kernel flows {}, tracked flows {}, peers/container {}, kernel cgroups {}, hist {}, ticks {}; drops {:?}",
@@ -124,7 +134,7 @@ fn memory_stays_within_bounds_under_connection_churn() {
     );
     assert!(worst.2 <= 8, "exact peers past max_peers: {worst:?}");
     assert!(
-        s.peers.iter().any(|p| p.peer == "10.95.0.0/24"),
+        s.peers.iter().any(|p| p.peer.to_string() == "10.95.0.0/24"),
         "the server's many client ports were not folded into a prefix: {:?}",
         s.peers.iter().map(|p| &p.peer).collect::<Vec<_>>()
     );
@@ -155,9 +165,14 @@ fn ipv6_connections_are_measured_per_peer() {
     };
     let ns = nodeward_tests::Netns::new("tcp6");
     let (server_cg, client_cg) = (Cgroup::new("srv6"), Cgroup::new("cli6"));
-    let mut collector =
-        Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
-            .expect("TCP programs load and attach");
+    let mut collector = Collector::attach(
+        &root,
+        &TcpConfig::default(),
+        &plan,
+        Duration::from_secs(1),
+        &DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("TCP programs load and attach");
     collector.tick().expect("baseline read");
 
     let mut serve = ns.command(&python);
@@ -181,7 +196,7 @@ fn ipv6_connections_are_measured_per_peer() {
     let snap = collector.tick().expect("read");
 
     let c = snap.container(client_cg.id()).expect("client container");
-    let peer = c.peers.iter().find(|p| p.peer == "[::1]:5006");
+    let peer = c.peers.iter().find(|p| p.peer.to_string() == "[::1]:5006");
     let peer = peer.unwrap_or_else(|| panic!("no [::1]:5006 peer: {:?}", c.peers));
     let samples: u64 = peer.windows.first().map_or(0, |w| w.samples);
     // One per request, plus at most one per connection for the ACK of its FIN.
@@ -191,7 +206,7 @@ fn ipv6_connections_are_measured_per_peer() {
     );
     let opened = snap
         .container(server_cg.id())
-        .and_then(|s| s.window("10s"))
+        .and_then(|s| s.window(Window::from_secs(10)))
         .map_or(0, |w| w.opened);
     assert_eq!(opened, 2, "the server container accepted both connections");
 }
@@ -213,9 +228,14 @@ fn connections_of_a_listener_older_than_the_agent_are_attributed() {
     let net = network(99);
     let (server_cg, client_cg) = (Cgroup::new("oldsrv"), Cgroup::new("newcli"));
     let _server = Proc(start_server(&net, &server_cg, &python, &[5009]));
-    let mut collector =
-        Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
-            .expect("TCP programs load and attach");
+    let mut collector = Collector::attach(
+        &root,
+        &TcpConfig::default(),
+        &plan,
+        Duration::from_secs(1),
+        &DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("TCP programs load and attach");
     collector.tick().expect("baseline read");
 
     let mut cmd = net.client.command(&python);
@@ -226,7 +246,9 @@ fn connections_of_a_listener_older_than_the_agent_are_attributed() {
     assert!(status.success(), "client failed: {status}");
     let snap = collector.tick().expect("read");
 
-    let server = snap.container(server_cg.id()).and_then(|c| c.window("10s"));
+    let server = snap
+        .container(server_cg.id())
+        .and_then(|c| c.window(Window::from_secs(10)));
     let (opened, samples) = server.map_or((0, 0), |w| (w.opened, w.samples));
     eprintln!(
         "path {}, server opened {opened}, samples {samples}",

@@ -3,6 +3,8 @@
 //! namespaces and a server namespace are each told apart by their own cookie. The no-eBPF one
 //! polls sock_diag and is checked against a delay line and `ss -ti`.
 
+use nodeward::sources::tcp::{snapshot::RttSample, Recorder};
+use nodeward::store::{Window, DEFAULT_NETWORK_WINDOWS};
 use std::{process::Stdio, time::Duration};
 
 use nodeward::{
@@ -65,9 +67,14 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
         return skip(TEST, "SO_NETNS_COOKIE is not supported (Linux 5.14+)");
     };
     let cgroup = Cgroup::new("netns");
-    let mut collector =
-        Collector::attach(&root, &TcpConfig::default(), &plan, Duration::from_secs(1))
-            .expect("TCP programs load and attach");
+    let mut collector = Collector::attach(
+        &root,
+        &TcpConfig::default(),
+        &plan,
+        Duration::from_secs(1),
+        &DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("TCP programs load and attach");
     collector.tick().expect("baseline read");
 
     let _servers = (
@@ -78,17 +85,20 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
     client(&b, &cgroup, &addr_b, "3");
     let snap = collector.tick().expect("read");
 
-    assert_eq!(snap.fidelity.path, "sock_ops+netns_cookie");
+    assert_eq!(snap.fidelity.path, Some(Recorder::Netns));
     for (cookie, addr, conns) in [(ca, &addr_a, 2), (cb, &addr_b, 3)] {
         let c = snap
             .container(cookie)
             .unwrap_or_else(|| panic!("no entry for namespace cookie {cookie}: {snap:#?}"));
-        let w = c.window("10s").expect("10s window");
+        let w = c.window(Window::from_secs(10)).expect("10s window");
         assert_eq!(
             w.opened, conns,
             "connections opened from {addr}'s client namespace"
         );
-        let peer = c.peers.iter().find(|p| p.peer == format!("{addr}:5007"));
+        let peer = c
+            .peers
+            .iter()
+            .find(|p| p.peer.to_string() == format!("{addr}:5007"));
         let samples = peer
             .and_then(|p| p.windows.first())
             .map_or(0, |w| w.samples);
@@ -100,7 +110,7 @@ fn network_namespaces_are_told_apart_when_keyed_by_netns() {
     }
     let s = snap.container(cs).expect("server namespace");
     assert_eq!(
-        s.window("10s").map(|w| w.opened),
+        s.window(Window::from_secs(10)).map(|w| w.opened),
         Some(5),
         "server namespace accepted all five"
     );
@@ -131,6 +141,7 @@ fn sock_diag_polling_follows_the_delay_line() {
         &TcpConfig::default(),
         &plan,
         Duration::from_millis(250),
+        &DEFAULT_NETWORK_WINDOWS,
     )
     .expect("sock_diag collector starts");
     collector.tick().expect("baseline read");
@@ -171,7 +182,7 @@ fn sock_diag_polling_follows_the_delay_line() {
         .collect();
 
     let c = snap.container(client_cg.id()).expect("client container");
-    let w = c.window("10s").expect("10s window");
+    let w = c.window(Window::from_secs(10)).expect("10s window");
     let mut applied: Vec<f64> = line
         .applied()
         .iter()
@@ -187,8 +198,8 @@ fn sock_diag_polling_follows_the_delay_line() {
         w.samples,
         c.established
     );
-    assert_eq!(snap.fidelity.path, "sock_diag_poll");
-    assert_eq!(snap.fidelity.rtt_sample, "smoothed");
+    assert_eq!(snap.fidelity.path, Some(Recorder::SockDiag));
+    assert_eq!(snap.fidelity.rtt_sample, RttSample::Smoothed);
     assert_eq!(c.established, 4, "established connections seen by polling");
     assert!(
         w.samples >= 4,

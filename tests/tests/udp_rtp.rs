@@ -231,9 +231,13 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
         stream_min_duration: Duration::from_secs(1),
         ..Default::default()
     };
-    let mut source =
-        nodeward::sources::udp::Source::attach(&root, &config, Duration::from_millis(200))
-            .expect("attach the UDP source");
+    let mut source = nodeward::sources::udp::Source::attach(
+        &root,
+        &config,
+        Duration::from_millis(200),
+        &nodeward::store::DEFAULT_NETWORK_WINDOWS,
+    )
+    .expect("attach the UDP source");
     let container = Cgroup::new("udp-live");
     let receiver = Receiver::start(&container);
     let dest = format!("127.0.0.1:{}", receiver.port);
@@ -293,7 +297,7 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
         c.cgroup_path
     );
     let w10 = &c.windows[0];
-    assert_eq!(w10.window_seconds, 10);
+    assert_eq!(w10.window, nodeward::store::Window::from_secs(10));
     assert_eq!(w10.rtp_lost, u64::from(dropped), "{w10:?}");
     assert_eq!(w10.rtp_expected, 200, "{w10:?}");
     let stream = c

@@ -260,10 +260,7 @@ mod tests {
                 "api.drain_default_deadline",
             ),
             ("api.tcp_listen=localhost", "api.tcp_listen"),
-            (
-                "health.network_window_seconds=30",
-                "health.network_window_seconds",
-            ),
+            ("health.network_window=30s", "health.network_window"),
         ] {
             let e = with_flags(&[flag]).expect_err(flag);
             assert!(e.to_string().contains(key), "{flag}: {e}");

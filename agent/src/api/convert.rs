@@ -16,7 +16,7 @@ fn ms(t: Option<SystemTime>) -> i64 {
 impl From<&store::NetworkWindow> for pb::NetworkWindow {
     fn from(w: &store::NetworkWindow) -> Self {
         Self {
-            window_seconds: w.window_seconds,
+            window_seconds: u32::try_from(w.window.as_secs()).unwrap_or(u32::MAX),
             samples: w.samples,
             rtt_min_us: w.rtt_min_us,
             rtt_p50_us: w.rtt_p50_us,
@@ -76,7 +76,7 @@ pub fn container_network(
             .iter()
             .take(MAX_PEERS)
             .map(|p| pb::PeerNetwork {
-                remote_addr: p.remote_addr.clone(),
+                remote_addr: p.remote.to_string(),
                 samples: p.samples,
                 rtt_p50_us: p.rtt_p50_us,
                 rtt_p99_us: p.rtt_p99_us,

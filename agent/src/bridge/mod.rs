@@ -42,6 +42,8 @@ pub struct Settings {
     pub node: bool,
     /// `udp.stream_min_duration`: a UDP flow younger than this is not a stream yet.
     pub udp_min_flow_age: Duration,
+    /// `health.network_window`: the window the per-peer breakdown is taken over.
+    pub peer_window: crate::store::Window,
 }
 
 /// Declares every enabled source in the store, and those that could not start as unavailable,
@@ -100,6 +102,7 @@ pub fn spawn(
         publish_cgroups: config.containers,
         publish_node: config.node,
         udp_min_flow_age: config.udp_min_flow_age,
+        peer_window: config.peer_window,
         own_cgroup_path: own_cgroup_path(),
         network_notes: [tcp::NAME, udp::NAME]
             .into_iter()
@@ -157,6 +160,7 @@ struct Bridge {
     publish_cgroups: bool,
     publish_node: bool,
     udp_min_flow_age: std::time::Duration,
+    peer_window: crate::store::Window,
     own_cgroup_path: Option<String>,
     network_notes: Vec<String>,
 }
@@ -274,6 +278,7 @@ impl Bridge {
         let now = SystemTime::now();
         let params = network::NetworkParams {
             udp_min_flow_age: self.udp_min_flow_age,
+            peer_window: self.peer_window,
             own_cgroup_path: self.own_cgroup_path.as_deref(),
             now,
         };

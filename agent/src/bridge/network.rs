@@ -19,25 +19,28 @@ use std::{
 use crate::{
     containers::Inventory,
     sources::{
-        tcp::snapshot::{ContainerTcp, PeerTcp, TcpSnapshot, WindowStats as TcpWindow},
+        tcp::{
+            snapshot::{ContainerTcp, PeerTcp, TcpSnapshot, WindowStats as TcpWindow},
+            Ids, Recorder,
+        },
         udp::model::{ContainerUdp, Endpoint, UdpSnapshot, WindowStats as UdpWindow},
     },
     store::{
-        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
-        Provenance, StreamProtocol,
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, Peer,
+        PeerNetwork, Provenance, StreamProtocol, Window,
     },
 };
 
 use super::key::{add_network_meta, network_key, KeyedBy};
-
-/// The window the per-peer breakdown is taken over (the store's "1-minute window").
-const PEER_WINDOW_SECONDS: u32 = 60;
 
 /// What the mapping needs besides the snapshots.
 #[derive(Debug, Clone, Copy)]
 pub struct NetworkParams<'a> {
     /// `udp.stream_min_duration`: a non-RTP flow younger than this is not a stream.
     pub udp_min_flow_age: Duration,
+    /// The window the per-peer breakdown is taken over: `health.network_window`, the one
+    /// the rules read.
+    pub peer_window: Window,
     /// The agent's own cgroup v2 path (`/`-prefixed): its TCP connections are API clients,
     /// not streams.
     pub own_cgroup_path: Option<&'a str>,
@@ -54,17 +57,13 @@ pub fn network_snapshot(
 ) -> NetworkSnapshot {
     let mut out: BTreeMap<String, ContainerNetwork> = BTreeMap::new();
     if let Some(tcp) = tcp {
-        let keyed = if tcp.fidelity.path.contains("netns") {
-            KeyedBy::NetnsCookie
-        } else {
-            KeyedBy::CgroupId
-        };
+        let keyed = keyed_by(tcp);
         for c in tcp.containers.values() {
             let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), keyed, inventory);
             let own = keyed == KeyedBy::CgroupId
                 && params.own_cgroup_path.is_some()
                 && c.cgroup_path.as_deref() == params.own_cgroup_path;
-            add_tcp(out.entry(key).or_default(), c, own, params.now);
+            add_tcp(out.entry(key).or_default(), c, own, params);
         }
     }
     if let Some(udp) = udp {
@@ -79,10 +78,18 @@ pub fn network_snapshot(
         }
     }
     for c in out.values_mut() {
-        c.windows.sort_by_key(|w| w.window_seconds);
+        c.windows.sort_by_key(|w| w.window);
         c.streams.sort_by_key(|s| s.started_at);
     }
     NetworkSnapshot { containers: out }
+}
+
+/// What the TCP snapshot's ids are, from the hook path that produced it.
+fn keyed_by(tcp: &TcpSnapshot) -> KeyedBy {
+    match tcp.fidelity.path.map(Recorder::ids) {
+        Some(Ids::NetnsCookie) => KeyedBy::NetnsCookie,
+        Some(Ids::CgroupV2) | None => KeyedBy::CgroupId,
+    }
 }
 
 /// Adds an identity (cgroup id and path) for each container only the network sources know.
@@ -92,7 +99,7 @@ pub fn network_meta(
     inventory: &Inventory,
     meta: &mut BTreeMap<String, ContainerMeta>,
 ) {
-    if let Some(tcp) = tcp.filter(|t| !t.fidelity.path.contains("netns")) {
+    if let Some(tcp) = tcp.filter(|t| keyed_by(t) == KeyedBy::CgroupId) {
         for c in tcp.containers.values() {
             let key = network_key(
                 c.cgroup_id,
@@ -119,15 +126,16 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
     let mut hooks = Vec::new();
     let mut fidelity = Vec::new();
     if let Some(t) = tcp {
-        hooks.push(format!("tcp: {}", t.fidelity.path));
+        let path = t.fidelity.path.map_or("none", Recorder::name);
+        hooks.push(format!("tcp: {path}"));
         fidelity.push(format!(
             "tcp: rtt samples {}; attribution: {}; per-peer p50 is the peer's mean RTT, p99 not kept",
-            t.fidelity.rtt_sample, t.fidelity.attribution
+            t.fidelity.rtt_sample,
+            t.fidelity.path.map_or("none", Recorder::attribution)
         ));
         if !t.fidelity.fell_back_from.is_empty() {
             fidelity.push(format!(
-                "tcp: fell back to {}: {}",
-                t.fidelity.path,
+                "tcp: fell back to {path}: {}",
                 t.fidelity.fell_back_from.join("; ")
             ));
         }
@@ -142,11 +150,6 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
     }
 }
 
-fn window_seconds(label: &str) -> Option<u32> {
-    let d = humantime::parse_duration(label).ok()?;
-    u32::try_from(d.as_secs()).ok().filter(|s| *s > 0)
-}
-
 fn us(v: f64) -> u64 {
     if v.is_finite() && v > 0.0 {
         // Saturating float-to-int: RTTs are far below u64::MAX microseconds.
@@ -156,14 +159,11 @@ fn us(v: f64) -> u64 {
     }
 }
 
-fn window_mut(c: &mut ContainerNetwork, seconds: u32) -> &mut NetworkWindow {
-    if let Some(i) = c.windows.iter().position(|w| w.window_seconds == seconds) {
+fn window_mut(c: &mut ContainerNetwork, window: Window) -> &mut NetworkWindow {
+    if let Some(i) = c.windows.iter().position(|w| w.window == window) {
         &mut c.windows[i]
     } else {
-        c.windows.push(NetworkWindow {
-            window_seconds: seconds,
-            ..NetworkWindow::default()
-        });
+        c.windows.push(NetworkWindow::new(window));
         let last = c.windows.len() - 1;
         &mut c.windows[last]
     }
@@ -179,38 +179,37 @@ fn set_tcp_window(w: &mut NetworkWindow, t: &TcpWindow) {
     // The store's jitter is the plain mean |ΔRTT| of consecutive samples of a connection.
     w.jitter_us = us(t.mean_abs_diff_us);
     w.retransmits = t.retrans;
-    w.retransmits_per_second = t.retrans as f64 / f64::from(w.window_seconds.max(1));
+    w.retransmits_per_second = t.retrans as f64 / w.window.duration().as_secs_f64().max(1.0);
 }
 
 fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, now: SystemTime) {
+fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, params: &NetworkParams<'_>) {
     for tw in &t.windows {
-        if let Some(seconds) = window_seconds(&tw.window) {
-            set_tcp_window(window_mut(c, seconds), tw);
-        }
+        set_tcp_window(window_mut(c, tw.window), tw);
     }
     let established = t.established + t.established_untracked;
     c.established_connections = c
         .established_connections
         .saturating_add(u32::try_from(established).unwrap_or(u32::MAX));
-    c.peers.extend(t.peers.iter().filter_map(peer));
+    c.peers
+        .extend(t.peers.iter().filter_map(|p| peer(p, params.peer_window)));
     c.totals += &t.totals;
     if !own {
-        c.streams.extend(tcp_streams(t, now));
+        c.streams.extend(tcp_streams(t, params.now));
     }
 }
 
-fn peer(p: &PeerTcp) -> Option<PeerNetwork> {
+fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
     let w = p
         .windows
         .iter()
-        .find(|w| window_seconds(&w.window) == Some(PEER_WINDOW_SECONDS))
+        .find(|w| w.window == window)
         .or_else(|| p.windows.first())?;
     Some(PeerNetwork {
-        remote_addr: p.peer.clone(),
+        remote: p.peer,
         samples: w.samples,
         // The TCP source keeps sums per peer, not histograms: the mean stands in for p50.
         rtt_p50_us: us(w.mean_rtt_us),
@@ -236,7 +235,10 @@ fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
     let total = t.established + t.established_untracked;
     let mut out = Vec::new();
     for p in &t.peers {
-        let remote = p.peer.parse().unwrap_or_else(|_| unspecified());
+        let remote = match p.peer {
+            Peer::Addr(a) => a,
+            Peer::Prefix(..) | Peer::Other => unspecified(),
+        };
         for _ in 0..p.established {
             if out.len() as u64 >= total {
                 return out;
@@ -271,9 +273,7 @@ fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
 fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_>) {
     c.totals += &u.totals;
     for uw in &u.windows {
-        if let Ok(seconds) = u32::try_from(uw.window_seconds) {
-            set_udp_window(window_mut(c, seconds), uw);
-        }
+        set_udp_window(window_mut(c, uw.window), uw);
     }
     for s in u.streams.iter().filter(|s| s.live) {
         let (local, remote) = socket(&s.endpoint);

@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     containers::{Container, Identity, Runtime},
     sources::{
-        tcp::snapshot::{Fidelity, PeerWindow},
+        tcp::snapshot::{Fidelity, PeerWindow, RttSample},
         udp::model::{FlowQuality, StreamQuality},
     },
 };
@@ -18,6 +18,7 @@ fn now() -> SystemTime {
 fn params(own: Option<&str>) -> NetworkParams<'_> {
     NetworkParams {
         udp_min_flow_age: Duration::from_secs(10),
+        peer_window: Window::from_secs(60),
         own_cgroup_path: own,
         now: now(),
     }
@@ -37,9 +38,8 @@ fn inventory() -> Inventory {
     }])
 }
 
-fn tcp_window(label: &str, samples: u64) -> TcpWindow {
+fn tcp_window(seconds: u64, samples: u64) -> TcpWindow {
     TcpWindow {
-        window: label.to_owned(),
         samples,
         min_rtt_us: 1_000.4,
         p50_rtt_us: 2_000.0,
@@ -49,7 +49,7 @@ fn tcp_window(label: &str, samples: u64) -> TcpWindow {
         jitter_us: 111.0,
         mean_abs_diff_us: 250.0,
         retrans: 30,
-        ..TcpWindow::default()
+        ..TcpWindow::new(Window::from_secs(seconds))
     }
 }
 
@@ -57,9 +57,8 @@ fn tcp(path: &str) -> TcpSnapshot {
     let mut t = TcpSnapshot {
         tick: 5,
         fidelity: Fidelity {
-            path: "sock_ops+sock_create".to_owned(),
-            rtt_sample: "raw".to_owned(),
-            attribution: "cgroup".to_owned(),
+            path: Some(Recorder::SockCreate),
+            rtt_sample: RttSample::Raw,
             fell_back_from: Vec::new(),
         },
         ..TcpSnapshot::default()
@@ -69,25 +68,24 @@ fn tcp(path: &str) -> TcpSnapshot {
         ContainerTcp {
             cgroup_id: 100,
             cgroup_path: Some("/kubepods.slice/whatever".to_owned()),
-            windows: vec![tcp_window("10s", 40), tcp_window("1m", 200)],
+            windows: vec![tcp_window(10, 40), tcp_window(60, 200)],
             established: 2,
             established_age_mean_s: 30.0,
             established_untracked: 1,
             peers: vec![
                 PeerTcp {
-                    peer: "10.0.0.9:443".to_owned(),
+                    peer: Peer::Addr(([10, 0, 0, 9], 443).into()),
                     established: 2,
                     windows: vec![PeerWindow {
-                        window: "1m".to_owned(),
                         samples: 50,
                         mean_rtt_us: 4_000.0,
                         mean_abs_diff_us: 90.0,
                         retrans: 3,
-                        ..PeerWindow::default()
+                        ..PeerWindow::new(Window::from_secs(60))
                     }],
                 },
                 PeerTcp {
-                    peer: "10.1.0.0/16".to_owned(),
+                    peer: Peer::Prefix([10, 1, 0, 0].into(), 16),
                     established: 0,
                     windows: vec![],
                 },
@@ -172,16 +170,14 @@ fn udp() -> UdpSnapshot {
             ],
             windows: vec![
                 UdpWindow {
-                    window_seconds: 10,
                     rtp_received: 490,
                     rtp_lost: 10,
                     mean_jitter_seconds: Some(0.0025),
-                    ..UdpWindow::default()
+                    ..UdpWindow::new(Window::from_secs(10))
                 },
                 UdpWindow {
-                    window_seconds: 300,
                     rtp_received: 9_000,
-                    ..UdpWindow::default()
+                    ..UdpWindow::new(Window::from_secs(300))
                 },
             ],
             totals: crate::store::NetworkTotals::default(),
@@ -194,13 +190,13 @@ fn udp() -> UdpSnapshot {
 fn tcp_and_udp_windows_of_one_container_merge_by_length() {
     let net = network_snapshot(Some(&tcp("/a")), Some(&udp()), &inventory(), &params(None));
     let c = &net.containers["live"];
-    let lengths: Vec<u32> = c.windows.iter().map(|w| w.window_seconds).collect();
+    let lengths: Vec<u64> = c.windows.iter().map(|w| w.window.as_secs()).collect();
     assert_eq!(
         lengths,
         [10, 60, 300],
         "union of both sources, shortest first"
     );
-    let w10 = c.window(10).expect("10 s window");
+    let w10 = c.window(Window::from_secs(10)).expect("10 s window");
     assert_eq!(
         (w10.samples, w10.rtt_min_us, w10.rtt_p99_us, w10.rtt_max_us),
         (40, 1_000, 9_000, 12_000)
@@ -211,7 +207,7 @@ fn tcp_and_udp_windows_of_one_container_merge_by_length() {
         (w10.rtp_packets, w10.rtp_lost, w10.rtp_jitter_us),
         (490, 10, 2_500)
     );
-    let w300 = c.window(300).expect("UDP-only window");
+    let w300 = c.window(Window::from_secs(300)).expect("UDP-only window");
     assert_eq!((w300.samples, w300.rtp_packets), (0, 9_000));
 }
 
@@ -267,20 +263,20 @@ fn per_peer_breakdown_uses_the_minute_window_and_skips_empty_peers() {
     let p = &peers[0];
     assert_eq!(
         (
-            p.remote_addr.as_str(),
+            p.remote.to_string(),
             p.samples,
             p.rtt_p50_us,
             p.jitter_us,
             p.retransmits
         ),
-        ("10.0.0.9:443", 50, 4_000, 90, 3)
+        ("10.0.0.9:443".to_owned(), 50, 4_000, 90, 3)
     );
 }
 
 #[test]
 fn netns_keyed_tcp_is_never_looked_up_as_a_cgroup() {
     let mut t = tcp("/a");
-    t.fidelity.path = "sock_ops+netns_cookie".to_owned();
+    t.fidelity.path = Some(Recorder::Netns);
     let net = network_snapshot(Some(&t), None, &inventory(), &params(None));
     assert!(net.containers.contains_key("netns-cookie:100"));
     assert!(!net.containers.contains_key("live"));
@@ -297,7 +293,7 @@ fn provenance_names_both_hooks_and_the_rtt_fidelity() {
 #[test]
 fn provenance_names_the_paths_a_fallback_left_behind_and_why() {
     let mut t = tcp("/a");
-    t.fidelity.path = "sock_ops+cgroup_skb_egress".to_owned();
+    t.fidelity.path = Some(Recorder::Egress);
     t.fidelity.fell_back_from = vec![
         "sock_ops+sock_create+cgroup_skb_egress failed (program `nodeward_sock_create`: x)"
             .to_owned(),

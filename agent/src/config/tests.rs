@@ -198,3 +198,79 @@ fn shipped_sample_config_matches_the_defaults() {
         "packaging/nodeward.toml drifted from the code's defaults"
     );
 }
+
+fn invalid_key(e: &ConfigError) -> &str {
+    match e {
+        ConfigError::Invalid { key, .. } => key,
+        other => panic!("not a key error: {other}"),
+    }
+}
+
+#[test]
+fn network_windows_load_as_typed_windows_shortest_first() {
+    let c =
+        load_file("[network]\nwindows = [\"30s\", \"2m\"]\n[health]\nnetwork_window = \"2m\"\n")
+            .expect("valid windows");
+    assert_eq!(
+        c.network.windows,
+        vec![Window::from_secs(30), Window::from_secs(120)]
+    );
+    assert_eq!(c.health.network_window, Window::from_secs(120));
+    assert_eq!(
+        Config::default().network.windows,
+        DEFAULT_NETWORK_WINDOWS.to_vec()
+    );
+}
+
+#[test]
+fn bad_window_lists_are_rejected_by_key() {
+    for (windows, why) in [
+        ("[]", "none"),
+        ("[\"1m\", \"10s\"]", "not ascending"),
+        ("[\"10s\", \"10s\", \"1m\"]", "not distinct"),
+        ("[\"500ms\", \"1m\"]", "below 1s"),
+        ("[\"10s\", \"2h\"]", "above 1h"),
+        (
+            "[\"1s\", \"2s\", \"3s\", \"4s\", \"5s\", \"6s\", \"7s\", \"8s\", \"1m\"]",
+            "more than 8",
+        ),
+        ("[\"soon\"]", "not a duration"),
+    ] {
+        let e = load_file(&format!("[network]\nwindows = {windows}\n")).expect_err(why);
+        // A value that is no duration at all is named with its index: `network.windows[0]`.
+        assert!(invalid_key(&e).starts_with("network.windows"), "{why}: {e}");
+    }
+}
+
+#[test]
+fn a_rule_window_that_is_not_configured_is_rejected_at_load_by_key() {
+    // The old bug: `tcp.window_medium = "2m"` was accepted and the rules, reading the 60 s
+    // window, never fired. Now the windows are one list and the rules' must be in it.
+    let e = load_file("[network]\nwindows = [\"10s\", \"2m\", \"5m\"]\n")
+        .expect_err("health.network_window = 1m is not configured");
+    assert_eq!(invalid_key(&e), "health.network_window");
+    assert!(e.to_string().contains("\"2m\""), "{e}");
+    let e = load_file("[health]\nnetwork_window = \"30s\"\n").expect_err("30s not configured");
+    assert_eq!(invalid_key(&e), "health.network_window");
+    // The old keys are gone: naming one is an error, not a silent no-op.
+    let e = load_file("[tcp]\nwindow_medium = \"2m\"\n").expect_err("old key");
+    assert!(e.to_string().contains("window_medium"), "{e}");
+}
+
+#[test]
+fn every_key_that_names_a_window_is_checked_against_the_configured_windows() {
+    let keys = crate::health::HealthConfig::default().window_keys();
+    assert!(!keys.is_empty());
+    for (key, _) in keys {
+        let flag = format!("{key}=7s");
+        let e = load(
+            &Source {
+                explicit_path: None,
+                flags: std::slice::from_ref(&flag),
+            },
+            no_env(),
+        )
+        .expect_err(&flag);
+        assert_eq!(invalid_key(&e), key, "{e}");
+    }
+}

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::Window;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
@@ -24,8 +26,9 @@ pub struct HealthConfig {
     #[serde(with = "humantime_serde")]
     pub source_stale_after: Duration,
 
-    /// Network window the RTT, jitter and retransmit rules read: 10, 60 or 300 seconds.
-    pub network_window_seconds: u32,
+    /// The network window the RTT, jitter, retransmit and RTP loss rules read; one of
+    /// `network.windows`.
+    pub network_window: Window,
     /// Windows with fewer RTT samples than this are ignored (too few to trust a p99).
     pub network_min_samples: u64,
     /// p99 RTT of a container above this (milliseconds) is a warning.
@@ -74,7 +77,7 @@ impl Default for HealthConfig {
             hold: Duration::from_secs(30),
             recovery: Duration::from_secs(120),
             source_stale_after: Duration::from_secs(30),
-            network_window_seconds: 60,
+            network_window: Window::from_secs(60),
             network_min_samples: 20,
             rtt_p99_warning_ms: 150.0,
             jitter_warning_ms: 30.0,
@@ -107,6 +110,12 @@ pub struct HealthConfigError {
 }
 
 impl HealthConfig {
+    /// Every key of this section that names a network window, with its value: the config
+    /// loader checks each against `network.windows`.
+    pub fn window_keys(&self) -> [(&'static str, Window); 1] {
+        [("health.network_window", self.network_window)]
+    }
+
     /// Range checks beyond what the types express.
     pub fn validate(&self) -> Result<(), HealthConfigError> {
         let err = |key, value: String, allowed: &str| {
@@ -128,13 +137,6 @@ impl HealthConfig {
                 "recovery",
                 format!("{:?}", self.recovery),
                 "must not be shorter than health.hold",
-            );
-        }
-        if !crate::store::NETWORK_WINDOWS_SECONDS.contains(&self.network_window_seconds) {
-            return err(
-                "network_window_seconds",
-                self.network_window_seconds.to_string(),
-                "must be 10, 60 or 300",
             );
         }
         for (key, v) in [

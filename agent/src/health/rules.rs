@@ -42,6 +42,10 @@ fn ev(metric: &str, value: f64, threshold: f64, unit: &str, window_seconds: u32)
     }
 }
 
+fn window_seconds(w: crate::store::Window) -> u32 {
+    u32::try_from(w.as_secs()).unwrap_or(u32::MAX)
+}
+
 fn describe(id: &str, meta: Option<&BTreeMap<String, ContainerMeta>>) -> String {
     match meta.and_then(|m| m.get(id)) {
         Some(m) if !m.pod_name.is_empty() => {
@@ -156,9 +160,13 @@ fn lost_sources(
 fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) {
     let Some(net) = &snapshot.network else { return };
     let meta = snapshot.containers.as_deref();
-    let w = cfg.network_window_seconds;
+    let window = cfg.network_window;
+    // Evidence carries the window as seconds (the reply's unit); the messages name it.
+    let w = window_seconds(window);
     for (id, c) in &net.containers {
-        let Some(win) = c.window(w) else { continue };
+        let Some(win) = c.window(window) else {
+            continue;
+        };
         rtp_loss(id, win, cfg, meta, out);
         if win.samples < cfg.network_min_samples {
             continue;
@@ -178,7 +186,7 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
                 subject: id.clone(),
                 severity: Severity::Warning,
                 message: format!(
-                    "{}: p99 TCP RTT {p99_ms:.1} ms over {w} s exceeds {} ms",
+                    "{}: p99 TCP RTT {p99_ms:.1} ms over {window} exceeds {} ms",
                     describe(id, meta),
                     cfg.rtt_p99_warning_ms
                 ),
@@ -197,7 +205,7 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
                 subject: id.clone(),
                 severity: Severity::Warning,
                 message: format!(
-                    "{}: RTT jitter {jitter_ms:.1} ms over {w} s exceeds {} ms",
+                    "{}: RTT jitter {jitter_ms:.1} ms over {window} exceeds {} ms",
                     describe(id, meta),
                     cfg.jitter_warning_ms
                 ),
@@ -215,7 +223,7 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
                 subject: id.clone(),
                 severity: Severity::Warning,
                 message: format!(
-                    "{}: {:.1} TCP retransmits/s over {w} s exceeds {}",
+                    "{}: {:.1} TCP retransmits/s over {window} exceeds {}",
                     describe(id, meta),
                     win.retransmits_per_second,
                     cfg.retransmits_per_second_warning
@@ -246,14 +254,15 @@ fn rtp_loss(
     }
     let loss = win.rtp_lost as f64 / total as f64;
     if loss > cfg.rtp_loss_warning_ratio {
-        let w = win.window_seconds;
+        let window = win.window;
+        let w = window_seconds(window);
         out.push(Observation {
             kind: "ContainerRtpLossHigh",
             reason: "LossAboveThreshold",
             subject: id.to_owned(),
             severity: Severity::Warning,
             message: format!(
-                "{}: {:.1}% of RTP packets lost over {w} s (threshold {:.1}%)",
+                "{}: {:.1}% of RTP packets lost over {window} (threshold {:.1}%)",
                 describe(id, meta),
                 loss * 100.0,
                 cfg.rtp_loss_warning_ratio * 100.0

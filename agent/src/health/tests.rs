@@ -9,7 +9,7 @@ use std::{
 use super::*;
 use crate::store::{
     CgroupSnapshot, ContainerNetwork, ContainerStats, Disk, GpuDevice, GpuSnapshot,
-    NetworkSnapshot, NetworkWindow, NodeStats, Pressure, Store, XidEvent,
+    NetworkSnapshot, NetworkWindow, NodeStats, Pressure, Store, Window, XidEvent,
 };
 
 const T0: Duration = Duration::from_secs(1_700_000_000);
@@ -36,8 +36,11 @@ fn cfg() -> HealthConfig {
 
 /// A 1-minute window as the network source recorded it for a streaming container.
 fn window(p99_us: u64, jitter_us: u64, retrans_per_s: f64) -> NetworkWindow {
+    window_of(Window::from_secs(60), p99_us, jitter_us, retrans_per_s)
+}
+
+fn window_of(w: Window, p99_us: u64, jitter_us: u64, retrans_per_s: f64) -> NetworkWindow {
     NetworkWindow {
-        window_seconds: 60,
         samples: 1_200,
         rtt_min_us: 800,
         rtt_p50_us: 2_100,
@@ -45,9 +48,9 @@ fn window(p99_us: u64, jitter_us: u64, retrans_per_s: f64) -> NetworkWindow {
         rtt_p99_us: p99_us,
         rtt_max_us: p99_us + 5_000,
         jitter_us,
-        retransmits: (retrans_per_s * 60.0) as u64,
+        retransmits: (retrans_per_s * w.duration().as_secs_f64()) as u64,
         retransmits_per_second: retrans_per_s,
-        ..Default::default()
+        ..NetworkWindow::new(w)
     }
 }
 
@@ -596,13 +599,63 @@ fn same_state_ignores_moving_numbers_but_not_status_changes() {
 }
 
 #[test]
+fn the_network_rules_fire_on_a_non_default_window_and_read_no_other() {
+    // `network.windows = ["30s", "2m"]`, `health.network_window = "2m"`: the old bug was a
+    // window the rules looked up by a hard-coded length and never found.
+    let two_min = Window::from_secs(120);
+    let store = Store::new();
+    store.register(SourceKind::Network);
+    let mut n = NetworkSnapshot::default();
+    n.containers.insert(
+        "bad-on-2m".to_owned(),
+        ContainerNetwork {
+            windows: vec![
+                window_of(Window::from_secs(30), 5_000, 1_000, 0.0),
+                window_of(two_min, 200_000, 45_000, 80.0),
+            ],
+            ..Default::default()
+        },
+    );
+    n.containers.insert(
+        "bad-on-30s-only".to_owned(),
+        ContainerNetwork {
+            windows: vec![
+                window_of(Window::from_secs(30), 200_000, 45_000, 80.0),
+                window_of(two_min, 5_000, 1_000, 0.0),
+            ],
+            ..Default::default()
+        },
+    );
+    store.publish_network(at(0), prov("tp"), n);
+    let mut c = cfg();
+    c.hold = Duration::ZERO;
+    c.network_window = two_min;
+    let r = Engine::new(c).evaluate(&store.snapshot(), at(0));
+    let mut k: Vec<_> = r
+        .conditions
+        .iter()
+        .map(|c| (c.kind.as_str(), c.subject.as_str()))
+        .collect();
+    k.sort_unstable();
+    assert_eq!(
+        k,
+        vec![
+            ("ContainerJitterHigh", "bad-on-2m"),
+            ("ContainerRetransmitsHigh", "bad-on-2m"),
+            ("ContainerRttHigh", "bad-on-2m"),
+        ]
+    );
+    let rtt = r
+        .conditions
+        .iter()
+        .find(|c| c.kind == "ContainerRttHigh")
+        .expect("rtt condition");
+    assert_eq!(rtt.evidence[0].window_seconds, 120);
+    assert!(rtt.message.contains("over 2m"), "{}", rtt.message);
+}
+
+#[test]
 fn config_validation_names_the_key() {
-    let c = HealthConfig {
-        network_window_seconds: 30,
-        ..HealthConfig::default()
-    };
-    let err = c.validate().expect_err("30 s is not a window");
-    assert_eq!(err.key, "network_window_seconds");
     let c = HealthConfig {
         recovery: Duration::from_secs(1),
         ..HealthConfig::default()
@@ -621,10 +674,9 @@ fn rtp_loss_rule_fires_above_its_ratio_and_ignores_small_windows() {
     let mut eval = |secs: u64, packets: u64, lost: u64| {
         let mut n = NetworkSnapshot::default();
         let w = NetworkWindow {
-            window_seconds: 60,
             rtp_packets: packets,
             rtp_lost: lost,
-            ..Default::default()
+            ..NetworkWindow::new(Window::from_secs(60))
         };
         n.containers.insert(
             "c-rtp".to_owned(),

@@ -149,7 +149,9 @@ mod tests {
     use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
     use super::*;
-    use crate::store::{ContainerMeta, LiveStream, NetworkSnapshot, NetworkWindow, RttHistogram};
+    use crate::store::{
+        ContainerMeta, LiveStream, NetworkSnapshot, NetworkWindow, RttHistogram, Window,
+    };
 
     fn stream(protocol: StreamProtocol) -> LiveStream {
         LiveStream {
@@ -168,12 +170,12 @@ mod tests {
             "abc".to_owned(),
             ContainerNetwork {
                 windows: vec![NetworkWindow {
-                    window_seconds: 10,
+                    window: Window::from_secs(10),
                     samples: 4,
                     jitter_us: 2_500,
                     rtp_packets: 100,
                     rtp_jitter_us: 4_000,
-                    ..NetworkWindow::default()
+                    ..NetworkWindow::new(Window::from_secs(10))
                 }],
                 established_connections: 2,
                 streams: vec![

@@ -37,6 +37,8 @@ pub struct Shared {
     pub paths: PathsConfig,
     /// `ebpf.enabled`: whether eBPF programs may be loaded at all.
     pub ebpf: bool,
+    /// `network.windows`: the sliding windows the TCP and UDP sources keep, shortest first.
+    pub windows: Vec<crate::store::Window>,
 }
 
 /// The config sections of every source, each handed only to its own source.
@@ -177,7 +179,7 @@ pub fn start(
     } else if !sections.udp.enabled {
         tracing::info!("UDP/RTP source disabled by config (udp.enabled = false)");
     } else {
-        let settings = (sections.udp.clone(), shared.tick, caps.clone());
+        let settings = (sections.udp.clone(), shared.clone(), caps.clone());
         feeds.udp = feeds.spawn::<udp::Source>(settings, cancel, tasks);
     }
     if sections.gpu.enabled {
@@ -229,12 +231,12 @@ impl Source for tcp::Source {
 impl Source for udp::Source {
     const NAME: &'static str = udp::NAME;
     /// `[udp]`, `agent.tick`, and what the start-up probe found.
-    type Settings = (udp::UdpConfig, Duration, Capabilities);
+    type Settings = (udp::UdpConfig, Shared, Capabilities);
     type Snapshot = udp::model::UdpSnapshot;
     type StartError = String;
 
-    fn start((udp, tick, caps): &Self::Settings) -> Result<Self, String> {
-        udp::Source::start(udp, *tick, caps)
+    fn start((udp, shared, caps): &Self::Settings) -> Result<Self, String> {
+        udp::Source::start(udp, shared.tick, &shared.windows, caps)
     }
 
     fn initial(&self) -> Self::Snapshot {

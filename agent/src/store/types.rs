@@ -3,10 +3,66 @@
 //! prints them). A value a source cannot measure is left at its default (0 / empty) and the
 //! source's [`Provenance`](super::Provenance) says why.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, SystemTime},
+};
 
-/// The sliding windows the network source keeps, shortest first.
-pub const NETWORK_WINDOWS_SECONDS: [u32; 3] = [10, 60, 300];
+/// The length of a sliding network window (`[network] windows`): the one type every layer
+/// uses for it, from the sources' rings through the health rules to the API's reply, where
+/// it becomes seconds. Written in config and JSON as a humantime string (`"1m"`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Window(#[serde(with = "humantime_serde")] Duration);
+
+impl Window {
+    pub const fn from_secs(seconds: u64) -> Self {
+        Self(Duration::from_secs(seconds))
+    }
+
+    pub const fn from_duration(d: Duration) -> Self {
+        Self(d)
+    }
+
+    pub const fn duration(self) -> Duration {
+        self.0
+    }
+
+    /// Whole seconds (what the API and the metric labels carry).
+    pub const fn as_secs(self) -> u64 {
+        self.0.as_secs()
+    }
+
+    /// How many ticks of `tick` the window spans (at least one).
+    ///
+    /// ```
+    /// # use nodeward::store::Window;
+    /// # use std::time::Duration;
+    /// assert_eq!(Window::from_secs(60).ticks(Duration::from_secs(1)), 60);
+    /// assert_eq!(Window::from_secs(10).ticks(Duration::from_millis(3000)), 4);
+    /// ```
+    pub fn ticks(self, tick: Duration) -> usize {
+        let ticks = self.0.as_millis().div_ceil(tick.as_millis().max(1)).max(1);
+        usize::try_from(ticks).unwrap_or(usize::MAX)
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// The default `[network] windows`, shortest first.
+pub const DEFAULT_NETWORK_WINDOWS: [Window; 3] = [
+    Window::from_secs(10),
+    Window::from_secs(60),
+    Window::from_secs(300),
+];
 
 /// Identity of a container, as far as it is known.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,10 +83,10 @@ pub struct ContainerMeta {
 // ---- network (eBPF) ----
 
 /// One container's TCP statistics over one sliding window.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NetworkWindow {
-    /// 10, 60 or 300.
-    pub window_seconds: u32,
+    /// One of `[network] windows`.
+    pub window: Window,
     /// RTT samples in the window.
     pub samples: u64,
     pub rtt_min_us: u64,
@@ -42,7 +98,7 @@ pub struct NetworkWindow {
     pub jitter_us: u64,
     /// Retransmitted segments in the window.
     pub retransmits: u64,
-    /// `retransmits / window_seconds`.
+    /// `retransmits` per second of the window.
     pub retransmits_per_second: f64,
     /// RTP packets received (0 when the container has no RTP/UDP media stream).
     pub rtp_packets: u64,
@@ -50,6 +106,27 @@ pub struct NetworkWindow {
     pub rtp_lost: u64,
     /// RTP interarrival jitter (RFC 3550).
     pub rtp_jitter_us: u64,
+}
+
+impl NetworkWindow {
+    /// A window with nothing counted yet.
+    pub fn new(window: Window) -> Self {
+        Self {
+            window,
+            samples: 0,
+            rtt_min_us: 0,
+            rtt_p50_us: 0,
+            rtt_p90_us: 0,
+            rtt_p99_us: 0,
+            rtt_max_us: 0,
+            jitter_us: 0,
+            retransmits: 0,
+            retransmits_per_second: 0.0,
+            rtp_packets: 0,
+            rtp_lost: 0,
+            rtp_jitter_us: 0,
+        }
+    }
 }
 
 /// Transport of a live stream.
@@ -74,10 +151,36 @@ pub struct LiveStream {
     pub viewers: u32,
 }
 
-/// Per-peer breakdown over the 1-minute window.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A container's remote peer: one address and port, or, once a container has more peers than
+/// `tcp.max_peers`, the prefix (/24, /64) the rest are folded into. Written as `addr:port`
+/// (`[v6]:port`), `prefix/len` or `other` only at the edges (API, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Addr(SocketAddr),
+    Prefix(IpAddr, u8),
+    Other,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Prefix(a, len) => write!(f, "{a}/{len}"),
+            Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+impl serde::Serialize for Peer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Per-peer breakdown over `health.network_window`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerNetwork {
-    pub remote_addr: String,
+    pub remote: Peer,
     pub samples: u64,
     pub rtt_p50_us: u64,
     pub rtt_p99_us: u64,
@@ -168,8 +271,7 @@ impl std::ops::AddAssign<&NetworkTotals> for NetworkTotals {
 /// One container's network summary.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerNetwork {
-    /// One entry per window in [`NETWORK_WINDOWS_SECONDS`], shortest first; missing windows
-    /// are simply absent.
+    /// One entry per configured window, shortest first; a window with no data is absent.
     pub windows: Vec<NetworkWindow>,
     /// Established TCP connections right now.
     pub established_connections: u32,
@@ -181,9 +283,9 @@ pub struct ContainerNetwork {
 }
 
 impl ContainerNetwork {
-    /// The window of this length, if the source keeps it.
-    pub fn window(&self, seconds: u32) -> Option<&NetworkWindow> {
-        self.windows.iter().find(|w| w.window_seconds == seconds)
+    /// The window of this length, if the sources had data for it.
+    pub fn window(&self, window: Window) -> Option<&NetworkWindow> {
+        self.windows.iter().find(|w| w.window == window)
     }
 }
 

@@ -220,14 +220,18 @@ fn tcp_check(
         rule: "RTT samples in the child cgroup >= request/response exchanges",
         passed: false,
     };
-    let (mut collector, plan) =
-        match tcp::Collector::attach_chain(paths, &config.tcp, config.agent.tick) {
-            Ok((c, _, plan)) => (c, plan),
-            Err(e) => {
-                check.error = Some(describe_error(&e));
-                return Ok(check);
-            }
-        };
+    let (mut collector, plan) = match tcp::Collector::attach_chain(
+        paths,
+        &config.tcp,
+        config.agent.tick,
+        &config.network.windows,
+    ) {
+        Ok((c, _, plan)) => (c, plan),
+        Err(e) => {
+            check.error = Some(describe_error(&e));
+            return Ok(check);
+        }
+    };
     check.path = plan.path().to_owned();
     check.fell_back_from = collector.fell_back_from().to_vec();
     if plan.recorder == tcp::Recorder::SockDiag {
@@ -286,7 +290,7 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         rule: "RTP packets of the stream received in the child cgroup == packets received",
         passed: false,
     };
-    let mut source = match udp::Source::start(&config.udp, config.agent.tick, caps) {
+    let mut source = match udp::Source::start(&config.udp, config.agent.tick, &config.network.windows, caps) {
         Ok(s) => s,
         Err(e) => {
             check.error = Some(describe_error(&e));

@@ -23,7 +23,7 @@ use super::{
 
 pub const DESCRIPTION: &str = "\
 - **Load soak** (issue 10): the release agent (GPU off, `api.watch_heartbeat = 1s`, \
-`tcp.window_long` longer than the run so that its longest window holds every sample) serves \
+the longest of `network.windows` longer than the run so that its longest window holds every sample) serves \
 `nodeward-bench load-api`: 100 unary callers, each on its own connection (half on the \
 Unix socket, half on the TCP listener), each calling 10 times a second in turn `GetNodeHealth`, \
 `ListContainers`, `GetDrainStatus`, `ListGpus` and `GetContainerNetwork`, and 1,000 \
@@ -253,7 +253,10 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
     let yaml = std::fs::read_to_string(root.join("packaging/kubernetes/30-daemonset.yaml"))?;
     let ceiling = daemonset_memory_limit(&yaml).context("no memory limit in the DaemonSet")?;
     let (api_port, metrics_port) = (free_port()?, free_port()?);
-    let window = format!("tcp.window_long={}s", (seconds + 120).max(300));
+    let window = format!(
+        "network.windows=[\"10s\", \"1m\", \"{}s\"]",
+        (seconds + 120).max(300)
+    );
     let agent = Agent::start(
         agent_bin,
         &[

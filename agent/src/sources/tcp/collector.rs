@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     chain, diag, ensure_cgroup2, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
 };
-use crate::{probe::Capabilities, sources::Shared};
+use crate::{probe::Capabilities, sources::Shared, store::Window};
 
 /// Where the counters come from.
 #[derive(Debug)]
@@ -53,11 +53,13 @@ fn brief(e: &TcpError) -> String {
 }
 
 impl Collector {
+    /// Attaches one path's programs; the tracker keeps `windows` (`network.windows`).
     pub fn attach(
         cgroup_root: &std::path::Path,
         config: &TcpConfig,
         plan: &Plan,
         tick: Duration,
+        windows: &[Window],
     ) -> Result<Self, TcpError> {
         if plan.mount_cgroup2 {
             ensure_cgroup2(cgroup_root)?;
@@ -68,10 +70,9 @@ impl Collector {
             Input::Ebpf(reader::Reader::attach(cgroup_root, config, plan)?)
         };
         let tracker = window::Tracker::new(window::Limits {
-            windows: config.windows(tick),
+            windows: windows.iter().map(|w| (*w, w.ticks(tick))).collect(),
             max_peers: usize::try_from(config.max_peers).unwrap_or(usize::MAX),
-            path: plan.path().to_owned(),
-            attribution: plan.attribution().to_owned(),
+            recorder: plan.recorder,
             max_totals: usize::try_from(config.max_cgroups).unwrap_or(usize::MAX),
         });
         Ok(Self {
@@ -93,12 +94,13 @@ impl Collector {
         chain: Vec<(std::path::PathBuf, Plan)>,
         config: &TcpConfig,
         tick: Duration,
+        windows: &[Window],
     ) -> Result<(Self, std::path::PathBuf, Plan), TcpError> {
         let mut failed = Vec::new();
         let mut last = None;
         let total = chain.len();
         for (i, (root, plan)) in chain.into_iter().enumerate() {
-            match Self::attach(&root, config, &plan, tick) {
+            match Self::attach(&root, config, &plan, tick, windows) {
                 Ok(mut collector) => {
                     collector.fell_back_from = failed;
                     return Ok((collector, root, plan));
@@ -183,7 +185,8 @@ impl Source {
         for (_, plan) in &mut paths {
             plan.proc_root.clone_from(&shared.paths.proc_root);
         }
-        let (collector, root, plan) = Collector::attach_chain(paths, config, shared.tick)?;
+        let (collector, root, plan) =
+            Collector::attach_chain(paths, config, shared.tick, &shared.windows)?;
         tracing::info!(path = plan.path(), cgroup_root = %root.display(), fell_back_from = ?collector.fell_back_from(), "TCP latency source started");
         let (tx, rx) = watch::channel(Arc::new(TcpSnapshot::default()));
         Ok((

@@ -1,6 +1,5 @@
-//! The `[tcp]` config section: window lengths and the bounds on kernel maps and peers.
-
-use std::time::Duration;
+//! The `[tcp]` config section: the bounds on kernel maps and peers (the windows are
+//! `[network] windows`).
 
 use serde::{Deserialize, Serialize};
 
@@ -33,13 +32,6 @@ pub struct TcpConfig {
     pub enabled: bool,
     /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
     pub attribution: Attribution,
-    /// The three sliding windows, shortest first. The maps are read every `agent.tick`.
-    #[serde(with = "humantime_serde")]
-    pub window_short: Duration,
-    #[serde(with = "humantime_serde")]
-    pub window_medium: Duration,
-    #[serde(with = "humantime_serde")]
-    pub window_long: Duration,
     /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
     pub max_cgroups: u32,
     /// Connections tracked at once (LRU: the least recently active make room).
@@ -56,9 +48,6 @@ impl Default for TcpConfig {
         Self {
             enabled: true,
             attribution: Attribution::Auto,
-            window_short: Duration::from_secs(10),
-            window_medium: Duration::from_secs(60),
-            window_long: Duration::from_secs(300),
             max_cgroups: 4096,
             max_flows: 65536,
             max_hist_entries: 65536,
@@ -70,20 +59,6 @@ impl Default for TcpConfig {
 impl TcpConfig {
     /// Range checks, as (key, value, what is allowed) for the config module's error.
     pub fn check(&self) -> Result<(), (String, String, String)> {
-        let windows = [
-            ("tcp.window_short", self.window_short),
-            ("tcp.window_medium", self.window_medium),
-            ("tcp.window_long", self.window_long),
-        ];
-        for (key, w) in windows {
-            if w < Duration::from_secs(1) || w > Duration::from_secs(3600) {
-                return Err((
-                    key.to_owned(),
-                    format!("\"{}\"", humantime::format_duration(w)),
-                    "must be between 1s and 1h".to_owned(),
-                ));
-            }
-        }
         let sizes = [
             ("tcp.max_cgroups", self.max_cgroups, 16, 1 << 20),
             ("tcp.max_flows", self.max_flows, 64, 1 << 22),
@@ -101,39 +76,11 @@ impl TcpConfig {
         }
         Ok(())
     }
-
-    /// (label, length in ticks) for each window.
-    pub fn windows(&self, tick: Duration) -> Vec<(String, usize)> {
-        let tick_ms = tick.as_millis().max(1);
-        [self.window_short, self.window_medium, self.window_long]
-            .into_iter()
-            .map(|w| {
-                let ticks = w.as_millis().div_ceil(tick_ms).max(1);
-                (
-                    humantime::format_duration(w).to_string(),
-                    usize::try_from(ticks).unwrap_or(usize::MAX),
-                )
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_windows_are_10s_1m_5m_in_one_second_ticks() {
-        let w = TcpConfig::default().windows(Duration::from_secs(1));
-        assert_eq!(
-            w,
-            vec![
-                ("10s".to_owned(), 10),
-                ("1m".to_owned(), 60),
-                ("5m".to_owned(), 300)
-            ]
-        );
-    }
 
     #[test]
     fn a_zero_peer_bound_is_rejected_by_key() {

@@ -47,7 +47,8 @@ pub const NAME: &str = "ebpf/tcp";
 /// to a cgroup2 directory even when every socket lives in its root.
 pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/nodeward/cgroup2";
 
-/// How sockets are tied to their container.
+/// How sockets are tied to their container: the hook path, reported as the snapshot's
+/// `fidelity.path` (by [`Recorder::name`] at the edges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorder {
     /// cgroup recorded at `socket()` by a `cgroup/sock_create` program.
@@ -64,6 +65,63 @@ pub enum Recorder {
     SockDiag,
 }
 
+/// What the ids of a snapshot's containers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ids {
+    /// cgroup v2 ids (inodes of the sockets' cgroup directories).
+    CgroupV2,
+    /// Network-namespace cookies (cgroup-v1 hosts): not cgroups at all.
+    NetnsCookie,
+}
+
+impl Recorder {
+    /// The hook chain's name, as logs, the API's provenance and the docs spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SockCreate => "sock_ops+sock_create",
+            Self::SockCreateAndEgress => "sock_ops+sock_create+cgroup_skb_egress",
+            Self::Egress => "sock_ops+cgroup_skb_egress",
+            Self::Netns => "sock_ops+netns_cookie",
+            Self::SockDiag => "sock_diag_poll",
+        }
+    }
+
+    /// What the snapshot's ids are on this path.
+    pub const fn ids(self) -> Ids {
+        match self {
+            Self::Netns => Ids::NetnsCookie,
+            _ => Ids::CgroupV2,
+        }
+    }
+
+    /// How samples are attributed on this path, in words (the provenance's fidelity).
+    pub const fn attribution(self) -> &'static str {
+        match self {
+            Self::SockCreate | Self::SockCreateAndEgress | Self::Egress => {
+                "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
+            }
+            Self::Netns => {
+                "network-namespace cookie of the socket (cgroup v1 host: ids are not cgroups)"
+            }
+            Self::SockDiag => {
+                "cgroup v2 id of the socket (INET_DIAG_CGROUP_ID); one srtt sample per socket per tick"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Recorder {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 /// The hook chain chosen for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -78,15 +136,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The name reported as the snapshot's `fidelity.path`.
+    /// The path's name (see [`Recorder::name`]).
     pub fn path(&self) -> &'static str {
-        match self.recorder {
-            Recorder::SockCreate => "sock_ops+sock_create",
-            Recorder::SockCreateAndEgress => "sock_ops+sock_create+cgroup_skb_egress",
-            Recorder::Egress => "sock_ops+cgroup_skb_egress",
-            Recorder::Netns => "sock_ops+netns_cookie",
-            Recorder::SockDiag => "sock_diag_poll",
-        }
+        self.recorder.name()
     }
 
     /// The eBPF programs this path loads, in the order they are loaded.
@@ -101,19 +153,9 @@ impl Plan {
         }
     }
 
-    /// What the snapshot's ids are.
+    /// What the snapshot's ids are, in words (see [`Recorder::attribution`]).
     pub fn attribution(&self) -> &'static str {
-        match self.recorder {
-            Recorder::SockCreate | Recorder::SockCreateAndEgress | Recorder::Egress => {
-                "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
-            }
-            Recorder::Netns => {
-                "network-namespace cookie of the socket (cgroup v1 host: ids are not cgroups)"
-            }
-            Recorder::SockDiag => {
-                "cgroup v2 id of the socket (INET_DIAG_CGROUP_ID); one srtt sample per socket per tick"
-            }
-        }
+        self.recorder.attribution()
     }
 }
 

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use agent_ebpf::{tcp::drop_reason, CgroupTcpStats};
 use serde::Serialize;
 
-use super::{hist::Histogram, window::PeerDelta};
-use crate::store::NetworkTotals;
+use super::{hist::Histogram, window::PeerDelta, Recorder};
+use crate::store::{NetworkTotals, Peer, Window};
 
 /// Everything the TCP source knows at one tick.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -30,24 +30,50 @@ impl TcpSnapshot {
 /// Which hook produced the data, and so how far to trust it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Fidelity {
-    /// The hook chain in use: `sock_ops+sock_create`, `sock_ops+cgroup_skb_egress` or
-    /// `sock_ops+netns_cookie`.
-    pub path: String,
-    /// `raw` (each RTT measurement the kernel takes), `smoothed` (the kernel's srtt after each
-    /// measurement, on kernels before 6.10), `mixed`, or `none` before the first sample.
-    pub rtt_sample: String,
-    /// How samples are attributed to containers, and so what the ids in `containers` are
-    /// (cgroup v2 ids, or network-namespace cookies on cgroup-v1 hosts).
-    pub attribution: String,
+    /// The hook chain in use (`None` only in the placeholder before the first tick). It also
+    /// says what the ids in `containers` are: [`Recorder::ids`].
+    pub path: Option<Recorder>,
+    pub rtt_sample: RttSample,
     /// Paths of the `auto` chain that were tried first and failed to load or attach, each as
     /// `<path> failed (<reason>)`; empty when the first path attached.
     pub fell_back_from: Vec<String>,
 }
 
+/// Which RTT the samples carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RttSample {
+    /// No sample yet.
+    #[default]
+    None,
+    /// Each RTT measurement the kernel takes (kernels ≥ 6.10 pass it to sock_ops).
+    Raw,
+    /// The kernel's smoothed srtt after each measurement (older kernels, sock_diag).
+    Smoothed,
+    /// Both kinds in one window.
+    Mixed,
+}
+
+impl RttSample {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Raw => "raw",
+            Self::Smoothed => "smoothed",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+impl std::fmt::Display for RttSample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Fidelity {
     pub(super) fn from_counts<'a>(
-        path: &str,
-        attribution: &str,
+        path: Recorder,
         containers: impl Iterator<Item = &'a ContainerTcp>,
     ) -> Self {
         let (mut raw, mut all) = (0, 0);
@@ -58,15 +84,14 @@ impl Fidelity {
             }
         }
         let rtt_sample = match (raw, all) {
-            (_, 0) => "none",
-            (r, a) if r == a => "raw",
-            (0, _) => "smoothed",
-            _ => "mixed",
+            (_, 0) => RttSample::None,
+            (r, a) if r == a => RttSample::Raw,
+            (0, _) => RttSample::Smoothed,
+            _ => RttSample::Mixed,
         };
         Self {
-            path: path.to_owned(),
-            rtt_sample: rtt_sample.to_owned(),
-            attribution: attribution.to_owned(),
+            path: Some(path),
+            rtt_sample,
             fell_back_from: Vec::new(),
         }
     }
@@ -140,16 +165,16 @@ impl ContainerTcp {
         self.established_age_mean_s = mean;
     }
 
-    /// The window with this label (`10s`, `1m`, `5m` by default).
-    pub fn window(&self, label: &str) -> Option<&WindowStats> {
-        self.windows.iter().find(|w| w.window == label)
+    /// The window of this length, if it holds data.
+    pub fn window(&self, window: Window) -> Option<&WindowStats> {
+        self.windows.iter().find(|w| w.window == window)
     }
 }
 
 /// One container over one window.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WindowStats {
-    pub window: String,
+    pub window: Window,
     pub samples: u64,
     pub raw_samples: u64,
     /// Percentiles from the log-linear histogram (error at most 1/32 of the value); min and max
@@ -191,11 +216,16 @@ fn ratio(num: u64, den: u64) -> f64 {
 }
 
 impl WindowStats {
-    pub(super) fn from_parts(label: &str, s: &CgroupTcpStats, h: &Histogram) -> Self {
+    /// A window with nothing counted.
+    pub fn new(window: Window) -> Self {
+        Self::from_parts(window, &CgroupTcpStats::default(), &Histogram::default())
+    }
+
+    pub(super) fn from_parts(window: Window, s: &CgroupTcpStats, h: &Histogram) -> Self {
         let mean = ratio(s.sum_rtt_us, s.samples);
         let var = (ratio(s.sum_rtt_sq, s.samples) - mean * mean).max(0.0);
         Self {
-            window: label.to_owned(),
+            window,
             samples: s.samples,
             raw_samples: s.raw_samples,
             min_rtt_us: h.min().unwrap_or(0.0),
@@ -218,17 +248,17 @@ impl WindowStats {
 }
 
 /// One remote peer (or prefix) of a container.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PeerTcp {
-    /// `addr:port`, `prefix/len` once the container has more peers than the bound, or `other`.
-    pub peer: String,
+    /// One address and port, or a prefix once the container has more peers than the bound.
+    pub peer: Peer,
     pub established: u64,
     pub windows: Vec<PeerWindow>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PeerWindow {
-    pub window: String,
+    pub window: Window,
     pub samples: u64,
     pub mean_rtt_us: f64,
     pub stddev_rtt_us: f64,
@@ -238,7 +268,12 @@ pub struct PeerWindow {
 }
 
 impl PeerWindow {
-    pub(super) fn from_delta(label: &str, d: &PeerDelta) -> Self {
+    /// A window with nothing counted.
+    pub fn new(window: Window) -> Self {
+        Self::from_delta(window, &PeerDelta::default())
+    }
+
+    pub(super) fn from_delta(window: Window, d: &PeerDelta) -> Self {
         #[expect(clippy::cast_precision_loss, reason = "a count")]
         let n = d.samples as f64;
         let mean = if n > 0.0 { d.sum_rtt_us / n } else { 0.0 };
@@ -249,7 +284,7 @@ impl PeerWindow {
         };
         let diffs = if n > 1.0 { n - 1.0 } else { 1.0 };
         Self {
-            window: label.to_owned(),
+            window,
             samples: d.samples,
             mean_rtt_us: mean,
             stddev_rtt_us: var.sqrt(),

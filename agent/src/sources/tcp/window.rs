@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use agent_ebpf::{
@@ -17,7 +17,7 @@ use agent_ebpf::{
 };
 use serde::Serialize;
 
-use crate::store::{NetworkTotals, RttHistogram};
+use crate::store::{NetworkTotals, Peer, RttHistogram, Window};
 
 use super::{
     hist::Histogram,
@@ -45,25 +45,6 @@ pub struct Cleanup {
     pub hist: Vec<HistKey>,
 }
 
-/// A remote peer: exact address and port, or a prefix once a container has too many.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum PeerKey {
-    Addr(IpAddr, u16),
-    Prefix(IpAddr, u8),
-    Other,
-}
-
-impl std::fmt::Display for PeerKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Addr(IpAddr::V6(a), p) => write!(f, "[{a}]:{p}"),
-            Self::Addr(a, p) => write!(f, "{a}:{p}"),
-            Self::Prefix(a, len) => write!(f, "{a}/{len}"),
-            Self::Other => write!(f, "other"),
-        }
-    }
-}
-
 fn flow_addr(flow: &FlowState) -> IpAddr {
     if flow.family == 2 {
         IpAddr::V4(Ipv4Addr::from(u32::from_be(flow.remote[0])))
@@ -79,14 +60,12 @@ fn flow_addr(flow: &FlowState) -> IpAddr {
     }
 }
 
-fn prefix_of(addr: IpAddr) -> PeerKey {
+fn prefix_of(addr: IpAddr) -> Peer {
     match addr {
-        IpAddr::V4(a) => {
-            PeerKey::Prefix(IpAddr::V4(Ipv4Addr::from(u32::from(a) & 0xFFFF_FF00)), 24)
-        }
+        IpAddr::V4(a) => Peer::Prefix(IpAddr::V4(Ipv4Addr::from(u32::from(a) & 0xFFFF_FF00)), 24),
         IpAddr::V6(a) => {
             let masked = u128::from(a) & !((1u128 << 64) - 1);
-            PeerKey::Prefix(IpAddr::V6(Ipv6Addr::from(masked)), 64)
+            Peer::Prefix(IpAddr::V6(Ipv6Addr::from(masked)), 64)
         }
     }
 }
@@ -153,7 +132,7 @@ struct CgroupDelta {
 #[derive(Debug, Default)]
 struct Tick {
     cgroups: HashMap<u64, CgroupDelta>,
-    peers: HashMap<(u64, PeerKey), PeerDelta>,
+    peers: HashMap<(u64, Peer), PeerDelta>,
 }
 
 fn sub(a: &CgroupTcpStats, b: &CgroupTcpStats) -> CgroupTcpStats {
@@ -193,13 +172,12 @@ fn add(a: &mut CgroupTcpStats, b: &CgroupTcpStats) {
 /// Window lengths in ticks, and the bounds the tracker keeps to.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// (label, length in ticks), shortest first.
-    pub windows: Vec<(String, usize)>,
+    /// (window, its length in ticks), shortest first.
+    pub windows: Vec<(Window, usize)>,
     /// Distinct exact peers per container before new ones are folded into prefixes.
     pub max_peers: usize,
-    /// The hook chain in use and what ids mean, reported in the snapshot's fidelity.
-    pub path: String,
-    pub attribution: String,
+    /// The hook chain in use, reported in the snapshot's fidelity.
+    pub recorder: super::Recorder,
     /// Containers whose totals since the agent started are kept; beyond it, those idle the
     /// longest are forgotten (their counters then restart from 0 if they come back).
     pub max_totals: usize,
@@ -318,7 +296,7 @@ impl Tracker {
             .max(1)
     }
 
-    fn peer_key(&mut self, cgroup_id: u64, flow: &FlowState) -> PeerKey {
+    fn peer_key(&mut self, cgroup_id: u64, flow: &FlowState) -> Peer {
         let addr = flow_addr(flow);
         #[expect(clippy::cast_possible_truncation, reason = "a port fits in u16")]
         let exact = (addr, flow.remote_port as u16);
@@ -327,12 +305,12 @@ impl Tracker {
         let known = self.known_peers.entry(cgroup_id).or_default();
         if let Some(seen) = known.get_mut(&exact) {
             *seen = tick;
-            return PeerKey::Addr(exact.0, exact.1);
+            return Peer::Addr(SocketAddr::new(exact.0, exact.1));
         }
         known.retain(|_, seen| tick.saturating_sub(*seen) <= longest);
         if known.len() < self.limits.max_peers {
             known.insert(exact, tick);
-            return PeerKey::Addr(exact.0, exact.1);
+            return Peer::Addr(SocketAddr::new(exact.0, exact.1));
         }
         prefix_of(addr)
     }
@@ -366,7 +344,7 @@ impl Tracker {
             self.prev_hist.insert(*key, *cur);
         }
 
-        let mut open: HashMap<u64, Vec<(PeerKey, u64)>> = HashMap::new();
+        let mut open: HashMap<u64, Vec<(Peer, u64)>> = HashMap::new();
         for (cookie, flow) in &raw.flows {
             if flow.cgroup_id == 0 {
                 // Not attributed yet (an accepted socket that has sent nothing, on the egress
@@ -447,15 +425,15 @@ impl Tracker {
     fn snapshot(
         &self,
         raw: &RawRead,
-        open: &HashMap<u64, Vec<(PeerKey, u64)>>,
+        open: &HashMap<u64, Vec<(Peer, u64)>>,
         resolve: &mut dyn FnMut(u64) -> Option<String>,
     ) -> TcpSnapshot {
         let mut containers: BTreeMap<u64, ContainerTcp> = BTreeMap::new();
-        let mut peer_windows: BTreeMap<(u64, PeerKey), Vec<PeerWindow>> = BTreeMap::new();
-        for (label, len) in &self.limits.windows {
+        let mut peer_windows: BTreeMap<(u64, Peer), Vec<PeerWindow>> = BTreeMap::new();
+        for &(window, len) in &self.limits.windows {
             let mut cg: HashMap<u64, CgroupDelta> = HashMap::new();
-            let mut peers: HashMap<(u64, PeerKey), PeerDelta> = HashMap::new();
-            for t in self.ring.iter().take(*len) {
+            let mut peers: HashMap<(u64, Peer), PeerDelta> = HashMap::new();
+            for t in self.ring.iter().take(len) {
                 for (id, d) in &t.cgroups {
                     let e = cg.entry(*id).or_default();
                     add(&mut e.stats, &d.stats);
@@ -470,13 +448,13 @@ impl Tracker {
                     .entry(id)
                     .or_insert_with(|| ContainerTcp::new(id));
                 c.windows
-                    .push(WindowStats::from_parts(label, &d.stats, &d.hist));
+                    .push(WindowStats::from_parts(window, &d.stats, &d.hist));
             }
             for (k, d) in peers {
                 peer_windows
                     .entry(k)
                     .or_default()
-                    .push(PeerWindow::from_delta(label, &d));
+                    .push(PeerWindow::from_delta(window, &d));
             }
         }
         for (id, flows) in open {
@@ -493,7 +471,7 @@ impl Tracker {
                 .entry(id)
                 .or_insert_with(|| ContainerTcp::new(id));
             c.peers.push(PeerTcp {
-                peer: key.to_string(),
+                peer: key,
                 established,
                 windows,
             });
@@ -520,8 +498,7 @@ impl Tracker {
         TcpSnapshot {
             tick: self.tick_no,
             fidelity: super::snapshot::Fidelity::from_counts(
-                &self.limits.path,
-                &self.limits.attribution,
+                self.limits.recorder,
                 containers.values(),
             ),
             containers,

@@ -4,12 +4,15 @@ use agent_ebpf::{tcp::bucket_of, CgroupTcpStats, FlowState, HistKey};
 
 use super::*;
 
+/// Windows of 2 and 4 ticks (one-second ticks).
+const W2: Window = Window::from_secs(2);
+const W4: Window = Window::from_secs(4);
+
 fn limits() -> Limits {
     Limits {
-        windows: vec![("2t".to_owned(), 2), ("4t".to_owned(), 4)],
+        windows: vec![(W2, 2), (W4, 4)],
         max_peers: 2,
-        path: "test".to_owned(),
-        attribution: "test".to_owned(),
+        recorder: super::super::Recorder::SockCreate,
         max_totals: 16,
     }
 }
@@ -66,9 +69,9 @@ fn windows_sum_only_their_newest_ticks() {
     }
     let snap = last.expect("snapshot");
     let c = snap.container(7).expect("cgroup 7");
-    assert_eq!(c.window("2t").map(|w| w.samples), Some(70));
-    assert_eq!(c.window("4t").map(|w| w.samples), Some(100));
-    let w = c.window("2t").expect("window");
+    assert_eq!(c.window(W2).map(|w| w.samples), Some(70));
+    assert_eq!(c.window(W4).map(|w| w.samples), Some(100));
+    let w = c.window(W2).expect("window");
     assert!((w.mean_rtt_us - 1000.0).abs() < 1e-6 && w.stddev_rtt_us < 1e-3);
     assert!((w.p50_rtt_us - 1000.0).abs() / 1000.0 < 0.035);
 }
@@ -93,13 +96,13 @@ fn established_connections_report_their_age_and_closed_ones_are_cleaned_up() {
         .expect("cgroup 7")
         .peers
         .iter()
-        .find(|p| p.peer == "10.0.0.2:80")
+        .find(|p| p.peer == Peer::Addr(([10, 0, 0, 2], 80).into()))
         .cloned();
     let w = peer
         .expect("peer")
         .windows
         .into_iter()
-        .find(|w| w.window == "2t")
+        .find(|w| w.window == W2)
         .expect("window");
     assert_eq!(w.samples, 8, "5 from the first tick plus 3 new");
 }
@@ -116,7 +119,7 @@ fn peers_beyond_the_bound_fold_into_a_prefix() {
         .expect("cgroup 7")
         .peers
         .iter()
-        .map(|p| p.peer.clone())
+        .map(|p| p.peer.to_string())
         .collect();
     peers.sort();
     assert_eq!(peers.len(), 3, "two exact peers and one prefix: {peers:?}");
@@ -151,7 +154,7 @@ fn a_flow_recreated_under_the_same_cookie_restarts_its_sums() {
     let w = peer
         .windows
         .iter()
-        .find(|w| w.window == "2t")
+        .find(|w| w.window == W2)
         .expect("window");
     assert_eq!(
         w.samples, 53,
@@ -176,7 +179,7 @@ fn ipv4_peers_of_dual_stack_sockets_are_shown_as_ipv4() {
     let (snap, _) = t.update(read(1, vec![(1, f)]), &mut |_| None);
     assert_eq!(
         snap.container(7).expect("cgroup 7").peers[0].peer,
-        "192.0.2.7:443"
+        Peer::Addr(([192, 0, 2, 7], 443).into())
     );
 }
 
@@ -234,7 +237,7 @@ fn totals_count_every_sample_since_start_beyond_the_windows_and_a_map_cleanup() 
     let (snap, _) = t.update(counters(7, 20, 1000, 2, 2), &mut |_| None);
     let c = snap.container(7).expect("cgroup 7");
     assert_eq!(
-        c.window("4t").map(|w| w.samples),
+        c.window(W4).map(|w| w.samples),
         Some(20),
         "windows only hold their ticks"
     );

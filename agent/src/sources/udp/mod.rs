@@ -31,6 +31,7 @@ use crate::{
         LoadError,
     },
     probe::Capabilities,
+    store::Window,
 };
 
 pub const NAME: &str = "ebpf/udp";
@@ -52,6 +53,8 @@ pub struct Source {
     programs: UdpPrograms,
     config: UdpConfig,
     tick: Duration,
+    /// `network.windows`, shortest first.
+    windows: Vec<Window>,
     differ: Differ,
     history: HashMap<u64, History>,
     totals: HashMap<u64, Totals>,
@@ -67,7 +70,12 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     /// Attaches the programs, or says why this node cannot run them.
-    pub fn start(config: &UdpConfig, tick: Duration, caps: &Capabilities) -> Result<Self, String> {
+    pub fn start(
+        config: &UdpConfig,
+        tick: Duration,
+        windows: &[Window],
+        caps: &Capabilities,
+    ) -> Result<Self, String> {
         if !caps.is_root {
             return Err("not running as root (CAP_BPF and CAP_NET_ADMIN are needed)".to_owned());
         }
@@ -78,14 +86,16 @@ impl Source {
             "no cgroup v2 hierarchy: cgroup_skb needs one (tc on host interfaces is not implemented yet)"
                 .to_owned()
         })?;
-        Self::attach(root, config, tick).map_err(|e| e.to_string())
+        Self::attach(root, config, tick, windows).map_err(|e| e.to_string())
     }
 
-    /// Attaches at `cgroup_v2_root` with this configuration (tests use it directly).
+    /// Attaches at `cgroup_v2_root` with this configuration and `network.windows` (tests use
+    /// it directly).
     pub fn attach(
         cgroup_v2_root: &Path,
         config: &UdpConfig,
         tick: Duration,
+        windows: &[Window],
     ) -> Result<Self, LoadError> {
         let rates = config
             .clock_rates()
@@ -97,6 +107,7 @@ impl Source {
             programs,
             config: config.clone(),
             tick,
+            windows: windows.to_vec(),
             differ: Differ::default(),
             history: HashMap::new(),
             totals: HashMap::new(),
@@ -179,12 +190,13 @@ impl Source {
             now_ns.saturating_sub(s.last_arrival_ns) <= idle_timeout
         });
         self.ticks += 1;
+        let keep = self.windows.last().map_or(Duration::ZERO, |w| w.duration());
         for (cg, d) in deltas {
             let mut t = self.totals.get(&cg).copied().unwrap_or_default();
             if t.add(&d, self.ticks) {
                 self.totals.insert(cg, t);
             }
-            self.history.entry(cg).or_default().push(now, d);
+            self.history.entry(cg).or_default().push(now, d, keep);
         }
         // Bounded like the streams map: a container that had RTP had a stream in it.
         let excess = self
@@ -202,7 +214,7 @@ impl Source {
                 self.totals.remove(&id);
             }
         }
-        // Containers with no tick in five minutes have no window left to report.
+        // Containers with no tick in the longest window have no window left to report.
         self.history.retain(|_, h| !h.is_empty());
         let mut live_ids: Vec<u64> = maps.flows.iter().map(|(k, _)| k.cgroup_id).collect();
         live_ids.extend(maps.streams.iter().map(|(k, _)| k.flow.cgroup_id));
@@ -270,7 +282,7 @@ impl Source {
             let c = containers
                 .entry(*cg)
                 .or_insert_with(|| entry(*cg, &mut self.paths));
-            c.windows = h.windows(now);
+            c.windows = h.windows(now, &self.windows);
         }
         for (cg, t) in &self.totals {
             containers

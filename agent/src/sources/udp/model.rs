@@ -1,18 +1,11 @@
 //! What the UDP source reports: per container, its RTP streams and UDP flows with their
-//! quality, and windowed totals (10 s, 1 min, 5 min) next to the TCP numbers.
+//! quality, and totals over `network.windows` next to the TCP numbers.
 
-use std::{net::IpAddr, time::Duration};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::store::NetworkTotals;
-
-/// The windows every source reports over.
-pub const WINDOWS: [Duration; 3] = [
-    Duration::from_secs(10),
-    Duration::from_secs(60),
-    Duration::from_secs(300),
-];
+use crate::store::{NetworkTotals, Window};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UdpSnapshot {
@@ -56,7 +49,7 @@ pub struct ContainerUdp {
     pub live_streams: u32,
     pub streams: Vec<StreamQuality>,
     pub flows: Vec<FlowQuality>,
-    /// One entry per window in [`WINDOWS`] order.
+    /// One entry per window of `network.windows`, shortest first.
     pub windows: Vec<WindowStats>,
     /// RTP counters since the agent started, carried across restarts of the source (the TCP
     /// fields stay 0).
@@ -120,9 +113,9 @@ pub struct FlowQuality {
 }
 
 /// Totals over one window.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WindowStats {
-    pub window_seconds: u64,
+    pub window: Window,
     pub udp_packets: u64,
     pub udp_bytes: u64,
     pub rtp_received: u64,
@@ -136,4 +129,23 @@ pub struct WindowStats {
     pub mean_jitter_seconds: Option<f64>,
     pub max_jitter_seconds: Option<f64>,
     pub mean_ipdv_seconds: Option<f64>,
+}
+
+impl WindowStats {
+    /// A window with nothing counted.
+    pub fn new(window: Window) -> Self {
+        Self {
+            window,
+            udp_packets: 0,
+            udp_bytes: 0,
+            rtp_received: 0,
+            rtp_expected: 0,
+            rtp_lost: 0,
+            rtp_loss_ratio: None,
+            rtp_reordered: 0,
+            mean_jitter_seconds: None,
+            max_jitter_seconds: None,
+            mean_ipdv_seconds: None,
+        }
+    }
 }

@@ -12,8 +12,8 @@ use std::{
 
 use agent_ebpf::rtp::{RtpKey, RtpState, UdpFlowKey, UdpFlowStats};
 
-use super::model::{WindowStats, WINDOWS};
-use crate::store::NetworkTotals;
+use super::model::WindowStats;
+use crate::store::{NetworkTotals, Window};
 
 /// What one tick added for one container.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -127,16 +127,16 @@ impl Totals {
     }
 }
 
-/// The last five minutes of ticks of one container.
+/// The ticks of one container that fall inside the longest window.
 #[derive(Debug, Default)]
 pub struct History {
     ticks: VecDeque<(Instant, TickDelta)>,
 }
 
 impl History {
-    pub fn push(&mut self, at: Instant, d: TickDelta) {
+    /// Adds a tick and forgets those older than `keep` (the longest window).
+    pub fn push(&mut self, at: Instant, d: TickDelta, keep: Duration) {
         self.ticks.push_back((at, d));
-        let keep = WINDOWS[WINDOWS.len() - 1];
         while self
             .ticks
             .front()
@@ -150,12 +150,13 @@ impl History {
         self.ticks.is_empty()
     }
 
-    /// Totals for each of [`WINDOWS`] ending at `now`.
-    pub fn windows(&self, now: Instant) -> Vec<WindowStats> {
-        WINDOWS.iter().map(|w| self.window(now, *w)).collect()
+    /// Totals for each of `windows` ending at `now`.
+    pub fn windows(&self, now: Instant, windows: &[Window]) -> Vec<WindowStats> {
+        windows.iter().map(|w| self.window(now, *w)).collect()
     }
 
-    fn window(&self, now: Instant, len: Duration) -> WindowStats {
+    fn window(&self, now: Instant, window: Window) -> WindowStats {
+        let len = window.duration();
         let mut t = TickDelta::default();
         for (_, d) in self
             .ticks
@@ -176,7 +177,7 @@ impl History {
         let lost = t.rtp_expected.saturating_sub(t.rtp_received);
         let secs = |ns: u64| ns as f64 / 1e9;
         WindowStats {
-            window_seconds: len.as_secs(),
+            window,
             udp_packets: t.udp_packets,
             udp_bytes: t.udp_bytes,
             rtp_received: t.rtp_received,
@@ -250,6 +251,8 @@ mod tests {
     fn windows_sum_only_their_ticks() {
         let mut h = History::default();
         let start = Instant::now();
+        let windows = crate::store::DEFAULT_NETWORK_WINDOWS;
+        let keep = windows[2].duration();
         for i in 0..400u64 {
             let d = TickDelta {
                 udp_packets: 1,
@@ -257,10 +260,10 @@ mod tests {
                 rtp_received: if i % 10 == 0 { 9 } else { 10 },
                 ..TickDelta::default()
             };
-            h.push(start + Duration::from_secs(i), d);
+            h.push(start + Duration::from_secs(i), d, keep);
         }
         let now = start + Duration::from_secs(399);
-        let w = h.windows(now);
+        let w = h.windows(now, &windows);
         assert_eq!(w[0].udp_packets, 10, "10 s window");
         assert_eq!(w[1].udp_packets, 60, "1 min window");
         assert_eq!(w[2].udp_packets, 300, "5 min window");
