@@ -4,8 +4,8 @@
 //! snapshot to samples, so wiring a new feed is one line in [`Exporter::from_feeds`]
 //! (`exporter.add_feed(rx, my_feed::encode)`) and one small function. Nothing is stored
 //! between scrapes: a scrape reads the `watch` channels, the store (the per-container and node
-//! numbers the API serves), the health state the API publishes, `/proc/self` and the kernel's
-//! eBPF program statistics, and writes them out.
+//! numbers the API serves), the health state the health evaluator publishes, `/proc/self` and
+//! the kernel's eBPF program statistics, and writes them out.
 //!
 //! Names start with `nodeward_`, use base units (`_seconds`, `_bytes`, ratios 0..1) and
 //! counters end in `_total`. Labels are bounded: a container's cgroup and container id, a
@@ -108,7 +108,7 @@ impl Exporter {
     }
 
     /// Adds what the daemon has beyond the raw feeds: the store (per-container TCP, cgroup and
-    /// node numbers) and the health state the API publishes (verdict, drain, conditions).
+    /// node numbers) and the health state the evaluator publishes (verdict, drain, conditions).
     pub fn add_store(&mut self, store: Arc<Store>, health: Option<watch::Receiver<Published>>) {
         self.add(move |m| store::encode(&store.snapshot(), m));
         if let Some(rx) = health {
