@@ -117,7 +117,7 @@ fn scanner() -> Scanner {
     let mut config = Config::default();
     config.paths.cgroup_root = PathBuf::from(ROOT);
     config.node.enabled = false;
-    Scanner::new(&config).expect("the host's cgroup root")
+    Scanner::new(&config.containers, &config.node, &config.paths).expect("the host's cgroup root")
 }
 
 fn find<'a>(snap: &'a Snapshot, container_id: &str) -> &'a Workload {
@@ -426,7 +426,7 @@ fn cpu_rate_from_v2_files_matches_the_process_own_cpu_time() {
     let mut config = Config::default();
     config.paths.cgroup_root = unified.clone();
     config.node.enabled = false;
-    let mut s = Scanner::new(&config).expect("v2 root");
+    let mut s = Scanner::new(&config.containers, &config.node, &config.paths).expect("v2 root");
     assert!(
         matches!(s.layout(), Some(Layout::V2 { .. })),
         "{:?}",

@@ -229,7 +229,12 @@ fn the_verdict_is_evaluated_and_exported_with_the_api_disabled() {
         .args(["run", "--config", "/dev/null"])
         .args(["--set", "api.enabled=false", "--set", "ebpf.enabled=false"])
         .args(["--set", "tcp.enabled=false", "--set", "gpu.enabled=false"])
-        .args(["--set", "agent.tick=200ms", "--set", "health.interval=100ms"])
+        .args([
+            "--set",
+            "agent.tick=200ms",
+            "--set",
+            "health.interval=100ms",
+        ])
         .arg("--set")
         .arg(format!("api.unix_socket={}", socket.display()))
         .arg("--set")

@@ -1,11 +1,12 @@
 //! `tcp.attribution = "auto"` falls back at run time when the kernel refuses a program of the
-//! chosen path. No kernel here rejects one, so the debug build's fault injection
-//! (`NODEWARD_FAULT_INJECT=reject:<program>`, see `agent/src/fault.rs`) makes the load of the
-//! named program fail before the kernel is asked. The real agent must then come up on the next
-//! path of the chain, say so in its log (WARN naming the program) and in the network source's
-//! fidelity, deliver RTT samples of connections this test makes (the ground truth), and hold no
-//! program of the path it left: the eBPF programs it holds are read from `/proc/<pid>/fdinfo`
-//! and named by `bpftool`. A path named in the config is not auto: it is reported unavailable.
+//! chosen path. No kernel here rejects one, so fault injection (the `fault-injection` feature
+//! the tests build with; `NODEWARD_FAULT_INJECT=reject:<program>`, see `agent/src/fault.rs`)
+//! makes the load of the named program fail before the kernel is asked. The real agent must
+//! then come up on the next path of the chain, say so in its log (WARN naming the program) and
+//! in the network source's fidelity, deliver RTT samples of connections this test makes (the
+//! ground truth), and hold no program of the path it left: the eBPF programs it holds are read
+//! from `/proc/<pid>/fdinfo` and named by `bpftool`. A path named in the config is not auto: it
+//! is reported unavailable.
 
 use std::{
     path::PathBuf,
@@ -29,8 +30,8 @@ const SOCK_OPS: &str = "nodeward_tcp_sockops";
 
 type Client = pb::node_health_client::NodeHealthClient<tonic::transport::Channel>;
 
-/// `nodeward run` (a debug build) with `fault` armed, its API on a socket of its own and its
-/// log in a file.
+/// `nodeward run` (built with the `fault-injection` feature) with `fault` armed, its API on a
+/// socket of its own and its log in a file.
 struct Agent {
     child: tokio::process::Child,
     client: Client,
@@ -79,7 +80,7 @@ impl Agent {
         };
         assert!(
             agent.log_text().contains("fault injection armed"),
-            "the agent did not arm the fault:\n{}",
+            "the agent did not arm the fault (built without the fault-injection feature?):\n{}",
             agent.log_text()
         );
         agent
@@ -182,11 +183,6 @@ fn own_netns_cookie() -> Option<u64> {
 }
 
 fn prerequisites(test: &str) -> Option<PathBuf> {
-    // The test binary and the agent beside it share the profile.
-    if !cfg!(debug_assertions) {
-        skip(test, "fault injection exists in debug builds only");
-        return None;
-    }
     if !is_root() {
         skip(test, "needs root (eBPF, cgroups)");
         return None;

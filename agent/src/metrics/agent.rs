@@ -264,17 +264,18 @@ impl SourceList {
     }
 }
 
-/// Restarts and state of each supervised source task, from its supervisor's channel.
+/// Restarts and state of each supervised task (the sources and the health evaluator), from its
+/// supervisor's channel.
 pub fn encode_task(name: &str, h: &crate::supervise::TaskHealth, m: &mut Metrics) {
     m.counter(
         "nodeward_task_restarts_total",
-        "Times the supervisor restarted the source task after a failure or panic.",
+        "Times the supervisor restarted the task (a source or the health evaluator) after a failure or panic.",
         &[("task", name)],
         f64::from(h.restarts),
     );
     m.gauge(
         "nodeward_task_up",
-        "1 while the supervised source task runs; 0 while it waits to be restarted after a \
+        "1 while the supervised task runs; 0 while it waits to be restarted after a \
          failure, or after the supervisor gave up on it.",
         &[("task", name)],
         if h.up { 1.0 } else { 0.0 },

@@ -1,5 +1,6 @@
-//! The node verdict, the drain and the active conditions, read from the health state the gRPC
-//! API publishes, so that a dashboard and a controller never see two different verdicts.
+//! The node verdict, the drain and the active conditions, read from the health state the health
+//! evaluator publishes (the one the gRPC API serves), so that a dashboard and a controller never
+//! see two different verdicts.
 //!
 //! Conditions are labelled by `type` and `severity` only: their subjects (containers, GPUs,
 //! mount points) are in the API's report, and one series per subject would grow with churn.

@@ -2,7 +2,7 @@
 //!
 //! Every per-container and node figure is read from the store (`network`, `store`), the same
 //! data the gRPC API and the health rules read, with one label scheme
-//! ([`container_labels`]); the verdict from the health state the API publishes. Besides them,
+//! ([`container_labels`]); the verdict from the health state the health evaluator publishes. Besides them,
 //! a few collectors describe the agent itself: `/proc/self` (`process_*`), the kernel's eBPF
 //! program statistics, the supervisor's task states, and the sources' own diagnostics (the
 //! eBPF programs' drop and packet counters, the GPU devices) from their feeds. Nothing is kept
@@ -118,7 +118,7 @@ impl Exporter {
     }
 
     /// Adds the store (every per-container and node figure) and the health state the health
-    /// task publishes (verdict, drain, conditions).
+    /// evaluator publishes (verdict, drain, conditions).
     pub fn add_store(&mut self, store: Arc<Store>, health: Option<watch::Receiver<Published>>) {
         self.add(move |m| {
             let snapshot = store.snapshot();
