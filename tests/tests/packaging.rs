@@ -551,18 +551,44 @@ fn defined_symbols(bin: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The names of the defined symbols that belong to `modules` of the agent's library.
+fn symbols_of(symbols: &[String], modules: &[&str]) -> Vec<String> {
+    symbols
+        .iter()
+        .filter(|s| {
+            modules
+                .iter()
+                .any(|m| s.contains(&format!("nodeward::{m}::")))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The symbol table of the release binary, checked to be one that names the agent's modules
+/// (so that an empty search below means absent code, not a stripped binary).
+fn release_symbols() -> (PathBuf, Vec<String>) {
+    let bin = release_binary();
+    let symbols = defined_symbols(&bin);
+    assert!(
+        !symbols_of(&symbols, &["daemon"]).is_empty(),
+        "the symbol table names the agent's own modules ({} symbols): stripped?",
+        symbols.len()
+    );
+    (bin, symbols)
+}
+
 /// The shipped binary answers to no benchmark or fault-injection command, hidden or not, and
-/// none of that code (nor the tests' fake cgroupfs) is linked in: its `--help`, clap's answer
-/// to each former hidden subcommand, its symbol table and its bytes are all checked. Each check
-/// is paired with one that shows it can see what it looks for (a hidden command that does
-/// exist is recognised; the daemon's own modules are in the symbol table).
+/// links none of the benchmark code nor the tests' fake cgroupfs: its `--help`, clap's answer
+/// to each former hidden subcommand and its symbol table are checked. Each check is paired with
+/// one that shows it can see what it looks for (a hidden command that does exist is recognised
+/// by name; the daemon's own modules are in the symbol table).
 #[test]
-fn the_release_binary_holds_no_bench_fixture_or_fault_injection_code() {
-    const TEST: &str = "the_release_binary_holds_no_bench_fixture_or_fault_injection_code";
+fn the_release_binary_has_no_bench_command_nor_bench_or_fixture_code() {
+    const TEST: &str = "the_release_binary_has_no_bench_command_nor_bench_or_fixture_code";
     if tool("nm").is_none() {
         return skip(TEST, "nm (binutils) is not installed");
     }
-    let bin = release_binary();
+    let (bin, symbols) = release_symbols();
     let run = |args: &[&str]| {
         Command::new(&bin)
             .args(args)
@@ -612,28 +638,30 @@ fn the_release_binary_holds_no_bench_fixture_or_fault_injection_code() {
         );
     }
 
-    let symbols = defined_symbols(&bin);
-    assert!(
-        symbols.iter().any(|s| s.starts_with("nodeward::daemon::")),
-        "the symbol table names the agent's own modules ({} symbols): stripped?",
-        symbols.len()
-    );
-    let test_code: Vec<&String> = symbols
-        .iter()
-        .filter(|s| {
-            ["bench", "fault", "containers::fixture"]
-                .iter()
-                .any(|m| s.contains(&format!("nodeward::{m}::")))
-                || s.contains("nodeward_bench::")
-        })
-        .collect();
+    let test_code = symbols_of(&symbols, &["bench", "containers::fixture"]);
     assert!(
         test_code.is_empty(),
-        "the release binary links test code: {test_code:#?}"
+        "the release binary links bench or fixture code: {test_code:#?}"
     );
+}
 
-    // The fault-injection switch is an environment variable: its name must not be in the
-    // binary at all, so no build of the product can read it.
+/// The fault injection of the tests (`agent/src/fault.rs`, the `fault-injection` feature) is
+/// not in the shipped binary: none of its code is linked, and the name of the environment
+/// variable that arms it is nowhere in the file, so no build of the product can read it.
+#[test]
+fn the_release_binary_has_no_fault_injection_code() {
+    const TEST: &str = "the_release_binary_has_no_fault_injection_code";
+    if tool("nm").is_none() {
+        return skip(TEST, "nm (binutils) is not installed");
+    }
+    let (bin, symbols) = release_symbols();
+    let fault = symbols_of(&symbols, &["fault"]);
+    assert!(
+        fault.is_empty(),
+        "the release binary links fault-injection code ({} symbols): {:#?}",
+        fault.len(),
+        &fault[..fault.len().min(5)]
+    );
     let bytes = std::fs::read(&bin).expect("read the release binary");
     let armed = b"NODEWARD_FAULT_INJECT";
     assert!(
