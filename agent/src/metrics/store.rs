@@ -112,7 +112,7 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
                     // No RTT was measured: no RTT sample, rather than a 0 that claims one.
                     continue;
                 }
-                m.gauge(JITTER, JITTER_HELP, &l, w.jitter_us as f64 / 1e6);
+                m.gauge(JITTER, JITTER_HELP, &l, w.jitter_rfc3550_us as f64 / 1e6);
                 // A `stat` label, not `quantile`: Prometheus reserves that for summaries, and
                 // these are a histogram's percentiles over a sliding window, read as gauges.
                 for (stat, us) in [
@@ -210,7 +210,7 @@ mod tests {
                     NetworkWindow {
                         samples: 20,
                         rtt_p99_us: 150_000,
-                        jitter_us: 2_000,
+                        jitter_rfc3550_us: 2_000,
                         retransmits: 4,
                         ..NetworkWindow::new(crate::store::Window::from_secs(10))
                     },
