@@ -91,12 +91,11 @@ pub struct CgroupTcpStats {
     /// the others used the smoothed `srtt`.
     pub raw_samples: u64,
     pub sum_rtt_us: u64,
-    /// Sum of squared samples (µs²), for the standard deviation.
-    pub sum_rtt_sq: u64,
-    /// Sum of |RTT - previous RTT of the same connection| (µs) and the number of such pairs.
-    pub sum_absdiff_us: u64,
+    /// Samples that followed an earlier sample of the same connection (those that update
+    /// its RFC 3550 jitter).
     pub diffs: u64,
-    /// Sum, over samples, of the connection's RFC 3550 jitter after that sample, times 16 (µs).
+    /// Sum, over those samples, of the connection's RFC 3550 jitter after that sample, times
+    /// 16 (µs): divided by `16 · diffs` it is the mean jitter the API serves.
     pub sum_jitter16_us: u64,
     /// Segments retransmitted and segments sent (from `total_retrans`/`segs_out` deltas).
     pub retrans: u64,
@@ -111,6 +110,76 @@ pub struct CgroupTcpStats {
     pub foreign_context: u64,
 }
 
+/// Counter arithmetic in user space: summing per-CPU values and ticks, and differences of
+/// cumulative reads. Wrapping, as the kernel's counters may wrap. Each impl destructures
+/// the type, so a field added to it cannot be forgotten here.
+#[cfg(feature = "user")]
+mod arith {
+    use super::CgroupTcpStats;
+
+    impl core::ops::AddAssign for CgroupTcpStats {
+        fn add_assign(&mut self, o: Self) {
+            let Self {
+                samples,
+                raw_samples,
+                sum_rtt_us,
+                diffs,
+                sum_jitter16_us,
+                retrans,
+                segs_out,
+                opened_active,
+                opened_passive,
+                closed,
+                foreign_context,
+            } = o;
+            self.samples = self.samples.wrapping_add(samples);
+            self.raw_samples = self.raw_samples.wrapping_add(raw_samples);
+            self.sum_rtt_us = self.sum_rtt_us.wrapping_add(sum_rtt_us);
+            self.diffs = self.diffs.wrapping_add(diffs);
+            self.sum_jitter16_us = self.sum_jitter16_us.wrapping_add(sum_jitter16_us);
+            self.retrans = self.retrans.wrapping_add(retrans);
+            self.segs_out = self.segs_out.wrapping_add(segs_out);
+            self.opened_active = self.opened_active.wrapping_add(opened_active);
+            self.opened_passive = self.opened_passive.wrapping_add(opened_passive);
+            self.closed = self.closed.wrapping_add(closed);
+            self.foreign_context = self.foreign_context.wrapping_add(foreign_context);
+        }
+    }
+
+    impl core::ops::Sub for CgroupTcpStats {
+        type Output = Self;
+
+        fn sub(self, o: Self) -> Self {
+            let Self {
+                samples,
+                raw_samples,
+                sum_rtt_us,
+                diffs,
+                sum_jitter16_us,
+                retrans,
+                segs_out,
+                opened_active,
+                opened_passive,
+                closed,
+                foreign_context,
+            } = o;
+            Self {
+                samples: self.samples.wrapping_sub(samples),
+                raw_samples: self.raw_samples.wrapping_sub(raw_samples),
+                sum_rtt_us: self.sum_rtt_us.wrapping_sub(sum_rtt_us),
+                diffs: self.diffs.wrapping_sub(diffs),
+                sum_jitter16_us: self.sum_jitter16_us.wrapping_sub(sum_jitter16_us),
+                retrans: self.retrans.wrapping_sub(retrans),
+                segs_out: self.segs_out.wrapping_sub(segs_out),
+                opened_active: self.opened_active.wrapping_sub(opened_active),
+                opened_passive: self.opened_passive.wrapping_sub(opened_passive),
+                closed: self.closed.wrapping_sub(closed),
+                foreign_context: self.foreign_context.wrapping_sub(foreign_context),
+            }
+        }
+    }
+}
+
 /// Per-connection state in the `TCP_FLOWS` LRU hash, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,8 +191,10 @@ pub struct FlowState {
     pub closed_ns: u64,
     pub samples: u64,
     pub sum_rtt_us: u64,
-    pub sum_rtt_sq: u64,
-    pub sum_absdiff_us: u64,
+    /// As in [`CgroupTcpStats`]: samples that updated the jitter, and the sum of 16·jitter
+    /// after each.
+    pub diffs: u64,
+    pub sum_jitter16_us: u64,
     pub retrans: u64,
     pub segs_out: u64,
     /// Remote address: IPv4 in `remote[0]` (network order) when `family` is AF_INET.
@@ -159,7 +230,7 @@ pub mod drop_reason {
 }
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 11 * 8);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 8 * 4);
 
 #[cfg(test)]

@@ -413,16 +413,16 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
             };
             // RFC 3550: J += (|D| - J) / 16, kept as 16·J so that the division is exact.
             let j16 = (*flow).jitter16_us;
-            (*flow).jitter16_us = j16 - (j16 >> 4) + d;
-            (*flow).sum_absdiff_us += u64::from(d);
-            (*stats).sum_absdiff_us += u64::from(d);
+            let j16 = j16 - (j16 >> 4) + d;
+            (*flow).jitter16_us = j16;
+            (*flow).diffs += 1;
+            (*flow).sum_jitter16_us += u64::from(j16);
             (*stats).diffs += 1;
-            (*stats).sum_jitter16_us += u64::from((*flow).jitter16_us);
+            (*stats).sum_jitter16_us += u64::from(j16);
         }
         (*flow).last_rtt_us = rtt_us;
         (*flow).samples += 1;
         (*flow).sum_rtt_us += rtt;
-        (*flow).sum_rtt_sq += rtt * rtt;
         (*stats).samples += 1;
         (*stats).raw_samples += raw;
         // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
@@ -433,7 +433,6 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
             (*stats).foreign_context += 1;
         }
         (*stats).sum_rtt_us += rtt;
-        (*stats).sum_rtt_sq += rtt * rtt;
     }
     account_segments(ctx, flow, stats);
     let hkey = HistKey {

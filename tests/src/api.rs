@@ -205,7 +205,7 @@ pub fn network(streams: usize) -> NetworkSnapshot {
                     samples: 1_200,
                     rtt_p50_us: 2_000,
                     rtt_p99_us: 11_000,
-                    jitter_us: 700,
+                    jitter_rfc3550_us: 700,
                     ..NetworkWindow::new(nodeward::store::Window::from_secs(60))
                 },
                 NetworkWindow {

@@ -251,7 +251,7 @@ fn connections_of_a_listener_older_than_the_agent_are_attributed() {
         .and_then(|c| c.window(Window::from_secs(10)));
     let (opened, samples) = server.map_or((0, 0), |w| (w.opened, w.samples));
     eprintln!(
-        "path {}, server opened {opened}, samples {samples}",
+        "path {:?}, server opened {opened}, samples {samples}",
         snap.fidelity.path
     );
     if !plan.path().contains("egress") {

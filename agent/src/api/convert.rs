@@ -23,7 +23,7 @@ impl From<&store::NetworkWindow> for pb::NetworkWindow {
             rtt_p90_us: w.rtt_p90_us,
             rtt_p99_us: w.rtt_p99_us,
             rtt_max_us: w.rtt_max_us,
-            jitter_us: w.jitter_us,
+            jitter_rfc3550_us: w.jitter_rfc3550_us,
             retransmits: w.retransmits,
             retransmits_per_second: w.retransmits_per_second,
             rtp_packets: w.rtp_packets,
@@ -60,7 +60,8 @@ pub fn container_network(
     now: SystemTime,
 ) -> pb::ContainerNetwork {
     let mut peers = c.peers.clone();
-    peers.sort_by_key(|p| std::cmp::Reverse(p.rtt_p99_us));
+    // Slowest peers first (by their mean RTT, the figure the reply carries).
+    peers.sort_by_key(|p| std::cmp::Reverse(p.rtt_mean_us));
     pb::ContainerNetwork {
         container_id: id.to_owned(),
         windows: c.windows.iter().map(pb::NetworkWindow::from).collect(),
@@ -78,9 +79,8 @@ pub fn container_network(
             .map(|p| pb::PeerNetwork {
                 remote_addr: p.remote.to_string(),
                 samples: p.samples,
-                rtt_p50_us: p.rtt_p50_us,
-                rtt_p99_us: p.rtt_p99_us,
-                jitter_us: p.jitter_us,
+                rtt_mean_us: p.rtt_mean_us,
+                jitter_rfc3550_us: p.jitter_rfc3550_us,
                 retransmits: p.retransmits,
             })
             .collect(),

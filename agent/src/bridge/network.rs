@@ -129,7 +129,7 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
         let path = t.fidelity.path.map_or("none", Recorder::name);
         hooks.push(format!("tcp: {path}"));
         fidelity.push(format!(
-            "tcp: rtt samples {}; attribution: {}; per-peer p50 is the peer's mean RTT, p99 not kept",
+            "tcp: rtt samples {}; attribution: {}; per-peer RTT is a mean (no per-peer histogram)",
             t.fidelity.rtt_sample,
             t.fidelity.path.map_or("none", Recorder::attribution)
         ));
@@ -176,8 +176,7 @@ fn set_tcp_window(w: &mut NetworkWindow, t: &TcpWindow) {
     w.rtt_p90_us = us(t.p90_rtt_us);
     w.rtt_p99_us = us(t.p99_rtt_us);
     w.rtt_max_us = us(t.max_rtt_us);
-    // The store's jitter is the plain mean |ΔRTT| of consecutive samples of a connection.
-    w.jitter_us = us(t.mean_abs_diff_us);
+    w.jitter_rfc3550_us = us(t.jitter_rfc3550_us);
     w.retransmits = t.retrans;
     w.retransmits_per_second = t.retrans as f64 / w.window.duration().as_secs_f64().max(1.0);
 }
@@ -211,10 +210,8 @@ fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
     Some(PeerNetwork {
         remote: p.peer,
         samples: w.samples,
-        // The TCP source keeps sums per peer, not histograms: the mean stands in for p50.
-        rtt_p50_us: us(w.mean_rtt_us),
-        rtt_p99_us: 0,
-        jitter_us: us(w.mean_abs_diff_us),
+        rtt_mean_us: us(w.mean_rtt_us),
+        jitter_rfc3550_us: us(w.jitter_rfc3550_us),
         retransmits: w.retrans,
     })
 }

@@ -46,8 +46,7 @@ fn tcp_window(seconds: u64, samples: u64) -> TcpWindow {
         p90_rtt_us: 3_000.0,
         p99_rtt_us: 9_000.0,
         max_rtt_us: 12_000.0,
-        jitter_us: 111.0,
-        mean_abs_diff_us: 250.0,
+        jitter_rfc3550_us: 111.0,
         retrans: 30,
         ..TcpWindow::new(Window::from_secs(seconds))
     }
@@ -79,7 +78,7 @@ fn tcp(path: &str) -> TcpSnapshot {
                     windows: vec![PeerWindow {
                         samples: 50,
                         mean_rtt_us: 4_000.0,
-                        mean_abs_diff_us: 90.0,
+                        jitter_rfc3550_us: 90.0,
                         retrans: 3,
                         ..PeerWindow::new(Window::from_secs(60))
                     }],
@@ -201,7 +200,7 @@ fn tcp_and_udp_windows_of_one_container_merge_by_length() {
         (w10.samples, w10.rtt_min_us, w10.rtt_p99_us, w10.rtt_max_us),
         (40, 1_000, 9_000, 12_000)
     );
-    assert_eq!(w10.jitter_us, 250, "mean |ΔRTT|, the store's definition");
+    assert_eq!(w10.jitter_rfc3550_us, 111, "the RFC 3550 jitter, rounded");
     assert_eq!((w10.retransmits, w10.retransmits_per_second), (30, 3.0));
     assert_eq!(
         (w10.rtp_packets, w10.rtp_lost, w10.rtp_jitter_us),
@@ -265,8 +264,8 @@ fn per_peer_breakdown_uses_the_minute_window_and_skips_empty_peers() {
         (
             p.remote.to_string(),
             p.samples,
-            p.rtt_p50_us,
-            p.jitter_us,
+            p.rtt_mean_us,
+            p.jitter_rfc3550_us,
             p.retransmits
         ),
         ("10.0.0.9:443".to_owned(), 50, 4_000, 90, 3)

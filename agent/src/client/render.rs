@@ -209,7 +209,8 @@ pub fn containers(r: &pb::ListContainersResponse) -> String {
                 .map(|s| format!("{}Mi", s.memory_bytes / (1 << 20)))
                 .unwrap_or_else(|| "-".into()),
             w.map(|w| ms(w.rtt_p99_us)).unwrap_or_else(|| "-".into()),
-            w.map(|w| ms(w.jitter_us)).unwrap_or_else(|| "-".into()),
+            w.map(|w| ms(w.jitter_rfc3550_us))
+                .unwrap_or_else(|| "-".into()),
             w.map(|w| format!("{:.1}", w.retransmits_per_second))
                 .unwrap_or_else(|| "-".into()),
             c.network

@@ -197,7 +197,7 @@ fn network(snapshot: &Snapshot, cfg: &HealthConfig, out: &mut Vec<Observation>) 
                 immediate: false,
             });
         }
-        let jitter_ms = win.jitter_us as f64 / 1000.0;
+        let jitter_ms = win.jitter_rfc3550_us as f64 / 1000.0;
         if jitter_ms > cfg.jitter_warning_ms {
             out.push(Observation {
                 kind: "ContainerJitterHigh",

@@ -47,7 +47,7 @@ fn window_of(w: Window, p99_us: u64, jitter_us: u64, retrans_per_s: f64) -> Netw
         rtt_p90_us: 9_000,
         rtt_p99_us: p99_us,
         rtt_max_us: p99_us + 5_000,
-        jitter_us,
+        jitter_rfc3550_us: jitter_us,
         retransmits: (retrans_per_s * w.duration().as_secs_f64()) as u64,
         retransmits_per_second: retrans_per_s,
         ..NetworkWindow::new(w)

@@ -64,7 +64,7 @@ fn jitter_us(c: &ContainerNetwork) -> (Option<u64>, Option<u64>) {
         return (None, None);
     };
     (
-        (w.samples > 0).then_some(w.jitter_us),
+        (w.samples > 0).then_some(w.jitter_rfc3550_us),
         (w.rtp_packets > 0).then_some(w.rtp_jitter_us),
     )
 }
@@ -172,7 +172,7 @@ mod tests {
                 windows: vec![NetworkWindow {
                     window: Window::from_secs(10),
                     samples: 4,
-                    jitter_us: 2_500,
+                    jitter_rfc3550_us: 2_500,
                     rtp_packets: 100,
                     rtp_jitter_us: 4_000,
                     ..NetworkWindow::new(Window::from_secs(10))

@@ -94,8 +94,9 @@ pub struct NetworkWindow {
     pub rtt_p90_us: u64,
     pub rtt_p99_us: u64,
     pub rtt_max_us: u64,
-    /// Mean absolute difference between consecutive RTT samples of a connection.
-    pub jitter_us: u64,
+    /// RFC 3550 jitter of the RTT: each connection's running estimate
+    /// J += (|ΔRTT| − J) / 16, averaged over the window's samples (µs).
+    pub jitter_rfc3550_us: u64,
     /// Retransmitted segments in the window.
     pub retransmits: u64,
     /// `retransmits` per second of the window.
@@ -119,7 +120,7 @@ impl NetworkWindow {
             rtt_p90_us: 0,
             rtt_p99_us: 0,
             rtt_max_us: 0,
-            jitter_us: 0,
+            jitter_rfc3550_us: 0,
             retransmits: 0,
             retransmits_per_second: 0.0,
             rtp_packets: 0,
@@ -177,14 +178,18 @@ impl serde::Serialize for Peer {
     }
 }
 
-/// Per-peer breakdown over `health.network_window`.
+/// Per-peer breakdown over `health.network_window`. The TCP source keeps sums per connection
+/// for a peer, not a histogram: a mean, no percentiles.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerNetwork {
     pub remote: Peer,
+    /// RTT samples in the window.
     pub samples: u64,
-    pub rtt_p50_us: u64,
-    pub rtt_p99_us: u64,
-    pub jitter_us: u64,
+    /// Mean RTT (µs).
+    pub rtt_mean_us: u64,
+    /// RFC 3550 jitter of the peer's connections, averaged over the samples (µs).
+    pub jitter_rfc3550_us: u64,
+    /// Segments retransmitted to the peer in the window.
     pub retransmits: u64,
 }
 

@@ -4,30 +4,27 @@
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
 pub struct NetworkWindow {
-    /// Length of the window, in seconds (10, 60 or 300).
+    /// Length of the window, in seconds: one of the agent's `network.windows` (by default 10, 60, 300).
     #[prost(uint32, tag = "1")]
     pub window_seconds: u32,
-    /// Number of RTT samples in the window (count).
+    /// Number of TCP RTT samples in the window (count).
     #[prost(uint64, tag = "2")]
     pub samples: u64,
-    /// Smallest smoothed RTT seen, in microseconds.
+    /// Lower edge of the lowest occupied RTT histogram bucket, in microseconds.
     #[prost(uint64, tag = "3")]
     pub rtt_min_us: u64,
-    /// Median RTT, in microseconds.
+    /// Median RTT from the log-linear histogram (error at most 1/16 of the value), in microseconds.
     #[prost(uint64, tag = "4")]
     pub rtt_p50_us: u64,
-    /// 90th percentile RTT, in microseconds.
+    /// 90th percentile RTT from the histogram, in microseconds.
     #[prost(uint64, tag = "5")]
     pub rtt_p90_us: u64,
-    /// 99th percentile RTT, in microseconds.
+    /// 99th percentile RTT from the histogram, in microseconds.
     #[prost(uint64, tag = "6")]
     pub rtt_p99_us: u64,
-    /// Largest RTT seen, in microseconds.
+    /// Upper edge of the highest occupied RTT histogram bucket, in microseconds.
     #[prost(uint64, tag = "7")]
     pub rtt_max_us: u64,
-    /// Jitter: mean absolute difference between consecutive RTT samples of a connection, in microseconds.
-    #[prost(uint64, tag = "8")]
-    pub jitter_us: u64,
     /// TCP retransmitted segments in the window (count).
     #[prost(uint64, tag = "9")]
     pub retransmits: u64,
@@ -40,33 +37,36 @@ pub struct NetworkWindow {
     /// RTP packets lost (RTP sequence-number gaps) over the window (count).
     #[prost(uint64, tag = "12")]
     pub rtp_lost: u64,
-    /// RTP interarrival jitter (RFC 3550), in microseconds.
+    /// RTP interarrival jitter (RFC 3550), mean over the window's packets, in microseconds.
     #[prost(uint64, tag = "13")]
     pub rtp_jitter_us: u64,
+    /// TCP RTT jitter in the manner of RFC 3550: each connection's running estimate
+    /// J += (|ΔRTT| - J) / 16, averaged over the window's samples, in microseconds.
+    #[prost(uint64, tag = "14")]
+    pub jitter_rfc3550_us: u64,
 }
-/// Latency per remote peer (one remote address) over the 1-minute window.
+/// Latency per remote peer over the agent's `health.network_window`. The agent keeps sums per
+/// connection for a peer, not a histogram: a mean, no percentiles.
 #[allow(clippy::all)]
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PeerNetwork {
-    /// Remote IP address, textual (IPv4 dotted or IPv6).
+    /// The peer: `address:port` (`\[v6\]:port`), or `prefix/len` for the peers folded together
+    /// once a container has more than the agent's `tcp.max_peers`, or `other`.
     #[prost(string, tag = "1")]
     pub remote_addr: ::prost::alloc::string::String,
     /// RTT samples from this peer in the window (count).
     #[prost(uint64, tag = "2")]
     pub samples: u64,
-    /// Median RTT to this peer, in microseconds.
-    #[prost(uint64, tag = "3")]
-    pub rtt_p50_us: u64,
-    /// 99th percentile RTT to this peer, in microseconds.
-    #[prost(uint64, tag = "4")]
-    pub rtt_p99_us: u64,
-    /// Jitter to this peer, in microseconds.
-    #[prost(uint64, tag = "5")]
-    pub jitter_us: u64,
     /// Retransmitted segments to this peer in the window (count).
     #[prost(uint64, tag = "6")]
     pub retransmits: u64,
+    /// Mean RTT to this peer over the window, in microseconds.
+    #[prost(uint64, tag = "7")]
+    pub rtt_mean_us: u64,
+    /// TCP RTT jitter (RFC 3550 estimate per connection, averaged over the samples), in microseconds.
+    #[prost(uint64, tag = "8")]
+    pub jitter_rfc3550_us: u64,
 }
 /// One live stream a container is serving.
 #[allow(clippy::all)]

@@ -330,18 +330,16 @@ impl Poller {
             if flow.samples > 0 {
                 let d = rtt.abs_diff(flow.last_rtt_us);
                 flow.jitter16_us = flow.jitter16_us - (flow.jitter16_us >> 4) + d;
-                flow.sum_absdiff_us += u64::from(d);
-                stats.sum_absdiff_us += u64::from(d);
+                flow.diffs += 1;
+                flow.sum_jitter16_us += u64::from(flow.jitter16_us);
                 stats.diffs += 1;
                 stats.sum_jitter16_us += u64::from(flow.jitter16_us);
             }
             flow.last_rtt_us = rtt;
             flow.samples += 1;
             flow.sum_rtt_us += u64::from(rtt);
-            flow.sum_rtt_sq += u64::from(rtt) * u64::from(rtt);
             stats.samples += 1;
             stats.sum_rtt_us += u64::from(rtt);
-            stats.sum_rtt_sq += u64::from(rtt) * u64::from(rtt);
             let d_retrans = u64::from(s.total_retrans.wrapping_sub(flow.seen_total_retrans));
             let d_segs = u64::from(s.segs_out.wrapping_sub(flow.seen_segs_out));
             (flow.seen_total_retrans, flow.seen_segs_out) = (s.total_retrans, s.segs_out);

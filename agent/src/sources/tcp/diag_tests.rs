@@ -92,7 +92,8 @@ fn polls_accumulate_samples_jitter_retransmits_and_closes() {
     p.apply(&[socket(1, 20_000, 0, 10)], 1);
     let raw = p.apply(&[socket(1, 22_000, 2, 30)], 2);
     let s = raw.stats.iter().find(|s| s.0 == 5).expect("cgroup 5").1;
-    assert_eq!((s.samples, s.diffs, s.sum_absdiff_us), (2, 1, 2_000));
+    // RFC 3550 after one |Δ| of 2 ms: J = 2000 / 16 µs, kept as 16·J.
+    assert_eq!((s.samples, s.diffs, s.sum_jitter16_us), (2, 1, 2_000));
     assert_eq!(
         (s.retrans, s.segs_out, s.opened_active, s.closed),
         (2, 20, 1, 0)

@@ -188,19 +188,7 @@ impl Reader {
             let (id, per_cpu) = entry.map_err(map_err(STATS))?;
             let mut sum = CgroupTcpStats::default();
             for s in per_cpu.iter() {
-                sum.samples += s.samples;
-                sum.raw_samples += s.raw_samples;
-                sum.sum_rtt_us = sum.sum_rtt_us.wrapping_add(s.sum_rtt_us);
-                sum.sum_rtt_sq = sum.sum_rtt_sq.wrapping_add(s.sum_rtt_sq);
-                sum.sum_absdiff_us = sum.sum_absdiff_us.wrapping_add(s.sum_absdiff_us);
-                sum.diffs += s.diffs;
-                sum.sum_jitter16_us = sum.sum_jitter16_us.wrapping_add(s.sum_jitter16_us);
-                sum.retrans += s.retrans;
-                sum.segs_out += s.segs_out;
-                sum.opened_active += s.opened_active;
-                sum.opened_passive += s.opened_passive;
-                sum.closed += s.closed;
-                sum.foreign_context += s.foreign_context;
+                sum += *s;
             }
             raw.stats.push((id, sum));
         }

@@ -185,13 +185,9 @@ pub struct WindowStats {
     pub p99_rtt_us: f64,
     pub max_rtt_us: f64,
     pub mean_rtt_us: f64,
-    /// Standard deviation of the RTT samples (one notion of jitter).
-    pub stddev_rtt_us: f64,
-    /// Mean of the per-connection RFC 3550 jitter (|ΔRTT| smoothed with gain 1/16), taken at
-    /// each sample.
-    pub jitter_us: f64,
-    /// Plain mean of |ΔRTT| between consecutive samples of the same connection.
-    pub mean_abs_diff_us: f64,
+    /// RFC 3550 jitter: each connection's running estimate J += (|ΔRTT| − J) / 16, kept by
+    /// the kernel per connection, averaged over the samples of the window that updated it.
+    pub jitter_rfc3550_us: f64,
     pub retrans: u64,
     pub segs_out: u64,
     /// Retransmitted segments per segment sent.
@@ -222,8 +218,6 @@ impl WindowStats {
     }
 
     pub(super) fn from_parts(window: Window, s: &CgroupTcpStats, h: &Histogram) -> Self {
-        let mean = ratio(s.sum_rtt_us, s.samples);
-        let var = (ratio(s.sum_rtt_sq, s.samples) - mean * mean).max(0.0);
         Self {
             window,
             samples: s.samples,
@@ -233,10 +227,8 @@ impl WindowStats {
             p90_rtt_us: h.quantile(0.9).unwrap_or(0.0),
             p99_rtt_us: h.quantile(0.99).unwrap_or(0.0),
             max_rtt_us: h.max().unwrap_or(0.0),
-            mean_rtt_us: mean,
-            stddev_rtt_us: var.sqrt(),
-            jitter_us: ratio(s.sum_jitter16_us, s.diffs) / 16.0,
-            mean_abs_diff_us: ratio(s.sum_absdiff_us, s.diffs),
+            mean_rtt_us: ratio(s.sum_rtt_us, s.samples),
+            jitter_rfc3550_us: ratio(s.sum_jitter16_us, s.diffs) / 16.0,
             retrans: s.retrans,
             segs_out: s.segs_out,
             retrans_rate: ratio(s.retrans, s.segs_out),
@@ -256,13 +248,14 @@ pub struct PeerTcp {
     pub windows: Vec<PeerWindow>,
 }
 
+/// One peer over one window: sums per connection, no histogram, so a mean and no percentiles.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerWindow {
     pub window: Window,
     pub samples: u64,
     pub mean_rtt_us: f64,
-    pub stddev_rtt_us: f64,
-    pub mean_abs_diff_us: f64,
+    /// As the container's: the RFC 3550 jitter of the peer's connections, averaged.
+    pub jitter_rfc3550_us: f64,
     pub retrans: u64,
     pub segs_out: u64,
 }
@@ -274,21 +267,17 @@ impl PeerWindow {
     }
 
     pub(super) fn from_delta(window: Window, d: &PeerDelta) -> Self {
-        #[expect(clippy::cast_precision_loss, reason = "a count")]
-        let n = d.samples as f64;
-        let mean = if n > 0.0 { d.sum_rtt_us / n } else { 0.0 };
-        let var = if n > 0.0 {
-            (d.sum_rtt_sq / n - mean * mean).max(0.0)
-        } else {
-            0.0
-        };
-        let diffs = if n > 1.0 { n - 1.0 } else { 1.0 };
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let (n, diffs) = (d.samples as f64, d.diffs as f64);
         Self {
             window,
             samples: d.samples,
-            mean_rtt_us: mean,
-            stddev_rtt_us: var.sqrt(),
-            mean_abs_diff_us: d.sum_absdiff_us / diffs,
+            mean_rtt_us: if n > 0.0 { d.sum_rtt_us / n } else { 0.0 },
+            jitter_rfc3550_us: if diffs > 0.0 {
+                d.sum_jitter16_us / diffs / 16.0
+            } else {
+                0.0
+            },
             retrans: d.retrans,
             segs_out: d.segs_out,
         }

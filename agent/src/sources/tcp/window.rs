@@ -15,7 +15,6 @@ use agent_ebpf::{
     tcp::{bucket_bounds, drop_reason},
     CgroupTcpStats, FlowState, HistKey,
 };
-use serde::Serialize;
 
 use crate::store::{NetworkTotals, Peer, RttHistogram, Window};
 
@@ -75,8 +74,8 @@ fn prefix_of(addr: IpAddr) -> Peer {
 pub struct PeerDelta {
     pub samples: u64,
     pub sum_rtt_us: f64,
-    pub sum_rtt_sq: f64,
-    pub sum_absdiff_us: f64,
+    pub diffs: u64,
+    pub sum_jitter16_us: f64,
     pub retrans: u64,
     pub segs_out: u64,
 }
@@ -85,8 +84,8 @@ impl PeerDelta {
     fn add(&mut self, o: &PeerDelta) {
         self.samples += o.samples;
         self.sum_rtt_us += o.sum_rtt_us;
-        self.sum_rtt_sq += o.sum_rtt_sq;
-        self.sum_absdiff_us += o.sum_absdiff_us;
+        self.diffs += o.diffs;
+        self.sum_jitter16_us += o.sum_jitter16_us;
         self.retrans += o.retrans;
         self.segs_out += o.segs_out;
     }
@@ -133,40 +132,6 @@ struct CgroupDelta {
 struct Tick {
     cgroups: HashMap<u64, CgroupDelta>,
     peers: HashMap<(u64, Peer), PeerDelta>,
-}
-
-fn sub(a: &CgroupTcpStats, b: &CgroupTcpStats) -> CgroupTcpStats {
-    CgroupTcpStats {
-        samples: a.samples.wrapping_sub(b.samples),
-        raw_samples: a.raw_samples.wrapping_sub(b.raw_samples),
-        sum_rtt_us: a.sum_rtt_us.wrapping_sub(b.sum_rtt_us),
-        sum_rtt_sq: a.sum_rtt_sq.wrapping_sub(b.sum_rtt_sq),
-        sum_absdiff_us: a.sum_absdiff_us.wrapping_sub(b.sum_absdiff_us),
-        diffs: a.diffs.wrapping_sub(b.diffs),
-        sum_jitter16_us: a.sum_jitter16_us.wrapping_sub(b.sum_jitter16_us),
-        retrans: a.retrans.wrapping_sub(b.retrans),
-        segs_out: a.segs_out.wrapping_sub(b.segs_out),
-        opened_active: a.opened_active.wrapping_sub(b.opened_active),
-        opened_passive: a.opened_passive.wrapping_sub(b.opened_passive),
-        closed: a.closed.wrapping_sub(b.closed),
-        foreign_context: a.foreign_context.wrapping_sub(b.foreign_context),
-    }
-}
-
-fn add(a: &mut CgroupTcpStats, b: &CgroupTcpStats) {
-    a.samples = a.samples.wrapping_add(b.samples);
-    a.raw_samples = a.raw_samples.wrapping_add(b.raw_samples);
-    a.sum_rtt_us = a.sum_rtt_us.wrapping_add(b.sum_rtt_us);
-    a.sum_rtt_sq = a.sum_rtt_sq.wrapping_add(b.sum_rtt_sq);
-    a.sum_absdiff_us = a.sum_absdiff_us.wrapping_add(b.sum_absdiff_us);
-    a.diffs = a.diffs.wrapping_add(b.diffs);
-    a.sum_jitter16_us = a.sum_jitter16_us.wrapping_add(b.sum_jitter16_us);
-    a.retrans = a.retrans.wrapping_add(b.retrans);
-    a.segs_out = a.segs_out.wrapping_add(b.segs_out);
-    a.opened_active = a.opened_active.wrapping_add(b.opened_active);
-    a.opened_passive = a.opened_passive.wrapping_add(b.opened_passive);
-    a.closed = a.closed.wrapping_add(b.closed);
-    a.foreign_context = a.foreign_context.wrapping_add(b.foreign_context);
 }
 
 /// Window lengths in ticks, and the bounds the tracker keeps to.
@@ -246,7 +211,7 @@ impl Tracker {
                 continue;
             }
             let t = self.totals.entry(*id).or_default();
-            add(&mut t.stats, &d.stats);
+            t.stats += d.stats;
             t.hist.merge(&d.hist);
             t.last_active = self.tick_no;
         }
@@ -327,7 +292,7 @@ impl Tracker {
 
         for (id, cur) in &raw.stats {
             let prev = self.prev_stats.get(id).copied().unwrap_or_default();
-            let d = sub(cur, &prev);
+            let d = *cur - prev;
             if d != CgroupTcpStats::default() {
                 self.last_active.insert(*id, self.tick_no);
             }
@@ -370,8 +335,8 @@ impl Tracker {
             let d = PeerDelta {
                 samples: flow.samples.wrapping_sub(prev.samples),
                 sum_rtt_us: flow.sum_rtt_us.wrapping_sub(prev.sum_rtt_us) as f64,
-                sum_rtt_sq: flow.sum_rtt_sq.wrapping_sub(prev.sum_rtt_sq) as f64,
-                sum_absdiff_us: flow.sum_absdiff_us.wrapping_sub(prev.sum_absdiff_us) as f64,
+                diffs: flow.diffs.wrapping_sub(prev.diffs),
+                sum_jitter16_us: flow.sum_jitter16_us.wrapping_sub(prev.sum_jitter16_us) as f64,
                 retrans: flow.retrans.wrapping_sub(prev.retrans),
                 segs_out: flow.segs_out.wrapping_sub(prev.segs_out),
             };
@@ -436,7 +401,7 @@ impl Tracker {
             for t in self.ring.iter().take(len) {
                 for (id, d) in &t.cgroups {
                     let e = cg.entry(*id).or_default();
-                    add(&mut e.stats, &d.stats);
+                    e.stats += d.stats;
                     e.hist.merge(&d.hist);
                 }
                 for (k, d) in &t.peers {

@@ -31,6 +31,35 @@ pub struct TickDelta {
     pub jitter_now_max_ns: u64,
 }
 
+impl std::ops::AddAssign<&TickDelta> for TickDelta {
+    /// Sums ticks into a window; the jitter of a live stream is the highest seen, not a sum.
+    /// Destructured so that a new field cannot be forgotten.
+    fn add_assign(&mut self, d: &TickDelta) {
+        let TickDelta {
+            udp_packets,
+            udp_bytes,
+            ipdv_sum_ns,
+            ipdv_count,
+            rtp_received,
+            rtp_expected,
+            rtp_reordered,
+            jitter_sum_ns,
+            jitter_samples,
+            jitter_now_max_ns,
+        } = *d;
+        self.udp_packets += udp_packets;
+        self.udp_bytes += udp_bytes;
+        self.ipdv_sum_ns += ipdv_sum_ns;
+        self.ipdv_count += ipdv_count;
+        self.rtp_received += rtp_received;
+        self.rtp_expected += rtp_expected;
+        self.rtp_reordered += rtp_reordered;
+        self.jitter_sum_ns += jitter_sum_ns;
+        self.jitter_samples += jitter_samples;
+        self.jitter_now_max_ns = self.jitter_now_max_ns.max(jitter_now_max_ns);
+    }
+}
+
 fn delta(cur: u64, prev: Option<u64>) -> u64 {
     match prev {
         Some(p) if cur >= p => cur - p,
@@ -163,16 +192,7 @@ impl History {
             .iter()
             .filter(|(at, _)| now.saturating_duration_since(*at) < len)
         {
-            t.udp_packets += d.udp_packets;
-            t.udp_bytes += d.udp_bytes;
-            t.ipdv_sum_ns += d.ipdv_sum_ns;
-            t.ipdv_count += d.ipdv_count;
-            t.rtp_received += d.rtp_received;
-            t.rtp_expected += d.rtp_expected;
-            t.rtp_reordered += d.rtp_reordered;
-            t.jitter_sum_ns += d.jitter_sum_ns;
-            t.jitter_samples += d.jitter_samples;
-            t.jitter_now_max_ns = t.jitter_now_max_ns.max(d.jitter_now_max_ns);
+            t += d;
         }
         let lost = t.rtp_expected.saturating_sub(t.rtp_received);
         let secs = |ns: u64| ns as f64 / 1e9;
