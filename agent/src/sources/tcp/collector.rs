@@ -142,7 +142,7 @@ impl Collector {
     pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
         let raw = match &mut self.input {
             Input::Ebpf(r) => r.read()?,
-            Input::Diag(p) => p.read(reader::monotonic_ns()),
+            Input::Diag(p) => p.read(crate::ebpf::monotonic_ns()),
         };
         let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
         self.paths.next_tick(&live);
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn a_long_verifier_log_is_cut_to_its_first_and_last_lines_on_one_line() {
         let log: String = (0..30).map(|i| format!("{i}: insn\n")).collect();
-        let e = TcpError::Reader(reader::ReaderError::Refused {
+        let e = TcpError::Load(crate::ebpf::LoadError::Refused {
             name: reader::SOCK_CREATE,
             reason: format!("verifier said:\n{log}"),
         });

@@ -170,14 +170,14 @@ pub enum TcpError {
     #[error("cannot mount a cgroup2 hierarchy at {0} to attach to: {1}")]
     Mount(String, std::io::Error),
     #[error(transparent)]
-    Reader(#[from] reader::ReaderError),
+    Load(#[from] crate::ebpf::LoadError),
 }
 
 impl TcpError {
     /// The eBPF program whose load or attachment failed, if one did.
     pub fn program(&self) -> Option<&'static str> {
         match self {
-            Self::Reader(e) => e.program(),
+            Self::Load(e) => e.program(),
             _ => None,
         }
     }

@@ -14,8 +14,10 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
     },
-    Ebpf, EbpfError,
+    Ebpf,
 };
+
+use crate::ebpf::{monotonic_ns, LoadError};
 
 use super::{
     config::TcpConfig,
@@ -31,59 +33,17 @@ const HIST: &str = "TCP_RTT_HIST";
 const FLOWS: &str = "TCP_FLOWS";
 const DROPS: &str = "TCP_DROPS";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReaderError {
-    #[error("cannot open the cgroup v2 root {path}: {source}")]
-    CgroupRoot {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("loading the eBPF object failed: {0}")]
-    Object(#[from] EbpfError),
-    #[error("program `{0}` is missing from the eBPF object")]
-    MissingProgram(&'static str),
-    #[error("map `{0}` is missing from the eBPF object")]
-    MissingMap(&'static str),
-    #[error("program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
-    #[error("map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    /// A load refused before the kernel was asked (fault injection, debug builds).
-    #[error("program `{name}`: {reason}")]
-    Refused { name: &'static str, reason: String },
-}
-
-impl ReaderError {
-    /// The program whose load or attachment failed, if one did.
-    pub fn program(&self) -> Option<&'static str> {
-        match self {
-            Self::MissingProgram(name)
-            | Self::Program { name, .. }
-            | Self::Refused { name, .. } => Some(name),
-            Self::CgroupRoot { .. } | Self::Object(_) | Self::MissingMap(_) | Self::Map { .. } => {
-                None
-            }
-        }
-    }
-}
-
 /// Asks the fault-injection hook whether `name` may be loaded (always yes in release builds).
-fn may_load(name: &'static str) -> Result<(), ReaderError> {
-    crate::fault::reject(name).map_err(|reason| ReaderError::Refused { name, reason })
+fn may_load(name: &'static str) -> Result<(), LoadError> {
+    crate::fault::reject(name).map_err(|reason| LoadError::Refused { name, reason })
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> ReaderError {
-    move |source| ReaderError::Map { name, source }
+fn map_err(name: &'static str) -> impl Fn(MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
 }
 
-fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> ReaderError {
-    move |source| ReaderError::Program { name, source }
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
 }
 
 /// Entries in each kernel map now.
@@ -107,13 +67,9 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`,
     /// recording socket cgroups the way `plan` says.
-    pub fn attach(
-        cgroup_root: &Path,
-        config: &TcpConfig,
-        plan: &Plan,
-    ) -> Result<Self, ReaderError> {
-        let root = File::open(cgroup_root).map_err(|source| ReaderError::CgroupRoot {
-            path: cgroup_root.display().to_string(),
+    pub fn attach(cgroup_root: &Path, config: &TcpConfig, plan: &Plan) -> Result<Self, LoadError> {
+        let root = File::open(cgroup_root).map_err(|source| LoadError::Cgroup {
+            path: cgroup_root.to_path_buf(),
             source,
         })?;
         let count_foreign = u32::from(plan.count_foreign_context);
@@ -136,7 +92,7 @@ impl Reader {
         if egress {
             let tag: &mut CgroupSkb = ebpf
                 .program_mut(TAG_EGRESS)
-                .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
+                .ok_or(LoadError::MissingProgram(TAG_EGRESS))?
                 .try_into()
                 .map_err(prog_err(TAG_EGRESS))?;
             may_load(TAG_EGRESS)?;
@@ -147,7 +103,7 @@ impl Reader {
         if create {
             let prog: &mut CgroupSock = ebpf
                 .program_mut(SOCK_CREATE)
-                .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
+                .ok_or(LoadError::MissingProgram(SOCK_CREATE))?
                 .try_into()
                 .map_err(prog_err(SOCK_CREATE))?;
             may_load(SOCK_CREATE)?;
@@ -157,7 +113,7 @@ impl Reader {
         }
         let ops: &mut SockOps = ebpf
             .program_mut(SOCK_OPS)
-            .ok_or(ReaderError::MissingProgram(SOCK_OPS))?
+            .ok_or(LoadError::MissingProgram(SOCK_OPS))?
             .try_into()
             .map_err(prog_err(SOCK_OPS))?;
         may_load(SOCK_OPS)?;
@@ -167,12 +123,12 @@ impl Reader {
         Ok(Self { ebpf })
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ReaderError> {
-        self.ebpf.map(name).ok_or(ReaderError::MissingMap(name))
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, LoadError> {
+        self.ebpf.map(name).ok_or(LoadError::MissingMap(name))
     }
 
     /// Reads every map once. `now_ns` is CLOCK_MONOTONIC, the clock the programs stamp with.
-    pub fn read(&self) -> Result<RawRead, ReaderError> {
+    pub fn read(&self) -> Result<RawRead, LoadError> {
         let mut raw = RawRead {
             now_ns: monotonic_ns(),
             ..RawRead::default()
@@ -209,7 +165,7 @@ impl Reader {
     }
 
     /// Counts the entries of each map (by walking the keys).
-    pub fn usage(&self) -> Result<MapUsage, ReaderError> {
+    pub fn usage(&self) -> Result<MapUsage, LoadError> {
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
         let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
@@ -224,11 +180,11 @@ impl Reader {
     }
 
     /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).
-    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), ReaderError> {
+    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), LoadError> {
         let map = self
             .ebpf
             .map_mut(FLOWS)
-            .ok_or(ReaderError::MissingMap(FLOWS))?;
+            .ok_or(LoadError::MissingMap(FLOWS))?;
         let mut flows: BpfHashMap<&mut MapData, u64, FlowState> =
             BpfHashMap::try_from(map).map_err(map_err(FLOWS))?;
         for cookie in &cleanup.flows {
@@ -237,16 +193,13 @@ impl Reader {
         let map = self
             .ebpf
             .map_mut(STATS)
-            .ok_or(ReaderError::MissingMap(STATS))?;
+            .ok_or(LoadError::MissingMap(STATS))?;
         let mut stats: PerCpuHashMap<&mut MapData, u64, CgroupTcpStats> =
             PerCpuHashMap::try_from(map).map_err(map_err(STATS))?;
         for id in &cleanup.cgroups {
             let _ = stats.remove(id);
         }
-        let map = self
-            .ebpf
-            .map_mut(HIST)
-            .ok_or(ReaderError::MissingMap(HIST))?;
+        let map = self.ebpf.map_mut(HIST).ok_or(LoadError::MissingMap(HIST))?;
         let mut hist: PerCpuHashMap<&mut MapData, HistKey, u64> =
             PerCpuHashMap::try_from(map).map_err(map_err(HIST))?;
         for key in &cleanup.hist {
@@ -254,12 +207,4 @@ impl Reader {
         }
         Ok(())
     }
-}
-
-pub(super) fn monotonic_ns() -> u64 {
-    // SAFETY: an all-zero timespec is a valid out-parameter.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

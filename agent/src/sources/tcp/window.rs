@@ -341,7 +341,7 @@ impl Tracker {
                 segs_out: flow.segs_out.wrapping_sub(prev.segs_out),
             };
             tick.peers
-                .entry((flow.cgroup_id, peer.clone()))
+                .entry((flow.cgroup_id, peer))
                 .or_default()
                 .add(&d);
             if flow.closed_ns != 0 {
@@ -405,7 +405,7 @@ impl Tracker {
                     e.hist.merge(&d.hist);
                 }
                 for (k, d) in &t.peers {
-                    peers.entry(k.clone()).or_default().add(d);
+                    peers.entry(*k).or_default().add(d);
                 }
             }
             for (id, d) in cg {

@@ -28,6 +28,7 @@ use super::cgroup_path::CgroupPaths;
 use crate::{
     config::Config,
     ebpf::{
+        monotonic_ns,
         udp::{UdpMaps, UdpPrograms},
         LoadError,
     },
@@ -38,17 +39,6 @@ use crate::{
 pub const NAME: &str = "ebpf/udp";
 /// The hook path, reported with the data.
 pub const HOOK: &str = "cgroup_skb ingress/egress at the cgroup v2 root (socket cgroup)";
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 pub struct Source {
     programs: UdpPrograms,
