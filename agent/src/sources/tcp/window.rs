@@ -177,6 +177,9 @@ pub struct Tracker {
     /// Last tick a cgroup's counters changed.
     last_active: HashMap<u64, u64>,
     totals: HashMap<u64, Totals>,
+    /// Cgroups cleaned up whose directory is gone: their totals go once nothing else of
+    /// theirs is reported.
+    gone: std::collections::HashSet<u64>,
     tick_no: u64,
 }
 
@@ -191,6 +194,7 @@ impl Tracker {
             known_peers: HashMap::new(),
             last_active: HashMap::new(),
             totals: HashMap::new(),
+            gone: std::collections::HashSet::new(),
             tick_no: 0,
         }
     }
@@ -368,10 +372,17 @@ impl Tracker {
                 cleanup.cgroups.push(*id);
             }
         }
+        let mut forget = Vec::new();
         for id in &cleanup.cgroups {
             self.prev_stats.remove(id);
             self.last_active.remove(id);
             self.known_peers.remove(id);
+            // A container whose cgroup is gone will never count again: forget its totals too
+            // (after this last snapshot), or it would be reported and exported for ever.
+            // Namespace cookies name no cgroup; theirs go only by the `max_totals` bound.
+            if self.limits.recorder.ids() == super::Ids::CgroupV2 && resolve(*id).is_none() {
+                forget.push(*id);
+            }
         }
         self.prev_hist.retain(|k, _| {
             let gone = cleanup.cgroups.contains(&k.cgroup_id);
@@ -384,7 +395,26 @@ impl Tracker {
         self.add_totals(&tick);
         self.ring.push_front(tick);
         self.ring.truncate(self.longest());
-        (self.snapshot(&raw, &open, resolve), cleanup)
+        let mut snapshot = self.snapshot(&raw, &open, resolve);
+        // Gone cgroups keep their totals while their windows still report them, so that no
+        // snapshot shows a counter of theirs at 0; then they leave the snapshot altogether.
+        let mut gone = std::mem::take(&mut self.gone);
+        gone.extend(forget);
+        gone.retain(|id| {
+            let only_totals = snapshot.containers.get(id).is_none_or(|c| {
+                c.windows.is_empty()
+                    && c.peers.is_empty()
+                    && c.established == 0
+                    && c.established_untracked == 0
+            });
+            if only_totals {
+                self.totals.remove(id);
+                snapshot.containers.remove(id);
+            }
+            !only_totals
+        });
+        self.gone = gone;
+        (snapshot, cleanup)
     }
 
     fn snapshot(

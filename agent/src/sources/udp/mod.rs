@@ -276,6 +276,11 @@ impl Source {
                 .or_insert_with(|| entry(*cg, &mut self.paths));
             c.windows = h.windows(now, &self.windows);
         }
+        // A container with nothing left but its totals whose cgroup is gone will never count
+        // again: forget it, or it would be reported and exported for ever.
+        let paths = &mut self.paths;
+        self.totals
+            .retain(|cg, _| containers.contains_key(cg) || paths.resolve(*cg).is_some());
         for (cg, t) in &self.totals {
             containers
                 .entry(*cg)
