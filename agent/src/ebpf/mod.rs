@@ -16,6 +16,7 @@ use aya::{
 
 use crate::tracefs::{Format, TracefsError};
 
+pub mod tcp;
 pub mod udp;
 
 /// The eBPF object built from `agent-ebpf`.

@@ -33,7 +33,6 @@ mod collector;
 pub mod config;
 pub mod diag;
 pub mod hist;
-pub mod reader;
 pub mod snapshot;
 pub mod window;
 
@@ -143,7 +142,7 @@ impl Plan {
 
     /// The eBPF programs this path loads, in the order they are loaded.
     pub fn programs(&self) -> &'static [&'static str] {
-        use reader::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
+        use crate::ebpf::tcp::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
         match self.recorder {
             Recorder::SockCreate => &[SOCK_CREATE, SOCK_OPS],
             Recorder::SockCreateAndEgress => &[TAG_EGRESS, SOCK_CREATE, SOCK_OPS],
@@ -471,7 +470,7 @@ mod tests {
             chain(&full, Attribution::Auto).expect("chain")[2]
                 .1
                 .programs(),
-            [reader::TAG_EGRESS, reader::SOCK_OPS]
+            [crate::ebpf::tcp::TAG_EGRESS, crate::ebpf::tcp::SOCK_OPS]
         );
     }
 

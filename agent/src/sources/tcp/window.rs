@@ -11,38 +11,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_ebpf::{
-    tcp::{bucket_bounds, drop_reason},
-    CgroupTcpStats, FlowState, HistKey,
-};
+use agent_ebpf::{tcp::bucket_bounds, CgroupTcpStats, FlowState, HistKey};
 
+pub use crate::ebpf::tcp::{Cleanup, RawRead};
 use crate::store::{NetworkTotals, Peer, RttHistogram, Window};
 
 use super::{
     hist::Histogram,
     snapshot::{ContainerTcp, Drops, PeerTcp, PeerWindow, TcpSnapshot, WindowStats},
 };
-
-/// What one tick read from the kernel maps.
-#[derive(Debug, Default)]
-pub struct RawRead {
-    pub stats: Vec<(u64, CgroupTcpStats)>,
-    pub hist: Vec<(HistKey, u64)>,
-    pub flows: Vec<(u64, FlowState)>,
-    pub drops: [u64; drop_reason::COUNT as usize],
-    /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
-    pub now_ns: u64,
-}
-
-/// What the reader should delete from the kernel maps after this tick.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Cleanup {
-    /// Closed flows whose final numbers were taken.
-    pub flows: Vec<u64>,
-    /// Cgroups idle for longer than the longest window, with no open connection.
-    pub cgroups: Vec<u64>,
-    pub hist: Vec<HistKey>,
-}
 
 fn flow_addr(flow: &FlowState) -> IpAddr {
     if flow.family == 2 {

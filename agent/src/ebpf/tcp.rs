@@ -1,4 +1,5 @@
-//! Loads and attaches the TCP latency programs and reads (and trims) their maps.
+//! The TCP latency programs: load and attach them, read (and trim) their maps. The TCP
+//! source (`sources/tcp`) decides which programs and map sizes from its plan and config.
 //!
 //! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
 //! the node. aya attaches through a BPF link on kernels ≥ 5.7, and a cgroup link always runs
@@ -17,13 +18,7 @@ use aya::{
     Ebpf,
 };
 
-use crate::ebpf::{monotonic_ns, LoadError};
-
-use super::{
-    config::TcpConfig,
-    window::{Cleanup, RawRead},
-    Plan, Recorder,
-};
+use super::{loader_owning, monotonic_ns, LoadError, OBJECT};
 
 pub const SOCK_CREATE: &str = "nodeward_sock_create";
 pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
@@ -32,6 +27,43 @@ const STATS: &str = "TCP_CGROUP_STATS";
 const HIST: &str = "TCP_RTT_HIST";
 const FLOWS: &str = "TCP_FLOWS";
 const DROPS: &str = "TCP_DROPS";
+
+/// What one tick read from the kernel maps.
+#[derive(Debug, Default)]
+pub struct RawRead {
+    pub stats: Vec<(u64, CgroupTcpStats)>,
+    pub hist: Vec<(HistKey, u64)>,
+    pub flows: Vec<(u64, FlowState)>,
+    pub drops: [u64; drop_reason::COUNT as usize],
+    /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
+    pub now_ns: u64,
+}
+
+/// What to delete from the kernel maps after a tick.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Closed flows whose final numbers were taken.
+    pub flows: Vec<u64>,
+    /// Cgroups idle for longer than the longest window, with no open connection.
+    pub cgroups: Vec<u64>,
+    pub hist: Vec<HistKey>,
+}
+
+/// Which programs to attach and how large the maps are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attach {
+    /// Record the creating task's cgroup at `socket()` (`cgroup/sock_create`).
+    pub sock_create: bool,
+    /// Record the cgroup of the socket that sends the first packet (`cgroup_skb/egress`).
+    pub egress: bool,
+    /// Key by the socket's network-namespace cookie instead of its cgroup.
+    pub key_by_netns: bool,
+    /// Count samples taken while another cgroup's task ran.
+    pub count_foreign_context: bool,
+    pub max_cgroups: u32,
+    pub max_hist_entries: u32,
+    pub max_flows: u32,
+}
 
 /// Asks the fault-injection hook whether `name` may be loaded (always yes in release builds).
 fn may_load(name: &'static str) -> Result<(), LoadError> {
@@ -65,30 +97,24 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`,
-    /// recording socket cgroups the way `plan` says.
-    pub fn attach(cgroup_root: &Path, config: &TcpConfig, plan: &Plan) -> Result<Self, LoadError> {
+    /// Loads the programs `how` names with its map sizes and attaches them to `cgroup_root`.
+    pub fn attach(cgroup_root: &Path, how: &Attach) -> Result<Self, LoadError> {
         let root = File::open(cgroup_root).map_err(|source| LoadError::Cgroup {
             path: cgroup_root.to_path_buf(),
             source,
         })?;
-        let count_foreign = u32::from(plan.count_foreign_context);
-        let key_by_netns = u32::from(plan.recorder == Recorder::Netns);
-        let mut ebpf = crate::ebpf::loader_owning(&[STATS, HIST, FLOWS])
-            .map_max_entries(STATS, config.max_cgroups)
-            .map_max_entries(HIST, config.max_hist_entries)
-            .map_max_entries(FLOWS, config.max_flows)
+        let count_foreign = u32::from(how.count_foreign_context);
+        let key_by_netns = u32::from(how.key_by_netns);
+        let mut ebpf = loader_owning(&[STATS, HIST, FLOWS])
+            .map_max_entries(STATS, how.max_cgroups)
+            .map_max_entries(HIST, how.max_hist_entries)
+            .map_max_entries(FLOWS, how.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
-            .load(crate::ebpf::OBJECT)?;
+            .load(OBJECT)?;
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.
-        let (create, egress) = match plan.recorder {
-            Recorder::SockCreate => (true, false),
-            Recorder::SockCreateAndEgress => (true, true),
-            Recorder::Egress => (false, true),
-            Recorder::Netns | Recorder::SockDiag => (false, false),
-        };
+        let (create, egress) = (how.sock_create, how.egress);
         if egress {
             let tag: &mut CgroupSkb = ebpf
                 .program_mut(TAG_EGRESS)
