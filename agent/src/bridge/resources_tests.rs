@@ -312,7 +312,7 @@ fn gpu_readings_map_to_store_units() {
     assert_eq!(g.power_watts, 123.5);
     assert_eq!(g.throttle_reasons, ["HwSlowdown"]);
     // A failed reading is named (its field is a default 0); an unsupported one is not.
-    assert_eq!(g.unreadable, ["memory utilization"]);
+    assert_eq!(g.unreadable, [GpuReading::MemoryUtilization]);
     assert_eq!(g.nvml_errors_total.get("timeout"), Some(&1));
     assert_eq!((g.ecc_corrected_total, g.ecc_uncorrected_total), (3, 1));
     assert_eq!((g.row_remap_pending, g.row_remap_failed), (1, true));
