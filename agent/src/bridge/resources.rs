@@ -191,10 +191,7 @@ fn device(
     let name = m.take(GpuReading::Name, &d.name);
     let pci_bus_id = m.take(GpuReading::PciBusId, &d.pci_bus_id);
     let util = m.take(GpuReading::Utilization, &d.utilization_gpu_percent);
-    let mem_util = m.take(
-        GpuReading::MemoryUtilization,
-        &d.utilization_memory_percent,
-    );
+    let mem_util = m.take(GpuReading::MemoryUtilization, &d.utilization_memory_percent);
     let memory_used_bytes = m.take(GpuReading::MemoryUsed, &d.memory_used_bytes);
     let memory_total_bytes = m.take(GpuReading::MemoryTotal, &d.memory_total_bytes);
     let temperature = m.take(GpuReading::Temperature, &d.temperature_celsius);

@@ -1,13 +1,13 @@
-use std::time::SystemTime;
-
 //! The GPU series as the agent produces them: a source snapshot mapped into the store by the
 //! bridge, then rendered from the store.
+
+use std::time::SystemTime;
 
 use super::*;
 use crate::sources::gpu::{
     model::{
-        Clocks, DeviceStats, Ecc, GpuHealthDevice, GpuHealthInput, GpuProcess, Media,
-        NvLinkErrors, ProcessKind, RetiredPages, RowRemapping,
+        Clocks, DeviceStats, Ecc, GpuHealthDevice, GpuHealthInput, GpuProcess, Media, NvLinkErrors,
+        ProcessKind, RetiredPages, RowRemapping,
     },
     xid::WindowCounts,
     GpuSnapshot, Reading, SourceStatus,
