@@ -220,3 +220,66 @@ pub fn container_labels<'a>(
         ("namespace", meta.map_or("", |m| m.pod_namespace.as_str())),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NetworkDiagnostics, TcpDrops, UdpDiagnostics};
+
+    fn render(snapshot: &crate::store::Snapshot) -> String {
+        let mut m = Metrics::new();
+        encode_snapshot(snapshot, &mut m);
+        m.render()
+    }
+
+    #[test]
+    fn source_diagnostics_come_from_the_store_and_only_once_reported() {
+        let store = Store::new();
+        let before = render(&store.snapshot());
+        for family in ["nodeward_tcp_drops_total", "nodeward_udp_", "nodeward_gpu_"] {
+            assert!(
+                !before.contains(family),
+                "{family} before any report:\n{before}"
+            );
+        }
+        store.publish_network_diagnostics(NetworkDiagnostics {
+            tcp: Some(TcpDrops {
+                stats_full: 7,
+                ..TcpDrops::default()
+            }),
+            udp: None,
+        });
+        store.publish_gpus(
+            std::time::SystemTime::UNIX_EPOCH,
+            crate::store::Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
+        let text = render(&store.snapshot());
+        assert!(
+            text.lines()
+                .any(|l| l == "nodeward_tcp_drops_total{reason=\"stats_full\"} 7"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("nodeward_udp_"),
+            "UDP never reported:\n{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "nodeward_gpu_devices 0"),
+            "{text}"
+        );
+        store.publish_network_diagnostics(NetworkDiagnostics {
+            tcp: None,
+            udp: Some(UdpDiagnostics {
+                hook: "tc".to_owned(),
+                ..UdpDiagnostics::default()
+            }),
+        });
+        let text = render(&store.snapshot());
+        assert!(
+            text.lines()
+                .any(|l| l == "nodeward_udp_hook_info{hook=\"tc\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -275,4 +275,32 @@ mod tests {
             Some(1)
         );
     }
+
+    #[test]
+    fn a_degraded_gpu_source_is_unavailable_with_its_own_state_in_one_update() {
+        let store = Store::new();
+        store.publish_gpus(
+            SystemTime::UNIX_EPOCH,
+            Provenance::default(),
+            GpuSnapshot {
+                gpus: vec![GpuDevice::default()],
+                ..GpuSnapshot::default()
+            },
+        );
+        let degraded = GpuSnapshot {
+            source: GpuSourceState {
+                degraded: true,
+                reinit_attempts_total: 2,
+                ..GpuSourceState::default()
+            },
+            ..GpuSnapshot::default()
+        };
+        store.publish_gpus_unavailable("NVML failed", degraded.clone());
+        let s = store.snapshot();
+        assert_eq!(s.gpus.as_deref(), Some(&degraded));
+        assert!(matches!(
+            s.sources.get(&SourceKind::Gpu),
+            Some(SourceStatus::Unavailable { reason }) if reason == "NVML failed"
+        ));
+    }
 }
