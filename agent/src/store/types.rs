@@ -1,7 +1,9 @@
 //! Plain data each source writes into the store. Base units everywhere: durations in
 //! microseconds, sizes in bytes, shares as ratios in [0, 1], PSI as percentages (as the kernel
 //! prints them). A value a source cannot measure is left at its default (0 / empty) and the
-//! source's [`Provenance`](super::Provenance) says why.
+//! source's [`Provenance`](super::Provenance) says why; a GPU also names such readings
+//! ([`GpuDevice::unreadable`], [`GpuDevice::unsupported`]) or holds `None`, so that /metrics
+//! can leave them out.
 
 use std::{
     collections::BTreeMap,
