@@ -111,73 +111,46 @@ pub struct CgroupTcpStats {
 }
 
 /// Counter arithmetic in user space: summing per-CPU values and ticks, and differences of
-/// cumulative reads. Wrapping, as the kernel's counters may wrap. Each impl destructures
-/// the type, so a field added to it cannot be forgotten here.
+/// cumulative reads. Wrapping, as the kernel's counters may wrap. The field list is written
+/// once, and each generated impl destructures the type with it, so a field added to the type
+/// and not to the list is a compile error, not a counter that silently reads 0.
 #[cfg(feature = "user")]
 mod arith {
     use super::CgroupTcpStats;
 
-    impl core::ops::AddAssign for CgroupTcpStats {
-        fn add_assign(&mut self, o: Self) {
-            let Self {
-                samples,
-                raw_samples,
-                sum_rtt_us,
-                diffs,
-                sum_jitter16_us,
-                retrans,
-                segs_out,
-                opened_active,
-                opened_passive,
-                closed,
-                foreign_context,
-            } = o;
-            self.samples = self.samples.wrapping_add(samples);
-            self.raw_samples = self.raw_samples.wrapping_add(raw_samples);
-            self.sum_rtt_us = self.sum_rtt_us.wrapping_add(sum_rtt_us);
-            self.diffs = self.diffs.wrapping_add(diffs);
-            self.sum_jitter16_us = self.sum_jitter16_us.wrapping_add(sum_jitter16_us);
-            self.retrans = self.retrans.wrapping_add(retrans);
-            self.segs_out = self.segs_out.wrapping_add(segs_out);
-            self.opened_active = self.opened_active.wrapping_add(opened_active);
-            self.opened_passive = self.opened_passive.wrapping_add(opened_passive);
-            self.closed = self.closed.wrapping_add(closed);
-            self.foreign_context = self.foreign_context.wrapping_add(foreign_context);
-        }
-    }
-
-    impl core::ops::Sub for CgroupTcpStats {
-        type Output = Self;
-
-        fn sub(self, o: Self) -> Self {
-            let Self {
-                samples,
-                raw_samples,
-                sum_rtt_us,
-                diffs,
-                sum_jitter16_us,
-                retrans,
-                segs_out,
-                opened_active,
-                opened_passive,
-                closed,
-                foreign_context,
-            } = o;
-            Self {
-                samples: self.samples.wrapping_sub(samples),
-                raw_samples: self.raw_samples.wrapping_sub(raw_samples),
-                sum_rtt_us: self.sum_rtt_us.wrapping_sub(sum_rtt_us),
-                diffs: self.diffs.wrapping_sub(diffs),
-                sum_jitter16_us: self.sum_jitter16_us.wrapping_sub(sum_jitter16_us),
-                retrans: self.retrans.wrapping_sub(retrans),
-                segs_out: self.segs_out.wrapping_sub(segs_out),
-                opened_active: self.opened_active.wrapping_sub(opened_active),
-                opened_passive: self.opened_passive.wrapping_sub(opened_passive),
-                closed: self.closed.wrapping_sub(closed),
-                foreign_context: self.foreign_context.wrapping_sub(foreign_context),
+    macro_rules! fieldwise_wrapping {
+        ($ty:ident { $($field:ident),+ $(,)? }) => {
+            impl core::ops::AddAssign for $ty {
+                fn add_assign(&mut self, o: Self) {
+                    let Self { $($field),+ } = o;
+                    $(self.$field = self.$field.wrapping_add($field);)+
+                }
             }
-        }
+
+            impl core::ops::Sub for $ty {
+                type Output = Self;
+
+                fn sub(self, o: Self) -> Self {
+                    let Self { $($field),+ } = o;
+                    Self { $($field: self.$field.wrapping_sub($field)),+ }
+                }
+            }
+        };
     }
+
+    fieldwise_wrapping!(CgroupTcpStats {
+        samples,
+        raw_samples,
+        sum_rtt_us,
+        diffs,
+        sum_jitter16_us,
+        retrans,
+        segs_out,
+        opened_active,
+        opened_passive,
+        closed,
+        foreign_context,
+    });
 }
 
 /// Per-connection state in the `TCP_FLOWS` LRU hash, keyed by socket cookie.

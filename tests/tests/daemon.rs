@@ -245,8 +245,14 @@ fn the_verdict_is_evaluated_and_exported_with_the_api_disabled() {
         .expect("start nodeward run");
     let verdict = wait_for(Duration::from_secs(60), || {
         let text = scrape(port)?;
-        let v = sample(&text, "nodeward_health_verdict")?;
-        (v != 0.0).then_some((v, text))
+        // The state set: one series per state, 1 on the current one.
+        let state = ["healthy", "degraded", "unhealthy"].into_iter().find(|state| {
+            sample(
+                &text,
+                &format!("nodeward_health_verdict_state{{state=\"{state}\"}}"),
+            ) == Some(1.0)
+        })?;
+        Some((state, text))
     });
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -257,9 +263,10 @@ fn the_verdict_is_evaluated_and_exported_with_the_api_disabled() {
 
     let (verdict, text) =
         verdict.unwrap_or_else(|| panic!("no verdict other than UNKNOWN in /metrics:\n{stderr}"));
-    assert!(
-        [1.0, 2.0, 3.0].contains(&verdict),
-        "healthy, degraded or unhealthy: {verdict}"
+    assert_eq!(
+        sample(&text, "nodeward_health_verdict_state{state=\"unknown\"}"),
+        Some(0.0),
+        "the verdict is {verdict}, so UNKNOWN is 0:\n{text}"
     );
     assert_eq!(
         sample(&text, "nodeward_task_up{task=\"health\"}"),

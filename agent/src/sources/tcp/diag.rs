@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsFd as _,
     path::Path,
 };
 
@@ -167,35 +167,24 @@ pub fn request(family: u8, seq: u32) -> Vec<u8> {
 
 /// Dumps the established TCP sockets of the calling thread's network namespace.
 pub fn dump() -> Result<Vec<DiagSocket>, DiagError> {
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(DiagError::Socket(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::NETLINK,
+        rustix::net::SocketType::RAW,
+        rustix::net::SocketFlags::CLOEXEC,
+        Some(rustix::net::netlink::SOCK_DIAG),
+    )
+    .map_err(|e| DiagError::Socket(e.into()))?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     for (seq, family) in [(1, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
         let req = request(family, seq);
-        // SAFETY: valid fd and buffer; the kernel's netlink address is the zeroed default.
-        let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-        if sent < 0 {
-            return Err(DiagError::Send(std::io::Error::last_os_error()));
-        }
+        // The kernel's netlink address is the default destination of an unbound socket.
+        rustix::net::send(&fd, &req, rustix::net::SendFlags::empty())
+            .map_err(|e| DiagError::Send(e.into()))?;
         loop {
-            // SAFETY: valid fd and writable buffer of the given length.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(DiagError::Recv(std::io::Error::last_os_error()));
-            }
-            let (sockets, done) = parse_reply(&buf[..usize::try_from(n).unwrap_or(0)])?;
+            let n = rustix::net::recv(&fd, &mut buf, rustix::net::RecvFlags::empty())
+                .map_err(|e| DiagError::Recv(e.into()))?;
+            let (sockets, done) = parse_reply(&buf[..n.min(buf.len())])?;
             out.extend(sockets);
             if done || n == 0 {
                 break;
@@ -255,12 +244,12 @@ pub fn dump_all(proc_root: &Path) -> Vec<DiagSocket> {
 
 fn enter(ns: &Path) -> Result<(), DiagError> {
     let f = std::fs::File::open(ns).map_err(|e| DiagError::Setns(ns.display().to_string(), e))?;
-    // SAFETY: a valid namespace fd; affects only the calling thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(DiagError::Setns(ns.display().to_string(), e));
-    }
-    Ok(())
+    // Affects only the calling thread.
+    rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(|e| DiagError::Setns(ns.display().to_string(), e.into()))
 }
 
 /// Keeps the cumulative counters that the kernel maps hold on the eBPF paths.

@@ -343,28 +343,8 @@ pub(crate) fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
         return Ok(());
     }
     std::fs::create_dir_all(at).map_err(|e| TcpError::Mount(at.display().to_string(), e))?;
-    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| {
-        TcpError::Mount(
-            at.display().to_string(),
-            std::io::ErrorKind::InvalidInput.into(),
-        )
-    })?;
-    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            path.as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(TcpError::Mount(
-            at.display().to_string(),
-            std::io::Error::last_os_error(),
-        ));
-    }
+    rustix::mount::mount("none", at, "cgroup2", rustix::mount::MountFlags::empty(), "")
+        .map_err(|e| TcpError::Mount(at.display().to_string(), e.into()))?;
     Ok(())
 }
 
