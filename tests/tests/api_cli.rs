@@ -190,3 +190,96 @@ async fn the_daemon_serves_the_api_and_removes_its_socket_on_sigterm() {
     assert!(exit.success(), "clean exit: {exit:?}");
     assert!(!socket.exists(), "socket removed at shutdown");
 }
+
+/// The reply with every value under a `...UnixMs` key (the timestamps, which move between two
+/// calls) replaced by its JSON type, and every number as an f64 (Go prints the double 2.0 as `2`,
+/// serde as `2.0`: the same JSON number).
+fn comparable(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if k.ends_with("UnixMs") {
+                        let kind = match v {
+                            Value::String(_) => "string",
+                            Value::Number(_) => "number",
+                            _ => "other",
+                        };
+                        Value::String(format!("<timestamp as {kind}>"))
+                    } else {
+                        comparable(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(comparable).collect()),
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| v.clone(), Value::Number),
+        _ => v.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
+    let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
+    if !std::process::Command::new(&grpcurl)
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        nodeward_tests::skip(
+            "status_json_is_what_grpcurl_prints_for_get_node_health",
+            "grpcurl not found (set GRPCURL to its path)",
+        );
+        return;
+    }
+    let dir = TempDir::new("api-grpcurl");
+    let api = TestApi::start(api_config(&dir), health_config()).await;
+    feed_all(&api.store, 2);
+    let mut client = api.client().await;
+    verdict_becomes(&mut client, pb::Verdict::Healthy).await;
+    // A drain, so the reply holds a nested message with int64s and a repeated message in it.
+    client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "grpcurl-test".to_owned(),
+            reason: "compare".to_owned(),
+            deadline_seconds: 600,
+        })
+        .await
+        .expect("drain starts");
+    let socket = api.socket.display().to_string();
+
+    let ours = tokio::process::Command::new(agent_binary())
+        .args(["status", "--json", "--addr", &format!("unix:{socket}")])
+        .env_remove("NODEWARD_LOG")
+        .output()
+        .await
+        .expect("run nodeward status");
+    let theirs = tokio::process::Command::new(&grpcurl)
+        .args(["-plaintext", "-unix", &socket])
+        .arg("nodeward.v1.NodeHealth/GetNodeHealth")
+        .output()
+        .await
+        .expect("run grpcurl");
+    for (who, out) in [("nodeward status", &ours), ("grpcurl", &theirs)] {
+        assert!(
+            out.status.success(),
+            "{who}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).expect("ours is JSON");
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).expect("grpcurl's");
+    // The comparison means something only if the reply has what the mapping changes.
+    assert_eq!(theirs["health"]["drain"]["state"], "DRAIN_STATE_DRAINING");
+    assert!(theirs["health"]["drain"]["startedUnixMs"].is_string(), "{theirs}");
+    assert_eq!(
+        comparable(&ours),
+        comparable(&theirs),
+        "ours:\n{ours:#}\ngrpcurl:\n{theirs:#}"
+    );
+}

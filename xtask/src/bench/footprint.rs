@@ -193,10 +193,12 @@ fn containers_reported(bin: &Path, socket: &str) -> f64 {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return f64::NAN;
     };
-    v["containers"]
-        .as_array()
-        .or_else(|| v.as_array())
-        .map_or(f64::NAN, |a| a.len() as f64)
+    match &v["containers"] {
+        serde_json::Value::Array(a) => a.len() as f64,
+        // An empty list is left out of protobuf's JSON mapping.
+        serde_json::Value::Null if v.is_object() => 0.0,
+        _ => f64::NAN,
+    }
 }
 
 /// Real cgroups for N containers, removed (deepest first) when dropped.

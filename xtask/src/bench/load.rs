@@ -233,8 +233,12 @@ fn samples_of(bin: &Path, socket: &str, id: &str) -> f64 {
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["id"] == id))
         .and_then(|c| c["network"]["windows"].as_array())
-        .and_then(|ws| ws.iter().max_by_key(|w| w["window_seconds"].as_u64()))
-        .and_then(|w| w["samples"].as_f64())
+        .and_then(|ws| ws.iter().max_by_key(|w| w["windowSeconds"].as_u64()))
+        // A uint64 is a string in protobuf's JSON mapping, and left out when 0.
+        .and_then(|w| match &w["samples"] {
+            serde_json::Value::Null => Some(0.0),
+            s => s.as_str()?.parse().ok(),
+        })
         .unwrap_or(f64::NAN)
 }
 
