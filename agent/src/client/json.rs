@@ -6,7 +6,7 @@
 //! reply is encoded, decoded as a `DynamicMessage` of its descriptor and serialised from there, so
 //! a new field or enum in the proto reaches the output with no code here.
 
-use std::io::Write;
+use std::io::{self, Write};
 
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use serde_json::ser::{CompactFormatter, Formatter, PrettyFormatter, Serializer};
@@ -51,6 +51,66 @@ replies!(
     CancelDrainResponse,
 );
 
+/// Writes doubles as protobuf's JSON mapping (and JavaScript) does, `2` rather than serde's
+/// `2.0`, so the output matches grpcurl's to the byte; everything else is the inner formatter's.
+struct ProtoNumbers<F>(F);
+
+impl<F: Formatter> ProtoNumbers<F> {
+    /// Plain decimal digits (Rust's `Display`: shortest round-trip, no exponent) in the range
+    /// where the mapping uses them; outside it both use an exponent and only its spelling differs
+    /// (`1e21` here, `1e+21` in Go), which JSON readers do not see.
+    fn plain(v: f64) -> Option<String> {
+        let a = v.abs();
+        (v.is_finite() && (a == 0.0 || (1e-6..1e21).contains(&a))).then(|| v.to_string())
+    }
+}
+
+impl<F: Formatter> Formatter for ProtoNumbers<F> {
+    fn write_f64<W: ?Sized + Write>(&mut self, w: &mut W, v: f64) -> io::Result<()> {
+        match Self::plain(v) {
+            Some(text) => w.write_all(text.as_bytes()),
+            None => self.0.write_f64(w, v),
+        }
+    }
+    fn write_f32<W: ?Sized + Write>(&mut self, w: &mut W, v: f32) -> io::Result<()> {
+        // Display of the f32 itself: its shortest digits, not those of the widened f64.
+        match Self::plain(f64::from(v)) {
+            Some(_) => w.write_all(v.to_string().as_bytes()),
+            None => self.0.write_f32(w, v),
+        }
+    }
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn end_object_key<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object_key(w)
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
 /// Prints replies as JSON; holds the decoded descriptors so a `watch` decodes them once.
 #[derive(Debug)]
 pub struct Printer {
@@ -85,7 +145,7 @@ impl Printer {
         out: &mut Vec<u8>,
         formatter: F,
     ) -> Result<(), JsonError> {
-        let mut ser = Serializer::with_formatter(out, formatter);
+        let mut ser = Serializer::with_formatter(out, ProtoNumbers(formatter));
         // `new()` is the standard mapping, which is what grpcurl prints by default.
         self.dynamic(reply)?
             .serialize_with_options(&mut ser, &SerializeOptions::new())?;
@@ -233,6 +293,37 @@ mod tests {
         check::<pb::BeginDrainResponse>(&printer);
         check::<pb::GetDrainStatusResponse>(&printer);
         check::<pb::CancelDrainResponse>(&printer);
+    }
+
+    #[test]
+    fn doubles_print_as_the_json_mapping_spells_them() {
+        let printer = Printer::new().expect("descriptors decode");
+        let reply = pb::ListGpusResponse {
+            available: true,
+            gpus: vec![
+                pb::Gpu {
+                    temperature_celsius: 41.0,
+                    power_watts: 72.5,
+                    utilization_percent: 0.1,
+                    ..Default::default()
+                },
+                pb::Gpu {
+                    index: 1,
+                    temperature_celsius: 1e21,
+                    power_watts: -0.000_000_5,
+                    ..Default::default()
+                },
+            ],
+        };
+        let text = printer.line(&reply).expect("prints");
+        // Integral doubles without `.0`, as grpcurl prints them.
+        assert!(text.contains(r#""temperatureCelsius":41,"#), "{text}");
+        assert!(text.contains(r#""powerWatts":72.5"#), "{text}");
+        assert!(text.contains(r#""utilizationPercent":0.1"#), "{text}");
+        // Outside [1e-6, 1e21) an exponent; the value survives either way.
+        let v = parse(&text);
+        assert_eq!(v["gpus"][1]["temperatureCelsius"].as_f64(), Some(1e21), "{text}");
+        assert_eq!(v["gpus"][1]["powerWatts"].as_f64(), Some(-5e-7), "{text}");
     }
 
     #[test]
