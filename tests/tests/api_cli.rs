@@ -282,7 +282,10 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
     let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).expect("grpcurl's");
     // The comparison means something only if the reply has what the mapping changes.
     assert_eq!(theirs["health"]["drain"]["state"], "DRAIN_STATE_DRAINING");
-    assert!(theirs["health"]["drain"]["startedUnixMs"].is_string(), "{theirs}");
+    assert!(
+        theirs["health"]["drain"]["startedUnixMs"].is_string(),
+        "{theirs}"
+    );
     assert_eq!(
         comparable(&ours),
         comparable(&theirs),

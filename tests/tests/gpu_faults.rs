@@ -442,7 +442,10 @@ fn the_agent_counts_a_failing_reading_reports_it_missing_and_recovers() {
     assert_eq!(gpus["available"], true, "{gpus}");
     let g0 = &gpus["gpus"][0];
     if g0["unreadable"] == serde_json::json!(["temperature"]) {
-        assert!(count(&g0["nvmlErrorsTotal"]["unknown"]) >= Some(1), "{gpus}");
+        assert!(
+            count(&g0["nvmlErrorsTotal"]["unknown"]) >= Some(1),
+            "{gpus}"
+        );
     } else {
         // The API was asked after the errors stopped: the count must then be complete.
         assert_eq!(count(&g0["nvmlErrorsTotal"]["unknown"]), Some(5), "{gpus}");

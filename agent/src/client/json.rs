@@ -252,7 +252,11 @@ mod tests {
         let v = parse(&printer.pretty(&reply).expect("prints"));
         assert_eq!(v["available"], true, "{v}");
         assert_eq!(v["gpus"][0]["index"], 3, "{v}");
-        assert_eq!(v["gpus"][0]["memoryTotalBytes"], u64::MAX.to_string(), "{v}");
+        assert_eq!(
+            v["gpus"][0]["memoryTotalBytes"],
+            u64::MAX.to_string(),
+            "{v}"
+        );
     }
 
     #[test]
@@ -322,7 +326,11 @@ mod tests {
         assert!(text.contains(r#""utilizationPercent":0.1"#), "{text}");
         // Outside [1e-6, 1e21) an exponent; the value survives either way.
         let v = parse(&text);
-        assert_eq!(v["gpus"][1]["temperatureCelsius"].as_f64(), Some(1e21), "{text}");
+        assert_eq!(
+            v["gpus"][1]["temperatureCelsius"].as_f64(),
+            Some(1e21),
+            "{text}"
+        );
         assert_eq!(v["gpus"][1]["powerWatts"].as_f64(), Some(-5e-7), "{text}");
     }
 
