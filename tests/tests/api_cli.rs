@@ -102,6 +102,25 @@ async fn cli_prints_json_and_tables_from_a_live_agent() {
         line.contains("drain=DRAINING") && line.contains("verdict=HEALTHY"),
         "{line}"
     );
+    let line = run(vec![
+        "watch".into(),
+        "--addr".into(),
+        addr.clone(),
+        "--count".into(),
+        "1".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(line.lines().count(), 1, "one object per line: {line}");
+    let msg: serde_json::Value = serde_json::from_str(&line).expect("watch --json is JSON");
+    assert_eq!(msg["health"]["verdict"], "VERDICT_HEALTHY", "{msg}");
+    // uint64: a string in protobuf's JSON mapping.
+    assert!(
+        msg["revision"]
+            .as_str()
+            .is_some_and(|r| r.parse::<u64>().is_ok()),
+        "{msg}"
+    );
     let gpus = run(vec!["gpus".into(), "--addr".into(), addr.clone()]).await;
     assert!(gpus.contains("GPU-aaaa"), "{gpus}");
 
