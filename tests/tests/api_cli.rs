@@ -210,15 +210,16 @@ async fn the_daemon_serves_the_api_and_removes_its_socket_on_sigterm() {
     assert!(!socket.exists(), "socket removed at shutdown");
 }
 
-/// The reply with every value under a `...UnixMs` key (the timestamps, which move between two
-/// calls) replaced by its JSON type; the rest as it is, numbers included (`2` and `2.0` differ).
+/// The reply with every value under a `...UnixMs` or `ageSeconds` key (timestamps and ages, which
+/// move between two calls) replaced by its JSON type; the rest as it is, numbers included (`2`
+/// and `2.0` differ).
 fn comparable(v: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let v = if k.ends_with("UnixMs") {
+                    let v = if k.ends_with("UnixMs") || k == "ageSeconds" {
                         let kind = match v {
                             Value::String(_) => "string",
                             Value::Number(_) => "number",
@@ -278,27 +279,7 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
         .expect("drain starts");
     let socket = api.socket.display().to_string();
 
-    let ours = tokio::process::Command::new(agent_binary())
-        .args(["status", "--json", "--addr", &format!("unix:{socket}")])
-        .env_remove("NODEWARD_LOG")
-        .output()
-        .await
-        .expect("run nodeward status");
-    let theirs = tokio::process::Command::new(&grpcurl)
-        .args(["-plaintext", &tcp])
-        .arg("nodeward.v1.NodeHealth/GetNodeHealth")
-        .output()
-        .await
-        .expect("run grpcurl");
-    for (who, out) in [("nodeward status", &ours), ("grpcurl", &theirs)] {
-        assert!(
-            out.status.success(),
-            "{who}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).expect("ours is JSON");
-    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).expect("grpcurl's");
+    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["status"], "GetNodeHealth").await;
     // The comparison means something only if the reply has what the mapping changes.
     assert_eq!(theirs["health"]["drain"]["state"], "DRAIN_STATE_DRAINING");
     assert!(
@@ -310,4 +291,50 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
         comparable(&theirs),
         "ours:\n{ours:#}\ngrpcurl:\n{theirs:#}"
     );
+
+    // Containers: uint64 counters, doubles, maps (labels) and a repeated nested message.
+    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["containers"], "ListContainers").await;
+    assert!(
+        theirs["containers"][0]["network"]["windows"][0]["samples"].is_string(),
+        "{theirs}"
+    );
+    assert_eq!(
+        comparable(&ours),
+        comparable(&theirs),
+        "ours:\n{ours:#}\ngrpcurl:\n{theirs:#}"
+    );
+}
+
+/// `nodeward <cli> --json` on the Unix socket and grpcurl's `method` on TCP, both parsed.
+async fn both(
+    grpcurl: &str,
+    tcp: &str,
+    socket: &str,
+    cli: &[&str],
+    method: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let ours = tokio::process::Command::new(agent_binary())
+        .args(cli)
+        .args(["--json", "--addr", &format!("unix:{socket}")])
+        .env_remove("NODEWARD_LOG")
+        .output()
+        .await
+        .expect("run nodeward");
+    let theirs = tokio::process::Command::new(grpcurl)
+        .args(["-plaintext", tcp])
+        .arg(format!("nodeward.v1.NodeHealth/{method}"))
+        .output()
+        .await
+        .expect("run grpcurl");
+    for (who, out) in [("nodeward", &ours), ("grpcurl", &theirs)] {
+        assert!(
+            out.status.success(),
+            "{who} {method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (
+        serde_json::from_slice(&ours.stdout).expect("ours is JSON"),
+        serde_json::from_slice(&theirs.stdout).expect("grpcurl's is JSON"),
+    )
 }
