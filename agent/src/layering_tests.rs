@@ -20,7 +20,6 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "paths",
             "task",
-            "tracefs",
             "containers",
             "notify",
             "ebpf",
@@ -38,10 +37,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The root config gathers every layer's own section, so it sits above them all; each layer
     // is handed its section, never the root.
     ("config", &["config"]),
-    (
-        "daemon",
-        &["daemon", "reload", "logging", "verify", "bench", "cli"],
-    ),
+    ("daemon", &["daemon", "reload", "logging", "verify", "cli"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

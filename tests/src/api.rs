@@ -298,6 +298,7 @@ pub fn feed_all(store: &Store, streams: usize) {
                 name: "Test GPU".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         },
     );
 }

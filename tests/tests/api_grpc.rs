@@ -216,8 +216,11 @@ async fn a_critical_gpu_fault_makes_the_node_unhealthy_with_its_cause() {
         }],
         ..Default::default()
     };
-    api.store
-        .publish_gpus(now(), prov("NVML"), GpuSnapshot { gpus: vec![gpu] });
+    let gpus = GpuSnapshot {
+        gpus: vec![gpu],
+        ..GpuSnapshot::default()
+    };
+    api.store.publish_gpus(now(), prov("NVML"), gpus);
     let h = verdict_becomes(&mut client, pb::Verdict::Unhealthy).await;
     assert!(h.drain_recommended);
     let cause = h.causes.first().expect("a cause");

@@ -322,7 +322,16 @@ async fn an_established_tcp_connection_is_a_drain_stream_until_it_closes() {
     if !have_python() {
         return skip(TEST, "python3 is missing (the echo server)");
     }
-    let agent = Agent::start("e2e-health-tcp", &[]).await;
+    // A window set other than the default, to prove that it travels from the config through
+    // the TCP source and the store to the reply (and that the rules' window may be any of it).
+    let agent = Agent::start(
+        "e2e-health-tcp",
+        &[
+            "network.windows=[\"7s\", \"40s\"]",
+            "health.network_window=40s",
+        ],
+    )
+    .await;
     let mut client = agent.client.clone();
     // The TCP source only attributes sockets created after it attached: wait for it to run.
     eventually(STEP, || {
@@ -393,13 +402,28 @@ async fn an_established_tcp_connection_is_a_drain_stream_until_it_closes() {
                 .network?;
             n.windows
                 .iter()
-                .any(|w| w.window_seconds == 10 && w.samples > 0)
+                .any(|w| w.window_seconds == 7 && w.samples > 0)
                 .then_some(n)
         }
     })
     .await
     .unwrap_or_else(|| panic!("{key} never showed TCP RTT samples"));
     assert!(network.established_connections >= 1, "{network:?}");
+    let lengths: Vec<u32> = network.windows.iter().map(|w| w.window_seconds).collect();
+    assert_eq!(
+        lengths,
+        [7, 40],
+        "exactly the configured windows: {network:?}"
+    );
+    // The per-peer breakdown (over health.network_window, 40 s) names the client, typed
+    // `address:port` all the way and written out only in the reply.
+    assert!(
+        network
+            .peers
+            .iter()
+            .any(|p| p.remote_addr == local && p.samples > 0 && p.rtt_mean_us > 0),
+        "the client {local} is the server's peer with RTT samples: {network:?}"
+    );
 
     drop(conn);
     let _ = server.wait();

@@ -19,6 +19,7 @@ use std::{
 };
 
 use nodeward::sources::gpu::{GpuSnapshot, Reading, SourceStatus};
+use nodeward::store::GpuReading;
 use nodeward_tests::{
     agent_binary,
     fake_nvml::{device, fake, FakeNvml},
@@ -100,8 +101,8 @@ fn a_failing_reading_is_counted_per_gpu_and_kind_and_missing_not_zero_then_recov
     }
     // Where the store and the API see it: named unreadable, counted.
     let (store, provenance) = nodeward::bridge::resources::gpu_snapshot(p2);
-    assert_eq!(store.gpus[0].unreadable, ["temperature"]);
-    assert_eq!(store.gpus[1].unreadable, ["power"]);
+    assert_eq!(store.gpus[0].unreadable, [GpuReading::Temperature]);
+    assert_eq!(store.gpus[1].unreadable, [GpuReading::Power]);
     assert!(
         provenance.fidelity.contains("gpu0 temperature"),
         "{provenance:?}"

@@ -161,6 +161,23 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         (4, 4),
         "established connections, in total and to the server"
     );
+    // The totals since start: this cgroup opened exactly the 4 connections the test made,
+    // and every sample of the run is both in the 5-minute window and in the histogram.
+    let longest = c
+        .window(Window::from_secs(300))
+        .expect("the 5-minute window");
+    assert_eq!(c.totals.tcp_connections_opened, 4, "{:?}", c.totals);
+    assert_eq!(c.totals.rtt.count, longest.samples, "{:?}", c.totals);
+    assert_eq!(
+        c.totals.rtt.buckets.iter().map(|b| b.1).sum::<u64>(),
+        c.totals.rtt.count
+    );
+    let mean_us = c.totals.rtt.sum_us as f64 / c.totals.rtt.count as f64;
+    assert!(
+        rel(mean_us / 1e3, longest.mean_rtt_us / 1e3) < 1e-9,
+        "totals' sum/count {mean_us} µs vs the window's mean {} µs",
+        longest.mean_rtt_us
+    );
     assert!(
         c.established_age_max_s > 1.0 && c.established_age_max_s < 120.0,
         "age of the oldest connection: {} s",
@@ -413,5 +430,21 @@ fn retransmits_match_the_kernels_count() {
         w.segs_out >= 2 * 40,
         "every request was a segment: {}",
         w.segs_out
+    );
+    // The run fits in the first window, so the totals since start hold the same counts.
+    let totals = &snap.container(client_cg.id()).expect("client").totals;
+    assert!(
+        totals.tcp_retransmits.abs_diff(kernel) <= 1,
+        "totals {} vs kernel {kernel}",
+        totals.tcp_retransmits
+    );
+    assert_eq!(
+        (
+            totals.tcp_segments_out,
+            totals.tcp_connections_opened,
+            totals.tcp_connections_closed
+        ),
+        (w.segs_out, w.opened, w.closed),
+        "{totals:?}"
     );
 }

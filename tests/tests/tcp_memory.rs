@@ -254,7 +254,11 @@ fn connections_of_a_listener_older_than_the_agent_are_attributed() {
         "path {:?}, server opened {opened}, samples {samples}",
         snap.fidelity.path
     );
-    if !plan.path().contains("egress") {
+    if !matches!(
+        plan.recorder,
+        nodeward::sources::tcp::Recorder::Egress
+            | nodeward::sources::tcp::Recorder::SockCreateAndEgress
+    ) {
         return skip(
             TEST,
             "this kernel has no cgroup_skb socket storage to tag old sockets",

@@ -300,6 +300,13 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
     assert_eq!(w10.window, nodeward::store::Window::from_secs(10));
     assert_eq!(w10.rtp_lost, u64::from(dropped), "{w10:?}");
     assert_eq!(w10.rtp_expected, 200, "{w10:?}");
+    // The totals since start: every packet the sender did not drop, and the drops.
+    assert_eq!(
+        (c.totals.rtp_packets, c.totals.rtp_lost),
+        (200 - u64::from(dropped), u64::from(dropped)),
+        "{:?}",
+        c.totals
+    );
     let stream = c
         .streams
         .iter()

@@ -185,7 +185,7 @@ impl From<&store::GpuDevice> for pb::Gpu {
                     used_memory_bytes: p.used_memory_bytes,
                 })
                 .collect(),
-            unreadable: g.unreadable.clone(),
+            unreadable: g.unreadable.iter().map(ToString::to_string).collect(),
             nvml_errors_total: g
                 .nvml_errors_total
                 .iter()

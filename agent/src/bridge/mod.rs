@@ -27,6 +27,7 @@ use crate::{
     task::TaskHealth,
 };
 
+pub mod diagnostics;
 pub mod key;
 pub mod network;
 pub mod resources;
@@ -252,9 +253,11 @@ impl Bridge {
             }
             // NVML failed as a whole and is being re-initialised: nothing it would say can be
             // trusted, so the source is shown unavailable with the reason until it answers.
+            // Its own counters (re-initialisations, failed counts) still reach /metrics.
             gpu::SourceStatus::Degraded(reason) => {
+                let (data, _) = resources::gpu_snapshot(&snap);
                 self.store
-                    .mark_unavailable(SourceKind::Gpu, format!("GPU source degraded: {reason}"));
+                    .publish_gpus_unavailable(format!("GPU source degraded: {reason}"), data);
             }
             gpu::SourceStatus::Running if resources::gpu_polled(&snap) => {
                 let (data, provenance) = resources::gpu_snapshot(&snap);
@@ -288,6 +291,11 @@ impl Bridge {
             provenance.fidelity = format!("{}; {note}", provenance.fidelity);
         }
         self.store.publish_network(now, provenance, data);
+        self.store
+            .publish_network_diagnostics(diagnostics::network_diagnostics(
+                tcp.as_deref(),
+                udp.as_ref(),
+            ));
         self.publish_meta(&inventory);
     }
 }

@@ -14,8 +14,9 @@ use crate::{
         node,
     },
     store::{
-        CgroupSnapshot, ContainerStats, Disk, GpuDevice, GpuProcess, GpuSnapshot, NodeStats,
-        Pressure, Provenance, XidEvent,
+        CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow,
+        GpuNvLinkErrors, GpuProcess, GpuReading, GpuRemappedRows, GpuSnapshot, GpuSourceState,
+        NodeStats, Pressure, Provenance, XidEvent,
     },
 };
 
@@ -125,29 +126,52 @@ pub fn node_provenance(n: &node::NodeStats) -> Provenance {
     }
 }
 
-/// Collects the names of readings a device did not give, for the provenance.
+/// Collects the readings a device did not give: typed on the device, named for the
+/// provenance.
 struct Missing<'a> {
     device: u32,
     out: &'a mut Vec<String>,
-    /// The readings that failed (not those the device does not support).
-    failed: Vec<String>,
+    /// The readings that failed.
+    failed: Vec<GpuReading>,
+    /// The readings the device does not support.
+    unsupported: Vec<GpuReading>,
 }
 
 impl Missing<'_> {
-    fn take<T: Clone + Default>(&mut self, what: &str, r: &Reading<T>) -> T {
+    fn take<T: Clone + Default>(&mut self, what: GpuReading, r: &Reading<T>) -> T {
+        self.take_option(what, r).unwrap_or_default()
+    }
+
+    fn take_option<T: Clone>(&mut self, what: GpuReading, r: &Reading<T>) -> Option<T> {
         match r {
-            Reading::Supported(v) => v.clone(),
+            Reading::Supported(v) => Some(v.clone()),
             Reading::NotSupported => {
                 self.out
                     .push(format!("gpu{} {what}: not supported", self.device));
-                T::default()
+                self.unsupported.push(what);
+                None
             }
             Reading::Error(e) => {
                 self.out.push(format!("gpu{} {what}: {e}", self.device));
-                self.failed.push(what.to_owned());
-                T::default()
+                self.failed.push(what);
+                None
             }
         }
+    }
+}
+
+/// The value of a reading the store keeps as an `Option`: `None` unless the device answered.
+fn option<T: Copy>(r: &Reading<T>) -> Option<T> {
+    r.value().copied()
+}
+
+fn event_window(h: &gpu::GpuHealthDevice) -> GpuEventWindow {
+    let w = &h.window;
+    GpuEventWindow {
+        xids: w.xids.clone(),
+        drain_xids: w.drain_xids.clone(),
+        single_bit_ecc_events: w.single_bit_ecc_events,
+        double_bit_ecc_events: w.double_bit_ecc_events,
     }
 }
 
@@ -161,24 +185,25 @@ fn device(
         device: d.index,
         out: missing,
         failed: Vec::new(),
+        unsupported: Vec::new(),
     };
-    let uuid = m.take("uuid", &d.uuid);
-    let name = m.take("name", &d.name);
-    let pci_bus_id = m.take("pci bus id", &d.pci_bus_id);
-    let util = m.take("utilization", &d.utilization_gpu_percent);
-    let mem_util = m.take("memory utilization", &d.utilization_memory_percent);
-    let memory_used_bytes = m.take("memory used", &d.memory_used_bytes);
-    let memory_total_bytes = m.take("memory total", &d.memory_total_bytes);
-    let temperature = m.take("temperature", &d.temperature_celsius);
-    let power_mw = m.take("power", &d.power_draw_milliwatts);
+    let uuid = m.take(GpuReading::Uuid, &d.uuid);
+    let name = m.take(GpuReading::Name, &d.name);
+    let pci_bus_id = m.take(GpuReading::PciBusId, &d.pci_bus_id);
+    let util = m.take(GpuReading::Utilization, &d.utilization_gpu_percent);
+    let mem_util = m.take(GpuReading::MemoryUtilization, &d.utilization_memory_percent);
+    let memory_used_bytes = m.take(GpuReading::MemoryUsed, &d.memory_used_bytes);
+    let memory_total_bytes = m.take(GpuReading::MemoryTotal, &d.memory_total_bytes);
+    let temperature = m.take(GpuReading::Temperature, &d.temperature_celsius);
+    let power_mw = m.take(GpuReading::Power, &d.power_draw_milliwatts);
     let throttle_reasons = d
         .throttle_reasons
         .value()
         .map(|t| t.names.iter().map(|n| (*n).to_owned()).collect())
         .unwrap_or_default();
-    let ecc_corrected_total = m.take("ecc corrected", &d.ecc.corrected_volatile);
-    let ecc_uncorrected_total = m.take("ecc uncorrected", &d.ecc.uncorrected_volatile);
-    let remap = d.row_remapping.value();
+    let ecc_corrected_total = m.take(GpuReading::EccCorrected, &d.ecc.corrected_volatile);
+    let ecc_uncorrected_total = m.take(GpuReading::EccUncorrected, &d.ecc.uncorrected_volatile);
+    let remap = m.take_option(GpuReading::RowRemapping, &d.row_remapping);
     let xids = health
         .map(|h| {
             h.window
@@ -229,12 +254,62 @@ fn device(
         ecc_corrected_total,
         ecc_uncorrected_total,
         xids,
-        row_remap_pending: remap.map_or(0, |r| u32::from(r.pending)),
-        row_remap_failed: remap.is_some_and(|r| r.failed),
+        row_remap_pending: remap.as_ref().map_or(0, |r| u32::from(r.pending)),
+        row_remap_failed: remap.as_ref().is_some_and(|r| r.failed),
         lost: d.lost || health.is_some_and(|h| h.lost),
         processes,
         unreadable: m.failed,
+        unsupported: m.unsupported,
         nvml_errors_total: d.nvml_errors_total.clone(),
+        power_limit_watts: option(&d.power_limit_milliwatts).map(|mw| f64::from(mw) / 1e3),
+        clocks: GpuClocks {
+            graphics_mhz: option(&d.clocks_mhz.graphics),
+            sm_mhz: option(&d.clocks_mhz.sm),
+            memory_mhz: option(&d.clocks_mhz.memory),
+            video_mhz: option(&d.clocks_mhz.video),
+        },
+        encoder_utilization_percent: option(&d.media.encoder_utilization_percent),
+        decoder_utilization_percent: option(&d.media.decoder_utilization_percent),
+        encoder_sessions: d.media.encoder_sessions.value().map(|e| e.session_count),
+        ecc_enabled: option(&d.ecc.enabled),
+        ecc_aggregate_corrected_total: option(&d.ecc.corrected_aggregate),
+        ecc_aggregate_uncorrected_total: option(&d.ecc.uncorrected_aggregate),
+        retired_pages_single_bit: option(&d.retired_pages.single_bit),
+        retired_pages_double_bit: option(&d.retired_pages.double_bit),
+        retired_pages_pending: option(&d.retired_pages.pending),
+        remapped_rows: remap.map(|r| GpuRemappedRows {
+            corrected: r.corrected_rows,
+            uncorrected: r.uncorrected_rows,
+        }),
+        pcie_replays_total: option(&d.pcie_replay_count),
+        nvlink: d
+            .nvlink
+            .value()
+            .into_iter()
+            .flatten()
+            .map(|l| GpuNvLinkErrors {
+                link: l.link,
+                replay: option(&l.replay),
+                recovery: option(&l.recovery),
+                crc_flit: option(&l.crc_flit),
+                crc_data: option(&l.crc_data),
+            })
+            .collect(),
+        event_window: health.map(event_window),
+    }
+}
+
+/// The source's own state: whether NVML answers, its versions, its counters.
+fn source_state(s: &gpu::GpuSnapshot) -> GpuSourceState {
+    GpuSourceState {
+        poll_failed: s.poll_error.is_some(),
+        degraded: matches!(s.status, gpu::SourceStatus::Degraded(_)),
+        reinit_attempts_total: s.reinit_attempts_total,
+        count_errors_total: s.count_errors_total.values().sum(),
+        poll_duration: std::time::Duration::from_micros(s.poll_micros),
+        driver_version: s.driver_version.value().cloned(),
+        nvml_version: s.nvml_version.value().cloned(),
+        events_watched: s.health.events_watched.as_ref().map(Reading::is_supported),
     }
 }
 
@@ -271,7 +346,11 @@ pub fn gpu_snapshot(s: &gpu::GpuSnapshot) -> (GpuSnapshot, Provenance) {
             fidelity.join("; ")
         },
     };
-    (GpuSnapshot { gpus }, provenance)
+    let data = GpuSnapshot {
+        gpus,
+        source: source_state(s),
+    };
+    (data, provenance)
 }
 
 /// Whether a GPU snapshot is a real poll rather than the channel's placeholder.

@@ -11,8 +11,9 @@ use crate::{
         },
         gpu::{
             model::{
-                Clocks, Ecc, GpuHealthDevice, GpuHealthInput, GpuProcess as NvmlProcess, Media,
-                ProcessKind, RetiredPages, RowRemapping, SourceStatus, ThrottleReasons,
+                Clocks, Ecc, EncoderStats, GpuHealthDevice, GpuHealthInput,
+                GpuProcess as NvmlProcess, Media, NvLinkErrors, ProcessKind, RetiredPages,
+                RowRemapping, SourceStatus, ThrottleReasons,
             },
             xid::WindowCounts,
         },
@@ -311,8 +312,15 @@ fn gpu_readings_map_to_store_units() {
     assert_eq!((g.uuid.as_str(), g.utilization_percent), ("GPU-0", 42.0));
     assert_eq!(g.power_watts, 123.5);
     assert_eq!(g.throttle_reasons, ["HwSlowdown"]);
-    // A failed reading is named (its field is a default 0); an unsupported one is not.
-    assert_eq!(g.unreadable, ["memory utilization"]);
+    // A failed reading is named unreadable, an unsupported one unsupported: either way its
+    // field is a default 0 that /metrics leaves out.
+    assert_eq!(g.unreadable, [GpuReading::MemoryUtilization]);
+    assert_eq!(
+        g.unsupported,
+        [GpuReading::PciBusId, GpuReading::Temperature]
+    );
+    assert!(g.measured(GpuReading::Utilization));
+    assert!(!g.measured(GpuReading::MemoryUtilization) && !g.measured(GpuReading::Temperature));
     assert_eq!(g.nvml_errors_total.get("timeout"), Some(&1));
     assert_eq!((g.ecc_corrected_total, g.ecc_uncorrected_total), (3, 1));
     assert_eq!((g.row_remap_pending, g.row_remap_failed), (1, true));
@@ -379,4 +387,137 @@ fn unsupported_gpu_readings_become_defaults_named_in_provenance() {
 fn the_channels_placeholder_is_not_a_poll() {
     assert!(!gpu_polled(&gpu::GpuSnapshot::empty(SourceStatus::Running)));
     assert!(gpu_polled(&gpu_snap()));
+}
+
+#[test]
+fn readings_only_metrics_export_are_none_unless_the_device_answered() {
+    let mut s = gpu_snap();
+    let d = &mut s.devices[0];
+    d.power_limit_milliwatts = Reading::Supported(700_000);
+    d.clocks_mhz.sm = Reading::Supported(1980);
+    d.clocks_mhz.memory = Reading::Error("timeout".to_owned());
+    d.media.encoder_sessions = Reading::Supported(EncoderStats {
+        session_count: 3,
+        average_fps: 30,
+        average_latency_micros: 900,
+    });
+    d.ecc.uncorrected_aggregate = Reading::Supported(9);
+    d.retired_pages.double_bit = Reading::Supported(2);
+    d.pcie_replay_count = Reading::Supported(4);
+    d.nvlink = Reading::Supported(vec![NvLinkErrors {
+        link: 5,
+        replay: Reading::Supported(6),
+        recovery: Reading::Error("unknown".to_owned()),
+        crc_flit: ns(),
+        crc_data: Reading::Supported(0),
+    }]);
+    let (snap, _) = gpu_snapshot(&s);
+    let g = &snap.gpus[0];
+    assert_eq!(g.power_limit_watts, Some(700.0));
+    assert_eq!(
+        g.clocks,
+        GpuClocks {
+            graphics_mhz: None,
+            sm_mhz: Some(1980),
+            memory_mhz: None,
+            video_mhz: None,
+        }
+    );
+    assert_eq!(g.encoder_sessions, Some(3));
+    assert_eq!(g.encoder_utilization_percent, None);
+    assert_eq!(g.ecc_enabled, Some(true));
+    assert_eq!(
+        (
+            g.ecc_aggregate_corrected_total,
+            g.ecc_aggregate_uncorrected_total
+        ),
+        (None, Some(9))
+    );
+    assert_eq!(
+        (g.retired_pages_single_bit, g.retired_pages_double_bit),
+        (None, Some(2))
+    );
+    assert_eq!(g.retired_pages_pending, None);
+    assert_eq!(
+        g.remapped_rows,
+        Some(GpuRemappedRows {
+            corrected: 1,
+            uncorrected: 0
+        })
+    );
+    assert_eq!(g.pcie_replays_total, Some(4));
+    assert_eq!(
+        g.nvlink,
+        [GpuNvLinkErrors {
+            link: 5,
+            replay: Some(6),
+            recovery: None,
+            crc_flit: None,
+            crc_data: Some(0),
+        }]
+    );
+    // No NVLink at all: no links, not links of zeros.
+    assert!(snap.gpus[1].nvlink.is_empty());
+}
+
+#[test]
+fn a_failed_row_remapping_reading_is_unreadable_not_a_healthy_zero() {
+    let mut s = gpu_snap();
+    s.devices[0].row_remapping = Reading::Error("unknown".to_owned());
+    let (snap, _) = gpu_snapshot(&s);
+    let g = &snap.gpus[0];
+    assert_eq!((g.row_remap_pending, g.row_remap_failed), (0, false));
+    assert!(!g.measured(GpuReading::RowRemapping));
+    assert_eq!(g.remapped_rows, None);
+}
+
+#[test]
+fn the_event_window_is_counted_exactly_with_its_drain_codes() {
+    let mut s = gpu_snap();
+    if let Some(h) = s.health.devices.get_mut(&1) {
+        h.window.drain_xids = vec![79];
+        h.window.double_bit_ecc_events = 2;
+    }
+    let (snap, _) = gpu_snapshot(&s);
+    assert_eq!(snap.gpus[0].event_window, None, "no health entry for GPU 0");
+    let w = snap.gpus[1].event_window.as_ref().expect("GPU 1 has one");
+    // 100 events of XID 79, not the bounded history's 16.
+    assert_eq!(w.xids.get(&79), Some(&100));
+    assert_eq!(w.xids.get(&13), Some(&2));
+    assert_eq!(w.drain_xids, [79]);
+    assert_eq!((w.single_bit_ecc_events, w.double_bit_ecc_events), (0, 2));
+}
+
+#[test]
+fn the_source_state_carries_nvml_failing_as_a_whole() {
+    let (snap, _) = gpu_snapshot(&gpu_snap());
+    assert_eq!(
+        snap.source,
+        GpuSourceState {
+            poll_failed: false,
+            degraded: false,
+            reinit_attempts_total: 0,
+            count_errors_total: 0,
+            poll_duration: Duration::from_micros(10),
+            driver_version: Some("550.54".to_owned()),
+            nvml_version: Some("12.550".to_owned()),
+            events_watched: Some(true),
+        }
+    );
+    let mut s = gpu::GpuSnapshot::empty(SourceStatus::Degraded("count failed".to_owned()));
+    s.poll_error = Some("unknown error".to_owned());
+    s.count_errors_total = [("unknown".to_owned(), 3), ("timeout".to_owned(), 2)]
+        .into_iter()
+        .collect();
+    s.reinit_attempts_total = 4;
+    s.health.events_watched = Some(Reading::Error("cannot register".to_owned()));
+    let (snap, _) = gpu_snapshot(&s);
+    assert!(snap.gpus.is_empty());
+    let src = &snap.source;
+    assert!(src.poll_failed && src.degraded);
+    assert_eq!((src.count_errors_total, src.reinit_attempts_total), (5, 4));
+    assert_eq!(
+        (src.driver_version.as_deref(), src.events_watched),
+        (None, Some(false))
+    );
 }

@@ -7,6 +7,7 @@
 
 use aya::{maps::MapError, programs::ProgramError, EbpfError, EbpfLoader};
 
+pub mod tcp;
 pub mod udp;
 
 /// The eBPF object built from `agent-ebpf`.
@@ -57,4 +58,33 @@ pub enum LoadError {
         name: &'static str,
         source: MapError,
     },
+    /// A load refused before the kernel was asked (fault injection, a test-only feature).
+    #[error("program `{name}`: {reason}")]
+    Refused { name: &'static str, reason: String },
+}
+
+impl LoadError {
+    /// The program whose load or attachment failed, if one did.
+    pub fn program(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingProgram(name)
+            | Self::Program { name, .. }
+            | Self::Refused { name, .. } => Some(name),
+            Self::Object(_)
+            | Self::MissingMap(_)
+            | Self::Config(_)
+            | Self::Cgroup { .. }
+            | Self::Map { .. } => None,
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which the programs stamp
+/// flows and streams with.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

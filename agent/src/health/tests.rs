@@ -493,6 +493,7 @@ fn gpu_health_rules_are_critical_and_immediate() {
                 ..Default::default()
             },
         ],
+        ..GpuSnapshot::default()
     };
     store.publish_gpus(at(0), prov("NVML"), gpus);
     let mut e = Engine::new(cfg());
@@ -530,6 +531,7 @@ fn an_old_critical_xid_stops_counting_after_the_xid_window() {
             }],
             ..Default::default()
         }],
+        ..GpuSnapshot::default()
     };
     let mut c = cfg();
     c.gpu_xid_window = Duration::from_secs(600);

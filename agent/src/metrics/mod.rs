@@ -4,8 +4,9 @@
 //! data the gRPC API and the health rules read, with one label scheme
 //! ([`container_labels`]); the verdict from the health state the health evaluator publishes. Besides them,
 //! a few collectors describe the agent itself: `/proc/self` (`process_*`), the kernel's eBPF
-//! program statistics, the supervisor's task states, and the sources' own diagnostics (the
-//! eBPF programs' drop and packet counters, the GPU devices) from their feeds. Nothing is kept
+//! program statistics, the supervisor's task states and the list of sources that started. The
+//! sources' own diagnostics (the eBPF programs' drop and packet counters, the GPU source's
+//! state) come from the store too: nothing here reads a source's feed. Nothing is kept
 //! between scrapes: each collector is a plain function that writes what it reads.
 //!
 //! Names start with `nodeward_` (the standard `process_*` families excepted), use base units
@@ -93,8 +94,9 @@ impl Exporter {
         Self::default()
     }
 
-    /// The agent itself (process, eBPF programs, sources and tasks) and the sources' own
-    /// diagnostics from the feeds that started. [`Exporter::add_store`] adds the figures.
+    /// The agent itself (process, eBPF programs, sources and tasks): only the supervisor's
+    /// task health and the list of sources are read from the feeds, never a source's data.
+    /// [`Exporter::add_store`] adds the figures.
     pub fn from_feeds(feeds: &Feeds) -> Self {
         let mut exporter = Self::new();
         exporter.add(agent::encode_process);
@@ -105,26 +107,14 @@ impl Exporter {
             let (name, rx) = (*name, rx.clone());
             exporter.add(move |m| agent::encode_task(name, &rx.borrow(), m));
         }
-        if let Some(rx) = &feeds.tcp {
-            exporter.add_feed(rx.clone(), |s, m| tcp::encode(s, m));
-        }
-        if let Some(rx) = &feeds.udp {
-            exporter.add_feed(rx.clone(), udp::encode);
-        }
-        if let Some(rx) = &feeds.gpu {
-            exporter.add_feed(rx.clone(), gpu::encode);
-        }
         exporter
     }
 
-    /// Adds the store (every per-container and node figure) and the health state the health
-    /// evaluator publishes (verdict, drain, conditions).
+    /// Adds the store (every per-container and node figure, the GPUs, the eBPF programs'
+    /// counters) and the health state the health evaluator publishes (verdict, drain,
+    /// conditions).
     pub fn add_store(&mut self, store: Arc<Store>, health: Option<watch::Receiver<Published>>) {
-        self.add(move |m| {
-            let snapshot = store.snapshot();
-            network::encode(&snapshot, m);
-            store::encode(&snapshot, m);
-        });
+        self.add(move |m| encode_snapshot(&store.snapshot(), m));
         if let Some(rx) = health {
             self.add_feed(rx, health::encode);
         }
@@ -152,6 +142,23 @@ impl Exporter {
             collect(&mut metrics);
         }
         metrics.render()
+    }
+}
+
+/// Everything one store snapshot holds.
+pub fn encode_snapshot(snapshot: &crate::store::Snapshot, m: &mut Metrics) {
+    network::encode(snapshot, m);
+    store::encode(snapshot, m);
+    if let Some(d) = &snapshot.network_diagnostics {
+        if let Some(drops) = &d.tcp {
+            tcp::encode(drops, m);
+        }
+        if let Some(u) = &d.udp {
+            udp::encode(u, m);
+        }
+    }
+    if let Some(g) = &snapshot.gpus {
+        gpu::encode(g, m);
     }
 }
 
@@ -212,4 +219,67 @@ pub fn container_labels<'a>(
         ("pod", meta.map_or("", |m| m.pod_name.as_str())),
         ("namespace", meta.map_or("", |m| m.pod_namespace.as_str())),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NetworkDiagnostics, TcpDrops, UdpDiagnostics};
+
+    fn render(snapshot: &crate::store::Snapshot) -> String {
+        let mut m = Metrics::new();
+        encode_snapshot(snapshot, &mut m);
+        m.render()
+    }
+
+    #[test]
+    fn source_diagnostics_come_from_the_store_and_only_once_reported() {
+        let store = Store::new();
+        let before = render(&store.snapshot());
+        for family in ["nodeward_tcp_drops_total", "nodeward_udp_", "nodeward_gpu_"] {
+            assert!(
+                !before.contains(family),
+                "{family} before any report:\n{before}"
+            );
+        }
+        store.publish_network_diagnostics(NetworkDiagnostics {
+            tcp: Some(TcpDrops {
+                stats_full: 7,
+                ..TcpDrops::default()
+            }),
+            udp: None,
+        });
+        store.publish_gpus(
+            std::time::SystemTime::UNIX_EPOCH,
+            crate::store::Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
+        let text = render(&store.snapshot());
+        assert!(
+            text.lines()
+                .any(|l| l == "nodeward_tcp_drops_total{reason=\"stats_full\"} 7"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("nodeward_udp_"),
+            "UDP never reported:\n{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "nodeward_gpu_devices 0"),
+            "{text}"
+        );
+        store.publish_network_diagnostics(NetworkDiagnostics {
+            tcp: None,
+            udp: Some(UdpDiagnostics {
+                hook: "tc".to_owned(),
+                ..UdpDiagnostics::default()
+            }),
+        });
+        let text = render(&store.snapshot());
+        assert!(
+            text.lines()
+                .any(|l| l == "nodeward_udp_hook_info{hook=\"tc\"} 1"),
+            "{text}"
+        );
+    }
 }

@@ -209,6 +209,7 @@ mod tests {
                     ],
                     ..GpuDevice::default()
                 }],
+                ..GpuSnapshot::default()
             })),
             node: Some(Arc::new(NodeStats {
                 cpu_pressure: Pressure {

@@ -1,9 +1,10 @@
 //! TCP: what the eBPF programs could not record. The per-container RTT numbers come from the
-//! store (`store.rs`); this feed adds the kernel-side drop counters, so that a sample the agent
-//! lost is always counted somewhere a dashboard (or the load test) can read.
+//! store's network snapshot (`network.rs`); this adds the kernel-side drop counters from the
+//! store's network diagnostics, so that a sample the agent lost is always counted somewhere a
+//! dashboard (or the load test) can read.
 
 use super::{Kind, Metrics};
-use crate::sources::tcp::snapshot::TcpSnapshot;
+use crate::store::TcpDrops;
 
 const DROPS: &str = "nodeward_tcp_drops_total";
 const DROPS_HELP: &str =
@@ -13,10 +14,9 @@ stats_full (tcp.max_cgroups reached) and flow_insert_failed (flow map insert fai
 connections left untracked); for hist_full the sample is counted but its RTT is missing from the \
 percentiles; for flow_evicted the sample is counted and the evicted flow rebuilt.";
 
-/// Writes one TCP snapshot's drop counters.
-pub fn encode(snapshot: &TcpSnapshot, m: &mut Metrics) {
+/// Writes the TCP programs' drop counters.
+pub fn encode(d: &TcpDrops, m: &mut Metrics) {
     m.declare(DROPS, Kind::Counter, DROPS_HELP);
-    let d = &snapshot.drops;
     for (reason, n) in [
         ("no_cgroup", d.no_cgroup),
         ("stats_full", d.stats_full),
@@ -32,22 +32,18 @@ pub fn encode(snapshot: &TcpSnapshot, m: &mut Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::tcp::snapshot::Drops;
 
     #[test]
     fn every_drop_reason_is_a_counter_sample() {
-        let snap = TcpSnapshot {
-            drops: Drops {
-                hist_full: 1,
-                stats_full: 2,
-                flow_insert_failed: 3,
-                no_cgroup: 4,
-                flow_evicted: 5,
-            },
-            ..TcpSnapshot::default()
+        let drops = TcpDrops {
+            hist_full: 1,
+            stats_full: 2,
+            flow_insert_failed: 3,
+            no_cgroup: 4,
+            flow_evicted: 5,
         };
         let mut m = Metrics::new();
-        encode(&snap, &mut m);
+        encode(&drops, &mut m);
         let text = m.render();
         assert!(
             text.contains("# TYPE nodeward_tcp_drops_total counter"),

@@ -1,12 +1,12 @@
 //! UDP and RTP: the eBPF programs' own counters and the hook they run on. The per-container
 //! figures (streams, RTP packets, loss, jitter) come from the store (`network.rs`), with the
-//! labels every per-container series carries.
+//! labels every per-container series carries; these from the store's network diagnostics.
 
 use super::Metrics;
-use crate::sources::udp::model::{UdpCounters, UdpSnapshot};
+use crate::store::{UdpCounters, UdpDiagnostics};
 
-/// Writes one UDP snapshot's program counters.
-pub fn encode(snapshot: &UdpSnapshot, m: &mut Metrics) {
+/// Writes the UDP programs' hook and counters.
+pub fn encode(snapshot: &UdpDiagnostics, m: &mut Metrics) {
     m.gauge(
         "nodeward_udp_hook_info",
         "The kernel hook the UDP/RTP source runs on, as a label; the value is always 1.",
@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn program_counters_are_counters_and_map_sizes_gauges() {
-        let snapshot = UdpSnapshot {
+        let snapshot = UdpDiagnostics {
             hook: "cgroup_skb".to_owned(),
             counters: UdpCounters {
                 udp_packets: 1000,
@@ -95,7 +95,6 @@ mod tests {
                 flows_tracked: 7,
                 ..UdpCounters::default()
             },
-            ..UdpSnapshot::default()
         };
         let mut m = Metrics::new();
         encode(&snapshot, &mut m);

@@ -16,9 +16,11 @@ use std::{
 };
 
 pub mod clock;
+pub mod diagnostics;
 pub mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use diagnostics::{NetworkDiagnostics, TcpDrops, UdpCounters, UdpDiagnostics};
 pub use types::*;
 
 /// The sources the health engine knows about.
@@ -88,6 +90,8 @@ pub struct Snapshot {
     pub cgroups: Option<Arc<CgroupSnapshot>>,
     pub node: Option<Arc<NodeStats>>,
     pub gpus: Option<Arc<GpuSnapshot>>,
+    /// The eBPF network sources' own counters (drops, packets seen).
+    pub network_diagnostics: Option<Arc<NetworkDiagnostics>>,
     /// Container identity (pod, namespace, labels) by container id, from whichever source knows it.
     pub containers: Option<Arc<BTreeMap<String, ContainerMeta>>>,
     /// Each supervised source task's restarts and last failure, by task name (`ebpf/tcp`, ...).
@@ -179,6 +183,23 @@ impl Store {
         });
     }
 
+    /// The GPU source runs but NVML fails as a whole: the source is unavailable with the
+    /// reason, and what it can still say (its own counters, no devices) replaces its data, in
+    /// one update so that no reader sees the one without the other.
+    pub fn publish_gpus_unavailable(&self, reason: impl Into<String>, data: GpuSnapshot) {
+        let reason = reason.into();
+        self.write(|s| {
+            s.gpus = Some(Arc::new(data));
+            s.sources
+                .insert(SourceKind::Gpu, SourceStatus::Unavailable { reason });
+        });
+    }
+
+    /// Replaces the eBPF network sources' own counters.
+    pub fn publish_network_diagnostics(&self, data: NetworkDiagnostics) {
+        self.write(|s| s.network_diagnostics = Some(Arc::new(data)));
+    }
+
     /// Replaces the container identity table (container id → pod, namespace, labels).
     pub fn publish_container_meta(&self, meta: BTreeMap<String, ContainerMeta>) {
         self.write(|s| s.containers = Some(Arc::new(meta)));
@@ -245,6 +266,7 @@ mod tests {
             Provenance::default(),
             GpuSnapshot {
                 gpus: vec![GpuDevice::default()],
+                ..GpuSnapshot::default()
             },
         );
         assert_eq!(before.gpus.as_ref().map(|g| g.gpus.len()), Some(0));
@@ -252,5 +274,33 @@ mod tests {
             store.snapshot().gpus.as_ref().map(|g| g.gpus.len()),
             Some(1)
         );
+    }
+
+    #[test]
+    fn a_degraded_gpu_source_is_unavailable_with_its_own_state_in_one_update() {
+        let store = Store::new();
+        store.publish_gpus(
+            SystemTime::UNIX_EPOCH,
+            Provenance::default(),
+            GpuSnapshot {
+                gpus: vec![GpuDevice::default()],
+                ..GpuSnapshot::default()
+            },
+        );
+        let degraded = GpuSnapshot {
+            source: GpuSourceState {
+                degraded: true,
+                reinit_attempts_total: 2,
+                ..GpuSourceState::default()
+            },
+            ..GpuSnapshot::default()
+        };
+        store.publish_gpus_unavailable("NVML failed", degraded.clone());
+        let s = store.snapshot();
+        assert_eq!(s.gpus.as_deref(), Some(&degraded));
+        assert!(matches!(
+            s.sources.get(&SourceKind::Gpu),
+            Some(SourceStatus::Unavailable { reason }) if reason == "NVML failed"
+        ));
     }
 }

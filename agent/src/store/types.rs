@@ -1,7 +1,9 @@
 //! Plain data each source writes into the store. Base units everywhere: durations in
 //! microseconds, sizes in bytes, shares as ratios in [0, 1], PSI as percentages (as the kernel
 //! prints them). A value a source cannot measure is left at its default (0 / empty) and the
-//! source's [`Provenance`](super::Provenance) says why.
+//! source's [`Provenance`](super::Provenance) says why; a GPU also names such readings
+//! ([`GpuDevice::unreadable`], [`GpuDevice::unsupported`]) or holds `None`, so that /metrics
+//! can leave them out.
 
 use std::{
     collections::BTreeMap,
@@ -397,7 +399,92 @@ pub struct GpuProcess {
     pub used_memory_bytes: u64,
 }
 
-/// One GPU's stats and health.
+/// A reading of a GPU whose field in [`GpuDevice`] holds a plain value (0 / empty) when NVML
+/// did not give it; [`GpuDevice::unreadable`] and [`GpuDevice::unsupported`] name those, so
+/// that a 0 is never taken for a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GpuReading {
+    Uuid,
+    Name,
+    PciBusId,
+    Utilization,
+    MemoryUtilization,
+    MemoryUsed,
+    MemoryTotal,
+    Temperature,
+    Power,
+    EccCorrected,
+    EccUncorrected,
+    RowRemapping,
+}
+
+impl GpuReading {
+    /// The name the API and the provenance show.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Uuid => "uuid",
+            Self::Name => "name",
+            Self::PciBusId => "pci bus id",
+            Self::Utilization => "utilization",
+            Self::MemoryUtilization => "memory utilization",
+            Self::MemoryUsed => "memory used",
+            Self::MemoryTotal => "memory total",
+            Self::Temperature => "temperature",
+            Self::Power => "power",
+            Self::EccCorrected => "ecc corrected",
+            Self::EccUncorrected => "ecc uncorrected",
+            Self::RowRemapping => "row remapping",
+        }
+    }
+}
+
+impl fmt::Display for GpuReading {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The current clock of each clock domain, in MHz; `None` where NVML gave none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuClocks {
+    pub graphics_mhz: Option<u32>,
+    pub sm_mhz: Option<u32>,
+    pub memory_mhz: Option<u32>,
+    pub video_mhz: Option<u32>,
+}
+
+/// Memory rows remapped after ECC errors (Ampere and later), by error kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuRemappedRows {
+    pub corrected: u32,
+    pub uncorrected: u32,
+}
+
+/// One NVLink link's error counters since the driver loaded; `None` where NVML gave none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuNvLinkErrors {
+    pub link: u32,
+    pub replay: Option<u64>,
+    pub recovery: Option<u64>,
+    pub crc_flit: Option<u64>,
+    pub crc_data: Option<u64>,
+}
+
+/// XID and ECC events within `gpu.xid_window`, counted exactly (unlike the bounded
+/// [`GpuDevice::xids`] history).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuEventWindow {
+    /// XID code → events in the window.
+    pub xids: BTreeMap<u64, u32>,
+    /// The codes in `xids` that are on `gpu.drain_xids`, ascending.
+    pub drain_xids: Vec<u64>,
+    pub single_bit_ecc_events: u32,
+    pub double_bit_ecc_events: u32,
+}
+
+/// One GPU's stats and health. The plain readings (utilisation to row remapping) hold 0 when
+/// NVML did not give them, and [`GpuDevice::unreadable`] or [`GpuDevice::unsupported`] names
+/// them; the `Option` readings are `None` instead.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuDevice {
     pub index: u32,
@@ -412,6 +499,7 @@ pub struct GpuDevice {
     pub power_watts: f64,
     /// NVML names of the active throttle reasons ("HwSlowdown", ...).
     pub throttle_reasons: Vec<String>,
+    /// ECC errors since the driver loaded (volatile).
     pub ecc_corrected_total: u64,
     pub ecc_uncorrected_total: u64,
     /// Recent XIDs, newest last (the source keeps a bounded history).
@@ -422,13 +510,69 @@ pub struct GpuDevice {
     pub lost: bool,
     pub processes: Vec<GpuProcess>,
     /// Readings NVML failed to give in the last poll (their fields above are 0, not measured).
-    pub unreadable: Vec<String>,
+    pub unreadable: Vec<GpuReading>,
+    /// Readings the device does not support (their fields above are 0, not measured).
+    pub unsupported: Vec<GpuReading>,
     /// Failed NVML calls on this GPU since the agent started, by error kind.
     pub nvml_errors_total: BTreeMap<String, u64>,
+    /// The power management limit, in watts.
+    pub power_limit_watts: Option<f64>,
+    pub clocks: GpuClocks,
+    /// Share of time the video encoder and decoder were busy, in percent.
+    pub encoder_utilization_percent: Option<u32>,
+    pub decoder_utilization_percent: Option<u32>,
+    /// Active video encoder sessions.
+    pub encoder_sessions: Option<u32>,
+    pub ecc_enabled: Option<bool>,
+    /// ECC errors over the GPU's lifetime (kept in its infoROM).
+    pub ecc_aggregate_corrected_total: Option<u64>,
+    pub ecc_aggregate_uncorrected_total: Option<u64>,
+    /// Pages retired after ECC errors, by cause (GPUs before Ampere).
+    pub retired_pages_single_bit: Option<u32>,
+    pub retired_pages_double_bit: Option<u32>,
+    /// A page retirement waits for the next driver reload or GPU reset.
+    pub retired_pages_pending: Option<bool>,
+    /// `None` where the GPU does not remap rows or the reading failed (see `unreadable`).
+    pub remapped_rows: Option<GpuRemappedRows>,
+    /// PCIe replays since the driver loaded.
+    pub pcie_replays_total: Option<u32>,
+    /// The active NVLink links; empty on GPUs without NVLink.
+    pub nvlink: Vec<GpuNvLinkErrors>,
+    /// `None` when the source keeps no event window for this GPU.
+    pub event_window: Option<GpuEventWindow>,
+}
+
+impl GpuDevice {
+    /// Whether the plain field of `reading` holds a measurement of the last poll.
+    pub fn measured(&self, reading: GpuReading) -> bool {
+        !self.unreadable.contains(&reading) && !self.unsupported.contains(&reading)
+    }
+}
+
+/// The GPU source's own state, beside the devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuSourceState {
+    /// NVML could not even count the GPUs in the last poll (the device list is then empty
+    /// because nothing could be read, not because there are none).
+    pub poll_failed: bool,
+    /// NVML fails as a whole and the source re-initialises it with back-off.
+    pub degraded: bool,
+    /// Times the source shut NVML down and initialised it again, successful or not.
+    pub reinit_attempts_total: u64,
+    /// Polls whose `nvmlDeviceGetCount` failed, since the source started.
+    pub count_errors_total: u64,
+    /// How long the last poll of every GPU took.
+    pub poll_duration: Duration,
+    pub driver_version: Option<String>,
+    pub nvml_version: Option<String>,
+    /// Whether XID and ECC events are received from the driver; `None` when the source does
+    /// not say (it has not tried).
+    pub events_watched: Option<bool>,
 }
 
 /// What the GPU source reports each tick.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuSnapshot {
     pub gpus: Vec<GpuDevice>,
+    pub source: GpuSourceState,
 }

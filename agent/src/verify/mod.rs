@@ -290,7 +290,12 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         rule: "RTP packets of the stream received in the child cgroup == packets received",
         passed: false,
     };
-    let mut source = match udp::Source::start(&config.udp, config.agent.tick, &config.network.windows, caps) {
+    let mut source = match udp::Source::start(
+        &config.udp,
+        config.agent.tick,
+        &config.network.windows,
+        caps,
+    ) {
         Ok(s) => s,
         Err(e) => {
             check.error = Some(describe_error(&e));

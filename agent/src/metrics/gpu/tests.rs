@@ -1,14 +1,23 @@
+//! The GPU series as the agent produces them: a source snapshot mapped into the store by the
+//! bridge, then rendered from the store.
+
 use std::time::SystemTime;
 
 use super::*;
 use crate::sources::gpu::{
     model::{
-        Clocks, Ecc, GpuHealthInput, GpuProcess, Media, NvLinkErrors, ProcessKind, RetiredPages,
-        RowRemapping,
+        Clocks, DeviceStats, Ecc, GpuHealthDevice, GpuHealthInput, GpuProcess, Media, NvLinkErrors,
+        ProcessKind, RetiredPages, RowRemapping,
     },
     xid::WindowCounts,
-    SourceStatus,
+    GpuSnapshot, Reading, SourceStatus,
 };
+
+/// Maps a source snapshot into the store's, as the bridge does, and renders that.
+fn encode_source(s: &GpuSnapshot, m: &mut Metrics) {
+    let (store, _) = crate::bridge::resources::gpu_snapshot(s);
+    encode(&store, m);
+}
 
 const ID: &str = "4f1c3ba5e8a5a1b6f3d6a0c2c8f9e7d6b5a4c3b2a1f0e9d8c7b6a5f4e3d2c1b0";
 
@@ -118,7 +127,7 @@ fn snapshot() -> GpuSnapshot {
 
 fn render() -> String {
     let mut m = Metrics::new();
-    encode(&snapshot(), &mut m);
+    encode_source(&snapshot(), &mut m);
     m.render()
 }
 
@@ -205,7 +214,7 @@ fn a_lost_gpu_is_one_with_its_last_uuid() {
     s.devices[0].lost = true;
     s.devices[0].temperature_celsius = Reading::Error("GPU is lost".to_owned());
     let mut m = Metrics::new();
-    encode(&s, &mut m);
+    encode_source(&s, &mut m);
     let text = m.render();
     has(&text, "nodeward_gpu_lost{gpu=\"0\",uuid=\"GPU-abc\"} 1");
     assert!(
@@ -228,6 +237,29 @@ fn failed_nvml_calls_are_counted_by_kind_and_a_degraded_source_says_so() {
     s.status = SourceStatus::Degraded("cannot count the GPUs".to_owned());
     s.devices.clear();
     let mut m = Metrics::new();
-    encode(&s, &mut m);
+    encode_source(&s, &mut m);
     has(&m.render(), "nodeward_gpu_source_degraded 1");
+}
+
+#[test]
+fn a_plain_store_field_named_unreadable_or_unsupported_has_no_sample() {
+    let (mut store, _) = crate::bridge::resources::gpu_snapshot(&snapshot());
+    let d = &mut store.gpus[0];
+    d.unreadable = vec![GpuReading::Temperature];
+    d.unsupported = vec![GpuReading::EccCorrected, GpuReading::RowRemapping];
+    let mut m = Metrics::new();
+    encode(&store, &mut m);
+    let text = m.render();
+    for absent in [
+        "nodeward_gpu_temperature_celsius{",
+        "error=\"corrected\"} 3",
+        "nodeward_gpu_row_remap_failed{",
+        "nodeward_gpu_row_remap_pending{",
+    ] {
+        assert!(!text.contains(absent), "{absent} should be absent:\n{text}");
+    }
+    has(
+        &text,
+        "nodeward_gpu_ecc_volatile_errors_total{gpu=\"0\",uuid=\"GPU-abc\",error=\"uncorrected\"} 0",
+    );
 }

@@ -7,14 +7,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    chain, diag, ensure_cgroup2, reader, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
+    chain, diag, ensure_cgroup2, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
 };
-use crate::{probe::Capabilities, sources::Shared, store::Window};
+use crate::{ebpf::tcp, probe::Capabilities, sources::Shared, store::Window};
 
 /// Where the counters come from.
 #[derive(Debug)]
 enum Input {
-    Ebpf(reader::Reader),
+    Ebpf(tcp::Reader),
     Diag(Box<diag::Poller>),
 }
 
@@ -27,6 +27,26 @@ pub struct Collector {
     paths: crate::sources::cgroup_path::CgroupPaths,
     /// Paths of the chain that failed before this one attached, each as `path: reason`.
     fell_back_from: Vec<String>,
+}
+
+/// The programs and map sizes a path needs.
+fn programs(config: &TcpConfig, plan: &Plan) -> tcp::Attach {
+    // The tagging program(s) record each socket's cgroup; sock_ops reads it.
+    let (sock_create, egress) = match plan.recorder {
+        Recorder::SockCreate => (true, false),
+        Recorder::SockCreateAndEgress => (true, true),
+        Recorder::Egress => (false, true),
+        Recorder::Netns | Recorder::SockDiag => (false, false),
+    };
+    tcp::Attach {
+        sock_create,
+        egress,
+        key_by_netns: plan.recorder.ids() == super::Ids::NetnsCookie,
+        count_foreign_context: plan.count_foreign_context,
+        max_cgroups: config.max_cgroups,
+        max_hist_entries: config.max_hist_entries,
+        max_flows: config.max_flows,
+    }
 }
 
 /// Lines of a load error kept in the log and the fidelity: its first lines (the error, the
@@ -67,7 +87,7 @@ impl Collector {
         let input = if plan.recorder == Recorder::SockDiag {
             Input::Diag(Box::new(diag::Poller::new(&plan.proc_root, config)))
         } else {
-            Input::Ebpf(reader::Reader::attach(cgroup_root, config, plan)?)
+            Input::Ebpf(tcp::Reader::attach(cgroup_root, &programs(config, plan))?)
         };
         let tracker = window::Tracker::new(window::Limits {
             windows: windows.iter().map(|w| (*w, w.ticks(tick))).collect(),
@@ -130,7 +150,7 @@ impl Collector {
     }
 
     /// Entries in the kernel maps (flows, cgroups, histogram) and the tracker's own sizes.
-    pub fn footprint(&self) -> Result<(reader::MapUsage, window::TrackerFootprint), TcpError> {
+    pub fn footprint(&self) -> Result<(tcp::MapUsage, window::TrackerFootprint), TcpError> {
         let usage = match &self.input {
             Input::Ebpf(r) => r.usage()?,
             Input::Diag(p) => p.usage(),
@@ -142,7 +162,7 @@ impl Collector {
     pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
         let raw = match &mut self.input {
             Input::Ebpf(r) => r.read()?,
-            Input::Diag(p) => p.read(reader::monotonic_ns()),
+            Input::Diag(p) => p.read(crate::ebpf::monotonic_ns()),
         };
         let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
         self.paths.next_tick(&live);
@@ -233,11 +253,11 @@ mod tests {
     #[test]
     fn a_long_verifier_log_is_cut_to_its_first_and_last_lines_on_one_line() {
         let log: String = (0..30).map(|i| format!("{i}: insn\n")).collect();
-        let e = TcpError::Reader(reader::ReaderError::Refused {
-            name: reader::SOCK_CREATE,
+        let e = TcpError::Load(crate::ebpf::LoadError::Refused {
+            name: tcp::SOCK_CREATE,
             reason: format!("verifier said:\n{log}"),
         });
-        assert_eq!(e.program(), Some(reader::SOCK_CREATE));
+        assert_eq!(e.program(), Some(tcp::SOCK_CREATE));
         assert_eq!(
             brief(&e),
             "program `nodeward_sock_create`: verifier said: | 0: insn | 1: insn | … | 26: insn \

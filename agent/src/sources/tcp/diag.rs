@@ -377,8 +377,8 @@ impl Poller {
     }
 
     /// Entries held, in the same terms as the kernel maps.
-    pub fn usage(&self) -> super::reader::MapUsage {
-        super::reader::MapUsage {
+    pub fn usage(&self) -> crate::ebpf::tcp::MapUsage {
+        crate::ebpf::tcp::MapUsage {
             flows: self.flows.len(),
             cgroups: self.stats.len(),
             hist: self.hist.len(),

@@ -33,7 +33,6 @@ mod collector;
 pub mod config;
 pub mod diag;
 pub mod hist;
-pub mod reader;
 pub mod snapshot;
 pub mod window;
 
@@ -143,7 +142,7 @@ impl Plan {
 
     /// The eBPF programs this path loads, in the order they are loaded.
     pub fn programs(&self) -> &'static [&'static str] {
-        use reader::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
+        use crate::ebpf::tcp::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
         match self.recorder {
             Recorder::SockCreate => &[SOCK_CREATE, SOCK_OPS],
             Recorder::SockCreateAndEgress => &[TAG_EGRESS, SOCK_CREATE, SOCK_OPS],
@@ -170,14 +169,14 @@ pub enum TcpError {
     #[error("cannot mount a cgroup2 hierarchy at {0} to attach to: {1}")]
     Mount(String, std::io::Error),
     #[error(transparent)]
-    Reader(#[from] reader::ReaderError),
+    Load(#[from] crate::ebpf::LoadError),
 }
 
 impl TcpError {
     /// The eBPF program whose load or attachment failed, if one did.
     pub fn program(&self) -> Option<&'static str> {
         match self {
-            Self::Reader(e) => e.program(),
+            Self::Load(e) => e.program(),
             _ => None,
         }
     }
@@ -471,7 +470,7 @@ mod tests {
             chain(&full, Attribution::Auto).expect("chain")[2]
                 .1
                 .programs(),
-            [reader::TAG_EGRESS, reader::SOCK_OPS]
+            [crate::ebpf::tcp::TAG_EGRESS, crate::ebpf::tcp::SOCK_OPS]
         );
     }
 

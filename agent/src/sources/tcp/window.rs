@@ -11,38 +11,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_ebpf::{
-    tcp::{bucket_bounds, drop_reason},
-    CgroupTcpStats, FlowState, HistKey,
-};
+use agent_ebpf::{tcp::bucket_bounds, CgroupTcpStats, FlowState, HistKey};
 
+pub use crate::ebpf::tcp::{Cleanup, RawRead};
 use crate::store::{NetworkTotals, Peer, RttHistogram, Window};
 
 use super::{
     hist::Histogram,
     snapshot::{ContainerTcp, Drops, PeerTcp, PeerWindow, TcpSnapshot, WindowStats},
 };
-
-/// What one tick read from the kernel maps.
-#[derive(Debug, Default)]
-pub struct RawRead {
-    pub stats: Vec<(u64, CgroupTcpStats)>,
-    pub hist: Vec<(HistKey, u64)>,
-    pub flows: Vec<(u64, FlowState)>,
-    pub drops: [u64; drop_reason::COUNT as usize],
-    /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
-    pub now_ns: u64,
-}
-
-/// What the reader should delete from the kernel maps after this tick.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Cleanup {
-    /// Closed flows whose final numbers were taken.
-    pub flows: Vec<u64>,
-    /// Cgroups idle for longer than the longest window, with no open connection.
-    pub cgroups: Vec<u64>,
-    pub hist: Vec<HistKey>,
-}
 
 fn flow_addr(flow: &FlowState) -> IpAddr {
     if flow.family == 2 {
@@ -177,6 +154,9 @@ pub struct Tracker {
     /// Last tick a cgroup's counters changed.
     last_active: HashMap<u64, u64>,
     totals: HashMap<u64, Totals>,
+    /// Cgroups cleaned up whose directory is gone: their totals go once nothing else of
+    /// theirs is reported.
+    gone: std::collections::HashSet<u64>,
     tick_no: u64,
 }
 
@@ -191,6 +171,7 @@ impl Tracker {
             known_peers: HashMap::new(),
             last_active: HashMap::new(),
             totals: HashMap::new(),
+            gone: std::collections::HashSet::new(),
             tick_no: 0,
         }
     }
@@ -341,7 +322,7 @@ impl Tracker {
                 segs_out: flow.segs_out.wrapping_sub(prev.segs_out),
             };
             tick.peers
-                .entry((flow.cgroup_id, peer.clone()))
+                .entry((flow.cgroup_id, peer))
                 .or_default()
                 .add(&d);
             if flow.closed_ns != 0 {
@@ -368,10 +349,17 @@ impl Tracker {
                 cleanup.cgroups.push(*id);
             }
         }
+        let mut forget = Vec::new();
         for id in &cleanup.cgroups {
             self.prev_stats.remove(id);
             self.last_active.remove(id);
             self.known_peers.remove(id);
+            // A container whose cgroup is gone will never count again: forget its totals too
+            // (after this last snapshot), or it would be reported and exported for ever.
+            // Namespace cookies name no cgroup; theirs go only by the `max_totals` bound.
+            if self.limits.recorder.ids() == super::Ids::CgroupV2 && resolve(*id).is_none() {
+                forget.push(*id);
+            }
         }
         self.prev_hist.retain(|k, _| {
             let gone = cleanup.cgroups.contains(&k.cgroup_id);
@@ -384,7 +372,26 @@ impl Tracker {
         self.add_totals(&tick);
         self.ring.push_front(tick);
         self.ring.truncate(self.longest());
-        (self.snapshot(&raw, &open, resolve), cleanup)
+        let mut snapshot = self.snapshot(&raw, &open, resolve);
+        // Gone cgroups keep their totals while their windows still report them, so that no
+        // snapshot shows a counter of theirs at 0; then they leave the snapshot altogether.
+        let mut gone = std::mem::take(&mut self.gone);
+        gone.extend(forget);
+        gone.retain(|id| {
+            let only_totals = snapshot.containers.get(id).is_none_or(|c| {
+                c.windows.is_empty()
+                    && c.peers.is_empty()
+                    && c.established == 0
+                    && c.established_untracked == 0
+            });
+            if only_totals {
+                self.totals.remove(id);
+                snapshot.containers.remove(id);
+            }
+            !only_totals
+        });
+        self.gone = gone;
+        (snapshot, cleanup)
     }
 
     fn snapshot(
@@ -405,7 +412,7 @@ impl Tracker {
                     e.hist.merge(&d.hist);
                 }
                 for (k, d) in &t.peers {
-                    peers.entry(k.clone()).or_default().add(d);
+                    peers.entry(*k).or_default().add(d);
                 }
             }
             for (id, d) in cg {

@@ -216,14 +216,16 @@ fn upper(rtt: u64) -> u64 {
 #[test]
 fn totals_count_every_sample_since_start_beyond_the_windows_and_a_map_cleanup() {
     let mut t = Tracker::new(limits());
+    // The cgroup's directory exists throughout.
+    let mut exists = |_| Some("/c".to_owned());
     for c in [10, 30, 60, 100] {
-        t.update(counters(7, c, 1000, 3, 1), &mut |_| None);
+        t.update(counters(7, c, 1000, 3, 1), &mut exists);
     }
     // Idle until the cgroup's kernel entries are deleted, then it counts again from 0.
     let mut cleaned = false;
     for _ in 0..10 {
         cleaned |= !t
-            .update(counters(7, 100, 1000, 3, 1), &mut |_| None)
+            .update(counters(7, 100, 1000, 3, 1), &mut exists)
             .1
             .cgroups
             .is_empty();
@@ -232,7 +234,7 @@ fn totals_count_every_sample_since_start_beyond_the_windows_and_a_map_cleanup() 
         }
     }
     assert!(cleaned, "the idle cgroup was never cleaned up");
-    let (snap, _) = t.update(counters(7, 20, 1000, 2, 2), &mut |_| None);
+    let (snap, _) = t.update(counters(7, 20, 1000, 2, 2), &mut exists);
     let c = snap.container(7).expect("cgroup 7");
     assert_eq!(
         c.window(W4).map(|w| w.samples),
@@ -316,4 +318,51 @@ fn totals_are_kept_for_at_most_max_totals_containers_the_idlest_forgotten() {
         .map(|c| c.cgroup_id)
         .collect();
     assert_eq!(with_totals, vec![2, 3]);
+}
+
+#[test]
+fn the_totals_of_a_cleaned_up_cgroup_go_with_its_directory_and_stay_while_it_exists() {
+    for exists in [true, false] {
+        let mut t = Tracker::new(limits());
+        let mut resolve = |id: u64| exists.then(|| format!("/c{id}"));
+        t.update(counters(7, 10, 1000, 1, 1), &mut resolve);
+        let mut last = None;
+        for _ in 0..10 {
+            let (snap, cleanup) = t.update(counters(7, 10, 1000, 1, 1), &mut resolve);
+            if !cleanup.cgroups.is_empty() {
+                last = Some(snap);
+                break;
+            }
+        }
+        let snap = last.expect("the idle cgroup was cleaned up");
+        assert_eq!(
+            snap.container(7).map(|c| c.totals.rtt.count),
+            Some(10),
+            "the last snapshot before the cleanup still carries the totals"
+        );
+        // Its kernel entries are gone now: the reads no longer list it. While its (empty)
+        // windows are reported its totals are too; then a deleted cgroup leaves for good.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (snap, _) = t.update(RawRead::default(), &mut resolve);
+            seen.push(snap.container(7).map(|c| c.totals.rtt.count));
+        }
+        assert!(
+            seen.iter().all(|c| c.is_none_or(|n| n == 10)),
+            "never reported at 0: {seen:?}"
+        );
+        if exists {
+            assert_eq!(
+                seen.last(),
+                Some(&Some(10)),
+                "an idle existing cgroup keeps its totals"
+            );
+        } else {
+            assert_eq!(
+                seen.last(),
+                Some(&None),
+                "a deleted cgroup is forgotten: {seen:?}"
+            );
+        }
+    }
 }

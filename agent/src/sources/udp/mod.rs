@@ -27,6 +27,7 @@ use self::{
 use super::cgroup_path::CgroupPaths;
 use crate::{
     ebpf::{
+        monotonic_ns,
         udp::{UdpMaps, UdpPrograms},
         LoadError,
     },
@@ -37,17 +38,6 @@ use crate::{
 pub const NAME: &str = "ebpf/udp";
 /// The hook path, reported with the data.
 pub const HOOK: &str = "cgroup_skb ingress/egress at the cgroup v2 root (socket cgroup)";
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 pub struct Source {
     programs: UdpPrograms,
@@ -284,6 +274,11 @@ impl Source {
                 .or_insert_with(|| entry(*cg, &mut self.paths));
             c.windows = h.windows(now, &self.windows);
         }
+        // A container with nothing left but its totals whose cgroup is gone will never count
+        // again: forget it, or it would be reported and exported for ever.
+        let paths = &mut self.paths;
+        self.totals
+            .retain(|cg, _| containers.contains_key(cg) || paths.resolve(*cg).is_some());
         for (cg, t) in &self.totals {
             containers
                 .entry(*cg)

@@ -1,4 +1,5 @@
-//! Loads and attaches the TCP latency programs and reads (and trims) their maps.
+//! The TCP latency programs: load and attach them, read (and trim) their maps. The TCP
+//! source (`sources/tcp`) decides which programs and map sizes from its plan and config.
 //!
 //! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
 //! the node. aya attaches through a BPF link on kernels ≥ 5.7, and a cgroup link always runs
@@ -14,14 +15,10 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
     },
-    Ebpf, EbpfError,
+    Ebpf,
 };
 
-use super::{
-    config::TcpConfig,
-    window::{Cleanup, RawRead},
-    Plan, Recorder,
-};
+use super::{loader_owning, monotonic_ns, LoadError, OBJECT};
 
 pub const SOCK_CREATE: &str = "nodeward_sock_create";
 pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
@@ -31,64 +28,59 @@ const HIST: &str = "TCP_RTT_HIST";
 const FLOWS: &str = "TCP_FLOWS";
 const DROPS: &str = "TCP_DROPS";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReaderError {
-    #[error("cannot open the cgroup v2 root {path}: {source}")]
-    CgroupRoot {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("loading the eBPF object failed: {0}")]
-    Object(#[from] EbpfError),
-    #[error("program `{0}` is missing from the eBPF object")]
-    MissingProgram(&'static str),
-    #[error("map `{0}` is missing from the eBPF object")]
-    MissingMap(&'static str),
-    #[error("program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
-    #[error("map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    /// A load refused before the kernel was asked (fault injection, a test-only feature).
-    #[error("program `{name}`: {reason}")]
-    Refused { name: &'static str, reason: String },
+/// What one tick read from the kernel maps.
+#[derive(Debug, Default)]
+pub struct RawRead {
+    pub stats: Vec<(u64, CgroupTcpStats)>,
+    pub hist: Vec<(HistKey, u64)>,
+    pub flows: Vec<(u64, FlowState)>,
+    pub drops: [u64; drop_reason::COUNT as usize],
+    /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
+    pub now_ns: u64,
 }
 
-impl ReaderError {
-    /// The program whose load or attachment failed, if one did.
-    pub fn program(&self) -> Option<&'static str> {
-        match self {
-            Self::MissingProgram(name)
-            | Self::Program { name, .. }
-            | Self::Refused { name, .. } => Some(name),
-            Self::CgroupRoot { .. } | Self::Object(_) | Self::MissingMap(_) | Self::Map { .. } => {
-                None
-            }
-        }
-    }
+/// What to delete from the kernel maps after a tick.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Closed flows whose final numbers were taken.
+    pub flows: Vec<u64>,
+    /// Cgroups idle for longer than the longest window, with no open connection.
+    pub cgroups: Vec<u64>,
+    pub hist: Vec<HistKey>,
+}
+
+/// Which programs to attach and how large the maps are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attach {
+    /// Record the creating task's cgroup at `socket()` (`cgroup/sock_create`).
+    pub sock_create: bool,
+    /// Record the cgroup of the socket that sends the first packet (`cgroup_skb/egress`).
+    pub egress: bool,
+    /// Key by the socket's network-namespace cookie instead of its cgroup.
+    pub key_by_netns: bool,
+    /// Count samples taken while another cgroup's task ran.
+    pub count_foreign_context: bool,
+    pub max_cgroups: u32,
+    pub max_hist_entries: u32,
+    pub max_flows: u32,
 }
 
 /// Asks the fault-injection hook whether `name` may be loaded (always yes without the
 /// `fault-injection` feature, which release builds leave off).
-fn may_load(name: &'static str) -> Result<(), ReaderError> {
+fn may_load(name: &'static str) -> Result<(), LoadError> {
     #[cfg(feature = "fault-injection")]
-    crate::fault::reject(name).map_err(|reason| ReaderError::Refused { name, reason })?;
+    crate::fault::reject(name).map_err(|reason| LoadError::Refused { name, reason })?;
     #[cfg(not(feature = "fault-injection"))]
     let _ = name;
     Ok(())
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> ReaderError {
-    move |source| ReaderError::Map { name, source }
+fn map_err(name: &'static str) -> impl Fn(MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
 }
 
-fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> ReaderError {
-    move |source| ReaderError::Program { name, source }
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
 }
 
 /// Entries in each kernel map now.
@@ -110,38 +102,28 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    /// Loads the programs with map sizes from `config` and attaches them to `cgroup_root`,
-    /// recording socket cgroups the way `plan` says.
-    pub fn attach(
-        cgroup_root: &Path,
-        config: &TcpConfig,
-        plan: &Plan,
-    ) -> Result<Self, ReaderError> {
-        let root = File::open(cgroup_root).map_err(|source| ReaderError::CgroupRoot {
-            path: cgroup_root.display().to_string(),
+    /// Loads the programs `how` names with its map sizes and attaches them to `cgroup_root`.
+    pub fn attach(cgroup_root: &Path, how: &Attach) -> Result<Self, LoadError> {
+        let root = File::open(cgroup_root).map_err(|source| LoadError::Cgroup {
+            path: cgroup_root.to_path_buf(),
             source,
         })?;
-        let count_foreign = u32::from(plan.count_foreign_context);
-        let key_by_netns = u32::from(plan.recorder == Recorder::Netns);
-        let mut ebpf = crate::ebpf::loader_owning(&[STATS, HIST, FLOWS])
-            .map_max_entries(STATS, config.max_cgroups)
-            .map_max_entries(HIST, config.max_hist_entries)
-            .map_max_entries(FLOWS, config.max_flows)
+        let count_foreign = u32::from(how.count_foreign_context);
+        let key_by_netns = u32::from(how.key_by_netns);
+        let mut ebpf = loader_owning(&[STATS, HIST, FLOWS])
+            .map_max_entries(STATS, how.max_cgroups)
+            .map_max_entries(HIST, how.max_hist_entries)
+            .map_max_entries(FLOWS, how.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
-            .load(crate::ebpf::OBJECT)?;
+            .load(OBJECT)?;
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.
-        let (create, egress) = match plan.recorder {
-            Recorder::SockCreate => (true, false),
-            Recorder::SockCreateAndEgress => (true, true),
-            Recorder::Egress => (false, true),
-            Recorder::Netns | Recorder::SockDiag => (false, false),
-        };
+        let (create, egress) = (how.sock_create, how.egress);
         if egress {
             let tag: &mut CgroupSkb = ebpf
                 .program_mut(TAG_EGRESS)
-                .ok_or(ReaderError::MissingProgram(TAG_EGRESS))?
+                .ok_or(LoadError::MissingProgram(TAG_EGRESS))?
                 .try_into()
                 .map_err(prog_err(TAG_EGRESS))?;
             may_load(TAG_EGRESS)?;
@@ -152,7 +134,7 @@ impl Reader {
         if create {
             let prog: &mut CgroupSock = ebpf
                 .program_mut(SOCK_CREATE)
-                .ok_or(ReaderError::MissingProgram(SOCK_CREATE))?
+                .ok_or(LoadError::MissingProgram(SOCK_CREATE))?
                 .try_into()
                 .map_err(prog_err(SOCK_CREATE))?;
             may_load(SOCK_CREATE)?;
@@ -162,7 +144,7 @@ impl Reader {
         }
         let ops: &mut SockOps = ebpf
             .program_mut(SOCK_OPS)
-            .ok_or(ReaderError::MissingProgram(SOCK_OPS))?
+            .ok_or(LoadError::MissingProgram(SOCK_OPS))?
             .try_into()
             .map_err(prog_err(SOCK_OPS))?;
         may_load(SOCK_OPS)?;
@@ -172,12 +154,12 @@ impl Reader {
         Ok(Self { ebpf })
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ReaderError> {
-        self.ebpf.map(name).ok_or(ReaderError::MissingMap(name))
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, LoadError> {
+        self.ebpf.map(name).ok_or(LoadError::MissingMap(name))
     }
 
     /// Reads every map once. `now_ns` is CLOCK_MONOTONIC, the clock the programs stamp with.
-    pub fn read(&self) -> Result<RawRead, ReaderError> {
+    pub fn read(&self) -> Result<RawRead, LoadError> {
         let mut raw = RawRead {
             now_ns: monotonic_ns(),
             ..RawRead::default()
@@ -214,7 +196,7 @@ impl Reader {
     }
 
     /// Counts the entries of each map (by walking the keys).
-    pub fn usage(&self) -> Result<MapUsage, ReaderError> {
+    pub fn usage(&self) -> Result<MapUsage, LoadError> {
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
         let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
@@ -229,11 +211,11 @@ impl Reader {
     }
 
     /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).
-    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), ReaderError> {
+    pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), LoadError> {
         let map = self
             .ebpf
             .map_mut(FLOWS)
-            .ok_or(ReaderError::MissingMap(FLOWS))?;
+            .ok_or(LoadError::MissingMap(FLOWS))?;
         let mut flows: BpfHashMap<&mut MapData, u64, FlowState> =
             BpfHashMap::try_from(map).map_err(map_err(FLOWS))?;
         for cookie in &cleanup.flows {
@@ -242,16 +224,13 @@ impl Reader {
         let map = self
             .ebpf
             .map_mut(STATS)
-            .ok_or(ReaderError::MissingMap(STATS))?;
+            .ok_or(LoadError::MissingMap(STATS))?;
         let mut stats: PerCpuHashMap<&mut MapData, u64, CgroupTcpStats> =
             PerCpuHashMap::try_from(map).map_err(map_err(STATS))?;
         for id in &cleanup.cgroups {
             let _ = stats.remove(id);
         }
-        let map = self
-            .ebpf
-            .map_mut(HIST)
-            .ok_or(ReaderError::MissingMap(HIST))?;
+        let map = self.ebpf.map_mut(HIST).ok_or(LoadError::MissingMap(HIST))?;
         let mut hist: PerCpuHashMap<&mut MapData, HistKey, u64> =
             PerCpuHashMap::try_from(map).map_err(map_err(HIST))?;
         for key in &cleanup.hist {
@@ -259,12 +238,4 @@ impl Reader {
         }
         Ok(())
     }
-}
-
-pub(super) fn monotonic_ns() -> u64 {
-    // SAFETY: an all-zero timespec is a valid out-parameter.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid clock id and out-pointer; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
