@@ -102,6 +102,25 @@ async fn cli_prints_json_and_tables_from_a_live_agent() {
         line.contains("drain=DRAINING") && line.contains("verdict=HEALTHY"),
         "{line}"
     );
+    let line = run(vec![
+        "watch".into(),
+        "--addr".into(),
+        addr.clone(),
+        "--count".into(),
+        "1".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(line.lines().count(), 1, "one object per line: {line}");
+    let msg: serde_json::Value = serde_json::from_str(&line).expect("watch --json is JSON");
+    assert_eq!(msg["health"]["verdict"], "VERDICT_HEALTHY", "{msg}");
+    // uint64: a string in protobuf's JSON mapping.
+    assert!(
+        msg["revision"]
+            .as_str()
+            .is_some_and(|r| r.parse::<u64>().is_ok()),
+        "{msg}"
+    );
     let gpus = run(vec!["gpus".into(), "--addr".into(), addr.clone()]).await;
     assert!(gpus.contains("GPU-aaaa"), "{gpus}");
 
@@ -189,4 +208,133 @@ async fn the_daemon_serves_the_api_and_removes_its_socket_on_sigterm() {
         .expect("wait");
     assert!(exit.success(), "clean exit: {exit:?}");
     assert!(!socket.exists(), "socket removed at shutdown");
+}
+
+/// The reply with every value under a `...UnixMs` or `ageSeconds` key (timestamps and ages, which
+/// move between two calls) replaced by its JSON type; the rest as it is, numbers included (`2`
+/// and `2.0` differ).
+fn comparable(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if k.ends_with("UnixMs") || k == "ageSeconds" {
+                        let kind = match v {
+                            Value::String(_) => "string",
+                            Value::Number(_) => "number",
+                            _ => "other",
+                        };
+                        Value::String(format!("<timestamp as {kind}>"))
+                    } else {
+                        comparable(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(comparable).collect()),
+        _ => v.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
+    let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
+    if !std::process::Command::new(&grpcurl)
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        nodeward_tests::skip(
+            "status_json_is_what_grpcurl_prints_for_get_node_health",
+            "grpcurl not found (set GRPCURL to its path)",
+        );
+        return;
+    }
+    let dir = TempDir::new("api-grpcurl");
+    // grpcurl over loopback TCP: over the Unix socket it sends the socket's path as :authority,
+    // which the HTTP/2 server refuses (PROTOCOL_ERROR) before the API sees the call.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let config = nodeward::api::ApiConfig {
+        tcp_listen: tcp.clone(),
+        ..api_config(&dir)
+    };
+    let api = TestApi::start(config, health_config()).await;
+    feed_all(&api.store, 2);
+    let mut client = api.client().await;
+    verdict_becomes(&mut client, pb::Verdict::Healthy).await;
+    // A drain, so the reply holds a nested message with int64s and a repeated message in it.
+    client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "grpcurl-test".to_owned(),
+            reason: "compare".to_owned(),
+            deadline_seconds: 600,
+        })
+        .await
+        .expect("drain starts");
+    let socket = api.socket.display().to_string();
+
+    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["status"], "GetNodeHealth").await;
+    // The comparison means something only if the reply has what the mapping changes.
+    assert_eq!(theirs["health"]["drain"]["state"], "DRAIN_STATE_DRAINING");
+    assert!(
+        theirs["health"]["drain"]["startedUnixMs"].is_string(),
+        "{theirs}"
+    );
+    assert_eq!(
+        comparable(&ours),
+        comparable(&theirs),
+        "ours:\n{ours:#}\ngrpcurl:\n{theirs:#}"
+    );
+
+    // Containers: uint64 counters, doubles, maps (labels) and a repeated nested message.
+    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["containers"], "ListContainers").await;
+    assert!(
+        theirs["containers"][0]["network"]["windows"][0]["samples"].is_string(),
+        "{theirs}"
+    );
+    assert_eq!(
+        comparable(&ours),
+        comparable(&theirs),
+        "ours:\n{ours:#}\ngrpcurl:\n{theirs:#}"
+    );
+}
+
+/// `nodeward <cli> --json` on the Unix socket and grpcurl's `method` on TCP, both parsed.
+async fn both(
+    grpcurl: &str,
+    tcp: &str,
+    socket: &str,
+    cli: &[&str],
+    method: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let ours = tokio::process::Command::new(agent_binary())
+        .args(cli)
+        .args(["--json", "--addr", &format!("unix:{socket}")])
+        .env_remove("NODEWARD_LOG")
+        .output()
+        .await
+        .expect("run nodeward");
+    let theirs = tokio::process::Command::new(grpcurl)
+        .args(["-plaintext", tcp])
+        .arg(format!("nodeward.v1.NodeHealth/{method}"))
+        .output()
+        .await
+        .expect("run grpcurl");
+    for (who, out) in [("nodeward", &ours), ("grpcurl", &theirs)] {
+        assert!(
+            out.status.success(),
+            "{who} {method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (
+        serde_json::from_slice(&ours.stdout).expect("ours is JSON"),
+        serde_json::from_slice(&theirs.stdout).expect("grpcurl's is JSON"),
+    )
 }

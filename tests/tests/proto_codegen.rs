@@ -45,8 +45,6 @@ fn generate(out: &Path) {
         .out_dir(out)
         .file_descriptor_set_path(out.join("nodeward_v1_descriptor.bin"))
         .emit_rerun_if_changed(false)
-        // The CLI's `--json` output serialises the replies directly.
-        .message_attribute(".nodeward.v1", "#[derive(serde::Serialize)]")
         .build_client(true)
         .build_server(true)
         .compile_protos(&protos, &[root.join("proto")])

@@ -158,7 +158,13 @@ fn sigkill_then_restart_starts_unknown_and_rebuilds_from_fresh_data() {
         status["health"]["drain"]["state"], "DRAIN_STATE_NOT_DRAINING",
         "the drain lived in the killed agent's memory only: {status}"
     );
-    let since = |c: &Value| c["since_unix_ms"].as_i64().expect("since_unix_ms");
+    // An int64 is a string in protobuf's JSON mapping.
+    let since = |c: &Value| {
+        c["sinceUnixMs"]
+            .as_str()
+            .and_then(|s| s.parse::<i64>().ok())
+            .expect("sinceUnixMs")
+    };
     assert!(
         since(&after) >= killed_at && since(&after) > since(&before),
         "the condition was raised afresh by the new agent (before {}, killed at {killed_at}, after {})",

@@ -12,6 +12,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::api::pb::{self, node_health_client::NodeHealthClient};
 
 pub mod args;
+mod json;
 mod render;
 
 pub use args::{Conn, ContainersArgs, DrainCommand, WatchArgs};
@@ -35,7 +36,7 @@ pub enum ClientError {
     #[error("the agent answered {code:?}: {message}")]
     Rpc { code: tonic::Code, message: String },
     #[error("cannot print JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(#[from] json::JsonError),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -171,11 +172,9 @@ fn default_requester() -> String {
     format!("nodeward-cli/{user}")
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<(), ClientError> {
-    let mut v = serde_json::to_value(value)?;
-    render::name_enums(&mut v);
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
+/// Prints a reply in protobuf's JSON mapping, as grpcurl does (see `json`).
+fn print_json<M: json::Reply>(reply: &M) -> Result<(), ClientError> {
+    Ok(json::Printer::new()?.print(reply)?)
 }
 
 pub async fn status(conn: &Conn, socket: &std::path::Path) -> Result<(), ClientError> {
@@ -199,12 +198,15 @@ pub async fn watch(args: &WatchArgs, socket: &std::path::Path) -> Result<(), Cli
         })
         .await?
         .into_inner();
+    let printer = if args.conn.json {
+        Some(json::Printer::new()?)
+    } else {
+        None
+    };
     let mut n = 0u64;
     while let Some(msg) = stream.message().await? {
-        if args.conn.json {
-            let mut v = serde_json::to_value(&msg)?;
-            render::name_enums(&mut v);
-            println!("{}", serde_json::to_string(&v)?);
+        if let Some(printer) = &printer {
+            println!("{}", printer.line(&msg)?);
         } else {
             println!("{}", render::watch_line(&msg));
         }

@@ -1,5 +1,4 @@
-//! Human-readable tables for the client subcommands, and enum names for `--json` (the generated
-//! messages hold enums as numbers; scripts want `VERDICT_HEALTHY`, as grpcurl prints them).
+//! Human-readable tables for the client subcommands (`--json` is in `json`).
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -41,35 +40,6 @@ fn source_state(v: i32) -> String {
 }
 fn drain_state(v: i32) -> String {
     short(name(v, pb::DrainState::as_str_name), "DRAIN_STATE_")
-}
-
-/// Replaces enum numbers by their proto names in a serialised reply.
-pub fn name_enums(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Array(items) => items.iter_mut().for_each(name_enums),
-        serde_json::Value::Object(map) => {
-            // `state` is a SourceState in a SourceReport (which has `hook`) and a DrainState in
-            // a DrainInfo (which has `requesters`).
-            let is_source = map.contains_key("hook");
-            for (k, val) in map.iter_mut() {
-                let Some(n) = val.as_i64().and_then(|n| i32::try_from(n).ok()) else {
-                    name_enums(val);
-                    continue;
-                };
-                let named = match k.as_str() {
-                    "verdict" => name(n, pb::Verdict::as_str_name),
-                    "severity" => name(n, pb::Severity::as_str_name),
-                    "status" => name(n, pb::ConditionStatus::as_str_name),
-                    "protocol" => name(n, pb::StreamProtocol::as_str_name),
-                    "state" if is_source => name(n, pb::SourceState::as_str_name),
-                    "state" => name(n, pb::DrainState::as_str_name),
-                    _ => continue,
-                };
-                *val = serde_json::Value::String(named);
-            }
-        }
-        _ => {}
-    }
 }
 
 pub fn drain_info(d: Option<&pb::DrainInfo>) -> String {

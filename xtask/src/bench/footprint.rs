@@ -190,13 +190,17 @@ fn containers_reported(bin: &Path, socket: &str) -> f64 {
     else {
         return f64::NAN;
     };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return f64::NAN;
-    };
-    v["containers"]
-        .as_array()
-        .or_else(|| v.as_array())
-        .map_or(f64::NAN, |a| a.len() as f64)
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).map_or(f64::NAN, |v| containers_in(&v))
+}
+
+/// The length of `containers` in a `ListContainersResponse` as `--json` prints it.
+fn containers_in(v: &serde_json::Value) -> f64 {
+    match &v["containers"] {
+        serde_json::Value::Array(a) => a.len() as f64,
+        // An empty list is left out of protobuf's JSON mapping.
+        serde_json::Value::Null if v.is_object() => 0.0,
+        _ => f64::NAN,
+    }
 }
 
 /// Real cgroups for N containers, removed (deepest first) when dropped.
@@ -274,6 +278,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn containers_are_counted_and_an_absent_list_is_none() {
+        let two: serde_json::Value =
+            serde_json::from_str(r#"{"containers": [{"id": "a"}, {"id": "b"}]}"#).expect("JSON");
+        assert_eq!(containers_in(&two), 2.0);
+        // `nodeward containers --json` with no container prints `{}`.
+        assert_eq!(containers_in(&serde_json::json!({})), 0.0);
+        assert!(containers_in(&serde_json::json!("error")).is_nan());
+    }
 
     #[test]
     fn container_paths_follow_the_kubelet_systemd_naming() {

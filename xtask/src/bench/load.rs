@@ -226,15 +226,22 @@ fn samples_of(bin: &Path, socket: &str, id: &str) -> f64 {
     else {
         return f64::NAN;
     };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return f64::NAN;
-    };
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .map_or(f64::NAN, |v| samples_in(&v, id))
+}
+
+/// `samples` of `id`'s longest window in a `ListContainersResponse` as `--json` prints it.
+fn samples_in(v: &serde_json::Value, id: &str) -> f64 {
     v["containers"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["id"] == id))
         .and_then(|c| c["network"]["windows"].as_array())
-        .and_then(|ws| ws.iter().max_by_key(|w| w["window_seconds"].as_u64()))
-        .and_then(|w| w["samples"].as_f64())
+        .and_then(|ws| ws.iter().max_by_key(|w| w["windowSeconds"].as_u64()))
+        // A uint64 is a string in protobuf's JSON mapping, and left out when 0.
+        .and_then(|w| match &w["samples"] {
+            serde_json::Value::Null => Some(0.0),
+            s => s.as_str()?.parse().ok(),
+        })
         .unwrap_or(f64::NAN)
 }
 
@@ -462,6 +469,23 @@ pub fn soak(root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_are_read_from_the_longest_window_as_a_string_or_absent_for_0() {
+        // As `nodeward containers --json` prints it: a uint64 is a string, 0 is left out.
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"containers": [
+                {"id": "a", "network": {"windows": [
+                    {"windowSeconds": 10, "samples": "7"},
+                    {"windowSeconds": 300, "samples": "1234"},
+                    {"windowSeconds": 60, "samples": "99"}]}},
+                {"id": "b", "network": {"windows": [{"windowSeconds": 60}]}}]}"#,
+        )
+        .expect("JSON");
+        assert_eq!(samples_in(&v, "a"), 1234.0);
+        assert_eq!(samples_in(&v, "b"), 0.0);
+        assert!(samples_in(&v, "c").is_nan());
+    }
 
     #[test]
     fn the_memory_limit_is_the_one_under_limits() {
