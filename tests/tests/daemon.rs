@@ -246,12 +246,14 @@ fn the_verdict_is_evaluated_and_exported_with_the_api_disabled() {
     let verdict = wait_for(Duration::from_secs(60), || {
         let text = scrape(port)?;
         // The state set: one series per state, 1 on the current one.
-        let state = ["healthy", "degraded", "unhealthy"].into_iter().find(|state| {
-            sample(
-                &text,
-                &format!("nodeward_health_verdict_state{{state=\"{state}\"}}"),
-            ) == Some(1.0)
-        })?;
+        let state = ["healthy", "degraded", "unhealthy"]
+            .into_iter()
+            .find(|state| {
+                sample(
+                    &text,
+                    &format!("nodeward_health_verdict_state{{state=\"{state}\"}}"),
+                ) == Some(1.0)
+            })?;
         Some((state, text))
     });
     // SAFETY: kill has no memory-safety preconditions.

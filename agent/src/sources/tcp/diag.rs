@@ -9,11 +9,7 @@
 //! 5.7+), so attribution is as good as the eBPF paths'. The poller keeps the same cumulative
 //! counters the kernel maps would hold and hands them to the same window tracker.
 
-use std::{
-    collections::HashMap,
-    os::fd::AsFd as _,
-    path::Path,
-};
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 
 use agent_ebpf::{tcp::bucket_of, tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
 

@@ -343,8 +343,14 @@ pub(crate) fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
         return Ok(());
     }
     std::fs::create_dir_all(at).map_err(|e| TcpError::Mount(at.display().to_string(), e))?;
-    rustix::mount::mount("none", at, "cgroup2", rustix::mount::MountFlags::empty(), "")
-        .map_err(|e| TcpError::Mount(at.display().to_string(), e.into()))?;
+    rustix::mount::mount(
+        "none",
+        at,
+        "cgroup2",
+        rustix::mount::MountFlags::empty(),
+        "",
+    )
+    .map_err(|e| TcpError::Mount(at.display().to_string(), e.into()))?;
     Ok(())
 }
 
