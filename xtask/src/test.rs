@@ -209,13 +209,11 @@ fn proto_checks(root: &Path) -> anyhow::Result<Checks> {
     Ok(checks)
 }
 
+/// The agent's test-only features: fault injection (agent/src/fault.rs) and the fake cgroupfs.
+const TEST_FEATURES: &str = "nodeward/fault-injection,nodeward/test-fixtures";
+
 pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     setup::ensure_all(root)?;
-    step(
-        "building nodeward (the integration tests start the binary)",
-        // With the test hooks (agent/src/fault.rs) that supervise.rs and tcp_fallback.rs arm.
-        cargo().args(["build", "-p", "nodeward", "--features", "fault-injection"]),
-    )?;
     // The shipped configuration, on its own (building it with the tests crate would unify the
     // test-only features in): the packaging test checks it holds no bench, fixture or fault code.
     step(
@@ -226,11 +224,15 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
     let mut tally = Tally::default();
 
     let mut unit = cargo();
+    // With the test-only features, so that their own unit tests run too (the shipped build
+    // is the release one above).
     unit.args([
         "test",
         "--workspace",
         "--exclude",
         "nodeward-tests",
+        "--features",
+        TEST_FEATURES,
         "--no-fail-fast",
     ]);
     if let Some(f) = &args.filter {
@@ -252,6 +254,13 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
         )?;
     }
 
+    // Built right before the tests that start it: any cargo run with other features in between
+    // would rebuild `target/debug/nodeward` without the hooks that supervise.rs and
+    // tcp_fallback.rs arm.
+    step(
+        "building nodeward (the integration tests start the binary)",
+        cargo().args(["build", "-p", "nodeward", "--features", TEST_FEATURES]),
+    )?;
     let skip_log = std::env::temp_dir().join(format!("nodeward-skips-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&skip_log);
     let mut privileged = cargo();
