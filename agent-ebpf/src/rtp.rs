@@ -372,3 +372,11 @@ pub mod counter {
     pub const STREAM_INSERT_FAILED: u32 = 9;
     pub const COUNT: u32 = 10;
 }
+
+// Map keys and values shared with user space: each size is the sum of its fields, so no
+// implicit padding hides in them (padding bytes in a hash key are whatever the stack held, and
+// a lookup with the same fields then misses).
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 8 + 4 * 4 + 4 * 4 + 4 * 2);
+const _: () = assert!(core::mem::size_of::<UdpFlowStats>() == 9 * 8);
+const _: () = assert!(core::mem::size_of::<RtpKey>() == core::mem::size_of::<UdpFlowKey>() + 4 + 4);
+const _: () = assert!(core::mem::size_of::<RtpState>() == 10 * 8 + 12 * 4);

@@ -23,6 +23,7 @@ pub mod rtp;
 use nodeward::probe::cgroup_layout;
 
 pub mod fake_nvml;
+pub mod mirrors;
 pub mod net;
 pub mod pingpong;
 pub mod pki;

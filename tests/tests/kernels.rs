@@ -5,11 +5,12 @@
 //! `--verify` loads every eBPF program of the agent on its own (the verifier's verdict), attaches
 //! the hook paths the start-up probe chooses plus every TCP fallback the kernel supports, makes
 //! loopback TCP and RTP traffic from a child cgroup, and compares what the kernel maps counted
-//! with what it sent. The kernel packages come through apt from deb.debian.org (signatures
-//! checked against Debian's archive keyring) and are cached under `target/kernels/`.
+//! with what it sent. The kernel packages come through apt from the Debian mirror this machine's
+//! own apt sources name (signatures checked against Debian's archive keyring) and are cached
+//! under `target/kernels/`.
 //!
-//! Skips, with the reason, where QEMU, busybox or cpio is missing or the mirror cannot be
-//! reached. KVM is used where it works; otherwise TCG (about 20–60 s a boot).
+//! Skips, with the reason, where QEMU, busybox or cpio is missing, where apt names no Debian
+//! mirror, or where the mirror cannot be reached. KVM is used where it works; otherwise TCG (about 20–60 s a boot).
 
 use std::{
     path::{Path, PathBuf},
@@ -108,10 +109,12 @@ fn debian_kernel(suite: &str) -> Result<Kernel, String> {
             "{keyring} missing (package debian-archive-keyring)"
         ));
     }
+    let mirror = nodeward_tests::mirrors::debian_mirror(Path::new("/etc/apt"))
+        .ok_or("this machine's apt sources name no Debian archive (a URI ending in /debian)")?;
     let sources = apt.join("sources.list");
     std::fs::write(
         &sources,
-        format!("deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n"),
+        format!("deb [signed-by={keyring}] {mirror} {suite} main\n"),
     )
     .map_err(|e| e.to_string())?;
     let opts = |cmd: &mut Command| {

@@ -104,7 +104,7 @@ fn supply_chain() -> anyhow::Result<Checks> {
     };
     // `cargo deny` reads `cargo metadata` for every platform, so it needs the sources of crates
     // this machine never builds (Windows-only ones); a fresh cargo cache lacks them and the
-    // checks run `--offline`. Fetch them first (crates.io only, pinned by the lock file).
+    // checks run `--offline`. Fetch them first (the default registry only, pinned by the lock file).
     say("supply chain: fetching the sources of every locked crate, all platforms (cargo fetch --locked)");
     let fetched = cargo()
         .args(["fetch", "--locked"])
