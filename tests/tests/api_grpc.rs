@@ -355,24 +355,35 @@ async fn socket_is_mode_0660_and_removed_when_the_server_stops() {
     assert!(!path.exists(), "socket file removed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_grpcio_discovers_the_service_by_reflection_and_calls_it() {
-    const TEST: &str = "python_grpcio_discovers_the_service_by_reflection_and_calls_it";
+/// Whether python3 with grpcio and grpcio-reflection is there; prints the skip line if not.
+fn python_grpcio(test: &str) -> bool {
     let probe = std::process::Command::new("python3")
         .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
         .output();
     match probe {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => true,
         Ok(o) => {
-            return skip(
-                TEST,
+            skip(
+                test,
                 &format!(
                     "python grpcio/grpcio-reflection not importable (pip install -r tests/requirements.txt): {}",
                     String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default()
                 ),
-            )
+            );
+            false
         }
-        Err(e) => return skip(TEST, &format!("python3 not found: {e}")),
+        Err(e) => {
+            skip(test, &format!("python3 not found: {e}"));
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_discovers_the_service_by_reflection_and_calls_it() {
+    const TEST: &str = "python_grpcio_discovers_the_service_by_reflection_and_calls_it";
+    if !python_grpcio(TEST) {
+        return;
     }
     let dir = TempDir::new("api-python");
     let api = TestApi::start(api_config(&dir), health_config()).await;
@@ -411,4 +422,67 @@ async fn python_grpcio_discovers_the_service_by_reflection_and_calls_it() {
     assert_eq!(v["health"]["health"]["node"], "test-node");
     assert_eq!(v["check_server"]["status"], "SERVING");
     assert_eq!(v["check_node_health"]["status"], "SERVING");
+}
+
+/// A caller could forge log lines through `requested_by` or `reason` in the plain log format:
+/// text with newlines or control characters is refused, naming the field, and the refused calls
+/// leave no trace in the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_drain_text_with_control_characters_is_invalid_argument() {
+    const TEST: &str = "python_grpcio_drain_text_with_control_characters_is_invalid_argument";
+    if !python_grpcio(TEST) {
+        return;
+    }
+    let dir = TempDir::new("api-python-text");
+    let api = TestApi::start(api_config(&dir), health_config()).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/drain_text_client.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(format!("unix:{}", api.socket.display()))
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("python printed JSON");
+    let refused = v["refused"].as_array().expect("refused");
+    assert_eq!(refused.len(), 5, "{v}");
+    for r in refused {
+        let text = |f: &str| r["fields"][f].as_str().unwrap_or_default().to_owned();
+        // The first field (in check order) that holds a control character is the one named.
+        let field = if text("requested_by").chars().any(char::is_control) {
+            "requested_by"
+        } else {
+            "reason"
+        };
+        assert_eq!(r["code"], "INVALID_ARGUMENT", "{r}");
+        let details = r["details"].as_str().unwrap_or_default();
+        assert!(
+            details.starts_with(field) && details.contains("control character"),
+            "{field}: {r}"
+        );
+    }
+    assert_eq!(v["accepted"]["code"], "OK", "{v}");
+    let requesters = v["accepted"]["reply"]["drain"]["requesters"]
+        .as_array()
+        .expect("requesters");
+    let names: Vec<&str> = requesters
+        .iter()
+        .filter_map(|r| r["requested_by"].as_str())
+        .collect();
+    assert_eq!(names, ["python/ok"], "refused calls joined the drain: {v}");
+    let status = api
+        .client()
+        .await
+        .get_drain_status(pb::GetDrainStatusRequest {})
+        .await
+        .expect("GetDrainStatus")
+        .into_inner();
+    let drain = status.drain.expect("drain");
+    assert_eq!(drain.state, pb::DrainState::Draining as i32);
+    assert_eq!(drain.requesters.len(), 1, "{drain:?}");
 }

@@ -4,7 +4,8 @@
 
 use nodeward::api::{pb, ApiConfig};
 use nodeward_tests::{
-    api::{conn, health_config, TestApi},
+    agent_binary,
+    api::{conn, health_config, TempDir, TestApi},
     pki::Pki,
 };
 use tonic::Code;
@@ -139,7 +140,76 @@ fn tcp_off_loopback_needs_tls() {
         tcp_listen: "0.0.0.0:50051".to_owned(),
         tls_cert: "/etc/nodeward/tls.crt".into(),
         tls_key: "/etc/nodeward/tls.key".into(),
+        tls_client_ca: "/etc/nodeward/ca.crt".into(),
         ..ApiConfig::default()
     };
     assert!(cfg.validate().is_ok());
+}
+
+/// `nodeward config check` on a config file, with extra `--set` flags: exit code and stderr.
+fn config_check(name: &str, toml: &str, set: &[&str]) -> (Option<i32>, String) {
+    let dir = TempDir::new(name);
+    let path = dir.0.join("nodeward.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let mut cmd = std::process::Command::new(agent_binary());
+    cmd.env_remove("NODEWARD_LOG").arg("--config").arg(&path);
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd
+        .args(["config", "check"])
+        .output()
+        .expect("run nodeward");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_check_refuses_off_loopback_tls_that_lets_anonymous_callers_drain() {
+    let unsafe_listener = "[api]\ntcp_listen = \"0.0.0.0:50051\"\n\
+        tls_cert = \"/etc/nodeward/tls.crt\"\ntls_key = \"/etc/nodeward/tls.key\"\n";
+    let (code, stderr) = config_check("cfg-anon", unsafe_listener, &[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    for key in [
+        "api.tcp_listen",
+        "api.tls_client_ca",
+        "api.drain_allowed_identities",
+    ] {
+        assert!(stderr.contains(key), "{key} not named: {stderr}");
+    }
+    // The same file with either way out is valid: the refusal was this rule and nothing else.
+    let (code, stderr) = config_check(
+        "cfg-anon-ca",
+        unsafe_listener,
+        &["api.tls_client_ca=/etc/nodeward/ca.crt"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = config_check(
+        "cfg-anon-list",
+        unsafe_listener,
+        &["api.drain_allowed_identities=[\"cn:rollout-controller\"]"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn config_check_refuses_malformed_allow_list_entries_naming_them() {
+    for entry in ["uid:abc", "uid:", "cn:", "user:root", "uid:007"] {
+        let toml = format!("[api]\ndrain_allowed_identities = [\"uid:0\", \"{entry}\"]\n");
+        let (code, stderr) = config_check("cfg-ids", &toml, &[]);
+        assert_eq!(code, Some(64), "{entry}: {stderr}");
+        assert!(
+            stderr.contains("api.drain_allowed_identities")
+                && stderr.contains(&format!("\"{entry}\"")),
+            "{entry}: {stderr}"
+        );
+    }
+    let (code, stderr) = config_check(
+        "cfg-ids-ok",
+        "[api]\ndrain_allowed_identities = [\"uid:0\", \"cn:rollout\", \"anonymous\"]\n",
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
 }

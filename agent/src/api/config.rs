@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+use super::identity::Identity;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
@@ -37,7 +39,9 @@ pub struct ApiConfig {
     pub drain_default_deadline: Duration,
     /// Identities allowed to call BeginDrain and CancelDrain; empty allows every caller that can
     /// reach the API. Forms: "uid:<n>" (Unix socket peer), "cn:<common name>" (TLS client
-    /// certificate), "anonymous" (TCP without a client certificate).
+    /// certificate), "anonymous" (TCP without a client certificate); any other entry is a
+    /// config error. Empty is refused with a TCP listener off loopback that admits callers
+    /// without a client certificate.
     pub drain_allowed_identities: Vec<String>,
     /// Node name in reports; empty = the kernel's hostname.
     pub node_name: String,
@@ -167,13 +171,35 @@ impl ApiConfig {
                 allowed: "must be between 1s and 7 days".to_owned(),
             });
         }
-        for id in &self.drain_allowed_identities {
-            if !(id.starts_with("uid:") || id.starts_with("cn:") || id == "anonymous") {
+        for entry in &self.drain_allowed_identities {
+            if let Err(e) = entry.parse::<Identity>() {
                 return Err(ApiConfigError {
                     key: "drain_allowed_identities",
-                    value: format!("{id:?}"),
-                    allowed: "each entry must be \"uid:<n>\", \"cn:<name>\" or \"anonymous\""
-                        .to_owned(),
+                    value: format!("{entry:?}"),
+                    allowed: e.to_string(),
+                });
+            }
+        }
+        if let Some(addr) = addr {
+            // Off loopback, a caller without a client certificate is `anonymous`, and an empty
+            // allow-list lets anyone on the network drain the node.
+            let certless =
+                self.tls_client_ca.as_os_str().is_empty() || self.tls_client_auth_optional;
+            if !addr.ip().is_loopback() && certless && self.drain_allowed_identities.is_empty() {
+                let why = if self.tls_client_auth_optional {
+                    "api.tls_client_auth_optional = true"
+                } else {
+                    "no api.tls_client_ca"
+                };
+                return Err(ApiConfigError {
+                    key: "tcp_listen",
+                    value: format!("{:?}", self.tcp_listen),
+                    allowed: format!(
+                        "an address other than loopback with {why} and an empty \
+                         api.drain_allowed_identities lets every caller drain the node as \
+                         \"anonymous\": set api.tls_client_ca (client certificates required), \
+                         list who may drain in api.drain_allowed_identities, or listen on loopback"
+                    ),
                 });
             }
         }
@@ -265,9 +291,15 @@ mod tests {
             let e = with_flags(&[flag]).expect_err(flag);
             assert!(e.to_string().contains(key), "{flag}: {e}");
         }
-        let e = with_flags(&["api.drain_allowed_identities=[\"root\"]"])
-            .expect_err("bad identity form");
-        assert!(e.to_string().contains("uid:"), "{e}");
+        for entry in ["root", "uid:abc", "uid:", "cn:", "uid:007"] {
+            let flag = format!("api.drain_allowed_identities=[\"{entry}\"]");
+            let e = with_flags(&[flag.as_str()]).expect_err(entry);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("api.drain_allowed_identities") && msg.contains(&format!("{entry:?}")),
+                "{entry}: {msg}"
+            );
+        }
         let ok = with_flags(&[
             "api.drain_allowed_identities=[\"uid:0\", \"cn:rollout\"]",
             "api.tcp_listen=",
@@ -278,5 +310,59 @@ mod tests {
             vec!["uid:0".to_owned(), "cn:rollout".to_owned()]
         );
         assert_eq!(ok.api.tcp_addr(), Ok(None), "empty disables TCP");
+    }
+
+    #[test]
+    fn off_loopback_tls_that_admits_anonymous_callers_needs_an_allow_list() {
+        let tls = [
+            "api.tcp_listen=0.0.0.0:50051",
+            "api.tls_cert=/etc/nodeward/tls.crt",
+            "api.tls_key=/etc/nodeward/tls.key",
+        ];
+        let e = with_flags(&tls).expect_err("no client CA, empty allow-list");
+        let msg = e.to_string();
+        for key in [
+            "api.tcp_listen",
+            "api.tls_client_ca",
+            "api.drain_allowed_identities",
+        ] {
+            assert!(msg.contains(key), "{key} missing: {msg}");
+        }
+        let optional = [
+            &tls[..],
+            &[
+                "api.tls_client_ca=/etc/nodeward/ca.crt",
+                "api.tls_client_auth_optional=true",
+            ],
+        ]
+        .concat();
+        let e = with_flags(&optional).expect_err("certificates optional, empty allow-list");
+        assert!(
+            e.to_string().contains("api.tls_client_auth_optional"),
+            "{e}"
+        );
+
+        // Each way out is accepted: required client certificates, an allow-list, loopback.
+        with_flags(&[&tls[..], &["api.tls_client_ca=/etc/nodeward/ca.crt"]].concat())
+            .expect("client certificates required");
+        with_flags(
+            &[
+                &optional[..],
+                &["api.drain_allowed_identities=[\"cn:rollout\"]"],
+            ]
+            .concat(),
+        )
+        .expect("allow-list");
+        with_flags(&[&tls[..], &["api.drain_allowed_identities=[\"anonymous\"]"]].concat())
+            .expect("anonymous allowed by name is a choice, not an accident");
+        with_flags(&[&tls[1..], &["api.tcp_listen=127.0.0.1:50051"]].concat()).expect("loopback");
+        with_flags(
+            &[
+                &tls[1..],
+                &["api.tcp_listen=[::]:50051", "api.tls_client_ca=/ca.pem"],
+            ]
+            .concat(),
+        )
+        .expect("IPv6 any with client certificates");
     }
 }

@@ -93,6 +93,24 @@ pub struct DrainAsk {
     pub deadline: Option<Duration>,
 }
 
+/// Text that is logged as given: a newline or another control character in it could forge a
+/// log line in the plain format, so it is refused rather than escaped (the caller learns, and
+/// the drain record says exactly what was asked). U+2028/U+2029 end lines in some viewers.
+fn check_printable(field: &str, value: &str) -> Result<(), Status> {
+    match value
+        .chars()
+        .enumerate()
+        .find(|(_, c)| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        Some((at, c)) => Err(Status::invalid_argument(format!(
+            "{field} contains the control character U+{:04X} at character {at}; newlines and \
+             control characters are not allowed, as {field} is written to the log",
+            u32::from(c)
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn requester(requested_by: &str, reason: &str) -> Result<(), Status> {
     if requested_by.trim().is_empty() {
         return Err(Status::invalid_argument(
@@ -100,7 +118,9 @@ fn requester(requested_by: &str, reason: &str) -> Result<(), Status> {
         ));
     }
     check_len("requested_by", requested_by, MAX_ID)?;
-    check_len("reason", reason, MAX_REASON)
+    check_len("reason", reason, MAX_REASON)?;
+    check_printable("requested_by", requested_by)?;
+    check_printable("reason", reason)
 }
 
 impl TryFrom<pb::BeginDrainRequest> for DrainAsk {
@@ -181,5 +201,48 @@ mod tests {
             .expect_err("long")
             .message()
             .contains("pod_name"));
+    }
+
+    #[test]
+    fn control_characters_in_requester_and_reason_are_invalid_and_named() {
+        let begin = |by: &str, reason: &str| pb::BeginDrainRequest {
+            requested_by: by.into(),
+            reason: reason.into(),
+            deadline_seconds: 0,
+        };
+        let forged = "ctl\n2026-12-07T07:00:00Z  INFO nodeward: drain cancelled";
+        for (req, field, code) in [
+            (begin(forged, ""), "requested_by", "U+000A"),
+            (begin("ctl", "upgrade\r\nfake"), "reason", "U+000D"),
+            (begin("ctl", "a\u{1b}[2Jb"), "reason", "U+001B"),
+            (begin("ctl\u{0}", ""), "requested_by", "U+0000"),
+            (begin("ctl", "tab\there"), "reason", "U+0009"),
+            (begin("ctl", "line\u{2028}sep"), "reason", "U+2028"),
+            (begin("ctl", "c1\u{85}next"), "reason", "U+0085"),
+        ] {
+            let e = DrainAsk::try_from(req).expect_err(code);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().starts_with(field) && e.message().contains(code),
+                "{field} {code}: {}",
+                e.message()
+            );
+        }
+        let cancel = pb::CancelDrainRequest {
+            requested_by: "ctl".into(),
+            reason: "done\nINFO forged".into(),
+        };
+        let e = DrainAsk::try_from(cancel).expect_err("cancel too");
+        assert!(e.message().starts_with("reason"), "{}", e.message());
+
+        let ok = DrainAsk::try_from(begin(
+            "rollout-controller/cluster-a",
+            "kernel 6.8 — ünïcode ok",
+        ))
+        .expect("printable text, Unicode included");
+        assert_eq!(ok.reason, "kernel 6.8 — ünïcode ok");
+        let e = DrainAsk::try_from(begin("ctl", &"r".repeat(MAX_REASON + 1)))
+            .expect_err("reason is bounded");
+        assert!(e.message().contains("reason"), "{}", e.message());
     }
 }
