@@ -319,6 +319,60 @@ async fn watch_sends_the_current_state_at_once_then_each_change_then_heartbeats(
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
+/// Watch streams past `api.limits.max_watch_streams`, counted across connections, are refused
+/// with RESOURCE_EXHAUSTED while the streams already open and unary calls are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_past_the_cap_get_resource_exhausted_and_the_agent_still_answers() {
+    let dir = TempDir::new("api-watch-cap");
+    let mut config = api_config(&dir);
+    config.limits.max_watch_streams = 3;
+    let api = TestApi::start(config, health_config()).await;
+    // Two connections; clones of a client share its connection.
+    let (one, mut other) = (api.client().await, api.client().await);
+
+    let mut open = Vec::new();
+    for mut client in [one.clone(), one.clone(), other.clone()] {
+        let mut stream = client
+            .watch_node_health(pb::WatchNodeHealthRequest::default())
+            .await
+            .expect("a Watch within the cap")
+            .into_inner();
+        next(&mut stream).await;
+        open.push(stream);
+    }
+    for mut client in [one, other.clone()] {
+        let refused = client
+            .watch_node_health(pb::WatchNodeHealthRequest::default())
+            .await
+            .expect_err("a fourth Watch is past the cap of 3");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("api.limits.max_watch_streams"),
+            "the message names the limit: {}",
+            refused.message()
+        );
+    }
+    let h = other
+        .get_node_health(pb::GetNodeHealthRequest {})
+        .await
+        .expect("GetNodeHealth is answered with every Watch slot taken")
+        .into_inner();
+    assert_eq!(h.health.expect("health").node, "test-node");
+
+    feed_all(&api.store, 2);
+    for stream in &mut open {
+        let mut healthy = false;
+        for _ in 0..20 {
+            let m = next(stream).await;
+            if m.health.expect("health").verdict == pb::Verdict::Healthy as i32 {
+                healthy = true;
+                break;
+            }
+        }
+        assert!(healthy, "the open streams still carry changes");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_mode_0660_and_removed_when_the_server_stops() {
     let dir = TempDir::new("api-socket");
