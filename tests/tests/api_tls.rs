@@ -167,12 +167,9 @@ async fn a_client_that_never_finishes_its_tls_handshake_is_dropped() {
     // Without the timeout the read would never end; the bound only keeps a failure from
     // hanging the suite.
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        silent.read(&mut buf),
-    )
-    .await
-    .expect("the agent closes a stalled handshake");
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), silent.read(&mut buf))
+        .await
+        .expect("the agent closes a stalled handshake");
     assert!(
         matches!(read, Ok(0) | Err(_)),
         "the stalled connection ends without an answer: {read:?}"
