@@ -319,6 +319,136 @@ async fn watch_sends_the_current_state_at_once_then_each_change_then_heartbeats(
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
+/// Watch streams past `api.limits.max_watch_streams`, counted across connections, are refused
+/// with RESOURCE_EXHAUSTED while the streams already open and unary calls are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_past_the_cap_get_resource_exhausted_and_the_agent_still_answers() {
+    let dir = TempDir::new("api-watch-cap");
+    let mut config = api_config(&dir);
+    config.limits.max_watch_streams = 3;
+    let api = TestApi::start(config, health_config()).await;
+    // Two connections; clones of a client share its connection.
+    let (one, mut other) = (api.client().await, api.client().await);
+
+    let mut open = Vec::new();
+    for mut client in [one.clone(), one.clone(), other.clone()] {
+        let mut stream = client
+            .watch_node_health(pb::WatchNodeHealthRequest::default())
+            .await
+            .expect("a Watch within the cap")
+            .into_inner();
+        next(&mut stream).await;
+        open.push(stream);
+    }
+    for mut client in [one, other.clone()] {
+        let refused = client
+            .watch_node_health(pb::WatchNodeHealthRequest::default())
+            .await
+            .expect_err("a fourth Watch is past the cap of 3");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("api.limits.max_watch_streams"),
+            "the message names the limit: {}",
+            refused.message()
+        );
+    }
+    let h = other
+        .get_node_health(pb::GetNodeHealthRequest {})
+        .await
+        .expect("GetNodeHealth is answered with every Watch slot taken")
+        .into_inner();
+    assert_eq!(h.health.expect("health").node, "test-node");
+
+    feed_all(&api.store, 2);
+    for stream in &mut open {
+        let mut healthy = false;
+        for _ in 0..20 {
+            let m = next(stream).await;
+            if m.health.expect("health").verdict == pb::Verdict::Healthy as i32 {
+                healthy = true;
+                break;
+            }
+        }
+        assert!(healthy, "the open streams still carry changes");
+    }
+}
+
+/// One HTTP/2 frame as it came off the wire: (type, flags, payload).
+async fn read_frame(s: &mut tokio::net::UnixStream) -> std::io::Result<(u8, u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await?;
+    Ok((head[3], head[4], payload))
+}
+
+/// Read off the wire with a bare HTTP/2 connection (no gRPC library to hide what the server
+/// sends): the server announces the per-connection stream limit in its SETTINGS, pings a
+/// connection after `http2_keepalive_interval`, and closes it when the ping goes unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_announces_its_stream_limit_and_drops_a_peer_that_ignores_pings() {
+    use tokio::io::AsyncWriteExt as _;
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+    let dir = TempDir::new("api-h2-limits");
+    let mut config = api_config(&dir);
+    config.limits.max_concurrent_streams_per_connection = 7;
+    config.limits.http2_keepalive_interval = std::time::Duration::from_secs(1);
+    config.limits.http2_keepalive_timeout = std::time::Duration::from_secs(1);
+    let api = TestApi::start(config, health_config()).await;
+
+    let mut s = tokio::net::UnixStream::connect(&api.socket)
+        .await
+        .expect("connect");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    s.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .expect("empty SETTINGS");
+    let exchange = async {
+        let mut max_streams = None;
+        let mut pinged = false;
+        loop {
+            let (kind, flags, payload) = match read_frame(&mut s).await {
+                Ok(f) => f,
+                // The server closed the connection.
+                Err(_) => return (max_streams, pinged),
+            };
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    for entry in payload.chunks_exact(6) {
+                        if u16::from_be_bytes([entry[0], entry[1]]) == MAX_CONCURRENT_STREAMS {
+                            max_streams =
+                                Some(u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+                        }
+                    }
+                    s.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0])
+                        .await
+                        .expect("SETTINGS ack");
+                }
+                // Deliberately left unanswered.
+                PING if flags & ACK == 0 => pinged = true,
+                // hyper may send a GOAWAY before it closes; either ends the exchange.
+                GOAWAY => return (max_streams, pinged),
+                _ => {}
+            }
+        }
+    };
+    // The bound only keeps a failure from hanging the suite.
+    let (max_streams, pinged) = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
+        .await
+        .expect("the server closes a connection that ignores its pings");
+    assert_eq!(max_streams, Some(7), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    assert!(pinged, "a keep-alive PING came before the connection ended");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_mode_0660_and_removed_when_the_server_stops() {
     let dir = TempDir::new("api-socket");

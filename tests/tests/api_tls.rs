@@ -213,3 +213,35 @@ fn config_check_refuses_malformed_allow_list_entries_naming_them() {
     );
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// A client that connects to the TLS listener and never sends its ClientHello is dropped once
+/// `api.limits.tls_handshake_timeout` passes (tonic sets no timeout of its own), while other
+/// clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_tls_handshake_is_dropped() {
+    use tokio::io::AsyncReadExt as _;
+
+    let pki = Pki::new("tls-handshake-timeout");
+    let mut config = pki.server_config(false);
+    config.limits.tls_handshake_timeout = std::time::Duration::from_secs(1);
+    let api = TestApi::start(config, health_config()).await;
+    let addr = api.tcp.expect("TCP listener bound");
+
+    let mut silent = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("TCP connect");
+    let c = pki.client_conn(addr, None);
+    health(&c)
+        .await
+        .expect("a TLS client is served while another stalls its handshake");
+    // Without the timeout the read would never end; the bound only keeps a failure from
+    // hanging the suite.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), silent.read(&mut buf))
+        .await
+        .expect("the agent closes a stalled handshake");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the stalled connection ends without an answer: {read:?}"
+    );
+}

@@ -45,6 +45,83 @@ pub struct ApiConfig {
     pub drain_allowed_identities: Vec<String>,
     /// Node name in reports; empty = the kernel's hostname.
     pub node_name: String,
+    /// Limits that keep one caller from starving the others.
+    pub limits: ApiLimits,
+}
+
+/// `[api.limits]`: bounds on what callers can hold open (issue 19).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiLimits {
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams_per_connection: u32,
+    /// WatchNodeHealth streams open at once across all connections; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// How long a call may take to produce its reply (for Watch: its first message head);
+    /// a shorter `grpc-timeout` from the client wins.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP/2 PING sent on a connection idle this long; 0s disables keep-alive pings.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// A PING not acknowledged within this closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// A TLS client must finish its handshake within this, or it is dropped.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams_per_connection: 200,
+            max_watch_streams: 1024,
+            request_timeout: Duration::from_secs(30),
+            http2_keepalive_interval: Duration::from_secs(60),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            tls_handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ApiLimits {
+    /// Each limit must be a number that lets the API work at all.
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
+        let bad = |key: &'static str, value: String, allowed: &str| ApiConfigError {
+            key,
+            value,
+            allowed: allowed.to_owned(),
+        };
+        if self.max_concurrent_streams_per_connection == 0 {
+            return Err(bad(
+                "limits.max_concurrent_streams_per_connection",
+                "0".to_owned(),
+                "must be at least 1",
+            ));
+        }
+        if self.max_watch_streams == 0 {
+            return Err(bad(
+                "limits.max_watch_streams",
+                "0".to_owned(),
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("limits.request_timeout", self.request_timeout),
+            (
+                "limits.http2_keepalive_timeout",
+                self.http2_keepalive_timeout,
+            ),
+            ("limits.tls_handshake_timeout", self.tls_handshake_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(bad(key, format!("{value:?}"), "must be more than 0s"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ApiConfig {
@@ -63,6 +140,7 @@ impl Default for ApiConfig {
             drain_default_deadline: Duration::from_secs(3600),
             drain_allowed_identities: Vec::new(),
             node_name: String::new(),
+            limits: ApiLimits::default(),
         }
     }
 }
@@ -129,6 +207,7 @@ impl ApiConfig {
 
     /// Checks that the values can work together.
     pub fn validate(&self) -> Result<(), ApiConfigError> {
+        self.limits.validate()?;
         self.socket_mode()?;
         self.socket_gid()?;
         let addr = self.tcp_addr()?;
@@ -287,6 +366,14 @@ mod tests {
             ),
             ("api.tcp_listen=localhost", "api.tcp_listen"),
             ("health.network_window=30s", "health.network_window"),
+            (
+                "api.limits.max_watch_streams=0",
+                "api.limits.max_watch_streams",
+            ),
+            (
+                "api.limits.tls_handshake_timeout=0s",
+                "api.limits.tls_handshake_timeout",
+            ),
         ] {
             let e = with_flags(&[flag]).expect_err(flag);
             assert!(e.to_string().contains(key), "{flag}: {e}");

@@ -78,6 +78,7 @@ pub enum ApiError {
 #[derive(Debug)]
 pub struct BoundApi {
     service: service::Service,
+    limits: config::ApiLimits,
     unix: Option<(UnixListener, PathBuf)>,
     tcp: Option<(TcpListener, SocketAddr, Option<ServerTlsConfig>)>,
     cancel: CancellationToken,
@@ -107,7 +108,11 @@ async fn bind_tcp(
 ) -> Result<(TcpListener, SocketAddr, Option<ServerTlsConfig>), ApiError> {
     let tls = if api.tls_enabled() {
         let identity = Identity::from_pem(read_tls(&api.tls_cert)?, read_tls(&api.tls_key)?);
-        let mut t = ServerTlsConfig::new().identity(identity);
+        // tonic runs handshakes concurrently; the timeout keeps a client that connects and
+        // never finishes from holding its socket and task forever.
+        let mut t = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(api.limits.tls_handshake_timeout);
         if !api.tls_client_ca.as_os_str().is_empty() {
             t = t
                 .client_ca_root(Certificate::from_pem(read_tls(&api.tls_client_ca)?))
@@ -171,6 +176,17 @@ fn bind_unix(
     Ok(listener)
 }
 
+/// A server builder with the configured limits: tonic's own builder sets none (it even lifts
+/// hyper's default of 200 concurrent streams per connection).
+fn limited(limits: &config::ApiLimits) -> Server {
+    let interval = limits.http2_keepalive_interval;
+    Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams_per_connection)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval((!interval.is_zero()).then_some(interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+}
+
 impl BoundApi {
     /// Validates the config and binds the listeners (so that errors show before serving).
     pub async fn bind(
@@ -215,10 +231,12 @@ impl BoundApi {
             heartbeat: api.watch_heartbeat,
             default_deadline: api.drain_default_deadline,
             allowed_drain_identities: api.drain_allowed_identities.clone(),
+            max_watch_streams: api.limits.max_watch_streams,
             cancel: cancel.clone(),
         });
         Ok(Self {
             service,
+            limits: api.limits.clone(),
             unix,
             tcp,
             cancel,
@@ -234,6 +252,7 @@ impl BoundApi {
     pub async fn serve(self) -> Result<(), ApiError> {
         let Self {
             service,
+            limits,
             unix,
             tcp,
             cancel,
@@ -281,7 +300,7 @@ impl BoundApi {
             };
             let what = format!("unix:{}", path.display());
             tracing::info!(listen = %what, "gRPC API listening");
-            let serve = routes(Server::builder()).serve_with_incoming_shutdown(
+            let serve = routes(limited(&limits)).serve_with_incoming_shutdown(
                 UnixListenerStream::new(listener),
                 cancel.cancelled(),
             );
@@ -296,7 +315,7 @@ impl BoundApi {
             };
             let what = format!("tcp:{addr}{}", if tls.is_some() { " (TLS)" } else { "" });
             tracing::info!(listen = %what, "gRPC API listening");
-            let mut builder = Server::builder();
+            let mut builder = limited(&limits);
             if let Some(t) = tls {
                 builder = builder.tls_config(t).map_err(ApiError::Tls)?;
             }

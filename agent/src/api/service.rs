@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -37,6 +37,9 @@ struct Inner {
     heartbeat: Duration,
     default_deadline: Duration,
     allowed: Vec<String>,
+    /// One permit per open Watch stream, across all connections.
+    watch_slots: Arc<Semaphore>,
+    max_watch_streams: usize,
     cancel: CancellationToken,
 }
 
@@ -52,6 +55,8 @@ pub struct ServiceParts {
     pub heartbeat: Duration,
     pub default_deadline: Duration,
     pub allowed_drain_identities: Vec<String>,
+    /// Watch streams open at once across all connections; more are refused.
+    pub max_watch_streams: usize,
     /// Ends open Watch streams at shutdown.
     pub cancel: CancellationToken,
 }
@@ -68,6 +73,8 @@ impl Service {
                 heartbeat: p.heartbeat,
                 default_deadline: p.default_deadline,
                 allowed: p.allowed_drain_identities,
+                watch_slots: Arc::new(Semaphore::new(p.max_watch_streams)),
+                max_watch_streams: p.max_watch_streams,
                 cancel: p.cancel,
             }),
         }
@@ -156,6 +163,17 @@ impl NodeHealth for Service {
         req: Request<pb::WatchNodeHealthRequest>,
     ) -> Result<Response<Self::WatchNodeHealthStream>, Status> {
         let heartbeat = requests::heartbeat(req.get_ref(), self.inner.heartbeat)?;
+        // Each stream holds a task and two messages; the cap keeps callers from opening them
+        // until the agent runs out of memory. The permit lives as long as the stream's task.
+        let slot = Arc::clone(&self.inner.watch_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "{} WatchNodeHealth streams are open, the most this agent serves \
+                     (api.limits.max_watch_streams); close one or retry later",
+                    self.inner.max_watch_streams
+                ))
+            })?;
         let mut rx = self.inner.health.clone();
         // Two messages at most wait for a slow reader; meanwhile the watch channel keeps only
         // the newest state, so the reader skips to it instead of the agent queueing old ones.
@@ -163,6 +181,7 @@ impl NodeHealth for Service {
         let node = self.inner.node.clone();
         let cancel = self.inner.cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut is_heartbeat = false;
             loop {
                 let p = rx.borrow_and_update().clone();

@@ -24,6 +24,7 @@ fn service(hub: &HealthHub, cancel: &CancellationToken) -> Service {
         heartbeat: Duration::from_secs(3600),
         default_deadline: Duration::from_secs(60),
         allowed_drain_identities: Vec::new(),
+        max_watch_streams: 2,
         cancel: cancel.clone(),
     })
 }
@@ -100,5 +101,35 @@ async fn an_unchanged_state_is_not_sent_again_except_as_a_heartbeat() {
         .expect("ok");
     assert!(next.heartbeat, "only the heartbeat follows");
     assert_eq!(next.revision, first.revision);
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn watch_streams_past_the_cap_are_refused_until_one_closes() {
+    let hub = HealthHub::new(report(0));
+    let cancel = CancellationToken::new();
+    let svc = service(&hub, &cancel);
+    let watch = || svc.watch_node_health(Request::new(pb::WatchNodeHealthRequest::default()));
+    let mut first = watch().await.expect("first of 2").into_inner();
+    let _second = watch().await.expect("second of 2").into_inner();
+    let refused = watch().await.expect_err("a third is past the cap of 2");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("api.limits.max_watch_streams"),
+        "{}",
+        refused.message()
+    );
+    // The slot is held by the stream's task, which ends once the reader is gone.
+    first.next().await.expect("first message").expect("ok");
+    drop(first);
+    let mut again = None;
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+        if let Ok(s) = watch().await {
+            again = Some(s);
+            break;
+        }
+    }
+    assert!(again.is_some(), "a closed stream gives its slot back");
     cancel.cancel();
 }

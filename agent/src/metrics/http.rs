@@ -2,13 +2,17 @@
 //! (and `HEAD`, which axum answers with the same head), 405 for other methods there, 404
 //! elsewhere.
 //!
-//! Bounded so that a slow or hostile client cannot hold the agent's memory or its runtime: at
-//! most [`MAX_CONNECTIONS`] connections are served at once (more wait in the kernel's accept
-//! queue), a request head must arrive within [`IO_TIMEOUT`], a whole connection ends after
-//! [`CONNECTION_TIMEOUT`], and each connection serves one request (as Prometheus's scrapes
-//! need no keep-alive across a scrape interval).
+//! Bounded so that a slow or hostile client cannot hold the agent's memory or its runtime, nor
+//! keep Prometheus out: at most [`MAX_CONNECTIONS`] connections are open at once (more wait in
+//! the kernel's accept queue), a request head must arrive within [`IO_TIMEOUT`], a whole
+//! connection ends after [`CONNECTION_TIMEOUT`], and each connection serves one request (as
+//! Prometheus's scrapes need no keep-alive across a scrape interval). Rendering is what costs,
+//! so at most [`MAX_SCRAPES`] render at once; that permit is taken only once a whole request
+//! head has arrived, so clients that connect and trickle bytes hold a cheap connection slot,
+//! never a scrape slot (issue 19: 16 such clients used to starve Prometheus); and one source
+//! address holds at most [`MAX_PER_SOURCE`] connections, so it cannot take them all.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::State,
@@ -30,18 +34,87 @@ use super::{encode::CONTENT_TYPE, Exporter};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection may last in all: request, rendering and the answer.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections open at once, reading their request or being answered; more wait in the
+/// kernel's accept queue. Each costs a task and hyper's read buffer.
+const MAX_CONNECTIONS: usize = 256;
+/// Scrapes rendered at once; a request past it waits (within [`CONNECTION_TIMEOUT`]).
+const MAX_SCRAPES: usize = 16;
+/// Connections one source address may hold; more from it are closed at once, so that one
+/// client cannot take all [`MAX_CONNECTIONS`].
+const MAX_PER_SOURCE: usize = 32;
+
+/// Open connections per source address.
+#[derive(Debug, Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection counted against its source; uncounted on drop.
+#[derive(Debug)]
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    /// A slot for `ip`, or `None` when it holds [`MAX_PER_SOURCE`] connections already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        // A poisoned lock only means a panic elsewhere mid-update of a counter: keep counting.
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .sources
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What a scrape needs: the exporter and the scrape slots.
+#[derive(Clone)]
+struct Scrapes {
+    exporter: Arc<Exporter>,
+    slots: Arc<Semaphore>,
+}
 
 /// The routes: `/metrics` only.
 fn router(exporter: Arc<Exporter>) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(exporter)
+        .with_state(Scrapes {
+            exporter,
+            slots: Arc::new(Semaphore::new(MAX_SCRAPES)),
+        })
 }
 
-async fn scrape(State(exporter): State<Arc<Exporter>>) -> Response {
+async fn scrape(State(scrapes): State<Scrapes>) -> Response {
+    // The handler runs only once hyper has read the whole request head: a client still
+    // sending its head holds no scrape slot.
+    let Ok(_slot) = scrapes.slots.acquire_owned().await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    };
+    let exporter = scrapes.exporter;
     // A scrape reads /proc files and makes bpf() calls: off the async workers.
     match tokio::task::spawn_blocking(move || exporter.render()).await {
         Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
@@ -60,6 +133,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let service = TowerToHyperService::new(router(exporter));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(Sources::default());
     let mut connections = JoinSet::new();
     loop {
         // Reap finished connections so the set does not grow with every scrape.
@@ -82,6 +156,10 @@ pub async fn serve(
                 }
             },
         };
+        let Some(source) = sources.take(peer.ip()) else {
+            tracing::debug!(%peer, "metrics: too many connections from this address");
+            continue;
+        };
         let service = service.clone();
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -94,7 +172,7 @@ pub async fn serve(
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics: connection failed"),
                 Err(_) => tracing::debug!(%peer, "metrics: client too slow"),
             }
-            drop(permit);
+            drop((permit, source));
         });
     }
 }
@@ -138,6 +216,132 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&body),
             "# HELP nodeward_test Test.\n# TYPE nodeward_test gauge\nnodeward_test 1\n"
+        );
+    }
+
+    /// Over real loopback sockets: clients that connect and send their request head a byte at
+    /// a time must not keep a scrape out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrape_succeeds_while_16_clients_trickle_their_request() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut exporter = Exporter::new();
+        exporter.add(|m| m.gauge("nodeward_test", "Test.", &[], 1.0));
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::new(exporter), cancel.clone()));
+
+        let stop_trickling = CancellationToken::new();
+        let mut tricklers = JoinSet::new();
+        for _ in 0..16 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /met").await.expect("first bytes");
+            let stop = stop_trickling.clone();
+            tricklers.spawn(async move {
+                for b in b"rics HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        let scrape = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        // The one client timeout the issue asks for: a scrape within 2 s.
+        let answer = tokio::time::timeout(Duration::from_secs(2), scrape)
+            .await
+            .expect("the scrape is answered within 2 s")
+            .expect("the scrape's socket works");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.ends_with("nodeward_test 1\n"), "{answer}");
+
+        stop_trickling.cancel();
+        while tricklers.join_next().await.is_some() {}
+        cancel.cancel();
+        server
+            .await
+            .expect("server task")
+            .expect("server ends cleanly");
+    }
+
+    /// One address that opens more connections than the whole server holds cannot keep a
+    /// scrape from another address out: past its share its connections are closed at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_address_cannot_take_every_connection() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut exporter = Exporter::new();
+        exporter.add(|m| m.gauge("nodeward_test", "Test.", &[], 1.0));
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::new(exporter), cancel.clone()));
+
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 8 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            // Those past the share may be closed already; what matters is that they connected.
+            s.write_all(b"GET /met").await.ok();
+            idle.push(s);
+        }
+        let scrape = async {
+            // Another loopback address: the whole 127/8 is local.
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind("127.0.0.2:0".parse().expect("addr"))?;
+            let mut s = socket.connect(addr).await?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(2), scrape)
+            .await
+            .expect("the scrape is answered within 2 s")
+            .expect("the scrape's socket works");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+
+        drop(idle);
+        cancel.cancel();
+        server
+            .await
+            .expect("server task")
+            .expect("server ends cleanly");
+    }
+
+    #[test]
+    fn a_source_gets_its_share_and_it_comes_back_on_close() {
+        let sources = Arc::new(Sources::default());
+        let (a, b): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let held: Vec<SourceSlot> = (0..MAX_PER_SOURCE)
+            .map(|_| sources.take(a).expect("within the share"))
+            .collect();
+        assert!(sources.take(a).is_none(), "past the share");
+        assert!(
+            sources.take(b).is_some(),
+            "another address has its own share"
+        );
+        drop(held);
+        assert!(
+            sources.take(a).is_some(),
+            "closed connections give their slots back"
         );
     }
 
