@@ -309,7 +309,15 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(binary: &std::path::Path, target_port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("nodeward-prometheus-{}", std::process::id()));
+        // One directory per instance: the tests of this file run in parallel in one process,
+        // and two Prometheus servers sharing a config and a TSDB directory scrape each other's
+        // target or lose their data when the other one is dropped.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "nodeward-prometheus-{}-{n}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data")).expect("create Prometheus dir");
         let config = dir.join("prometheus.yml");
