@@ -154,7 +154,11 @@ async fn nobody_cannot_drain_over_the_default_listeners_and_the_socket_group_can
             &agent_binary().display().to_string(),
             &["status".to_owned(), "--addr".to_owned(), addr.clone()],
         );
-        assert!(status.status.success(), "reads stay open: {}", text(&status));
+        assert!(
+            status.status.success(),
+            "reads stay open: {}",
+            text(&status)
+        );
         for call in ["start", "cancel"] {
             let o = cli(None, addr, call);
             let t = text(&o);
@@ -190,7 +194,11 @@ async fn nobody_cannot_drain_over_the_default_listeners_and_the_socket_group_can
     assert!(o.status.success(), "group member drain start: {}", text(&o));
     assert_eq!(drain_state(&api).await, pb::DrainState::Draining as i32);
     let o = cli(Some(group.gid), unix, "cancel");
-    assert!(o.status.success(), "group member drain cancel: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "group member drain cancel: {}",
+        text(&o)
+    );
     assert_eq!(drain_state(&api).await, pb::DrainState::NotDraining as i32);
     if stock.is_some() {
         let o = grpcurl(Some(group.gid), &api.socket, "BeginDrain").expect("grpcurl");

@@ -19,8 +19,8 @@ const SPIFFE: &str = "spiffe://cluster.local/ns/ops/sa/rollout";
 /// A client certificate whose subject holds two CNs ("first", then "second"), with a SPIFFE
 /// URI SAN and a DNS SAN; returns its name for `Pki::client_conn`.
 fn two_cns_and_a_spiffe_id(pki: &Pki) -> String {
-    let mut params = CertificateParams::new(vec!["Rollout.Ops.example".to_owned()])
-        .expect("client params");
+    let mut params =
+        CertificateParams::new(vec!["Rollout.Ops.example".to_owned()]).expect("client params");
     params.distinguished_name.push(DnType::CommonName, "first");
     // rcgen keeps one value per attribute type; the CN's OID (2.5.4.3) as a custom type adds
     // a second CN attribute to the subject.
@@ -73,7 +73,11 @@ fn two_cns_give_no_cn_identity_and_the_san_names_count() {
     );
 }
 
-async fn begin(pki: &Pki, api: &TestApi, cert: &str) -> Result<pb::BeginDrainResponse, tonic::Status> {
+async fn begin(
+    pki: &Pki,
+    api: &TestApi,
+    cert: &str,
+) -> Result<pb::BeginDrainResponse, tonic::Status> {
     let conn = pki.client_conn(api.tcp.expect("TCP listener"), Some(cert));
     let mut client = nodeward::client::connect(&conn, std::path::Path::new("/nonexistent"))
         .await
@@ -106,7 +110,10 @@ async fn a_certificate_with_two_cns_drains_only_by_its_spiffe_id() {
             refused.message()
         );
     }
-    for allowed in [format!("uri:{SPIFFE}"), "dns:rollout.ops.example".to_owned()] {
+    for allowed in [
+        format!("uri:{SPIFFE}"),
+        "dns:rollout.ops.example".to_owned(),
+    ] {
         let mut cfg = pki.server_config(true);
         cfg.drain_allowed_identities = vec!["cn:first".to_owned(), allowed.clone()];
         let api = TestApi::start(cfg, health_config()).await;

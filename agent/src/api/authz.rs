@@ -96,7 +96,11 @@ pub fn groups_in_status(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -147,7 +151,11 @@ mod tests {
             policy.authorize(&Caller::Unix(c), "BeginDrain", g)
         };
         assert_eq!(ok(peer(0, 0), &none), Ok(Identity::Uid(0)), "root");
-        assert_eq!(ok(peer(1001, 1001), &none), Ok(Identity::Uid(1001)), "listed");
+        assert_eq!(
+            ok(peer(1001, 1001), &none),
+            Ok(Identity::Uid(1001)),
+            "listed"
+        );
         assert_eq!(ok(peer(65534, 992), &none), Ok(Identity::Uid(65534)), "gid");
         assert_eq!(
             ok(peer(1000, 1000), &from_status),
@@ -203,7 +211,10 @@ mod tests {
         let e = policy
             .authorize(&Caller::Anonymous, "CancelDrain", |_| Vec::new())
             .expect_err("anonymous not listed");
-        assert!(e.0.contains("allowed: uri:spiffe://td/ops/rollout, dns:ctl.ops"), "{e}");
+        assert!(
+            e.0.contains("allowed: uri:spiffe://td/ops/rollout, dns:ctl.ops"),
+            "{e}"
+        );
         let anyone = DrainPolicy {
             allowed: vec![Identity::Anonymous],
             socket_group: None,

@@ -226,10 +226,12 @@ pub fn certificate_identities(der: &[u8]) -> Vec<Identity> {
 
 /// The subject common name of a certificate (DER), when the subject holds exactly one.
 pub fn subject_common_name(der: &[u8]) -> Option<String> {
-    certificate_identities(der).into_iter().find_map(|id| match id {
-        Identity::Cn(cn) => Some(cn),
-        _ => None,
-    })
+    certificate_identities(der)
+        .into_iter()
+        .find_map(|id| match id {
+            Identity::Cn(cn) => Some(cn),
+            _ => None,
+        })
 }
 
 #[cfg(test)]

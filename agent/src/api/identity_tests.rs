@@ -73,6 +73,9 @@ fn malformed_allow_list_entries_are_refused_with_the_reason() {
 #[test]
 fn a_certificate_that_cannot_be_parsed_gives_no_name() {
     assert_eq!(certificate_identities(b""), Vec::new());
-    assert_eq!(certificate_identities(&[0x30, 0x03, 0x02, 0x01, 0x00]), Vec::new());
+    assert_eq!(
+        certificate_identities(&[0x30, 0x03, 0x02, 0x01, 0x00]),
+        Vec::new()
+    );
     assert_eq!(subject_common_name(b"not DER"), None);
 }
