@@ -91,11 +91,17 @@ impl DrainPolicy {
     }
 }
 
-/// A process's supplementary groups, from the `Groups:` line of `/proc/<pid>/status` text.
-pub fn groups_in_status(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+/// A process's supplementary groups, from the `Groups:` line of `/proc/<pid>/status` text,
+/// when its effective uid (the `Uid:` line's second field) is `euid`. The status is read after
+/// the connection was made, so the pid may by then belong to another process: one of another
+/// user lends the peer nothing.
+pub fn groups_in_status(status: &str, euid: u32) -> Vec<u32> {
+    let line = |key: &str| status.lines().find_map(|l| l.strip_prefix(key));
+    let effective = line("Uid:").and_then(|u| u.split_whitespace().nth(1)?.parse::<u32>().ok());
+    if effective != Some(euid) {
+        return Vec::new();
+    }
+    line("Groups:")
         .map(|g| {
             g.split_whitespace()
                 .filter_map(|n| n.parse().ok())
@@ -112,7 +118,7 @@ pub fn peer_groups(proc_root: &Path, peer: &PeerCred) -> Vec<u32> {
         return Vec::new();
     };
     std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"))
-        .map(|s| groups_in_status(&s))
+        .map(|s| groups_in_status(&s, peer.uid))
         .unwrap_or_default()
 }
 
@@ -134,9 +140,15 @@ mod tests {
 
     #[test]
     fn supplementary_groups_are_read_from_proc_status_text() {
-        assert_eq!(groups_in_status(STATUS), vec![4, 24, 27, 992, 1000]);
-        assert_eq!(groups_in_status("Name:\tx\nGroups:\t\n"), Vec::<u32>::new());
-        assert_eq!(groups_in_status("Name:\tx\n"), Vec::<u32>::new());
+        assert_eq!(groups_in_status(STATUS, 1000), vec![4, 24, 27, 992, 1000]);
+        assert_eq!(
+            groups_in_status(STATUS, 1001),
+            Vec::<u32>::new(),
+            "a pid now held by another user's process lends its groups to nobody"
+        );
+        let empty = "Uid:\t7\t7\t7\t7\nGroups:\t\n";
+        assert_eq!(groups_in_status(empty, 7), Vec::<u32>::new());
+        assert_eq!(groups_in_status("Name:\tx\n", 7), Vec::<u32>::new());
     }
 
     #[test]
@@ -146,7 +158,7 @@ mod tests {
             socket_group: Some(992),
         };
         let none = |_: &PeerCred| Vec::new();
-        let from_status = |_: &PeerCred| groups_in_status(STATUS);
+        let from_status = |p: &PeerCred| groups_in_status(STATUS, p.uid);
         let ok = |c: PeerCred, g: &dyn Fn(&PeerCred) -> Vec<u32>| {
             policy.authorize(&Caller::Unix(c), "BeginDrain", g)
         };
