@@ -9,7 +9,7 @@
 //! Needs root (the agent loads its eBPF programs).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -300,15 +300,16 @@ async fn watch_flood(socket: &Path, streams: u32) -> (Flood, tokio::net::unix::O
     });
 
     let mut flood = Flood::default();
-    let mut answered: HashMap<u32, ()> = HashMap::new();
-    let mut data_seen: HashMap<u32, ()> = HashMap::new();
-    let done = |answered: &HashMap<u32, ()>, goaway: Option<(u32, u32)>| {
+    let mut answered: HashSet<u32> = HashSet::new();
+    let mut data_seen: HashSet<u32> = HashSet::new();
+    let done = |answered: &HashSet<u32>, goaway: Option<(u32, u32)>| {
+        // Client streams have odd ids: 1, 3, … up to `last`.
         let expected = match goaway {
-            Some((last, _)) => (last + 1) / 2,
+            Some((last, _)) => last.div_ceil(2),
             None => streams,
         };
         answered
-            .keys()
+            .iter()
             .filter(|id| goaway.is_none_or(|(last, _)| **id <= last))
             .count()
             >= expected as usize
@@ -322,22 +323,21 @@ async fn watch_flood(socket: &Path, streams: u32) -> (Flood, tokio::net::unix::O
             break;
         };
         match kind {
-            DATA if stream != 0 => {
-                if data_seen.insert(stream, ()).is_none() {
-                    flood.open += 1;
-                    answered.insert(stream, ());
-                }
+            DATA if stream != 0 && !data_seen.contains(&stream) => {
+                data_seen.insert(stream);
+                flood.open += 1;
+                answered.insert(stream);
             }
-            HEADERS if flags & END_STREAM != 0 && !data_seen.contains_key(&stream) => {
+            HEADERS if flags & END_STREAM != 0 && !data_seen.contains(&stream) => {
                 flood.refused_by_watch_cap += 1;
-                answered.insert(stream, ());
+                answered.insert(stream);
             }
             // The first reset of a stream is its answer; a second one (STREAM_CLOSED, for the
             // DATA frame this client sent after the HEADERS that were refused) is not counted.
-            RST_STREAM if !answered.contains_key(&stream) => {
+            RST_STREAM if !answered.contains(&stream) => {
                 let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 *flood.reset.entry(code).or_default() += 1;
-                answered.insert(stream, ());
+                answered.insert(stream);
             }
             SETTINGS if flags & ACK == 0 => {
                 let _ = acks.send(frame(SETTINGS, ACK, 0, &[]));
