@@ -45,6 +45,7 @@ impl Pki {
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.ca).expect("sign");
         std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(self.path(&format!("{name}.der")), cert.der()).expect("write DER");
         std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).expect("write key");
     }
 

@@ -38,7 +38,10 @@ async fn begin(c: &nodeward::client::Conn) -> Result<pb::BeginDrainResponse, ton
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_without_client_certificates_serves_verified_clients_and_refuses_plaintext() {
     let pki = Pki::new("tls-server-only");
-    let api = TestApi::start(pki.server_config(false), health_config()).await;
+    let mut cfg = pki.server_config(false);
+    // Over TCP only listed identities may drain; callers without a certificate by this name.
+    cfg.drain_allowed_identities = vec!["anonymous".to_owned()];
+    let api = TestApi::start(cfg, health_config()).await;
     let addr = api.tcp.expect("TCP listener bound");
 
     let c = pki.client_conn(addr, None);
@@ -74,7 +77,9 @@ async fn tls_without_client_certificates_serves_verified_clients_and_refuses_pla
 async fn required_client_certificates_name_the_caller_and_refuse_those_without() {
     let pki = Pki::new("tls-mutual");
     let controller = pki.client("rollout-controller");
-    let api = TestApi::start(pki.server_config(true), health_config()).await;
+    let mut cfg = pki.server_config(true);
+    cfg.drain_allowed_identities = vec!["cn:rollout-controller".to_owned()];
+    let api = TestApi::start(cfg, health_config()).await;
     let addr = api.tcp.expect("TCP listener bound");
 
     let with_cert = pki.client_conn(addr, Some(&controller));
@@ -196,7 +201,17 @@ fn config_check_refuses_off_loopback_tls_that_lets_anonymous_callers_drain() {
 
 #[test]
 fn config_check_refuses_malformed_allow_list_entries_naming_them() {
-    for entry in ["uid:abc", "uid:", "cn:", "user:root", "uid:007"] {
+    for entry in [
+        "uid:abc",
+        "uid:",
+        "cn:",
+        "user:root",
+        "uid:007",
+        "dns:",
+        "dns:Upper.Case",
+        "uri:no-scheme",
+        "spiffe://td/x",
+    ] {
         let toml = format!("[api]\ndrain_allowed_identities = [\"uid:0\", \"{entry}\"]\n");
         let (code, stderr) = config_check("cfg-ids", &toml, &[]);
         assert_eq!(code, Some(64), "{entry}: {stderr}");
@@ -208,7 +223,8 @@ fn config_check_refuses_malformed_allow_list_entries_naming_them() {
     }
     let (code, stderr) = config_check(
         "cfg-ids-ok",
-        "[api]\ndrain_allowed_identities = [\"uid:0\", \"cn:rollout\", \"anonymous\"]\n",
+        "[api]\ndrain_allowed_identities = [\"uid:0\", \"cn:rollout\", \"dns:ctl.ops\", \
+         \"uri:spiffe://td/ns/ops/sa/rollout\", \"anonymous\"]\n",
         &[],
     );
     assert_eq!(code, Some(0), "{stderr}");

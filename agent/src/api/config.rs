@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::identity::Identity;
+use super::{authz::DrainPolicy, identity::Identity};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -19,7 +19,8 @@ pub struct ApiConfig {
     /// Group of the socket file (a name from /etc/group or a numeric gid), so that members
     /// can query the agent; empty keeps the agent's own group.
     pub unix_socket_group: String,
-    /// TCP listen address; empty disables the TCP listener. An address other than loopback
+    /// TCP listen address; empty (the default) disables the TCP listener, so that on a host
+    /// the API is the Unix socket, guarded by its file mode. An address other than loopback
     /// needs TLS (`tls_cert` and `tls_key`).
     pub tcp_listen: String,
     /// PEM server certificate chain for the TCP listener; empty = plain text (loopback only).
@@ -37,11 +38,12 @@ pub struct ApiConfig {
     /// How long a drain waits for live streams when the caller gives no deadline.
     #[serde(with = "humantime_serde")]
     pub drain_default_deadline: Duration,
-    /// Identities allowed to call BeginDrain and CancelDrain; empty allows every caller that can
-    /// reach the API. Forms: "uid:<n>" (Unix socket peer), "cn:<common name>" (TLS client
+    /// Identities allowed to call BeginDrain and CancelDrain besides root and the socket's
+    /// group on the Unix socket; over TCP only these may (empty: none). Forms: "uid:<n>" (Unix
+    /// socket peer), "cn:<common name>", "dns:<SAN DNS name>", "uri:<SAN URI>" (TLS client
     /// certificate), "anonymous" (TCP without a client certificate); any other entry is a
-    /// config error. Empty is refused with a TCP listener off loopback that admits callers
-    /// without a client certificate.
+    /// config error (see `authz`). Empty is refused with a TCP listener off loopback that
+    /// admits callers without a client certificate.
     pub drain_allowed_identities: Vec<String>,
     /// Node name in reports; empty = the kernel's hostname.
     pub node_name: String,
@@ -71,6 +73,11 @@ pub struct ApiLimits {
     /// A TLS client must finish its handshake within this, or it is dropped.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// A connection this old gets a GOAWAY: it takes no new calls, its open ones finish, and
+    /// the client reconnects (so long-lived clients rebalance and pick up new certificates).
+    /// 0s disables it.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for ApiLimits {
@@ -82,6 +89,7 @@ impl Default for ApiLimits {
             http2_keepalive_interval: Duration::from_secs(60),
             http2_keepalive_timeout: Duration::from_secs(20),
             tls_handshake_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -131,7 +139,7 @@ impl Default for ApiConfig {
             unix_socket: PathBuf::from("/run/nodeward/nodeward.sock"),
             unix_socket_mode: "0660".to_owned(),
             unix_socket_group: String::new(),
-            tcp_listen: "127.0.0.1:50051".to_owned(),
+            tcp_listen: String::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             tls_client_ca: PathBuf::new(),
@@ -201,6 +209,25 @@ impl ApiConfig {
             })
     }
 
+    /// Who may drain, from `drain_allowed_identities` and `unix_socket_group`.
+    pub fn drain_policy(&self) -> Result<DrainPolicy, ApiConfigError> {
+        let allowed = self
+            .drain_allowed_identities
+            .iter()
+            .map(|entry| {
+                entry.parse::<Identity>().map_err(|e| ApiConfigError {
+                    key: "drain_allowed_identities",
+                    value: format!("{entry:?}"),
+                    allowed: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DrainPolicy {
+            allowed,
+            socket_group: self.socket_gid()?,
+        })
+    }
+
     pub fn tls_enabled(&self) -> bool {
         !self.tls_cert.as_os_str().is_empty()
     }
@@ -250,15 +277,7 @@ impl ApiConfig {
                 allowed: "must be between 1s and 7 days".to_owned(),
             });
         }
-        for entry in &self.drain_allowed_identities {
-            if let Err(e) = entry.parse::<Identity>() {
-                return Err(ApiConfigError {
-                    key: "drain_allowed_identities",
-                    value: format!("{entry:?}"),
-                    allowed: e.to_string(),
-                });
-            }
-        }
+        self.drain_policy()?;
         if let Some(addr) = addr {
             // Off loopback, a caller without a client certificate is `anonymous`, and an empty
             // allow-list lets anyone on the network drain the node.
@@ -336,10 +355,7 @@ mod tests {
         let c = ApiConfig::default();
         assert!(c.validate().is_ok());
         assert_eq!(c.socket_mode(), Ok(0o660));
-        assert_eq!(
-            c.tcp_addr(),
-            Ok(Some("127.0.0.1:50051".parse().expect("addr")))
-        );
+        assert_eq!(c.tcp_addr(), Ok(None), "no TCP listener unless asked for");
         assert_eq!(c.unix_socket, PathBuf::from("/run/nodeward/nodeward.sock"));
     }
 

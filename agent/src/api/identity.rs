@@ -1,33 +1,80 @@
-//! Who is calling: `uid:<n>` for a Unix-socket peer (from `SO_PEERCRED`), `cn:<name>` for a TLS
-//! client certificate's subject common name, `anonymous` otherwise. Used by the drain RPCs'
-//! allow-list (`api.drain_allowed_identities`).
+//! Who is calling. A Unix-socket peer is `uid:<n>` (from `SO_PEERCRED`); a TLS client's
+//! certificate names it by its subject common name (`cn:<name>`), its SAN DNS names
+//! (`dns:<name>`) and its SAN URIs (`uri:<uri>`, e.g. a SPIFFE ID); a TCP caller without a
+//! certificate is `anonymous`. Used by the drain RPCs' authorization (`authz`).
 
 use std::{fmt, str::FromStr};
 
 use tonic::{transport::server::UdsConnectInfo, Request};
 
-/// One entry of `api.drain_allowed_identities`, parsed at load so that a typo is a config error
-/// instead of an entry that never matches (or, for `uid:abc`, one that looks like a uid).
+/// One entry of `api.drain_allowed_identities`, or one name a caller is known by. Entries are
+/// parsed at load so that a typo is a config error instead of an entry that never matches (or,
+/// for `uid:abc`, one that looks like a uid).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Uid(u32),
     Cn(String),
+    /// A SAN DNS name, lower case (DNS names compare without case).
+    Dns(String),
+    /// A SAN URI, compared exactly (e.g. `spiffe://cluster.local/ns/ops/sa/rollout`).
+    Uri(String),
     Anonymous,
 }
 
 /// Why an allow-list entry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("unknown form; each entry must be \"uid:<n>\", \"cn:<name>\" or \"anonymous\"")]
+    #[error(
+        "unknown form; each entry must be \"uid:<n>\", \"cn:<name>\", \"dns:<name>\", \
+         \"uri:<uri>\" or \"anonymous\""
+    )]
     UnknownForm,
     #[error("\"uid:\" needs a numeric user id (0 to 4294967295)")]
     BadUid,
-    #[error("\"cn:\" needs a non-empty common name")]
-    EmptyCn,
-    #[error("the common name has leading or trailing spaces or control characters, which no caller's name would match")]
+    #[error("\"{0}:\" needs a non-empty name")]
+    Empty(&'static str),
+    #[error("the name has leading or trailing spaces or control characters, which no caller's name would match")]
     BadCn,
+    #[error("\"dns:\" needs a DNS name of letters, digits, '-', '.' and '*' only")]
+    BadDns,
+    #[error("\"uri:\" needs a URI with a scheme (such as spiffe://trust-domain/path) and no spaces or control characters")]
+    BadUri,
     #[error("the same identity is written {0:?}; write it that way, as callers are matched by that text")]
     NotCanonical(String),
+}
+
+fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+fn parse_dns(name: &str) -> Result<Identity, IdentityError> {
+    if name.is_empty() {
+        return Err(IdentityError::Empty("dns"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*'))
+    {
+        return Err(IdentityError::BadDns);
+    }
+    Ok(Identity::Dns(name.to_ascii_lowercase()))
+}
+
+fn parse_uri(uri: &str) -> Result<Identity, IdentityError> {
+    if uri.is_empty() {
+        return Err(IdentityError::Empty("uri"));
+    }
+    // RFC 3986: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ':'.
+    let scheme_ok = uri.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if !scheme_ok || uri.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(IdentityError::BadUri);
+    }
+    Ok(Identity::Uri(uri.to_owned()))
 }
 
 impl FromStr for Identity {
@@ -42,12 +89,16 @@ impl FromStr for Identity {
             Self::Uid(uid.parse().map_err(|_| IdentityError::BadUid)?)
         } else if let Some(cn) = s.strip_prefix("cn:") {
             if cn.is_empty() {
-                return Err(IdentityError::EmptyCn);
+                return Err(IdentityError::Empty("cn"));
             }
-            if cn.trim() != cn || cn.chars().any(char::is_control) {
+            if cn.trim() != cn || !printable(cn) {
                 return Err(IdentityError::BadCn);
             }
             Self::Cn(cn.to_owned())
+        } else if let Some(name) = s.strip_prefix("dns:") {
+            parse_dns(name)?
+        } else if let Some(uri) = s.strip_prefix("uri:") {
+            parse_uri(uri)?
         } else {
             return Err(IdentityError::UnknownForm);
         };
@@ -65,133 +116,124 @@ impl fmt::Display for Identity {
         match self {
             Self::Uid(uid) => write!(f, "uid:{uid}"),
             Self::Cn(cn) => write!(f, "cn:{cn}"),
+            Self::Dns(name) => write!(f, "dns:{name}"),
+            Self::Uri(uri) => write!(f, "uri:{uri}"),
             Self::Anonymous => f.write_str("anonymous"),
         }
     }
 }
 
-pub fn of<T>(req: &Request<T>) -> String {
-    if let Some(cred) = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-    {
-        return format!("uid:{}", cred.uid());
-    }
-    if let Some(certs) = req.peer_certs() {
-        if let Some(cn) = certs.first().and_then(|c| subject_common_name(c.as_ref())) {
-            return format!("cn:{cn}");
-        }
-    }
-    "anonymous".to_owned()
+/// A Unix-socket peer's credentials at connect time (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    /// In the agent's PID namespace; absent when the peer is in another one.
+    pub pid: Option<i32>,
 }
 
-/// One DER TLV: (tag, content, rest).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
+/// Who called, as the transport tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A peer on the Unix socket.
+    Unix(PeerCred),
+    /// A TCP client that presented a certificate the client CA verified: the names it holds
+    /// (see [`certificate_identities`]; empty when it holds none that can be used).
+    Certificate(Vec<Identity>),
+    /// A TCP client without a certificate.
+    Anonymous,
+}
+
+impl Caller {
+    /// The names this caller is known by, for logs and refusals.
+    pub fn names(&self) -> String {
+        match self {
+            Self::Unix(p) => Identity::Uid(p.uid).to_string(),
+            Self::Certificate(ids) if ids.is_empty() => {
+                "a client certificate with no usable name".to_owned()
+            }
+            Self::Certificate(ids) => ids
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            Self::Anonymous => Identity::Anonymous.to_string(),
         }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
+    }
+}
+
+/// The caller of `req`.
+pub fn caller<T>(req: &Request<T>) -> Caller {
+    if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
+        return match info.peer_cred {
+            Some(cred) => Caller::Unix(PeerCred {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            }),
+            // Linux always gives a socket peer's credentials; without them the peer is nobody
+            // in particular, which no allow-list entry but `anonymous` names.
+            None => Caller::Anonymous,
+        };
+    }
+    match req.peer_certs() {
+        Some(certs) => match certs.first() {
+            Some(leaf) => Caller::Certificate(certificate_identities(leaf.as_ref())),
+            None => Caller::Anonymous,
+        },
+        None => Caller::Anonymous,
+    }
+}
+
+/// The names an X.509 certificate (DER) gives its holder: `cn:` from the subject's common name
+/// when the subject holds exactly one, `dns:` for each SAN DNS name, `uri:` for each SAN URI.
+///
+/// A subject with two or more CNs gives no `cn:` name at all: which of them a CA checked
+/// before signing is not written in the certificate, so taking either (the old code took the
+/// last) would let an applicant who controls one of them pass as the other. SAN names are
+/// separate entries and each counts. Names with control characters are dropped (they are
+/// logged). The certificate was verified by rustls against the client CA before this runs; a
+/// certificate that cannot be parsed gives no name.
+pub fn certificate_identities(der: &[u8]) -> Vec<Identity> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
     };
-    if rest.len() < len {
-        return None;
+    let mut ids = Vec::new();
+    let mut cns = cert.subject().iter_common_name();
+    if let (Some(cn), None) = (cns.next(), cns.next()) {
+        if let Ok(cn) = cn.as_str() {
+            ids.push(Identity::Cn(cn.to_owned()));
+        }
     }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// The subject CN of an X.509 certificate in DER. The certificate was already verified by
-/// rustls against the configured client CA; this only reads a name out of it, so a small
-/// walker over the fixed TBSCertificate layout is enough (RFC 5280 §4.1).
-pub fn subject_common_name(der: &[u8]) -> Option<String> {
-    const SEQUENCE: u8 = 0x30;
-    const CN_OID: [u8; 3] = [0x55, 0x04, 0x03];
-    let (tag, cert, _) = tlv(der)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, tbs, _) = tlv(cert)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let mut rest = tbs;
-    // Optional [0] version, then serialNumber, signature, issuer, validity, subject.
-    let (tag, _, after) = tlv(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
-    for _ in 0..4 {
-        rest = tlv(rest)?.2;
-    }
-    let (tag, mut subject, _) = tlv(rest)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    // Name ::= SEQUENCE OF RelativeDistinguishedName (SET OF AttributeTypeAndValue).
-    let mut cn = None;
-    while !subject.is_empty() {
-        let (_, mut set, next) = tlv(subject)?;
-        subject = next;
-        while !set.is_empty() {
-            let (_, atv, next) = tlv(set)?;
-            set = next;
-            let (oid_tag, oid, value) = tlv(atv)?;
-            if oid_tag == 0x06 && oid == CN_OID {
-                let (_, text, _) = tlv(value)?;
-                cn = Some(String::from_utf8_lossy(text).into_owned());
+    // More than one SAN extension is malformed (RFC 5280 §4.2): x509-parser refuses it, and
+    // the certificate then gives no SAN name.
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(n) => {
+                    ids.push(Identity::Dns(n.to_ascii_lowercase()));
+                }
+                x509_parser::extensions::GeneralName::URI(u) => {
+                    ids.push(Identity::Uri((*u).to_owned()));
+                }
+                _ => {}
             }
         }
     }
-    cn
+    ids.retain(|id| printable(&id.to_string()));
+    ids
+}
+
+/// The subject common name of a certificate (DER), when the subject holds exactly one.
+pub fn subject_common_name(der: &[u8]) -> Option<String> {
+    certificate_identities(der)
+        .into_iter()
+        .find_map(|id| match id {
+            Identity::Cn(cn) => Some(cn),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allow_list_entries_parse_to_the_identity_callers_are_matched_by() {
-        assert_eq!("uid:0".parse(), Ok(Identity::Uid(0)));
-        assert_eq!("uid:4294967295".parse(), Ok(Identity::Uid(u32::MAX)));
-        assert_eq!(
-            "cn:Rollout Controller".parse(),
-            Ok(Identity::Cn("Rollout Controller".to_owned()))
-        );
-        assert_eq!("anonymous".parse(), Ok(Identity::Anonymous));
-        for ok in ["uid:1000", "cn:rollout", "anonymous"] {
-            let id: Identity = ok.parse().expect(ok);
-            assert_eq!(id.to_string(), ok, "round trip");
-        }
-    }
-
-    #[test]
-    fn malformed_allow_list_entries_are_refused_with_the_reason() {
-        for (entry, want) in [
-            ("uid:abc", IdentityError::BadUid),
-            ("uid:", IdentityError::BadUid),
-            ("uid:-1", IdentityError::BadUid),
-            ("uid:+1", IdentityError::BadUid),
-            ("uid: 1", IdentityError::BadUid),
-            ("uid:4294967296", IdentityError::BadUid),
-            ("uid:007", IdentityError::NotCanonical("uid:7".to_owned())),
-            ("cn:", IdentityError::EmptyCn),
-            ("cn: rollout", IdentityError::BadCn),
-            ("cn:rollout\n", IdentityError::BadCn),
-            ("root", IdentityError::UnknownForm),
-            ("gid:0", IdentityError::UnknownForm),
-            ("UID:0", IdentityError::UnknownForm),
-            ("", IdentityError::UnknownForm),
-            (" anonymous", IdentityError::UnknownForm),
-        ] {
-            assert_eq!(entry.parse::<Identity>(), Err(want), "{entry:?}");
-        }
-    }
-}
+#[path = "identity_tests.rs"]
+mod tests;

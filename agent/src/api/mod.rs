@@ -15,6 +15,7 @@ use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, Serve
 
 use crate::{health::evaluator::Health, store::Store};
 
+pub mod authz;
 pub mod config;
 mod convert;
 pub mod identity;
@@ -180,11 +181,19 @@ fn bind_unix(
 /// hyper's default of 200 concurrent streams per connection).
 fn limited(limits: &config::ApiLimits) -> Server {
     let interval = limits.http2_keepalive_interval;
-    Server::builder()
+    let builder = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams_per_connection)
         .timeout(limits.request_timeout)
         .http2_keepalive_interval((!interval.is_zero()).then_some(interval))
-        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout));
+    // tonic sends a GOAWAY at this age and lets open calls finish. No
+    // `max_connection_age_grace`: tonic 0.14 then skips the GOAWAY and only closes the
+    // connection hard at age + grace.
+    if limits.max_connection_age.is_zero() {
+        builder
+    } else {
+        builder.max_connection_age(limits.max_connection_age)
+    }
 }
 
 impl BoundApi {
@@ -230,7 +239,7 @@ impl BoundApi {
             clock: health.clock.clone(),
             heartbeat: api.watch_heartbeat,
             default_deadline: api.drain_default_deadline,
-            allowed_drain_identities: api.drain_allowed_identities.clone(),
+            drain_policy: api.drain_policy()?,
             max_watch_streams: api.limits.max_watch_streams,
             cancel: cancel.clone(),
         });

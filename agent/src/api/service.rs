@@ -1,7 +1,7 @@
 //! The `nodeward.v1.NodeHealth` service: translates the store, the published health state and
 //! the drain controller into replies. It decides nothing itself.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
+    authz::{self, DrainPolicy},
     convert, identity,
     pb::{self, node_health_server::NodeHealth},
     requests::{self, ContainerFilter, DrainAsk},
@@ -36,7 +37,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     heartbeat: Duration,
     default_deadline: Duration,
-    allowed: Vec<String>,
+    drain_policy: DrainPolicy,
     /// One permit per open Watch stream, across all connections.
     watch_slots: Arc<Semaphore>,
     max_watch_streams: usize,
@@ -54,7 +55,8 @@ pub struct ServiceParts {
     pub clock: Arc<dyn Clock>,
     pub heartbeat: Duration,
     pub default_deadline: Duration,
-    pub allowed_drain_identities: Vec<String>,
+    /// Who may call BeginDrain and CancelDrain.
+    pub drain_policy: DrainPolicy,
     /// Watch streams open at once across all connections; more are refused.
     pub max_watch_streams: usize,
     /// Ends open Watch streams at shutdown.
@@ -72,7 +74,7 @@ impl Service {
                 clock: p.clock,
                 heartbeat: p.heartbeat,
                 default_deadline: p.default_deadline,
-                allowed: p.allowed_drain_identities,
+                drain_policy: p.drain_policy,
                 watch_slots: Arc::new(Semaphore::new(p.max_watch_streams)),
                 max_watch_streams: p.max_watch_streams,
                 cancel: p.cancel,
@@ -81,15 +83,15 @@ impl Service {
     }
 
     fn authorize<T>(&self, req: &Request<T>, rpc: &str) -> Result<String, Status> {
-        let who = identity::of(req);
-        if self.inner.allowed.is_empty() || self.inner.allowed.contains(&who) {
-            Ok(who)
-        } else {
-            tracing::warn!(identity = %who, rpc, "drain call refused");
-            Err(Status::permission_denied(format!(
-                "{who} may not call {rpc}; allowed: {}",
-                self.inner.allowed.join(", ")
-            )))
+        let caller = identity::caller(req);
+        // /proc of the agent's own PID namespace: SO_PEERCRED gives the pid as seen there.
+        let groups = |peer: &identity::PeerCred| authz::peer_groups(Path::new("/proc"), peer);
+        match self.inner.drain_policy.authorize(&caller, rpc, groups) {
+            Ok(who) => Ok(who.to_string()),
+            Err(refused) => {
+                tracing::warn!(identity = %caller.names(), rpc, "drain call refused");
+                Err(Status::permission_denied(refused.0))
+            }
         }
     }
 

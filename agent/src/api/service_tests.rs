@@ -23,7 +23,7 @@ fn service(hub: &HealthHub, cancel: &CancellationToken) -> Service {
         clock,
         heartbeat: Duration::from_secs(3600),
         default_deadline: Duration::from_secs(60),
-        allowed_drain_identities: Vec::new(),
+        drain_policy: DrainPolicy::default(),
         max_watch_streams: 2,
         cancel: cancel.clone(),
     })
