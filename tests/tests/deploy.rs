@@ -309,11 +309,14 @@ fn admits(policy: &Value, ns_labels: &[(&str, &str)], port: &str) -> bool {
                 .get("from")
                 .and_then(Value::as_array)
                 .is_none_or(|peers| peers.iter().any(peer_matches));
-            let port_ok = rule.get("ports").and_then(Value::as_array).is_none_or(|ports| {
-                ports
-                    .iter()
-                    .any(|p| p["port"] == port && p["protocol"] == "TCP")
-            });
+            let port_ok = rule
+                .get("ports")
+                .and_then(Value::as_array)
+                .is_none_or(|ports| {
+                    ports
+                        .iter()
+                        .any(|p| p["port"] == port && p["protocol"] == "TCP")
+                });
             from_ok && port_ok
         })
 }
@@ -375,8 +378,14 @@ fn the_network_policy_admits_metrics_only_from_monitoring_and_grpc_only_from_the
     assert!(admits(policy, &control_plane, "grpc"));
     assert!(!admits(policy, &control_plane, "metrics"));
     for port in ["metrics", "grpc"] {
-        assert!(!admits(policy, &other, port), "{port} open to any namespace");
-        assert!(!admits(policy, &[], port), "{port} open to unlabelled namespaces");
+        assert!(
+            !admits(policy, &other, port),
+            "{port} open to any namespace"
+        );
+        assert!(
+            !admits(policy, &[], port),
+            "{port} open to unlabelled namespaces"
+        );
     }
 }
 

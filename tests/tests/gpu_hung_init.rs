@@ -82,7 +82,10 @@ fn a_hung_nvml_init_does_not_hold_up_the_start_and_a_late_answer_is_used() {
             "a snapshot was published while nvmlInit hung: {:?}",
             rx.borrow().status
         );
-        assert!(!task.is_finished(), "the run waits for NVML, it does not end");
+        assert!(
+            !task.is_finished(),
+            "the run waits for NVML, it does not end"
+        );
 
         // The driver comes back: the same run polls the GPU it finds.
         fake.script("devices = 1\nall.temp = 41\n");

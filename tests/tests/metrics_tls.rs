@@ -134,11 +134,20 @@ fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca
         .args(["--set", "api.enabled=false"])
         .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
         .arg("--set")
-        .arg(format!("metrics.tls_cert={}", pki.path("server.pem").display()))
+        .arg(format!(
+            "metrics.tls_cert={}",
+            pki.path("server.pem").display()
+        ))
         .arg("--set")
-        .arg(format!("metrics.tls_key={}", pki.path("server.key").display()))
+        .arg(format!(
+            "metrics.tls_key={}",
+            pki.path("server.key").display()
+        ))
         .arg("--set")
-        .arg(format!("metrics.tls_client_ca={}", pki.path("ca.pem").display()))
+        .arg(format!(
+            "metrics.tls_client_ca={}",
+            pki.path("ca.pem").display()
+        ))
         .env("NODEWARD_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
         .stdout(Stdio::null())
@@ -165,7 +174,10 @@ fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca
     if tool("promtool").is_some() {
         promtool_check(&body).unwrap_or_else(|e| panic!("promtool rejects the scrape: {e}"));
     } else {
-        skip(TEST, "promtool missing: the TLS scrape's format is not checked");
+        skip(
+            TEST,
+            "promtool missing: the TLS scrape's format is not checked",
+        );
     }
 
     // Refused: no certificate, another CA's certificate, plain HTTP on the TLS port.
@@ -200,7 +212,12 @@ fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca
 #[test]
 fn a_metrics_tls_key_without_a_certificate_is_a_config_error_naming_the_key() {
     let out = Command::new(agent_binary())
-        .args(["config", "check", "--set", "metrics.tls_key=/etc/nodeward/m.key"])
+        .args([
+            "config",
+            "check",
+            "--set",
+            "metrics.tls_key=/etc/nodeward/m.key",
+        ])
         .output()
         .expect("run nodeward config check");
     assert_eq!(out.status.code(), Some(64), "EX_USAGE");

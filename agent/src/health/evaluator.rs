@@ -315,9 +315,16 @@ mod tests {
             .iter()
             .find(|c| c.kind == "SourceNoFirstReport")
             .expect("the silence is a condition");
-        assert_eq!((c.subject.as_str(), c.status), ("gpu", ConditionStatus::Firing));
+        assert_eq!(
+            (c.subject.as_str(), c.status),
+            ("gpu", ConditionStatus::Firing)
+        );
         assert_eq!(report.verdict, Verdict::Degraded);
-        assert!(report.unknown_reason.is_empty(), "{}", report.unknown_reason);
+        assert!(
+            report.unknown_reason.is_empty(),
+            "{}",
+            report.unknown_reason
+        );
     }
 
     #[test]
@@ -337,7 +344,11 @@ mod tests {
         // NVML answers at last: the GPU reports and its state is the usual one.
         let at = t0 + Duration::from_secs(40);
         let store = node_reports_gpu_never(at);
-        store.publish_gpus(at, Provenance::default(), crate::store::GpuSnapshot::default());
+        store.publish_gpus(
+            at,
+            Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
         let report = engine.evaluate(&store.snapshot(), at);
         let gpu = report
             .sources
@@ -348,10 +359,17 @@ mod tests {
         // The condition recovers like any other: gone once `recovery` has passed.
         let at = t0 + Duration::from_secs(80);
         let store = node_reports_gpu_never(at);
-        store.publish_gpus(at, Provenance::default(), crate::store::GpuSnapshot::default());
+        store.publish_gpus(
+            at,
+            Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
         let report = engine.evaluate(&store.snapshot(), at);
         assert!(
-            report.conditions.iter().all(|c| c.kind != "SourceNoFirstReport"),
+            report
+                .conditions
+                .iter()
+                .all(|c| c.kind != "SourceNoFirstReport"),
             "{:?}",
             report.conditions
         );

@@ -21,7 +21,8 @@ const CONDITION_HELP: &str =
     "1 while a condition of this type and severity is firing or recovering (it counts towards the verdict).";
 
 const SOURCE: &str = "nodeward_health_source_state";
-const SOURCE_HELP: &str = "Each source of the verdict (`source`: network, cgroup, node, gpu) as a state set: \
+const SOURCE_HELP: &str =
+    "Each source of the verdict (`source`: network, cgroup, node, gpu) as a state set: \
      1 for its current `state` (pending, reporting, unavailable, stale), 0 for the others. \
      The reason of an unavailable one (\"no first report within 30s\") is in the API's report.";
 
