@@ -117,16 +117,9 @@ impl Drop for Agent {
     }
 }
 
-#[test]
-fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca() {
-    if tool("python3").is_none() {
-        return skip(TEST, "python3 missing (the stock HTTPS client)");
-    }
-    let pki = Pki::new("metrics-tls");
-    let client = pki.client("prometheus");
-    let other = Pki::new("metrics-tls-other");
-    let stranger = other.client("prometheus");
-    let port = free_port();
+/// `nodeward run` serving `/metrics` over TLS on `port` with `pki`'s server certificate,
+/// requiring client certificates from `pki`'s CA.
+fn start_agent(pki: &Pki, port: u16) -> Agent {
     let log = pki.path("agent.log");
     let child = Command::new(agent_binary())
         .args(["run", "--config", "/dev/null"])
@@ -154,7 +147,115 @@ fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca
         .stderr(std::fs::File::create(&log).expect("create the agent's log"))
         .spawn()
         .expect("start nodeward run");
-    let agent = Agent(child, log);
+    Agent(child, log)
+}
+
+/// A plain HTTP GET of Prometheus' own API on loopback, as JSON.
+fn prometheus_api(port: u16, target: &str) -> Option<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then_some(())?;
+    serde_json::from_str(body).ok()
+}
+
+#[test]
+fn prometheus_scrapes_with_its_tls_config_and_is_refused_without_a_client_certificate() {
+    let Some(prometheus) = tool("prometheus") else {
+        return skip(
+            TEST,
+            "prometheus not installed (Debian package `prometheus`)",
+        );
+    };
+    let pki = Pki::new("metrics-tls-prom");
+    let client = pki.client("prometheus");
+    let port = free_port();
+    let agent = start_agent(&pki, port);
+    let dir = pki.path("prometheus");
+    std::fs::create_dir_all(dir.join("data")).expect("create Prometheus dir");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path(&format!("{client}.pem")),
+        pki.path(&format!("{client}.key")),
+    );
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n\
+         \x20 - job_name: with_cert\n    scheme: https\n    tls_config:\n\
+         \x20     ca_file: {ca}\n      cert_file: {cert}\n      key_file: {key}\n\
+         \x20     server_name: localhost\n\
+         \x20   static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n\
+         \x20 - job_name: without_cert\n    scheme: https\n    tls_config:\n\
+         \x20     ca_file: {ca}\n      server_name: localhost\n\
+         \x20   static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n",
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).expect("write Prometheus config");
+    let web = free_port();
+    let mut child = Command::new(prometheus)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("log")).expect("create Prometheus log"))
+        .spawn()
+        .expect("start prometheus");
+    // Both targets scraped at least once: one up, the other down with the handshake's error.
+    let targets = wait_for(Duration::from_secs(60), || {
+        let v = prometheus_api(web, "/api/v1/targets")?;
+        let targets = v["data"]["activeTargets"].as_array()?.clone();
+        let health = |job: &str| {
+            targets
+                .iter()
+                .find(|t| t["labels"]["job"] == job)
+                .map(|t| t["health"].as_str().unwrap_or_default().to_owned())
+        };
+        (health("with_cert")? == "up" && health("without_cert")? == "down").then_some(targets)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let targets = targets.unwrap_or_else(|| {
+        panic!(
+            "Prometheus did not scrape with its certificate and fail without:\n{:?}\n{}\n{}",
+            prometheus_api(web, "/api/v1/targets"),
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default(),
+            std::fs::read_to_string(&agent.1).unwrap_or_default()
+        )
+    });
+    let refused = targets
+        .iter()
+        .find(|t| t["labels"]["job"] == "without_cert")
+        .expect("the job without a certificate");
+    assert_ne!(refused["lastError"], "", "{refused}");
+}
+
+#[test]
+fn metrics_over_tls_serve_only_clients_with_a_certificate_from_the_configured_ca() {
+    if tool("python3").is_none() {
+        return skip(TEST, "python3 missing (the stock HTTPS client)");
+    }
+    let pki = Pki::new("metrics-tls");
+    let client = pki.client("prometheus");
+    let other = Pki::new("metrics-tls-other");
+    let stranger = other.client("prometheus");
+    let port = free_port();
+    let agent = start_agent(&pki, port);
     let read_log = || std::fs::read_to_string(&agent.1).unwrap_or_default();
     let url = format!("https://localhost:{port}/metrics");
     let ca = pki.path("ca.pem");
