@@ -5,9 +5,8 @@
 //! unavailable), so a node is never called healthy before any check ran. A source that stays
 //! silent past `health.source_first_report_timeout` (a hung `nvmlInit`) is shown unavailable
 //! with that reason and fires `SourceNoFirstReport`, so it cannot hold the verdict at
-//! `Unknown` for ever. Then the worst firing
-//! (or still recovering) condition decides: a warning makes the node `Degraded`, a critical one
-//! `Unhealthy`, which recommends a drain.
+//! `Unknown` for ever. Then the worst firing (or still recovering) condition decides: a
+//! warning makes the node `Degraded`, a critical one `Unhealthy`, which recommends a drain.
 
 use std::time::SystemTime;
 

@@ -249,8 +249,12 @@ pub fn spawn(
     let exporter = Arc::new(exporter);
     let cancel = cancel.clone();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, client_certificates = !config.tls_client_ca.as_os_str().is_empty(),
-        "serving Prometheus metrics at {scheme}://{addr}/metrics");
+    let client_certificates = !config.tls_client_ca.as_os_str().is_empty();
+    tracing::info!(
+        %addr,
+        client_certificates,
+        "serving Prometheus metrics at {scheme}://{addr}/metrics"
+    );
     tasks.spawn(async move {
         let served = http::serve(listener, exporter, tls, cancel).await;
         (NAME, served.map_err(crate::task::TaskError::failed))
