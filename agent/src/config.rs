@@ -412,6 +412,15 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             allowed: e.allowed,
         });
     }
+    if let Err(e) = config.metrics.validate() {
+        let key = format!("metrics.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed.to_owned(),
+        });
+    }
     if let Err(e) = config.api.validate() {
         let key = format!("api.{}", e.key);
         return Err(ConfigError::Invalid {

@@ -10,7 +10,10 @@
  * over the old to change what the "driver" reports mid-test.
  *
  * Keys (absent means NVML_ERROR_NOT_SUPPORTED unless noted):
- *   init = <rc>                 return code of nvmlInit_v2 (default 0; 18 = version mismatch)
+ *   init = <rc>                 return code of nvmlInit_v2 (default 0; 18 = version mismatch);
+ *                               `hang`: nvmlInit_v2 does not return while the script says so
+ *                               (re-read every 100 ms), as a driver stuck in the kernel; write
+ *                               a script without it to let the call go on
  *   driver_version, nvml_version    strings (defaults "999.99.99", "12.999.99")
  *   devices = N                 device count (default 1), at most 64; `ERR:<rc>` makes
  *                               nvmlDeviceGetCount_v2 itself fail (the whole library failing)
@@ -299,8 +302,18 @@ nvmlReturn_t nvmlInit_v2(void) {
     reload();
     record_calls();
     for (unsigned i = 0; i < MAX_DEVICES; i++) devs[i].index = i;
-    unsigned long long rc = 0;
     const char *v = global("init");
+    while (v && strcmp(v, "hang") == 0) {
+        /* Let go of the lock while hanging, as a call stuck in the driver holds no lock of
+         * the library's callers. */
+        pthread_mutex_unlock(&lock);
+        struct timespec step = {0, 100 * 1000 * 1000};
+        nanosleep(&step, NULL);
+        pthread_mutex_lock(&lock);
+        reload();
+        v = global("init");
+    }
+    unsigned long long rc = 0;
     if (v) rc = strtoull(v, NULL, 0);
     pthread_mutex_unlock(&lock);
     return (nvmlReturn_t)rc;

@@ -77,6 +77,7 @@ fn the_manifests_validate_against_the_kubernetes_1_37_schema_offline() {
         "configmap/nodeward",
         "daemonset/nodeward",
         "service/nodeward",
+        "networkpolicy/nodeward",
     ] {
         assert!(
             report.contains(&format!(
@@ -280,6 +281,112 @@ fn the_daemonset_gives_the_agent_what_its_config_and_probes_expect() {
         pm["spec"]["selector"]["matchLabels"],
         ds["spec"]["selector"]["matchLabels"]
     );
+}
+
+/// Whether a NetworkPolicy's ingress rules admit a connection to the named container port
+/// `port` from a pod in a namespace labelled `ns_labels`, by the API's rules: a rule admits when
+/// one of its peers matches (no `from`: every peer) and one of its ports does (no `ports`:
+/// every port). Only the parts the shipped policy may use are read; anything else fails the
+/// test, so that a policy using more cannot pass unchecked.
+fn admits(policy: &Value, ns_labels: &[(&str, &str)], port: &str) -> bool {
+    let peer_matches = |peer: &Value| {
+        let keys: Vec<&String> = peer.as_object().expect("a peer").keys().collect();
+        assert_eq!(keys, ["namespaceSelector"], "unchecked peer: {peer}");
+        let sel = &peer["namespaceSelector"];
+        assert!(sel.get("matchExpressions").is_none(), "unchecked: {sel}");
+        sel["matchLabels"]
+            .as_object()
+            .expect("matchLabels")
+            .iter()
+            .all(|(k, v)| ns_labels.iter().any(|(lk, lv)| lk == k && v == lv))
+    };
+    policy["spec"]["ingress"]
+        .as_array()
+        .expect("ingress rules")
+        .iter()
+        .any(|rule| {
+            let from_ok = rule
+                .get("from")
+                .and_then(Value::as_array)
+                .is_none_or(|peers| peers.iter().any(peer_matches));
+            let port_ok = rule
+                .get("ports")
+                .and_then(Value::as_array)
+                .is_none_or(|ports| {
+                    ports
+                        .iter()
+                        .any(|p| p["port"] == port && p["protocol"] == "TCP")
+                });
+            from_ok && port_ok
+        })
+}
+
+#[test]
+fn the_network_policy_admits_metrics_only_from_monitoring_and_grpc_only_from_the_control_plane() {
+    const TEST: &str = "kube_networkpolicy";
+    let Some(docs) = yaml(&Path::new(KUBE).join("50-networkpolicy.yaml")) else {
+        skip(
+            TEST,
+            "python3 with PyYAML not available (pip install -r tests/requirements.txt)",
+        );
+        return;
+    };
+    let policy = find(&docs, "NetworkPolicy");
+    let ds_docs = yaml(&Path::new(KUBE).join("30-daemonset.yaml")).expect("parse the DaemonSet");
+    let ds = find(&ds_docs, "DaemonSet");
+    assert_eq!(policy["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"], ds["spec"]["selector"]["matchLabels"],
+        "the policy selects the agent's pods"
+    );
+    assert!(strings(&policy["spec"]["policyTypes"]).contains(&"Ingress"));
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_ne!(
+        pod["hostNetwork"], true,
+        "a NetworkPolicy does not apply to hostNetwork pods"
+    );
+    // Named ports resolve to the container's ports.
+    let container_ports = strings(
+        &pod["containers"][0]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p["name"].clone())
+            .collect(),
+    )
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    for rule in policy["spec"]["ingress"].as_array().expect("rules") {
+        for p in rule["ports"].as_array().expect("each rule names its ports") {
+            let name = p["port"].as_str().expect("a named port");
+            assert!(
+                container_ports.iter().any(|c| c == name),
+                "{name} is not a container port: {container_ports:?}"
+            );
+        }
+    }
+
+    let monitoring = [("kubernetes.io/metadata.name", "monitoring")];
+    let control_plane = [
+        ("kubernetes.io/metadata.name", "fleet-controller"),
+        ("nodeward.io/api-client", "true"),
+    ];
+    let other = [("kubernetes.io/metadata.name", "default")];
+    assert!(admits(policy, &monitoring, "metrics"));
+    assert!(!admits(policy, &monitoring, "grpc"));
+    assert!(admits(policy, &control_plane, "grpc"));
+    assert!(!admits(policy, &control_plane, "metrics"));
+    for port in ["metrics", "grpc"] {
+        assert!(
+            !admits(policy, &other, port),
+            "{port} open to any namespace"
+        );
+        assert!(
+            !admits(policy, &[], port),
+            "{port} open to unlabelled namespaces"
+        );
+    }
 }
 
 #[test]

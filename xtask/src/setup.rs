@@ -211,6 +211,8 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "libnetfilter-queue-dev",
             // packaging tests: promtool and a real server, RPM inspection, unit verification
             "prometheus",
+            // /metrics over TLS: a stock HTTPS client with client certificates
+            "curl",
             "rpm",
             "rpmlint",
             "systemd",
@@ -226,6 +228,7 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "iptables",
             "procps-ng",
             "wireshark-cli",
+            "curl",
             "rpm",
             "rpmlint",
             "systemd",

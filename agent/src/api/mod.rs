@@ -96,7 +96,8 @@ fn node_name(configured: &str) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
+/// Reads a PEM file named by a TLS key (`/metrics` reads its own through this too).
+pub(crate) fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
     std::fs::read(path).map_err(|source| ApiError::TlsFile {
         path: path.to_path_buf(),
         source,

@@ -25,6 +25,12 @@ pub struct HealthConfig {
     /// `SourceStale` warning fires.
     #[serde(with = "humantime_serde")]
     pub source_stale_after: Duration,
+    /// A source that has not reported once this long after the agent started (a hung
+    /// `nvmlInit`, a stuck cgroup read) is shown unavailable with that reason, a
+    /// `SourceNoFirstReport` warning fires, and the verdict stops waiting for it. One bound for
+    /// every source: they all report within a few ticks when they work.
+    #[serde(with = "humantime_serde")]
+    pub source_first_report_timeout: Duration,
 
     /// The network window the RTT, jitter, retransmit and RTP loss rules read; one of
     /// `network.windows`.
@@ -77,6 +83,7 @@ impl Default for HealthConfig {
             hold: Duration::from_secs(30),
             recovery: Duration::from_secs(120),
             source_stale_after: Duration::from_secs(30),
+            source_first_report_timeout: Duration::from_secs(30),
             network_window: Window::from_secs(60),
             network_min_samples: 20,
             rtt_p99_warning_ms: 150.0,
@@ -130,6 +137,14 @@ impl HealthConfig {
                 "interval",
                 format!("{:?}", self.interval),
                 "must be between 100ms and 60s",
+            );
+        }
+        let t = self.source_first_report_timeout;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t) {
+            return err(
+                "source_first_report_timeout",
+                format!("{t:?}"),
+                "must be between 1s and 1h",
             );
         }
         if self.recovery < self.hold {

@@ -10,7 +10,11 @@
 //! the last verdict until the restarted engine publishes again. The drain state lives outside
 //! the engine, in the [`DrainController`], so a restart does not forget a drain.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +40,9 @@ pub struct Parts {
     pub store: Arc<Store>,
     pub clock: Arc<dyn Clock>,
     pub drain: DrainController,
+    /// When the first run started: `health.source_first_report_timeout` counts from there
+    /// across the engine's restarts.
+    pub started: Arc<OnceLock<SystemTime>>,
 }
 
 /// The running evaluator's outputs.
@@ -75,8 +82,10 @@ impl Source for Evaluator {
     /// A fresh engine, with a first evaluation of the store so that even a call that beats the
     /// first tick names the sources the verdict waits for.
     fn start(parts: &Parts) -> Result<Self, Infallible> {
-        let mut engine = Engine::new(parts.config.clone());
-        let first = engine.evaluate(&parts.store.snapshot(), parts.clock.now());
+        let now = parts.clock.now();
+        let started = *parts.started.get_or_init(|| now);
+        let mut engine = Engine::new(parts.config.clone()).waiting_since(started);
+        let first = engine.evaluate(&parts.store.snapshot(), now);
         Ok(Self {
             engine,
             first,
@@ -142,6 +151,7 @@ pub fn spawn(
         store,
         clock: clock.clone(),
         drain: drain.clone(),
+        started: Arc::default(),
     };
     let running = match supervised::<Evaluator>(parts, cancel, tasks) {
         Ok(running) => running,
@@ -259,6 +269,134 @@ mod tests {
         let (name, result) = tasks.join_next().await.expect("one task").expect("joined");
         assert_eq!(name, NAME);
         assert!(result.is_ok(), "{result:?}");
+    }
+
+    /// A node source that reports at `at` and a GPU source that never does (a hung
+    /// `nvmlInit`).
+    fn node_reports_gpu_never(at: SystemTime) -> Arc<Store> {
+        let store = Store::new();
+        store.register(SourceKind::Node);
+        store.register(SourceKind::Gpu);
+        store.publish_node(at, Provenance::default(), NodeStats::default());
+        store
+    }
+
+    #[test]
+    fn a_source_silent_past_the_first_report_bound_is_unavailable_and_the_verdict_goes_on() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let config = HealthConfig {
+            source_first_report_timeout: Duration::from_secs(30),
+            ..HealthConfig::default()
+        };
+        let mut engine = Engine::new(config).waiting_since(t0);
+
+        // Within the bound the verdict waits for the GPU.
+        let at = t0 + Duration::from_secs(29);
+        let report = engine.evaluate(&node_reports_gpu_never(at).snapshot(), at);
+        assert_eq!(report.verdict, Verdict::Unknown);
+        assert_eq!(
+            report.unknown_reason,
+            "waiting for the first report of: gpu"
+        );
+
+        // Past it: the GPU is unavailable with the reason, the verdict is computed from the
+        // node source, and the silence is a condition that counts.
+        let at = t0 + Duration::from_secs(31);
+        let report = engine.evaluate(&node_reports_gpu_never(at).snapshot(), at);
+        let gpu = report
+            .sources
+            .iter()
+            .find(|s| s.kind == SourceKind::Gpu)
+            .expect("the GPU source is listed");
+        assert_eq!(gpu.state, crate::health::SourceState::Unavailable);
+        assert_eq!(gpu.reason, "no first report within 30s");
+        let c = report
+            .conditions
+            .iter()
+            .find(|c| c.kind == "SourceNoFirstReport")
+            .expect("the silence is a condition");
+        assert_eq!(
+            (c.subject.as_str(), c.status),
+            ("gpu", ConditionStatus::Firing)
+        );
+        assert_eq!(report.verdict, Verdict::Degraded);
+        assert!(
+            report.unknown_reason.is_empty(),
+            "{}",
+            report.unknown_reason
+        );
+    }
+
+    #[test]
+    fn a_source_that_reports_late_is_waited_for_no_more_and_clears_the_condition() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let config = HealthConfig {
+            source_first_report_timeout: Duration::from_secs(30),
+            recovery: Duration::from_secs(30),
+            hold: Duration::from_secs(30),
+            ..HealthConfig::default()
+        };
+        let mut engine = Engine::new(config).waiting_since(t0);
+        let at = t0 + Duration::from_secs(31);
+        let report = engine.evaluate(&node_reports_gpu_never(at).snapshot(), at);
+        assert_eq!(report.verdict, Verdict::Degraded);
+
+        // NVML answers at last: the GPU reports and its state is the usual one.
+        let at = t0 + Duration::from_secs(40);
+        let store = node_reports_gpu_never(at);
+        store.publish_gpus(
+            at,
+            Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
+        let report = engine.evaluate(&store.snapshot(), at);
+        let gpu = report
+            .sources
+            .iter()
+            .find(|s| s.kind == SourceKind::Gpu)
+            .expect("listed");
+        assert_eq!(gpu.state, crate::health::SourceState::Reporting);
+        // The condition recovers like any other: gone once `recovery` has passed.
+        let at = t0 + Duration::from_secs(80);
+        let store = node_reports_gpu_never(at);
+        store.publish_gpus(
+            at,
+            Provenance::default(),
+            crate::store::GpuSnapshot::default(),
+        );
+        let report = engine.evaluate(&store.snapshot(), at);
+        assert!(
+            report
+                .conditions
+                .iter()
+                .all(|c| c.kind != "SourceNoFirstReport"),
+            "{:?}",
+            report.conditions
+        );
+        assert_eq!(report.verdict, Verdict::Healthy);
+    }
+
+    #[test]
+    fn a_restarted_engine_keeps_counting_the_bound_from_the_first_start() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let clock = Arc::new(crate::store::ManualClock::new(t0));
+        let later = t0 + Duration::from_secs(31);
+        let parts = Parts {
+            config: HealthConfig {
+                source_first_report_timeout: Duration::from_secs(30),
+                ..HealthConfig::default()
+            },
+            store: node_reports_gpu_never(later),
+            clock: clock.clone(),
+            drain: DrainController::new(clock.clone()),
+            started: Arc::default(),
+        };
+        let Ok(first) = Evaluator::start(&parts);
+        assert_eq!(first.first.verdict, Verdict::Unknown);
+        // The engine panicked and is started again 31 s after the first start.
+        clock.set(later);
+        let Ok(restarted) = Evaluator::start(&parts);
+        assert_eq!(restarted.first.verdict, Verdict::Degraded);
     }
 
     #[tokio::test]

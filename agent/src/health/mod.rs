@@ -2,9 +2,11 @@
 //! node verdict. It only decides: it reads a [`Snapshot`] and a time, never a file.
 //!
 //! The verdict is `Unknown` until every enabled source has reported once (or declared itself
-//! unavailable), so a node is never called healthy before any check ran. Then the worst firing
-//! (or still recovering) condition decides: a warning makes the node `Degraded`, a critical one
-//! `Unhealthy`, which recommends a drain.
+//! unavailable), so a node is never called healthy before any check ran. A source that stays
+//! silent past `health.source_first_report_timeout` (a hung `nvmlInit`) is shown unavailable
+//! with that reason and fires `SourceNoFirstReport`, so it cannot hold the verdict at
+//! `Unknown` for ever. Then the worst firing (or still recovering) condition decides: a
+//! warning makes the node `Degraded`, a critical one `Unhealthy`, which recommends a drain.
 
 use std::time::SystemTime;
 
@@ -156,6 +158,9 @@ pub struct Engine {
     config: HealthConfig,
     memory: rules::RuleMemory,
     tracker: hysteresis::Tracker,
+    /// Since when the sources' first reports are awaited: the agent's start, or the first
+    /// evaluation when not told.
+    waiting_since: Option<SystemTime>,
 }
 
 impl Engine {
@@ -164,7 +169,17 @@ impl Engine {
             config,
             memory: rules::RuleMemory::default(),
             tracker: hysteresis::Tracker::default(),
+            waiting_since: None,
         }
+    }
+
+    /// Measures `health.source_first_report_timeout` from `since` (the agent's start) rather
+    /// than from the first evaluation, so that an engine restarted after a panic does not grant
+    /// silent sources a fresh bound.
+    #[must_use]
+    pub fn waiting_since(mut self, since: SystemTime) -> Self {
+        self.waiting_since = Some(since);
+        self
     }
 
     pub fn config(&self) -> &HealthConfig {
@@ -174,8 +189,13 @@ impl Engine {
     /// Evaluates the rules on `snapshot` at time `now`. Call it once per tick with a
     /// non-decreasing `now`: hold and recovery times are measured between calls.
     pub fn evaluate(&mut self, snapshot: &Snapshot, now: SystemTime) -> HealthReport {
-        let sources = self.source_reports(snapshot, now);
-        let observations = rules::evaluate(snapshot, &self.config, &mut self.memory, now);
+        let since = *self.waiting_since.get_or_insert(now);
+        let overdue = elapsed(since, now) > self.config.source_first_report_timeout;
+        let sources = self.source_reports(snapshot, now, overdue);
+        let mut observations = rules::evaluate(snapshot, &self.config, &mut self.memory, now);
+        if overdue {
+            observations.extend(self.silent_sources(snapshot, elapsed(since, now)));
+        }
         let conditions =
             self.tracker
                 .update(observations, now, self.config.hold, self.config.recovery);
@@ -220,11 +240,64 @@ impl Engine {
         }
     }
 
-    fn source_reports(&self, snapshot: &Snapshot, now: SystemTime) -> Vec<SourceReport> {
+    /// Why a source that never reported is no longer waited for.
+    fn no_first_report(&self) -> String {
+        format!(
+            "no first report within {}",
+            humantime::format_duration(self.config.source_first_report_timeout)
+        )
+    }
+
+    /// A `SourceNoFirstReport` warning for each source still waiting for its first report
+    /// `waited` after the agent started (call it once the bound is over).
+    fn silent_sources(
+        &self,
+        snapshot: &Snapshot,
+        waited: std::time::Duration,
+    ) -> Vec<rules::Observation> {
+        snapshot
+            .sources
+            .iter()
+            .filter(|(_, status)| matches!(status, SourceStatus::Pending))
+            .map(|(kind, _)| rules::Observation {
+                kind: "SourceNoFirstReport",
+                reason: "NoFirstReport",
+                subject: kind.name().to_owned(),
+                severity: Severity::Warning,
+                message: format!(
+                    "source {kind} has not reported once since the agent started ({}); the \
+                     verdict no longer waits for it",
+                    self.no_first_report()
+                ),
+                evidence: vec![Evidence {
+                    metric: "seconds_since_start".to_owned(),
+                    value: waited.as_secs_f64(),
+                    threshold: self.config.source_first_report_timeout.as_secs_f64(),
+                    unit: "seconds".to_owned(),
+                    window_seconds: 0,
+                }],
+                immediate: true,
+            })
+            .collect()
+    }
+
+    fn source_reports(
+        &self,
+        snapshot: &Snapshot,
+        now: SystemTime,
+        overdue: bool,
+    ) -> Vec<SourceReport> {
         snapshot
             .sources
             .iter()
             .map(|(kind, status)| match status {
+                SourceStatus::Pending if overdue => SourceReport {
+                    kind: *kind,
+                    state: SourceState::Unavailable,
+                    provenance: Provenance::default(),
+                    last_report: None,
+                    reason: self.no_first_report(),
+                },
                 SourceStatus::Pending => SourceReport {
                     kind: *kind,
                     state: SourceState::Pending,

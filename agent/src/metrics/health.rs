@@ -8,7 +8,7 @@
 use super::{Kind, Metrics};
 use crate::{
     health::hub::Published,
-    health::{Severity, Verdict},
+    health::{Severity, SourceState, Verdict},
 };
 
 const VERDICT: &str = "nodeward_health_verdict_state";
@@ -19,6 +19,20 @@ const DRAIN_HELP: &str = "1 while a drain is in progress (BeginDrain called, not
 const CONDITION: &str = "nodeward_health_condition";
 const CONDITION_HELP: &str =
     "1 while a condition of this type and severity is firing or recovering (it counts towards the verdict).";
+
+const SOURCE: &str = "nodeward_health_source_state";
+const SOURCE_HELP: &str =
+    "Each source of the verdict (`source`: network, cgroup, node, gpu) as a state set: \
+     1 for its current `state` (pending, reporting, unavailable, stale), 0 for the others. \
+     The reason of an unavailable one (\"no first report within 30s\") is in the API's report.";
+
+/// Every state of a source and its `state` label.
+const SOURCE_STATES: [(SourceState, &str); 4] = [
+    (SourceState::Pending, "pending"),
+    (SourceState::Reporting, "reporting"),
+    (SourceState::Unavailable, "unavailable"),
+    (SourceState::Stale, "stale"),
+];
 
 /// Every verdict and its `state` label, so that each scrape has all four series: a query for
 /// `state="unhealthy"` then reads 0 on a healthy node instead of finding nothing.
@@ -48,6 +62,16 @@ pub fn encode(p: &Published, m: &mut Metrics) {
         &[],
         f64::from(u8::from(p.drain.is_some())),
     );
+    for source in &p.report.sources {
+        for (state, label) in SOURCE_STATES {
+            m.gauge(
+                SOURCE,
+                SOURCE_HELP,
+                &[("source", source.kind.name()), ("state", label)],
+                f64::from(u8::from(source.state == state)),
+            );
+        }
+    }
     m.declare(CONDITION, Kind::Gauge, CONDITION_HELP);
     let active: std::collections::BTreeSet<(&str, &str)> = p
         .report
@@ -118,6 +142,36 @@ mod tests {
         assert!(
             text.contains("# TYPE nodeward_health_condition gauge"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn each_source_is_a_state_set_with_its_current_state_at_1() {
+        let mut p = published(Verdict::Degraded, vec![]);
+        let mut report = (*p.report).clone();
+        report.sources = vec![crate::health::SourceReport {
+            kind: crate::store::SourceKind::Gpu,
+            state: SourceState::Unavailable,
+            provenance: crate::store::Provenance::default(),
+            last_report: None,
+            reason: "no first report within 30s".to_owned(),
+        }];
+        p.report = Arc::new(report);
+        let mut m = Metrics::new();
+        encode(&p, &mut m);
+        let text = m.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nodeward_health_source_state{"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "nodeward_health_source_state{source=\"gpu\",state=\"pending\"} 0",
+                "nodeward_health_source_state{source=\"gpu\",state=\"reporting\"} 0",
+                "nodeward_health_source_state{source=\"gpu\",state=\"unavailable\"} 1",
+                "nodeward_health_source_state{source=\"gpu\",state=\"stale\"} 0",
+            ]
         );
     }
 

@@ -11,6 +11,10 @@
 //! head has arrived, so clients that connect and trickle bytes hold a cheap connection slot,
 //! never a scrape slot (issue 19: 16 such clients used to starve Prometheus); and one source
 //! address holds at most [`MAX_PER_SOURCE`] connections, so it cannot take them all.
+//!
+//! With `metrics.tls_cert` the same server speaks HTTPS only ([`super::tls`]): the handshake
+//! runs inside the connection's slot and must finish within [`IO_TIMEOUT`], like a request
+//! head, so a client that never finishes it holds no more than a plain slow client does.
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
@@ -25,7 +29,13 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{encode::CONTENT_TYPE, Exporter};
@@ -125,10 +135,55 @@ async fn scrape(State(scrapes): State<Scrapes>) -> Response {
     }
 }
 
-/// Accepts scrapes until `cancel` fires; connections in flight are dropped then.
+type Service = TowerToHyperService<Router>;
+
+/// Why one connection ended badly (logged at debug level: a scraper's problem, not ours).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake not finished within {IO_TIMEOUT:?}")]
+    HandshakeTimeout,
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// One request on `io`, plain or TLS.
+async fn http1<I>(io: I, service: Service) -> Result<(), ConnectionError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IO_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service)
+        .await?;
+    Ok(())
+}
+
+/// Serves one connection: the TLS handshake first when `tls` is set.
+async fn connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    service: Service,
+) -> Result<(), ConnectionError> {
+    let Some(tls) = tls else {
+        return http1(stream, service).await;
+    };
+    let stream = tokio::time::timeout(IO_TIMEOUT, tls.accept(stream))
+        .await
+        .map_err(|_| ConnectionError::HandshakeTimeout)?
+        .map_err(ConnectionError::Handshake)?;
+    http1(stream, service).await
+}
+
+/// Accepts scrapes until `cancel` fires; connections in flight are dropped then. With `tls`,
+/// every connection must complete a TLS handshake first.
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<Exporter>,
+    tls: Option<TlsAcceptor>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let service = TowerToHyperService::new(router(exporter));
@@ -160,13 +215,9 @@ pub async fn serve(
             tracing::debug!(%peer, "metrics: too many connections from this address");
             continue;
         };
-        let service = service.clone();
+        let (service, tls) = (service.clone(), tls.clone());
         connections.spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(IO_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
+            let connection = connection(stream, tls, service);
             match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics: connection failed"),
@@ -230,7 +281,7 @@ mod tests {
         let mut exporter = Exporter::new();
         exporter.add(|m| m.gauge("nodeward_test", "Test.", &[], 1.0));
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::new(exporter), cancel.clone()));
+        let server = tokio::spawn(serve(listener, Arc::new(exporter), None, cancel.clone()));
 
         let stop_trickling = CancellationToken::new();
         let mut tricklers = JoinSet::new();
@@ -288,7 +339,7 @@ mod tests {
         let mut exporter = Exporter::new();
         exporter.add(|m| m.gauge("nodeward_test", "Test.", &[], 1.0));
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::new(exporter), cancel.clone()));
+        let server = tokio::spawn(serve(listener, Arc::new(exporter), None, cancel.clone()));
 
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS + 8 {

@@ -15,7 +15,7 @@
 //! pod and namespace, a GPU's index and UUID, an eBPF program name — never a connection or
 //! flow.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinSet};
@@ -37,6 +37,7 @@ pub mod network;
 pub mod rtt;
 pub mod store;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 pub use encode::{Kind, Metrics};
@@ -53,6 +54,13 @@ pub struct MetricsConfig {
     /// Address and port of the HTTP listener. Loopback by default: the DaemonSet sets the
     /// pod's address so that Prometheus can reach it.
     pub listen: SocketAddr,
+    /// PEM certificate chain: with `tls_key`, `/metrics` is served over HTTPS only.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM CA certificates: when set, a scraper must present a client certificate signed by
+    /// one of them (the same meaning as `api.tls_client_ca`).
+    pub tls_client_ca: PathBuf,
 }
 
 impl Default for MetricsConfig {
@@ -60,7 +68,46 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
         }
+    }
+}
+
+/// A `[metrics]` value that does not fit with the others: (key, value, what is allowed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("metrics.{key} = {value}: {allowed}")]
+pub struct MetricsConfigError {
+    pub key: &'static str,
+    pub value: String,
+    pub allowed: &'static str,
+}
+
+impl MetricsConfig {
+    /// Whether `/metrics` is served over TLS.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
+    /// Checks the TLS keys go together (the files are read when the server starts).
+    pub fn validate(&self) -> Result<(), MetricsConfigError> {
+        let shown = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+        if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
+            return Err(MetricsConfigError {
+                key: "tls_key",
+                value: shown(&self.tls_key),
+                allowed: "tls_cert and tls_key must be given together",
+            });
+        }
+        if !self.tls_client_ca.as_os_str().is_empty() && !self.tls_enabled() {
+            return Err(MetricsConfigError {
+                key: "tls_client_ca",
+                value: shown(&self.tls_client_ca),
+                allowed: "needs tls_cert and tls_key",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -187,13 +234,29 @@ pub fn spawn(
             return;
         }
     };
+    // Unlike a taken port, a TLS setup that fails stops the agent (as the API's does): running
+    // on in plain HTTP, or without the scrapes the operator secured, would hide the mistake.
+    let tls = match tls::acceptor(config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            let e = crate::task::TaskError::failed(e);
+            tasks.spawn(async move { (NAME, Err(e)) });
+            return;
+        }
+    };
     let mut exporter = Exporter::from_feeds(feeds);
     exporter.add_store(store.clone(), health);
     let exporter = Arc::new(exporter);
     let cancel = cancel.clone();
-    tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_certificates = !config.tls_client_ca.as_os_str().is_empty();
+    tracing::info!(
+        %addr,
+        client_certificates,
+        "serving Prometheus metrics at {scheme}://{addr}/metrics"
+    );
     tasks.spawn(async move {
-        let served = http::serve(listener, exporter, cancel).await;
+        let served = http::serve(listener, exporter, tls, cancel).await;
         (NAME, served.map_err(crate::task::TaskError::failed))
     });
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub mod check;
 pub mod events;
 pub mod model;
+pub mod open;
 pub mod poll;
 pub mod procs;
 pub mod reading;
@@ -119,6 +120,8 @@ pub enum GpuError {
     Unavailable(String),
     #[error("cannot start the GPU event thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot start the NVML initialisation thread: {0}")]
+    InitThread(std::io::Error),
     #[error("GPU poll task failed: {0}")]
     Join(String),
 }
@@ -262,7 +265,7 @@ impl Gpu {
 /// The running source: polls on every interval and publishes each snapshot.
 #[derive(Debug)]
 pub struct Source {
-    gpu: Gpu,
+    gpu: open::Opening,
     config: GpuConfig,
     proc_root: PathBuf,
     interval: Duration,
@@ -270,9 +273,10 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens NVML, or says why the GPU source cannot run on this node.
+    /// Opens NVML, or says why the GPU source cannot run on this node. Waits for NVML at most
+    /// [`open::OPEN_WAIT`]: past that the run waits for it (see [`open`]).
     pub fn start(config: &GpuConfig, shared: &crate::sources::Shared) -> Result<Self, GpuError> {
-        let gpu = Gpu::open(config, &shared.paths.proc_root)?;
+        let gpu = open::open(config, &shared.paths.proc_root, open::OPEN_WAIT)?;
         let interval = if config.poll_interval.is_zero() {
             shared.tick
         } else {
@@ -311,6 +315,18 @@ impl Source {
             interval,
             tx,
         } = self;
+        let gpu = match open::finish(gpu, &cancel).await {
+            Ok(Some(gpu)) => gpu,
+            Ok(None) => return Ok(()),
+            // NVML answered late, and said it cannot run here: the same as answering at once.
+            Err(e @ GpuError::Unavailable(_)) => {
+                tracing::warn!(reason = %e, "source unavailable");
+                tx.send_replace(GpuSnapshot::empty(SourceStatus::Unavailable(e.to_string())));
+                cancel.cancelled().await;
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         recover::poll_loop(gpu, &config, &proc_root, interval, &tx, &cancel).await
     }
 }
