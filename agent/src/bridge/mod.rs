@@ -8,7 +8,11 @@
 //! sources and moves data when a channel changes.
 //!
 //! The store's `Network` kind is fed by two sources (TCP and UDP/RTP): it is registered when
-//! either started, and marked unavailable only when neither could.
+//! either started, and marked unavailable only when neither could. Each network report says
+//! what each enabled feed last did ([`FeedState`]): reported in its current run (the
+//! supervisor's restart count when its snapshot arrived), waiting for its first report, or
+//! blind (it could not start); the drain trusts the stream counts only when every feed has
+//! reported in its current run.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     containers::{proc_cgroup::ProcCgroup, Inventory},
     sources::{cgroup, gpu, tcp, udp, Feeds},
-    store::{Provenance, SourceKind, Store},
+    store::{FeedState, Provenance, SourceKind, Store},
     supervise::TaskResult,
     task::TaskHealth,
 };
@@ -110,6 +114,18 @@ pub fn spawn(
             .filter_map(|n| feeds.unavailable.iter().find(|(u, _)| *u == n))
             .map(|(n, r)| format!("{n} unavailable: {r}"))
             .collect(),
+        blind_feeds: [tcp::NAME, udp::NAME]
+            .into_iter()
+            .filter_map(|n| feeds.unavailable.iter().find(|(u, _)| *u == n))
+            .map(|(n, r)| (*n, r.clone()))
+            .collect(),
+        feed_tasks: feeds
+            .supervised
+            .iter()
+            .filter(|(n, _)| [tcp::NAME, udp::NAME].contains(n))
+            .map(|(n, rx)| (*n, rx.clone()))
+            .collect(),
+        reported_run: BTreeMap::new(),
     };
     let cancel = cancel.clone();
     let (supervised, store, c) = (feeds.supervised.clone(), store.clone(), cancel.clone());
@@ -164,6 +180,12 @@ struct Bridge {
     peer_window: crate::store::Window,
     own_cgroup_path: Option<String>,
     network_notes: Vec<String>,
+    /// Network feeds that could not start, with the reason.
+    blind_feeds: Vec<(&'static str, String)>,
+    /// The supervisor's view of each started network feed's task.
+    feed_tasks: BTreeMap<&'static str, watch::Receiver<TaskHealth>>,
+    /// The restart count of each feed's task when its latest real snapshot arrived.
+    reported_run: BTreeMap<&'static str, u32>,
 }
 
 /// Waits for the next value; never returns for an absent or closed channel (its source ended,
@@ -186,14 +208,22 @@ impl Bridge {
         // before this task subscribed): publish them once, skipping placeholders.
         self.publish_resources();
         self.publish_gpu();
+        self.note_report(tcp::NAME);
+        self.note_report(udp::NAME);
         self.publish_network();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = changed(&mut self.cgroup) => self.publish_resources(),
                 () = changed(&mut self.gpu) => self.publish_gpu(),
-                () = changed(&mut self.tcp) => self.publish_network(),
-                () = changed(&mut self.udp) => self.publish_network(),
+                () = changed(&mut self.tcp) => {
+                    self.note_report(tcp::NAME);
+                    self.publish_network();
+                }
+                () = changed(&mut self.udp) => {
+                    self.note_report(udp::NAME);
+                    self.publish_network();
+                }
             }
         }
     }
@@ -267,6 +297,43 @@ impl Bridge {
         }
     }
 
+    /// Feed `name` published a snapshot: if it is a real one (not the placeholder before a
+    /// source's first tick) and its task is up, it reported in the task's current run. A
+    /// restarted task keeps feeding the same channel, whose last value is the old run's until
+    /// the new run ticks; the restart count tells the two apart.
+    fn note_report(&mut self, name: &'static str) {
+        let real = match name {
+            tcp::NAME => self.tcp.as_ref().is_some_and(|r| r.borrow().tick > 0),
+            _ => self.udp.as_ref().is_some_and(|r| !r.borrow().hook.is_empty()),
+        };
+        let task = self.feed_tasks.get(name).map(|rx| rx.borrow().clone());
+        if real && task.as_ref().is_none_or(|t| t.up) {
+            self.reported_run
+                .insert(name, task.map_or(0, |t| t.restarts));
+        }
+    }
+
+    /// What each enabled network feed last did (see the module's doc).
+    fn feeds(&self) -> BTreeMap<&'static str, FeedState> {
+        let mut out: BTreeMap<&'static str, FeedState> = self
+            .blind_feeds
+            .iter()
+            .map(|(n, r)| (*n, FeedState::Blind { reason: r.clone() }))
+            .collect();
+        let started = [
+            (tcp::NAME, self.tcp.is_some()),
+            (udp::NAME, self.udp.is_some()),
+        ];
+        for (name, _) in started.into_iter().filter(|(_, on)| *on) {
+            let state = match self.reported_run.get(name) {
+                Some(run) => FeedState::Reporting { run: *run },
+                None => FeedState::Waiting,
+            };
+            out.insert(name, state);
+        }
+        out
+    }
+
     fn publish_network(&mut self) {
         let tcp = self.tcp.as_mut().map(|r| r.borrow_and_update().clone());
         let udp = self.udp.as_mut().map(|r| r.borrow_and_update().clone());
@@ -285,7 +352,9 @@ impl Bridge {
             own_cgroup_path: self.own_cgroup_path.as_deref(),
             now,
         };
-        let data = network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
+        let mut data =
+            network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
+        data.feeds = self.feeds();
         let mut provenance: Provenance = network::network_provenance(tcp.as_deref(), udp.as_ref());
         for note in &self.network_notes {
             provenance.fidelity = format!("{}; {note}", provenance.fidelity);
