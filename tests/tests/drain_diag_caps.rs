@@ -25,9 +25,8 @@ const DAEMONSET: &str = concat!(
 /// The capabilities the DaemonSet adds (`securityContext.capabilities.add`), `BPF` form.
 fn daemonset_caps() -> Vec<String> {
     let text = std::fs::read_to_string(DAEMONSET).expect("read the DaemonSet");
-    let mut lines = text.lines().skip_while(|l| l.trim() != "add:").skip(1);
     let mut caps = Vec::new();
-    for l in lines.by_ref() {
+    for l in text.lines().skip_while(|l| l.trim() != "add:").skip(1) {
         let Some(item) = l.trim().strip_prefix("- ") else {
             break;
         };

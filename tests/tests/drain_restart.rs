@@ -107,12 +107,12 @@ async fn a_tcp_source_restart_mid_drain_is_not_read_as_no_streams() {
         return;
     };
     let dir = TempDir::new("drain-tcp-restart");
-    // The TCP task panics after 40 ticks (20 s at 500 ms) and waits 10 s before its restart.
+    // The TCP task panics after 60 ticks (30 s at 500 ms) and waits 10 s before its restart.
     let agent = DrainAgent::start(
         &dir.0,
         "agent",
         &[],
-        &[("NODEWARD_FAULT_INJECT", "panic:ebpf/tcp:40:10s")],
+        &[("NODEWARD_FAULT_INJECT", "panic:ebpf/tcp:60:10s")],
     )
     .await;
     let begun = agent.begin(BY[0], 3_600).await.drain.expect("drain");
