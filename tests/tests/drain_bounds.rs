@@ -3,10 +3,45 @@
 //! limit: the first 64 requesters are listed and the rest counted; 1,000 streams are listed,
 //! the count stays exact and `truncated` says so.
 
+use std::{net::SocketAddr, time::Duration};
+
+use nodeward::store::{ContainerNetwork, FeedState, LiveStream, NetworkSnapshot, StreamProtocol};
 use nodeward_tests::{
-    api::{api_config, feed_all, health_config, network, now, prov, TempDir, TestApi},
+    api::{api_config, feed_all, health_config, now, prov, TempDir, TestApi},
     skip,
 };
+
+/// One container serving `n` TCP streams, reported by both feeds.
+fn many_streams(n: u16) -> NetworkSnapshot {
+    let local: SocketAddr = "10.0.0.2:1935".parse().expect("addr");
+    let streams = (0..n)
+        .map(|i| LiveStream {
+            protocol: StreamProtocol::Tcp,
+            local,
+            remote: SocketAddr::from(([198, 51, 100, (i % 250) as u8], 10_000 + i)),
+            started_at: now() - Duration::from_secs(60),
+            viewers: 0,
+        })
+        .collect();
+    NetworkSnapshot {
+        containers: [(
+            "c-live".to_owned(),
+            ContainerNetwork {
+                established_connections: u32::from(n),
+                streams,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        feeds: [
+            ("ebpf/tcp", FeedState::Reporting { run: 0 }),
+            ("ebpf/udp", FeedState::Reporting { run: 0 }),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
 
 /// Whether python3 with grpcio and grpcio-reflection is there; prints the skip line if not.
 fn python_grpcio(test: &str) -> bool {
@@ -43,7 +78,7 @@ async fn five_thousand_requesters_and_many_streams_still_answer_a_default_python
     let api = TestApi::start(api_config(&dir), health_config()).await;
     feed_all(&api.store, 0);
     api.store
-        .publish_network(now(), prov("tracepoint tcp:tcp_probe"), network(3_000));
+        .publish_network(now(), prov("tracepoint tcp:tcp_probe"), many_streams(3_000));
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/drain_flood_client.py");
     let out = tokio::process::Command::new("python3")
