@@ -81,8 +81,8 @@ pub fn parse(spec: &str) -> Result<Vec<Spec>, String> {
                 if task.is_empty() {
                     return Err(bad("no task named"));
                 }
-                let wait = humantime::parse_duration(wait)
-                    .map_err(|e| bad(&format!("delay: {e}")))?;
+                let wait =
+                    humantime::parse_duration(wait).map_err(|e| bad(&format!("delay: {e}")))?;
                 return Ok(Spec::Delay((*task).to_owned(), wait));
             }
             let (kind, task, after, backoff) = match parts.as_slice() {
@@ -152,7 +152,11 @@ where
     F: Future<Output = Result<(), TaskError>>,
 {
     if let Some(wait) = armed::take_delay(task) {
-        tracing::warn!(task, ?wait, "fault injection: the task's first run waits ({ENV})");
+        tracing::warn!(
+            task,
+            ?wait,
+            "fault injection: the task's first run waits ({ENV})"
+        );
         tokio::time::sleep(wait).await;
     }
     if let Some(armed) = armed::get()

@@ -15,9 +15,9 @@ use nodeward::{
     client::Conn,
     health::HealthConfig,
     store::{
-        CgroupSnapshot, ContainerMeta, ContainerNetwork, ContainerStats, GpuDevice, GpuSnapshot,
-        FeedState, LiveStream, NetworkSnapshot, NetworkWindow, NodeStats, Provenance, SourceKind, Store,
-        StreamProtocol, SystemClock,
+        CgroupSnapshot, ContainerMeta, ContainerNetwork, ContainerStats, FeedState, GpuDevice,
+        GpuSnapshot, LiveStream, NetworkSnapshot, NetworkWindow, NodeStats, Provenance, SourceKind,
+        Store, StreamProtocol, SystemClock,
     },
 };
 use tokio_util::sync::CancellationToken;

@@ -97,7 +97,10 @@ async fn five_thousand_requesters_and_many_streams_still_answer_a_default_python
     for method in ["GetNodeHealth", "GetDrainStatus"] {
         let r = &v[method];
         assert_eq!(r["code"], "OK", "{method}: {v}");
-        assert_eq!(r["requesters"], 64, "{method}: the first 64 are listed: {v}");
+        assert_eq!(
+            r["requesters"], 64,
+            "{method}: the first 64 are listed: {v}"
+        );
         assert_eq!(r["first"], "controller-00000", "{method}: first first: {v}");
         assert_eq!(r["requesters_not_kept"], 5_000 - 64, "{method}: {v}");
         assert!(

@@ -37,7 +37,8 @@ fn daemonset_caps() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sock_diag_with_the_daemonsets_capabilities_sees_sockets_or_says_what_it_lacks() {
-    const TEST: &str = "sock_diag_with_the_daemonsets_capabilities_sees_sockets_or_says_what_it_lacks";
+    const TEST: &str =
+        "sock_diag_with_the_daemonsets_capabilities_sees_sockets_or_says_what_it_lacks";
     if !is_root() {
         return skip(TEST, "needs root (network namespaces, cgroups)");
     }
@@ -101,7 +102,12 @@ async fn sock_diag_with_the_daemonsets_capabilities_sees_sockets_or_says_what_it
         .arg(format!("--bounding-set=-all,{list}"))
         .arg(agent_binary())
         .args(["run", "--config", "/dev/null"])
-        .args(["--set", "tcp.attribution=sock_diag", "--set", "gpu.enabled=false"])
+        .args([
+            "--set",
+            "tcp.attribution=sock_diag",
+            "--set",
+            "gpu.enabled=false",
+        ])
         .args(["--set", "metrics.enabled=false", "--set", "api.tcp_listen="])
         .args(["--set", "agent.tick=500ms", "--set", "log.format=json"])
         .arg("--set")
@@ -166,7 +172,11 @@ async fn sock_diag_with_the_daemonsets_capabilities_sees_sockets_or_says_what_it
     });
     eprintln!(
         "{TEST}: {} ({})",
-        if sees { "sees the pod's sockets" } else { "reports itself unavailable" },
+        if sees {
+            "sees the pod's sockets"
+        } else {
+            "reports itself unavailable"
+        },
         status.ready_reason
     );
 }

@@ -304,7 +304,10 @@ impl Bridge {
     fn note_report(&mut self, name: &'static str) {
         let real = match name {
             tcp::NAME => self.tcp.as_ref().is_some_and(|r| r.borrow().tick > 0),
-            _ => self.udp.as_ref().is_some_and(|r| !r.borrow().hook.is_empty()),
+            _ => self
+                .udp
+                .as_ref()
+                .is_some_and(|r| !r.borrow().hook.is_empty()),
         };
         let task = self.feed_tasks.get(name).map(|rx| rx.borrow().clone());
         if real && task.as_ref().is_none_or(|t| t.up) {
@@ -352,8 +355,7 @@ impl Bridge {
             own_cgroup_path: self.own_cgroup_path.as_deref(),
             now,
         };
-        let mut data =
-            network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
+        let mut data = network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
         data.feeds = self.feeds();
         let mut provenance: Provenance = network::network_provenance(tcp.as_deref(), udp.as_ref());
         for note in &self.network_notes {

@@ -370,9 +370,7 @@ impl DrainController {
                 ..
             }) => (
                 false,
-                format!(
-                    "{p}: not ready until a caller cancels the drain or begins a new one"
-                ),
+                format!("{p}: not ready until a caller cancels the drain or begins a new one"),
             ),
             Some(h) if h.deadline_mono.is_some_and(|d| mono >= d) => {
                 (true, "the drain deadline passed".to_owned())

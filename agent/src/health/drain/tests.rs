@@ -145,7 +145,11 @@ fn a_wall_clock_step_neither_ends_nor_extends_a_drain() {
     clock.advance(Duration::from_secs(60));
     publish(&store, clock.now(), 1, &both());
     let p = d.progress(&store.snapshot());
-    assert!(p.ready && p.ready_reason.contains("deadline"), "{}", p.ready_reason);
+    assert!(
+        p.ready && p.ready_reason.contains("deadline"),
+        "{}",
+        p.ready_reason
+    );
 }
 
 #[test]
@@ -164,7 +168,10 @@ fn streams_are_known_only_when_every_feed_reported_in_its_current_run() {
         &store,
         clock.now(),
         0,
-        &[(TCP, FeedState::Waiting), (UDP, FeedState::Reporting { run: 0 })],
+        &[
+            (TCP, FeedState::Waiting),
+            (UDP, FeedState::Reporting { run: 0 }),
+        ],
     );
     assert!(not_ready("tcp waiting").contains("ebpf/tcp has not reported"));
     // A report that names no feeds is not trusted either.
@@ -231,7 +238,10 @@ fn requesters_are_capped_and_further_joins_counted() {
     let drain = d.current().expect("draining");
     assert_eq!(drain.requesters.len(), 64);
     assert_eq!(drain.requesters_not_kept, 36);
-    assert_eq!(drain.requesters[63].requested_by, "c63", "the first are kept");
+    assert_eq!(
+        drain.requesters[63].requested_by, "c63",
+        "the first are kept"
+    );
 }
 
 #[test]
@@ -277,10 +287,18 @@ fn a_drain_is_restored_with_its_deadline_requesters_and_start() {
     clock.advance(Duration::from_secs(490));
     publish(&store, clock.now(), 1, &both());
     let p = again.progress(&store.snapshot());
-    assert!(p.ready && p.ready_reason.contains("deadline"), "{}", p.ready_reason);
+    assert!(
+        p.ready && p.ready_reason.contains("deadline"),
+        "{}",
+        p.ready_reason
+    );
 
     assert!(again.cancel());
-    assert_eq!(persisted(&clock, &path).current(), None, "the cancel is kept too");
+    assert_eq!(
+        persisted(&clock, &path).current(),
+        None,
+        "the cancel is kept too"
+    );
     let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
 }
 
@@ -294,7 +312,10 @@ fn a_wall_clock_set_back_before_a_restart_cannot_stretch_the_drain() {
     let store = Store::new();
     clock.advance(Duration::from_secs(60));
     publish(&store, clock.now(), 1, &both());
-    assert!(again.progress(&store.snapshot()).ready, "at most the drain's own length");
+    assert!(
+        again.progress(&store.snapshot()).ready,
+        "at most the drain's own length"
+    );
     let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
 }
 
@@ -306,7 +327,10 @@ fn an_unreadable_state_holds_the_node_draining_and_not_ready_until_a_caller_deci
     let clock = Arc::new(ManualClock::new(start()));
     let d = persisted(&clock, &path);
     let drain = d.current().expect("held as draining");
-    assert!(drain.problem.as_deref().is_some_and(|p| p.contains("could not be read")));
+    assert!(drain
+        .problem
+        .as_deref()
+        .is_some_and(|p| p.contains("could not be read")));
     assert_eq!(drain.deadline, None);
     assert_eq!(d.problems().len(), 1);
     assert_eq!(d.problems()[0].reason, "Unreadable");
@@ -315,7 +339,11 @@ fn an_unreadable_state_holds_the_node_draining_and_not_ready_until_a_caller_deci
     clock.advance(Duration::from_secs(30 * 86_400));
     publish(&store, clock.now(), 0, &both());
     let p = d.progress(&store.snapshot());
-    assert!(!p.ready, "never ready from an unreadable state: {}", p.ready_reason);
+    assert!(
+        !p.ready,
+        "never ready from an unreadable state: {}",
+        p.ready_reason
+    );
     assert!(!path.exists(), "moved aside");
 
     // A caller begins anew: a real drain with its own deadline replaces it.

@@ -267,7 +267,10 @@ pub fn dump_all(proc_root: &Path) -> Dump {
 /// Whether this process may enter network namespaces: `setns` into its own one, from a
 /// short-lived thread, needs the same `CAP_SYS_ADMIN` as entering a pod's.
 pub fn check_setns(proc_root: &Path) -> Result<(), DiagError> {
-    let own = [proc_root.join("thread-self/ns/net"), "/proc/thread-self/ns/net".into()];
+    let own = [
+        proc_root.join("thread-self/ns/net"),
+        "/proc/thread-self/ns/net".into(),
+    ];
     std::thread::scope(|s| {
         s.spawn(|| {
             // The spawned thread's own namespace (thread-self: this very thread).
