@@ -428,6 +428,133 @@ mod tests {
         task.await.expect("stops on cancel");
     }
 
+    /// Each network report says what each feed did: a feed counts as reporting only with a
+    /// real snapshot taken while its task was up, and in the run that sent it.
+    #[tokio::test]
+    async fn each_network_report_says_which_feed_reported_in_which_run() {
+        use crate::task::TaskHealth;
+        let store = Store::new();
+        let (tcp_tx, tcp_rx) = watch::channel(Arc::new(tcp::TcpSnapshot::default()));
+        let (udp_tx, udp_rx) = watch::channel(udp::model::UdpSnapshot::default());
+        let (tcp_health, tcp_health_rx) = watch::channel(TaskHealth::default());
+        let (_udp_health, udp_health_rx) = watch::channel(TaskHealth::default());
+        let feeds = Feeds {
+            started: vec![tcp::NAME, udp::NAME],
+            tcp: Some(tcp_rx),
+            udp: Some(udp_rx),
+            supervised: vec![(tcp::NAME, tcp_health_rx), (udp::NAME, udp_health_rx)],
+            ..Feeds::default()
+        };
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        spawn(
+            &crate::config::Config::default().bridge(),
+            &feeds,
+            &store,
+            &cancel,
+            &mut tasks,
+        );
+        let feeds_now = |store: &Store| {
+            store
+                .snapshot()
+                .network
+                .map(|n| n.feeds.clone())
+                .unwrap_or_default()
+        };
+        let wait = |want: Vec<(&'static str, FeedState)>| {
+            let store = store.clone();
+            async move {
+                let want: BTreeMap<_, _> = want.into_iter().collect();
+                for _ in 0..2_000 {
+                    if feeds_now(&store) == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                panic!("feeds {:?}, expected {want:?}", feeds_now(&store));
+            }
+        };
+        let tcp_tick = |tick| {
+            Arc::new(tcp::TcpSnapshot {
+                tick,
+                ..tcp::TcpSnapshot::default()
+            })
+        };
+        // UDP reports first: TCP is still waiting.
+        udp_tx.send_replace(udp::model::UdpSnapshot {
+            hook: "cgroup_skb".into(),
+            ..Default::default()
+        });
+        wait(vec![
+            (tcp::NAME, FeedState::Waiting),
+            (udp::NAME, FeedState::Reporting { run: 0 }),
+        ])
+        .await;
+        tcp_tx.send_replace(tcp_tick(1));
+        wait(vec![
+            (tcp::NAME, FeedState::Reporting { run: 0 }),
+            (udp::NAME, FeedState::Reporting { run: 0 }),
+        ])
+        .await;
+        // The TCP task fails; a snapshot arriving while it is down is not a report of a run.
+        tcp_health.send_replace(TaskHealth {
+            restarts: 1,
+            up: false,
+            ..TaskHealth::default()
+        });
+        tcp_tx.send_replace(tcp_tick(2));
+        udp_tx.send_modify(|u| u.hook = "cgroup_skb ".into());
+        wait(vec![
+            (tcp::NAME, FeedState::Reporting { run: 0 }),
+            (udp::NAME, FeedState::Reporting { run: 0 }),
+        ])
+        .await;
+        // Its new run reports.
+        tcp_health.send_replace(TaskHealth {
+            restarts: 1,
+            ..TaskHealth::default()
+        });
+        tcp_tx.send_replace(tcp_tick(1));
+        wait(vec![
+            (tcp::NAME, FeedState::Reporting { run: 1 }),
+            (udp::NAME, FeedState::Reporting { run: 0 }),
+        ])
+        .await;
+        cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    #[test]
+    fn a_network_feed_that_could_not_start_is_blind_with_its_reason() {
+        let bridge = Bridge {
+            store: Store::new(),
+            tcp: None,
+            udp: None,
+            gpu: None,
+            cgroup: None,
+            publish_cgroups: false,
+            publish_node: false,
+            udp_min_flow_age: Duration::from_secs(10),
+            peer_window: crate::store::Window::from_secs(10),
+            own_cgroup_path: None,
+            network_notes: Vec::new(),
+            blind_feeds: vec![(tcp::NAME, "sock_diag lacks CAP_SYS_ADMIN".to_owned())],
+            feed_tasks: BTreeMap::new(),
+            reported_run: BTreeMap::new(),
+        };
+        assert_eq!(
+            bridge.feeds(),
+            [(
+                tcp::NAME,
+                FeedState::Blind {
+                    reason: "sock_diag lacks CAP_SYS_ADMIN".to_owned()
+                }
+            )]
+            .into_iter()
+            .collect()
+        );
+    }
+
     #[test]
     fn network_waits_for_whichever_of_tcp_and_udp_runs() {
         let store = Store::new();
