@@ -94,6 +94,7 @@ async fn five_thousand_requesters_and_many_streams_still_answer_a_default_python
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("python printed JSON");
+    eprintln!("{TEST}: {v}");
     for method in ["GetNodeHealth", "GetDrainStatus"] {
         let r = &v[method];
         assert_eq!(r["code"], "OK", "{method}: {v}");
