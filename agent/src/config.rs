@@ -37,6 +37,8 @@ pub struct Config {
     pub gpu: crate::sources::gpu::GpuConfig,
     pub health: crate::health::HealthConfig,
     pub api: crate::api::ApiConfig,
+    /// The drain handshake's state file and reply bounds (section defined in `health::drain`).
+    pub drain: crate::health::drain::DrainConfig,
     pub tcp: crate::sources::tcp::TcpConfig,
     pub network: NetworkConfig,
     pub containers: crate::containers::ContainersConfig,

@@ -57,8 +57,24 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     // The health engine runs whether or not the API is served, supervised like a source: its
     // restarts reach the store (and so the verdict) and `/metrics` through `feeds.supervised`.
     let clock = std::sync::Arc::new(crate::store::SystemClock);
-    let health =
-        health::evaluator::spawn(&config.health, store.clone(), clock, &cancel, &mut tasks);
+    // The drain restored from its state file, before the API can answer for it.
+    let drain = health::drain::DrainController::open(
+        clock.clone(),
+        health::drain::DrainSettings {
+            max_requesters: config.drain.max_requesters,
+            max_streams_listed: config.drain.max_streams_listed,
+            stale_after: config.health.source_stale_after,
+            state_file: Some(config.drain.state_path(&config.api.unix_socket)),
+        },
+    );
+    let health = health::evaluator::spawn_with(
+        &config.health,
+        drain,
+        store.clone(),
+        clock,
+        &cancel,
+        &mut tasks,
+    );
     feeds
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));

@@ -13,6 +13,7 @@
 //! ```text
 //! NODEWARD_FAULT_INJECT=panic:<task>:<after_n_ticks>[:<backoff>][,<another>...]
 //! NODEWARD_FAULT_INJECT=reject:<program>[,<another>...]
+//! NODEWARD_FAULT_INJECT=delay:<task>:<duration>[,<another>...]
 //! ```
 //!
 //! e.g. `panic:ebpf/tcp:5:5s`: the `ebpf/tcp` task panics once, after its source published 5
@@ -23,6 +24,10 @@
 //! `reject:nodeward_sock_create`: every load of that eBPF program (by its name in the object)
 //! fails before the kernel is asked, every time, as a kernel whose verifier rejects it would.
 //! Only the TCP source's programs consult it ([`reject`]).
+//!
+//! `delay:ebpf/tcp:15s`: the first run of the `ebpf/tcp` task waits 15 s before it runs, so
+//! its first report comes that much later than the other sources' (a slow start-up seed); a
+//! restarted run does not wait again.
 //!
 //! An armed fault is logged at WARN, and a spec that does not parse at ERROR (and nothing is
 //! armed).
@@ -54,6 +59,8 @@ pub enum Spec {
     Panic(Fault),
     /// `reject:<program>`: loads of this eBPF program fail.
     Reject(String),
+    /// `delay:<task>:<duration>`: the task's first run starts this much later.
+    Delay(String, Duration),
 }
 
 /// Parses a spec (see the module's doc).
@@ -70,17 +77,26 @@ pub fn parse(spec: &str) -> Result<Vec<Spec>, String> {
                 }
                 return Ok(Spec::Reject((*program).to_owned()));
             }
+            if let ["delay", task, wait] = parts.as_slice() {
+                if task.is_empty() {
+                    return Err(bad("no task named"));
+                }
+                let wait =
+                    humantime::parse_duration(wait).map_err(|e| bad(&format!("delay: {e}")))?;
+                return Ok(Spec::Delay((*task).to_owned(), wait));
+            }
             let (kind, task, after, backoff) = match parts.as_slice() {
                 [kind, task, after] => (*kind, *task, *after, None),
                 [kind, task, after, backoff] => (*kind, *task, *after, Some(*backoff)),
                 _ => {
                     return Err(bad(
-                        "expected panic:<task>:<after_n_ticks>[:<backoff>] or reject:<program>",
+                        "expected panic:<task>:<after_n_ticks>[:<backoff>], reject:<program> \
+                         or delay:<task>:<duration>",
                     ))
                 }
             };
             if kind != "panic" {
-                return Err(bad("the faults are `panic` and `reject`"));
+                return Err(bad("the faults are `panic`, `reject` and `delay`"));
             }
             if task.is_empty() {
                 return Err(bad("no task named"));
@@ -135,6 +151,14 @@ pub async fn inject<T, F>(
 where
     F: Future<Output = Result<(), TaskError>>,
 {
+    if let Some(wait) = armed::take_delay(task) {
+        tracing::warn!(
+            task,
+            ?wait,
+            "fault injection: the task's first run waits ({ENV})"
+        );
+        tokio::time::sleep(wait).await;
+    }
     if let Some(armed) = armed::get()
         .iter()
         .find(|a| a.fault.task == task && !a.fired())
@@ -188,7 +212,7 @@ mod armed {
                 .iter()
                 .filter_map(|s| match s {
                     Spec::Panic(f) => Some(f.clone()),
-                    Spec::Reject(_) => None,
+                    Spec::Reject(_) | Spec::Delay(..) => None,
                 })
                 .map(|fault| {
                     tracing::warn!(task = %fault.task, after_ticks = fault.after_ticks, backoff = ?fault.backoff, "fault injection armed ({ENV}): the task will panic once");
@@ -209,13 +233,31 @@ mod armed {
                 .iter()
                 .filter_map(|s| match s {
                     Spec::Reject(p) => Some(p.clone()),
-                    Spec::Panic(_) => None,
+                    Spec::Panic(_) | Spec::Delay(..) => None,
                 })
                 .inspect(|program| {
                     tracing::warn!(%program, "fault injection armed ({ENV}): loads of this eBPF program will fail");
                 })
                 .collect()
         })
+    }
+
+    /// The wait armed for `task`'s first run, once: later calls (restarts) get `None`.
+    pub(super) fn take_delay(task: &str) -> Option<std::time::Duration> {
+        static TAKEN: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+        let wait = specs().iter().find_map(|s| match s {
+            Spec::Delay(t, wait) if t == task => Some(*wait),
+            _ => None,
+        })?;
+        let mut taken = TAKEN
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if taken.iter().any(|t| t == task) {
+            return None;
+        }
+        taken.push(task.to_owned());
+        Some(wait)
     }
 
     impl Armed {
@@ -266,8 +308,10 @@ mod tests {
 
     #[test]
     fn specs_parse_with_and_without_a_backoff_and_bad_ones_name_the_problem() {
-        let faults =
-            parse("panic:ebpf/tcp:5:5s, panic:gpu:2,reject:nodeward_sock_create").expect("valid");
+        let faults = parse(
+            "panic:ebpf/tcp:5:5s, panic:gpu:2,reject:nodeward_sock_create,delay:ebpf/tcp:15s",
+        )
+        .expect("valid");
         assert_eq!(
             faults,
             [
@@ -282,6 +326,7 @@ mod tests {
                     backoff: None,
                 }),
                 Spec::Reject("nodeward_sock_create".to_owned()),
+                Spec::Delay("ebpf/tcp".to_owned(), Duration::from_secs(15)),
             ]
         );
         for (spec, why) in [
@@ -292,6 +337,8 @@ mod tests {
             ("panic:gpu:0", "≥ 1"),
             ("panic::3", "no task"),
             ("panic:gpu:3:soon", "backoff"),
+            ("delay:ebpf/tcp:soon", "delay"),
+            ("delay::1s", "no task"),
         ] {
             let e = parse(spec).expect_err(spec);
             assert!(e.contains(why) && e.contains(ENV), "{spec}: {e}");

@@ -15,9 +15,9 @@ use nodeward::{
     client::Conn,
     health::HealthConfig,
     store::{
-        CgroupSnapshot, ContainerMeta, ContainerNetwork, ContainerStats, GpuDevice, GpuSnapshot,
-        LiveStream, NetworkSnapshot, NetworkWindow, NodeStats, Provenance, SourceKind, Store,
-        StreamProtocol, SystemClock,
+        CgroupSnapshot, ContainerMeta, ContainerNetwork, ContainerStats, FeedState, GpuDevice,
+        GpuSnapshot, LiveStream, NetworkSnapshot, NetworkWindow, NodeStats, Provenance, SourceKind,
+        Store, StreamProtocol, SystemClock,
     },
 };
 use tokio_util::sync::CancellationToken;
@@ -228,7 +228,14 @@ pub fn network(streams: usize) -> NetworkSnapshot {
             ..Default::default()
         },
     );
-    NetworkSnapshot { containers }
+    // Both feeds reported in their first run, as the bridge would say.
+    let feeds = [
+        ("ebpf/tcp", FeedState::Reporting { run: 0 }),
+        ("ebpf/udp", FeedState::Reporting { run: 0 }),
+    ]
+    .into_iter()
+    .collect();
+    NetworkSnapshot { containers, feeds }
 }
 
 /// Every source reports once: the verdict can leave UNKNOWN.

@@ -1,6 +1,6 @@
 //! An agent killed with SIGKILL and started again: the new one binds over the dead one's socket,
-//! starts at UNKNOWN, rebuilds its verdict from fresh data (no condition and no drain carried
-//! over) and says so in its log. That no eBPF program or link outlives SIGKILL is proved in
+//! starts at UNKNOWN, rebuilds its verdict from fresh data (no condition carried over; the drain,
+//! kept in its state file, is) and says so in its log. That no eBPF program or link outlives SIGKILL is proved in
 //! `ebpf_chain.rs::sigkill_leaves_nothing_attached_and_restart_works`.
 
 use std::{
@@ -155,8 +155,8 @@ fn sigkill_then_restart_starts_unknown_and_rebuilds_from_fresh_data() {
     let stopped = wait_for(Duration::from_secs(15), || second.try_wait().ok().flatten());
 
     assert_eq!(
-        status["health"]["drain"]["state"], "DRAIN_STATE_NOT_DRAINING",
-        "the drain lived in the killed agent's memory only: {status}"
+        status["health"]["drain"]["state"], "DRAIN_STATE_DRAINING",
+        "the drain is restored from its state file (drain_restart.rs covers it in full): {status}"
     );
     // An int64 is a string in protobuf's JSON mapping.
     let since = |c: &Value| {

@@ -278,7 +278,9 @@ impl From<Option<&drain::Drain>> for pb::DrainInfo {
                     })
                     .collect(),
                 started_unix_ms: unix_ms(d.started),
-                deadline_unix_ms: unix_ms(d.deadline),
+                deadline_unix_ms: d.deadline.map_or(0, unix_ms),
+                requesters_not_kept: d.requesters_not_kept,
+                state_problem: d.problem.clone().unwrap_or_default(),
             },
         }
     }

@@ -311,12 +311,12 @@ impl NodeHealth for Service {
                     container_id: c.container_id.clone(),
                     pod_name: m.map(|m| m.pod_name.clone()).unwrap_or_default(),
                     pod_namespace: m.map(|m| m.pod_namespace.clone()).unwrap_or_default(),
-                    live_streams: c.streams.len() as u32,
+                    live_streams: c.live_streams,
                     established_connections: c.established_connections,
+                    // Already cut to `drain.max_streams_listed` over the whole reply.
                     streams: c
                         .streams
                         .iter()
-                        .take(convert::MAX_STREAMS)
                         .map(|s| convert::live_stream(s, p.evaluated_at))
                         .collect(),
                 }
@@ -330,6 +330,7 @@ impl NodeHealth for Service {
             ready_reason: p.ready_reason,
             streams_known: p.streams_known,
             evaluated_unix_ms: unix_ms(p.evaluated_at),
+            truncated: p.truncated,
         }))
     }
 

@@ -8,7 +8,11 @@
 //! sources and moves data when a channel changes.
 //!
 //! The store's `Network` kind is fed by two sources (TCP and UDP/RTP): it is registered when
-//! either started, and marked unavailable only when neither could.
+//! either started, and marked unavailable only when neither could. Each network report says
+//! what each enabled feed last did ([`FeedState`]): reported in its current run (the
+//! supervisor's restart count when its snapshot arrived), waiting for its first report, or
+//! blind (it could not start); the drain trusts the stream counts only when every feed has
+//! reported in its current run.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     containers::{proc_cgroup::ProcCgroup, Inventory},
     sources::{cgroup, gpu, tcp, udp, Feeds},
-    store::{Provenance, SourceKind, Store},
+    store::{FeedState, Provenance, SourceKind, Store},
     supervise::TaskResult,
     task::TaskHealth,
 };
@@ -110,6 +114,18 @@ pub fn spawn(
             .filter_map(|n| feeds.unavailable.iter().find(|(u, _)| *u == n))
             .map(|(n, r)| format!("{n} unavailable: {r}"))
             .collect(),
+        blind_feeds: [tcp::NAME, udp::NAME]
+            .into_iter()
+            .filter_map(|n| feeds.unavailable.iter().find(|(u, _)| *u == n))
+            .map(|(n, r)| (*n, r.clone()))
+            .collect(),
+        feed_tasks: feeds
+            .supervised
+            .iter()
+            .filter(|(n, _)| [tcp::NAME, udp::NAME].contains(n))
+            .map(|(n, rx)| (*n, rx.clone()))
+            .collect(),
+        reported_run: BTreeMap::new(),
     };
     let cancel = cancel.clone();
     let (supervised, store, c) = (feeds.supervised.clone(), store.clone(), cancel.clone());
@@ -164,6 +180,12 @@ struct Bridge {
     peer_window: crate::store::Window,
     own_cgroup_path: Option<String>,
     network_notes: Vec<String>,
+    /// Network feeds that could not start, with the reason.
+    blind_feeds: Vec<(&'static str, String)>,
+    /// The supervisor's view of each started network feed's task.
+    feed_tasks: BTreeMap<&'static str, watch::Receiver<TaskHealth>>,
+    /// The restart count of each feed's task when its latest real snapshot arrived.
+    reported_run: BTreeMap<&'static str, u32>,
 }
 
 /// Waits for the next value; never returns for an absent or closed channel (its source ended,
@@ -186,14 +208,22 @@ impl Bridge {
         // before this task subscribed): publish them once, skipping placeholders.
         self.publish_resources();
         self.publish_gpu();
+        self.note_report(tcp::NAME);
+        self.note_report(udp::NAME);
         self.publish_network();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = changed(&mut self.cgroup) => self.publish_resources(),
                 () = changed(&mut self.gpu) => self.publish_gpu(),
-                () = changed(&mut self.tcp) => self.publish_network(),
-                () = changed(&mut self.udp) => self.publish_network(),
+                () = changed(&mut self.tcp) => {
+                    self.note_report(tcp::NAME);
+                    self.publish_network();
+                }
+                () = changed(&mut self.udp) => {
+                    self.note_report(udp::NAME);
+                    self.publish_network();
+                }
             }
         }
     }
@@ -267,7 +297,63 @@ impl Bridge {
         }
     }
 
+    /// Feed `name` published a snapshot: if it is a real one (not the placeholder before a
+    /// source's first tick) and its task is up, it reported in the task's current run. A
+    /// restarted task keeps feeding the same channel, whose last value is the old run's until
+    /// the new run ticks; the restart count tells the two apart.
+    fn note_report(&mut self, name: &'static str) {
+        let real = match name {
+            tcp::NAME => self.tcp.as_ref().is_some_and(|r| r.borrow().tick > 0),
+            _ => self
+                .udp
+                .as_ref()
+                .is_some_and(|r| !r.borrow().hook.is_empty()),
+        };
+        let task = self.feed_tasks.get(name).map(|rx| rx.borrow().clone());
+        if real && task.as_ref().is_none_or(|t| t.up) {
+            self.reported_run
+                .insert(name, task.map_or(0, |t| t.restarts));
+        }
+    }
+
+    /// What each enabled network feed last did (see the module's doc).
+    fn feeds(&self) -> BTreeMap<&'static str, FeedState> {
+        let mut out: BTreeMap<&'static str, FeedState> = self
+            .blind_feeds
+            .iter()
+            .map(|(n, r)| (*n, FeedState::Blind { reason: r.clone() }))
+            .collect();
+        let started = [
+            (tcp::NAME, self.tcp.is_some()),
+            (udp::NAME, self.udp.is_some()),
+        ];
+        for (name, _) in started.into_iter().filter(|(_, on)| *on) {
+            let state = match self.reported_run.get(name) {
+                Some(run) => FeedState::Reporting { run: *run },
+                None => FeedState::Waiting,
+            };
+            out.insert(name, state);
+        }
+        out
+    }
+
     fn publish_network(&mut self) {
+        // A feed whose snapshot arrived with the other's is read (and so marked seen) here,
+        // and gets no wake-up of its own: note its report now.
+        if self
+            .tcp
+            .as_ref()
+            .is_some_and(|r| r.has_changed().unwrap_or(false))
+        {
+            self.note_report(tcp::NAME);
+        }
+        if self
+            .udp
+            .as_ref()
+            .is_some_and(|r| r.has_changed().unwrap_or(false))
+        {
+            self.note_report(udp::NAME);
+        }
         let tcp = self.tcp.as_mut().map(|r| r.borrow_and_update().clone());
         let udp = self.udp.as_mut().map(|r| r.borrow_and_update().clone());
         // Placeholders before a source's first tick: a TCP snapshot at tick 0, a UDP one
@@ -285,7 +371,8 @@ impl Bridge {
             own_cgroup_path: self.own_cgroup_path.as_deref(),
             now,
         };
-        let data = network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
+        let mut data = network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);
+        data.feeds = self.feeds();
         let mut provenance: Provenance = network::network_provenance(tcp.as_deref(), udp.as_ref());
         for note in &self.network_notes {
             provenance.fidelity = format!("{}; {note}", provenance.fidelity);
@@ -301,136 +388,4 @@ impl Bridge {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::SourceStatus;
-
-    fn feeds(started: &[&'static str], unavailable: &[&'static str]) -> Feeds {
-        Feeds {
-            started: started.to_vec(),
-            unavailable: unavailable
-                .iter()
-                .map(|n| (*n, format!("{n} cannot run")))
-                .collect(),
-            ..Feeds::default()
-        }
-    }
-
-    fn status(store: &Store, kind: SourceKind) -> Option<SourceStatus> {
-        store.snapshot().sources.get(&kind).cloned()
-    }
-
-    #[tokio::test]
-    async fn each_supervised_tasks_health_reaches_the_store_on_every_change() {
-        use crate::supervise::TaskHealth;
-        let store = Store::new();
-        let (tcp_tx, tcp_rx) = watch::channel(TaskHealth::default());
-        let (_gpu_tx, gpu_rx) = watch::channel(TaskHealth::default());
-        let cancel = CancellationToken::new();
-        let (s, c) = (store.clone(), cancel.clone());
-        let task = tokio::spawn(async move {
-            publish_tasks(&s, vec![(tcp::NAME, tcp_rx), (gpu::NAME, gpu_rx)], c).await;
-        });
-        let wait = |f: fn(&crate::store::Snapshot) -> bool| {
-            let store = store.clone();
-            async move {
-                while !f(&store.snapshot()) {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-            }
-        };
-        // The current values first: both tasks up, never restarted.
-        wait(|s| s.tasks.len() == 2 && s.tasks.values().all(|h| h.up && h.restarts == 0)).await;
-        tcp_tx.send_modify(|h| {
-            h.restarts = 1;
-            h.up = false;
-            h.last_failure = Some("panicked: boom".to_owned());
-        });
-        wait(|s| {
-            s.tasks
-                .get(tcp::NAME)
-                .is_some_and(|h| h.restarts == 1 && !h.up)
-        })
-        .await;
-        assert_eq!(store.snapshot().tasks[gpu::NAME], TaskHealth::default());
-        cancel.cancel();
-        task.await.expect("stops on cancel");
-    }
-
-    #[test]
-    fn network_waits_for_whichever_of_tcp_and_udp_runs() {
-        let store = Store::new();
-        register(
-            &store,
-            &crate::config::Config::default().bridge(),
-            &feeds(&[tcp::NAME, cgroup::NAME], &[udp::NAME, gpu::NAME]),
-        );
-        assert_eq!(
-            status(&store, SourceKind::Network),
-            Some(SourceStatus::Pending)
-        );
-        assert_eq!(
-            status(&store, SourceKind::Cgroup),
-            Some(SourceStatus::Pending)
-        );
-        assert_eq!(
-            status(&store, SourceKind::Node),
-            Some(SourceStatus::Pending)
-        );
-        assert!(matches!(
-            status(&store, SourceKind::Gpu),
-            Some(SourceStatus::Unavailable { reason }) if reason.contains("gpu cannot run")
-        ));
-    }
-
-    #[test]
-    fn network_is_unavailable_only_when_neither_source_runs_with_both_reasons() {
-        let store = Store::new();
-        register(
-            &store,
-            &crate::config::Config::default().bridge(),
-            &feeds(&[cgroup::NAME], &[tcp::NAME, udp::NAME]),
-        );
-        match status(&store, SourceKind::Network) {
-            Some(SourceStatus::Unavailable { reason }) => {
-                assert!(
-                    reason.contains(tcp::NAME) && reason.contains(udp::NAME),
-                    "{reason}"
-                );
-            }
-            other => panic!("expected unavailable, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn disabled_sources_are_not_registered() {
-        let store = Store::new();
-        let mut config = crate::config::Config::default();
-        config.node.enabled = false;
-        register(&store, &config.bridge(), &feeds(&[cgroup::NAME], &[]));
-        let s = store.snapshot();
-        assert!(s.sources.contains_key(&SourceKind::Cgroup));
-        assert!(!s.sources.contains_key(&SourceKind::Node), "node disabled");
-        assert!(
-            !s.sources.contains_key(&SourceKind::Network),
-            "no eBPF source asked for"
-        );
-        assert!(!s.sources.contains_key(&SourceKind::Gpu));
-    }
-
-    #[test]
-    fn a_cgroup_source_that_cannot_start_marks_cgroup_and_node_unavailable() {
-        let store = Store::new();
-        register(
-            &store,
-            &crate::config::Config::default().bridge(),
-            &feeds(&[], &[cgroup::NAME]),
-        );
-        for kind in [SourceKind::Cgroup, SourceKind::Node] {
-            assert!(matches!(
-                status(&store, kind),
-                Some(SourceStatus::Unavailable { .. })
-            ));
-        }
-    }
-}
+mod tests;

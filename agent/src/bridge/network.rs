@@ -81,7 +81,11 @@ pub fn network_snapshot(
         c.windows.sort_by_key(|w| w.window);
         c.streams.sort_by_key(|s| s.started_at);
     }
-    NetworkSnapshot { containers: out }
+    // The feeds are the bridge's to fill: only it sees the sources' tasks.
+    NetworkSnapshot {
+        containers: out,
+        feeds: BTreeMap::new(),
+    }
 }
 
 /// What the TCP snapshot's ids are, from the hook path that produced it.

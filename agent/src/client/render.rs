@@ -48,7 +48,17 @@ pub fn drain_info(d: Option<&pb::DrainInfo>) -> String {
     let _ = writeln!(out, "drain:     {}", drain_state(d.state));
     if d.state == pb::DrainState::Draining as i32 {
         let _ = writeln!(out, "  started:  {}", time(d.started_unix_ms));
-        let _ = writeln!(out, "  deadline: {}", time(d.deadline_unix_ms));
+        if d.deadline_unix_ms == 0 {
+            let _ = writeln!(
+                out,
+                "  deadline: none (not ready until cancelled or begun anew)"
+            );
+        } else {
+            let _ = writeln!(out, "  deadline: {}", time(d.deadline_unix_ms));
+        }
+        if !d.state_problem.is_empty() {
+            let _ = writeln!(out, "  problem:  {}", d.state_problem);
+        }
         for r in &d.requesters {
             let _ = writeln!(
                 out,
@@ -57,6 +67,13 @@ pub fn drain_info(d: Option<&pb::DrainInfo>) -> String {
                 r.identity,
                 time(r.requested_unix_ms),
                 r.reason
+            );
+        }
+        if d.requesters_not_kept > 0 {
+            let _ = writeln!(
+                out,
+                "  by:       {} more join(s), not listed",
+                d.requesters_not_kept
             );
         }
     }
@@ -261,12 +278,21 @@ pub fn gpus(r: &pb::ListGpusResponse) -> String {
 pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
     let mut out = drain_info(r.drain.as_ref());
     let _ = writeln!(out, "ready:     {} ({})", r.ready_to_drain, r.ready_reason);
+    // `ready_reason` says which network feed is missing.
     let known = if r.streams_known {
         ""
     } else {
-        " (unknown: the network source has not reported)"
+        " (unknown: not every network feed has reported; see ready)"
     };
-    let _ = writeln!(out, "streams:   {}{known}", r.live_streams);
+    let listed = if r.truncated {
+        format!(
+            " ({} listed)",
+            r.containers.iter().map(|c| c.streams.len()).sum::<usize>()
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(out, "streams:   {}{known}{listed}", r.live_streams);
     for c in &r.containers {
         let pod = if c.pod_name.is_empty() {
             String::new()

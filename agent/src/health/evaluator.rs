@@ -8,7 +8,9 @@
 //! half-updated), reports it in its [`crate::task::TaskHealth`] (so the next verdict carries a
 //! `SourceRestarted` condition for [`NAME`], and `/metrics` counts it), and the channel keeps
 //! the last verdict until the restarted engine publishes again. The drain state lives outside
-//! the engine, in the [`DrainController`], so a restart does not forget a drain.
+//! the engine, in the [`DrainController`], so a restart does not forget a drain; a problem with
+//! its state file (unreadable at start, a failed save) is added to every report as a
+//! `DrainState` warning.
 
 use std::{
     convert::Infallible,
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     drain::DrainController,
     hub::{HealthHub, Published},
-    Engine, HealthConfig, HealthReport,
+    Condition, ConditionStatus, Engine, HealthConfig, HealthReport, Severity, Verdict,
 };
 use crate::{
     sources::{supervised, Source},
@@ -85,7 +87,10 @@ impl Source for Evaluator {
         let now = parts.clock.now();
         let started = *parts.started.get_or_init(|| now);
         let mut engine = Engine::new(parts.config.clone()).waiting_since(started);
-        let first = engine.evaluate(&parts.store.snapshot(), now);
+        let first = with_drain_problems(
+            engine.evaluate(&parts.store.snapshot(), now),
+            &parts.drain,
+        );
         Ok(Self {
             engine,
             first,
@@ -131,13 +136,45 @@ async fn evaluate_until(
                 }
             }
         }
-        let report = engine.evaluate(&parts.store.snapshot(), parts.clock.now());
+        let report = with_drain_problems(
+            engine.evaluate(&parts.store.snapshot(), parts.clock.now()),
+            &parts.drain,
+        );
         hub.publish(report, parts.drain.current());
     }
 }
 
-/// Spawns the evaluator into the daemon's task set under supervision. Call it once the sources
-/// are registered in the store.
+/// Adds a `DrainState` warning per problem of the drain's state file; a report that was
+/// `Healthy` becomes `Degraded` (the operator has to look at the file that was moved aside).
+fn with_drain_problems(mut report: HealthReport, drain: &DrainController) -> HealthReport {
+    let problems = drain.problems();
+    if problems.is_empty() {
+        return report;
+    }
+    for p in problems {
+        report.conditions.push(Condition {
+            kind: "DrainState".to_owned(),
+            status: ConditionStatus::Firing,
+            severity: Severity::Warning,
+            reason: p.reason.to_owned(),
+            message: p.message,
+            subject: String::new(),
+            evidence: Vec::new(),
+            since: p.since,
+            last_transition: p.since,
+        });
+    }
+    report
+        .conditions
+        .sort_by(|a, b| (&a.kind, &a.subject).cmp(&(&b.kind, &b.subject)));
+    if report.verdict == Verdict::Healthy {
+        report.verdict = Verdict::Degraded;
+    }
+    report
+}
+
+/// Spawns the evaluator into the daemon's task set under supervision, with a drain kept in
+/// memory only (tests). Call it once the sources are registered in the store.
 pub fn spawn(
     config: &HealthConfig,
     store: Arc<Store>,
@@ -145,7 +182,25 @@ pub fn spawn(
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) -> Health {
-    let drain = DrainController::new(clock.clone());
+    let drain = DrainController::with_settings(
+        clock.clone(),
+        super::drain::DrainSettings {
+            stale_after: config.source_stale_after,
+            ..super::drain::DrainSettings::default()
+        },
+    );
+    spawn_with(config, drain, store, clock, cancel, tasks)
+}
+
+/// [`spawn`] with a given drain controller (the daemon's restores its state file).
+pub fn spawn_with(
+    config: &HealthConfig,
+    drain: DrainController,
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<TaskResult>,
+) -> Health {
     let parts = Parts {
         config: config.clone(),
         store,

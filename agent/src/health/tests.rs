@@ -63,7 +63,10 @@ fn net(p99_us: u64) -> NetworkSnapshot {
             ..Default::default()
         },
     );
-    NetworkSnapshot { containers }
+    NetworkSnapshot {
+        containers,
+        ..Default::default()
+    }
 }
 
 fn kinds(r: &HealthReport) -> Vec<(String, ConditionStatus)> {

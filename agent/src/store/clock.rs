@@ -2,13 +2,21 @@
 //! by hand instead of sleeping.
 
 use std::{
-    sync::Mutex,
-    time::{Duration, SystemTime},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant, SystemTime},
 };
 
-/// A source of wall-clock time.
+/// A source of wall-clock time, and of time that never steps.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now(&self) -> SystemTime;
+
+    /// Time since an arbitrary origin on a clock that only moves forward (`CLOCK_MONOTONIC`):
+    /// what deadlines inside one run are measured on, so that a step of the wall clock (NTP,
+    /// an operator's `date -s`) can neither end nor extend them.
+    fn monotonic(&self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed()
+    }
 }
 
 /// The real clock.
@@ -24,29 +32,37 @@ impl Clock for SystemClock {
 /// A clock that moves only when told to (tests).
 #[derive(Debug)]
 pub struct ManualClock {
-    now: Mutex<SystemTime>,
+    /// (wall clock, monotonic clock).
+    now: Mutex<(SystemTime, Duration)>,
 }
 
 impl ManualClock {
     pub fn new(start: SystemTime) -> Self {
         Self {
-            now: Mutex::new(start),
+            now: Mutex::new((start, Duration::ZERO)),
         }
     }
 
+    /// Time passes: both clocks move.
     pub fn advance(&self, by: Duration) {
         let mut g = self.now.lock().unwrap_or_else(|p| p.into_inner());
-        *g += by;
+        g.0 += by;
+        g.1 += by;
     }
 
+    /// The wall clock is stepped (forwards or backwards); the monotonic clock does not move.
     pub fn set(&self, to: SystemTime) {
-        *self.now.lock().unwrap_or_else(|p| p.into_inner()) = to;
+        self.now.lock().unwrap_or_else(|p| p.into_inner()).0 = to;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *self.now.lock().unwrap_or_else(|p| p.into_inner())
+        self.now.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.now.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
 

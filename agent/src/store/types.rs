@@ -300,6 +300,21 @@ impl ContainerNetwork {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetworkSnapshot {
     pub containers: BTreeMap<String, ContainerNetwork>,
+    /// Each enabled feed behind it (`ebpf/tcp`, `ebpf/udp`) and whether it has reported, so
+    /// that the drain counts streams only when every feed has (empty: nobody said; the drain
+    /// then treats the counts as unknown).
+    pub feeds: BTreeMap<&'static str, FeedState>,
+}
+
+/// What one network feed last said about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedState {
+    /// Started (or restarted) and has not reported since.
+    Waiting,
+    /// Reported in the run of its task that followed `run` restarts (the supervisor's count).
+    Reporting { run: u32 },
+    /// Enabled but cannot see what it should (it could not start, or lacks a capability).
+    Blind { reason: String },
 }
 
 // ---- cgroups ----

@@ -499,15 +499,28 @@ pub struct DrainInfo {
     /// NOT_DRAINING or DRAINING.
     #[prost(enumeration = "DrainState", tag = "1")]
     pub state: i32,
-    /// Everyone who asked for this drain, first first.
+    /// Who asked for this drain, first first: at most the agent's `drain.max_requesters` (64 by
+    /// default); later callers are counted in `requesters_not_kept`.
     #[prost(message, repeated, tag = "2")]
     pub requesters: ::prost::alloc::vec::Vec<DrainRequester>,
     /// When the drain began, Unix epoch milliseconds (0 when not draining).
     #[prost(int64, tag = "3")]
     pub started_unix_ms: i64,
-    /// When the drain may proceed even with streams left, Unix epoch milliseconds (0 when not draining).
+    /// When the drain may proceed even with streams left, Unix epoch milliseconds (0 when not
+    /// draining, or when no deadline is known: see `state_problem`). Within one run of the agent
+    /// the deadline is measured on the monotonic clock, so a step of the wall clock does not move
+    /// it; across a restart it is restored from this wall-clock time.
     #[prost(int64, tag = "4")]
     pub deadline_unix_ms: i64,
+    /// Joins by callers who are not listed in `requesters` because it already held the agent's
+    /// `drain.max_requesters` callers (count).
+    #[prost(uint64, tag = "5")]
+    pub requesters_not_kept: u64,
+    /// Set when the agent could not read its saved drain state at start: why, and where the file
+    /// was moved. The node is then held as DRAINING with no deadline and is never ready to drain
+    /// until a caller cancels the drain or begins a new one. Empty otherwise.
+    #[prost(string, tag = "6")]
+    pub state_problem: ::prost::alloc::string::String,
 }
 /// The node's health report.
 #[allow(clippy::all)]
@@ -881,7 +894,9 @@ pub struct ContainerStreams {
     /// Established TCP connections (count).
     #[prost(uint32, tag = "5")]
     pub established_connections: u32,
-    /// The streams (at most 1,000; oldest first).
+    /// The streams, oldest first; a reply lists at most the agent's `drain.max_streams_listed`
+    /// (1,000 by default) over all containers, so this may hold fewer than `live_streams` (see
+    /// `GetDrainStatusResponse.truncated`).
     #[prost(message, repeated, tag = "6")]
     pub streams: ::prost::alloc::vec::Vec<LiveStream>,
 }
@@ -895,7 +910,7 @@ pub struct GetDrainStatusResponse {
     /// Containers still serving live streams (those with none are left out).
     #[prost(message, repeated, tag = "2")]
     pub containers: ::prost::alloc::vec::Vec<ContainerStreams>,
-    /// Live streams on the node (count).
+    /// Live streams on the node (count, exact even when the list is truncated).
     #[prost(uint32, tag = "3")]
     pub live_streams: u32,
     /// True when draining and either no live stream is left or the deadline passed.
@@ -904,13 +919,19 @@ pub struct GetDrainStatusResponse {
     /// Why ready or not, in words.
     #[prost(string, tag = "5")]
     pub ready_reason: ::prost::alloc::string::String,
-    /// False when the network source has not reported: stream counts are then unknown, and
-    /// `ready_to_drain` waits for the deadline.
+    /// True only when every enabled network feed (TCP, UDP) has reported since it (re)started, its
+    /// reports are fresh, and none is blind (e.g. the sock_diag fallback without the capability
+    /// it needs). Otherwise the stream counts are unknown and `ready_to_drain` waits for the
+    /// deadline; `ready_reason` says which feed is missing.
     #[prost(bool, tag = "6")]
     pub streams_known: bool,
     /// When this status was computed, Unix epoch milliseconds.
     #[prost(int64, tag = "7")]
     pub evaluated_unix_ms: i64,
+    /// True when some streams are not listed in `containers` (the reply's cap); `live_streams` and
+    /// each container's `live_streams` still count them all.
+    #[prost(bool, tag = "8")]
+    pub truncated: bool,
 }
 /// End a drain.
 #[allow(clippy::all)]

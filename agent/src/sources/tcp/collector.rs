@@ -85,7 +85,7 @@ impl Collector {
             ensure_cgroup2(cgroup_root)?;
         }
         let input = if plan.recorder == Recorder::SockDiag {
-            Input::Diag(Box::new(diag::Poller::new(&plan.proc_root, config)))
+            Input::Diag(Box::new(diag::Poller::open(&plan.proc_root, config)?))
         } else {
             Input::Ebpf(tcp::Reader::attach(cgroup_root, &programs(config, plan))?)
         };

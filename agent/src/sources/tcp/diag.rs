@@ -8,6 +8,13 @@
 //! two ticks is not seen. The socket's cgroup is the kernel's own (`INET_DIAG_CGROUP_ID`,
 //! 5.7+), so attribution is as good as the eBPF paths'. The poller keeps the same cumulative
 //! counters the kernel maps would hold and hands them to the same window tracker.
+//!
+//! Entering another network namespace (`setns`) needs `CAP_SYS_ADMIN`, which neither the
+//! systemd unit nor the DaemonSet grants. Without it the poller would see only the agent's own
+//! namespace and report the pods' connections as none at all, so [`Poller::open`] tries it
+//! first and refuses to start without it: the TCP source is then unavailable, logged at WARN
+//! with the capability it lacks, and the drain waits for its deadline instead of reading
+//! "no streams". A namespace that refuses entry later is logged at WARN too, once per poller.
 
 use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 
@@ -30,6 +37,16 @@ pub enum DiagError {
     Kernel(i32),
     #[error("entering network namespace {0}: {1}")]
     Setns(String, std::io::Error),
+    #[error("sock_diag polling needs CAP_SYS_ADMIN to enter the pods' network namespaces (setns), and this process lacks it ({0}); grant CAP_SYS_ADMIN or use an eBPF attribution path")]
+    NoCapability(std::io::Error),
+}
+
+impl DiagError {
+    /// Whether entering a namespace was refused for want of a privilege.
+    fn denied(&self) -> bool {
+        matches!(self, Self::Setns(_, e) | Self::NoCapability(e)
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)))
+    }
 }
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -214,16 +231,25 @@ fn namespaces(proc_root: &Path) -> Vec<std::path::PathBuf> {
     seen.into_values().collect()
 }
 
+/// What one poll of every namespace found.
+#[derive(Debug, Default)]
+pub struct Dump {
+    pub sockets: Vec<DiagSocket>,
+    /// Namespaces that refused entry for want of a privilege, with the error.
+    pub denied: Vec<String>,
+}
+
 /// Dumps every network namespace from one short-lived thread that enters each in turn
 /// (`setns` changes only the calling thread, so the agent's own threads stay put).
-pub fn dump_all(proc_root: &Path) -> Vec<DiagSocket> {
+pub fn dump_all(proc_root: &Path) -> Dump {
     let namespaces = namespaces(proc_root);
     let worker = std::thread::scope(|s| {
         s.spawn(|| {
-            let mut out = Vec::new();
+            let mut out = Dump::default();
             for ns in &namespaces {
                 match enter(ns).and_then(|()| dump()) {
-                    Ok(sockets) => out.extend(sockets),
+                    Ok(sockets) => out.sockets.extend(sockets),
+                    Err(e) if e.denied() => out.denied.push(e.to_string()),
                     // A process that exited meanwhile took its namespace with it.
                     Err(e) => tracing::trace!(error = %e, "sock_diag dump skipped a namespace"),
                 }
@@ -234,7 +260,49 @@ pub fn dump_all(proc_root: &Path) -> Vec<DiagSocket> {
     });
     worker.unwrap_or_else(|_| {
         tracing::warn!("sock_diag worker panicked");
-        Vec::new()
+        Dump::default()
+    })
+}
+
+/// Whether this process may enter network namespaces: `setns` into its own one, from a
+/// short-lived thread, needs the same `CAP_SYS_ADMIN` as entering a pod's.
+pub fn check_setns(proc_root: &Path) -> Result<(), DiagError> {
+    let own = [
+        proc_root.join("thread-self/ns/net"),
+        "/proc/thread-self/ns/net".into(),
+    ];
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The spawned thread's own namespace (thread-self: this very thread).
+            let f = own
+                .iter()
+                .find_map(|p| std::fs::File::open(p).ok())
+                .ok_or_else(|| {
+                    DiagError::Setns(
+                        own[0].display().to_string(),
+                        std::io::ErrorKind::NotFound.into(),
+                    )
+                })?;
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| {
+                let e = std::io::Error::from(e);
+                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+                    DiagError::NoCapability(e)
+                } else {
+                    DiagError::Setns(own[0].display().to_string(), e)
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(DiagError::Setns(
+                "the setns check".to_owned(),
+                std::io::Error::other("its thread panicked"),
+            ))
+        })
     })
 }
 
@@ -257,6 +325,8 @@ pub struct Poller {
     hist: HashMap<HistKey, u64>,
     flows: HashMap<u64, FlowState>,
     drops: [u64; drop_reason::COUNT as usize],
+    /// Whether the first refused namespace was logged.
+    warned_denied: bool,
 }
 
 impl Poller {
@@ -268,13 +338,29 @@ impl Poller {
             hist: HashMap::new(),
             flows: HashMap::new(),
             drops: [0; drop_reason::COUNT as usize],
+            warned_denied: false,
         }
+    }
+
+    /// A poller, once [`check_setns`] shows it can enter the pods' namespaces.
+    pub fn open(proc_root: &Path, config: &TcpConfig) -> Result<Self, DiagError> {
+        check_setns(proc_root)?;
+        Ok(Self::new(proc_root, config))
     }
 
     /// Polls every namespace and returns what the maps would hold.
     pub fn read(&mut self, now_ns: u64) -> RawRead {
-        let sockets = dump_all(&self.proc_root);
-        self.apply(&sockets, now_ns)
+        let dump = dump_all(&self.proc_root);
+        if !dump.denied.is_empty() && !self.warned_denied {
+            self.warned_denied = true;
+            tracing::warn!(
+                namespaces = dump.denied.len(),
+                first = %dump.denied[0],
+                "sock_diag could not enter some network namespaces (CAP_SYS_ADMIN is needed); \
+                 their connections are not counted"
+            );
+        }
+        self.apply(&dump.sockets, now_ns)
     }
 
     /// Folds one poll into the cumulative counters (separate from `read` for the tests).

@@ -170,6 +170,8 @@ pub enum TcpError {
     Mount(String, std::io::Error),
     #[error(transparent)]
     Load(#[from] crate::ebpf::LoadError),
+    #[error(transparent)]
+    Diag(#[from] diag::DiagError),
 }
 
 impl TcpError {

@@ -1,0 +1,77 @@
+//! The `[drain]` config section: where the drain state is kept and how large replies may grow.
+//! Every default is documented here and in `packaging/nodeward.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The state file's name when `drain.state_file` is empty.
+pub const STATE_FILE_NAME: &str = "drain.json";
+/// Where the state goes when neither `drain.state_file` nor `api.unix_socket` names a place.
+pub const DEFAULT_RUN_DIR: &str = "/run/nodeward";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// The file the drain state is kept in across restarts of the agent. Empty: `drain.json` in
+    /// the directory of `api.unix_socket` (`/run/nodeward`, which the DaemonSet mounts from
+    /// the host), or in `/run/nodeward` when there is no Unix socket.
+    pub state_file: PathBuf,
+    /// Callers listed per drain (the first ones); later joins by other callers are counted
+    /// (`requesters_not_kept`), not listed. At least 1.
+    pub max_requesters: usize,
+    /// Streams listed in one `GetDrainStatus` reply, over all containers (oldest first per
+    /// container); the counts stay exact and `truncated` says when some were left out.
+    pub max_streams_listed: usize,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            state_file: PathBuf::new(),
+            max_requesters: 64,
+            max_streams_listed: 1_000,
+        }
+    }
+}
+
+impl DrainConfig {
+    /// The state file, resolved as `state_file` documents.
+    pub fn state_path(&self, unix_socket: &Path) -> PathBuf {
+        if !self.state_file.as_os_str().is_empty() {
+            return self.state_file.clone();
+        }
+        match unix_socket.parent() {
+            Some(dir) if !unix_socket.as_os_str().is_empty() && !dir.as_os_str().is_empty() => {
+                dir.join(STATE_FILE_NAME)
+            }
+            _ => Path::new(DEFAULT_RUN_DIR).join(STATE_FILE_NAME),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_sits_next_to_the_socket_unless_named() {
+        let c = DrainConfig::default();
+        assert_eq!(
+            c.state_path(Path::new("/run/nodeward/nodeward.sock")),
+            Path::new("/run/nodeward/drain.json")
+        );
+        assert_eq!(
+            c.state_path(Path::new("")),
+            Path::new("/run/nodeward/drain.json")
+        );
+        let named = DrainConfig {
+            state_file: "/var/lib/x/d.json".into(),
+            ..c
+        };
+        assert_eq!(
+            named.state_path(Path::new("/tmp/s.sock")),
+            Path::new("/var/lib/x/d.json")
+        );
+    }
+}
