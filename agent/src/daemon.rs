@@ -62,7 +62,12 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     feeds
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));
-    bridge::spawn(&bridge_settings, &feeds, &store, &cancel, &mut tasks);
+    // Pod identity from the container runtime, where there is one: a table the bridge reads.
+    let identity = config
+        .containers
+        .enabled
+        .then(|| crate::containers::cri::spawn(&config.containers.runtime(), &cancel, &mut tasks));
+    bridge::spawn(&bridge_settings, &feeds, identity, &store, &cancel, &mut tasks);
     if config.api.enabled {
         match crate::api::BoundApi::bind(&config.api, &health, store.clone(), cancel.clone()).await
         {
