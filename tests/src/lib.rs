@@ -18,6 +18,7 @@ use std::{
 };
 
 pub mod api;
+pub mod containerd;
 pub mod rtp;
 
 use nodeward::probe::cgroup_layout;
