@@ -67,7 +67,14 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         .containers
         .enabled
         .then(|| crate::containers::cri::spawn(&config.containers.runtime(), &cancel, &mut tasks));
-    bridge::spawn(&bridge_settings, &feeds, identity, &store, &cancel, &mut tasks);
+    bridge::spawn(
+        &bridge_settings,
+        &feeds,
+        identity,
+        &store,
+        &cancel,
+        &mut tasks,
+    );
     if config.api.enabled {
         match crate::api::BoundApi::bind(&config.api, &health, store.clone(), cancel.clone()).await
         {

@@ -31,7 +31,9 @@ pub fn unavailable() -> Option<String> {
     }
     for tool in ["containerd", "ctr", "runc"] {
         if Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("{tool} not installed (cargo xtask setup installs it)"));
+            return Some(format!(
+                "{tool} not installed (cargo xtask setup installs it)"
+            ));
         }
     }
     if !Path::new(BUSYBOX).exists() {
@@ -70,7 +72,14 @@ impl Containerd {
         run(Command::new("ctr")
             .arg("-a")
             .arg(c.socket())
-            .args(["-n", "k8s.io", "images", "import", "--snapshotter", "native"])
+            .args([
+                "-n",
+                "k8s.io",
+                "images",
+                "import",
+                "--snapshotter",
+                "native",
+            ])
             .arg(&image));
         c
     }
@@ -103,7 +112,11 @@ impl Containerd {
     }
 
     pub async fn client(&self) -> RuntimeServiceClient<Channel> {
-        RuntimeServiceClient::new(unix_channel(&self.socket()).await.expect("connect to containerd"))
+        RuntimeServiceClient::new(
+            unix_channel(&self.socket())
+                .await
+                .expect("connect to containerd"),
+        )
     }
 }
 
@@ -158,7 +171,8 @@ fn hierarchy_dirs(cgroup_path: &str) -> Vec<PathBuf> {
 fn kill_pod_processes(parent: &str) {
     for dir in hierarchy_dirs(parent) {
         for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let procs = std::fs::read_to_string(sub.path().join("cgroup.procs")).unwrap_or_default();
+            let procs =
+                std::fs::read_to_string(sub.path().join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
                 let _ = send_signal(pid, rustix::process::Signal::Kill);
             }
@@ -340,7 +354,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 /// sha256 and size of a file, via coreutils.
 fn digest(path: &Path) -> (String, u64) {
     let out = run(Command::new("sha256sum").arg(path));
-    let hex = out.split_whitespace().next().expect("sha256sum output").to_owned();
+    let hex = out
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_owned();
     (hex, std::fs::metadata(path).expect("stat blob").len())
 }
 
@@ -368,7 +386,12 @@ fn build_image(dir: &Path) -> PathBuf {
     let oci = dir.join("image-oci");
     std::fs::create_dir_all(oci.join("blobs/sha256")).expect("oci dir");
     let layer = dir.join("layer.tar");
-    run(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&layer).arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("."));
     let (l, ls) = blob(&oci, &layer);
     let cfg = dir.join("config.json");
     std::fs::write(
@@ -397,6 +420,11 @@ fn build_image(dir: &Path) -> PathBuf {
     .expect("index");
     std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
     let archive = dir.join("image.tar");
-    run(Command::new("tar").arg("-C").arg(&oci).arg("-cf").arg(&archive).arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
     archive
 }

@@ -121,9 +121,13 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
         let pod = containerd::run_pod(&ctrd, &mut cri, s)
             .await
             .unwrap_or_else(|e| {
-                let log = std::fs::read_to_string(ctrd.dir.join("containerd.log"))
-                    .unwrap_or_default();
-                panic!("create pod {}: {e}\ncontainerd log tail:\n{}", s.name, tail(&log))
+                let log =
+                    std::fs::read_to_string(ctrd.dir.join("containerd.log")).unwrap_or_default();
+                panic!(
+                    "create pod {}: {e}\ncontainerd log tail:\n{}",
+                    s.name,
+                    tail(&log)
+                )
             });
         pods.push((s.clone(), pod));
     }
@@ -177,11 +181,18 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
     .await
     .expect("both prod pods are named");
     let ids: BTreeSet<&str> = prod.iter().map(|c| c.id.as_str()).collect();
-    let want: BTreeSet<&str> = pods[..2].iter().map(|(_, p)| p.container_id.as_str()).collect();
+    let want: BTreeSet<&str> = pods[..2]
+        .iter()
+        .map(|(_, p)| p.container_id.as_str())
+        .collect();
     assert_eq!(ids, want, "exactly the two prod containers: {prod:#?}");
     let web0 = prod.iter().find(|c| c.pod_name == "web-0").expect("web-0");
     assert_eq!(
-        (web0.name.as_str(), web0.pod_namespace.as_str(), web0.pod_uid.as_str()),
+        (
+            web0.name.as_str(),
+            web0.pod_namespace.as_str(),
+            web0.pod_uid.as_str()
+        ),
         ("web-0-c", "prod", specs[0].uid.as_str())
     );
     assert_eq!(web0.labels.get("tier").map(String::as_str), Some("front"));
@@ -257,14 +268,20 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
     let odd = list(&mut client, "hostile", "").await;
     assert_eq!(odd.len(), 1, "{odd:#?}");
     assert!(odd[0].labels.len() <= 256 && odd[0].labels.len() >= 200);
-    assert!(odd[0].labels["weird"].contains('\u{fffd}'), "line feed replaced");
+    assert!(
+        odd[0].labels["weird"].contains('\u{fffd}'),
+        "line feed replaced"
+    );
 
     // A pod removed through CRI: gone from the list.
     let (_, db) = pods.remove(1);
     containerd::remove_pod(&mut cri, &db).await;
     eventually(WAIT, || {
         let mut c = client.clone();
-        async move { (pod_names(&list(&mut c, "prod", "").await) == BTreeSet::from(["web-0".to_owned()])).then_some(()) }
+        async move {
+            (pod_names(&list(&mut c, "prod", "").await) == BTreeSet::from(["web-0".to_owned()]))
+                .then_some(())
+        }
     })
     .await
     .expect("db-0 leaves the list");
@@ -294,19 +311,31 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
     .await
     .expect("web-0's container is listed by id once its name is dropped");
     assert!(unnamed.cgroup_path.contains(web0_id.as_str()));
-    assert!(agent.try_wait().expect("try_wait").is_none(), "agent still runs");
+    assert!(
+        agent.try_wait().expect("try_wait").is_none(),
+        "agent still runs"
+    );
 
     // containerd back: names return.
     ctrd.restart();
     eventually(WAIT, || {
         let mut c = client.clone();
-        async move { pod_names(&list(&mut c, "prod", "app=web").await).contains("web-0").then_some(()) }
+        async move {
+            pod_names(&list(&mut c, "prod", "app=web").await)
+                .contains("web-0")
+                .then_some(())
+        }
     })
     .await
     .expect("names return with containerd");
     eventually(WAIT, || {
         let mut c = client.clone();
-        async move { cgroup_fidelity(&mut c).await.contains("over CRI").then_some(()) }
+        async move {
+            cgroup_fidelity(&mut c)
+                .await
+                .contains("over CRI")
+                .then_some(())
+        }
     })
     .await
     .expect("the fidelity says identity is back");

@@ -105,23 +105,12 @@ fn pick_node_name(
         .flatten()
         .map(|s| s.trim().to_owned())
         .find(|s| !s.is_empty())
-        .or_else(|| hostname().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+        .or_else(|| {
+            hostname()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-#[cfg(test)]
-mod node_name_tests {
-    use super::pick_node_name;
-
-    #[test]
-    fn node_name_prefers_config_then_downward_api_then_hostname() {
-        let host = || Some("pod-hostname\n".to_owned());
-        assert_eq!(pick_node_name("cfg", Some("node-1".into()), host), "cfg");
-        assert_eq!(pick_node_name("", Some("node-1".into()), host), "node-1");
-        assert_eq!(pick_node_name("", Some(" ".into()), host), "pod-hostname");
-        assert_eq!(pick_node_name("", None, host), "pod-hostname");
-        assert_eq!(pick_node_name("", None, || None), "unknown");
-    }
 }
 
 fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
@@ -386,5 +375,20 @@ impl BoundApi {
             let _ = std::fs::remove_file(&path);
         }
         u.and(t)
+    }
+}
+
+#[cfg(test)]
+mod node_name_tests {
+    use super::pick_node_name;
+
+    #[test]
+    fn node_name_prefers_config_then_downward_api_then_hostname() {
+        let host = || Some("pod-hostname\n".to_owned());
+        assert_eq!(pick_node_name("cfg", Some("node-1".into()), host), "cfg");
+        assert_eq!(pick_node_name("", Some("node-1".into()), host), "node-1");
+        assert_eq!(pick_node_name("", Some(" ".into()), host), "pod-hostname");
+        assert_eq!(pick_node_name("", None, host), "pod-hostname");
+        assert_eq!(pick_node_name("", None, || None), "unknown");
     }
 }

@@ -183,7 +183,11 @@ mod tests {
         let meta = container_meta(&inventory(), Some(&runtime));
         let c = &meta["abc"];
         assert_eq!(
-            (c.name.as_str(), c.pod_name.as_str(), c.pod_namespace.as_str()),
+            (
+                c.name.as_str(),
+                c.pod_name.as_str(),
+                c.pod_namespace.as_str()
+            ),
             ("nginx", "web-0", "prod")
         );
         assert_eq!(c.labels["app"], "web");

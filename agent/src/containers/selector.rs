@@ -204,6 +204,15 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused_without_panicking(text in "[a-z=!,() \\-_./]{0,40}|\\PC{0,40}") {
+            if let Ok(s) = Selector::parse(&text) {
+                let _ = s.matches(&labels(&[("a", "b")]));
+            }
+        }
+    }
+
     #[test]
     fn prefixed_keys_parse_and_bad_input_is_named() {
         let s = Selector::parse("app.kubernetes.io/name=nginx").expect("prefixed");
@@ -216,8 +225,17 @@ mod tests {
             Selector::parse("a b c"),
             Err(SelectorError::Syntax(_))
         ));
-        assert!(matches!(Selector::parse("a=x y"), Err(SelectorError::BadValue(_))));
-        assert!(matches!(Selector::parse("=x"), Err(SelectorError::BadKey(_))));
-        assert!(matches!(Selector::parse("a=b,,c"), Err(SelectorError::Empty(_))));
+        assert!(matches!(
+            Selector::parse("a=x y"),
+            Err(SelectorError::BadValue(_))
+        ));
+        assert!(matches!(
+            Selector::parse("=x"),
+            Err(SelectorError::BadKey(_))
+        ));
+        assert!(matches!(
+            Selector::parse("a=b,,c"),
+            Err(SelectorError::Empty(_))
+        ));
     }
 }

@@ -39,8 +39,6 @@ pub enum CriError {
     },
     #[error("{0} took longer than 10 s")]
     Timeout(&'static str),
-    #[error("the container event stream ended")]
-    EventsEnded,
 }
 
 /// A connected runtime.
@@ -73,9 +71,7 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Erro
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
             }
         }))
         .await
@@ -91,8 +87,7 @@ impl Session {
                 path: endpoint.to_path_buf(),
                 source,
             })?;
-        let mut client = RuntimeServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE);
+        let mut client = RuntimeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         let v = call(
             "Version",
             client.version(pb::VersionRequest {
@@ -144,18 +139,16 @@ impl Session {
         cancel: &CancellationToken,
         last_good: &mut Option<(HashMap<String, Arc<PodIdentity>>, SystemTime)>,
     ) -> Result<(), CriError> {
-        let mut events = match self
-            .client
-            .get_container_events(pb::GetEventsRequest {})
-            .await
-        {
-            Ok(r) => Some(r.into_inner()),
-            Err(status) => {
-                // containerd 1.6 has no event stream (Unimplemented): resync alone.
-                tracing::debug!(%status, "no CRI container events; resync only");
-                None
-            }
-        };
+        // The event stream runs beside the listing, in a task of its own: a runtime may send
+        // the stream's headers only with its first event, and one without the call (containerd
+        // 1.6 answers `Unimplemented`) leaves the resync alone. An event only asks for a listing.
+        let (event_tx, mut event_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let events_on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = AbortOnDrop(tokio::spawn(watch_events(
+            self.client.clone(),
+            event_tx,
+            events_on.clone(),
+        )));
         let start = tokio::time::Instant::now() + settings.resync;
         let mut resync = tokio::time::interval_at(start, settings.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +157,7 @@ impl Session {
             let status = Status::Connected {
                 endpoint: self.endpoint.clone(),
                 runtime: self.runtime.clone(),
-                events: events.is_some(),
+                events: events_on.load(std::sync::atomic::Ordering::Relaxed),
             };
             if tx.borrow().status != status {
                 tracing::info!(status = %status.describe(), containers = table.len(), "container identity");
@@ -175,27 +168,45 @@ impl Session {
                 by_container: table,
             }));
             tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => {
+                    drop(watcher);
+                    return Ok(());
+                }
                 _ = resync.tick() => {}
-                event = next_event(&mut events) => event?,
+                // `None` once the stream ended: the branch is off, the resync goes on.
+                Some(()) = event_rx.recv() => {}
             }
         }
     }
 }
 
-/// The next container event; pends forever without a stream.
-async fn next_event(
-    events: &mut Option<tonic::Streaming<pb::ContainerEventResponse>>,
-) -> Result<(), CriError> {
-    let Some(stream) = events.as_mut() else {
-        return std::future::pending().await;
-    };
-    match stream.next().await {
-        Some(Ok(_)) => Ok(()),
-        Some(Err(status)) => Err(CriError::Call {
-            call: "GetContainerEvents",
-            status: Box::new(status),
-        }),
-        None => Err(CriError::EventsEnded),
+/// Aborts the task when dropped (the session ended, by error or cancellation).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// Follows the runtime's container events, asking for a listing on each; ends when the
+/// runtime has no event stream or it breaks (the resync carries on alone).
+async fn watch_events(
+    mut client: RuntimeServiceClient<Channel>,
+    tx: tokio::sync::mpsc::Sender<()>,
+    on: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut stream = match client.get_container_events(pb::GetEventsRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            tracing::debug!(%status, "no CRI container events; resync only");
+            return;
+        }
+    };
+    on.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(Ok(_)) = stream.next().await {
+        // A listing already asked for covers this event too.
+        let _ = tx.try_send(());
+    }
+    on.store(false, std::sync::atomic::Ordering::Relaxed);
 }

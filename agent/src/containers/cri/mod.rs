@@ -8,9 +8,9 @@
 //! the resync alone keeps the table current). It publishes the table on a watch channel that
 //! the bridge reads when it maps a cgroup scan: no CRI call is on the per-tick path.
 //!
-//! When the runtime stops answering, the last table is kept for
-//! `containers.runtime_keep_names` (a container cannot be created or removed by a stopped
-//! runtime, so the names stay true meanwhile) and then dropped; the status says so throughout,
+//! When the runtime stops answering, the last table is kept until
+//! `containers.runtime_keep_names` has passed since the last listing that worked (a stopped
+//! runtime creates and removes no container, so the names stay true meanwhile), then dropped; the status says so throughout,
 //! and the names come back with the first listing that succeeds.
 
 use std::{
@@ -155,7 +155,10 @@ impl Identities {
 
 /// The socket to use: the configured one, else the first default that exists; `None` when
 /// lookups are off (`"none"`) or no socket is there (with the paths tried).
-pub fn resolve_endpoint(configured: &str, exists: impl Fn(&Path) -> bool) -> Result<PathBuf, Status> {
+pub fn resolve_endpoint(
+    configured: &str,
+    exists: impl Fn(&Path) -> bool,
+) -> Result<PathBuf, Status> {
     let configured = configured.trim();
     if configured == "none" {
         return Err(Status::Disabled);
@@ -219,21 +222,24 @@ async fn run(settings: Settings, tx: watch::Sender<Arc<Identities>>, cancel: Can
         };
         let session = client::Session::connect(&endpoint).await;
         let outcome = match session {
-            Ok(mut s) => {
-                let r = s.follow(&settings, &tx, &cancel, &mut last_good).await;
-                lost_since = None;
-                r
-            }
+            Ok(mut s) => s.follow(&settings, &tx, &cancel, &mut last_good).await,
             Err(e) => Err(e),
         };
         let error = match outcome {
             Ok(()) => return, // cancelled
             Err(e) => e.to_string(),
         };
+        // Unreachable since the last listing that worked, or since the first failure.
+        if last_good
+            .as_ref()
+            .is_some_and(|(_, at)| lost_since.is_none_or(|l| *at > l))
+        {
+            lost_since = None;
+        }
         let since = *lost_since.get_or_insert_with(SystemTime::now);
-        let names_kept = last_good.as_ref().is_some_and(|(_, at)| {
-            at.elapsed().unwrap_or_default() < settings.keep_names
-        });
+        let names_kept = last_good
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed().unwrap_or_default() < settings.keep_names);
         if !names_kept {
             last_good = None;
         }
@@ -248,7 +254,10 @@ async fn run(settings: Settings, tx: watch::Sender<Arc<Identities>>, cancel: Can
         }
         tx.send_replace(Arc::new(Identities {
             status,
-            by_container: last_good.as_ref().map(|(m, _)| m.clone()).unwrap_or_default(),
+            by_container: last_good
+                .as_ref()
+                .map(|(m, _)| m.clone())
+                .unwrap_or_default(),
         }));
         if sleep_or_cancel(settings.resync, &cancel).await {
             return;
@@ -298,7 +307,9 @@ mod tests {
             error: "connection refused".to_owned(),
             names_kept,
         };
-        assert!(lost(true).describe().contains("names from the last listing"));
+        assert!(lost(true)
+            .describe()
+            .contains("names from the last listing"));
         assert!(lost(false).describe().contains("cgroup paths only"));
         assert!(lost(false).describe().starts_with("identity degraded"));
     }

@@ -187,7 +187,10 @@ mod tests {
             "only allow-listed annotations are kept"
         );
         let c2 = &ids["c2"];
-        assert_eq!((c2.container_name.as_str(), c2.pod_name.as_str()), ("x", ""));
+        assert_eq!(
+            (c2.container_name.as_str(), c2.pod_name.as_str()),
+            ("x", "")
+        );
     }
 
     #[test]
