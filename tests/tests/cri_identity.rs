@@ -286,6 +286,27 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
     .await
     .expect("db-0 leaves the list");
 
+    // A pod created while the agent runs (containerd 1.6 has no event stream): found by the
+    // resync.
+    let late_spec = spec(5, "late-0", "staging", &[("app", "late")]);
+    let late = containerd::run_pod(&ctrd, &mut cri, &late_spec)
+        .await
+        .expect("create late-0");
+    let found = eventually(WAIT, || {
+        let mut c = client.clone();
+        async move {
+            let cs = list(&mut c, "staging", "app=late").await;
+            (cs.len() == 1).then_some(cs)
+        }
+    })
+    .await
+    .expect("late-0 is found");
+    assert_eq!(
+        (found[0].id.as_str(), found[0].pod_name.as_str()),
+        (late.container_id.as_str(), "late-0")
+    );
+    pods.push((late_spec, late));
+
     // containerd stops: identity degrades (said in the cgroup source's fidelity), names go
     // after runtime_keep_names, the container is still listed by its id, the agent lives.
     ctrd.stop();

@@ -68,6 +68,8 @@ pub enum Status {
     Disabled,
     /// No runtime socket found: identity from cgroup paths only.
     NoRuntime { tried: Vec<PathBuf> },
+    /// The first listing has not come back yet.
+    Connecting { endpoint: PathBuf },
     /// Listing works.
     Connected {
         endpoint: PathBuf,
@@ -99,6 +101,12 @@ impl Status {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Self::Connecting { endpoint } => {
+                format!(
+                    "identity: connecting to the runtime at {}",
+                    endpoint.display()
+                )
+            }
             Self::Connected {
                 endpoint,
                 runtime,
@@ -184,12 +192,7 @@ pub fn spawn(
     tasks: &mut JoinSet<TaskResult>,
 ) -> watch::Receiver<Arc<Identities>> {
     let first = match resolve_endpoint(&settings.endpoint, Path::exists) {
-        Ok(endpoint) => Status::Lost {
-            endpoint,
-            since: SystemTime::now(),
-            error: "not listed yet".to_owned(),
-            names_kept: false,
-        },
+        Ok(endpoint) => Status::Connecting { endpoint },
         Err(status) => status,
     };
     let (tx, rx) = watch::channel(Arc::new(Identities::empty(first)));
