@@ -63,10 +63,17 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));
     // Pod identity from the container runtime, where there is one: a table the bridge reads.
-    let identity = config
-        .containers
-        .enabled
-        .then(|| crate::containers::cri::spawn(&config.containers.runtime(), &cancel, &mut tasks));
+    let identity = config.containers.enabled.then(|| {
+        use crate::containers::cri;
+        let settings = config.containers.runtime();
+        let (tx, rx) = cri::channel(&settings);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            cri::run(settings, tx, cancel).await;
+            (cri::NAME, Ok(()))
+        });
+        rx
+    });
     bridge::spawn(
         &bridge_settings,
         &feeds,

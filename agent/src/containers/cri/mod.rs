@@ -2,7 +2,7 @@
 //! runtime's Unix socket: which pod, namespace, pod UID, container name, image, pod labels and
 //! allow-listed annotations each container id belongs to.
 //!
-//! One task ([`spawn`]) lists the runtime's sandboxes and containers every
+//! One task ([`run`], spawned by the daemon) lists the runtime's sandboxes and containers every
 //! `containers.runtime_resync`, and at once on each event of the runtime's container event
 //! stream where it has one (containerd 1.7+, CRI-O; containerd 1.6 answers `Unimplemented` and
 //! the resync alone keeps the table current). It publishes the table on a watch channel that
@@ -20,10 +20,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::watch, task::JoinSet};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-use crate::supervise::TaskResult;
 
 pub mod client;
 pub mod model;
@@ -185,27 +183,28 @@ pub fn resolve_endpoint(
         })
 }
 
-/// Starts the identity task; the receiver always holds the latest table.
-pub fn spawn(
+/// The channel the identity task publishes on, holding the first status (no socket, or
+/// connecting); the receiver always holds the latest table.
+pub fn channel(
     settings: &Settings,
-    cancel: &CancellationToken,
-    tasks: &mut JoinSet<TaskResult>,
-) -> watch::Receiver<Arc<Identities>> {
+) -> (
+    watch::Sender<Arc<Identities>>,
+    watch::Receiver<Arc<Identities>>,
+) {
     let first = match resolve_endpoint(&settings.endpoint, Path::exists) {
         Ok(endpoint) => Status::Connecting { endpoint },
         Err(status) => status,
     };
-    let (tx, rx) = watch::channel(Arc::new(Identities::empty(first)));
-    let settings = settings.clone();
-    let cancel = cancel.clone();
-    tasks.spawn(async move {
-        run(settings, tx, cancel).await;
-        (NAME, Ok(()))
-    });
-    rx
+    watch::channel(Arc::new(Identities::empty(first)))
 }
 
-async fn run(settings: Settings, tx: watch::Sender<Arc<Identities>>, cancel: CancellationToken) {
+/// The identity task: lists the runtime on every resync and event until cancelled; never
+/// fails (a runtime that does not answer is a status, not an error).
+pub async fn run(
+    settings: Settings,
+    tx: watch::Sender<Arc<Identities>>,
+    cancel: CancellationToken,
+) {
     let mut last_good: Option<(HashMap<String, Arc<PodIdentity>>, SystemTime)> = None;
     let mut lost_since: Option<SystemTime> = None;
     loop {
