@@ -78,7 +78,26 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     feeds
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));
-    bridge::spawn(&bridge_settings, &feeds, &store, &cancel, &mut tasks);
+    // Pod identity from the container runtime, where there is one: a table the bridge reads.
+    let identity = config.containers.enabled.then(|| {
+        use crate::containers::cri;
+        let settings = config.containers.runtime();
+        let (tx, rx) = cri::channel(&settings);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            cri::run(settings, tx, cancel).await;
+            (cri::NAME, Ok(()))
+        });
+        rx
+    });
+    bridge::spawn(
+        &bridge_settings,
+        &feeds,
+        identity,
+        &store,
+        &cancel,
+        &mut tasks,
+    );
     if config.api.enabled {
         match crate::api::BoundApi::bind(&config.api, &health, store.clone(), cancel.clone()).await
         {

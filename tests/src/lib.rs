@@ -18,6 +18,7 @@ use std::{
 };
 
 pub mod api;
+pub mod containerd;
 pub mod drain;
 pub mod rtp;
 

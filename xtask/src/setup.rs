@@ -220,6 +220,9 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "qemu-system-x86",
             "busybox-static",
             "cpio",
+            // cri_identity test: a real containerd with its CRI plugin, and runc under it
+            "containerd",
+            "runc",
         ]),
         // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[

@@ -85,14 +85,32 @@ pub struct BoundApi {
     cancel: CancellationToken,
 }
 
+/// The environment variable the DaemonSet sets to the Kubernetes node's name (downward API):
+/// inside a pod the hostname is the pod's, not the node's.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
 fn node_name(configured: &str) -> String {
-    if !configured.is_empty() {
-        return configured.to_owned();
-    }
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    pick_node_name(configured, std::env::var(NODE_NAME_ENV).ok(), || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
+    })
+}
+
+/// `api.node_name`, else `NODE_NAME`, else the kernel's hostname, else `unknown`.
+fn pick_node_name(
+    configured: &str,
+    env: Option<String>,
+    hostname: impl FnOnce() -> Option<String>,
+) -> String {
+    [Some(configured.to_owned()), env]
+        .into_iter()
+        .flatten()
         .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
+        .find(|s| !s.is_empty())
+        .or_else(|| {
+            hostname()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
@@ -367,5 +385,20 @@ impl BoundApi {
             let _ = std::fs::remove_file(&path);
         }
         u.and(t)
+    }
+}
+
+#[cfg(test)]
+mod node_name_tests {
+    use super::pick_node_name;
+
+    #[test]
+    fn node_name_prefers_config_then_downward_api_then_hostname() {
+        let host = || Some("pod-hostname\n".to_owned());
+        assert_eq!(pick_node_name("cfg", Some("node-1".into()), host), "cfg");
+        assert_eq!(pick_node_name("", Some("node-1".into()), host), "node-1");
+        assert_eq!(pick_node_name("", Some(" ".into()), host), "pod-hostname");
+        assert_eq!(pick_node_name("", None, host), "pod-hostname");
+        assert_eq!(pick_node_name("", None, || None), "unknown");
     }
 }

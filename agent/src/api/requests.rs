@@ -37,7 +37,12 @@ pub struct ContainerFilter {
     pub pod_name: String,
     pub pod_namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// `selector`, parsed (`kubectl -l` syntax).
+    pub selector: crate::containers::selector::Selector,
 }
+
+/// Longest `ListContainersRequest.selector`.
+const MAX_SELECTOR: usize = 4096;
 
 impl TryFrom<pb::ListContainersRequest> for ContainerFilter {
     type Error = Status;
@@ -57,10 +62,14 @@ impl TryFrom<pb::ListContainersRequest> for ContainerFilter {
             check_len("a label_selector key", k, MAX_NAME)?;
             check_len("a label_selector value", v, MAX_NAME)?;
         }
+        check_len("selector", &r.selector, MAX_SELECTOR)?;
+        let selector = crate::containers::selector::Selector::parse(&r.selector)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Self {
             pod_name: r.pod_name,
             pod_namespace: r.pod_namespace,
             labels: r.label_selector.into_iter().collect(),
+            selector,
         })
     }
 }

@@ -135,6 +135,13 @@ fn matches(c: &pb::Container, f: &ContainerFilter) -> bool {
     (f.pod_name.is_empty() || c.pod_name == f.pod_name)
         && (f.pod_namespace.is_empty() || c.pod_namespace == f.pod_namespace)
         && f.labels.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+        && (f.selector.0.is_empty()
+            || f.selector.matches(
+                &c.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ))
 }
 
 #[tonic::async_trait]

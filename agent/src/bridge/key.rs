@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    containers::{Container, Identity, Inventory},
+    containers::{cri::Identities, Container, Identity, Inventory},
     store::ContainerMeta,
 };
 
@@ -42,28 +42,44 @@ pub fn network_key(id: u64, path: Option<&str>, keyed: KeyedBy, inventory: &Inve
     }
 }
 
-/// The store's identity table for the inventory's workloads. Pod names, namespaces and labels
-/// need the Kubernetes API, which the cgroup tree does not reveal: they stay empty here.
-pub fn container_meta(inventory: &Inventory) -> BTreeMap<String, ContainerMeta> {
+/// The store's identity table for the inventory's workloads. Pod and container names,
+/// namespaces and labels come from the container runtime's table where it knows the container
+/// id (the cgroup tree does not reveal them); else only what the cgroup path says (pod UID,
+/// a service's unit) is filled.
+pub fn container_meta(
+    inventory: &Inventory,
+    runtime: Option<&Identities>,
+) -> BTreeMap<String, ContainerMeta> {
     inventory
         .containers
         .iter()
         .map(|c| {
             let key = workload_key(c);
-            let (name, pod_uid) = match &c.identity {
-                Identity::Container { pod_uid, .. } => {
-                    (String::new(), pod_uid.clone().unwrap_or_default())
-                }
-                Identity::Service { unit } => (unit.clone(), String::new()),
-            };
-            let meta = ContainerMeta {
+            let mut meta = ContainerMeta {
                 id: key.clone(),
-                name,
-                pod_uid,
                 cgroup_path: c.path.clone(),
                 cgroup_id: c.cgroup_id.unwrap_or(0),
                 ..ContainerMeta::default()
             };
+            match &c.identity {
+                Identity::Container {
+                    pod_uid,
+                    container_id,
+                    ..
+                } => {
+                    meta.pod_uid = pod_uid.clone().unwrap_or_default();
+                    if let Some(p) = runtime.and_then(|r| r.get(container_id)) {
+                        meta.name.clone_from(&p.container_name);
+                        meta.pod_name.clone_from(&p.pod_name);
+                        meta.pod_namespace.clone_from(&p.pod_namespace);
+                        if !p.pod_uid.is_empty() {
+                            meta.pod_uid.clone_from(&p.pod_uid);
+                        }
+                        meta.labels.clone_from(&p.labels);
+                    }
+                }
+                Identity::Service { unit } => meta.name.clone_from(unit),
+            }
             (key, meta)
         })
         .collect()
@@ -140,9 +156,41 @@ mod tests {
 
     #[test]
     fn meta_carries_pod_uid_cgroup_id_and_service_unit() {
-        let meta = container_meta(&inventory());
+        let meta = container_meta(&inventory(), None);
         let c = &meta["abc"];
         assert_eq!((c.pod_uid.as_str(), c.cgroup_id), ("1", 42));
+        assert_eq!(c.pod_name, "", "no runtime: no pod name");
         assert_eq!(meta["/system.slice/sshd.service"].name, "sshd.service");
+    }
+
+    #[test]
+    fn runtime_identity_names_the_container_with_the_same_id() {
+        use crate::containers::cri::{PodIdentity, Status};
+        let runtime = Identities {
+            status: Status::Disabled,
+            by_container: std::collections::HashMap::from([(
+                "abc".to_owned(),
+                std::sync::Arc::new(PodIdentity {
+                    container_name: "nginx".to_owned(),
+                    pod_name: "web-0".to_owned(),
+                    pod_namespace: "prod".to_owned(),
+                    pod_uid: "1".to_owned(),
+                    labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+                    ..PodIdentity::default()
+                }),
+            )]),
+        };
+        let meta = container_meta(&inventory(), Some(&runtime));
+        let c = &meta["abc"];
+        assert_eq!(
+            (
+                c.name.as_str(),
+                c.pod_name.as_str(),
+                c.pod_namespace.as_str()
+            ),
+            ("nginx", "web-0", "prod")
+        );
+        assert_eq!(c.labels["app"], "web");
+        assert_eq!(meta["/system.slice/sshd.service"].pod_name, "");
     }
 }

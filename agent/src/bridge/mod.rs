@@ -24,7 +24,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    containers::{proc_cgroup::ProcCgroup, Inventory},
+    containers::{cri::Identities, proc_cgroup::ProcCgroup, Inventory},
     sources::{cgroup, gpu, tcp, udp, Feeds},
     store::{FeedState, Provenance, SourceKind, Store},
     supervise::TaskResult,
@@ -91,15 +91,19 @@ pub fn register(store: &Store, config: &Settings, feeds: &Feeds) {
 }
 
 /// Spawns the task that keeps the store up to date, once the sources are [`register`]ed.
+/// `identity` is the container runtime's table (`containers::cri`), where the agent looks one
+/// up.
 pub fn spawn(
     config: &Settings,
     feeds: &Feeds,
+    identity: Option<watch::Receiver<Arc<Identities>>>,
     store: &Arc<Store>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) {
     let bridge = Bridge {
         store: store.clone(),
+        identity,
         tcp: feeds.tcp.clone(),
         udp: feeds.udp.clone(),
         gpu: feeds.gpu.clone(),
@@ -170,6 +174,7 @@ fn own_cgroup_path() -> Option<String> {
 
 struct Bridge {
     store: Arc<Store>,
+    identity: Option<watch::Receiver<Arc<Identities>>>,
     tcp: Option<watch::Receiver<Arc<tcp::TcpSnapshot>>>,
     udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     gpu: Option<watch::Receiver<gpu::GpuSnapshot>>,
@@ -215,6 +220,7 @@ impl Bridge {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = changed(&mut self.cgroup) => self.publish_resources(),
+                () = changed(&mut self.identity) => self.publish_meta(&self.inventory()),
                 () = changed(&mut self.gpu) => self.publish_gpu(),
                 () = changed(&mut self.tcp) => {
                     self.note_report(tcp::NAME);
@@ -244,9 +250,15 @@ impl Bridge {
             return;
         }
         if self.publish_cgroups {
+            let mut provenance = resources::cgroup_provenance(&scan);
+            // Where the containers' names come from, and whether that is degraded.
+            if let Some(rx) = &self.identity {
+                let note = rx.borrow().status.describe();
+                provenance.fidelity = format!("{}; {note}", provenance.fidelity);
+            }
             self.store.publish_cgroups(
                 scan.taken_at,
-                resources::cgroup_provenance(&scan),
+                provenance,
                 resources::cgroup_snapshot(&scan),
             );
         }
@@ -265,7 +277,8 @@ impl Bridge {
     /// The identity table: the inventory's workloads plus the containers only the network
     /// sources know, so that every id the API lists resolves.
     fn publish_meta(&self, inventory: &Inventory) {
-        let mut meta: BTreeMap<_, _> = key::container_meta(inventory);
+        let runtime = self.identity.as_ref().map(|rx| rx.borrow().clone());
+        let mut meta: BTreeMap<_, _> = key::container_meta(inventory, runtime.as_deref());
         let tcp = self.tcp.as_ref().map(|r| r.borrow().clone());
         let udp = self.udp.as_ref().map(|r| r.borrow().clone());
         network::network_meta(tcp.as_deref(), udp.as_ref(), inventory, &mut meta);

@@ -54,8 +54,10 @@ pub struct ContainersArgs {
     /// Only this namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
-    /// Only pods with this label, `key=value` (repeatable).
-    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    /// Only pods whose labels match this selector, as `kubectl -l` takes it (`app=web`,
+    /// `tier!=db`, `env in (a,b)`, `env notin (c)`, `canary`, `!canary`; repeatable, all
+    /// must hold).
+    #[arg(long = "label", short = 'l', value_name = "SELECTOR")]
     pub labels: Vec<String>,
 }
 

@@ -222,17 +222,12 @@ pub async fn containers(
     args: &ContainersArgs,
     socket: &std::path::Path,
 ) -> Result<(), ClientError> {
-    let mut label_selector = std::collections::HashMap::new();
-    for l in &args.labels {
-        let (k, v) = l
-            .split_once('=')
-            .ok_or_else(|| ClientError::Usage(format!("--label {l:?}: expected KEY=VALUE")))?;
-        label_selector.insert(k.to_owned(), v.to_owned());
-    }
+    // `-l` takes what `kubectl -l` takes; several are joined (all must hold).
     let req = pb::ListContainersRequest {
         pod_name: args.pod.clone().unwrap_or_default(),
         pod_namespace: args.namespace.clone().unwrap_or_default(),
-        label_selector,
+        selector: args.labels.join(","),
+        ..Default::default()
     };
     let reply = connect(&args.conn, socket)
         .await?

@@ -17,11 +17,13 @@ use serde::Serialize;
 
 // The fake cgroupfs of the unit tests, the integration tests and the scan benchmark: never in
 // the shipped binary (the tests crate turns the feature on; release builds leave it off).
+pub mod cri;
 #[cfg(any(test, feature = "test-fixtures"))]
 pub mod fixture;
 pub mod layout;
 pub mod path;
 pub mod proc_cgroup;
+pub mod selector;
 
 pub use layout::{CgroupDirs, Layout, LayoutError};
 pub use path::{identify, Identity, Qos, Runtime};
@@ -37,11 +39,41 @@ const MAX_DEPTH: usize = 4;
 pub struct ContainersConfig {
     /// Discover workloads under `paths.cgroup_root` and read their cgroup stats every tick.
     pub enabled: bool,
+    /// The container runtime's CRI socket (path or `unix://` URL); empty = the first of
+    /// containerd's and CRI-O's default sockets that exists; `"none"` = no runtime lookups.
+    pub runtime_endpoint: String,
+    /// How often the runtime's pods and containers are listed again.
+    #[serde(with = "humantime_serde")]
+    pub runtime_resync: std::time::Duration,
+    /// How long names from the last listing are kept once the runtime stops answering.
+    #[serde(with = "humantime_serde")]
+    pub runtime_keep_names: std::time::Duration,
+    /// Pod annotations copied into the identity (all others are ignored).
+    pub runtime_annotations: Vec<String>,
 }
 
 impl Default for ContainersConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            runtime_endpoint: String::new(),
+            runtime_resync: std::time::Duration::from_secs(10),
+            runtime_keep_names: std::time::Duration::from_secs(300),
+            runtime_annotations: Vec::new(),
+        }
+    }
+}
+
+impl ContainersConfig {
+    /// What the runtime identity task reads.
+    pub fn runtime(&self) -> cri::Settings {
+        cri::Settings {
+            endpoint: self.runtime_endpoint.clone(),
+            // A zero period would spin on the runtime.
+            resync: self.runtime_resync.max(std::time::Duration::from_secs(1)),
+            keep_names: self.runtime_keep_names,
+            annotations: self.runtime_annotations.clone(),
+        }
     }
 }
 

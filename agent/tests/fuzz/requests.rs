@@ -46,6 +46,7 @@ proptest! {
             pod_name: pod_name.clone(),
             pod_namespace: pod_namespace.clone(),
             label_selector: labels.clone(),
+            ..Default::default()
         };
         match ContainerFilter::try_from(req) {
             Ok(f) => {

@@ -802,6 +802,12 @@ pub struct ListContainersRequest {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Only containers whose pod's labels match this selector, as `kubectl -l` takes it:
+    /// comma-separated `key=value`, `key==value`, `key!=value`, `key in (a,b)`,
+    /// `key notin (a,b)`, `key` (exists), `!key` (absent); all must hold, together with
+    /// `label_selector` (at most 4096 characters).
+    #[prost(string, tag = "4")]
+    pub selector: ::prost::alloc::string::String,
 }
 /// The matching containers, sorted by namespace, pod, name, id.
 #[allow(clippy::all)]
