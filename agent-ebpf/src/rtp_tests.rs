@@ -217,7 +217,10 @@ fn flow_stats_measure_gaps_and_delay_variation() {
 fn a_one_packet_flow_stays_on_probation_and_the_second_packet_admits_it_with_both_counted() {
     let mut f = UdpFlowStats::default();
     assert!(!f.probation_update(1_000, 100), "one packet proves nothing");
-    assert!(f.probation_update(21_000_000, 50), "the second packet admits");
+    assert!(
+        f.probation_update(21_000_000, 50),
+        "the second packet admits"
+    );
     assert_eq!((f.packets, f.bytes, f.first_ns), (2, 150, 1_000));
 }
 

@@ -6,8 +6,8 @@
 //! and the first 12 payload bytes, keep bounded LRU state, and always let the packet through.
 
 use agent_ebpf::rtp::{
-    classify, counter, static_clock_rate, Payload, RtpKey, RtpState, UdpFlowKey, UdpFlowStats,
-    DIR_EGRESS, DIR_INGRESS, RtpHeader,
+    classify, counter, static_clock_rate, Payload, RtpHeader, RtpKey, RtpState, UdpFlowKey,
+    UdpFlowStats, DIR_EGRESS, DIR_INGRESS,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -221,7 +221,10 @@ fn stream_probation(rkey: &RtpKey, h: &RtpHeader, rate: u32, now: u64, bytes: u6
             if admit {
                 // SAFETY: as above; the kernel copies the value out of the probation map.
                 let state = unsafe { &*s };
-                if RTP_STREAMS.insert(rkey, state, u64::from(BPF_NOEXIST)).is_ok() {
+                if RTP_STREAMS
+                    .insert(rkey, state, u64::from(BPF_NOEXIST))
+                    .is_ok()
+                {
                     bump(counter::STREAMS_CREATED);
                 } else {
                     bump(counter::STREAM_INSERT_FAILED);

@@ -74,12 +74,12 @@ fn read(root: &Path, file: &str) -> String {
 fn quoted_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once('=')?;
-        let k = k.trim().trim_start_matches("pub ").trim_start_matches("const ");
-        (k == key || k.split(':').next() == Some(key)).then(|| {
-            v.trim()
-                .trim_end_matches(';')
-                .trim_matches('"')
-        })
+        let k = k
+            .trim()
+            .trim_start_matches("pub ")
+            .trim_start_matches("const ");
+        (k == key || k.split(':').next() == Some(key))
+            .then(|| v.trim().trim_end_matches(';').trim_matches('"'))
     })
 }
 

@@ -228,7 +228,10 @@ fn a_flood_of_one_packet_flows_does_not_evict_a_live_rtp_stream() {
     assert_eq!(agent.lost(), u64::from(dropped), "{agent:?}");
     assert_eq!(agent.received, sent, "{agent:?}");
     assert_eq!(agent.received, t.packets, "tshark counts the same packets");
-    assert_eq!(flow_packets, sent, "the stream's UDP flow kept its count too");
+    assert_eq!(
+        flow_packets, sent,
+        "the stream's UDP flow kept its count too"
+    );
     let mean_ms = agent.jitter_sum_ns as f64 / agent.jitter_samples as f64 / 1e6;
     let max_ms = agent.jitter_max_ns as f64 / 1e6;
     eprintln!(

@@ -323,7 +323,9 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
     // A single datagram proves nothing: it waits on probation and never enters the flow map
     // (tests/tests/udp_flood.rs floods with such datagrams).
     assert!(
-        !c.flows.iter().any(|f| f.endpoint.remote_port == oneoff_port),
+        !c.flows
+            .iter()
+            .any(|f| f.endpoint.remote_port == oneoff_port),
         "the one-off datagram is not a flow: {:#?}",
         c.flows
     );

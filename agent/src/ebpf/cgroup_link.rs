@@ -138,7 +138,12 @@ mod tests {
         else {
             panic!("a 4.19 kernel must be refused");
         };
-        for part in ["4.19.91-27.an7", "BPF_LINK_CREATE", "Linux 5.7 or later", "SIGKILL"] {
+        for part in [
+            "4.19.91-27.an7",
+            "BPF_LINK_CREATE",
+            "Linux 5.7 or later",
+            "SIGKILL",
+        ] {
             assert!(why.contains(part), "`{part}` missing from: {why}");
         }
     }
