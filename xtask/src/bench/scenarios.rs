@@ -34,7 +34,12 @@ the kernel's own accounting (`kernel.bpf_stats_enabled`, read with `bpftool prog
 spread is over rounds. The count in the metric is the number of runs measured; a program that \
 ran fewer than 1,000 times in a scenario is left out of it. Target \
 (issue 3): under 150 ns per program run. The accounting itself adds two clock reads per run.
-- **UDP flood**: one datagram from each of 20,000 source ports (each port used once) to one loopback socket, as fast as one thread can bind and send: the one-packet flows a flood from random source ports makes, each of which goes on probation and is never admitted to the flow map (docs/udp-rtp.md, Admission). The metric is datagrams/s; with the agent, the run time of the UDP programs on that path (a lookup miss in the flow map, a miss and an insert in the probation maps) comes from the same kernel accounting as below.
+- **UDP flood**: one datagram from each of 20,000 source ports (each port used once) to one \
+loopback socket, as fast as one thread can bind and send: the one-packet flows a flood from \
+random source ports makes, each of which goes on probation and is never admitted to the flow \
+map (docs/udp-rtp.md, Admission). The metric is datagrams/s; with the agent, the run time of \
+the UDP programs on that path (a lookup miss in the flow map, a miss and an insert in the \
+probation maps) comes from the kernel's accounting described above.
 - **TCP request/response**: four persistent loopback connections exchanging 64-byte \
 requests and responses as fast as they can (a load generator of the project's own, in xtask); \
 the metric is transactions/s. Target (issue 3): under 3% lower with the agent (ratio ≥ 0.97).
