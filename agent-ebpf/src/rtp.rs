@@ -75,7 +75,31 @@ impl UdpFlowStats {
         self.packets += 1;
         self.bytes += bytes;
     }
+
+    /// Accounts one packet of a flow on probation. Returns whether the flow has now proved
+    /// itself ([`FLOW_ADMIT_PACKETS`] within [`PROBATION_WINDOW_NS`] of each other) and belongs
+    /// in the flow map.
+    #[inline(always)]
+    pub fn probation_update(&mut self, now_ns: u64, bytes: u64) -> bool {
+        if self.packets > 0 && now_ns.saturating_sub(self.last_ns) > PROBATION_WINDOW_NS {
+            // Too long since its last packet: probation starts again from this one.
+            *self = Self::default();
+        }
+        self.update(now_ns, bytes);
+        self.packets >= FLOW_ADMIT_PACKETS
+    }
 }
+
+/// Packets a new flow must show before it enters the flow map. Until then it waits in a
+/// separate, smaller probation map, so a flood of one-packet flows (random source ports) churns
+/// only that map and never evicts an established flow. The probation packets are carried over
+/// into the admitted flow, so its counts start at its first packet.
+pub const FLOW_ADMIT_PACKETS: u64 = 2;
+
+/// A flow or stream on probation whose packets are further apart than this starts its
+/// probation again: a low-rate sender is not a stream, and a stale first packet would make an
+/// admitted flow look older than it is.
+pub const PROBATION_WINDOW_NS: u64 = 10_000_000_000;
 
 /// One RTP stream: a flow and a synchronisation source.
 #[repr(C)]
@@ -229,6 +253,25 @@ impl RtpState {
         }
     }
 
+    /// Accounts one packet of a stream on probation. Returns whether RFC 3550 probation has
+    /// now confirmed it (sequential packets within [`PROBATION_WINDOW_NS`] of each other) and it
+    /// belongs in the stream map.
+    #[inline(always)]
+    pub fn probation_update(
+        &mut self,
+        h: &RtpHeader,
+        clock_rate: u32,
+        now_ns: u64,
+        bytes: u64,
+    ) -> bool {
+        if now_ns.saturating_sub(self.last_arrival_ns) > PROBATION_WINDOW_NS {
+            *self = Self::new(h, clock_rate, now_ns, bytes);
+            return false;
+        }
+        self.update(h, clock_rate, now_ns, bytes);
+        self.confirmed == 1
+    }
+
     /// Total packets expected from the sequence numbers (RFC 3550 A.3).
     pub fn expected(&self) -> u64 {
         let extended_max =
@@ -370,7 +413,11 @@ pub mod counter {
     pub const STREAMS_CREATED: u32 = 7;
     pub const FLOW_INSERT_FAILED: u32 = 8;
     pub const STREAM_INSERT_FAILED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// New flows put on probation (see [`FLOW_ADMIT_PACKETS`](super::FLOW_ADMIT_PACKETS)).
+    pub const FLOWS_ON_PROBATION: u32 = 10;
+    /// New RTP streams put on probation (RFC 3550 A.1: two packets in sequence admit one).
+    pub const STREAMS_ON_PROBATION: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 // Map keys and values shared with user space: each size is the sum of its fields, so no

@@ -212,3 +212,46 @@ fn flow_stats_measure_gaps_and_delay_variation() {
     assert_eq!(f.ipdv_sum_ns, 10_000_000);
     assert_eq!(f.ipdv_max_ns, 5_000_000);
 }
+
+#[test]
+fn a_one_packet_flow_stays_on_probation_and_the_second_packet_admits_it_with_both_counted() {
+    let mut f = UdpFlowStats::default();
+    assert!(!f.probation_update(1_000, 100), "one packet proves nothing");
+    assert!(
+        f.probation_update(21_000_000, 50),
+        "the second packet admits"
+    );
+    assert_eq!((f.packets, f.bytes, f.first_ns), (2, 150, 1_000));
+}
+
+#[test]
+fn flow_probation_restarts_after_a_long_silence() {
+    let mut f = UdpFlowStats::default();
+    assert!(!f.probation_update(1_000, 10));
+    let late = 1_000 + PROBATION_WINDOW_NS + 1;
+    assert!(!f.probation_update(late, 10), "too late to count as a pair");
+    assert_eq!((f.packets, f.first_ns), (1, late));
+    assert!(f.probation_update(late + 1_000, 10));
+}
+
+#[test]
+fn stream_probation_admits_on_sequential_packets_only() {
+    let first = rtp(&header(0, 500, 0, 7, 0));
+    let mut s = RtpState::new(&first, 8_000, 0, 160);
+    // A jump in sequence numbers (noise with the same SSRC) does not confirm.
+    let jump = rtp(&header(0, 9_000, 160, 7, 0));
+    assert!(!s.probation_update(&jump, 8_000, 20_000_000, 160));
+    let next = rtp(&header(0, 9_001, 320, 7, 0));
+    assert!(s.probation_update(&next, 8_000, 40_000_000, 160));
+    assert_eq!((s.confirmed, s.received, s.lost()), (1, 2, 0));
+}
+
+#[test]
+fn stream_probation_restarts_after_a_long_silence() {
+    let first = rtp(&header(0, 500, 0, 7, 0));
+    let mut s = RtpState::new(&first, 8_000, 0, 160);
+    let next = rtp(&header(0, 501, 160, 7, 0));
+    let late = PROBATION_WINDOW_NS + 1;
+    assert!(!s.probation_update(&next, 8_000, late, 160));
+    assert_eq!((s.packets, s.first_arrival_ns, s.confirmed), (1, late, 0));
+}

@@ -6,8 +6,8 @@
 //! and the first 12 payload bytes, keep bounded LRU state, and always let the packet through.
 
 use agent_ebpf::rtp::{
-    classify, counter, static_clock_rate, Payload, RtpKey, RtpState, UdpFlowKey, UdpFlowStats,
-    DIR_EGRESS, DIR_INGRESS,
+    classify, counter, static_clock_rate, Payload, RtpHeader, RtpKey, RtpState, UdpFlowKey,
+    UdpFlowStats, DIR_EGRESS, DIR_INGRESS,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -22,6 +22,15 @@ static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowStats> = LruHashMap::with_max_en
 
 #[map]
 static RTP_STREAMS: LruHashMap<RtpKey, RtpState> = LruHashMap::with_max_entries(8192, 0);
+
+/// Flows and streams not yet admitted (see `FLOW_ADMIT_PACKETS` and RFC 3550 A.1 probation):
+/// what a flood of one-packet flows churns instead of the maps above.
+#[map]
+static UDP_FLOW_PROBATION: LruHashMap<UdpFlowKey, UdpFlowStats> =
+    LruHashMap::with_max_entries(4096, 0);
+
+#[map]
+static RTP_STREAM_PROBATION: LruHashMap<RtpKey, RtpState> = LruHashMap::with_max_entries(2048, 0);
 
 /// Clock rate (Hz) per RTP payload type, 0 = unknown; user space fills it from RFC 3551 and
 /// the config's dynamic payload types.
@@ -138,15 +147,7 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
         // same flow at once; UDP receive for one socket is normally serialised, and a lost
         // update costs one sample, not correctness of the map.
         Some(f) => unsafe { (*f).update(now, bytes) },
-        None => {
-            let mut f = UdpFlowStats::default();
-            f.update(now, bytes);
-            if UDP_FLOWS.insert(&key, &f, u64::from(BPF_NOEXIST)).is_ok() {
-                bump(counter::FLOWS_CREATED);
-            } else {
-                bump(counter::FLOW_INSERT_FAILED);
-            }
-        }
+        None => flow_probation(&key, now, bytes),
     }
 
     match classify(&head, payload_len) {
@@ -167,17 +168,7 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
                 Some(s) => unsafe {
                     (*s).update(&h, rate, now, bytes);
                 },
-                None => {
-                    let s = RtpState::new(&h, rate, now, bytes);
-                    if RTP_STREAMS
-                        .insert(&rkey, &s, u64::from(BPF_NOEXIST))
-                        .is_ok()
-                    {
-                        bump(counter::STREAMS_CREATED);
-                    } else {
-                        bump(counter::STREAM_INSERT_FAILED);
-                    }
-                }
+                None => stream_probation(&rkey, &h, rate, now, bytes),
             }
         }
         Payload::Rtcp => bump(counter::RTCP_PACKETS),
@@ -185,4 +176,70 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
         Payload::Other => {}
     }
     Ok(())
+}
+
+/// A packet of a flow not in `UDP_FLOWS`: count it on probation, and admit the flow, with the
+/// packets counted so far, once it proved itself (`UdpFlowStats::probation_update`).
+#[inline(always)]
+fn flow_probation(key: &UdpFlowKey, now: u64, bytes: u64) {
+    match UDP_FLOW_PROBATION.get_ptr_mut(key) {
+        Some(f) => {
+            // SAFETY: a map value pointer, valid for the program's run.
+            let admit = unsafe { (*f).probation_update(now, bytes) };
+            if admit {
+                // SAFETY: as above; the kernel copies the value out of the probation map.
+                let stats = unsafe { &*f };
+                if UDP_FLOWS.insert(key, stats, u64::from(BPF_NOEXIST)).is_ok() {
+                    bump(counter::FLOWS_CREATED);
+                } else {
+                    bump(counter::FLOW_INSERT_FAILED);
+                }
+                let _ = UDP_FLOW_PROBATION.remove(key);
+            }
+        }
+        None => {
+            let mut f = UdpFlowStats::default();
+            f.update(now, bytes);
+            if UDP_FLOW_PROBATION
+                .insert(key, &f, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                bump(counter::FLOWS_ON_PROBATION);
+            }
+        }
+    }
+}
+
+/// A packet of an RTP stream not in `RTP_STREAMS`: run the RFC 3550 probation in the probation
+/// map, and admit the stream once its sequence numbers confirmed it.
+#[inline(always)]
+fn stream_probation(rkey: &RtpKey, h: &RtpHeader, rate: u32, now: u64, bytes: u64) {
+    match RTP_STREAM_PROBATION.get_ptr_mut(rkey) {
+        Some(s) => {
+            // SAFETY: a map value pointer, valid for the program's run.
+            let admit = unsafe { (*s).probation_update(h, rate, now, bytes) };
+            if admit {
+                // SAFETY: as above; the kernel copies the value out of the probation map.
+                let state = unsafe { &*s };
+                if RTP_STREAMS
+                    .insert(rkey, state, u64::from(BPF_NOEXIST))
+                    .is_ok()
+                {
+                    bump(counter::STREAMS_CREATED);
+                } else {
+                    bump(counter::STREAM_INSERT_FAILED);
+                }
+                let _ = RTP_STREAM_PROBATION.remove(rkey);
+            }
+        }
+        None => {
+            let s = RtpState::new(h, rate, now, bytes);
+            if RTP_STREAM_PROBATION
+                .insert(rkey, &s, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                bump(counter::STREAMS_ON_PROBATION);
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::paths::PathsConfig;
+use crate::{ebpf::cgroup_link::CgroupAttach, paths::PathsConfig};
 
 /// Where tracefs is mounted: `configured` if it is non-empty, else the usual two places. The
 /// probe only reports it (kprobes, tracepoints); no program the agent attaches goes through
@@ -94,6 +94,9 @@ pub struct Capabilities {
     /// Tracepoints, as `system:event`.
     pub tracepoints: BTreeMap<String, Feature>,
     pub bpf_stats_enabled: Feature,
+    /// Whether cgroup programs can be attached through a `bpf_link` that ends with the agent
+    /// (Linux 5.7+); without it no cgroup program is attached (`ebpf::cgroup_link`).
+    pub cgroup_link: Feature,
 }
 
 const PROGRAM_TYPES: &[(&str, ProgramType)] = &[
@@ -239,9 +242,14 @@ impl Capabilities {
             Ok(_) => Feature::no("kernel.bpf_stats_enabled=0"),
             Err(e) => Feature::no(format!("unreadable: {e}")),
         };
+        let cgroup_link = match crate::ebpf::cgroup_link::check() {
+            CgroupAttach::Link => Feature::yes("BPF_LINK_CREATE for cgroups"),
+            CgroupAttach::Refused(why) => Feature::no(why),
+        };
         Self {
             kernel_release,
             is_root,
+            cgroup_link,
             btf,
             tracefs,
             kprobes,
@@ -291,6 +299,12 @@ impl Capabilities {
             CgroupLayout::Unknown { reason } => format!("unknown: {reason}"),
         };
         let _ = writeln!(s, "  cgroups         {cg}");
+        let _ = writeln!(
+            s,
+            "  cgroup links    {} {}",
+            mark(&self.cgroup_link),
+            self.cgroup_link.detail
+        );
         for (title, map) in [
             ("program types", &self.program_types),
             ("helpers", &self.helpers),

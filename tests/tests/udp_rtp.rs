@@ -213,8 +213,9 @@ fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
 }
 
 /// The source's report for a container: an RTP stream and a long-lived plain UDP flow count as
-/// live streams while they flow (what a drain waits for), a one-off datagram does not, and the
-/// count drops to zero once both stop. The windows carry the drops the sender made.
+/// live streams while they flow (what a drain waits for), a one-off datagram is not even a
+/// flow, and the count drops to zero once both stop. The windows carry the drops the sender
+/// made.
 #[test]
 fn live_streams_follow_the_traffic_and_windows_count_loss() {
     const TEST: &str = "live_streams_follow_the_traffic_and_windows_count_loss";
@@ -319,12 +320,16 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
     );
     assert!(stream.jitter_seconds.is_some());
     let oneoff_port = oneoff.local_addr().expect("addr").port();
+    // A single datagram proves nothing: it waits on probation and never enters the flow map
+    // (tests/tests/udp_flood.rs floods with such datagrams).
     assert!(
-        c.flows
+        !c.flows
             .iter()
-            .any(|f| f.endpoint.remote_port == oneoff_port && f.packets == 1),
-        "the one-off datagram is a flow"
+            .any(|f| f.endpoint.remote_port == oneoff_port),
+        "the one-off datagram is not a flow: {:#?}",
+        c.flows
     );
+    assert!(end.counters.flows_on_probation >= 1, "{:?}", end.counters);
 
     std::thread::sleep(Duration::from_millis(800));
     let after = source.poll().expect("poll");

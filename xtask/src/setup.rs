@@ -1,8 +1,12 @@
 //! One-command setup: installs what is missing, skips what is there, and says which.
 //!
 //! - system packages, with apt on Debian/Ubuntu and dnf on Anolis/RHEL-family hosts;
-//! - the nightly toolchain's `rust-src` (aya-build compiles `core` for the bpf target);
-//! - `bpf-linker`, built against the LLVM that matches the nightly rustc's own.
+//! - the pinned nightly of `agent-ebpf/rust-toolchain.toml` with `rust-src` (aya-build compiles
+//!   `core` for the bpf target);
+//! - `bpf-linker` at [`BPF_LINKER_VERSION`], built against the LLVM of that nightly.
+//!
+//! The stable toolchain of `rust-toolchain.toml` is installed by rustup itself before this
+//! program can run (`.ci/run` asks for it explicitly).
 
 use std::process::Command;
 
@@ -10,18 +14,41 @@ use anyhow::{bail, Context as _};
 
 use crate::{say, step, which};
 
+/// The bpf-linker release that links the eBPF programs: pinned, like the nightly, so that the
+/// object the verifier passed can be rebuilt bit for bit.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// `agent-ebpf/rust-toolchain.toml`, which names the nightly that builds the eBPF programs.
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../agent-ebpf/rust-toolchain.toml");
+
+/// The `channel = "…"` of a rust-toolchain.toml.
+pub fn toolchain_channel(toml: &str) -> Option<&str> {
+    toml.lines().find_map(|l| {
+        let (key, value) = l.split_once('=')?;
+        (key.trim() == "channel").then(|| value.trim().trim_matches('"'))
+    })
+}
+
+/// The dated nightly of `agent-ebpf/rust-toolchain.toml`.
+pub fn ebpf_toolchain() -> anyhow::Result<&'static str> {
+    toolchain_channel(EBPF_TOOLCHAIN_FILE)
+        .context("agent-ebpf/rust-toolchain.toml names no channel")
+}
+
 /// The LLVM major version of the nightly rustc that builds the eBPF programs.
 fn nightly_llvm_major() -> anyhow::Result<u32> {
+    let toolchain = ebpf_toolchain()?;
     let out = Command::new("rustc")
-        .args(["+nightly", "--version", "--verbose"])
+        .arg(format!("+{toolchain}"))
+        .args(["--version", "--verbose"])
         .output()
-        .context("run rustc +nightly")?;
+        .with_context(|| format!("run rustc +{toolchain}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
         .and_then(|m| m.trim().parse().ok())
-        .with_context(|| format!("no LLVM version in `rustc +nightly -vV`: {text}"))
+        .with_context(|| format!("no LLVM version in `rustc +{toolchain} -vV`: {text}"))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -109,53 +136,57 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 fn ensure_nightly_rust_src() -> anyhow::Result<()> {
-    let toolchains = Command::new("rustup")
-        .args(["toolchain", "list"])
-        .output()
-        .context("rustup is needed to build the eBPF programs (nightly + rust-src)")?;
-    if !String::from_utf8_lossy(&toolchains.stdout)
-        .lines()
-        .any(|l| l.starts_with("nightly"))
-    {
-        return step(
-            "installing the nightly toolchain with rust-src",
-            Command::new("rustup").args([
-                "toolchain",
-                "install",
-                "nightly",
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]),
-        );
-    }
+    let toolchain = ebpf_toolchain()?;
     let comps = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
         .output()
-        .context("rustup component list")?;
-    if String::from_utf8_lossy(&comps.stdout)
-        .lines()
-        .any(|l| l.trim() == "rust-src")
+        .context("rustup is needed to build the eBPF programs (a pinned nightly + rust-src)")?;
+    if comps.status.success()
+        && String::from_utf8_lossy(&comps.stdout)
+            .lines()
+            .any(|l| l.trim().starts_with("rust-src"))
     {
-        say("rust-src (nightly): already installed");
+        say(&format!("{toolchain} with rust-src: already installed"));
         return Ok(());
     }
     step(
-        "installing rust-src for nightly",
-        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        &format!("installing {toolchain} with rust-src (builds the eBPF programs)"),
+        Command::new("rustup").args([
+            "toolchain",
+            "install",
+            toolchain,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]),
     )
 }
 
+/// The version `bpf-linker --version` prints, if one is on PATH.
+fn installed_bpf_linker() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("bpf-linker")
+            .trim()
+            .to_owned()
+    })
+}
+
 fn ensure_bpf_linker() -> anyhow::Result<()> {
-    if let Ok(out) = Command::new("bpf-linker").arg("--version").output() {
-        if out.status.success() {
-            say(&format!(
-                "bpf-linker: already installed ({})",
-                String::from_utf8_lossy(&out.stdout).trim()
-            ));
-            return Ok(());
-        }
+    let installed = installed_bpf_linker();
+    if installed.as_deref() == Some(BPF_LINKER_VERSION) {
+        say(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: already installed"
+        ));
+        return Ok(());
+    }
+    if let Some(other) = installed {
+        say(&format!(
+            "bpf-linker {other} is installed, the build pins {BPF_LINKER_VERSION}: replacing it"
+        ));
     }
     let major = nightly_llvm_major()?;
     ensure_packages(
@@ -170,19 +201,17 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     )?;
     let prefix = format!("/usr/lib/llvm-{major}");
     let mut cmd = crate::cargo();
-    cmd.args([
-        "install",
-        "--locked",
-        "bpf-linker",
-        "--no-default-features",
-        "--features",
-    ])
-    .arg(format!("llvm-{major}"));
+    cmd.args(["install", "--locked", "--force", "bpf-linker", "--version"])
+        .arg(format!("={BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"));
     if std::path::Path::new(&prefix).is_dir() {
         cmd.env("LLVM_PREFIX", &prefix);
     }
     step(
-        &format!("building bpf-linker against LLVM {major} (takes about 4 minutes)"),
+        &format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (takes about 4 minutes)"
+        ),
         &mut cmd,
     )
 }

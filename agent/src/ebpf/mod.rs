@@ -3,10 +3,12 @@
 //! The object file is built by `build.rs` and embedded in the binary. Every program is attached
 //! through a link owned by the [`aya::Ebpf`] value that loaded it: dropping that value detaches
 //! everything, so a clean shutdown (or a SIGKILL, which closes the file descriptors) leaves
-//! nothing attached. Nothing is pinned.
+//! nothing attached. Nothing is pinned. Where the kernel has no links for cgroups (before 5.7)
+//! nothing is attached at all: [`require_cgroup_links`] refuses first.
 
 use aya::{maps::MapError, programs::ProgramError, EbpfError, EbpfLoader};
 
+pub mod cgroup_link;
 pub mod tcp;
 pub mod udp;
 
@@ -21,6 +23,8 @@ const SIZED_MAPS: &[&str] = &[
     "TCP_FLOWS",
     "UDP_FLOWS",
     "RTP_STREAMS",
+    "UDP_FLOW_PROBATION",
+    "RTP_STREAM_PROBATION",
 ];
 
 /// A loader for a source that owns the maps `owned`: every other sized map gets one entry,
@@ -58,6 +62,9 @@ pub enum LoadError {
         name: &'static str,
         source: MapError,
     },
+    /// The kernel cannot attach cgroup programs through a link (see [`cgroup_link`]).
+    #[error("{0}")]
+    NoCgroupLink(String),
     /// A load refused before the kernel was asked (fault injection, a test-only feature).
     #[error("program `{name}`: {reason}")]
     Refused { name: &'static str, reason: String },
@@ -74,8 +81,18 @@ impl LoadError {
             | Self::MissingMap(_)
             | Self::Config(_)
             | Self::Cgroup { .. }
-            | Self::Map { .. } => None,
+            | Self::Map { .. }
+            | Self::NoCgroupLink(_) => None,
         }
+    }
+}
+
+/// Refuses to go on where cgroup programs would be attached without a link (kernels before
+/// 5.7): such an attachment outlives the agent.
+pub fn require_cgroup_links() -> Result<(), LoadError> {
+    match cgroup_link::check() {
+        cgroup_link::CgroupAttach::Link => Ok(()),
+        cgroup_link::CgroupAttach::Refused(why) => Err(LoadError::NoCgroupLink(why)),
     }
 }
 

@@ -104,6 +104,7 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// Loads the programs `how` names with its map sizes and attaches them to `cgroup_root`.
     pub fn attach(cgroup_root: &Path, how: &Attach) -> Result<Self, LoadError> {
+        super::require_cgroup_links()?;
         let root = File::open(cgroup_root).map_err(|source| LoadError::Cgroup {
             path: cgroup_root.to_path_buf(),
             source,

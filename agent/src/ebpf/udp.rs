@@ -15,6 +15,18 @@ const INGRESS: &str = "nodeward_udp_ingress";
 const EGRESS: &str = "nodeward_udp_egress";
 const FLOWS: &str = "UDP_FLOWS";
 const STREAMS: &str = "RTP_STREAMS";
+const FLOW_PROBATION: &str = "UDP_FLOW_PROBATION";
+const STREAM_PROBATION: &str = "RTP_STREAM_PROBATION";
+
+/// Entries of a probation map for a main map of `max` entries: a quarter of it, and at least
+/// enough that a burst of new flows does not push a real one out before its second packet.
+pub fn probation_entries(max: u32) -> u32 {
+    (max / 4).max(MIN_PROBATION)
+}
+
+/// The smallest probation map: a new flow survives this many other new flows on probation
+/// before it is pushed out (a flood of one-packet flows sets the pace).
+const MIN_PROBATION: u32 = 1024;
 const CLOCK_RATES: &str = "RTP_CLOCK_RATES";
 const COUNTERS: &str = "UDP_COUNTERS";
 
@@ -49,15 +61,20 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
 impl UdpPrograms {
     /// Loads both programs and attaches them to `cgroup_v2_root`, so they see the sockets of
     /// every cgroup below it. `clock_rates` maps dynamic RTP payload types to their clock rate.
+    /// New flows and streams wait in probation maps of [`probation_entries`] until they
+    /// proved themselves, so only those enter the `max_flows` and `max_streams` maps.
     pub fn attach(
         cgroup_v2_root: &Path,
         clock_rates: &BTreeMap<u8, u32>,
         max_flows: u32,
         max_streams: u32,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = super::loader_owning(&[FLOWS, STREAMS])
+        super::require_cgroup_links()?;
+        let mut ebpf = super::loader_owning(&[FLOWS, STREAMS, FLOW_PROBATION, STREAM_PROBATION])
             .map_max_entries(FLOWS, max_flows.max(1))
             .map_max_entries(STREAMS, max_streams.max(1))
+            .map_max_entries(FLOW_PROBATION, probation_entries(max_flows))
+            .map_max_entries(STREAM_PROBATION, probation_entries(max_streams))
             .load(OBJECT)?;
         {
             let mut rates: Array<_, u32> = Array::try_from(

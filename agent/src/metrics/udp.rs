@@ -17,7 +17,7 @@ pub fn encode(snapshot: &UdpDiagnostics, m: &mut Metrics) {
 }
 
 fn encode_counters(c: &UdpCounters, m: &mut Metrics) {
-    let counters: [(&'static str, &'static str, u64); 9] = [
+    let counters: [(&'static str, &'static str, u64); 11] = [
         (
             "nodeward_udp_packets_total",
             "UDP packets the agent's eBPF programs saw, both directions, since they were loaded.",
@@ -63,6 +63,16 @@ fn encode_counters(c: &UdpCounters, m: &mut Metrics) {
             "Flows or streams the kernel maps could not take (insert failed): samples the agent dropped.",
             c.not_tracked,
         ),
+        (
+            "nodeward_udp_flows_probation_total",
+            "New UDP flows put on probation; those that never sent a second packet were not admitted to the flow map.",
+            c.flows_on_probation,
+        ),
+        (
+            "nodeward_rtp_streams_probation_total",
+            "New RTP streams put on probation; those never confirmed by two packets in sequence were not admitted.",
+            c.streams_on_probation,
+        ),
     ];
     for (name, help, value) in counters {
         m.counter(name, help, &[], value as f64);
@@ -92,6 +102,8 @@ mod tests {
             counters: UdpCounters {
                 udp_packets: 1000,
                 not_tracked: 3,
+                flows_on_probation: 40,
+                streams_on_probation: 41,
                 flows_tracked: 7,
                 ..UdpCounters::default()
             },
@@ -104,6 +116,8 @@ mod tests {
             "nodeward_udp_not_tracked_total 3",
             "nodeward_udp_packets_total 1000",
             "nodeward_udp_flows_tracked 7",
+            "nodeward_udp_flows_probation_total 40",
+            "nodeward_rtp_streams_probation_total 41",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

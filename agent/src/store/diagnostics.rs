@@ -34,6 +34,11 @@ pub struct UdpCounters {
     pub streams_created: u64,
     /// Flows or streams the kernel maps could not take.
     pub not_tracked: u64,
+    /// New flows and streams put on probation: each needs a second packet (a second packet in
+    /// sequence, for RTP) before it enters the maps. `*_on_probation - *_created` were refused:
+    /// one-packet flows, a flood from random source ports.
+    pub flows_on_probation: u64,
+    pub streams_on_probation: u64,
     /// In the kernel maps now (gauges).
     pub flows_tracked: u64,
     pub streams_tracked: u64,

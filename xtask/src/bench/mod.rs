@@ -135,6 +135,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let scenarios: Vec<(&str, scenarios::Scenario)> = vec![
         ("UDP load (iperf3, loopback)", scenarios::udp_iperf),
+        ("UDP flood (one-packet flows)", scenarios::udp_flood),
         ("TCP request/response (loopback)", scenarios::tcp_rr),
         ("TCP connection churn (loopback)", scenarios::tcp_connect),
         ("GPU poll, 8 fake devices", scenarios::gpu_poll),

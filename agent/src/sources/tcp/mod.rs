@@ -168,6 +168,9 @@ pub enum TcpError {
     Missing(&'static str),
     #[error("cannot mount a cgroup2 hierarchy at {0} to attach to: {1}")]
     Mount(String, std::io::Error),
+    /// No bpf_link for cgroups (before 5.7): attaching would outlive the agent.
+    #[error("{0}")]
+    NoCgroupLink(String),
     #[error(transparent)]
     Load(#[from] crate::ebpf::LoadError),
     #[error(transparent)]
@@ -265,6 +268,9 @@ fn ebpf_plan(
 ) -> Result<(std::path::PathBuf, Plan), TcpError> {
     if !caps.is_root {
         return Err(TcpError::NotRoot);
+    }
+    if !caps.cgroup_link.available {
+        return Err(TcpError::NoCgroupLink(caps.cgroup_link.detail.clone()));
     }
     if !caps.has_program_type("sock_ops") {
         return Err(TcpError::Missing("the sock_ops program type"));
@@ -388,6 +394,7 @@ mod tests {
                 .collect(),
             tracepoints: BTreeMap::new(),
             bpf_stats_enabled: yes("test"),
+            cgroup_link: yes("test"),
         }
     }
 
@@ -509,6 +516,19 @@ mod tests {
             plan(&unprivileged, Attribution::Auto),
             Err(TcpError::NotRoot)
         ));
+    }
+
+    #[test]
+    fn a_kernel_without_cgroup_links_polls_sock_diag_or_refuses_a_forced_ebpf_path() {
+        let mut old = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
+        old.cgroup_link = Feature {
+            available: false,
+            detail: "kernel 4.19 has no bpf_link for cgroup programs".to_owned(),
+        };
+        let err = plan(&old, Attribution::SockCreate).expect_err("no cgroup links");
+        assert!(matches!(err, TcpError::NoCgroupLink(_)), "{err}");
+        let (_, p) = plan(&old, Attribution::Auto).expect("plan");
+        assert_eq!(p.path(), "sock_diag_poll");
     }
 
     #[test]

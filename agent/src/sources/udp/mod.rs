@@ -72,6 +72,9 @@ impl Source {
         if !caps.has_program_type("cgroup_skb") {
             return Err("the kernel does not load cgroup_skb programs".to_owned());
         }
+        if !caps.cgroup_link.available {
+            return Err(caps.cgroup_link.detail.clone());
+        }
         let root = caps.cgroup.unified().ok_or_else(|| {
             "no cgroup v2 hierarchy: cgroup_skb needs one (tc on host interfaces is not implemented yet)"
                 .to_owned()
@@ -308,6 +311,8 @@ fn counters(maps: &UdpMaps) -> UdpCounters {
         flows_created: at(c::FLOWS_CREATED),
         streams_created: at(c::STREAMS_CREATED),
         not_tracked: at(c::FLOW_INSERT_FAILED) + at(c::STREAM_INSERT_FAILED),
+        flows_on_probation: at(c::FLOWS_ON_PROBATION),
+        streams_on_probation: at(c::STREAMS_ON_PROBATION),
         flows_tracked: maps.flows.len() as u64,
         streams_tracked: maps.streams.len() as u64,
     }

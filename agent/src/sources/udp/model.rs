@@ -34,6 +34,11 @@ pub struct UdpCounters {
     pub streams_created: u64,
     /// Flows/streams that could not be tracked at all (insert failed).
     pub not_tracked: u64,
+    /// New flows and streams put on probation: each needs a second packet (a second packet in
+    /// sequence, for RTP) before it enters the maps. `*_on_probation - *_created` were refused:
+    /// one-packet flows, a flood from random source ports.
+    pub flows_on_probation: u64,
+    pub streams_on_probation: u64,
     /// Flows/streams tracked now; `created - tracked - expired` were evicted by the LRU.
     pub flows_tracked: u64,
     pub streams_tracked: u64,
