@@ -43,6 +43,8 @@ pub struct Config {
     pub node: crate::sources::node::NodeConfig,
     /// Prometheus `/metrics` (section defined in `metrics`).
     pub metrics: crate::metrics::MetricsConfig,
+    /// Which streams a drain waits for (section defined in `health::streams`).
+    pub drain: crate::health::streams::DrainConfig,
 }
 
 impl Config {
@@ -75,6 +77,7 @@ impl Config {
             node: self.node.enabled,
             udp_min_flow_age: self.udp.stream_min_duration,
             peer_window: self.health.network_window,
+            host_cgroups: self.drain.host_cgroups.clone(),
         }
     }
 }
@@ -378,6 +381,14 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             value: e.value,
             origin: origin(e.key),
             allowed: e.allowed.to_owned(),
+        });
+    }
+    if let Some(allowed) = config.drain.check() {
+        return Err(ConfigError::Invalid {
+            key: "drain.host_cgroups".to_owned(),
+            value: format!("{:?}", config.drain.host_cgroups),
+            origin: origin("drain.host_cgroups"),
+            allowed,
         });
     }
     if let Err(allowed) = config.network.check() {

@@ -309,7 +309,7 @@ impl NodeHealth for Service {
                     container_id: c.container_id.clone(),
                     pod_name: m.map(|m| m.pod_name.clone()).unwrap_or_default(),
                     pod_namespace: m.map(|m| m.pod_namespace.clone()).unwrap_or_default(),
-                    live_streams: c.streams.len() as u32,
+                    live_streams: c.live_streams,
                     established_connections: c.established_connections,
                     streams: c
                         .streams

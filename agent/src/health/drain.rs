@@ -12,6 +12,7 @@ use std::{
 
 use tokio::sync::watch;
 
+use super::streams::StreamPolicy;
 use crate::store::{clock::elapsed, Clock, LiveStream, Snapshot};
 
 /// The longest deadline a caller may ask for: 7 days, in seconds.
@@ -38,6 +39,9 @@ pub struct Drain {
 pub struct ContainerStreams {
     pub container_id: String,
     pub established_connections: u32,
+    /// Of `streams`, those the drain waits for ([`StreamPolicy::holds_drain`]).
+    pub live_streams: u32,
+    /// Every stream, the container's dependencies (outbound) included.
     pub streams: Vec<LiveStream>,
 }
 
@@ -45,8 +49,9 @@ pub struct ContainerStreams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainProgress {
     pub drain: Option<Drain>,
-    /// Containers with at least one live stream.
+    /// Containers with at least one live stream or dependency.
     pub containers: Vec<ContainerStreams>,
+    /// Streams the drain waits for, summed over `containers`.
     pub live_streams: u32,
     /// Whether the network source has reported, so that the counts mean something.
     pub streams_known: bool,
@@ -62,6 +67,7 @@ pub struct DrainController {
     state: Arc<Mutex<Option<Drain>>>,
     changes: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
+    policy: StreamPolicy,
 }
 
 impl DrainController {
@@ -70,7 +76,14 @@ impl DrainController {
             state: Arc::new(Mutex::new(None)),
             changes: watch::Sender::new(0),
             clock,
+            policy: StreamPolicy::default(),
         }
+    }
+
+    /// Waits for the streams `policy` picks (by default: served ones, not dependencies).
+    #[must_use]
+    pub fn with_policy(self, policy: StreamPolicy) -> Self {
+        Self { policy, ..self }
     }
 
     /// Ticks once per change of the drain state.
@@ -138,6 +151,7 @@ impl DrainController {
                     .map(|(id, c)| ContainerStreams {
                         container_id: id.clone(),
                         established_connections: c.established_connections,
+                        live_streams: self.policy.held(&c.streams),
                         streams: c.streams.clone(),
                     })
                     .collect::<Vec<_>>(),
@@ -145,7 +159,7 @@ impl DrainController {
             ),
             None => (Vec::new(), false),
         };
-        let live_streams = containers.iter().map(|c| c.streams.len() as u32).sum();
+        let live_streams = containers.iter().map(|c| c.live_streams).sum();
         let (ready, ready_reason) = match &drain {
             None => (false, "not draining".to_owned()),
             Some(d) if now >= d.deadline => (true, "the drain deadline passed".to_owned()),
@@ -158,7 +172,7 @@ impl DrainController {
                 false,
                 format!(
                     "{live_streams} live stream(s) in {} container(s); deadline in {}",
-                    containers.len(),
+                    containers.iter().filter(|c| c.live_streams > 0).count(),
                     humantime::format_duration(Duration::from_secs(elapsed(now, d.deadline).as_secs()))
                 ),
             ),
@@ -201,6 +215,7 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:1935".parse().expect("addr");
         LiveStream {
             protocol: StreamProtocol::Tcp,
+            direction: crate::store::StreamDirection::Served,
             local: a,
             remote: a,
             started_at: SystemTime::UNIX_EPOCH,

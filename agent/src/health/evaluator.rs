@@ -133,10 +133,11 @@ pub fn spawn(
     config: &HealthConfig,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    streams: super::streams::StreamPolicy,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) -> Health {
-    let drain = DrainController::new(clock.clone());
+    let drain = DrainController::new(clock.clone()).with_policy(streams);
     let parts = Parts {
         config: config.clone(),
         store,
@@ -164,7 +165,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        health::{ConditionStatus, Verdict},
+        health::{streams::StreamPolicy, ConditionStatus, Verdict},
         store::{NodeStats, Provenance, SourceKind},
     };
 
@@ -204,7 +205,14 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let health = spawn(&config, store.clone(), clock.clone(), &cancel, &mut tasks);
+        let health = spawn(
+            &config,
+            store.clone(),
+            clock.clone(),
+            StreamPolicy::default(),
+            &cancel,
+            &mut tasks,
+        );
         let mut published = health.subscribe();
         assert_eq!(published.borrow().report.verdict, Verdict::Healthy);
 
@@ -271,7 +279,14 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let health = spawn(&config, store, clock, &cancel, &mut tasks);
+        let health = spawn(
+            &config,
+            store,
+            clock,
+            StreamPolicy::default(),
+            &cancel,
+            &mut tasks,
+        );
         let mut published = health.subscribe();
         assert!(published.borrow_and_update().drain.is_none());
         let requester = crate::health::drain::Requester {

@@ -33,6 +33,7 @@ mod collector;
 pub mod config;
 pub mod diag;
 pub mod hist;
+mod own;
 pub mod snapshot;
 pub mod window;
 
