@@ -57,15 +57,14 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     // The health engine runs whether or not the API is served, supervised like a source: its
     // restarts reach the store (and so the verdict) and `/metrics` through `feeds.supervised`.
     let clock = std::sync::Arc::new(crate::store::SystemClock);
-    let health =
-        health::evaluator::spawn(
-            &config.health,
-            store.clone(),
-            clock,
-            config.drain.policy(),
-            &cancel,
-            &mut tasks,
-        );
+    let health = health::evaluator::spawn(
+        &config.health,
+        store.clone(),
+        clock,
+        config.drain.policy(),
+        &cancel,
+        &mut tasks,
+    );
     feeds
         .supervised
         .push((health::evaluator::NAME, health.task.clone()));

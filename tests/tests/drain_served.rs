@@ -77,7 +77,8 @@ sys.stdin.read()
 fn port_of(child: &mut Child) -> (u16, std::io::BufReader<std::process::ChildStdout>) {
     let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
     let mut line = String::new();
-    out.read_line(&mut line).expect("the script prints its port");
+    out.read_line(&mut line)
+        .expect("the script prints its port");
     (line.trim().parse().expect("a port number"), out)
 }
 
@@ -163,7 +164,12 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
         .arg(agent_binary())
         .args(["run", "--config", "/dev/null"])
         .args(["--set", &format!("api.tcp_listen=127.0.0.1:{api_port}")])
-        .args(["--set", "metrics.enabled=false", "--set", "gpu.enabled=false"])
+        .args([
+            "--set",
+            "metrics.enabled=false",
+            "--set",
+            "gpu.enabled=false",
+        ])
         .args(["--set", "agent.tick=500ms"])
         .arg("--set")
         .arg(format!(
@@ -266,11 +272,7 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
         async move {
             let s = status(&mut c).await;
             let p = container(&s, &key)?;
-            (directions(p)
-                == [
-                    pb::StreamDirection::Served,
-                    pb::StreamDirection::Outbound,
-                ])
+            (directions(p) == [pb::StreamDirection::Served, pb::StreamDirection::Outbound])
                 .then_some(s)
         }
     })
@@ -297,7 +299,9 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
     // The viewer leaves: the drain is ready, the dependency still listed.
     drop(viewer);
     let mut line = String::new();
-    pod_out.read_line(&mut line).expect("the pod saw the viewer leave");
+    pod_out
+        .read_line(&mut line)
+        .expect("the pod saw the viewer leave");
     assert_eq!(line.trim(), "viewer gone");
     let s = eventually(STEP, || {
         let mut c = client.clone();
@@ -313,7 +317,11 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
             status_now(&mut client)
         )
     });
-    assert!(s.ready_reason.contains("no live streams"), "{}", s.ready_reason);
+    assert!(
+        s.ready_reason.contains("no live streams"),
+        "{}",
+        s.ready_reason
+    );
     let p = container(&s, &pod_key).expect("the pod's dependency is still listed");
     assert_eq!(
         (p.live_streams, directions(p)),

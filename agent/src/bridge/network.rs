@@ -227,12 +227,7 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-fn add_tcp(
-    c: &mut ContainerNetwork,
-    t: &ContainerTcp,
-    streams: bool,
-    params: &NetworkParams<'_>,
-) {
+fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, streams: bool, params: &NetworkParams<'_>) {
     for tw in &t.windows {
         set_tcp_window(window_mut(c, tw.window), tw);
     }
@@ -321,12 +316,7 @@ fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
     now.checked_sub(age).unwrap_or(now)
 }
 
-fn add_udp(
-    c: &mut ContainerNetwork,
-    u: &ContainerUdp,
-    streams: bool,
-    params: &NetworkParams<'_>,
-) {
+fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &NetworkParams<'_>) {
     c.totals += &u.totals;
     for uw in &u.windows {
         set_udp_window(window_mut(c, uw.window), uw);

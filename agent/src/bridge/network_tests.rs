@@ -303,7 +303,11 @@ fn host_cgroups_are_not_streams_unless_the_list_leaves_them_out() {
         assert!(c.streams.is_empty(), "{path}: never holds a drain");
         assert_eq!(net.containers["live"].streams.len(), 3, "a pod's count");
         let net = network_snapshot(Some(&tcp(path)), None, &inventory(), &params(None));
-        assert_eq!(net.containers[path].streams.len(), 4, "{path} configured in");
+        assert_eq!(
+            net.containers[path].streams.len(),
+            4,
+            "{path} configured in"
+        );
     }
 }
 

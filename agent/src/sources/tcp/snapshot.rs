@@ -157,10 +157,7 @@ impl ContainerTcp {
         }
     }
 
-    pub(super) fn set_established(
-        &mut self,
-        open: impl Iterator<Item = (StreamDirection, u64)>,
-    ) {
+    pub(super) fn set_established(&mut self, open: impl Iterator<Item = (StreamDirection, u64)>) {
         let (mut n, mut sum, mut max) = (0u64, 0f64, 0f64);
         for (direction, age) in open {
             self.established_by.add(direction, 1);

@@ -450,7 +450,12 @@ impl Tracker {
         }
         for ((id, key), windows) in peer_windows {
             let mut established_by = DirectionCounts::default();
-            for f in open.get(&id).into_iter().flatten().filter(|f| f.peer == key) {
+            for f in open
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .filter(|f| f.peer == key)
+            {
                 established_by.add(f.direction, 1);
             }
             let c = containers
