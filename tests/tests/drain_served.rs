@@ -31,6 +31,10 @@ const STEP: Duration = Duration::from_secs(40);
 
 type Client = pb::node_health_client::NodeHealthClient<tonic::transport::Channel>;
 
+/// The tests of this file run one at a time: each one's agent would count the other agent's
+/// API connection (a connection another cgroup serves) as a stream, and rightly so.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
@@ -142,22 +146,13 @@ fn directions(c: &pb::ContainerStreams) -> Vec<pb::StreamDirection> {
     d
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_agent() {
-    if !is_root() {
-        return skip(TEST, "needs root (eBPF, cgroups)");
-    }
-    let Some(v2_root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy");
-    };
-    if !have("python3") || !have("unshare") {
-        return skip(TEST, "python3 or unshare (util-linux) is missing");
-    }
-    let dir = TempDir::new("drain-served");
+/// `nodeward run` in a cgroup of its own and a private cgroup namespace (its
+/// `/proc/self/cgroup` reads `/`, as in a pod), its API on a loopback TCP port; returns once the
+/// network source has reported, with a client connected over TCP (a connection the agent's
+/// cgroup serves).
+async fn start_agent(stem: &str) -> (Cgroup, Killed, Client, TempDir) {
+    let dir = TempDir::new(stem);
     let api_port = free_port();
-
-    // The agent in a cgroup of its own and a private cgroup namespace: its `/proc/self/cgroup`
-    // reads `/`, as in a pod.
     let agent_cg = Cgroup::new("ds-agent");
     let mut cmd = Command::new("unshare");
     cmd.args(["--cgroup", "--"])
@@ -181,9 +176,8 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     let agent = Killed(agent_cg.spawn(&mut cmd));
-    // The controller talks to the agent over TCP: a connection the agent's cgroup serves.
     let endpoint = format!("http://127.0.0.1:{api_port}");
-    let mut client = eventually(STEP, || {
+    let client = eventually(STEP, || {
         let endpoint = endpoint.clone();
         async move { Client::connect(endpoint).await.ok() }
     })
@@ -207,6 +201,43 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
     })
     .await
     .expect("the network source reports");
+    (agent_cg, agent, client, dir)
+}
+
+async fn begin_drain(client: &mut Client) {
+    let begun = client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "drain-served-test".into(),
+            reason: "test".into(),
+            deadline_seconds: 3600,
+        })
+        .await
+        .expect("BeginDrain")
+        .into_inner();
+    assert!(!begun.already_draining);
+}
+
+async fn stop(mut agent: Killed) {
+    let pid = i32::try_from(agent.0.id()).expect("pid fits");
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let exit = tokio::task::block_in_place(|| agent.0.wait()).expect("wait for the agent");
+    assert!(exit.success(), "clean exit: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_agent() {
+    if !is_root() {
+        return skip(TEST, "needs root (eBPF, cgroups)");
+    }
+    let Some(v2_root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy");
+    };
+    if !have("python3") || !have("unshare") {
+        return skip(TEST, "python3 or unshare (util-linux) is missing");
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (agent_cg, agent, mut client, _dir) = start_agent("drain-served").await;
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
     assert_ne!(
         ns(&agent.0.id().to_string()),
@@ -255,16 +286,7 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let begun = client
-        .begin_drain(pb::BeginDrainRequest {
-            requested_by: "drain-served-test".into(),
-            reason: "test".into(),
-            deadline_seconds: 3600,
-        })
-        .await
-        .expect("BeginDrain")
-        .into_inner();
-    assert!(!begun.already_draining);
+    begin_drain(&mut client).await;
 
     // The pod's viewer holds the drain; its database connection is listed, holding nothing.
     let s = eventually(STEP, || {
@@ -331,12 +353,97 @@ async fn a_drain_waits_for_served_connections_not_dependencies_the_host_or_the_a
 
     drop(host_conn);
     drop((host, db, pod));
-    let mut agent = agent;
-    let pid = i32::try_from(agent.0.id()).expect("pid fits");
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let exit = agent.0.wait().expect("wait for the agent");
-    assert!(exit.success(), "clean exit: {exit:?}");
+    stop(agent).await;
+}
+
+/// Serves one viewer (echo); once it leaves, waits for its stdin to close.
+const SERVE: &str = "import socket, sys
+s = socket.socket()
+s.bind(('127.0.0.1', 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+while True:
+    d = c.recv(4096)
+    if not d:
+        break
+    c.sendall(d)
+c.close()
+print('viewer gone', flush=True)
+sys.stdin.read()
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_older_than_the_agent_holds_the_drain_until_it_closes() {
+    const TEST: &str = "drain_served_seed";
+    if !is_root() {
+        return skip(
+            TEST,
+            "needs root (eBPF, cgroups, sock_diag in every namespace)",
+        );
+    }
+    let Some(v2_root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy");
+    };
+    if !have("python3") || !have("unshare") {
+        return skip(TEST, "python3 or unshare (util-linux) is missing");
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    // The viewer connects and watches before the agent starts.
+    let pod_cg = Cgroup::new("ds-old-pod");
+    let pod_key = key_of(&pod_cg.path, &v2_root);
+    let mut pod = Killed(pod_cg.spawn(&mut python(SERVE, &[])));
+    let (pod_port, mut pod_out) = port_of(&mut pod.0);
+    let mut viewer = TcpStream::connect(("127.0.0.1", pod_port)).expect("connect to the pod");
+    viewer.write_all(b"frame").expect("write");
+    let mut buf = [0u8; 5];
+    viewer.read_exact(&mut buf).expect("echo");
+
+    let (_agent_cg, agent, mut client, _dir) = start_agent("drain-served-seed").await;
+    begin_drain(&mut client).await;
+    let s = eventually(STEP, || {
+        let (mut c, key) = (client.clone(), pod_key.clone());
+        async move {
+            let s = status(&mut c).await;
+            (container(&s, &key)?.live_streams == 1).then_some(s)
+        }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "{pod_key}'s connection from before the agent never counted: {:?}",
+            status_now(&mut client)
+        )
+    });
+    assert!(!s.ready_to_drain, "{}", s.ready_reason);
+    let p = container(&s, &pod_key).expect("pod listed");
+    assert_eq!(
+        directions(p),
+        [pb::StreamDirection::Unspecified],
+        "a dump cannot tell who opened it: {p:?}"
+    );
+
+    drop(viewer);
+    let mut line = String::new();
+    pod_out
+        .read_line(&mut line)
+        .expect("the pod saw the viewer leave");
+    assert_eq!(line.trim(), "viewer gone");
+    let gone = eventually(STEP, || {
+        let (mut c, key) = (client.clone(), pod_key.clone());
+        async move {
+            let s = status(&mut c).await;
+            (s.ready_to_drain && container(&s, &key).is_none()).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the drain never read ready after the old connection closed: {:?}",
+        status_now(&mut client)
+    );
+    drop(pod);
+    stop(agent).await;
 }
 
 /// The drain status right now, for a failure message.
