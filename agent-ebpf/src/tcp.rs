@@ -181,9 +181,20 @@ pub struct FlowState {
     /// `total_retrans` and `segs_out` as last seen, to take deltas.
     pub seen_total_retrans: u32,
     pub seen_segs_out: u32,
-    /// 1 if the connection was accepted (passive open), 0 if it connected.
+    /// Which side opened the connection: one of [`direction`] (`ACTIVE` if it connected,
+    /// `PASSIVE` if it was accepted on a listening socket, `UNKNOWN` where the recorder cannot
+    /// tell).
     pub passive: u32,
     pub _pad: u32,
+}
+
+/// Values of [`FlowState::passive`]. sock_ops tells them apart by its callback
+/// (`ACTIVE_ESTABLISHED` or `PASSIVE_ESTABLISHED`); the sock_diag fallback sees established
+/// sockets without their history and writes `UNKNOWN`.
+pub mod direction {
+    pub const ACTIVE: u32 = 0;
+    pub const PASSIVE: u32 = 1;
+    pub const UNKNOWN: u32 = 2;
 }
 
 /// Indices of the `TCP_DROPS` per-CPU array: events not recorded because a map was full or a

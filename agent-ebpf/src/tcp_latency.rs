@@ -27,7 +27,7 @@
 //! is the same on every kernel (no CO-RE needed).
 
 use agent_ebpf::{
-    tcp::{bucket_of, drop_reason},
+    tcp::{bucket_of, direction, drop_reason},
     CgroupTcpStats, FlowState, HistKey,
 };
 use aya_ebpf::{
@@ -270,7 +270,7 @@ fn count_open(flow: *mut FlowState, cgroup_id: u64) {
     };
     // SAFETY: `flow` and `stats` are valid map values for the program's run.
     unsafe {
-        if (*flow).passive != 0 {
+        if (*flow).passive == direction::PASSIVE {
             (*stats).opened_passive += 1;
         } else {
             (*stats).opened_active += 1;
@@ -322,7 +322,11 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
         // UAPI quirk (since 4.13): the network-order port sits in the upper 16 bits on
         // little-endian hosts (the kernel loads the be16 and shifts it left by 16).
         remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
-        passive: u32::from(passive),
+        passive: if passive {
+            direction::PASSIVE
+        } else {
+            direction::ACTIVE
+        },
         // SAFETY: UAPI context fields, valid for full sockets (every TCP callback used here).
         seen_total_retrans: unsafe { (*ctx.ops).total_retrans },
         // SAFETY: as above.

@@ -37,7 +37,8 @@ pub struct Config {
     pub gpu: crate::sources::gpu::GpuConfig,
     pub health: crate::health::HealthConfig,
     pub api: crate::api::ApiConfig,
-    /// The drain handshake's state file and reply bounds (section defined in `health::drain`).
+    /// The drain handshake's state file, reply bounds and which streams it waits for (section
+    /// defined in `health::drain`).
     pub drain: crate::health::drain::DrainConfig,
     pub tcp: crate::sources::tcp::TcpConfig,
     pub network: NetworkConfig,
@@ -77,6 +78,7 @@ impl Config {
             node: self.node.enabled,
             udp_min_flow_age: self.udp.stream_min_duration,
             peer_window: self.health.network_window,
+            host_cgroups: self.drain.host_cgroups.clone(),
         }
     }
 }
@@ -380,6 +382,14 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
             value: e.value,
             origin: origin(e.key),
             allowed: e.allowed.to_owned(),
+        });
+    }
+    if let Some(allowed) = config.drain.check() {
+        return Err(ConfigError::Invalid {
+            key: "drain.host_cgroups".to_owned(),
+            value: format!("{:?}", config.drain.host_cgroups),
+            origin: origin("drain.host_cgroups"),
+            allowed,
         });
     }
     if let Err(allowed) = config.network.check() {

@@ -65,6 +65,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
             max_streams_listed: config.drain.max_streams_listed,
             stale_after: config.health.source_stale_after,
             state_file: Some(config.drain.state_path(&config.api.unix_socket)),
+            policy: config.drain.policy(),
         },
     );
     let health = health::evaluator::spawn_with(

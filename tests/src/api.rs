@@ -86,6 +86,7 @@ impl TestApi {
             &health,
             store.clone(),
             Arc::new(SystemClock),
+            nodeward::health::streams::StreamPolicy::default(),
             &cancel,
             &mut health_tasks,
         );
@@ -181,6 +182,7 @@ pub fn prov(hook: &str) -> Provenance {
 pub fn stream(remote: &str, age: Duration) -> LiveStream {
     LiveStream {
         protocol: StreamProtocol::Tcp,
+        direction: nodeward::store::StreamDirection::Served,
         local: "10.1.0.5:1935".parse::<SocketAddr>().expect("addr"),
         remote: remote.parse().expect("addr"),
         started_at: SystemTime::now() - age,

@@ -45,6 +45,11 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
         started_unix_ms: unix_ms(s.started_at),
         age_seconds: store::clock::elapsed(s.started_at, now).as_secs_f64(),
         viewers: s.viewers,
+        direction: match s.direction {
+            store::StreamDirection::Served => pb::StreamDirection::Served,
+            store::StreamDirection::Outbound => pb::StreamDirection::Outbound,
+            store::StreamDirection::Unknown => pb::StreamDirection::Unspecified,
+        } as i32,
     }
 }
 

@@ -39,7 +39,7 @@ pub mod resources;
 pub const NAME: &str = "bridge";
 
 /// What the bridge reads from the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `containers.enabled`: per-container cgroup stats go into the store.
     pub containers: bool,
@@ -49,6 +49,8 @@ pub struct Settings {
     pub udp_min_flow_age: Duration,
     /// `health.network_window`: the window the per-peer breakdown is taken over.
     pub peer_window: crate::store::Window,
+    /// `drain.host_cgroups`: cgroups whose connections and flows are not streams.
+    pub host_cgroups: Vec<String>,
 }
 
 /// Declares every enabled source in the store, and those that could not start as unavailable,
@@ -113,6 +115,7 @@ pub fn spawn(
         udp_min_flow_age: config.udp_min_flow_age,
         peer_window: config.peer_window,
         own_cgroup_path: own_cgroup_path(),
+        host_cgroups: config.host_cgroups.clone(),
         network_notes: [tcp::NAME, udp::NAME]
             .into_iter()
             .filter_map(|n| feeds.unavailable.iter().find(|(u, _)| *u == n))
@@ -184,6 +187,7 @@ struct Bridge {
     udp_min_flow_age: std::time::Duration,
     peer_window: crate::store::Window,
     own_cgroup_path: Option<String>,
+    host_cgroups: Vec<String>,
     network_notes: Vec<String>,
     /// Network feeds that could not start, with the reason.
     blind_feeds: Vec<(&'static str, String)>,
@@ -382,6 +386,7 @@ impl Bridge {
             udp_min_flow_age: self.udp_min_flow_age,
             peer_window: self.peer_window,
             own_cgroup_path: self.own_cgroup_path.as_deref(),
+            host_cgroups: &self.host_cgroups,
             now,
         };
         let mut data = network::network_snapshot(tcp.as_deref(), udp.as_ref(), &inventory, &params);

@@ -5,10 +5,17 @@
 //! What counts as a live stream:
 //! - UDP: exactly what the UDP source counts in `ContainerUdp::live_streams`: every live RTP
 //!   stream, and every live non-RTP flow that has lasted `udp.stream_min_duration` (SRT, QUIC).
-//! - TCP: every established connection of the container. On a streaming node an established
-//!   connection to a container is a viewer or a publisher, and the TCP source keeps no per-
-//!   connection byte counts that would tell an idle one apart. The agent's own cgroup is left
-//!   out, so that a controller polling `GetDrainStatus` over TCP does not hold up its own drain.
+//! - TCP: every established connection of the container, with its direction: accepted on one
+//!   of its listening sockets (served: a viewer or a publisher), or opened by it (outbound: a
+//!   dependency, which the drain lists but by default does not wait for). The TCP source keeps
+//!   no per-connection byte counts that would tell an idle one apart.
+//!
+//! Neither source's streams count for the host's cgroups (`drain.host_cgroups`: the root,
+//! system.slice, ...) nor for the agent's own cgroup, so that kubelet, sshd and a controller
+//! polling `GetDrainStatus` over TCP do not hold up a drain. The agent's cgroup is the id the
+//! TCP source found for a socket of its own (right under a private cgroup namespace too), else
+//! the path in `/proc/self/cgroup` unless that reads `/` (a private namespace's root, not the
+//! host's).
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +34,7 @@ use crate::{
     },
     store::{
         ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, Peer,
-        PeerNetwork, Provenance, StreamProtocol, Window,
+        PeerNetwork, Provenance, StreamDirection, StreamProtocol, Window,
     },
 };
 
@@ -41,9 +48,11 @@ pub struct NetworkParams<'a> {
     /// The window the per-peer breakdown is taken over: `health.network_window`, the one
     /// the rules read.
     pub peer_window: Window,
-    /// The agent's own cgroup v2 path (`/`-prefixed): its TCP connections are API clients,
-    /// not streams.
+    /// The agent's own cgroup v2 path (`/`-prefixed) from `/proc/self/cgroup`: its
+    /// connections are API clients, not streams.
     pub own_cgroup_path: Option<&'a str>,
+    /// `drain.host_cgroups`: the host's cgroups, whose connections are not streams.
+    pub host_cgroups: &'a [String],
     pub now: SystemTime,
 }
 
@@ -56,14 +65,14 @@ pub fn network_snapshot(
     params: &NetworkParams<'_>,
 ) -> NetworkSnapshot {
     let mut out: BTreeMap<String, ContainerNetwork> = BTreeMap::new();
+    let own_id = tcp.and_then(|t| t.own_cgroup_id);
     if let Some(tcp) = tcp {
         let keyed = keyed_by(tcp);
         for c in tcp.containers.values() {
             let key = network_key(c.cgroup_id, c.cgroup_path.as_deref(), keyed, inventory);
-            let own = keyed == KeyedBy::CgroupId
-                && params.own_cgroup_path.is_some()
-                && c.cgroup_path.as_deref() == params.own_cgroup_path;
-            add_tcp(out.entry(key).or_default(), c, own, params);
+            let streams = keyed != KeyedBy::CgroupId
+                || !not_streams(c.cgroup_id, c.cgroup_path.as_deref(), own_id, params);
+            add_tcp(out.entry(key).or_default(), c, streams, params);
         }
     }
     if let Some(udp) = udp {
@@ -74,7 +83,8 @@ pub fn network_snapshot(
                 KeyedBy::CgroupId,
                 inventory,
             );
-            add_udp(out.entry(key).or_default(), c, params);
+            let streams = !not_streams(c.cgroup_id, c.cgroup_path.as_deref(), own_id, params);
+            add_udp(out.entry(key).or_default(), c, streams, params);
         }
     }
     for c in out.values_mut() {
@@ -86,6 +96,38 @@ pub fn network_snapshot(
         containers: out,
         feeds: BTreeMap::new(),
     }
+}
+
+/// Whether the cgroup at `path` (`/`-prefixed, as the sources report it) is one of the host's:
+/// `/` matches the root cgroup alone, any other entry itself and what lies below it.
+pub fn is_host_cgroup(path: &str, host: &[String]) -> bool {
+    host.iter().any(|h| {
+        let h = h.trim_end_matches('/');
+        if h.is_empty() {
+            return path == "/";
+        }
+        path.strip_prefix(h)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// Whether a cgroup's connections and flows are not streams: the agent's own, or the host's.
+fn not_streams(
+    cgroup_id: u64,
+    path: Option<&str>,
+    own_id: Option<u64>,
+    params: &NetworkParams<'_>,
+) -> bool {
+    if own_id == Some(cgroup_id) {
+        return true;
+    }
+    let Some(path) = path else {
+        return false;
+    };
+    // In a private cgroup namespace `/proc/self/cgroup` reads `/`: that names the agent's
+    // namespace root, not the host's root cgroup.
+    let own_path = params.own_cgroup_path.filter(|p| *p != "/");
+    own_path == Some(path) || is_host_cgroup(path, params.host_cgroups)
 }
 
 /// What the TCP snapshot's ids are, from the hook path that produced it.
@@ -189,7 +231,7 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, params: &NetworkParams<'_>) {
+fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, streams: bool, params: &NetworkParams<'_>) {
     for tw in &t.windows {
         set_tcp_window(window_mut(c, tw.window), tw);
     }
@@ -200,7 +242,7 @@ fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, own: bool, params: &Netwo
     c.peers
         .extend(t.peers.iter().filter_map(|p| peer(p, params.peer_window)));
     c.totals += &t.totals;
-    if !own {
+    if streams {
         c.streams.extend(tcp_streams(t, params.now));
     }
 }
@@ -220,35 +262,42 @@ fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
     })
 }
 
-/// One stream per established connection: the peers that hold them first (their remote
-/// address known where the peer is a single `addr:port`), then the rest with an unknown remote.
+/// One stream per established connection, with its direction: the peers that hold them first
+/// (their remote address known where the peer is a single `addr:port`), then the rest with an
+/// unknown remote. Connections the bounded flow map does not hold have no known direction.
 /// The source keeps ages per container, not per connection, so each starts at the mean age.
 fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
     let age = Duration::try_from_secs_f64(t.established_age_mean_s).unwrap_or_default();
     let started_at = now.checked_sub(age).unwrap_or(now);
-    let stream = |remote: SocketAddr| LiveStream {
+    let stream = |remote: SocketAddr, direction| LiveStream {
         protocol: StreamProtocol::Tcp,
+        direction,
         local: unspecified(),
         remote,
         started_at,
         viewers: 0,
     };
-    let total = t.established + t.established_untracked;
+    const DIRECTIONS: [StreamDirection; 3] = [
+        StreamDirection::Served,
+        StreamDirection::Outbound,
+        StreamDirection::Unknown,
+    ];
+    let mut left = t.established_by;
+    left.unknown += t.established_untracked;
     let mut out = Vec::new();
     for p in &t.peers {
         let remote = match p.peer {
             Peer::Addr(a) => a,
             Peer::Prefix(..) | Peer::Other => unspecified(),
         };
-        for _ in 0..p.established {
-            if out.len() as u64 >= total {
-                return out;
-            }
-            out.push(stream(remote));
+        for d in DIRECTIONS {
+            let n = p.established_by.get(d).min(left.get(d));
+            left.remove(d, n);
+            out.extend((0..n).map(|_| stream(remote, d)));
         }
     }
-    while (out.len() as u64) < total {
-        out.push(stream(unspecified()));
+    for d in DIRECTIONS {
+        out.extend((0..left.get(d)).map(|_| stream(unspecified(), d)));
     }
     out
 }
@@ -271,15 +320,20 @@ fn started(now: SystemTime, age_seconds: f64) -> SystemTime {
     now.checked_sub(age).unwrap_or(now)
 }
 
-fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_>) {
+fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &NetworkParams<'_>) {
     c.totals += &u.totals;
     for uw in &u.windows {
         set_udp_window(window_mut(c, uw.window), uw);
+    }
+    if !streams {
+        return;
     }
     for s in u.streams.iter().filter(|s| s.live) {
         let (local, remote) = socket(&s.endpoint);
         c.streams.push(LiveStream {
             protocol: StreamProtocol::Udp,
+            // As today, every live UDP stream and flow holds the drain.
+            direction: StreamDirection::Served,
             local,
             remote,
             started_at: started(params.now, s.age_seconds),
@@ -295,6 +349,8 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, params: &NetworkParams<'_
         let (local, remote) = socket(&f.endpoint);
         c.streams.push(LiveStream {
             protocol: StreamProtocol::Udp,
+            // As today, every live UDP stream and flow holds the drain.
+            direction: StreamDirection::Served,
             local,
             remote,
             started_at: started(params.now, f.age_seconds),

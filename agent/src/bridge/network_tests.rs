@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     containers::{Container, Identity, Runtime},
     sources::{
-        tcp::snapshot::{Fidelity, PeerWindow, RttSample},
+        tcp::snapshot::{DirectionCounts, Fidelity, PeerWindow, RttSample},
         udp::model::{FlowQuality, StreamQuality},
     },
 };
@@ -20,6 +20,7 @@ fn params(own: Option<&str>) -> NetworkParams<'_> {
         udp_min_flow_age: Duration::from_secs(10),
         peer_window: Window::from_secs(60),
         own_cgroup_path: own,
+        host_cgroups: &[],
         now: now(),
     }
 }
@@ -69,12 +70,22 @@ fn tcp(path: &str) -> TcpSnapshot {
             cgroup_path: Some("/kubepods.slice/whatever".to_owned()),
             windows: vec![tcp_window(10, 40), tcp_window(60, 200)],
             established: 2,
+            established_by: DirectionCounts {
+                served: 1,
+                outbound: 1,
+                unknown: 0,
+            },
             established_age_mean_s: 30.0,
             established_untracked: 1,
             peers: vec![
                 PeerTcp {
                     peer: Peer::Addr(([10, 0, 0, 9], 443).into()),
                     established: 2,
+                    established_by: DirectionCounts {
+                        served: 1,
+                        outbound: 1,
+                        unknown: 0,
+                    },
                     windows: vec![PeerWindow {
                         samples: 50,
                         mean_rtt_us: 4_000.0,
@@ -86,6 +97,7 @@ fn tcp(path: &str) -> TcpSnapshot {
                 PeerTcp {
                     peer: Peer::Prefix([10, 1, 0, 0].into(), 16),
                     established: 0,
+                    established_by: DirectionCounts::default(),
                     windows: vec![],
                 },
             ],
@@ -98,6 +110,10 @@ fn tcp(path: &str) -> TcpSnapshot {
             cgroup_id: 200,
             cgroup_path: Some(path.to_owned()),
             established: 4,
+            established_by: DirectionCounts {
+                served: 4,
+                ..DirectionCounts::default()
+            },
             ..ContainerTcp::default()
         },
     );
@@ -224,6 +240,16 @@ fn every_established_connection_is_a_tcp_stream_with_its_peer() {
     assert_eq!(c.established_connections, 3, "tracked + untracked");
     let remotes: Vec<String> = c.streams.iter().map(|s| s.remote.to_string()).collect();
     assert_eq!(remotes, ["10.0.0.9:443", "10.0.0.9:443", "0.0.0.0:0"]);
+    let directions: Vec<StreamDirection> = c.streams.iter().map(|s| s.direction).collect();
+    assert_eq!(
+        directions,
+        [
+            StreamDirection::Served,
+            StreamDirection::Outbound,
+            StreamDirection::Unknown
+        ],
+        "accepted, connected, and the untracked one whose direction nobody knows"
+    );
     assert!(c.streams.iter().all(|s| s.protocol == StreamProtocol::Tcp));
     assert_eq!(c.streams[0].started_at, now() - Duration::from_secs(30));
     assert_eq!(net.containers["/a"].streams.len(), 4);
@@ -240,6 +266,49 @@ fn the_agents_own_connections_are_not_streams() {
     let own = &net.containers["/agent"];
     assert_eq!(own.established_connections, 4, "still reported");
     assert!(own.streams.is_empty(), "but never hold up a drain");
+}
+
+#[test]
+fn the_agents_cgroup_found_by_its_socket_is_not_streams_under_a_private_cgroup_namespace() {
+    let mut t = tcp("/agent");
+    t.own_cgroup_id = Some(200);
+    // `/proc/self/cgroup` reads `/` in a private cgroup namespace.
+    let net = network_snapshot(Some(&t), Some(&udp()), &inventory(), &params(Some("/")));
+    assert!(net.containers["/agent"].streams.is_empty());
+    assert_eq!(
+        net.containers["live"].streams.len(),
+        3 + 2,
+        "other containers' TCP and UDP streams still count"
+    );
+    t.own_cgroup_id = None;
+    let net = network_snapshot(Some(&t), None, &inventory(), &params(Some("/")));
+    assert_eq!(
+        net.containers["/agent"].streams.len(),
+        4,
+        "a `/` from a private namespace names no cgroup of the host"
+    );
+}
+
+#[test]
+fn host_cgroups_are_not_streams_unless_the_list_leaves_them_out() {
+    let host = crate::health::streams::DrainConfig::default().host_cgroups;
+    for path in ["/", "/system.slice/sshd.service", "/kubelet.slice"] {
+        let with_host = NetworkParams {
+            host_cgroups: &host,
+            ..params(None)
+        };
+        let net = network_snapshot(Some(&tcp(path)), None, &inventory(), &with_host);
+        let c = &net.containers[path];
+        assert_eq!(c.established_connections, 4, "{path}: still reported");
+        assert!(c.streams.is_empty(), "{path}: never holds a drain");
+        assert_eq!(net.containers["live"].streams.len(), 3, "a pod's count");
+        let net = network_snapshot(Some(&tcp(path)), None, &inventory(), &params(None));
+        assert_eq!(
+            net.containers[path].streams.len(),
+            4,
+            "{path} configured in"
+        );
+    }
 }
 
 #[test]

@@ -25,6 +25,7 @@ use std::{
 
 use tokio::sync::watch;
 
+use super::streams::StreamPolicy;
 use crate::store::{clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus};
 
 pub mod config;
@@ -64,9 +65,10 @@ pub struct Drain {
 pub struct ContainerStreams {
     pub container_id: String,
     pub established_connections: u32,
-    /// Live streams of the container (count, exact).
+    /// Of `streams`, those the drain waits for ([`StreamPolicy::holds_drain`]), counted
+    /// exactly.
     pub live_streams: u32,
-    /// The oldest of them, as many as the reply's budget left.
+    /// The oldest of them, dependencies (outbound) included, as many as the reply's budget left.
     pub streams: Vec<LiveStream>,
 }
 
@@ -74,9 +76,10 @@ pub struct ContainerStreams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainProgress {
     pub drain: Option<Drain>,
-    /// Containers with at least one live stream.
+    /// Containers with at least one live stream or dependency.
     pub containers: Vec<ContainerStreams>,
-    /// Live streams on the node (exact, whatever was listed).
+    /// Streams the drain waits for on the node, summed over `containers` (exact, whatever
+    /// was listed).
     pub live_streams: u32,
     /// Whether some streams were left out of `containers` (`drain.max_streams_listed`).
     pub truncated: bool,
@@ -106,6 +109,8 @@ pub struct DrainSettings {
     pub stale_after: Duration,
     /// Where the state is kept; `None` keeps it in memory only (tests).
     pub state_file: Option<PathBuf>,
+    /// Which streams the drain waits for (`drain.wait_for_outbound`).
+    pub policy: StreamPolicy,
 }
 
 impl Default for DrainSettings {
@@ -116,6 +121,7 @@ impl Default for DrainSettings {
             max_streams_listed: c.max_streams_listed,
             stale_after: super::HealthConfig::default().source_stale_after,
             state_file: None,
+            policy: c.policy(),
         }
     }
 }
@@ -353,7 +359,7 @@ impl DrainController {
                 ContainerStreams {
                     container_id: id.clone(),
                     established_connections: c.established_connections,
-                    live_streams: u32::try_from(c.streams.len()).unwrap_or(u32::MAX),
+                    live_streams: self.settings.policy.held(&c.streams),
                     streams: c.streams[..listed].to_vec(),
                 }
             })
@@ -387,7 +393,7 @@ impl DrainController {
                 false,
                 format!(
                     "{live_streams} live stream(s) in {} container(s); deadline in {}",
-                    containers.len(),
+                    containers.iter().filter(|c| c.live_streams > 0).count(),
                     humantime::format_duration(Duration::from_secs(
                         h.deadline_mono
                             .map_or(Duration::ZERO, |d| d.saturating_sub(mono))

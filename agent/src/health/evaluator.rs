@@ -179,6 +179,7 @@ pub fn spawn(
     config: &HealthConfig,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    streams: super::streams::StreamPolicy,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
 ) -> Health {
@@ -186,6 +187,7 @@ pub fn spawn(
         clock.clone(),
         super::drain::DrainSettings {
             stale_after: config.source_stale_after,
+            policy: streams,
             ..super::drain::DrainSettings::default()
         },
     );
@@ -229,7 +231,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        health::{ConditionStatus, Verdict},
+        health::{streams::StreamPolicy, ConditionStatus, Verdict},
         store::{NodeStats, Provenance, SourceKind},
     };
 
@@ -269,7 +271,14 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let health = spawn(&config, store.clone(), clock.clone(), &cancel, &mut tasks);
+        let health = spawn(
+            &config,
+            store.clone(),
+            clock.clone(),
+            StreamPolicy::default(),
+            &cancel,
+            &mut tasks,
+        );
         let mut published = health.subscribe();
         assert_eq!(published.borrow().report.verdict, Verdict::Healthy);
 
@@ -464,7 +473,14 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let health = spawn(&config, store, clock, &cancel, &mut tasks);
+        let health = spawn(
+            &config,
+            store,
+            clock,
+            StreamPolicy::default(),
+            &cancel,
+            &mut tasks,
+        );
         let mut published = health.subscribe();
         assert!(published.borrow_and_update().drain.is_none());
         let requester = crate::health::drain::Requester {

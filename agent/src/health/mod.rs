@@ -18,6 +18,7 @@ pub mod evaluator;
 pub mod hub;
 mod hysteresis;
 pub mod rules;
+pub mod streams;
 pub mod tasks;
 
 pub use config::HealthConfig;

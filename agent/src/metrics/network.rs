@@ -7,7 +7,7 @@
 //! jitter) is a gauge.
 
 use super::{container_labels, rtt, Kind, Metrics};
-use crate::store::{ContainerNetwork, NetworkTotals, Snapshot, StreamProtocol};
+use crate::store::{ContainerNetwork, NetworkTotals, Snapshot, StreamDirection, StreamProtocol};
 
 const RTT: &str = "nodeward_tcp_rtt_seconds";
 const RTT_HELP: &str =
@@ -26,7 +26,7 @@ const ESTABLISHED_HELP: &str = "Established TCP connections of the container now
 const TCP_JITTER: &str = "nodeward_tcp_jitter_seconds";
 const TCP_JITTER_HELP: &str = "Jitter of the container's TCP round-trip times over the shortest network window, in seconds; absent without RTT samples in it.";
 const STREAMS: &str = "nodeward_container_live_streams";
-const STREAMS_HELP: &str = "Live streams of the container now, by protocol: established TCP connections and live RTP or long-lived UDP flows; their sum is what a drain waits for.";
+const STREAMS_HELP: &str = "Live streams of the container now, by protocol: established TCP connections it serves (accepted, or of unknown direction; not its outbound ones) and live RTP or long-lived UDP flows; their sum is what a drain waits for by default.";
 const RTP_PACKETS: &str = "nodeward_container_rtp_received_packets_total";
 const RTP_PACKETS_HELP: &str = "RTP packets the container received.";
 const RTP_LOST: &str = "nodeward_container_rtp_lost_packets_total";
@@ -135,7 +135,13 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
         // Both protocols always, so that a sum over `protocol` is the drain's count and a
         // stream that ends reads 0 rather than vanishing.
         for (protocol, label) in [(StreamProtocol::Tcp, "tcp"), (StreamProtocol::Udp, "udp")] {
-            let n = c.streams.iter().filter(|s| s.protocol == protocol).count();
+            // Outbound connections (dependencies) are left out, as the drain leaves them out
+            // by default (`drain.wait_for_outbound`).
+            let n = c
+                .streams
+                .iter()
+                .filter(|s| s.protocol == protocol && s.direction != StreamDirection::Outbound)
+                .count();
             let mut l = labels.to_vec();
             l.push(("protocol", label));
             #[expect(clippy::cast_precision_loss, reason = "a count of streams")]
@@ -156,6 +162,7 @@ mod tests {
     fn stream(protocol: StreamProtocol) -> LiveStream {
         LiveStream {
             protocol,
+            direction: crate::store::StreamDirection::Served,
             local: ([10, 0, 0, 1], 443).into(),
             remote: ([10, 0, 0, 2], 50_000).into(),
             started_at: SystemTime::UNIX_EPOCH,

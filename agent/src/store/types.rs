@@ -140,12 +140,28 @@ pub enum StreamProtocol {
     Udp,
 }
 
+/// Which side opened a stream, as the container sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamDirection {
+    /// The container serves it: a TCP connection accepted on its listening socket, a UDP flow
+    /// or RTP stream it sends or receives as a server. The drain waits for these.
+    #[default]
+    Served,
+    /// The container opened it (`connect`): one of its dependencies, a database or a cache.
+    /// Listed, and waited for only with `drain.wait_for_outbound`.
+    Outbound,
+    /// The source cannot tell (the sock_diag fallback; connections the bounded flow map does
+    /// not hold). Waited for, as a served one: a drain must not read ready on a guess.
+    Unknown,
+}
+
 /// One live stream (long-lived established TCP connection or active UDP/RTP flow). The network
 /// source decides what counts (e.g. established TCP connections older than a minimum age, UDP
-/// flows with packets in the last seconds); the drain handshake waits for these to end.
+/// flows with packets in the last seconds); the drain handshake waits for the ones it serves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveStream {
     pub protocol: StreamProtocol,
+    pub direction: StreamDirection,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// When the stream was first seen.

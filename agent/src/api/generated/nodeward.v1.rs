@@ -66,7 +66,7 @@ pub struct PeerNetwork {
     #[prost(uint64, tag = "8")]
     pub jitter_rfc3550_us: u64,
 }
-/// One live stream a container is serving.
+/// One live stream of a container: one it serves, or one of its outbound connections.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LiveStream {
@@ -88,6 +88,10 @@ pub struct LiveStream {
     /// Viewers behind this stream where the protocol reveals them (count; 0 = unknown).
     #[prost(uint32, tag = "6")]
     pub viewers: u32,
+    /// Which side opened it: served streams hold a drain, outbound ones (dependencies) by
+    /// default do not.
+    #[prost(enumeration = "StreamDirection", tag = "7")]
+    pub direction: i32,
 }
 /// Network summary of one container.
 #[allow(clippy::all)]
@@ -395,6 +399,43 @@ impl StreamProtocol {
             "STREAM_PROTOCOL_UNSPECIFIED" => Some(Self::Unspecified),
             "STREAM_PROTOCOL_TCP" => Some(Self::Tcp),
             "STREAM_PROTOCOL_UDP" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+/// Which side opened a stream, as the container sees it.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamDirection {
+    /// Not told apart (the sock_diag fallback; connections the agent's bounded flow map does
+    /// not hold). A drain waits for these, as for served ones.
+    Unspecified = 0,
+    /// The container serves it: a TCP connection accepted on its listening socket, a live UDP
+    /// or RTP flow. A drain waits for these.
+    Served = 1,
+    /// The container opened it (a dependency: a database, a cache). Listed; a drain waits for
+    /// these only with `drain.wait_for_outbound`.
+    Outbound = 2,
+}
+impl StreamDirection {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "STREAM_DIRECTION_UNSPECIFIED",
+            Self::Served => "STREAM_DIRECTION_SERVED",
+            Self::Outbound => "STREAM_DIRECTION_OUTBOUND",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "STREAM_DIRECTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "STREAM_DIRECTION_SERVED" => Some(Self::Served),
+            "STREAM_DIRECTION_OUTBOUND" => Some(Self::Outbound),
             _ => None,
         }
     }
@@ -894,14 +935,16 @@ pub struct ContainerStreams {
     /// Pod namespace, where known.
     #[prost(string, tag = "3")]
     pub pod_namespace: ::prost::alloc::string::String,
-    /// Live streams (count).
+    /// Live streams the drain waits for (count): served ones, and outbound ones only with
+    /// `drain.wait_for_outbound`.
     #[prost(uint32, tag = "4")]
     pub live_streams: u32,
     /// Established TCP connections (count).
     #[prost(uint32, tag = "5")]
     pub established_connections: u32,
-    /// The streams, oldest first; a reply lists at most the agent's `drain.max_streams_listed`
-    /// (1,000 by default) over all containers, so this may hold fewer than `live_streams` (see
+    /// The streams, outbound connections (dependencies) included, each with its direction,
+    /// oldest first; a reply lists at most the agent's `drain.max_streams_listed` (1,000 by
+    /// default) over all containers, so this may hold fewer than `live_streams` (see
     /// `GetDrainStatusResponse.truncated`).
     #[prost(message, repeated, tag = "6")]
     pub streams: ::prost::alloc::vec::Vec<LiveStream>,
@@ -913,10 +956,11 @@ pub struct GetDrainStatusResponse {
     /// The drain.
     #[prost(message, optional, tag = "1")]
     pub drain: ::core::option::Option<DrainInfo>,
-    /// Containers still serving live streams (those with none are left out).
+    /// Containers with live streams or outbound connections (those with neither are left out).
     #[prost(message, repeated, tag = "2")]
     pub containers: ::prost::alloc::vec::Vec<ContainerStreams>,
-    /// Live streams on the node (count, exact even when the list is truncated).
+    /// Live streams the drain waits for on the node (count, exact even when the list is
+    /// truncated).
     #[prost(uint32, tag = "3")]
     pub live_streams: u32,
     /// True when draining and either no live stream is left or the deadline passed.

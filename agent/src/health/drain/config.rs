@@ -1,9 +1,12 @@
-//! The `[drain]` config section: where the drain state is kept and how large replies may grow.
+//! The `[drain]` config section: where the drain state is kept, how large replies may grow, and
+//! which streams the drain waits for.
 //! Every default is documented here and in `packaging/nodeward.toml`.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::health::streams::StreamPolicy;
 
 /// The state file's name when `drain.state_file` is empty.
 pub const STATE_FILE_NAME: &str = "drain.json";
@@ -23,6 +26,12 @@ pub struct DrainConfig {
     /// Streams listed in one `GetDrainStatus` reply, over all containers (oldest first per
     /// container); the counts stay exact and `truncated` says when some were left out.
     pub max_streams_listed: usize,
+    /// Whether a container's outbound TCP connections (its dependencies) hold a drain.
+    pub wait_for_outbound: bool,
+    /// Cgroup v2 paths of the host (`/`-prefixed) whose connections are never streams: each
+    /// entry covers that cgroup and every cgroup below it, except `/`, which covers the root
+    /// cgroup alone. Empty: every cgroup's connections count.
+    pub host_cgroups: Vec<String>,
 }
 
 impl Default for DrainConfig {
@@ -31,11 +40,37 @@ impl Default for DrainConfig {
             state_file: PathBuf::new(),
             max_requesters: 64,
             max_streams_listed: 1_000,
+            wait_for_outbound: false,
+            host_cgroups: [
+                "/",
+                "/init.scope",
+                "/system.slice",
+                "/user.slice",
+                "/kubelet.slice",
+                "/runtime.slice",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
         }
     }
 }
 
 impl DrainConfig {
+    /// A config error in words, or `None`.
+    pub fn check(&self) -> Option<String> {
+        self.host_cgroups
+            .iter()
+            .find(|p| !p.starts_with('/'))
+            .map(|p| format!("{p:?} is not a cgroup path starting with '/'"))
+    }
+
+    /// What the drain waits for.
+    pub fn policy(&self) -> StreamPolicy {
+        StreamPolicy {
+            wait_for_outbound: self.wait_for_outbound,
+        }
+    }
+
     /// The state file, resolved as `state_file` documents.
     pub fn state_path(&self, unix_socket: &Path) -> PathBuf {
         if !self.state_file.as_os_str().is_empty() {
@@ -73,5 +108,15 @@ mod tests {
             named.state_path(Path::new("/tmp/s.sock")),
             Path::new("/var/lib/x/d.json")
         );
+    }
+
+    #[test]
+    fn host_cgroup_entries_must_be_paths() {
+        assert!(DrainConfig::default().check().is_none());
+        let bad = DrainConfig {
+            host_cgroups: vec!["system.slice".to_owned()],
+            ..DrainConfig::default()
+        };
+        assert!(bad.check().is_some());
     }
 }

@@ -7,7 +7,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    chain, diag, ensure_cgroup2, window, Plan, Recorder, TcpConfig, TcpError, TcpSnapshot,
+    chain, diag, ensure_cgroup2, own, seed, window, Plan, Recorder, TcpConfig, TcpError,
+    TcpSnapshot,
 };
 use crate::{ebpf::tcp, probe::Capabilities, sources::Shared, store::Window};
 
@@ -27,6 +28,10 @@ pub struct Collector {
     paths: crate::sources::cgroup_path::CgroupPaths,
     /// Paths of the chain that failed before this one attached, each as `path: reason`.
     fell_back_from: Vec<String>,
+    /// The agent's own cgroup, looked up where the ids are cgroup ids.
+    own: Option<own::OwnCgroup>,
+    /// Connections older than the programs, on the eBPF paths keyed by cgroup.
+    seed: Option<seed::Seed>,
 }
 
 /// The programs and map sizes a path needs.
@@ -103,6 +108,10 @@ impl Collector {
                 (plan.recorder != Recorder::Netns).then(|| cgroup_root.to_path_buf()),
             ),
             fell_back_from: Vec::new(),
+            own: (plan.recorder.ids() == super::Ids::CgroupV2).then(own::OwnCgroup::default),
+            seed: (plan.recorder.ids() == super::Ids::CgroupV2
+                && plan.recorder != Recorder::SockDiag)
+                .then(|| seed::Seed::new(plan.proc_root.clone())),
         })
     }
 
@@ -160,10 +169,16 @@ impl Collector {
 
     /// Reads the maps once, advances the windows, and returns the new snapshot.
     pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
-        let raw = match &mut self.input {
+        let mut raw = match &mut self.input {
             Input::Ebpf(r) => r.read()?,
             Input::Diag(p) => p.read(crate::ebpf::monotonic_ns()),
         };
+        // Before the own-cgroup probe opens its connection, so that it is not taken for an
+        // old one.
+        if let Some(seed) = &mut self.seed {
+            seed.fill(&mut raw);
+        }
+        let own_cgroup_id = self.own.as_mut().and_then(|o| o.observe(&raw));
         let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
         self.paths.next_tick(&live);
         let paths = &mut self.paths;
@@ -172,6 +187,7 @@ impl Collector {
             .fidelity
             .fell_back_from
             .clone_from(&self.fell_back_from);
+        snapshot.own_cgroup_id = own_cgroup_id;
         match &mut self.input {
             Input::Ebpf(r) => r.clean(&cleanup)?,
             Input::Diag(p) => p.clean(&cleanup),

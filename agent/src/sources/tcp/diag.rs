@@ -18,7 +18,10 @@
 
 use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 
-use agent_ebpf::{tcp::bucket_of, tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use agent_ebpf::{
+    tcp::{bucket_of, direction, drop_reason},
+    CgroupTcpStats, FlowState, HistKey,
+};
 
 use super::{
     config::TcpConfig,
@@ -392,6 +395,9 @@ impl Poller {
                 family: u32::from(s.family),
                 seen_total_retrans: s.total_retrans,
                 seen_segs_out: s.segs_out,
+                // A dump shows an established socket, not whether it was accepted: waited
+                // for by the drain, as a served one.
+                passive: direction::UNKNOWN,
                 ..FlowState::default()
             });
             if new {

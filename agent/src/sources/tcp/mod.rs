@@ -33,6 +33,8 @@ mod collector;
 pub mod config;
 pub mod diag;
 pub mod hist;
+mod own;
+mod seed;
 pub mod snapshot;
 pub mod window;
 

@@ -4,11 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use agent_ebpf::{tcp::drop_reason, CgroupTcpStats};
+use agent_ebpf::{
+    tcp::{direction, drop_reason},
+    CgroupTcpStats,
+};
 use serde::Serialize;
 
 use super::{hist::Histogram, window::PeerDelta, Recorder};
-use crate::store::{NetworkTotals, Peer, Window};
+use crate::store::{NetworkTotals, Peer, StreamDirection, Window};
 
 /// Everything the TCP source knows at one tick.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -19,6 +22,9 @@ pub struct TcpSnapshot {
     /// By cgroup v2 id.
     pub containers: BTreeMap<u64, ContainerTcp>,
     pub drops: Drops,
+    /// The agent's own cgroup id, from the cgroup the kernel recorded for a socket the source
+    /// opened (see `own.rs`); `None` until found, and on the namespace-keyed path.
+    pub own_cgroup_id: Option<u64>,
 }
 
 impl TcpSnapshot {
@@ -130,6 +136,8 @@ pub struct ContainerTcp {
     pub windows: Vec<WindowStats>,
     /// Established connections now, and their ages.
     pub established: u64,
+    /// The same connections by who opened them (served + outbound + unknown = established).
+    pub established_by: DirectionCounts,
     pub established_age_max_s: f64,
     pub established_age_mean_s: f64,
     /// Established connections (opened minus closed, from the kernel's exact counters) that
@@ -149,9 +157,10 @@ impl ContainerTcp {
         }
     }
 
-    pub(super) fn set_established(&mut self, ages_ns: impl Iterator<Item = u64>) {
+    pub(super) fn set_established(&mut self, open: impl Iterator<Item = (StreamDirection, u64)>) {
         let (mut n, mut sum, mut max) = (0u64, 0f64, 0f64);
-        for age in ages_ns {
+        for (direction, age) in open {
+            self.established_by.add(direction, 1);
             #[expect(clippy::cast_precision_loss, reason = "ages in ns fit f64 well enough")]
             let s = age as f64 / 1e9;
             n += 1;
@@ -239,12 +248,64 @@ impl WindowStats {
     }
 }
 
+/// Established connections by who opened them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DirectionCounts {
+    /// Accepted on one of the container's listening sockets.
+    pub served: u64,
+    /// Opened by the container (`connect`).
+    pub outbound: u64,
+    /// Not told apart (sock_diag fallback).
+    pub unknown: u64,
+}
+
+impl DirectionCounts {
+    pub fn add(&mut self, direction: StreamDirection, n: u64) {
+        match direction {
+            StreamDirection::Served => self.served += n,
+            StreamDirection::Outbound => self.outbound += n,
+            StreamDirection::Unknown => self.unknown += n,
+        }
+    }
+
+    pub fn remove(&mut self, direction: StreamDirection, n: u64) {
+        match direction {
+            StreamDirection::Served => self.served = self.served.saturating_sub(n),
+            StreamDirection::Outbound => self.outbound = self.outbound.saturating_sub(n),
+            StreamDirection::Unknown => self.unknown = self.unknown.saturating_sub(n),
+        }
+    }
+
+    pub fn get(&self, direction: StreamDirection) -> u64 {
+        match direction {
+            StreamDirection::Served => self.served,
+            StreamDirection::Outbound => self.outbound,
+            StreamDirection::Unknown => self.unknown,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.served + self.outbound + self.unknown
+    }
+}
+
+/// A flow's direction from the kernel's [`FlowState::passive`](agent_ebpf::FlowState).
+pub fn flow_direction(passive: u32) -> StreamDirection {
+    match passive {
+        direction::PASSIVE => StreamDirection::Served,
+        direction::ACTIVE => StreamDirection::Outbound,
+        _ => StreamDirection::Unknown,
+    }
+}
+
 /// One remote peer (or prefix) of a container.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerTcp {
     /// One address and port, or a prefix once the container has more peers than the bound.
     pub peer: Peer,
     pub established: u64,
+    /// The same connections by who opened them.
+    pub established_by: DirectionCounts,
     pub windows: Vec<PeerWindow>,
 }
 

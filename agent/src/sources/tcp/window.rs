@@ -14,12 +14,23 @@ use std::{
 use agent_ebpf::{tcp::bucket_bounds, CgroupTcpStats, FlowState, HistKey};
 
 pub use crate::ebpf::tcp::{Cleanup, RawRead};
-use crate::store::{NetworkTotals, Peer, RttHistogram, Window};
+use crate::store::{NetworkTotals, Peer, RttHistogram, StreamDirection, Window};
 
 use super::{
     hist::Histogram,
-    snapshot::{ContainerTcp, Drops, PeerTcp, PeerWindow, TcpSnapshot, WindowStats},
+    snapshot::{
+        flow_direction, ContainerTcp, DirectionCounts, Drops, PeerTcp, PeerWindow, TcpSnapshot,
+        WindowStats,
+    },
 };
+
+/// An established connection in this read.
+#[derive(Debug, Clone, Copy)]
+struct OpenFlow {
+    peer: Peer,
+    direction: StreamDirection,
+    age_ns: u64,
+}
 
 fn flow_addr(flow: &FlowState) -> IpAddr {
     if flow.family == 2 {
@@ -290,7 +301,7 @@ impl Tracker {
             self.prev_hist.insert(*key, *cur);
         }
 
-        let mut open: HashMap<u64, Vec<(Peer, u64)>> = HashMap::new();
+        let mut open: HashMap<u64, Vec<OpenFlow>> = HashMap::new();
         for (cookie, flow) in &raw.flows {
             if flow.cgroup_id == 0 {
                 // Not attributed yet (an accepted socket that has sent nothing, on the egress
@@ -329,9 +340,11 @@ impl Tracker {
                 cleanup.flows.push(*cookie);
                 self.prev_flows.remove(cookie);
             } else {
-                open.entry(flow.cgroup_id)
-                    .or_default()
-                    .push((peer, raw.now_ns.saturating_sub(flow.start_ns)));
+                open.entry(flow.cgroup_id).or_default().push(OpenFlow {
+                    peer,
+                    direction: flow_direction(flow.passive),
+                    age_ns: raw.now_ns.saturating_sub(flow.start_ns),
+                });
                 self.prev_flows.insert(*cookie, *flow);
             }
         }
@@ -397,7 +410,7 @@ impl Tracker {
     fn snapshot(
         &self,
         raw: &RawRead,
-        open: &HashMap<u64, Vec<(Peer, u64)>>,
+        open: &HashMap<u64, Vec<OpenFlow>>,
         resolve: &mut dyn FnMut(u64) -> Option<String>,
     ) -> TcpSnapshot {
         let mut containers: BTreeMap<u64, ContainerTcp> = BTreeMap::new();
@@ -433,18 +446,25 @@ impl Tracker {
             let c = containers
                 .entry(*id)
                 .or_insert_with(|| ContainerTcp::new(*id));
-            c.set_established(flows.iter().map(|f| f.1));
+            c.set_established(flows.iter().map(|f| (f.direction, f.age_ns)));
         }
         for ((id, key), windows) in peer_windows {
-            let established = open
+            let mut established_by = DirectionCounts::default();
+            for f in open
                 .get(&id)
-                .map_or(0, |fs| fs.iter().filter(|f| f.0 == key).count() as u64);
+                .into_iter()
+                .flatten()
+                .filter(|f| f.peer == key)
+            {
+                established_by.add(f.direction, 1);
+            }
             let c = containers
                 .entry(id)
                 .or_insert_with(|| ContainerTcp::new(id));
             c.peers.push(PeerTcp {
                 peer: key,
-                established,
+                established: established_by.total(),
+                established_by,
                 windows,
             });
         }
@@ -475,6 +495,7 @@ impl Tracker {
             ),
             containers,
             drops: Drops::from_array(&raw.drops),
+            own_cgroup_id: None,
         }
     }
 }

@@ -366,3 +366,47 @@ fn the_totals_of_a_cleaned_up_cgroup_go_with_its_directory_and_stay_while_it_exi
         }
     }
 }
+
+#[test]
+fn each_connection_keeps_the_direction_the_kernel_recorded_per_container_and_peer() {
+    use agent_ebpf::tcp::direction;
+    let mut t = Tracker::new(limits());
+    let with = |mut f: FlowState, passive| {
+        f.passive = passive;
+        f
+    };
+    let flows = vec![
+        // Two viewers accepted from one peer, one connection to a database, one from a dump.
+        (1, with(flow(7, [10, 0, 0, 2], 80, 1), direction::PASSIVE)),
+        (2, with(flow(7, [10, 0, 0, 2], 80, 1), direction::PASSIVE)),
+        (3, with(flow(7, [10, 0, 0, 9], 5432, 1), direction::ACTIVE)),
+        (4, with(flow(7, [10, 0, 0, 3], 80, 1), direction::UNKNOWN)),
+    ];
+    let (snap, _) = t.update(read(10, flows), &mut |_| None);
+    let c = snap.container(7).expect("cgroup 7");
+    assert_eq!(c.established, 4);
+    assert_eq!(
+        (
+            c.established_by.served,
+            c.established_by.outbound,
+            c.established_by.unknown
+        ),
+        (2, 1, 1)
+    );
+    let by_peer = |port: u16| {
+        c.peers
+            .iter()
+            .find(|p| matches!(p.peer, Peer::Addr(a) if a.port() == port))
+            .map(|p| p.established_by)
+            .expect("peer listed")
+    };
+    assert_eq!((by_peer(80).served, by_peer(80).outbound), (2, 0));
+    assert_eq!((by_peer(5432).served, by_peer(5432).outbound), (0, 1));
+    // The third peer is past `max_peers`: folded into its prefix, direction kept.
+    let folded = c
+        .peers
+        .iter()
+        .find(|p| matches!(p.peer, Peer::Prefix(..)))
+        .expect("folded peer");
+    assert_eq!(folded.established_by.unknown, 1);
+}
