@@ -37,10 +37,14 @@ fn trace_logs_carry_no_key_material_and_no_request_bodies() {
              [metrics]\nenabled = false\n\
              [api]\nunix_socket = \"\"\ntcp_listen = \"127.0.0.1:{port}\"\n\
              tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n\
-             drain_allowed_identities = [\"cn:rollout\"]\n",
+             drain_allowed_identities = [\"cn:rollout\"]\n\
+             [drain]\nstate_file = \"{}\"\n",
             pki.path("server.pem").display(),
             pki.path("server.key").display(),
             pki.path("ca.pem").display(),
+            // Not the default /run/nodeward/drain.json, which every other agent of the tests
+            // without a socket of its own would restore this drain from.
+            pki.path("drain.json").display(),
         ),
     )
     .expect("write config");

@@ -81,8 +81,13 @@ impl Agent {
         });
         let log = std::env::temp_dir().join(format!("nodeward-{test}-{}.log", std::process::id()));
         let mut cmd = Command::new(agent_binary());
+        let state =
+            std::env::temp_dir().join(format!("nodeward-{test}-{}-drain.json", std::process::id()));
+        let _ = std::fs::remove_file(&state);
         cmd.args(["run", "--set", "agent.tick=200ms"])
             .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
+            // Its own drain state, not /run/nodeward's (shared with every other agent).
+            .args(["--set", &format!("drain.state_file={}", state.display())])
             .args(["--set", &format!("ebpf.enabled={}", is_root())])
             .env("NODEWARD_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
