@@ -291,6 +291,38 @@ impl From<Option<&drain::Drain>> for pb::DrainInfo {
     }
 }
 
+/// `ListGpus`: the GPUs the store holds, and, when the GPU source is not reporting, why. The
+/// store's own reason comes first (it is current); a source the store still holds as pending
+/// may have been judged by the health engine ("no first report within ..."), whose last report
+/// gives the reason then.
+pub fn gpus(snap: &store::Snapshot, report: &health::HealthReport) -> pb::ListGpusResponse {
+    let gpus = snap
+        .gpus
+        .as_ref()
+        .map(|g| g.gpus.iter().map(pb::Gpu::from).collect())
+        .unwrap_or_default();
+    let judged = || {
+        report
+            .sources
+            .iter()
+            .find(|s| s.kind == store::SourceKind::Gpu && !s.reason.is_empty())
+            .map(|s| s.reason.clone())
+    };
+    let reason = match snap.sources.get(&store::SourceKind::Gpu) {
+        Some(store::SourceStatus::Reporting { .. }) => String::new(),
+        Some(store::SourceStatus::Unavailable { reason }) => reason.clone(),
+        Some(store::SourceStatus::Pending) => {
+            judged().unwrap_or_else(|| "the GPU source has not reported yet".to_owned())
+        }
+        None => "the GPU source is disabled (gpu.enabled = false)".to_owned(),
+    };
+    pb::ListGpusResponse {
+        gpus,
+        available: reason.is_empty(),
+        reason,
+    }
+}
+
 /// The wire form of a health report plus the drain state.
 pub fn node_health(
     node: &str,

@@ -891,6 +891,12 @@ pub struct ListGpusResponse {
     /// Whether the GPU source runs on this node (false: no GPU, no NVML, or disabled).
     #[prost(bool, tag = "2")]
     pub available: bool,
+    /// Why the GPU source is not available, in words ("" when `available` is true): the source's
+    /// own reason ("GPU source unavailable: cannot load the NVML library ...", "GPU source
+    /// degraded: ..."), the health engine's ("no first report within 30s"), "the GPU source has
+    /// not reported yet", or "the GPU source is disabled (gpu.enabled = false)".
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
 }
 /// Ask for a drain.
 #[allow(clippy::all)]
