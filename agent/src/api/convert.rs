@@ -184,10 +184,18 @@ impl From<&store::GpuDevice> for pb::Gpu {
             processes: g
                 .processes
                 .iter()
-                .map(|p| pb::GpuProcess {
-                    pid: p.pid,
-                    container_id: p.container_id.clone(),
-                    used_memory_bytes: p.used_memory_bytes,
+                .map(|p| {
+                    let s = p.sample.unwrap_or_default();
+                    pb::GpuProcess {
+                        pid: p.pid,
+                        container_id: p.container_id.clone(),
+                        used_memory_bytes: p.used_memory_bytes,
+                        sampled: p.sample.is_some(),
+                        sm_utilization_percent: s.sm_percent,
+                        memory_utilization_percent: s.memory_percent,
+                        encoder_utilization_percent: s.encoder_percent,
+                        decoder_utilization_percent: s.decoder_percent,
+                    }
                 })
                 .collect(),
             unreadable: g.unreadable.iter().map(ToString::to_string).collect(),
@@ -195,6 +203,21 @@ impl From<&store::GpuDevice> for pb::Gpu {
                 .nvml_errors_total
                 .iter()
                 .map(|(k, n)| (k.clone(), *n))
+                .collect(),
+            encoder_sessions: g.encoder_sessions.unwrap_or(0),
+            encoder_utilization_percent: g.encoder_utilization_percent.map_or(0.0, f64::from),
+            decoder_utilization_percent: g.decoder_utilization_percent.map_or(0.0, f64::from),
+            containers: g
+                .by_container()
+                .into_iter()
+                .map(|(id, u)| pb::GpuContainerUsage {
+                    container_id: id.to_owned(),
+                    processes: u.processes,
+                    used_memory_bytes: u.used_memory_bytes,
+                    sm_utilization_ratio: store::GpuContainerUsage::ratio(u.sm_percent),
+                    encoder_utilization_ratio: store::GpuContainerUsage::ratio(u.encoder_percent),
+                    decoder_utilization_ratio: store::GpuContainerUsage::ratio(u.decoder_percent),
+                })
                 .collect(),
         }
     }
@@ -288,6 +311,38 @@ impl From<Option<&drain::Drain>> for pb::DrainInfo {
                 state_problem: d.problem.clone().unwrap_or_default(),
             },
         }
+    }
+}
+
+/// `ListGpus`: the GPUs the store holds, and, when the GPU source is not reporting, why. The
+/// store's own reason comes first (it is current); a source the store still holds as pending
+/// may have been judged by the health engine ("no first report within ..."), whose last report
+/// gives the reason then.
+pub fn gpus(snap: &store::Snapshot, report: &health::HealthReport) -> pb::ListGpusResponse {
+    let gpus = snap
+        .gpus
+        .as_ref()
+        .map(|g| g.gpus.iter().map(pb::Gpu::from).collect())
+        .unwrap_or_default();
+    let judged = || {
+        report
+            .sources
+            .iter()
+            .find(|s| s.kind == store::SourceKind::Gpu && !s.reason.is_empty())
+            .map(|s| s.reason.clone())
+    };
+    let reason = match snap.sources.get(&store::SourceKind::Gpu) {
+        Some(store::SourceStatus::Reporting { .. }) => String::new(),
+        Some(store::SourceStatus::Unavailable { reason }) => reason.clone(),
+        Some(store::SourceStatus::Pending) => {
+            judged().unwrap_or_else(|| "the GPU source has not reported yet".to_owned())
+        }
+        None => "the GPU source is disabled (gpu.enabled = false)".to_owned(),
+    };
+    pb::ListGpusResponse {
+        gpus,
+        available: reason.is_empty(),
+        reason,
     }
 }
 

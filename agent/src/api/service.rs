@@ -270,15 +270,8 @@ impl NodeHealth for Service {
         _: Request<pb::ListGpusRequest>,
     ) -> Result<Response<pb::ListGpusResponse>, Status> {
         let snap = self.inner.store.snapshot();
-        let gpus = snap
-            .gpus
-            .as_ref()
-            .map(|g| g.gpus.iter().map(pb::Gpu::from).collect())
-            .unwrap_or_default();
-        Ok(Response::new(pb::ListGpusResponse {
-            gpus,
-            available: snap.reported_at(SourceKind::Gpu).is_some(),
-        }))
+        let published = self.inner.health.borrow();
+        Ok(Response::new(convert::gpus(&snap, &published.report)))
     }
 
     async fn begin_drain(

@@ -15,8 +15,8 @@ use crate::{
     },
     store::{
         CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow,
-        GpuNvLinkErrors, GpuProcess, GpuReading, GpuRemappedRows, GpuSnapshot, GpuSourceState,
-        NodeStats, Pressure, Provenance, XidEvent,
+        GpuNvLinkErrors, GpuProcess, GpuProcessSample, GpuReading, GpuRemappedRows, GpuSnapshot,
+        GpuSourceState, NodeStats, Pressure, Provenance, XidEvent,
     },
 };
 
@@ -235,6 +235,12 @@ fn device(
                         (None, None) => String::new(),
                     },
                     used_memory_bytes: p.used_memory_bytes.unwrap_or(0),
+                    sample: p.sample.as_ref().map(|s| GpuProcessSample {
+                        sm_percent: s.sm_percent,
+                        memory_percent: s.memory_percent,
+                        encoder_percent: s.encoder_percent,
+                        decoder_percent: s.decoder_percent,
+                    }),
                 })
                 .collect()
         })

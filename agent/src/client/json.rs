@@ -243,6 +243,7 @@ mod tests {
         let printer = Printer::new().expect("descriptors decode");
         let reply = pb::ListGpusResponse {
             available: true,
+            reason: String::new(),
             gpus: vec![pb::Gpu {
                 index: 3,
                 memory_total_bytes: u64::MAX,
@@ -304,6 +305,7 @@ mod tests {
         let printer = Printer::new().expect("descriptors decode");
         let reply = pb::ListGpusResponse {
             available: true,
+            reason: String::new(),
             gpus: vec![
                 pb::Gpu {
                     temperature_celsius: 41.0,

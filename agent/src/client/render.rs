@@ -222,9 +222,7 @@ fn or_dash(s: &str) -> &str {
 
 pub fn gpus(r: &pb::ListGpusResponse) -> String {
     if !r.available {
-        return "no GPU source on this node (no GPU, no NVML, disabled, or NVML failing: \
-                `nodeward status` says why)\n"
-            .to_owned();
+        return format!("no GPU source on this node: {}\n", r.reason);
     }
     let mut out = format!(
         "{:<5} {:<24} {:<22} {:>5} {:>16} {:>6} {:>7}  {}\n",

@@ -8,7 +8,7 @@
 //! where the kernel's own averages are fixed at 10, 60 and 300 s.
 
 use super::{container_labels, Kind, Metrics};
-use crate::store::{Pressure, Snapshot};
+use crate::store::{GpuContainerUsage, Pressure, Snapshot};
 
 const FAMILIES: &[(&str, Kind, &str)] = &[
     (CPU, Kind::Counter, CPU_HELP),
@@ -20,6 +20,9 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     (IO_WRITE, Kind::Counter, IO_WRITE_HELP),
     (PSI, Kind::Counter, PSI_HELP),
     (GPU_MEMORY, Kind::Gauge, GPU_MEMORY_HELP),
+    (GPU_SM, Kind::Gauge, GPU_SM_HELP),
+    (GPU_ENCODER, Kind::Gauge, GPU_ENCODER_HELP),
+    (GPU_DECODER, Kind::Gauge, GPU_DECODER_HELP),
     (NODE_PSI, Kind::Counter, NODE_PSI_HELP),
     (DISK_USED, Kind::Gauge, DISK_USED_HELP),
 ];
@@ -44,6 +47,12 @@ const PSI: &str = "nodeward_container_pressure_seconds_total";
 const PSI_HELP: &str = "PSI of the container's cgroup: time in which some (`kind=\"some\"`) or all non-idle (`kind=\"full\"`) tasks stalled on `resource`, in seconds.";
 const GPU_MEMORY: &str = "nodeward_container_gpu_memory_used_bytes";
 const GPU_MEMORY_HELP: &str = "GPU memory used by the container's processes on the GPU, in bytes.";
+const GPU_SM: &str = "nodeward_container_gpu_sm_utilization_ratio";
+const GPU_SM_HELP: &str = "Share of the GPU's SMs the container's processes kept busy in NVML's last sample period, 0..1; absent when none of them was sampled.";
+const GPU_ENCODER: &str = "nodeward_container_gpu_encoder_utilization_ratio";
+const GPU_ENCODER_HELP: &str = "Share of the GPU's video encoder the container's processes kept busy in NVML's last sample period, 0..1; absent when none of them was sampled.";
+const GPU_DECODER: &str = "nodeward_container_gpu_decoder_utilization_ratio";
+const GPU_DECODER_HELP: &str = "Share of the GPU's video decoder the container's processes kept busy in NVML's last sample period, 0..1; absent when none of them was sampled.";
 const NODE_PSI: &str = "nodeward_node_pressure_seconds_total";
 const NODE_PSI_HELP: &str = "Node-wide PSI: time in which some (`kind=\"some\"`) or all non-idle (`kind=\"full\"`) tasks stalled on `resource`, in seconds.";
 const DISK_USED: &str = "nodeward_node_filesystem_used_ratio";
@@ -119,14 +128,24 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
         for gpu in &gpus.gpus {
             let index = gpu.index.to_string();
             // A container's processes on one GPU are one series.
-            let mut by_container = std::collections::BTreeMap::<&str, u64>::new();
-            for p in gpu.processes.iter().filter(|p| !p.container_id.is_empty()) {
-                *by_container.entry(&p.container_id).or_default() += p.used_memory_bytes;
-            }
-            for (id, bytes) in by_container {
+            for (id, u) in gpu.by_container() {
                 let mut labels = container_labels(id, meta(id)).to_vec();
                 labels.extend([("gpu", index.as_str()), ("uuid", gpu.uuid.as_str())]);
-                m.gauge(GPU_MEMORY, GPU_MEMORY_HELP, &labels, bytes as f64);
+                m.gauge(
+                    GPU_MEMORY,
+                    GPU_MEMORY_HELP,
+                    &labels,
+                    u.used_memory_bytes as f64,
+                );
+                if u.sampled {
+                    for (name, help, percent) in [
+                        (GPU_SM, GPU_SM_HELP, u.sm_percent),
+                        (GPU_ENCODER, GPU_ENCODER_HELP, u.encoder_percent),
+                        (GPU_DECODER, GPU_DECODER_HELP, u.decoder_percent),
+                    ] {
+                        m.gauge(name, help, &labels, GpuContainerUsage::ratio(percent));
+                    }
+                }
             }
         }
     }
@@ -195,6 +214,7 @@ mod tests {
             pid,
             container_id: container_id.to_owned(),
             used_memory_bytes,
+            sample: None,
         };
         Snapshot {
             cgroups: Some(Arc::new(cg)),

@@ -428,6 +428,18 @@ pub struct GpuProcess {
     /// when the process's cgroup could not be read.
     pub container_id: String,
     pub used_memory_bytes: u64,
+    /// NVML's latest per-process utilisation sample since the previous poll; `None` when the
+    /// process did not run on the GPU in that time or the GPU gives no per-process samples.
+    pub sample: Option<GpuProcessSample>,
+}
+
+/// One process's share of a GPU's engines over NVML's sample period, each in percent (0-100).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuProcessSample {
+    pub sm_percent: u32,
+    pub memory_percent: u32,
+    pub encoder_percent: u32,
+    pub decoder_percent: u32,
 }
 
 /// A reading of a GPU whose field in [`GpuDevice`] holds a plain value (0 / empty) when NVML
@@ -577,6 +589,44 @@ impl GpuDevice {
     /// Whether the plain field of `reading` holds a measurement of the last poll.
     pub fn measured(&self, reading: GpuReading) -> bool {
         !self.unreadable.contains(&reading) && !self.unsupported.contains(&reading)
+    }
+
+    /// The processes summed per container (by store key); processes whose container is
+    /// unknown are left out. The API and `/metrics` both read this, so they agree.
+    pub fn by_container(&self) -> BTreeMap<&str, GpuContainerUsage> {
+        let mut out = BTreeMap::<&str, GpuContainerUsage>::new();
+        for p in self.processes.iter().filter(|p| !p.container_id.is_empty()) {
+            let u = out.entry(&p.container_id).or_default();
+            u.processes += 1;
+            u.used_memory_bytes += p.used_memory_bytes;
+            if let Some(s) = p.sample {
+                u.sampled = true;
+                u.sm_percent += s.sm_percent;
+                u.encoder_percent += s.encoder_percent;
+                u.decoder_percent += s.decoder_percent;
+            }
+        }
+        out
+    }
+}
+
+/// One container's processes on one GPU, summed ([`GpuDevice::by_container`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuContainerUsage {
+    pub processes: u32,
+    pub used_memory_bytes: u64,
+    /// Whether any of its processes had a utilisation sample in the last poll.
+    pub sampled: bool,
+    /// Sums of the processes' shares, in percent; more than 100 where NVML's samples overlap.
+    pub sm_percent: u32,
+    pub encoder_percent: u32,
+    pub decoder_percent: u32,
+}
+
+impl GpuContainerUsage {
+    /// A summed share as a ratio, capped at 1 (the engine cannot be more than fully busy).
+    pub fn ratio(percent: u32) -> f64 {
+        (f64::from(percent) / 100.0).min(1.0)
     }
 }
 

@@ -242,6 +242,46 @@ pub struct GpuProcess {
     /// GPU memory used by the process, in bytes.
     #[prost(uint64, tag = "3")]
     pub used_memory_bytes: u64,
+    /// Whether NVML gave a utilisation sample for the process since the previous poll (false: it
+    /// did not run on the GPU in that time, or the GPU gives no per-process samples; the four
+    /// figures below are then 0, which is not a measurement).
+    #[prost(bool, tag = "4")]
+    pub sampled: bool,
+    /// Share of the GPU's streaming multiprocessors the process kept busy, percent (0-100).
+    #[prost(uint32, tag = "5")]
+    pub sm_utilization_percent: u32,
+    /// Share of the memory controller the process kept busy, percent (0-100).
+    #[prost(uint32, tag = "6")]
+    pub memory_utilization_percent: u32,
+    /// Share of the video encoder the process kept busy, percent (0-100).
+    #[prost(uint32, tag = "7")]
+    pub encoder_utilization_percent: u32,
+    /// Share of the video decoder the process kept busy, percent (0-100).
+    #[prost(uint32, tag = "8")]
+    pub decoder_utilization_percent: u32,
+}
+/// One container's processes on one GPU, summed.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GpuContainerUsage {
+    /// The container (its id, or its cgroup path where it has no id), as in `Container.id`.
+    #[prost(string, tag = "1")]
+    pub container_id: ::prost::alloc::string::String,
+    /// Its processes on this GPU (count).
+    #[prost(uint32, tag = "2")]
+    pub processes: u32,
+    /// GPU memory its processes use, in bytes.
+    #[prost(uint64, tag = "3")]
+    pub used_memory_bytes: u64,
+    /// Sum of its sampled processes' SM shares, ratio (0-1, capped at 1).
+    #[prost(double, tag = "4")]
+    pub sm_utilization_ratio: f64,
+    /// Sum of its sampled processes' video-encoder shares, ratio (0-1, capped at 1).
+    #[prost(double, tag = "5")]
+    pub encoder_utilization_ratio: f64,
+    /// Sum of its sampled processes' video-decoder shares, ratio (0-1, capped at 1).
+    #[prost(double, tag = "6")]
+    pub decoder_utilization_ratio: f64,
 }
 /// One NVIDIA GPU.
 #[allow(clippy::all)]
@@ -313,6 +353,19 @@ pub struct Gpu {
         ::prost::alloc::string::String,
         u64,
     >,
+    /// Active video encoder sessions (count; 0 also where NVML cannot tell, see `unreadable`).
+    /// NVML has no decoder session count: decoder use is `decoder_utilization_percent`.
+    #[prost(uint32, tag = "21")]
+    pub encoder_sessions: u32,
+    /// Video encoder busy share, percent (0-100).
+    #[prost(double, tag = "22")]
+    pub encoder_utilization_percent: f64,
+    /// Video decoder busy share, percent (0-100).
+    #[prost(double, tag = "23")]
+    pub decoder_utilization_percent: f64,
+    /// The processes above summed per container, by container id.
+    #[prost(message, repeated, tag = "24")]
+    pub containers: ::prost::alloc::vec::Vec<GpuContainerUsage>,
 }
 /// A mounted filesystem of the node.
 #[allow(clippy::all)]
@@ -891,6 +944,12 @@ pub struct ListGpusResponse {
     /// Whether the GPU source runs on this node (false: no GPU, no NVML, or disabled).
     #[prost(bool, tag = "2")]
     pub available: bool,
+    /// Why the GPU source is not available, in words ("" when `available` is true): the source's
+    /// own reason ("GPU source unavailable: cannot load the NVML library ...", "GPU source
+    /// degraded: ..."), the health engine's ("no first report within 30s"), "the GPU source has
+    /// not reported yet", or "the GPU source is disabled (gpu.enabled = false)".
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
 }
 /// Ask for a drain.
 #[allow(clippy::all)]
