@@ -291,7 +291,7 @@ fn the_agents_cgroup_found_by_its_socket_is_not_streams_under_a_private_cgroup_n
 
 #[test]
 fn host_cgroups_are_not_streams_unless_the_list_leaves_them_out() {
-    let host = crate::health::streams::DrainConfig::default().host_cgroups;
+    let host = crate::health::drain::DrainConfig::default().host_cgroups;
     for path in ["/", "/system.slice/sshd.service", "/kubelet.slice"] {
         let with_host = NetworkParams {
             host_cgroups: &host,

@@ -73,6 +73,8 @@ fn bridge(
         udp_min_flow_age: Duration::from_secs(10),
         peer_window: crate::store::Window::from_secs(10),
         own_cgroup_path: None,
+        host_cgroups: Vec::new(),
+        identity: None,
         network_notes: Vec::new(),
         blind_feeds: blind,
         feed_tasks: tasks.into_iter().collect(),

@@ -87,10 +87,8 @@ impl Source for Evaluator {
         let now = parts.clock.now();
         let started = *parts.started.get_or_init(|| now);
         let mut engine = Engine::new(parts.config.clone()).waiting_since(started);
-        let first = with_drain_problems(
-            engine.evaluate(&parts.store.snapshot(), now),
-            &parts.drain,
-        );
+        let first =
+            with_drain_problems(engine.evaluate(&parts.store.snapshot(), now), &parts.drain);
         Ok(Self {
             engine,
             first,

@@ -19,6 +19,7 @@ fn stream() -> LiveStream {
     let a: SocketAddr = "10.0.0.1:1935".parse().expect("addr");
     LiveStream {
         protocol: StreamProtocol::Tcp,
+        direction: crate::store::StreamDirection::Served,
         local: a,
         remote: a,
         started_at: SystemTime::UNIX_EPOCH,
