@@ -26,9 +26,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::streams::StreamPolicy;
-use crate::store::{
-    clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus, Viewer,
-};
+use crate::store::{clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus, Viewer};
 
 pub mod config;
 pub mod state;

@@ -426,7 +426,11 @@ fn viewers_between_segment_fetches_hold_the_drain_until_viewer_idle_passes() {
     assert_eq!((p.live_streams, p.viewers), (0, 3));
     assert_eq!(p.containers.len(), 1);
     assert_eq!(p.containers[0].viewers, 3);
-    assert_eq!(p.containers[0].viewer_list.len(), 2, "listed up to the bound");
+    assert_eq!(
+        p.containers[0].viewer_list.len(),
+        2,
+        "listed up to the bound"
+    );
     assert!(p.truncated);
     clock.advance(Duration::from_secs(3));
     publish_viewers(&store, clock.now(), 3, fetched);
