@@ -79,6 +79,7 @@ impl ServedPeers {
     }
 
     /// Addresses remembered for the container that holds the most.
+    #[cfg(test)]
     pub(super) fn max_per_cgroup(&self) -> usize {
         self.by_cgroup.values().map(HashMap::len).max().unwrap_or(0)
     }
