@@ -104,7 +104,12 @@ async fn start_agent(dir: &TempDir) -> (Killed, Client) {
     let mut cmd = Command::new(agent_binary());
     cmd.args(["run", "--config", "/dev/null"])
         .args(["--set", &format!("api.unix_socket={}", socket.display())])
-        .args(["--set", "metrics.enabled=false", "--set", "gpu.enabled=false"])
+        .args([
+            "--set",
+            "metrics.enabled=false",
+            "--set",
+            "gpu.enabled=false",
+        ])
         .args(["--set", "agent.tick=500ms", "--set", "drain.viewer_idle=4s"])
         .env("NODEWARD_LOG", "warn")
         .env_remove("NOTIFY_SOCKET")
@@ -164,7 +169,8 @@ async fn a_segment_fetching_player_is_one_viewer_between_fetches_until_viewer_id
     let mut origin = Killed(origin_cg.spawn(&mut cmd));
     let mut out = std::io::BufReader::new(origin.0.stdout.take().expect("stdout piped"));
     let mut line = String::new();
-    out.read_line(&mut line).expect("the origin prints its port");
+    out.read_line(&mut line)
+        .expect("the origin prints its port");
     let port: u16 = line.trim().parse().expect("a port number");
 
     let begun = client
