@@ -116,8 +116,11 @@ pub struct DrainSettings {
     pub stale_after: Duration,
     /// Where the state is kept; `None` keeps it in memory only (tests).
     pub state_file: Option<PathBuf>,
-    /// Which streams the drain waits for (`drain.wait_for_outbound`).
+    /// Which streams the drain waits for (`drain.wait_for_outbound`, `drain.viewer_idle`).
     pub policy: StreamPolicy,
+    /// `drain.exclude_containers`: container ids or pod names (exact) whose streams and viewers
+    /// never hold the drain and are not listed.
+    pub exclude_containers: Vec<String>,
 }
 
 impl Default for DrainSettings {
@@ -129,6 +132,7 @@ impl Default for DrainSettings {
             stale_after: super::HealthConfig::default().source_stale_after,
             state_file: None,
             policy: c.policy(),
+            exclude_containers: c.exclude_containers,
         }
     }
 }
@@ -360,6 +364,7 @@ impl DrainController {
             .network
             .iter()
             .flat_map(|net| net.containers.iter())
+            .filter(|(id, _)| !self.excluded(snapshot, id))
             .filter_map(|(id, c)| {
                 let viewing: Vec<&Viewer> = policy.viewing(&c.viewers, now).collect();
                 if c.streams.is_empty() && viewing.is_empty() {
@@ -484,6 +489,21 @@ impl DrainController {
             })
             .collect();
         (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Whether `drain.exclude_containers` names the container, by id or by its pod's name.
+    fn excluded(&self, snapshot: &Snapshot, id: &str) -> bool {
+        let ex = &self.settings.exclude_containers;
+        if ex.is_empty() {
+            return false;
+        }
+        let pod = snapshot
+            .containers
+            .as_deref()
+            .and_then(|m| m.get(id))
+            .map(|m| m.pod_name.as_str())
+            .filter(|p| !p.is_empty());
+        ex.iter().any(|e| e == id || Some(e.as_str()) == pod)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -43,6 +43,9 @@ pub struct DrainConfig {
     /// 10 min (how long the TCP source remembers them).
     #[serde(with = "humantime_serde")]
     pub viewer_idle: Duration,
+    /// Containers whose streams and viewers never hold a drain (and are not listed in
+    /// `GetDrainStatus`): each entry a container id or a pod name, matched exactly (no globs).
+    pub exclude_containers: Vec<String>,
 }
 
 impl Default for DrainConfig {
@@ -63,6 +66,7 @@ impl Default for DrainConfig {
             .map(str::to_owned)
             .to_vec(),
             viewer_idle: DEFAULT_VIEWER_IDLE,
+            exclude_containers: Vec::new(),
         }
     }
 }

@@ -439,3 +439,38 @@ fn viewers_between_segment_fetches_hold_the_drain_until_viewer_idle_passes() {
     assert_eq!(p.viewers, 0);
     assert!(p.containers.is_empty());
 }
+
+#[test]
+fn excluded_containers_hold_nothing_by_id_or_by_pod_name() {
+    let clock = Arc::new(ManualClock::new(start()));
+    let store = Store::new();
+    publish(&store, clock.now(), 2, &both());
+    let drain = |exclude: &[&str]| {
+        let d = DrainController::with_settings(
+            clock.clone(),
+            DrainSettings {
+                exclude_containers: exclude.iter().map(|s| (*s).to_owned()).collect(),
+                ..DrainSettings::default()
+            },
+        );
+        d.begin(who("a"), Duration::from_secs(600));
+        d.progress(&store.snapshot())
+    };
+    assert_eq!((drain(&[]).ready, drain(&[]).live_streams), (false, 2));
+    assert_eq!(drain(&["other", "c-"]).live_streams, 2, "exact match only");
+    let p = drain(&["c"]);
+    assert!(p.ready && p.containers.is_empty(), "{}", p.ready_reason);
+    store.publish_container_meta(
+        [(
+            "c".to_owned(),
+            crate::store::ContainerMeta {
+                id: "c".to_owned(),
+                pod_name: "ingest-0".to_owned(),
+                ..Default::default()
+            },
+        )]
+        .into(),
+    );
+    assert!(drain(&["ingest-0"]).ready, "by its pod's name");
+    assert!(!drain(&["ingest-1"]).ready);
+}
