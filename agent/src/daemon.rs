@@ -66,6 +66,7 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
             stale_after: config.health.source_stale_after,
             state_file: Some(config.drain.state_path(&config.api.unix_socket)),
             policy: config.drain.policy(),
+            exclude_containers: config.drain.exclude_containers.clone(),
         },
     );
     let health = health::evaluator::spawn_with(

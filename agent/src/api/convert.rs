@@ -53,6 +53,14 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
     }
 }
 
+/// A viewer, with how long it has been idle at `now`.
+pub fn viewer(v: &store::Viewer, now: SystemTime) -> pb::Viewer {
+    pb::Viewer {
+        address: v.addr.to_string(),
+        idle_seconds: store::clock::elapsed(v.last_seen, now).as_secs_f64(),
+    }
+}
+
 /// Streams in a reply are capped so one message stays small.
 pub const MAX_STREAMS: usize = 1_000;
 /// Peers in a reply are capped for the same reason.

@@ -319,6 +319,12 @@ impl NodeHealth for Service {
                         .iter()
                         .map(|s| convert::live_stream(s, p.evaluated_at))
                         .collect(),
+                    viewers: c.viewers,
+                    viewer_list: c
+                        .viewer_list
+                        .iter()
+                        .map(|v| convert::viewer(v, p.evaluated_at))
+                        .collect(),
                 }
             })
             .collect();
@@ -331,6 +337,7 @@ impl NodeHealth for Service {
             streams_known: p.streams_known,
             evaluated_unix_ms: unix_ms(p.evaluated_at),
             truncated: p.truncated,
+            viewers: p.viewers,
         }))
     }
 

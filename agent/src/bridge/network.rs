@@ -10,7 +10,11 @@
 //!   dependency, which the drain lists but by default does not wait for). The TCP source keeps
 //!   no per-connection byte counts that would tell an idle one apart.
 //!
-//! Neither source's streams count for the host's cgroups (`drain.host_cgroups`: the root,
+//! Viewers: the remote hosts the TCP source saw a container serve lately, connected or not
+//! (`sources::tcp::viewers`), each with when it was last seen; the drain decides how recent
+//! still counts.
+//!
+//! Neither source's streams (nor viewers) count for the host's cgroups (`drain.host_cgroups`: the root,
 //! system.slice, ...) nor for the agent's own cgroup, so that kubelet, sshd and a controller
 //! polling `GetDrainStatus` over TCP do not hold up a drain. The agent's cgroup is the id the
 //! TCP source found for a socket of its own (right under a private cgroup namespace too), else
@@ -34,7 +38,7 @@ use crate::{
     },
     store::{
         ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, Peer,
-        PeerNetwork, Provenance, StreamDirection, StreamProtocol, Window,
+        PeerNetwork, Provenance, StreamDirection, StreamProtocol, Viewer, Window,
     },
 };
 
@@ -90,6 +94,7 @@ pub fn network_snapshot(
     for c in out.values_mut() {
         c.windows.sort_by_key(|w| w.window);
         c.streams.sort_by_key(|s| s.started_at);
+        c.viewers.sort_by_key(|v| std::cmp::Reverse(v.last_seen));
     }
     // The feeds are the bridge's to fill: only it sees the sources' tasks.
     NetworkSnapshot {
@@ -244,6 +249,10 @@ fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, streams: bool, params: &N
     c.totals += &t.totals;
     if streams {
         c.streams.extend(tcp_streams(t, params.now));
+        c.viewers.extend(t.viewers.iter().map(|v| Viewer {
+            addr: v.addr,
+            last_seen: params.now.checked_sub(v.idle).unwrap_or(params.now),
+        }));
     }
 }
 

@@ -446,3 +446,40 @@ fn totals_of_tcp_and_udp_and_of_every_id_of_one_container_add_up() {
     );
     assert_eq!((totals.rtp_packets, totals.rtp_lost), (9_000, 12));
 }
+
+#[test]
+fn viewers_carry_when_last_seen_and_never_come_from_host_cgroups() {
+    use crate::sources::tcp::viewers::ServedPeer;
+    let host = crate::health::drain::DrainConfig::default().host_cgroups;
+    let with_host = NetworkParams {
+        host_cgroups: &host,
+        ..params(None)
+    };
+    let mut t = tcp("/system.slice/nginx.service");
+    let served = |last: u8, idle| ServedPeer {
+        addr: std::net::IpAddr::from([10, 0, 0, last]),
+        idle: Duration::from_secs(idle),
+    };
+    for c in t.containers.values_mut() {
+        c.viewers = vec![served(7, 0), served(8, 12)];
+    }
+    let net = network_snapshot(Some(&t), None, &inventory(), &with_host);
+    let seen: Vec<(String, SystemTime)> = net.containers["live"]
+        .viewers
+        .iter()
+        .map(|v| (v.addr.to_string(), v.last_seen))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("10.0.0.7".to_owned(), now()),
+            ("10.0.0.8".to_owned(), now() - Duration::from_secs(12))
+        ]
+    );
+    assert!(
+        net.containers["/system.slice/nginx.service"]
+            .viewers
+            .is_empty(),
+        "a host service's clients are not viewers"
+    );
+}

@@ -26,7 +26,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::streams::StreamPolicy;
-use crate::store::{clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus};
+use crate::store::{clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus, Viewer};
 
 pub mod config;
 pub mod state;
@@ -70,6 +70,11 @@ pub struct ContainerStreams {
     pub live_streams: u32,
     /// The oldest of them, dependencies (outbound) included, as many as the reply's budget left.
     pub streams: Vec<LiveStream>,
+    /// Remote hosts it served within `drain.viewer_idle` ([`StreamPolicy::is_viewing`]),
+    /// counted exactly.
+    pub viewers: u32,
+    /// The most recent of them, as many as the reply's viewer budget left.
+    pub viewer_list: Vec<Viewer>,
 }
 
 /// The drain's progress.
@@ -81,7 +86,9 @@ pub struct DrainProgress {
     /// Streams the drain waits for on the node, summed over `containers` (exact, whatever
     /// was listed).
     pub live_streams: u32,
-    /// Whether some streams were left out of `containers` (`drain.max_streams_listed`).
+    /// Viewers on the node, summed over `containers` (exact, whatever was listed).
+    pub viewers: u32,
+    /// Whether some streams or viewers were left out of `containers` (`drain.max_streams_listed`).
     pub truncated: bool,
     /// Whether every enabled network feed has reported since it started, is fresh and can see,
     /// so that the counts mean something.
@@ -109,8 +116,11 @@ pub struct DrainSettings {
     pub stale_after: Duration,
     /// Where the state is kept; `None` keeps it in memory only (tests).
     pub state_file: Option<PathBuf>,
-    /// Which streams the drain waits for (`drain.wait_for_outbound`).
+    /// Which streams the drain waits for (`drain.wait_for_outbound`, `drain.viewer_idle`).
     pub policy: StreamPolicy,
+    /// `drain.exclude_containers`: container ids or pod names (exact) whose streams and viewers
+    /// never hold the drain and are not listed.
+    pub exclude_containers: Vec<String>,
 }
 
 impl Default for DrainSettings {
@@ -122,6 +132,7 @@ impl Default for DrainSettings {
             stale_after: super::HealthConfig::default().source_stale_after,
             state_file: None,
             policy: c.policy(),
+            exclude_containers: c.exclude_containers,
         }
     }
 }
@@ -345,28 +356,41 @@ impl DrainController {
         let held = self.lock().held.clone();
         let unknown = self.unknown_streams(snapshot, now);
         let streams_known = unknown.is_none();
+        let policy = self.settings.policy;
         let mut budget = self.settings.max_streams_listed;
+        let mut viewer_budget = self.settings.max_streams_listed;
         let mut truncated = false;
         let containers: Vec<ContainerStreams> = snapshot
             .network
             .iter()
             .flat_map(|net| net.containers.iter())
-            .filter(|(_, c)| !c.streams.is_empty())
-            .map(|(id, c)| {
+            .filter(|(id, _)| !self.excluded(snapshot, id))
+            .filter_map(|(id, c)| {
+                let viewing: Vec<&Viewer> = policy.viewing(&c.viewers, now).collect();
+                if c.streams.is_empty() && viewing.is_empty() {
+                    return None;
+                }
                 let listed = c.streams.len().min(budget);
                 budget -= listed;
-                truncated |= listed < c.streams.len();
-                ContainerStreams {
+                let viewers_listed = viewing.len().min(viewer_budget);
+                viewer_budget -= viewers_listed;
+                truncated |= listed < c.streams.len() || viewers_listed < viewing.len();
+                Some(ContainerStreams {
                     container_id: id.clone(),
                     established_connections: c.established_connections,
-                    live_streams: self.settings.policy.held(&c.streams),
+                    live_streams: policy.held(&c.streams),
                     streams: c.streams[..listed].to_vec(),
-                }
+                    viewers: u32::try_from(viewing.len()).unwrap_or(u32::MAX),
+                    viewer_list: viewing[..viewers_listed].iter().map(|v| **v).collect(),
+                })
             })
             .collect();
         let live_streams = containers
             .iter()
             .fold(0u32, |n, c| n.saturating_add(c.live_streams));
+        let viewers = containers
+            .iter()
+            .fold(0u32, |n, c| n.saturating_add(c.viewers));
         let (ready, ready_reason) = match &held {
             None => (false, "not draining".to_owned()),
             Some(Held {
@@ -388,12 +412,18 @@ impl DrainController {
                     unknown.unwrap_or_default()
                 ),
             ),
-            Some(_) if live_streams == 0 => (true, "no live streams remain".to_owned()),
+            Some(_) if live_streams == 0 && viewers == 0 => {
+                (true, "no live streams or viewers remain".to_owned())
+            }
             Some(h) => (
                 false,
                 format!(
-                    "{live_streams} live stream(s) in {} container(s); deadline in {}",
-                    containers.iter().filter(|c| c.live_streams > 0).count(),
+                    "{live_streams} live stream(s) and {viewers} viewer(s) in {} container(s); \
+                     deadline in {}",
+                    containers
+                        .iter()
+                        .filter(|c| c.live_streams > 0 || c.viewers > 0)
+                        .count(),
                     humantime::format_duration(Duration::from_secs(
                         h.deadline_mono
                             .map_or(Duration::ZERO, |d| d.saturating_sub(mono))
@@ -406,6 +436,7 @@ impl DrainController {
             drain: held.map(|h| h.drain),
             containers,
             live_streams,
+            viewers,
             truncated,
             streams_known,
             ready,
@@ -458,6 +489,21 @@ impl DrainController {
             })
             .collect();
         (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Whether `drain.exclude_containers` names the container, by id or by its pod's name.
+    fn excluded(&self, snapshot: &Snapshot, id: &str) -> bool {
+        let ex = &self.settings.exclude_containers;
+        if ex.is_empty() {
+            return false;
+        }
+        let pod = snapshot
+            .containers
+            .as_deref()
+            .and_then(|m| m.get(id))
+            .map(|m| m.pod_name.as_str())
+            .filter(|p| !p.is_empty());
+        ex.iter().any(|e| e == id || Some(e.as_str()) == pod)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -5,16 +5,45 @@
 //! on a guess). Outbound connections — a container's own connections to its database or cache —
 //! are listed as dependencies and waited for only with `drain.wait_for_outbound`. Host cgroups
 //! and the agent's own are left out earlier, by the bridge: they are not streams at all.
+//!
+//! Viewers: a remote host a container served within `drain.viewer_idle` holds the drain too,
+//! connected or not, so that an HLS/DASH player between two segment fetches (no connection at
+//! that moment) still counts as watching.
 
-use crate::store::{LiveStream, StreamDirection};
+use std::time::{Duration, SystemTime};
+
+use crate::store::{LiveStream, StreamDirection, Viewer};
 
 /// What the drain waits for, from `[drain]` ([`super::drain::DrainConfig::policy`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPolicy {
     pub wait_for_outbound: bool,
+    /// How long after its last connection closed a served host still counts as a viewer.
+    pub viewer_idle: Duration,
+}
+
+impl Default for StreamPolicy {
+    fn default() -> Self {
+        Self {
+            wait_for_outbound: false,
+            viewer_idle: super::drain::config::DEFAULT_VIEWER_IDLE,
+        }
+    }
 }
 
 impl StreamPolicy {
+    /// Whether `viewer` still counts at `now`: seen within `viewer_idle` (a clock step back
+    /// that puts `last_seen` ahead of `now` counts as just seen).
+    pub fn is_viewing(self, viewer: &Viewer, now: SystemTime) -> bool {
+        now.duration_since(viewer.last_seen)
+            .map_or(true, |idle| idle <= self.viewer_idle)
+    }
+
+    /// The viewers of `viewers` that still count at `now`.
+    pub fn viewing(self, viewers: &[Viewer], now: SystemTime) -> impl Iterator<Item = &Viewer> {
+        viewers.iter().filter(move |v| self.is_viewing(v, now))
+    }
+
     /// Whether the drain waits for this stream to end.
     pub fn holds_drain(self, stream: &LiveStream) -> bool {
         match stream.direction {
@@ -59,7 +88,31 @@ mod tests {
         assert_eq!(StreamPolicy::default().held(&streams), 2);
         let all = StreamPolicy {
             wait_for_outbound: true,
+            ..StreamPolicy::default()
         };
         assert_eq!(all.held(&streams), 3);
+    }
+
+    #[test]
+    fn a_served_host_is_a_viewer_until_viewer_idle_after_it_was_last_seen() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let policy = StreamPolicy {
+            viewer_idle: Duration::from_secs(4),
+            ..StreamPolicy::default()
+        };
+        let seen = |ago: u64| Viewer {
+            addr: [10, 0, 0, 1].into(),
+            last_seen: now - Duration::from_secs(ago),
+        };
+        assert!(policy.is_viewing(&seen(0), now));
+        assert!(policy.is_viewing(&seen(4), now));
+        assert!(!policy.is_viewing(&seen(5), now));
+        let ahead = Viewer {
+            last_seen: now + Duration::from_secs(3),
+            ..seen(0)
+        };
+        assert!(policy.is_viewing(&ahead, now), "a clock step back");
+        let all = [seen(1), seen(9), seen(2)];
+        assert_eq!(policy.viewing(&all, now).count(), 2);
     }
 }

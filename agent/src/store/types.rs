@@ -170,6 +170,16 @@ pub struct LiveStream {
     pub viewers: u32,
 }
 
+/// A remote host that a container served (a connection accepted on one of its listening
+/// sockets came from it): one per address, whatever its ports, so that a player fetching each
+/// segment on a new connection is one viewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewer {
+    pub addr: IpAddr,
+    /// Now while a connection from it is open, else when its last one closed.
+    pub last_seen: SystemTime,
+}
+
 /// A container's remote peer: one address and port, or, once a container has more peers than
 /// `tcp.max_peers`, the prefix (/24, /64) the rest are folded into. Written as `addr:port`
 /// (`[v6]:port`), `prefix/len` or `other` only at the edges (API, logs).
@@ -300,6 +310,10 @@ pub struct ContainerNetwork {
     pub established_connections: u32,
     /// Live streams right now (oldest first).
     pub streams: Vec<LiveStream>,
+    /// Remote hosts the container served over TCP lately, connected now or not (most recent
+    /// first); the drain counts those seen within `drain.viewer_idle`. Empty for the host's
+    /// cgroups and the agent's own, like `streams`.
+    pub viewers: Vec<Viewer>,
     pub peers: Vec<PeerNetwork>,
     /// Counters since the agent started (what /metrics exports as `_total` and `_bucket`).
     pub totals: NetworkTotals,

@@ -1007,6 +1007,27 @@ pub struct ContainerStreams {
     /// `GetDrainStatusResponse.truncated`).
     #[prost(message, repeated, tag = "6")]
     pub streams: ::prost::alloc::vec::Vec<LiveStream>,
+    /// Viewers (count, exact): remote hosts this container served (TCP connections it accepted
+    /// came from them) within the agent's `drain.viewer_idle` (30 s by default), connected now or
+    /// not, so that HLS/DASH players between two segment fetches count. One per remote address.
+    /// They hold the drain like live streams.
+    #[prost(uint32, tag = "7")]
+    pub viewers: u32,
+    /// The most recent of them, at most the agent's `drain.max_streams_listed` over all
+    /// containers (see `GetDrainStatusResponse.truncated`).
+    #[prost(message, repeated, tag = "8")]
+    pub viewer_list: ::prost::alloc::vec::Vec<Viewer>,
+}
+/// A remote host a container served lately.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Viewer {
+    /// Its IP address (no port: each of its connections may come from another port).
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    /// Seconds since its last connection closed; 0 while one is open.
+    #[prost(double, tag = "2")]
+    pub idle_seconds: f64,
 }
 /// The drain's progress.
 #[allow(clippy::all)]
@@ -1022,7 +1043,7 @@ pub struct GetDrainStatusResponse {
     /// truncated).
     #[prost(uint32, tag = "3")]
     pub live_streams: u32,
-    /// True when draining and either no live stream is left or the deadline passed.
+    /// True when draining and either no live stream and no viewer is left or the deadline passed.
     #[prost(bool, tag = "4")]
     pub ready_to_drain: bool,
     /// Why ready or not, in words.
@@ -1037,10 +1058,14 @@ pub struct GetDrainStatusResponse {
     /// When this status was computed, Unix epoch milliseconds.
     #[prost(int64, tag = "7")]
     pub evaluated_unix_ms: i64,
-    /// True when some streams are not listed in `containers` (the reply's cap); `live_streams` and
-    /// each container's `live_streams` still count them all.
+    /// True when some streams or viewers are not listed in `containers` (the reply's cap);
+    /// `live_streams`, `viewers` and each container's counts still count them all.
     #[prost(bool, tag = "8")]
     pub truncated: bool,
+    /// Viewers on the node (count, exact; see `ContainerStreams.viewers`). The drain is ready only
+    /// when this and `live_streams` are both 0, or the deadline passed.
+    #[prost(uint32, tag = "9")]
+    pub viewers: u32,
 }
 /// End a drain.
 #[allow(clippy::all)]

@@ -2,7 +2,10 @@
 //! which streams the drain waits for.
 //! Every default is documented here and in `packaging/nodeward.toml`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +15,8 @@ use crate::health::streams::StreamPolicy;
 pub const STATE_FILE_NAME: &str = "drain.json";
 /// Where the state goes when neither `drain.state_file` nor `api.unix_socket` names a place.
 pub const DEFAULT_RUN_DIR: &str = "/run/nodeward";
+/// `drain.viewer_idle` by default.
+pub const DEFAULT_VIEWER_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +37,15 @@ pub struct DrainConfig {
     /// entry covers that cgroup and every cgroup below it, except `/`, which covers the root
     /// cgroup alone. Empty: every cgroup's connections count.
     pub host_cgroups: Vec<String>,
+    /// A remote host that a container served (a connection accepted by it) holds the drain for
+    /// this long after its last connection closed, so that HLS/DASH players fetching segments
+    /// on new connections count between fetches. 0 s: only open connections count. At most
+    /// 10 min (how long the TCP source remembers them).
+    #[serde(with = "humantime_serde")]
+    pub viewer_idle: Duration,
+    /// Containers whose streams and viewers never hold a drain (and are not listed in
+    /// `GetDrainStatus`): each entry a container id or a pod name, matched exactly (no globs).
+    pub exclude_containers: Vec<String>,
 }
 
 impl Default for DrainConfig {
@@ -51,6 +65,8 @@ impl Default for DrainConfig {
             ]
             .map(str::to_owned)
             .to_vec(),
+            viewer_idle: DEFAULT_VIEWER_IDLE,
+            exclude_containers: Vec::new(),
         }
     }
 }
@@ -58,6 +74,13 @@ impl Default for DrainConfig {
 impl DrainConfig {
     /// A config error in words, or `None`.
     pub fn check(&self) -> Option<String> {
+        use crate::sources::tcp::viewers::VIEWER_RETAIN;
+        if self.viewer_idle > VIEWER_RETAIN {
+            return Some(format!(
+                "drain.viewer_idle is above {} (how long viewers are remembered)",
+                humantime::format_duration(VIEWER_RETAIN)
+            ));
+        }
         self.host_cgroups
             .iter()
             .find(|p| !p.starts_with('/'))
@@ -68,6 +91,7 @@ impl DrainConfig {
     pub fn policy(&self) -> StreamPolicy {
         StreamPolicy {
             wait_for_outbound: self.wait_for_outbound,
+            viewer_idle: self.viewer_idle,
         }
     }
 
@@ -118,5 +142,10 @@ mod tests {
             ..DrainConfig::default()
         };
         assert!(bad.check().is_some());
+        let too_long = DrainConfig {
+            viewer_idle: Duration::from_secs(601),
+            ..DrainConfig::default()
+        };
+        assert!(too_long.check().is_some());
     }
 }

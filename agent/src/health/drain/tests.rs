@@ -2,7 +2,9 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use super::*;
 use crate::{
-    store::{ContainerNetwork, ManualClock, NetworkSnapshot, Provenance, Store, StreamProtocol},
+    store::{
+        ContainerNetwork, ManualClock, NetworkSnapshot, Provenance, Store, StreamProtocol, Viewer,
+    },
     task::TaskHealth,
 };
 
@@ -372,4 +374,103 @@ fn a_failed_save_is_reported_until_one_works() {
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].reason, "NotSaved");
     let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// A network report where container `c` has no connection but served `viewers` (each last
+/// seen at `last_seen`).
+fn publish_viewers(store: &Store, at: SystemTime, viewers: u8, last_seen: SystemTime) {
+    let mut containers = BTreeMap::new();
+    containers.insert(
+        "c".to_owned(),
+        ContainerNetwork {
+            viewers: (1..=viewers)
+                .map(|i| Viewer {
+                    addr: [10, 0, 0, i].into(),
+                    last_seen,
+                })
+                .collect(),
+            ..Default::default()
+        },
+    );
+    store.publish_network(
+        at,
+        Provenance::default(),
+        NetworkSnapshot {
+            containers,
+            feeds: both().into_iter().collect(),
+        },
+    );
+}
+
+#[test]
+fn viewers_between_segment_fetches_hold_the_drain_until_viewer_idle_passes() {
+    let clock = Arc::new(ManualClock::new(start()));
+    let d = DrainController::with_settings(
+        clock.clone(),
+        DrainSettings {
+            max_streams_listed: 2,
+            policy: StreamPolicy {
+                viewer_idle: Duration::from_secs(4),
+                ..StreamPolicy::default()
+            },
+            ..DrainSettings::default()
+        },
+    );
+    let store = Store::new();
+    d.begin(who("a"), Duration::from_secs(600));
+    let fetched = clock.now();
+    clock.advance(Duration::from_secs(2));
+    publish_viewers(&store, clock.now(), 3, fetched);
+    let p = d.progress(&store.snapshot());
+    assert!(!p.ready, "no connection, yet three hosts are watching");
+    assert_eq!((p.live_streams, p.viewers), (0, 3));
+    assert_eq!(p.containers.len(), 1);
+    assert_eq!(p.containers[0].viewers, 3);
+    assert_eq!(
+        p.containers[0].viewer_list.len(),
+        2,
+        "listed up to the bound"
+    );
+    assert!(p.truncated);
+    clock.advance(Duration::from_secs(3));
+    publish_viewers(&store, clock.now(), 3, fetched);
+    let p = d.progress(&store.snapshot());
+    assert!(p.ready, "5 s after the last fetch: {}", p.ready_reason);
+    assert_eq!(p.viewers, 0);
+    assert!(p.containers.is_empty());
+}
+
+#[test]
+fn excluded_containers_hold_nothing_by_id_or_by_pod_name() {
+    let clock = Arc::new(ManualClock::new(start()));
+    let store = Store::new();
+    publish(&store, clock.now(), 2, &both());
+    let drain = |exclude: &[&str]| {
+        let d = DrainController::with_settings(
+            clock.clone(),
+            DrainSettings {
+                exclude_containers: exclude.iter().map(|s| (*s).to_owned()).collect(),
+                ..DrainSettings::default()
+            },
+        );
+        d.begin(who("a"), Duration::from_secs(600));
+        d.progress(&store.snapshot())
+    };
+    assert_eq!((drain(&[]).ready, drain(&[]).live_streams), (false, 2));
+    assert_eq!(drain(&["other", "c-"]).live_streams, 2, "exact match only");
+    let p = drain(&["c"]);
+    assert!(p.ready && p.containers.is_empty(), "{}", p.ready_reason);
+    store.publish_container_meta(
+        [(
+            "c".to_owned(),
+            crate::store::ContainerMeta {
+                id: "c".to_owned(),
+                pod_name: "ingest-0".to_owned(),
+                ..Default::default()
+            },
+        )]
+        .into(),
+    );
+    assert!(drain(&["ingest-0"]).ready, "by its pod's name");
+    assert!(!drain(&["ingest-1"]).ready);
 }

@@ -36,6 +36,7 @@ pub mod hist;
 mod own;
 mod seed;
 pub mod snapshot;
+pub mod viewers;
 pub mod window;
 
 pub use collector::{Collector, Source};

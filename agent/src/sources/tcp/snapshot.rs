@@ -144,6 +144,9 @@ pub struct ContainerTcp {
     /// the bounded flow map does not hold, so without age or peer.
     pub established_untracked: u64,
     pub peers: Vec<PeerTcp>,
+    /// Remote hosts that connections accepted by the container came from lately (see
+    /// `viewers.rs`), most recent first.
+    pub viewers: Vec<super::viewers::ServedPeer>,
     /// Counters since the agent started, carried across restarts of the source (the RTP
     /// fields stay 0: they are the UDP source's).
     pub totals: NetworkTotals,

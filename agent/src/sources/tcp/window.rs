@@ -22,6 +22,7 @@ use super::{
         flow_direction, ContainerTcp, DirectionCounts, Drops, PeerTcp, PeerWindow, TcpSnapshot,
         WindowStats,
     },
+    viewers::{ServedPeer, ServedPeers},
 };
 
 /// An established connection in this read.
@@ -168,6 +169,8 @@ pub struct Tracker {
     /// Cgroups cleaned up whose directory is gone: their totals go once nothing else of
     /// theirs is reported.
     gone: std::collections::HashSet<u64>,
+    /// Remote hosts each container served lately (its viewers).
+    served: ServedPeers,
     tick_no: u64,
 }
 
@@ -183,6 +186,7 @@ impl Tracker {
             last_active: HashMap::new(),
             totals: HashMap::new(),
             gone: std::collections::HashSet::new(),
+            served: ServedPeers::default(),
             tick_no: 0,
         }
     }
@@ -320,6 +324,15 @@ impl Tracker {
                 .copied()
                 .unwrap_or_default();
             let peer = self.peer_key(flow.cgroup_id, flow);
+            if flow_direction(flow.passive) == StreamDirection::Served {
+                let seen = if flow.closed_ns != 0 {
+                    flow.closed_ns
+                } else {
+                    raw.now_ns
+                };
+                self.served
+                    .saw(flow.cgroup_id, flow_addr(flow), seen, self.limits.max_peers);
+            }
             #[expect(
                 clippy::cast_precision_loss,
                 reason = "µs sums far below 2^52 per tick"
@@ -385,7 +398,8 @@ impl Tracker {
         self.add_totals(&tick);
         self.ring.push_front(tick);
         self.ring.truncate(self.longest());
-        let mut snapshot = self.snapshot(&raw, &open, resolve);
+        let viewers = self.served.current(raw.now_ns);
+        let mut snapshot = self.snapshot(&raw, &open, viewers, resolve);
         // Gone cgroups keep their totals while their windows still report them, so that no
         // snapshot shows a counter of theirs at 0; then they leave the snapshot altogether.
         let mut gone = std::mem::take(&mut self.gone);
@@ -396,6 +410,7 @@ impl Tracker {
                     && c.peers.is_empty()
                     && c.established == 0
                     && c.established_untracked == 0
+                    && c.viewers.is_empty()
             });
             if only_totals {
                 self.totals.remove(id);
@@ -411,6 +426,7 @@ impl Tracker {
         &self,
         raw: &RawRead,
         open: &HashMap<u64, Vec<OpenFlow>>,
+        viewers: HashMap<u64, Vec<ServedPeer>>,
         resolve: &mut dyn FnMut(u64) -> Option<String>,
     ) -> TcpSnapshot {
         let mut containers: BTreeMap<u64, ContainerTcp> = BTreeMap::new();
@@ -483,6 +499,12 @@ impl Tracker {
                 .entry(*id)
                 .or_insert_with(|| ContainerTcp::new(*id))
                 .totals = t.network();
+        }
+        for (id, v) in viewers {
+            containers
+                .entry(id)
+                .or_insert_with(|| ContainerTcp::new(id))
+                .viewers = v;
         }
         for c in containers.values_mut() {
             c.cgroup_path = resolve(c.cgroup_id);

@@ -410,3 +410,64 @@ fn each_connection_keeps_the_direction_the_kernel_recorded_per_container_and_pee
         .expect("folded peer");
     assert_eq!(folded.established_by.unknown, 1);
 }
+
+#[test]
+fn served_hosts_stay_viewers_between_connections_and_outbound_ones_never_are() {
+    use agent_ebpf::tcp::direction;
+    let mut t = Tracker::new(limits());
+    let with = |mut f: FlowState, passive, closed_ns| {
+        f.passive = passive;
+        f.closed_ns = closed_ns;
+        f
+    };
+    // A segment fetch from 10.0.0.2 that closed at 9 s (now is 11 s), one open from 10.0.0.3,
+    // and the container's own connection to a database.
+    let flows = vec![
+        (
+            1,
+            with(
+                flow(7, [10, 0, 0, 2], 40001, 1),
+                direction::PASSIVE,
+                9_000_000_000,
+            ),
+        ),
+        (
+            2,
+            with(flow(7, [10, 0, 0, 3], 40002, 1), direction::PASSIVE, 0),
+        ),
+        (
+            3,
+            with(flow(7, [10, 0, 0, 9], 5432, 1), direction::ACTIVE, 0),
+        ),
+    ];
+    let (snap, _) = t.update(read(10, flows), &mut |_| None);
+    let viewers = &snap.container(7).expect("cgroup 7").viewers;
+    let seen: Vec<(IpAddr, u64)> = viewers.iter().map(|v| (v.addr, v.idle.as_secs())).collect();
+    assert_eq!(
+        seen,
+        [
+            (IpAddr::from([10, 0, 0, 3]), 0),
+            (IpAddr::from([10, 0, 0, 2]), 2)
+        ]
+    );
+    // Next tick: the closed fetch is gone from the map, its host is still a viewer, now
+    // idle for longer; a new fetch from it on another port is the same viewer.
+    let mut next = read(
+        10,
+        vec![(
+            4,
+            with(flow(7, [10, 0, 0, 2], 40003, 1), direction::PASSIVE, 0),
+        )],
+    );
+    next.now_ns = 12_000_000_000;
+    let (snap, _) = t.update(next, &mut |_| None);
+    let viewers = &snap.container(7).expect("cgroup 7").viewers;
+    let seen: Vec<(IpAddr, u64)> = viewers.iter().map(|v| (v.addr, v.idle.as_secs())).collect();
+    assert_eq!(
+        seen,
+        [
+            (IpAddr::from([10, 0, 0, 2]), 0),
+            (IpAddr::from([10, 0, 0, 3]), 1)
+        ]
+    );
+}
