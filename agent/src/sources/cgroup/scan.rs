@@ -132,6 +132,7 @@ pub struct Scanner {
     rates: RateTable<String, 8>,
     node_rates: Rates<6>,
     held: HashMap<String, Held>,
+    full_read_every: Duration,
     scans: u64,
 }
 
@@ -155,8 +156,17 @@ impl Scanner {
             rates: RateTable::default(),
             node_rates: Rates::default(),
             held: HashMap::new(),
+            full_read_every: FULL_READ_EVERY,
             scans: 0,
         })
+    }
+
+    /// Another bound than [`FULL_READ_EVERY`]; zero reads every file of every workload on
+    /// every scan (the benchmark's baseline).
+    #[must_use]
+    pub fn with_full_read_every(mut self, every: Duration) -> Self {
+        self.full_read_every = every;
+        self
     }
 
     pub fn layout(&self) -> Option<&Layout> {
@@ -254,7 +264,7 @@ impl Scanner {
 
 impl Scanner {
     /// A workload's stats, and whether they are its last full read (its CPU counter had not
-    /// moved and that read is younger than [`FULL_READ_EVERY`]). `None`: the cgroup is gone.
+    /// moved and that read is younger than `full_read_every`). `None`: the cgroup is gone.
     fn stats_of(
         &mut self,
         path: &str,
@@ -263,7 +273,7 @@ impl Scanner {
         now: Instant,
     ) -> Option<(CgroupStats, bool)> {
         if let Some(h) = self.held.get_mut(path) {
-            let fresh = now.saturating_duration_since(h.read_at) < FULL_READ_EVERY;
+            let fresh = now.saturating_duration_since(h.read_at) < self.full_read_every;
             if fresh
                 && h.stats.cpu.usage_ns.is_some()
                 && self.reader.cpu_usage_ns(dirs, v2_controllers) == h.stats.cpu.usage_ns
