@@ -157,7 +157,7 @@ impl Reader {
             (dirs.cpuacct.as_deref()?, "cpuacct.usage")
         };
         let fd = rustix::fs::open(
-            &dir.join(file),
+            dir.join(file),
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
