@@ -107,6 +107,7 @@ fn log_summary(s: &Snapshot) {
     tracing::debug!(
         workloads = s.workloads.len(),
         vanished = s.vanished,
+        quiet = s.quiet,
         cpu_cores_10s = format_args!("{cores:.2}"),
         memory_mib = memory >> 20,
         node_cpu_busy_10s = format_args!("{:.2}", s.node_rates.cpu_busy[0].unwrap_or(0.0)),

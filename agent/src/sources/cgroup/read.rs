@@ -92,6 +92,11 @@ impl Reader {
         use rustix::fs::{Mode, OFlags};
         let fd =
             rustix::fs::openat(dir, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        self.fill(fd)
+    }
+
+    /// Reads all of `fd` into the reused buffer.
+    fn fill(&mut self, fd: OwnedFd) -> Option<&str> {
         let mut f = std::fs::File::from(fd);
         if self.buf.is_empty() {
             self.buf.resize(INITIAL_BUF, 0);
@@ -138,6 +143,31 @@ impl Reader {
         match self.text(dir, file) {
             Some(text) => parse::keyed_pick(text, keys),
             None => [None; N],
+        }
+    }
+
+    /// Only the workload's total CPU usage in ns (v2 `cpu.stat`, v1 `cpuacct.usage`): one file,
+    /// opened by its full path, so the check costs three system calls. `None` when the file
+    /// cannot be read or parsed (the caller then reads everything, which says why).
+    pub fn cpu_usage_ns(&mut self, dirs: &CgroupDirs, v2_controllers: bool) -> Option<u64> {
+        use rustix::fs::{Mode, OFlags};
+        let (dir, file) = if v2_controllers {
+            (dirs.unified.as_deref()?, "cpu.stat")
+        } else {
+            (dirs.cpuacct.as_deref()?, "cpuacct.usage")
+        };
+        let fd = rustix::fs::open(
+            dir.join(file),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let text = self.fill(fd)?;
+        if v2_controllers {
+            let [usage] = parse::keyed_pick(text, ["usage_usec"]);
+            usage.map(|us| us.saturating_mul(1000))
+        } else {
+            parse::u64_value(text).ok()
         }
     }
 

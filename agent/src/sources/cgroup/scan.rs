@@ -3,6 +3,7 @@
 //! buffer); the daemon's task, the integration tests and the benchmark all drive it directly.
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use super::read::{CgroupStats, Reader};
 use crate::{
-    containers::{Container, Inventory, Layout},
+    containers::{CgroupDirs, Container, Inventory, Layout},
     sources::{
         node::{self, NodeConfig, NodeStats},
         rates::{RateTable, Rates},
@@ -75,6 +76,10 @@ pub struct Snapshot {
     pub node_rates: NodeRates,
     /// Workloads found in the walk whose cgroup was gone by the time its stats were read.
     pub vanished: usize,
+    /// Workloads whose CPU counter had not moved since their last full read: only that counter
+    /// was read, their other figures are from the last full read (at most [`FULL_READ_EVERY`]
+    /// old).
+    pub quiet: usize,
     /// Cgroup files that held something unparsable, since the agent started.
     pub parse_errors: u64,
 }
@@ -90,6 +95,7 @@ impl Default for Snapshot {
             node: None,
             node_rates: NodeRates::default(),
             vanished: 0,
+            quiet: 0,
             parse_errors: 0,
         }
     }
@@ -101,6 +107,22 @@ pub enum ScanError {
     Layout(#[from] crate::containers::LayoutError),
 }
 
+/// How old a quiet workload's figures may get: past this, it is read in full whatever its CPU
+/// counter says. A workload that used no CPU in a tick ran no task in it, so it made no new
+/// allocations, forks or I/O of its own; what can still move meanwhile (reclaim of its memory
+/// by kswapd, writeback of its dirty pages, PSI of tasks blocked without running) is read at
+/// this pace, which is the span of the shortest rate window and of PSI's `avg10`.
+pub const FULL_READ_EVERY: Duration = Duration::from_secs(10);
+
+/// A workload's last full read.
+#[derive(Debug)]
+struct Held {
+    stats: CgroupStats,
+    read_at: Instant,
+    /// The scan that last found the workload, to forget the ones that went away.
+    seen: u64,
+}
+
 #[derive(Debug)]
 pub struct Scanner {
     layout: Option<Layout>,
@@ -109,6 +131,9 @@ pub struct Scanner {
     reader: Reader,
     rates: RateTable<String, 8>,
     node_rates: Rates<6>,
+    held: HashMap<String, Held>,
+    full_read_every: Duration,
+    scans: u64,
 }
 
 impl Scanner {
@@ -130,7 +155,18 @@ impl Scanner {
             reader: Reader::default(),
             rates: RateTable::default(),
             node_rates: Rates::default(),
+            held: HashMap::new(),
+            full_read_every: FULL_READ_EVERY,
+            scans: 0,
         })
+    }
+
+    /// Another bound than [`FULL_READ_EVERY`]; zero reads every file of every workload on
+    /// every scan (the benchmark's baseline).
+    #[must_use]
+    pub fn with_full_read_every(mut self, every: Duration) -> Self {
+        self.full_read_every = every;
+        self
     }
 
     pub fn layout(&self) -> Option<&Layout> {
@@ -144,14 +180,18 @@ impl Scanner {
             layout: self.layout.clone(),
             ..Snapshot::default()
         };
-        if let Some(layout) = &self.layout {
-            let inventory = Inventory::scan(layout, &self.proc_root);
+        self.scans += 1;
+        if let Some(layout) = self.layout.clone() {
+            let inventory = Inventory::scan(&layout, &self.proc_root);
             let v2_controllers = matches!(layout, Layout::V2 { .. });
             for c in &inventory.containers {
-                let Some(stats) = self.reader.read(&layout.dirs(&c.path), v2_controllers) else {
+                let dirs = layout.dirs(&c.path);
+                let Some((stats, quiet)) = self.stats_of(&c.path, &dirs, v2_controllers, now)
+                else {
                     snap.vanished += 1;
                     continue;
                 };
+                snap.quiet += usize::from(quiet);
                 let (read, write) = stats.io.iter().fold((0u64, 0u64), |(r, w), d| {
                     (
                         r.saturating_add(d.read_bytes),
@@ -198,6 +238,8 @@ impl Scanner {
                 });
             }
             self.rates.retain_updated();
+            let scan = self.scans;
+            self.held.retain(|_, h| h.seen == scan);
             snap.inventory = Arc::new(inventory);
         }
         if let Some(cfg) = &self.node {
@@ -217,6 +259,42 @@ impl Scanner {
         snap.parse_errors = self.reader.parse_errors;
         snap.scan_duration = started.elapsed();
         snap
+    }
+}
+
+impl Scanner {
+    /// A workload's stats, and whether they are its last full read (its CPU counter had not
+    /// moved and that read is younger than `full_read_every`). `None`: the cgroup is gone.
+    fn stats_of(
+        &mut self,
+        path: &str,
+        dirs: &CgroupDirs,
+        v2_controllers: bool,
+        now: Instant,
+    ) -> Option<(CgroupStats, bool)> {
+        if let Some(h) = self.held.get_mut(path) {
+            let fresh = now.saturating_duration_since(h.read_at) < self.full_read_every;
+            if fresh
+                && h.stats.cpu.usage_ns.is_some()
+                && self.reader.cpu_usage_ns(dirs, v2_controllers) == h.stats.cpu.usage_ns
+            {
+                h.seen = self.scans;
+                return Some((h.stats.clone(), true));
+            }
+        }
+        let stats = self.reader.read(dirs, v2_controllers)?;
+        let held = Held {
+            stats: stats.clone(),
+            read_at: now,
+            seen: self.scans,
+        };
+        match self.held.get_mut(path) {
+            Some(h) => *h = held,
+            None => {
+                self.held.insert(path.to_owned(), held);
+            }
+        }
+        Some((stats, false))
     }
 }
 
@@ -323,6 +401,72 @@ mod tests {
             got.rates.cpu, [None; 3],
             "a new baseline, not a negative rate"
         );
+    }
+
+    #[test]
+    fn a_quiet_container_is_read_in_full_only_when_its_cpu_moves_or_its_read_ages() {
+        let dir = TempDir::new("nodeward-scan-quiet").expect("temp");
+        let written =
+            write_tree(&dir.path, FixtureLayout::V2, Driver::Systemd, 3, 0).expect("fixture");
+        let mut s = scanner(&config_for(&dir.path)).expect("scanner");
+        let memory_of = |snap: &Snapshot, path: &str| {
+            snap.workloads
+                .iter()
+                .find(|x| x.container.path == path)
+                .and_then(|x| x.stats.memory.current_bytes)
+        };
+        let t0 = Instant::now();
+        let first = s.scan(t0);
+        assert_eq!((first.workloads.len(), first.quiet), (3, 0));
+        let w = &written[0];
+        let cgroup = dir.path.join(&w.path);
+        std::fs::write(cgroup.join("memory.current"), "4096\n").expect("write");
+        // No CPU used: the last full read stands, only the CPU counter was read.
+        let second = s.scan(t0 + Duration::from_secs(1));
+        assert_eq!(second.quiet, 3);
+        assert_eq!(memory_of(&second, &w.path), Some(w.memory_bytes));
+        // Once the read is FULL_READ_EVERY old, everything is read again.
+        let third = s.scan(t0 + FULL_READ_EVERY);
+        assert_eq!(third.quiet, 0);
+        assert_eq!(memory_of(&third, &w.path), Some(4096));
+        // CPU used: read in full at once.
+        std::fs::write(cgroup.join("memory.current"), "8192\n").expect("write");
+        let usec = w.cpu_usage_ns / 1000 + 1;
+        std::fs::write(
+            cgroup.join("cpu.stat"),
+            format!("usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n"),
+        )
+        .expect("write");
+        let fourth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(1));
+        assert_eq!(fourth.quiet, 2);
+        assert_eq!(memory_of(&fourth, &w.path), Some(8192));
+        // A container that went away is forgotten, and one that comes back is read in full.
+        let gone = &written[1];
+        let saved = dir.path.join("saved");
+        std::fs::rename(dir.path.join(&gone.path), &saved).expect("move away");
+        let fifth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(2));
+        assert_eq!(fifth.workloads.len(), 2);
+        std::fs::write(saved.join("memory.current"), "12288\n").expect("write");
+        std::fs::rename(&saved, dir.path.join(&gone.path)).expect("move back");
+        let sixth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(3));
+        assert_eq!(sixth.quiet, 2, "{:?}", sixth.workloads.len());
+        assert_eq!(memory_of(&sixth, &gone.path), Some(12288));
+    }
+
+    #[test]
+    fn quiet_containers_are_recognised_on_every_layout() {
+        for layout in [FixtureLayout::V2, FixtureLayout::Hybrid, FixtureLayout::V1] {
+            let dir = TempDir::new("nodeward-scan-quiet-layouts").expect("temp");
+            write_tree(&dir.path, layout, Driver::Cgroupfs, 2, 0).expect("fixture");
+            let mut s = scanner(&config_for(&dir.path)).expect("scanner");
+            let t0 = Instant::now();
+            let first = s.scan(t0);
+            let second = s.scan(t0 + Duration::from_secs(1));
+            let stats = |s: &Snapshot| s.workloads.iter().map(|w| w.stats.clone()).collect();
+            let (a, b): (Vec<_>, Vec<_>) = (stats(&first), stats(&second));
+            assert_eq!((first.quiet, second.quiet), (0, 2), "{layout:?}");
+            assert_eq!(a, b, "{layout:?}: the figures of the last full read");
+        }
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub struct ScanArgs {
     /// Scans to run (the first one, which also fills the rate history, is included).
     #[arg(long, default_value_t = 20)]
     pub scans: usize,
+    /// How old a quiet container's full read may get (the agent's bound); 0s reads every file
+    /// of every container on every scan.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub full_read_every: Duration,
+    /// Move every container's CPU counter before each scan (untimed), so that none is quiet.
+    #[arg(long)]
+    pub busy: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -106,20 +113,21 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     // Pure v2 with the systemd driver: the layout of the production hosts.
-    if let Err(e) = write_tree(
+    let written = match write_tree(
         &dir.path,
         FixtureLayout::V2,
         Driver::Systemd,
         args.containers,
         4,
     ) {
-        return fail(format!("write the fake cgroupfs: {e}"));
-    }
+        Ok(w) => w,
+        Err(e) => return fail(format!("write the fake cgroupfs: {e}")),
+    };
     let mut config = config.clone();
     config.paths.cgroup_root = dir.path.clone();
     config.containers.enabled = true;
     let mut scanner = match Scanner::new(&config.containers, &config.node, &config.paths) {
-        Ok(s) => s,
+        Ok(s) => s.with_full_read_every(args.full_read_every),
         Err(e) => return fail(e),
     };
     let mut report = ScanReport {
@@ -131,6 +139,15 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
         rss_after_last_bytes: f64::NAN,
     };
     for i in 0..args.scans.max(1) {
+        if args.busy {
+            for w in &written {
+                let usec = w.cpu_usage_ns / 1000 + u64::try_from(i).unwrap_or(0);
+                let text = format!("usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n");
+                if let Err(e) = std::fs::write(dir.path.join(&w.path).join("cpu.stat"), text) {
+                    return fail(format!("move a CPU counter: {e}"));
+                }
+            }
+        }
         let (cpu0, wall0) = (thread_cpu_seconds(), Instant::now());
         let snap = scanner.scan(Instant::now());
         report.cpu_seconds.push(thread_cpu_seconds() - cpu0);
