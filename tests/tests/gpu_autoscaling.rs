@@ -17,7 +17,12 @@ use std::{
 };
 
 use nodeward_tests::{
-    agent_binary, api::TempDir, cgroup_v2_root, fake_nvml::fake, is_root, skip, wait_for, Cgroup,
+    agent_binary,
+    api::TempDir,
+    cgroup_v2_root,
+    containerd::{self, Containerd, Pod, PodSpec},
+    fake_nvml::fake,
+    is_root, skip, wait_for, Cgroup,
 };
 use serde_json::Value;
 
@@ -331,6 +336,38 @@ fn prometheus(binary: &Path, target_port: u16) -> (Guard, u16, PathBuf) {
     )
 }
 
+/// The agent, serving /metrics on `port`, reading the fake NVML at `library` and, where given,
+/// pod names from the CRI runtime at `runtime`; its log in `dir`/agent.log.
+fn agent(dir: &Path, port: u16, library: &str, runtime: Option<&Path>) -> Guard {
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["run", "--config", "/dev/null"])
+        .args(["--set", "ebpf.enabled=false", "--set", "agent.tick=200ms"])
+        .args(["--set", "api.tcp_listen="])
+        .arg("--set")
+        .arg(format!(
+            "api.unix_socket={}",
+            dir.join("agent.sock").display()
+        ))
+        .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
+        .args(["--set", &format!("gpu.library={library}")]);
+    if let Some(socket) = runtime {
+        cmd.arg("--set")
+            .arg(format!(
+                "containers.runtime_endpoint=unix://{}",
+                socket.display()
+            ))
+            .args(["--set", "containers.runtime_resync=1s"]);
+    }
+    let child = cmd
+        .env("NODEWARD_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("create the agent's log"))
+        .spawn()
+        .expect("start nodeward run");
+    Guard { child, _dir: None }
+}
+
 /// The result vector of an instant query, once it is non-empty.
 fn query(port: u16, promql: &str) -> Option<Vec<Value>> {
     let body = get(port, &format!("/api/v1/query?query={}", encode(promql)))?;
@@ -389,26 +426,7 @@ fn prometheus_runs_the_adapter_rules_query_and_gets_the_pods_scripted_gpu_utilis
     let dir = TempDir::new("gpu-autoscaling");
     let port = free_port();
     let log = dir.0.join("agent.log");
-    let _agent = Guard {
-        child: Command::new(agent_binary())
-            .args(["run", "--config", "/dev/null"])
-            .args(["--set", "ebpf.enabled=false", "--set", "agent.tick=200ms"])
-            .args(["--set", "api.tcp_listen="])
-            .arg("--set")
-            .arg(format!(
-                "api.unix_socket={}",
-                dir.0.join("agent.sock").display()
-            ))
-            .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
-            .args(["--set", &format!("gpu.library={}", fake.library_str())])
-            .env("NODEWARD_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create the agent's log"))
-            .spawn()
-            .expect("start nodeward run"),
-        _dir: None,
-    };
+    let _agent = agent(&dir.0, port, &fake.library_str(), None);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let (_prom, prom_port, prom_log) = prometheus(&binary, port);
 
@@ -455,4 +473,147 @@ fn prometheus_runs_the_adapter_rules_query_and_gets_the_pods_scripted_gpu_utilis
     let _ = q.kill();
     let _ = p.wait();
     let _ = q.wait();
+}
+
+/// The host PIDs in a pod's container cgroup (the cgroupfs driver puts it at
+/// `<cgroup parent>/<container id>`).
+fn container_pids(pod: &Pod) -> Option<Vec<u32>> {
+    let dir = cgroup_v2_root()?
+        .join(pod.cgroup_parent.trim_start_matches('/'))
+        .join(&pod.container_id);
+    let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .ok()?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    (!pids.is_empty()).then_some(pids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_query_gives_each_real_pod_its_scripted_gpu_utilisation() {
+    const TEST: &str = "gpu_autoscaling_cri";
+    let Some(binary) = tool("prometheus") else {
+        skip(
+            TEST,
+            "prometheus not installed (Debian package `prometheus`)",
+        );
+        return;
+    };
+    if let Some(why) = containerd::unavailable() {
+        skip(TEST, &why);
+        return;
+    }
+    let Some((_, hpa, rule)) = parsed() else {
+        skip(
+            TEST,
+            "python3 with PyYAML not available (pip install -r tests/requirements.txt)",
+        );
+        return;
+    };
+    let Some(fake) = fake("gpu-autoscaling-cri", &[]) else {
+        return;
+    };
+    let namespace = hpa["metadata"]["namespace"].as_str().expect("namespace");
+    let ctrd = Containerd::start("gpu-autoscaling-cri");
+    let mut cri = ctrd.client().await;
+    // Two pods of the example's namespace, their transcoders scripted at 90% and 60% SM.
+    let mut pods = Vec::new();
+    for (n, (name, sm)) in [("live-transcoder-0", 90u32), ("live-transcoder-1", 60)]
+        .into_iter()
+        .enumerate()
+    {
+        let spec = PodSpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            // UUID-shaped, as the kubelet's: the cgroup path parser expects hex and dashes.
+            uid: format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                std::process::id(),
+                n + 0xa0
+            ),
+            container: "transcoder".to_owned(),
+            labels: std::collections::HashMap::new(),
+            annotations: std::collections::HashMap::new(),
+        };
+        let pod = containerd::run_pod(&ctrd, &mut cri, &spec)
+            .await
+            .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+        let pids = wait_for(WAIT, || container_pids(&pod))
+            .unwrap_or_else(|| panic!("no processes in {name}'s container cgroup"));
+        pods.push((name, sm, pids, pod));
+    }
+    let procs: Vec<String> = pods
+        .iter()
+        .flat_map(|(_, _, pids, _)| pids.iter().map(|p| format!("{p}:1048576")))
+        .collect();
+    let mut script = format!(
+        "devices = 1\nall.temp = 40\nall.procs.compute = {}\n",
+        procs.join(" ")
+    );
+    // One sample per poll with a newer timestamp, as real NVML hands them out.
+    for n in 0..2000u32 {
+        let t = n + 2;
+        let samples: Vec<String> = pods
+            .iter()
+            .flat_map(|(_, sm, pids, _)| pids.iter().map(move |p| format!("{p}:{sm}:0:0:0:{t}")))
+            .collect();
+        let _ = writeln!(script, "@count {n}\nall.procutil = {}", samples.join(" "));
+    }
+    fake.script(&script);
+
+    let dir = TempDir::new("gpu-autoscaling-cri-agent");
+    let port = free_port();
+    let log = dir.0.join("agent.log");
+    let _agent = agent(&dir.0, port, &fake.library_str(), Some(&ctrd.socket()));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (_prom, prom_port, prom_log) = prometheus(&binary, port);
+
+    // The adapter's discovery query finds both pods' series...
+    let discovery = rule["seriesQuery"].as_str().expect("seriesQuery");
+    let names: Vec<&str> = pods.iter().map(|(name, _, _, _)| *name).collect();
+    let found = wait_for(WAIT, || {
+        let r = query(prom_port, discovery)?;
+        let mut got: Vec<String> = r
+            .iter()
+            .filter(|s| s["metric"]["namespace"] == namespace)
+            .filter_map(|s| s["metric"]["pod"].as_str().map(str::to_owned))
+            .collect();
+        got.sort();
+        (got == names).then_some(got)
+    });
+    assert!(
+        found.is_some(),
+        "{discovery} never found {names:?}:\n{:?}\nagent:\n{}\nprometheus:\n{}",
+        query(prom_port, discovery),
+        read(&log),
+        read(&prom_log)
+    );
+    // ...and its metrics query, as the adapter fills it in for these pods, gives each pod the
+    // utilisation scripted for its processes.
+    let promql = rule["metricsQuery"]
+        .as_str()
+        .expect("metricsQuery")
+        .replace("<<.Series>>", series_of(discovery))
+        .replace(
+            "<<.LabelMatchers>>",
+            &format!(r#"namespace="{namespace}",pod=~"{}""#, names.join("|")),
+        )
+        .replace("<<.GroupBy>>", "pod");
+    let result = query(prom_port, &promql)
+        .unwrap_or_else(|| panic!("{promql} returned nothing:\n{}", read(&prom_log)));
+    assert_eq!(result.len(), pods.len(), "{promql}: {result:?}");
+    for (name, sm, _, _) in &pods {
+        let value: Option<f64> = result
+            .iter()
+            .find(|s| s["metric"]["pod"] == *name)
+            .and_then(|s| s["value"][1].as_str()?.parse().ok());
+        let want = f64::from(*sm) / 100.0;
+        assert!(
+            value.is_some_and(|v| (v - want).abs() < 1e-9),
+            "{promql}: {name} = {value:?}, want {want}"
+        );
+    }
+    for (_, _, _, pod) in &pods {
+        containerd::remove_pod(&mut cri, pod).await;
+    }
 }
