@@ -163,6 +163,27 @@ where
 }
 
 /// Now, for store reports.
+/// Waits (up to `timeout`) until the agent's health lists the `network` source with a report:
+/// from then on its TCP source attributes the sockets that are created.
+pub async fn network_reported(client: &NodeHealthClient<Channel>, timeout: Duration) -> Option<()> {
+    eventually(timeout, || {
+        let mut c = client.clone();
+        async move {
+            let h = c
+                .get_node_health(pb::GetNodeHealthRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .health?;
+            h.sources
+                .iter()
+                .any(|s| s.name == "network" && s.last_report_unix_ms > 0)
+                .then_some(())
+        }
+    })
+    .await
+}
+
 pub fn now() -> SystemTime {
     SystemTime::now()
 }

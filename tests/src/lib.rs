@@ -417,3 +417,58 @@ pub fn grantable_caps(names: &[&str]) -> (String, Vec<String>) {
     }
     (granted.join(","), missing)
 }
+
+/// Whether python3 with grpcio and grpcio-reflection is there; prints the skip line if not.
+pub fn python_grpcio(test: &str) -> bool {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            skip(
+                test,
+                &format!(
+                    "python grpcio/grpcio-reflection not importable (pip install -r tests/requirements.txt): {}",
+                    String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default()
+                ),
+            );
+            false
+        }
+        Err(e) => {
+            skip(test, &format!("python3 not found: {e}"));
+            false
+        }
+    }
+}
+
+/// Feeds a scrape to `promtool check metrics` and fails on a line it cannot parse (its lint
+/// advice on names is not an error); skips, with `test` named, where promtool is not installed.
+pub fn promtool_accepts(test: &str, body: &str) {
+    use std::io::Write;
+    let Ok(mut p) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        skip(&format!("{test} promtool check"), "promtool not installed");
+        return;
+    };
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed promtool");
+    let out = p.wait_with_output().expect("promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("error while linting") && !text.contains("text format parsing error"),
+        "promtool: {text}"
+    );
+}

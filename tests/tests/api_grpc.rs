@@ -16,7 +16,7 @@ use nodeward_tests::{
         api_config, feed_all, health_config, next, now, prov, verdict_becomes, TempDir, TestApi,
         WAIT,
     },
-    skip,
+    python_grpcio,
 };
 use tonic::Code;
 
@@ -483,30 +483,6 @@ async fn socket_is_mode_0660_and_removed_when_the_server_stops() {
         .expect("stops in time")
         .expect("clean stop");
     assert!(!path.exists(), "socket file removed");
-}
-
-/// Whether python3 with grpcio and grpcio-reflection is there; prints the skip line if not.
-fn python_grpcio(test: &str) -> bool {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
-        .output();
-    match probe {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            skip(
-                test,
-                &format!(
-                    "python grpcio/grpcio-reflection not importable (pip install -r tests/requirements.txt): {}",
-                    String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default()
-                ),
-            );
-            false
-        }
-        Err(e) => {
-            skip(test, &format!("python3 not found: {e}"));
-            false
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use nodeward_tests::{
     agent_binary,
     api::{conn, eventually},
     containerd::{self, Containerd, Pod, PodSpec},
-    skip,
+    promtool_accepts, skip,
 };
 use tonic::transport::Channel;
 
@@ -264,7 +264,7 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
             "{l}"
         );
     }
-    check_with_promtool(&body);
+    promtool_accepts("cri_identity", &body);
     let odd = list(&mut client, "hostile", "").await;
     assert_eq!(odd.len(), 1, "{odd:#?}");
     assert!(odd[0].labels.len() <= 256 && odd[0].labels.len() >= 200);
@@ -371,33 +371,4 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn check_with_promtool(body: &str) {
-    let Ok(mut p) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        skip("cri_identity promtool check", "promtool not installed");
-        return;
-    };
-    p.stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("feed promtool");
-    let out = p.wait_with_output().expect("promtool");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Lint warnings (naming advice) are not parse errors; an unparsable line is.
-    assert!(
-        !text.contains("error while linting") && !text.contains("text format parsing error"),
-        "{text}"
-    );
 }

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use nodeward::store::{ContainerNetwork, FeedState, LiveStream, NetworkSnapshot, StreamProtocol};
 use nodeward_tests::{
     api::{api_config, feed_all, health_config, now, prov, TempDir, TestApi},
-    skip,
+    python_grpcio,
 };
 
 /// One container serving `n` TCP streams, reported by both feeds.
@@ -41,30 +41,6 @@ fn many_streams(n: u16) -> NetworkSnapshot {
         ]
         .into_iter()
         .collect(),
-    }
-}
-
-/// Whether python3 with grpcio and grpcio-reflection is there; prints the skip line if not.
-fn python_grpcio(test: &str) -> bool {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
-        .output();
-    match probe {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            skip(
-                test,
-                &format!(
-                    "python grpcio/grpcio-reflection not importable (pip install -r tests/requirements.txt): {}",
-                    String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default()
-                ),
-            );
-            false
-        }
-        Err(e) => {
-            skip(test, &format!("python3 not found: {e}"));
-            false
-        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::{
 use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
-    api::{eventually, TempDir},
+    api::{eventually, network_reported, TempDir},
     cgroup_v2_root, is_root, skip, Cgroup, CgroupTree,
 };
 
@@ -186,23 +186,9 @@ async fn start_agent(stem: &str) -> (Cgroup, Killed, Client, TempDir) {
     .await
     .expect("the agent answers on its TCP port");
     // Sockets older than the TCP source carry no cgroup: wait until it runs.
-    eventually(STEP, || {
-        let mut c = client.clone();
-        async move {
-            let h = c
-                .get_node_health(pb::GetNodeHealthRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .health?;
-            h.sources
-                .iter()
-                .any(|s| s.name == "network" && s.last_report_unix_ms > 0)
-                .then_some(())
-        }
-    })
-    .await
-    .expect("the network source reports");
+    network_reported(&client, STEP)
+        .await
+        .expect("the network source reports");
     (agent_cg, agent, client, dir)
 }
 

@@ -19,7 +19,7 @@ use std::{
 use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
-    api::{conn, eventually, TempDir},
+    api::{conn, eventually, network_reported, TempDir},
     cgroup_v2_root, is_root, skip, Cgroup,
 };
 
@@ -126,23 +126,9 @@ async fn start_agent(dir: &TempDir) -> (Killed, Client) {
     })
     .await
     .expect("the agent answers on its Unix socket");
-    eventually(STEP, || {
-        let mut c = client.clone();
-        async move {
-            let h = c
-                .get_node_health(pb::GetNodeHealthRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .health?;
-            h.sources
-                .iter()
-                .any(|s| s.name == "network" && s.last_report_unix_ms > 0)
-                .then_some(())
-        }
-    })
-    .await
-    .expect("the network source reports");
+    network_reported(&client, STEP)
+        .await
+        .expect("the network source reports");
     (agent, client)
 }
 

@@ -20,7 +20,7 @@ use std::{
 use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
-    api::{conn, eventually, TempDir},
+    api::{conn, eventually, network_reported, TempDir},
     cgroup_v2_root, is_root,
     rtp::{rtp_packet, Receiver},
     skip, Cgroup,
@@ -334,23 +334,9 @@ async fn an_established_tcp_connection_is_a_drain_stream_until_it_closes() {
     .await;
     let mut client = agent.client.clone();
     // The TCP source only attributes sockets created after it attached: wait for it to run.
-    eventually(STEP, || {
-        let mut c = client.clone();
-        async move {
-            let r = c
-                .get_node_health(pb::GetNodeHealthRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .health?;
-            r.sources
-                .iter()
-                .any(|s| s.name == "network" && s.last_report_unix_ms > 0)
-                .then_some(())
-        }
-    })
-    .await
-    .expect("the network source reports");
+    network_reported(&client, STEP)
+        .await
+        .expect("the network source reports");
 
     let cgroup = Cgroup::new("e2e-tcp");
     let key = key_of(&cgroup, &v2_root);

@@ -21,7 +21,7 @@ use nodeward_tests::{
     api::{conn, eventually, TempDir},
     cgroup_v2_root,
     fake_nvml::fake,
-    is_root, skip, wait_for, Cgroup,
+    is_root, promtool_accepts, skip, wait_for, Cgroup,
 };
 
 /// Long enough for any step on a loaded machine.
@@ -53,35 +53,6 @@ fn sample(body: &str, name: &str, label: &str) -> Option<f64> {
     body.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
-}
-
-fn promtool_accepts(body: &str) {
-    let Ok(mut p) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        skip("gpu_pod_usage promtool check", "promtool not installed");
-        return;
-    };
-    p.stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("feed promtool");
-    let out = p.wait_with_output().expect("promtool");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Lint advice is not a parse error; an unparsable line is.
-    assert!(
-        !text.contains("error while linting") && !text.contains("text format parsing error"),
-        "promtool: {text}"
-    );
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -230,7 +201,7 @@ async fn per_process_gpu_samples_are_summed_under_their_container_over_grpc_and_
     for l in ["namespace=", "pod=", "container=", "gpu=\"0\"", "uuid="] {
         assert!(line.contains(l), "{l} missing: {line}");
     }
-    promtool_accepts(&body);
+    promtool_accepts("gpu_pod_usage", &body);
 
     let _ = first.kill();
     let _ = second.kill();
