@@ -9,46 +9,29 @@ use std::{
     process::Command,
 };
 
-use nodeward_tests::{agent_binary, cap_number, grantable_caps, is_root, skip};
+use nodeward_tests::{
+    agent_binary, cap_number, grantable_caps, is_root,
+    kube::{find, strings, tool, validate, yaml},
+    skip,
+};
 use serde_json::Value;
 
 const KUBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/kubernetes");
 const CONTAINERFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/Containerfile");
 
-fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// The manifests `kubectl apply -f packaging/kubernetes/` applies (not its subdirectories).
+/// The manifests of the base `kubectl apply -k packaging/kubernetes/` applies (not its
+/// subdirectories, nor `kustomization.yaml`, which is kustomize's and no Kubernetes object;
+/// tests/tests/kustomize.rs checks that it lists exactly these).
 fn manifests() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(KUBE)
         .expect("read packaging/kubernetes")
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
         .collect();
     files.sort();
     files
-}
-
-/// `kubernetes-validate --strict` on `files`, without network where we can cut it (root).
-fn validate(files: &[PathBuf]) -> std::process::Output {
-    let validator = tool("kubernetes-validate").expect("checked by the caller");
-    let mut cmd = if is_root() && tool("unshare").is_some() {
-        let mut c = Command::new("unshare");
-        c.arg("--net").arg(validator);
-        c
-    } else {
-        Command::new(validator)
-    };
-    cmd.args(["--strict", "--kubernetes-version", "1.37.0"])
-        .args(files)
-        .output()
-        .expect("run kubernetes-validate")
 }
 
 #[test]
@@ -100,34 +83,6 @@ fn the_manifests_validate_against_the_kubernetes_1_37_schema_offline() {
         !out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hostPid"),
         "a misspelt field passed validation"
     );
-}
-
-/// Every document of a YAML file, as JSON, read by PyYAML (an independent parser).
-fn yaml(path: &Path) -> Option<Vec<Value>> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
-        ])
-        .arg(path)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} in the manifests"))
-}
-
-fn strings(v: &Value) -> Vec<&str> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
 }
 
 #[test]

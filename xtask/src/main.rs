@@ -2,6 +2,7 @@
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
 mod bench;
+mod image;
 mod rpm;
 mod setup;
 mod test;
@@ -41,6 +42,8 @@ enum Cmd {
     GpuCheck,
     /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
     Rpm(rpm::RpmArgs),
+    /// Build the container image offline with buildah from the release binary.
+    Image(image::ImageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::Rpm(args) => rpm::run(&root, &args),
+        Cmd::Image(args) => image::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

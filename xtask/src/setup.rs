@@ -252,6 +252,9 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             // cri_identity test: a real containerd with its CRI plugin, and runc under it
             "containerd",
             "runc",
+            // image test: the image built offline and run as the DaemonSet runs it
+            "buildah",
+            "podman",
         ]),
         // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[
@@ -264,6 +267,8 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "rpm",
             "rpmlint",
             "systemd",
+            "buildah",
+            "podman",
         ]),
     )?;
     let requirements = root.join("tests/requirements.txt");
@@ -336,6 +341,15 @@ pub fn ensure_buf() -> anyhow::Result<()> {
             "--disable-pip-version-check",
             &format!("buf-bin=={BUF_VERSION}"),
         ]),
+    )
+}
+
+/// What `cargo xtask image` builds with (the tests get them from [`ensure_test_tools`]).
+pub fn ensure_image_tools() -> anyhow::Result<()> {
+    ensure_packages(
+        "image tools",
+        &strings(&["buildah", "binutils", "python3"]),
+        &strings(&["buildah", "binutils", "python3"]),
     )
 }
 
