@@ -288,9 +288,8 @@ fn scrape(port: u16) -> Option<String> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .or(head.starts_with("HTTP/1.1 200").then_some(()))
-        .map(|()| body.to_owned())
+    let ok = head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200");
+    ok.then(|| body.to_owned())
 }
 
 #[test]

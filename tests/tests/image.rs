@@ -155,6 +155,12 @@ fn daemonset() -> Option<(Value, Value)> {
     ))
 }
 
+/// An option and its value.
+fn pair(args: &mut Vec<String>, option: &str, value: String) {
+    args.push(option.to_owned());
+    args.push(value);
+}
+
 /// `podman run` arguments that give the container what the DaemonSet's pod spec gives it.
 /// Host paths that this machine lacks and the pod spec does not require (no `type`) are left
 /// out, as the kubelet would mount an empty directory there; `/run/nodeward` becomes
@@ -163,35 +169,31 @@ fn podman_args(pod: &Value, config_map: &Value, dir: &Path, run_dir: &Path) -> V
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     let mut args: Vec<String> = Vec::new();
-    let mut push = |a: &str, b: String| {
-        args.push(a.to_owned());
-        args.push(b);
-    };
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
-    push("--cap-drop", "all".into());
+    pair(&mut args, "--cap-drop", "all".into());
     let add = strings(&sc["capabilities"]["add"]);
     let (granted, missing) = grantable_caps(&add);
     if !missing.is_empty() {
         eprintln!("image: this machine cannot grant {missing:?}; running without them");
     }
     // `+bpf,+perfmon` (setpriv's form) to `BPF,PERFMON`.
-    push("--cap-add", granted.replace('+', "").to_uppercase());
+    pair(&mut args, "--cap-add", granted.replace('+', "").to_uppercase());
     if sc["readOnlyRootFilesystem"] == true {
         args.push("--read-only".into());
         // Kubernetes mounts no tmpfs of its own on a read-only root; podman would.
         args.push("--read-only-tmpfs=false".into());
     }
     if sc["allowPrivilegeEscalation"] == false {
-        push("--security-opt", "no-new-privileges".into());
+        pair(&mut args, "--security-opt", "no-new-privileges".into());
     }
     if sc["seccompProfile"]["type"] == "Unconfined" {
-        push("--security-opt", "seccomp=unconfined".into());
+        pair(&mut args, "--security-opt", "seccomp=unconfined".into());
     }
     if let Some(uid) = sc["runAsUser"].as_u64() {
-        push("--user", uid.to_string());
+        pair(&mut args, "--user", uid.to_string());
     }
     if pod["hostPID"] == true {
-        push("--pid", "host".into());
+        pair(&mut args, "--pid", "host".into());
     }
     for e in c["env"].as_array().into_iter().flatten() {
         let name = e["name"].as_str().expect("env name");
@@ -200,7 +202,7 @@ fn podman_args(pod: &Value, config_map: &Value, dir: &Path, run_dir: &Path) -> V
             // spec.nodeName and the like: what the kubelet would fill in.
             None => "nodeward-image-test".to_owned(),
         };
-        push("--env", format!("{name}={value}"));
+        pair(&mut args, "--env", format!("{name}={value}"));
     }
     let volumes = pod["volumes"].as_array().expect("volumes");
     for m in c["volumeMounts"].as_array().expect("volumeMounts") {
@@ -243,7 +245,7 @@ fn podman_args(pod: &Value, config_map: &Value, dir: &Path, run_dir: &Path) -> V
         if !options.is_empty() {
             spec = format!("{spec}:{}", options.join(","));
         }
-        push("--volume", spec);
+        pair(&mut args, "--volume", spec);
     }
     args
 }
