@@ -97,7 +97,9 @@ fn promtool_checks_the_rules_and_their_unit_tests_fire_and_resolve_every_alert()
     };
     let groups = yaml(RULES).expect("parse the rules")["groups"].clone();
 
-    let (ok, text) = run(Command::new("promtool").args(["check", "rules"]).arg(path(RULES)));
+    let (ok, text) = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(path(RULES)));
     assert!(ok, "promtool check rules:\n{text}");
     assert!(
         text.contains(&format!("SUCCESS: {} rules found", rules(&groups).len())),
@@ -113,8 +115,13 @@ fn promtool_checks_the_rules_and_their_unit_tests_fire_and_resolve_every_alert()
         serde_json::json!({ "groups": spec["spec"]["groups"] }).to_string(),
     )
     .expect("write the PrometheusRule's groups");
-    let (ok, text) = run(Command::new("promtool").args(["check", "rules"]).arg(&operator));
-    assert!(ok, "promtool check rules on the PrometheusRule's groups:\n{text}");
+    let (ok, text) = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&operator));
+    assert!(
+        ok,
+        "promtool check rules on the PrometheusRule's groups:\n{text}"
+    );
 
     let (ok, text) = run(Command::new("promtool")
         .args(["test", "rules"])
@@ -162,9 +169,9 @@ fn promtool_checks_the_rules_and_their_unit_tests_fire_and_resolve_every_alert()
             .min()
             .unwrap_or_else(|| panic!("{alert} is never tested firing"));
         assert!(
-            of_alert()
-                .any(|c| c["exp_alerts"].as_array().is_some_and(Vec::is_empty)
-                    && minutes(c) > fired),
+            of_alert().any(
+                |c| c["exp_alerts"].as_array().is_some_and(Vec::is_empty) && minutes(c) > fired
+            ),
             "{alert} is never tested resolving after it fired at {fired}m"
         );
     }
@@ -300,7 +307,12 @@ fn every_metric_an_alert_reads_is_exported_by_a_real_agent() {
     };
     let fake = match FakeNvml::build(TEST, &[]) {
         Ok(f) => f,
-        Err(reason) => return skip(TEST, &format!("no fake NVML for the GPU families: {reason}")),
+        Err(reason) => {
+            return skip(
+                TEST,
+                &format!("no fake NVML for the GPU families: {reason}"),
+            )
+        }
     };
     // Every GPU reading, an XID on the drain list, a lost GPU: the GPU families the alerts read.
     fake.script(&format!(
@@ -312,11 +324,23 @@ fn every_metric_an_alert_reads_is_exported_by_a_real_agent() {
     let log = dir.join("agent.log");
     let port = free_port();
     let mut agent = Command::new(agent_binary())
-        .args(["run", "--set", "agent.tick=200ms", "--set", "ebpf.enabled=false"])
+        .args([
+            "run",
+            "--set",
+            "agent.tick=200ms",
+            "--set",
+            "ebpf.enabled=false",
+        ])
         .args(["--set", &format!("metrics.listen=127.0.0.1:{port}")])
         .args(["--set", &format!("gpu.library={}", fake.library_str())])
-        .args(["--set", &format!("drain.state_file={}", dir.join("drain.json").display())])
-        .args(["--set", &format!("api.unix_socket={}", dir.join("api.sock").display())])
+        .args([
+            "--set",
+            &format!("drain.state_file={}", dir.join("drain.json").display()),
+        ])
+        .args([
+            "--set",
+            &format!("api.unix_socket={}", dir.join("api.sock").display()),
+        ])
         .args(["--set", "api.tcp_listen="])
         .env("NODEWARD_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
@@ -341,7 +365,10 @@ fn every_metric_an_alert_reads_is_exported_by_a_real_agent() {
     for rule in rules(&plain["groups"]) {
         read.extend(metric_names(rule["expr"].as_str().expect("expr")));
     }
-    assert!(read.len() > 5, "too few metrics found in the alerts: {read:?}");
+    assert!(
+        read.len() > 5,
+        "too few metrics found in the alerts: {read:?}"
+    );
     let missing: Vec<&String> = read.difference(&exported).collect();
     assert!(
         missing.is_empty(),

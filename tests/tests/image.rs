@@ -177,7 +177,11 @@ fn podman_args(pod: &Value, config_map: &Value, dir: &Path, run_dir: &Path) -> V
         eprintln!("image: this machine cannot grant {missing:?}; running without them");
     }
     // `+bpf,+perfmon` (setpriv's form) to `BPF,PERFMON`.
-    pair(&mut args, "--cap-add", granted.replace('+', "").to_uppercase());
+    pair(
+        &mut args,
+        "--cap-add",
+        granted.replace('+', "").to_uppercase(),
+    );
     if sc["readOnlyRootFilesystem"] == true {
         args.push("--read-only".into());
         // Kubernetes mounts no tmpfs of its own on a read-only root; podman would.
@@ -220,7 +224,9 @@ fn podman_args(pod: &Value, config_map: &Value, dir: &Path, run_dir: &Path) -> V
             }
             files
         } else {
-            let host = volume["hostPath"]["path"].as_str().expect("a hostPath volume");
+            let host = volume["hostPath"]["path"]
+                .as_str()
+                .expect("a hostPath volume");
             if host == "/run/nodeward" {
                 run_dir.to_owned()
             } else if Path::new(host).exists() {
@@ -372,7 +378,15 @@ fn the_image_runs_under_podman_as_the_daemonset_runs_it_and_answers_its_probes()
         "podman run {args:?}: {}",
         text(&started)
     );
-    let logs = || text(&containers.command("podman").args(["logs", &name]).output().expect("logs"));
+    let logs = || {
+        text(
+            &containers
+                .command("podman")
+                .args(["logs", &name])
+                .output()
+                .expect("logs"),
+        )
+    };
 
     let metrics_url = format!("http://{pod_ip}:{}/metrics", port("metrics"));
     let scrape = wait_for(Duration::from_secs(60), || {
@@ -465,7 +479,10 @@ fn the_image_runs_under_podman_as_the_daemonset_runs_it_and_answers_its_probes()
         .expect("podman stop");
     let log = logs();
     assert!(stopped.status.success(), "podman stop: {}", text(&stopped));
-    let code = containers.run("podman", &["inspect", "--format", "{{.State.ExitCode}}", &name]);
+    let code = containers.run(
+        "podman",
+        &["inspect", "--format", "{{.State.ExitCode}}", &name],
+    );
     assert_eq!(code.trim(), "0", "the agent did not stop cleanly:\n{log}");
     assert!(
         !log.contains("Read-only file system") && !log.contains("os error 30"),
@@ -604,12 +621,19 @@ fn files_under(root: &Path) -> BTreeMap<String, u32> {
     let mut found = BTreeMap::new();
     let mut dirs = vec![root.to_owned()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read a directory of the image").flatten() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("read a directory of the image")
+            .flatten()
+        {
             let meta = std::fs::symlink_metadata(entry.path()).expect("stat");
             if meta.is_dir() {
                 dirs.push(entry.path());
             } else {
-                let rel = entry.path().strip_prefix(root).expect("below root").to_owned();
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .expect("below root")
+                    .to_owned();
                 found.insert(
                     format!("/{}", rel.display()),
                     meta.permissions().mode() & 0o7777,
@@ -657,13 +681,15 @@ fn the_containerfile_and_the_offline_build_describe_the_same_image() {
 
     let containers = Containers::new(TEST);
     containers.build();
-    let inspect: Value = serde_json::from_str(&containers.run(
-        "buildah",
-        &["inspect", "--type", "image", &containers.tag],
-    ))
+    let inspect: Value = serde_json::from_str(
+        &containers.run("buildah", &["inspect", "--type", "image", &containers.tag]),
+    )
     .expect("buildah inspect JSON");
     let built = built_config(&inspect);
-    assert_eq!(built, expected, "the Containerfile and the offline build differ");
+    assert_eq!(
+        built, expected,
+        "the Containerfile and the offline build differ"
+    );
     // The comparison can fail: one more label in the Containerfile is a difference.
     assert_ne!(
         built,

@@ -147,7 +147,11 @@ fn each_overlay_renders_and_validates_against_the_kubernetes_schema_offline() {
             String::from_utf8_lossy(&checked.stderr)
         );
         assert!(checked.status.success(), "{name}: {report}");
-        for resource in ["daemonset/nodeward", "configmap/nodeward", "service/nodeward"] {
+        for resource in [
+            "daemonset/nodeward",
+            "configmap/nodeward",
+            "service/nodeward",
+        ] {
             assert!(
                 report.contains(&format!("passed for resource {resource}")),
                 "{name}: {resource} was not validated:\n{report}"
