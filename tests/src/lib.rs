@@ -25,6 +25,7 @@ pub mod rtp;
 use nodeward::probe::cgroup_layout;
 
 pub mod fake_nvml;
+pub mod image;
 pub mod kube;
 pub mod mirrors;
 pub mod net;
