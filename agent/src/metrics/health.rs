@@ -16,6 +16,10 @@ const VERDICT_HELP: &str =
     "The node verdict as a state set: one series per `state`, 1 for the current verdict, 0 for the others.";
 const DRAIN: &str = "nodeward_drain_active";
 const DRAIN_HELP: &str = "1 while a drain is in progress (BeginDrain called, not cancelled).";
+const DEADLINE: &str = "nodeward_drain_deadline_timestamp_seconds";
+const DEADLINE_HELP: &str =
+    "The wall-clock deadline of the drain in progress, in seconds since the Unix epoch; \
+     absent when no drain is in progress or its deadline is unknown (an unreadable drain state).";
 const CONDITION: &str = "nodeward_health_condition";
 const CONDITION_HELP: &str =
     "1 while a condition of this type and severity is firing or recovering (it counts towards the verdict).";
@@ -62,6 +66,13 @@ pub fn encode(p: &Published, m: &mut Metrics) {
         &[],
         f64::from(u8::from(p.drain.is_some())),
     );
+    m.declare(DEADLINE, Kind::Gauge, DEADLINE_HELP);
+    if let Some(deadline) = p.drain.as_ref().and_then(|d| d.deadline) {
+        let secs = deadline
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        m.gauge(DEADLINE, DEADLINE_HELP, &[], secs);
+    }
     for source in &p.report.sources {
         for (state, label) in SOURCE_STATES {
             m.gauge(
@@ -143,6 +154,46 @@ mod tests {
             text.contains("# TYPE nodeward_health_condition gauge"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_drain_deadline_is_a_timestamp_only_while_a_drain_with_a_deadline_is_in_progress() {
+        let deadline = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_003_600);
+        let drain = |deadline| crate::health::drain::Drain {
+            requesters: Vec::new(),
+            requesters_not_kept: 0,
+            started: SystemTime::UNIX_EPOCH,
+            deadline,
+            problem: None,
+        };
+        let mut p = published(Verdict::Healthy, vec![]);
+        let render = |p: &Published| {
+            let mut m = Metrics::new();
+            encode(p, &mut m);
+            m.render()
+        };
+        let idle = render(&p);
+        assert!(
+            idle.contains("# TYPE nodeward_drain_deadline_timestamp_seconds gauge"),
+            "{idle}"
+        );
+        assert!(
+            !idle.contains("nodeward_drain_deadline_timestamp_seconds "),
+            "{idle}"
+        );
+        p.drain = Some(drain(Some(deadline)));
+        let draining = render(&p);
+        assert!(
+            draining.contains("nodeward_drain_deadline_timestamp_seconds 1700003600\n"),
+            "{draining}"
+        );
+        p.drain = Some(drain(None));
+        let unknown = render(&p);
+        assert!(
+            !unknown.contains("nodeward_drain_deadline_timestamp_seconds "),
+            "{unknown}"
+        );
+        assert!(unknown.contains("nodeward_drain_active 1\n"), "{unknown}");
     }
 
     #[test]
