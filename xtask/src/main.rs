@@ -2,8 +2,10 @@
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
 mod bench;
+mod bundled;
 mod rpm;
 mod setup;
+mod srpm;
 mod test;
 
 use std::{
@@ -41,6 +43,8 @@ enum Cmd {
     GpuCheck,
     /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
     Rpm(rpm::RpmArgs),
+    /// Build the source RPM (spec, source and vendored crates) that rebuilds offline.
+    Srpm(srpm::SrpmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::Rpm(args) => rpm::run(&root, &args),
+        Cmd::Srpm(args) => srpm::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

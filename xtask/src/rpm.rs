@@ -26,8 +26,10 @@ pub struct RpmArgs {
     /// build: for tests. Also set by NODEWARD_RPM_REUSE_DEBUG=1.
     #[arg(long)]
     reuse_debug: bool,
-    /// Build for this target triple (e.g. aarch64-unknown-linux-gnu; needs its linker).
-    #[arg(long)]
+    /// Cross-build for this target: a triple, or an architecture (`aarch64`) for its
+    /// `-unknown-linux-gnu` triple. Needs the target's gcc as linker (Debian's
+    /// `gcc-aarch64-linux-gnu`); the rustup target is added when missing.
+    #[arg(long, value_parser = target_triple)]
     target: Option<String>,
     /// Directory to write the .rpm into [default: target/rpm].
     #[arg(long)]
@@ -74,6 +76,9 @@ pub fn run(root: &Path, args: &RpmArgs) -> anyhow::Result<()> {
     if !reuse_debug || !built.exists() {
         crate::setup::ensure_build_tools()?;
         let mut build = cargo();
+        if let Some(t) = &args.target {
+            cross_build_env(t, &mut build)?;
+        }
         build.args(["build", "-p", "nodeward"]);
         if !reuse_debug {
             build.arg("--release");
@@ -105,10 +110,20 @@ pub fn run(root: &Path, args: &RpmArgs) -> anyhow::Result<()> {
     generate
         .args(["generate-rpm", "-p", "agent", "-o"])
         .arg(&out)
+        .current_dir(root);
+    match &args.target {
+        Some(t) if !t.starts_with(std::env::consts::ARCH) => {
+            // ldd cannot read a foreign binary: rpm's ELF reader can.
+            generate
+                .arg("--auto-req")
+                .arg(root.join("packaging/rpm/elf-requires.sh"));
+        }
         // Dependencies on shared libraries and their symbol versions (glibc) come from ldd, so
         // they do not depend on which rpm tools this machine happens to have.
-        .args(["--auto-req", "builtin"])
-        .current_dir(root);
+        _ => {
+            generate.args(["--auto-req", "builtin"]);
+        }
+    }
     if let Some(t) = &args.target {
         generate.args(["--target", t]);
     }
@@ -117,6 +132,37 @@ pub fn run(root: &Path, args: &RpmArgs) -> anyhow::Result<()> {
     let rpm = newest_rpm(&out)?;
     say(&format!("built {}", rpm.display()));
     println!("{}", rpm.display());
+    Ok(())
+}
+
+/// `aarch64` → `aarch64-unknown-linux-gnu`; a triple stays as it is.
+fn target_triple(arg: &str) -> Result<String, String> {
+    match arg {
+        "" => Err("empty target".to_owned()),
+        a if a.contains('-') => Ok(a.to_owned()),
+        arch => Ok(format!("{arch}-unknown-linux-gnu")),
+    }
+}
+
+/// For a target other than the host's: its rustup target, and its gcc as cargo's linker (and
+/// as the C compiler of crates with C code, which the `cc` crate finds by the same name).
+fn cross_build_env(triple: &str, build: &mut Command) -> anyhow::Result<()> {
+    if triple.starts_with(std::env::consts::ARCH) {
+        return Ok(());
+    }
+    crate::setup::ensure_rust_target(triple)?;
+    let var = format!(
+        "CARGO_TARGET_{}_LINKER",
+        triple.to_uppercase().replace('-', "_")
+    );
+    if std::env::var_os(&var).is_none() {
+        let gcc = format!("{}-gcc", triple.replace("-unknown-", "-"));
+        if which(&gcc).is_none() {
+            bail!("`{gcc}` not found: install the cross compiler (Debian: gcc-{}, libc6-dev-*-cross)",
+                triple.replace("-unknown-", "-"));
+        }
+        build.env(&var, &gcc);
+    }
     Ok(())
 }
 
