@@ -41,7 +41,7 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
     GpuCheck,
-    /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
+    /// Build the binary RPM (rpmbuild, from the spec and the binary cargo built); prints its path.
     Rpm(rpm::RpmArgs),
     /// Build the source RPM (spec, source and vendored crates) that rebuilds offline.
     Srpm(srpm::SrpmArgs),

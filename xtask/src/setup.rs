@@ -378,7 +378,5 @@ pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     if std::env::consts::ARCH == "x86_64" {
         ensure_rust_target("aarch64-unknown-linux-gnu")?;
     }
-    ensure_buf()?;
-    // The packaging tests build the RPM.
-    crate::rpm::ensure_generate_rpm()
+    ensure_buf()
 }
