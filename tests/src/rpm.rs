@@ -70,7 +70,11 @@ pub fn xtask(test: &str, args: &[&str]) -> Option<PathBuf> {
         .current_dir(WORKSPACE)
         .output()
         .expect("run xtask");
-    assert!(out.status.success(), "xtask {args:?} failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "xtask {args:?} failed:\n{}",
+        text(&out)
+    );
     let path = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
@@ -158,7 +162,13 @@ pub type TreeCrate = (String, String, String);
 pub fn cargo_tree(package: &str, target: &str) -> BTreeSet<TreeCrate> {
     let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["tree", "--locked", "-p", package, "--target", target])
-        .args(["-e", "normal,no-proc-macro", "--prefix", "none", "--no-dedupe"])
+        .args([
+            "-e",
+            "normal,no-proc-macro",
+            "--prefix",
+            "none",
+            "--no-dedupe",
+        ])
         .args(["-f", "{p}\t{l}"])
         .current_dir(WORKSPACE)
         .output()

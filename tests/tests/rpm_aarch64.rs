@@ -12,8 +12,8 @@ use std::{
 use nodeward_tests::{
     agent_binary,
     rpm::{
-        file_entries, have_tools, newest_glibc, rpm_query, temp_dir, text, xtask,
-        ANOLIS_23_GLIBC, WORKSPACE,
+        file_entries, have_tools, newest_glibc, rpm_query, temp_dir, text, xtask, ANOLIS_23_GLIBC,
+        WORKSPACE,
     },
     skip,
 };
@@ -130,7 +130,14 @@ fn the_aarch64_rpm_cross_builds_and_its_binary_runs_under_qemu() {
     let out = |name: &str| dir.join(name).display().to_string();
     let Some(arm) = xtask(
         TEST,
-        &["rpm", "--reuse-debug", "--target", "aarch64", "--out", &out("arm")],
+        &[
+            "rpm",
+            "--reuse-debug",
+            "--target",
+            "aarch64",
+            "--out",
+            &out("arm"),
+        ],
     ) else {
         return;
     };
@@ -157,7 +164,13 @@ fn the_aarch64_rpm_cross_builds_and_its_binary_runs_under_qemu() {
     for req in requires.lines().filter(|l| l.contains(".so")) {
         let lib = req.split('(').next().unwrap_or(req);
         assert!(
-            ["libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-aarch64.so.1"].contains(&lib)
+            [
+                "libc.so.6",
+                "libm.so.6",
+                "libgcc_s.so.1",
+                "ld-linux-aarch64.so.1"
+            ]
+            .contains(&lib)
                 && req.ends_with("(64bit)"),
             "unexpected requirement {req}:\n{requires}"
         );
@@ -175,16 +188,17 @@ fn the_aarch64_rpm_cross_builds_and_its_binary_runs_under_qemu() {
         .expect("unpack the aarch64 RPM");
     assert!(unpack.status.success(), "{}", text(&unpack));
     let binary = std::fs::read(root.join("usr/bin/nodeward")).expect("the packaged binary");
-    assert_eq!(u16_at(&binary, 0x12), Some(EM_AARCH64), "not an aarch64 ELF");
+    assert_eq!(
+        u16_at(&binary, 0x12),
+        Some(EM_AARCH64),
+        "not an aarch64 ELF"
+    );
 
     // The same programs as x86_64's: instructions and relocations. (Not the same bytes: aya-build
     // compiles them with the user-space architecture as `bpf_target_arch`, so BTF and debug
     // info name aya-ebpf-bindings' aarch64 module where x86_64's name x86_64.)
     let native = std::fs::read(agent_binary()).expect("read the x86_64 agent");
-    let (arm_obj, x86_obj) = (
-        embedded_bpf_object(&binary),
-        embedded_bpf_object(&native),
-    );
+    let (arm_obj, x86_obj) = (embedded_bpf_object(&binary), embedded_bpf_object(&native));
     let arm_code = disassembly(&objdump, &arm_obj, &dir, "aarch64.o");
     assert!(
         arm_code.contains("sockops") || arm_code.contains("Disassembly of section"),

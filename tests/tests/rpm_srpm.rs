@@ -18,8 +18,8 @@ use std::{
 use nodeward_tests::{
     is_root,
     rpm::{
-        bundled_ground_truth, file_entries, have_tools, newest_glibc, rpm_query, rpmlint,
-        temp_dir, text, xtask, ANOLIS_23_GLIBC, WORKSPACE,
+        bundled_ground_truth, file_entries, have_tools, newest_glibc, rpm_query, rpmlint, temp_dir,
+        text, xtask, ANOLIS_23_GLIBC, WORKSPACE,
     },
     skip,
 };
@@ -341,7 +341,12 @@ fn the_srpm_rebuilds_offline_into_the_rpm_xtask_builds() {
     let xtask_rpm = dir.join("xtask");
     let Some(built) = xtask(
         TEST,
-        &["rpm", "--reuse-debug", "--out", &xtask_rpm.display().to_string()],
+        &[
+            "rpm",
+            "--reuse-debug",
+            "--out",
+            &xtask_rpm.display().to_string(),
+        ],
     ) else {
         return;
     };

@@ -149,8 +149,10 @@ pub fn cross_build_env(triple: &str, build: &mut Command) -> anyhow::Result<()> 
     if std::env::var_os(&var).is_none() {
         let gcc = format!("{}-gcc", triple.replace("-unknown-", "-"));
         if which(&gcc).is_none() {
-            bail!("`{gcc}` not found: install the cross compiler (Debian: gcc-{}, libc6-dev-*-cross)",
-                triple.replace("-unknown-", "-"));
+            bail!(
+                "`{gcc}` not found: install the cross compiler (Debian: gcc-{}, libc6-dev-*-cross)",
+                triple.replace("-unknown-", "-")
+            );
         }
         build.env(&var, &gcc);
     }

@@ -33,8 +33,8 @@ pub struct SrpmArgs {
 /// The spec: the template with the version, the licence expression and `Provides:` of the
 /// bundled crates, the toolchain pins and the fallback scriptlets filled in.
 pub fn spec(root: &Path) -> anyhow::Result<String> {
-    let template = std::fs::read_to_string(root.join(TEMPLATE))
-        .with_context(|| format!("read {TEMPLATE}"))?;
+    let template =
+        std::fs::read_to_string(root.join(TEMPLATE)).with_context(|| format!("read {TEMPLATE}"))?;
     let crates = bundled::rpm_crates(root, &RPM_TARGETS)?;
     let version = crates
         .iter()
@@ -79,7 +79,13 @@ fn placeholder(text: &str) -> Option<&str> {
 /// in the working tree; deleted ones are left out.
 fn source_files(root: &Path) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("git")
-        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
         .current_dir(root)
         .output()
         .context("run git ls-files")?;
@@ -170,7 +176,14 @@ pub fn run(root: &Path, args: &SrpmArgs) -> anyhow::Result<()> {
     step(
         "cargo vendor (workspace and the std workspace of rust-src)",
         Command::new("rustup")
-            .args(["run", nightly, "cargo", "vendor", "--locked", "--versioned-dirs"])
+            .args([
+                "run",
+                nightly,
+                "cargo",
+                "vendor",
+                "--locked",
+                "--versioned-dirs",
+            ])
             .arg("--sync")
             .arg(&std_manifest)
             .arg(&vendor)
