@@ -1,10 +1,10 @@
 //! The host packaging as an administrator meets it, judged by the distribution's own tools:
 //! the systemd unit by `systemd-analyze verify` and `security`, its capability set by running
 //! the agent with exactly those capabilities, and the RPM (built by `xtask rpm --reuse-debug`
-//! from the debug binary and the spec, in seconds) by `rpm -qpl/--scripts/-qpR`, `rpmlint`, and an install
-//! into a scratch root whose files must be where the unit and the docs say; and the release
-//! binary (what the RPM and the image ship) by its `--help`, its parser and its symbol table:
-//! it holds the product, no benchmark, fixture or fault-injection code.
+//! from the debug binary and the spec, in seconds) by `rpm -qpl/--scripts/-qpR`, `rpmlint`,
+//! and an install into a scratch root whose files must be where the unit and the docs say; and
+//! the release binary (what the RPM and the image ship) by its `--help`, its parser and its
+//! symbol table: it holds the product, no benchmark, fixture or fault-injection code.
 
 use std::{
     path::{Path, PathBuf},
