@@ -41,11 +41,8 @@ fn srpm(test: &str) -> Option<PathBuf> {
     ) {
         return None;
     }
-    SRPM.get_or_init(|| {
-        let out = temp_dir("srpm-out");
-        xtask(test, &["srpm", "--out", &out.display().to_string()])
-    })
-    .clone()
+    // Into target/rpm, where each run replaces the last.
+    SRPM.get_or_init(|| xtask(test, &["srpm"])).clone()
 }
 
 /// The spec inside the source RPM, extracted into `dir`.
