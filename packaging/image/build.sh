@@ -1,22 +1,23 @@
 #!/bin/sh
-# Builds nodeward's container image offline with buildah, from a binary built here: the binary,
-# exactly the shared libraries it loads (ldd), the files the RPM installs, and a passwd/group
-# naming root. Everything the image says about itself (labels, ports, entrypoint, command, user)
-# is read from packaging/Containerfile, the production build on Anolis OS 23, so that the two
-# describe the same image (tests/tests/image.rs checks it).
+# Builds nodeward's container image offline with buildah, from the RPM `cargo xtask rpm` makes:
+# the files the RPM installs (as the Containerfile's `rpm -i` installs them), exactly the shared
+# libraries the binary loads (ldd), and a passwd/group naming root. Everything the image says
+# about itself (labels, ports, entrypoint, command, user) is read from packaging/Containerfile,
+# the production build on Anolis OS 23, so that the two describe the same image
+# (tests/tests/image_containerfile.rs checks it).
 #
-#   packaging/image/build.sh BINARY TAG [OCI_ARCHIVE]
+#   packaging/image/build.sh RPM TAG [OCI_ARCHIVE]
 #
-# `cargo xtask image` runs it on the release build. Storage is buildah's own; set
+# `cargo xtask image` runs it on the RPM of the release build. Storage is buildah's own; set
 # CONTAINERS_STORAGE_CONF to keep it elsewhere (the tests do). Needs root (or a user namespace
-# buildah can use), buildah, ldd, strip and python3 (to read agent/Cargo.toml's RPM assets).
+# buildah can use), buildah, rpm2cpio and cpio (Debian's rpm and cpio packages) and ldd.
 set -eu
 
 if [ $# -lt 2 ]; then
-    echo "usage: $0 BINARY TAG [OCI_ARCHIVE]" >&2
+    echo "usage: $0 RPM TAG [OCI_ARCHIVE]" >&2
     exit 64
 fi
-binary=$1
+rpm=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 tag=$2
 archive=${3:-}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -30,23 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# The files the RPM installs (agent/Cargo.toml, [package.metadata.generate-rpm] assets): the
-# Containerfile installs the RPM, so its image holds them at these paths with these modes.
-python3 - "$root" "$stage" "$binary" <<'EOF'
-import os, shutil, subprocess, sys, tomllib
-root, stage, binary = sys.argv[1:4]
-with open(os.path.join(root, "agent/Cargo.toml"), "rb") as f:
-    assets = tomllib.load(f)["package"]["metadata"]["generate-rpm"]["assets"]
-for a in assets:
-    dest = os.path.join(stage, a["dest"].lstrip("/"))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    if a["dest"] == "/usr/bin/nodeward":
-        # As `cargo xtask rpm` ships it: stripped.
-        subprocess.run(["strip", "-o", dest, binary], check=True)
-    else:
-        shutil.copyfile(os.path.join(root, a["source"]), dest)
-    os.chmod(dest, int(a["mode"], 8))
-EOF
+# The files the RPM installs, with its modes (cpio keeps them), as `rpm -i` lays them out.
+(cd "$stage" && rpm2cpio "$rpm" | cpio --extract --make-directories --preserve-modification-time --quiet)
+binary=$stage/usr/bin/nodeward
 
 # Exactly the libraries the binary loads, and the dynamic loader, at the paths ldd resolves them
 # to (the loader finds them there without an ld.so.cache).

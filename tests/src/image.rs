@@ -1,5 +1,5 @@
 //! The container image as the tests build it: `packaging/image/build.sh` (what `cargo xtask
-//! image` runs) from the release binary, with podman's and buildah's storage (vfs) and state in
+//! image` runs) from the RPM of the release binary, with podman's and buildah's storage (vfs) and state in
 //! a directory of the test's own, removed afterwards. Podman runs containers with runc (crun
 //! refuses this VM's hybrid cgroup layout) and the cgroupfs manager (systemd is not PID 1 here).
 
@@ -36,12 +36,14 @@ pub fn missing_tools() -> Option<String> {
     if !is_root() {
         return Some("needs root (buildah mount, podman with host PID and capabilities)".into());
     }
-    let missing: Vec<&str> = ["buildah", "podman", "runc", "ldd", "strip", "python3"]
-        .into_iter()
-        .filter(|t| tool(t).is_none())
-        .collect();
+    let missing: Vec<&str> = [
+        "buildah", "podman", "runc", "ldd", "strip", "rpmbuild", "rpm2cpio", "cpio",
+    ]
+    .into_iter()
+    .filter(|t| tool(t).is_none())
+    .collect();
     (!missing.is_empty()).then(|| {
-        format!("{missing:?} not installed (Debian packages buildah, podman, runc: cargo xtask test installs them)")
+        format!("{missing:?} not installed (Debian packages buildah, podman, runc, rpm, cpio: cargo xtask test installs them)")
     })
 }
 
@@ -102,12 +104,25 @@ impl Containers {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Builds the image from the release binary, as `cargo xtask image` does.
-    pub fn build(&self) {
+    /// Builds the image as `cargo xtask image` does: the RPM of the release binary (`xtask rpm
+    /// --prebuilt`), then `build.sh` on it. The RPM's path; `None` after a skip (xtask not built).
+    pub fn build(&self, test: &str) -> Option<PathBuf> {
+        let out_dir = self.dir.join("rpm");
+        let binary = release_binary();
+        let rpm = crate::rpm::xtask(
+            test,
+            &[
+                "rpm",
+                "--prebuilt",
+                &binary.to_string_lossy(),
+                "--out",
+                &out_dir.to_string_lossy(),
+            ],
+        )?;
         let out = self
             .command("sh")
             .arg(path("packaging/image/build.sh"))
-            .arg(release_binary())
+            .arg(&rpm)
             .arg(&self.tag)
             .output()
             .expect("run packaging/image/build.sh");
@@ -117,6 +132,7 @@ impl Containers {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        Some(rpm)
     }
 }
 

@@ -199,7 +199,9 @@ fn the_image_runs_under_podman_as_the_daemonset_runs_it_and_answers_its_probes()
         return skip(TEST, "python3 with PyYAML missing (tests/requirements.txt)");
     };
     let containers = Containers::new(TEST);
-    containers.build();
+    if containers.build(TEST).is_none() {
+        return;
+    }
 
     let run_dir = containers.dir.join("run-nodeward");
     std::fs::create_dir_all(&run_dir).expect("run dir");

@@ -1,7 +1,8 @@
-//! `cargo xtask image`: the container image, built offline with buildah from the release
-//! binary (`packaging/image/build.sh`): no base image and no registry, only the binary, the
-//! shared libraries it loads, the files the RPM installs and the metadata of
-//! `packaging/Containerfile` (the production build on Anolis OS 23, which needs a registry).
+//! `cargo xtask image`: the container image, built offline with buildah from the RPM of the
+//! release binary (`packaging/image/build.sh`): no base image and no registry, only the files
+//! the RPM installs, the shared libraries the binary loads and the metadata of
+//! `packaging/Containerfile` (the production build on Anolis OS 23, which installs the same RPM
+//! on a base image from a registry).
 
 use std::path::{Path, PathBuf};
 
@@ -34,11 +35,13 @@ pub fn run(root: &Path, args: &ImageArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| root.join(format!("target/image/nodeward-{version}.oci.tar")));
+    let rpm = crate::rpm::build(
+        root,
+        &crate::rpm::RpmArgs::prebuilt(root.join("target/release/nodeward"), None),
+    )?;
+    say(&format!("packaged {}", rpm.display()));
     let mut build = as_root(&root.join("packaging/image/build.sh"))?;
-    build
-        .arg(root.join("target/release/nodeward"))
-        .arg(&tag)
-        .arg(&archive);
+    build.arg(&rpm).arg(&tag).arg(&archive);
     step("building the image with buildah", &mut build)?;
     say(&format!(
         "image {tag} (buildah images / podman images), archive {}",

@@ -2,9 +2,11 @@
 //! both install what is missing on a fresh machine first (see `setup.rs`) and say what they do.
 
 mod bench;
+mod bundled;
 mod image;
 mod rpm;
 mod setup;
+mod srpm;
 mod test;
 
 use std::{
@@ -40,10 +42,12 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// On a machine with an NVIDIA GPU: read every GPU through the real driver and print it.
     GpuCheck,
-    /// Build the RPM (cargo-generate-rpm); prints the path of the .rpm.
+    /// Build the binary RPM (rpmbuild, from the spec and the binary cargo built); prints its path.
     Rpm(rpm::RpmArgs),
     /// Build the container image offline with buildah from the release binary.
     Image(image::ImageArgs),
+    /// Build the source RPM (spec, source and vendored crates) that rebuilds offline.
+    Srpm(srpm::SrpmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::Rpm(args) => rpm::run(&root, &args),
         Cmd::Image(args) => image::run(&root, &args),
+        Cmd::Srpm(args) => srpm::run(&root, &args),
         Cmd::GpuCheck => {
             setup::ensure_build_tools()?;
             step(

@@ -216,6 +216,25 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     )
 }
 
+/// The rust-std of `triple` for the workspace's stable toolchain (cross builds).
+pub fn ensure_rust_target(triple: &str) -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to add a cross target")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == triple)
+    {
+        say(&format!("rust target {triple}: already installed"));
+        return Ok(());
+    }
+    step(
+        &format!("adding the rust target {triple}"),
+        Command::new("rustup").args(["target", "add", triple]),
+    )
+}
+
 /// What building the agent needs.
 pub fn ensure_build_tools() -> anyhow::Result<()> {
     ensure_packages(
@@ -255,6 +274,10 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             // image test: the image built offline and run as the DaemonSet runs it
             "buildah",
             "podman",
+            // rpm_srpm test: the aarch64 cross build and running it under qemu-user
+            "gcc-aarch64-linux-gnu",
+            "libc6-dev-arm64-cross",
+            "qemu-user",
         ]),
         // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[
@@ -365,7 +388,9 @@ pub fn ensure_bench_tools() -> anyhow::Result<()> {
 pub fn ensure_all(root: &std::path::Path) -> anyhow::Result<()> {
     ensure_build_tools()?;
     ensure_test_tools(root)?;
-    ensure_buf()?;
-    // The packaging tests build the RPM.
-    crate::rpm::ensure_generate_rpm()
+    // The rpm_srpm test cross-builds the agent for aarch64.
+    if std::env::consts::ARCH == "x86_64" {
+        ensure_rust_target("aarch64-unknown-linux-gnu")?;
+    }
+    ensure_buf()
 }

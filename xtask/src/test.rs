@@ -220,6 +220,19 @@ pub fn run(root: &Path, args: &TestArgs) -> anyhow::Result<()> {
         "building nodeward in release mode (the binary the RPM ships; a packaging test inspects it)",
         cargo().args(["build", "--release", "-p", "nodeward"]),
     )?;
+    // The rpm_aarch64 test packages a cross build (debug: minutes less than release) and runs it
+    // under qemu-user.
+    if std::env::consts::ARCH != "x86_64" || which("aarch64-linux-gnu-gcc").is_none() {
+        say("no x86_64 host with aarch64-linux-gnu-gcc: the rpm_aarch64 test will skip");
+    } else {
+        let triple = "aarch64-unknown-linux-gnu";
+        let mut cross = cargo();
+        crate::rpm::cross_build_env(triple, &mut cross)?;
+        step(
+            "building nodeward for aarch64 (the rpm_aarch64 test packages it)",
+            cross.args(["build", "-p", "nodeward", "--target", triple]),
+        )?;
+    }
 
     let mut tally = Tally::default();
 
