@@ -67,8 +67,11 @@ impl Seed {
                                 start_ns: raw.now_ns,
                                 remote: s.remote,
                                 remote_port: u32::from(s.remote_port),
+                                local_port: u32::from(s.local_port),
                                 family: u32::from(s.family),
                                 passive: direction::UNKNOWN,
+                                bytes_acked: s.bytes_acked,
+                                bytes_received: s.bytes_received,
                                 ..FlowState::default()
                             },
                         ))
@@ -83,9 +86,16 @@ impl Seed {
                 self.open = Some(open);
             }
             Some(open) => {
-                let alive: std::collections::HashSet<u64> =
-                    sockets.iter().map(|s| s.cookie).collect();
-                open.retain(|c, _| alive.contains(c));
+                let alive: HashMap<u64, &diag::DiagSocket> =
+                    sockets.iter().map(|s| (s.cookie, s)).collect();
+                open.retain(|c, flow| {
+                    let Some(s) = alive.get(c) else {
+                        return false;
+                    };
+                    // No callback runs on these sockets: the dump is where their bytes move.
+                    (flow.bytes_acked, flow.bytes_received) = (s.bytes_acked, s.bytes_received);
+                    true
+                });
             }
         }
         if let Some(open) = &self.open {
@@ -104,10 +114,13 @@ mod tests {
             cookie,
             remote: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
             remote_port: 50_000,
+            local_port: 1935,
             cgroup_id,
             srtt_us: 0,
             total_retrans: 0,
             segs_out: 0,
+            bytes_acked: cookie * 100,
+            bytes_received: 0,
         }
     }
 
@@ -139,13 +152,19 @@ mod tests {
         cookies.sort_unstable();
         assert_eq!(cookies, [1, 2, 3]);
         let f = first.flows.iter().find(|f| f.0 == 2).expect("seeded").1;
-        assert_eq!((f.cgroup_id, f.passive), (7, direction::UNKNOWN));
+        assert_eq!(
+            (f.cgroup_id, f.passive, f.local_port, f.bytes_acked),
+            (7, direction::UNKNOWN, 1935, 200)
+        );
 
-        // 3 closed; a new socket (5) is sock_ops' business, not the seed's.
+        // 3 closed; a new socket (5) is sock_ops' business, not the seed's; 2 sent more.
         let mut next = raw(Vec::new());
-        seed.apply(&[socket(2, Some(7)), socket(5, Some(7))], &mut next);
+        let mut two = socket(2, Some(7));
+        two.bytes_acked = 9_000;
+        seed.apply(&[two, socket(5, Some(7))], &mut next);
         let cookies: Vec<u64> = next.flows.iter().map(|f| f.0).collect();
         assert_eq!(cookies, [2]);
+        assert_eq!(next.flows[0].1.bytes_acked, 9_000, "bytes follow the dumps");
         let mut last = raw(Vec::new());
         seed.apply(&[], &mut last);
         assert!(last.flows.is_empty());
