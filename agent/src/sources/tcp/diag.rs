@@ -251,6 +251,8 @@ pub struct Dump {
     pub sockets: Vec<DiagSocket>,
     /// Namespaces that refused entry for want of a privilege, with the error.
     pub denied: Vec<String>,
+    /// The same namespaces, each as the `<proc>/<pid>/ns/net` path it was tried through.
+    pub denied_paths: Vec<std::path::PathBuf>,
 }
 
 /// Dumps every network namespace from one short-lived thread that enters each in turn
@@ -263,7 +265,10 @@ pub fn dump_all(proc_root: &Path) -> Dump {
             for ns in &namespaces {
                 match enter(ns).and_then(|()| dump()) {
                     Ok(sockets) => out.sockets.extend(sockets),
-                    Err(e) if e.denied() => out.denied.push(e.to_string()),
+                    Err(e) if e.denied() => {
+                        out.denied.push(e.to_string());
+                        out.denied_paths.push(ns.clone());
+                    }
                     // A process that exited meanwhile took its namespace with it.
                     Err(e) => tracing::trace!(error = %e, "sock_diag dump skipped a namespace"),
                 }
