@@ -4,10 +4,12 @@
 //! resident memory stays under the DaemonSet's memory limit
 //! (`packaging/kubernetes/30-daemonset.yaml`).
 //!
-//! 20,000 connections by default (a size CI runs in reasonable time, within the default
-//! `tcp.max_flows` of 65,536); `NODEWARD_SCALE_CONNECTIONS=100000` runs the issue's full size,
-//! where the flow map holds 65,536 and the rest are counted exactly from the kernel's open and
-//! close counters. The clients spread over 127.0.0.1-127.0.0.N so that no destination runs out
+//! 20,000 connections by default (a size CI runs in reasonable time: 40,000 sockets with the
+//! clients', within the default `tcp.max_flows` of 65,536); `NODEWARD_SCALE_CONNECTIONS=100000`
+//! runs the issue's full size, where the flow map cannot hold every socket and the rest should
+//! be counted from the kernel's open and close counters. That run FAILS today: from about
+//! 32,000 connections (the flow map full) the kernel's open counter falls thousands short of
+//! `ss`, with no drop counted (see issue 15's notes); it stays behind the flag until fixed. The clients spread over 127.0.0.1-127.0.0.N so that no destination runs out
 //! of ephemeral ports; each side is split into processes of at most `PER_PROCESS` connections,
 //! under the usual hard open-file limit.
 
@@ -118,8 +120,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_the_memory_limit()
-{
+async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_the_memory_limit() {
     if !is_root() {
         return skip(TEST, "needs root (eBPF, cgroups, open-file limits)");
     }
@@ -187,9 +188,9 @@ async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_t
     });
     let s = agent
         .wait_status("the pod's connections counted", |s| {
-            s.containers.iter().any(|c| {
-                c.container_id == key && c.established_connections as usize == truth
-            })
+            s.containers
+                .iter()
+                .any(|c| c.container_id == key && c.established_connections as usize == truth)
         })
         .await;
     let c = s
@@ -201,7 +202,10 @@ async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_t
         c.live_streams as usize, truth,
         "each accepted connection holds the drain"
     );
-    assert!(s.truncated, "a reply lists at most drain.max_streams_listed");
+    assert!(
+        s.truncated,
+        "a reply lists at most drain.max_streams_listed"
+    );
 
     let pid = agent.child.id();
     let (rss, peak) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
