@@ -170,6 +170,11 @@ pub struct FlowState {
     pub sum_jitter16_us: u64,
     pub retrans: u64,
     pub segs_out: u64,
+    /// The kernel's `bytes_acked` and `bytes_received` of the connection (cumulative), as
+    /// last seen at a callback that reads them (an RTT sample or the close): a connection
+    /// that only receives takes no RTT samples, so its `bytes_received` moves at its close.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
     /// Remote address: IPv4 in `remote[0]` (network order) when `family` is AF_INET.
     pub remote: [u32; 4],
     /// Remote port, host order.
@@ -185,7 +190,9 @@ pub struct FlowState {
     /// `PASSIVE` if it was accepted on a listening socket, `UNKNOWN` where the recorder cannot
     /// tell).
     pub passive: u32,
-    pub _pad: u32,
+    /// Local port, host order: for an accepted connection the port the container serves on.
+    /// Written once, when the connection is established.
+    pub local_port: u32,
 }
 
 /// Values of [`FlowState::passive`]. sock_ops tells them apart by its callback
@@ -215,7 +222,7 @@ pub mod drop_reason {
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 11 * 8);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 9 * 8 + 16 + 8 * 4);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 11 * 8 + 16 + 8 * 4);
 
 #[cfg(test)]
 mod tests {

@@ -322,6 +322,8 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
         // UAPI quirk (since 4.13): the network-order port sits in the upper 16 bits on
         // little-endian hosts (the kernel loads the be16 and shifts it left by 16).
         remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
+        // Unlike `remote_port`, the UAPI gives `local_port` in host order.
+        local_port: ctx.local_port(),
         passive: if passive {
             direction::PASSIVE
         } else {
@@ -366,6 +368,8 @@ fn account_segments(ctx: &SockOpsContext, flow: *mut FlowState, stats: *mut Cgro
         let d_segs = u64::from(segs_out.wrapping_sub((*flow).seen_segs_out));
         (*flow).seen_total_retrans = total_retrans;
         (*flow).seen_segs_out = segs_out;
+        (*flow).bytes_acked = (*ctx.ops).bytes_acked;
+        (*flow).bytes_received = (*ctx.ops).bytes_received;
         (*flow).retrans += d_retrans;
         (*flow).segs_out += d_segs;
         (*stats).retrans += d_retrans;

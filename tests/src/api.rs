@@ -203,11 +203,13 @@ pub fn prov(hook: &str) -> Provenance {
 pub fn stream(remote: &str, age: Duration) -> LiveStream {
     LiveStream {
         protocol: StreamProtocol::Tcp,
+        kind: nodeward::store::StreamKind::Rtmp,
         direction: nodeward::store::StreamDirection::Served,
         local: "10.1.0.5:1935".parse::<SocketAddr>().expect("addr"),
         remote: remote.parse().expect("addr"),
         started_at: SystemTime::now() - age,
         viewers: 0,
+        bytes: None,
     }
 }
 

@@ -17,11 +17,13 @@ fn many_streams(n: u16) -> NetworkSnapshot {
     let streams = (0..n)
         .map(|i| LiveStream {
             protocol: StreamProtocol::Tcp,
+            kind: nodeward::store::StreamKind::Tcp,
             direction: nodeward::store::StreamDirection::Served,
             local,
             remote: SocketAddr::from(([198, 51, 100, (i % 250) as u8], 10_000 + i)),
             started_at: now() - Duration::from_secs(60),
             viewers: 0,
+            bytes: None,
         })
         .collect();
     NetworkSnapshot {

@@ -50,6 +50,25 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
             store::StreamDirection::Outbound => pb::StreamDirection::Outbound,
             store::StreamDirection::Unknown => pb::StreamDirection::Unspecified,
         } as i32,
+        kind: stream_kind(s.kind) as i32,
+        local_port: u32::from(s.local.port()),
+        bytes_known: s.bytes.is_some(),
+        sent_bytes: s.bytes.map_or(0, |b| b.sent),
+        received_bytes: s.bytes.map_or(0, |b| b.received),
+        bytes_seconds: s.bytes.map_or(0.0, |b| b.over.as_secs_f64()),
+    }
+}
+
+fn stream_kind(k: store::StreamKind) -> pb::StreamKind {
+    match k {
+        store::StreamKind::Tcp => pb::StreamKind::Tcp,
+        store::StreamKind::Rtmp => pb::StreamKind::Rtmp,
+        store::StreamKind::Rtsp => pb::StreamKind::Rtsp,
+        store::StreamKind::Http => pb::StreamKind::Http,
+        store::StreamKind::Https => pb::StreamKind::Https,
+        store::StreamKind::Rtp => pb::StreamKind::Rtp,
+        store::StreamKind::Quic => pb::StreamKind::Quic,
+        store::StreamKind::Udp => pb::StreamKind::Udp,
     }
 }
 
@@ -58,6 +77,7 @@ pub fn viewer(v: &store::Viewer, now: SystemTime) -> pb::Viewer {
     pb::Viewer {
         address: v.addr.to_string(),
         idle_seconds: store::clock::elapsed(v.last_seen, now).as_secs_f64(),
+        served_port: u32::from(v.port),
     }
 }
 

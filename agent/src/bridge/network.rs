@@ -7,8 +7,8 @@
 //!   stream, and every live non-RTP flow that has lasted `udp.stream_min_duration` (SRT, QUIC).
 //! - TCP: every established connection of the container, with its direction: accepted on one
 //!   of its listening sockets (served: a viewer or a publisher), or opened by it (outbound: a
-//!   dependency, which the drain lists but by default does not wait for). The TCP source keeps
-//!   no per-connection byte counts that would tell an idle one apart.
+//!   dependency, which the drain lists but by default does not wait for); with its local port,
+//!   its kind told from the serving port, and the bytes it moved over the source's last tick.
 //!
 //! Viewers: the remote hosts the TCP source saw a container serve lately, connected or not
 //! (`sources::tcp::viewers`), each with when it was last seen; the drain decides how recent
@@ -37,8 +37,8 @@ use crate::{
         udp::model::{ContainerUdp, Endpoint, UdpSnapshot, WindowStats as UdpWindow},
     },
     store::{
-        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, Peer,
-        PeerNetwork, Provenance, StreamDirection, StreamProtocol, Viewer, Window,
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, NetworkWindow, PeerNetwork,
+        Provenance, StreamBytes, StreamDirection, StreamKind, StreamProtocol, Viewer, Window,
     },
 };
 
@@ -251,6 +251,7 @@ fn add_tcp(c: &mut ContainerNetwork, t: &ContainerTcp, streams: bool, params: &N
         c.streams.extend(tcp_streams(t, params.now));
         c.viewers.extend(t.viewers.iter().map(|v| Viewer {
             addr: v.addr,
+            port: v.port,
             last_seen: params.now.checked_sub(v.idle).unwrap_or(params.now),
         }));
     }
@@ -271,43 +272,46 @@ fn peer(p: &PeerTcp, window: Window) -> Option<PeerNetwork> {
     })
 }
 
-/// One stream per established connection, with its direction: the peers that hold them first
-/// (their remote address known where the peer is a single `addr:port`), then the rest with an
-/// unknown remote. Connections the bounded flow map does not hold have no known direction.
-/// The source keeps ages per container, not per connection, so each starts at the mean age.
+/// One stream per established connection the flow map holds, with its direction, local
+/// (served) port, kind told from the serving port, age and bytes over the last tick; then one of
+/// unknown direction and endpoints for each connection the bounded flow map does not hold.
 fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
-    let age = Duration::try_from_secs_f64(t.established_age_mean_s).unwrap_or_default();
-    let started_at = now.checked_sub(age).unwrap_or(now);
-    let stream = |remote: SocketAddr, direction| LiveStream {
+    let mut out: Vec<LiveStream> = t
+        .connections
+        .iter()
+        .map(|conn| {
+            let serving_port = match conn.direction {
+                StreamDirection::Outbound => conn.remote.port(),
+                StreamDirection::Served | StreamDirection::Unknown => conn.local_port,
+            };
+            LiveStream {
+                protocol: StreamProtocol::Tcp,
+                kind: StreamKind::of_tcp_port(serving_port),
+                direction: conn.direction,
+                local: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), conn.local_port),
+                remote: conn.remote,
+                started_at: now.checked_sub(conn.age).unwrap_or(now),
+                viewers: 0,
+                bytes: conn.bytes.map(|b| StreamBytes {
+                    sent: b.acked,
+                    received: b.received,
+                    over: b.over,
+                }),
+            }
+        })
+        .collect();
+    let untracked = LiveStream {
         protocol: StreamProtocol::Tcp,
-        direction,
+        kind: StreamKind::Tcp,
+        direction: StreamDirection::Unknown,
         local: unspecified(),
-        remote,
-        started_at,
+        remote: unspecified(),
+        started_at: now,
         viewers: 0,
+        bytes: None,
     };
-    const DIRECTIONS: [StreamDirection; 3] = [
-        StreamDirection::Served,
-        StreamDirection::Outbound,
-        StreamDirection::Unknown,
-    ];
-    let mut left = t.established_by;
-    left.unknown += t.established_untracked;
-    let mut out = Vec::new();
-    for p in &t.peers {
-        let remote = match p.peer {
-            Peer::Addr(a) => a,
-            Peer::Prefix(..) | Peer::Other => unspecified(),
-        };
-        for d in DIRECTIONS {
-            let n = p.established_by.get(d).min(left.get(d));
-            left.remove(d, n);
-            out.extend((0..n).map(|_| stream(remote, d)));
-        }
-    }
-    for d in DIRECTIONS {
-        out.extend((0..left.get(d)).map(|_| stream(unspecified(), d)));
-    }
+    let n = usize::try_from(t.established_untracked).unwrap_or(usize::MAX);
+    out.extend(std::iter::repeat_n(untracked, n));
     out
 }
 
@@ -341,12 +345,14 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
         let (local, remote) = socket(&s.endpoint);
         c.streams.push(LiveStream {
             protocol: StreamProtocol::Udp,
+            kind: StreamKind::Rtp,
             // As today, every live UDP stream and flow holds the drain.
             direction: StreamDirection::Served,
             local,
             remote,
             started_at: started(params.now, s.age_seconds),
             viewers: 0,
+            bytes: None,
         });
     }
     let min_age = params.udp_min_flow_age.as_secs_f64();
@@ -358,12 +364,14 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
         let (local, remote) = socket(&f.endpoint);
         c.streams.push(LiveStream {
             protocol: StreamProtocol::Udp,
+            kind: StreamKind::of_udp_port(local.port()),
             // As today, every live UDP stream and flow holds the drain.
             direction: StreamDirection::Served,
             local,
             remote,
             started_at: started(params.now, f.age_seconds),
             viewers: 0,
+            bytes: None,
         });
     }
 }

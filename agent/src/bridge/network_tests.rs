@@ -4,9 +4,10 @@ use super::*;
 use crate::{
     containers::{Container, Identity, Runtime},
     sources::{
-        tcp::snapshot::{DirectionCounts, Fidelity, PeerWindow, RttSample},
+        tcp::snapshot::{ByteCounts, Connection, DirectionCounts, Fidelity, PeerWindow, RttSample},
         udp::model::{FlowQuality, StreamQuality},
     },
+    store::Peer,
 };
 
 const NOW: Duration = Duration::from_secs(1_000_000);
@@ -77,6 +78,26 @@ fn tcp(path: &str) -> TcpSnapshot {
             },
             established_age_mean_s: 30.0,
             established_untracked: 1,
+            connections: vec![
+                Connection {
+                    remote: ([10, 0, 0, 9], 50_000).into(),
+                    local_port: 1935,
+                    direction: StreamDirection::Served,
+                    age: Duration::from_secs(30),
+                    bytes: Some(ByteCounts {
+                        acked: 250_000,
+                        received: 1_000,
+                        over: Duration::from_secs(1),
+                    }),
+                },
+                Connection {
+                    remote: ([10, 0, 0, 9], 443).into(),
+                    local_port: 40_001,
+                    direction: StreamDirection::Outbound,
+                    age: Duration::from_secs(20),
+                    bytes: None,
+                },
+            ],
             peers: vec![
                 PeerTcp {
                     peer: Peer::Addr(([10, 0, 0, 9], 443).into()),
@@ -114,6 +135,15 @@ fn tcp(path: &str) -> TcpSnapshot {
                 served: 4,
                 ..DirectionCounts::default()
             },
+            connections: (0..4)
+                .map(|i| Connection {
+                    remote: ([10, 0, 1, 1], 50_000 + i).into(),
+                    local_port: 8080,
+                    direction: StreamDirection::Served,
+                    age: Duration::from_secs(5),
+                    bytes: None,
+                })
+                .collect(),
             ..ContainerTcp::default()
         },
     );
@@ -234,12 +264,30 @@ fn containers_are_keyed_by_inventory_id_else_cgroup_path() {
 }
 
 #[test]
-fn every_established_connection_is_a_tcp_stream_with_its_peer() {
+fn every_established_connection_is_a_tcp_stream_with_its_peer_port_kind_age_and_bytes() {
     let net = network_snapshot(Some(&tcp("/a")), None, &inventory(), &params(None));
     let c = &net.containers["live"];
     assert_eq!(c.established_connections, 3, "tracked + untracked");
     let remotes: Vec<String> = c.streams.iter().map(|s| s.remote.to_string()).collect();
-    assert_eq!(remotes, ["10.0.0.9:443", "10.0.0.9:443", "0.0.0.0:0"]);
+    assert_eq!(remotes, ["10.0.0.9:50000", "10.0.0.9:443", "0.0.0.0:0"]);
+    let ports: Vec<u16> = c.streams.iter().map(|s| s.local.port()).collect();
+    assert_eq!(ports, [1935, 40_001, 0]);
+    let kinds: Vec<StreamKind> = c.streams.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [StreamKind::Rtmp, StreamKind::Https, StreamKind::Tcp],
+        "served on 1935; outbound to 443; unknown"
+    );
+    assert_eq!(
+        c.streams[0].bytes,
+        Some(StreamBytes {
+            sent: 250_000,
+            received: 1_000,
+            over: Duration::from_secs(1)
+        })
+    );
+    assert_eq!(c.streams[1].bytes, None);
+    assert_eq!(c.streams[1].started_at, now() - Duration::from_secs(20));
     let directions: Vec<StreamDirection> = c.streams.iter().map(|s| s.direction).collect();
     assert_eq!(
         directions,
@@ -252,6 +300,7 @@ fn every_established_connection_is_a_tcp_stream_with_its_peer() {
     );
     assert!(c.streams.iter().all(|s| s.protocol == StreamProtocol::Tcp));
     assert_eq!(c.streams[0].started_at, now() - Duration::from_secs(30));
+    assert_eq!(c.streams[2].started_at, now(), "untracked: no age known");
     assert_eq!(net.containers["/a"].streams.len(), 4);
 }
 
@@ -458,6 +507,7 @@ fn viewers_carry_when_last_seen_and_never_come_from_host_cgroups() {
     let mut t = tcp("/system.slice/nginx.service");
     let served = |last: u8, idle| ServedPeer {
         addr: std::net::IpAddr::from([10, 0, 0, last]),
+        port: 8080,
         idle: Duration::from_secs(idle),
     };
     for c in t.containers.values_mut() {

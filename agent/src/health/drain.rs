@@ -356,7 +356,7 @@ impl DrainController {
         let held = self.lock().held.clone();
         let unknown = self.unknown_streams(snapshot, now);
         let streams_known = unknown.is_none();
-        let policy = self.settings.policy;
+        let policy = &self.settings.policy;
         let mut budget = self.settings.max_streams_listed;
         let mut viewer_budget = self.settings.max_streams_listed;
         let mut truncated = false;

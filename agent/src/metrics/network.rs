@@ -162,11 +162,13 @@ mod tests {
     fn stream(protocol: StreamProtocol) -> LiveStream {
         LiveStream {
             protocol,
+            kind: crate::store::StreamKind::Tcp,
             direction: crate::store::StreamDirection::Served,
             local: ([10, 0, 0, 1], 443).into(),
             remote: ([10, 0, 0, 2], 50_000).into(),
             started_at: SystemTime::UNIX_EPOCH,
             viewers: 0,
+            bytes: None,
         }
     }
 

@@ -140,6 +140,61 @@ pub enum StreamProtocol {
     Udp,
 }
 
+/// What a stream carries, as far as it can be told cheaply: from the port it is served on
+/// (TCP), or from what the UDP source saw in its packets (RTP). A guess by port names the
+/// usual protocol of that port, not what the bytes are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamKind {
+    /// TCP on another port.
+    #[default]
+    Tcp,
+    /// TCP on 1935.
+    Rtmp,
+    /// TCP on 554.
+    Rtsp,
+    /// TCP on 80 or 8080.
+    Http,
+    /// TCP on 443 or 8443.
+    Https,
+    /// UDP packets that parse as RTP.
+    Rtp,
+    /// Non-RTP UDP on 443.
+    Quic,
+    /// Other UDP (SRT, WebRTC data, ...).
+    Udp,
+}
+
+impl StreamKind {
+    /// The kind of a TCP stream served on `port`.
+    pub const fn of_tcp_port(port: u16) -> Self {
+        match port {
+            1935 => Self::Rtmp,
+            554 => Self::Rtsp,
+            80 | 8080 => Self::Http,
+            443 | 8443 => Self::Https,
+            _ => Self::Tcp,
+        }
+    }
+
+    /// The kind of a non-RTP UDP flow served on `port`.
+    pub const fn of_udp_port(port: u16) -> Self {
+        match port {
+            443 => Self::Quic,
+            _ => Self::Udp,
+        }
+    }
+}
+
+/// Bytes a stream moved over a recent span (the TCP source's last tick): a live stream and an
+/// idle keep-alive look different.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamBytes {
+    /// Bytes the container sent that the peer acknowledged.
+    pub sent: u64,
+    pub received: u64,
+    pub over: Duration,
+}
+
 /// Which side opened a stream, as the container sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamDirection {
@@ -161,13 +216,28 @@ pub enum StreamDirection {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveStream {
     pub protocol: StreamProtocol,
+    pub kind: StreamKind,
     pub direction: StreamDirection,
+    /// The container's side; for TCP the address is unspecified (the source keeps the port).
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// When the stream was first seen.
     pub started_at: SystemTime,
     /// Viewers behind the stream where the protocol reveals them; 0 = unknown.
     pub viewers: u32,
+    /// Bytes over the last tick, where the source keeps them (TCP, from its second read on).
+    pub bytes: Option<StreamBytes>,
+}
+
+impl LiveStream {
+    /// The port the stream is served on, for `drain.include_ports`/`exclude_ports`: the local
+    /// port, except for an outbound connection, whose local port is an ephemeral one.
+    pub fn served_port(&self) -> Option<u16> {
+        match self.direction {
+            StreamDirection::Served | StreamDirection::Unknown => Some(self.local.port()),
+            StreamDirection::Outbound => None,
+        }
+    }
 }
 
 /// A remote host that a container served (a connection accepted on one of its listening
@@ -176,6 +246,8 @@ pub struct LiveStream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Viewer {
     pub addr: IpAddr,
+    /// The container's port it was served on.
+    pub port: u16,
     /// Now while a connection from it is open, else when its last one closed.
     pub last_seen: SystemTime,
 }

@@ -73,7 +73,8 @@ pub struct LiveStream {
     /// Transport of the stream.
     #[prost(enumeration = "StreamProtocol", tag = "1")]
     pub protocol: i32,
-    /// Local endpoint, "ip:port".
+    /// Local endpoint, "ip:port"; for TCP the address is 0.0.0.0 (the agent keeps the port only,
+    /// see `local_port`).
     #[prost(string, tag = "2")]
     pub local_addr: ::prost::alloc::string::String,
     /// Remote endpoint, "ip:port".
@@ -92,6 +93,29 @@ pub struct LiveStream {
     /// default do not.
     #[prost(enumeration = "StreamDirection", tag = "7")]
     pub direction: i32,
+    /// What it carries, told from its serving port (TCP: the local port of a served or unknown
+    /// one, the remote port of an outbound one) or its packets (RTP).
+    #[prost(enumeration = "StreamKind", tag = "8")]
+    pub kind: i32,
+    /// The container's port of the stream: for a served one the port it is served on, which
+    /// `drain.include_ports` / `drain.exclude_ports` match.
+    #[prost(uint32, tag = "9")]
+    pub local_port: u32,
+    /// Whether `sent_bytes` and `received_bytes` are known (TCP, from the agent's second read of
+    /// the connection on).
+    #[prost(bool, tag = "10")]
+    pub bytes_known: bool,
+    /// Bytes the container sent that the peer acknowledged over the last `bytes_seconds` (bytes).
+    /// From the kernel's `bytes_acked` as last seen at an RTT sample of the connection.
+    #[prost(uint64, tag = "11")]
+    pub sent_bytes: u64,
+    /// Bytes received over the last `bytes_seconds` (bytes). A connection that only receives
+    /// takes no RTT samples, so this moves only when it also sends.
+    #[prost(uint64, tag = "12")]
+    pub received_bytes: u64,
+    /// The span `sent_bytes` and `received_bytes` cover: the TCP source's last tick, in seconds.
+    #[prost(double, tag = "13")]
+    pub bytes_seconds: f64,
 }
 /// Network summary of one container.
 #[allow(clippy::all)]
@@ -452,6 +476,66 @@ impl StreamProtocol {
             "STREAM_PROTOCOL_UNSPECIFIED" => Some(Self::Unspecified),
             "STREAM_PROTOCOL_TCP" => Some(Self::Tcp),
             "STREAM_PROTOCOL_UDP" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+/// What a stream carries, as far as it can be told cheaply: for TCP from the port it is served
+/// on (the usual protocol of that port, not an inspection of the bytes); for UDP from whether its
+/// packets parse as RTP.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamKind {
+    /// Not known.
+    Unspecified = 0,
+    /// TCP on another port.
+    Tcp = 1,
+    /// TCP served on 1935.
+    Rtmp = 2,
+    /// TCP served on 554.
+    Rtsp = 3,
+    /// TCP served on 80 or 8080.
+    Http = 4,
+    /// TCP served on 443 or 8443.
+    Https = 5,
+    /// UDP packets that parse as RTP.
+    Rtp = 6,
+    /// Non-RTP UDP on 443.
+    Quic = 7,
+    /// Other UDP (SRT, WebRTC data, ...).
+    Udp = 8,
+}
+impl StreamKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "STREAM_KIND_UNSPECIFIED",
+            Self::Tcp => "STREAM_KIND_TCP",
+            Self::Rtmp => "STREAM_KIND_RTMP",
+            Self::Rtsp => "STREAM_KIND_RTSP",
+            Self::Http => "STREAM_KIND_HTTP",
+            Self::Https => "STREAM_KIND_HTTPS",
+            Self::Rtp => "STREAM_KIND_RTP",
+            Self::Quic => "STREAM_KIND_QUIC",
+            Self::Udp => "STREAM_KIND_UDP",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "STREAM_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "STREAM_KIND_TCP" => Some(Self::Tcp),
+            "STREAM_KIND_RTMP" => Some(Self::Rtmp),
+            "STREAM_KIND_RTSP" => Some(Self::Rtsp),
+            "STREAM_KIND_HTTP" => Some(Self::Http),
+            "STREAM_KIND_HTTPS" => Some(Self::Https),
+            "STREAM_KIND_RTP" => Some(Self::Rtp),
+            "STREAM_KIND_QUIC" => Some(Self::Quic),
+            "STREAM_KIND_UDP" => Some(Self::Udp),
             _ => None,
         }
     }
@@ -1028,6 +1112,9 @@ pub struct Viewer {
     /// Seconds since its last connection closed; 0 while one is open.
     #[prost(double, tag = "2")]
     pub idle_seconds: f64,
+    /// The container's port it was served on (a host served on two ports is two viewers).
+    #[prost(uint32, tag = "3")]
+    pub served_port: u32,
 }
 /// The drain's progress.
 #[allow(clippy::all)]

@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::health::streams::StreamPolicy;
+use crate::health::streams::{PortFilter, StreamPolicy};
 
 /// The state file's name when `drain.state_file` is empty.
 pub const STATE_FILE_NAME: &str = "drain.json";
@@ -46,6 +46,12 @@ pub struct DrainConfig {
     /// Containers whose streams and viewers never hold a drain (and are not listed in
     /// `GetDrainStatus`): each entry a container id or a pod name, matched exactly (no globs).
     pub exclude_containers: Vec<String>,
+    /// Served ports (TCP and UDP, 1-65535) whose streams and viewers hold a drain; empty: every
+    /// port not in `exclude_ports`. Outbound connections go by `wait_for_outbound` instead.
+    pub include_ports: Vec<u16>,
+    /// Served ports whose streams and viewers never hold a drain (they are still listed): a
+    /// metrics or health endpoint, whose scraper would otherwise be a viewer for ever.
+    pub exclude_ports: Vec<u16>,
 }
 
 impl Default for DrainConfig {
@@ -67,6 +73,8 @@ impl Default for DrainConfig {
             .to_vec(),
             viewer_idle: DEFAULT_VIEWER_IDLE,
             exclude_containers: Vec::new(),
+            include_ports: Vec::new(),
+            exclude_ports: Vec::new(),
         }
     }
 }
@@ -81,10 +89,21 @@ impl DrainConfig {
                 humantime::format_duration(VIEWER_RETAIN)
             ));
         }
-        self.host_cgroups
+        if let Some(p) = self.host_cgroups.iter().find(|p| !p.starts_with('/')) {
+            return Some(format!("{p:?} is not a cgroup path starting with '/'"));
+        }
+        for (key, ports) in [
+            ("include_ports", &self.include_ports),
+            ("exclude_ports", &self.exclude_ports),
+        ] {
+            if ports.contains(&0) {
+                return Some(format!("drain.{key}: 0 is not a port (1-65535)"));
+            }
+        }
+        self.include_ports
             .iter()
-            .find(|p| !p.starts_with('/'))
-            .map(|p| format!("{p:?} is not a cgroup path starting with '/'"))
+            .find(|p| self.exclude_ports.contains(p))
+            .map(|p| format!("port {p} is in both drain.include_ports and drain.exclude_ports"))
     }
 
     /// What the drain waits for.
@@ -92,6 +111,7 @@ impl DrainConfig {
         StreamPolicy {
             wait_for_outbound: self.wait_for_outbound,
             viewer_idle: self.viewer_idle,
+            ports: PortFilter::new(&self.include_ports, &self.exclude_ports),
         }
     }
 
@@ -147,5 +167,27 @@ mod tests {
             ..DrainConfig::default()
         };
         assert!(too_long.check().is_some());
+    }
+
+    #[test]
+    fn port_lists_refuse_zero_out_of_range_values_and_a_port_in_both() {
+        let ports = |include: &[u16], exclude: &[u16]| DrainConfig {
+            include_ports: include.to_vec(),
+            exclude_ports: exclude.to_vec(),
+            ..DrainConfig::default()
+        };
+        assert!(ports(&[1935, 554], &[9100]).check().is_none());
+        let zero = ports(&[], &[0]).check().expect("refused");
+        assert!(zero.contains("drain.exclude_ports"), "{zero}");
+        let both = ports(&[1935], &[9100, 1935]).check().expect("refused");
+        assert!(both.contains("1935"), "{both}");
+        let parsed: Result<DrainConfig, _> = toml::from_str("include_ports = [70000]");
+        let e = parsed.expect_err("a port above 65535").to_string();
+        assert!(e.contains("70000"), "{e}");
+        let parsed: Result<DrainConfig, _> = toml::from_str("exclude_ports = [\"http\"]");
+        assert!(parsed.is_err(), "a name, not a number");
+        let parsed: DrainConfig = toml::from_str("exclude_ports = [9100]").expect("parses");
+        assert!(!parsed.policy().ports.holds(9100));
+        assert!(parsed.policy().ports.holds(1935));
     }
 }

@@ -21,11 +21,13 @@ fn stream() -> LiveStream {
     let a: SocketAddr = "10.0.0.1:1935".parse().expect("addr");
     LiveStream {
         protocol: StreamProtocol::Tcp,
+        kind: crate::store::StreamKind::Tcp,
         direction: crate::store::StreamDirection::Served,
         local: a,
         remote: a,
         started_at: SystemTime::UNIX_EPOCH,
         viewers: 0,
+        bytes: None,
     }
 }
 
@@ -386,6 +388,7 @@ fn publish_viewers(store: &Store, at: SystemTime, viewers: u8, last_seen: System
             viewers: (1..=viewers)
                 .map(|i| Viewer {
                     addr: [10, 0, 0, i].into(),
+                    port: 8080,
                     last_seen,
                 })
                 .collect(),

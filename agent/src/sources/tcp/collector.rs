@@ -111,7 +111,7 @@ impl Collector {
             own: (plan.recorder.ids() == super::Ids::CgroupV2).then(own::OwnCgroup::default),
             seed: (plan.recorder.ids() == super::Ids::CgroupV2
                 && plan.recorder != Recorder::SockDiag)
-                .then(|| seed::Seed::new(plan.proc_root.clone())),
+                .then(|| seed::Seed::new(plan.proc_root.clone(), cgroup_root.to_path_buf())),
         })
     }
 

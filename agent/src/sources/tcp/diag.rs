@@ -70,10 +70,15 @@ pub struct DiagSocket {
     /// Remote address as the eBPF flow stores it (network order words; IPv4 in `[0]`).
     pub remote: [u32; 4],
     pub remote_port: u16,
+    /// Local port, host order (for an accepted socket, the port the container serves on).
+    pub local_port: u16,
     pub cgroup_id: Option<u64>,
     pub srtt_us: u32,
     pub total_retrans: u32,
     pub segs_out: u32,
+    /// `tcpi_bytes_acked` and `tcpi_bytes_received` (cumulative).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -120,6 +125,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<(Vec<DiagSocket>, bool), DiagError> {
 fn parse_socket(msg: &[u8]) -> Option<DiagSocket> {
     let family = *msg.first()?;
     // inet_diag_sockid at 4: sport(2) dport(2) src(16) dst(16) if(4) cookie(8).
+    let local_port = u16::from_be(u16_at(msg, 4)?);
     let remote_port = u16::from_be(u16_at(msg, 6)?);
     let mut remote = [0u32; 4];
     for (i, w) in remote.iter_mut().enumerate() {
@@ -131,10 +137,13 @@ fn parse_socket(msg: &[u8]) -> Option<DiagSocket> {
         cookie,
         remote,
         remote_port,
+        local_port,
         cgroup_id: None,
         srtt_us: 0,
         total_retrans: 0,
         segs_out: 0,
+        bytes_acked: 0,
+        bytes_received: 0,
     };
     let mut at = INET_DIAG_MSG_LEN;
     while at + 4 <= msg.len() {
@@ -146,10 +155,12 @@ fn parse_socket(msg: &[u8]) -> Option<DiagSocket> {
         let data = &msg[at + 4..at + len];
         match kind {
             // struct tcp_info (UAPI, append-only): rtt at 68, total_retrans at 100,
-            // segs_out at 136.
+            // bytes_acked at 120, bytes_received at 128, segs_out at 136.
             INET_DIAG_INFO => {
                 s.srtt_us = u32_at(data, 68).unwrap_or(0);
                 s.total_retrans = u32_at(data, 100).unwrap_or(0);
+                s.bytes_acked = u64_at(data, 120).unwrap_or(0);
+                s.bytes_received = u64_at(data, 128).unwrap_or(0);
                 s.segs_out = u32_at(data, 136).unwrap_or(0);
             }
             INET_DIAG_CGROUP_ID => s.cgroup_id = u64_at(data, 0),
@@ -240,6 +251,8 @@ pub struct Dump {
     pub sockets: Vec<DiagSocket>,
     /// Namespaces that refused entry for want of a privilege, with the error.
     pub denied: Vec<String>,
+    /// The same namespaces, each as the `<proc>/<pid>/ns/net` path it was tried through.
+    pub denied_paths: Vec<std::path::PathBuf>,
 }
 
 /// Dumps every network namespace from one short-lived thread that enters each in turn
@@ -252,7 +265,10 @@ pub fn dump_all(proc_root: &Path) -> Dump {
             for ns in &namespaces {
                 match enter(ns).and_then(|()| dump()) {
                     Ok(sockets) => out.sockets.extend(sockets),
-                    Err(e) if e.denied() => out.denied.push(e.to_string()),
+                    Err(e) if e.denied() => {
+                        out.denied.push(e.to_string());
+                        out.denied_paths.push(ns.clone());
+                    }
                     // A process that exited meanwhile took its namespace with it.
                     Err(e) => tracing::trace!(error = %e, "sock_diag dump skipped a namespace"),
                 }
@@ -392,6 +408,7 @@ impl Poller {
                 start_ns: now_ns,
                 remote: s.remote,
                 remote_port: u32::from(s.remote_port),
+                local_port: u32::from(s.local_port),
                 family: u32::from(s.family),
                 seen_total_retrans: s.total_retrans,
                 seen_segs_out: s.segs_out,
@@ -422,6 +439,7 @@ impl Poller {
             (flow.seen_total_retrans, flow.seen_segs_out) = (s.total_retrans, s.segs_out);
             flow.retrans += d_retrans;
             flow.segs_out += d_segs;
+            (flow.bytes_acked, flow.bytes_received) = (s.bytes_acked, s.bytes_received);
             stats.retrans += d_retrans;
             stats.segs_out += d_segs;
             let key = HistKey {

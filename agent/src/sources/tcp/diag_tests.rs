@@ -16,6 +16,8 @@ fn message(cookie: u64, srtt_us: u32, total_retrans: u32, segs_out: u32, cgroup:
     let mut info = vec![0u8; 232];
     info[68..72].copy_from_slice(&srtt_us.to_ne_bytes());
     info[100..104].copy_from_slice(&total_retrans.to_ne_bytes());
+    info[120..128].copy_from_slice(&(u64::from(segs_out) * 1000).to_ne_bytes());
+    info[128..136].copy_from_slice(&7_000u64.to_ne_bytes());
     info[136..140].copy_from_slice(&segs_out.to_ne_bytes());
     for (kind, data) in [
         (INET_DIAG_INFO, info),
@@ -53,10 +55,11 @@ fn a_reply_yields_each_socket_with_its_rtt_counters_and_cgroup() {
     assert_eq!(sockets.len(), 2);
     let s = &sockets[0];
     assert_eq!(
-        (s.cookie, s.remote_port, s.cgroup_id),
-        (0x1_0000_0002, 5001, Some(77))
+        (s.cookie, s.local_port, s.remote_port, s.cgroup_id),
+        (0x1_0000_0002, 40000, 5001, Some(77))
     );
     assert_eq!((s.srtt_us, s.total_retrans, s.segs_out), (20_500, 3, 120));
+    assert_eq!((s.bytes_acked, s.bytes_received), (120_000, 7_000));
     assert_eq!(s.remote[0].to_ne_bytes(), [10, 0, 0, 2]);
 }
 

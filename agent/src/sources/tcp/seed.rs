@@ -8,26 +8,84 @@
 //! reports them as open flows of unknown direction (held by a drain) and dumps again on each
 //! tick, to see them close, until none is left. Their RTT is not followed: no callback runs on
 //! them.
+//!
+//! Without `CAP_SYS_ADMIN` (the DaemonSet) sock_diag cannot enter the pods' namespaces. The
+//! agent's own namespace is then dumped without entering it, and each other namespace is read
+//! from `/proc/<pid>/net/tcp{,6}` of one of its processes (`procnet.rs`): every established
+//! socket there is counted, attributed to that process's cgroup (or, where that cannot be
+//! resolved, to an id made of the namespace's inode, so that it still holds a drain), keyed by
+//! its inode, until it is gone from the listing. No cookie there: a connection established
+//! between the programs' attach and the first dump is counted twice until it closes (a drain
+//! waits a little longer, never less).
 
 use std::{collections::HashMap, path::PathBuf};
 
 use agent_ebpf::{tcp::direction, FlowState};
 
-use super::{diag, window::RawRead};
+use super::{diag, procnet, window::RawRead};
+
+/// Keys of sockets read from `/proc/<pid>/net/tcp`: the socket inode with the top bit set, so
+/// that they never meet a socket cookie (a counter from 1).
+const PROC_KEY: u64 = 1 << 63;
 
 #[derive(Debug)]
 pub struct Seed {
     proc_root: PathBuf,
+    cgroup_root: PathBuf,
     /// Pre-existing connections still open, by socket cookie; `None` before the first read.
     open: Option<HashMap<u64, FlowState>>,
 }
 
 impl Seed {
-    pub fn new(proc_root: PathBuf) -> Self {
+    pub fn new(proc_root: PathBuf, cgroup_root: PathBuf) -> Self {
         Self {
             proc_root,
+            cgroup_root,
             open: None,
         }
+    }
+
+    /// The sockets of the namespaces sock_diag could not enter: the agent's own dumped without
+    /// entering it, the others read from `/proc/<pid>/net/tcp{,6}`.
+    fn unentered(&self, denied: &[PathBuf]) -> Vec<diag::DiagSocket> {
+        let own = std::fs::read_link(self.proc_root.join("self/ns/net")).ok();
+        let mut out = Vec::new();
+        for ns in denied {
+            let link = std::fs::read_link(ns).ok();
+            if link.is_some() && link == own {
+                match diag::dump() {
+                    Ok(sockets) => out.extend(sockets),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sock_diag dump of the agent's own namespace failed")
+                    }
+                }
+                continue;
+            }
+            let Some(pid_dir) = ns.parent().and_then(std::path::Path::parent) else {
+                continue;
+            };
+            let Some(sockets) = procnet::established(pid_dir) else {
+                continue;
+            };
+            let netns = link
+                .as_deref()
+                .and_then(|l| l.to_str())
+                .and_then(|l| l.strip_prefix("net:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            let Some(cgroup_id) =
+                procnet::cgroup_id_of(pid_dir, &self.cgroup_root).or((netns != 0).then_some(netns))
+            else {
+                continue;
+            };
+            out.extend(
+                sockets
+                    .into_iter()
+                    .map(|s| s.to_diag(PROC_KEY | s.inode, cgroup_id)),
+            );
+        }
+        out
     }
 
     /// Adds the pre-existing connections still open to `raw.flows`; dumps nothing once they
@@ -36,15 +94,19 @@ impl Seed {
         if self.open.as_ref().is_some_and(HashMap::is_empty) {
             return;
         }
-        let dump = diag::dump_all(&self.proc_root);
-        if self.open.is_none() && !dump.denied.is_empty() {
-            // Without CAP_SYS_ADMIN the dump sees the agent's own network namespace only:
-            // connections in the pods' namespaces that predate the source stay unseen.
-            tracing::warn!(
-                namespaces = dump.denied.len(),
-                first = %dump.denied[0],
-                "connections established before the TCP source started cannot be seen in these                  network namespaces (entering them needs CAP_SYS_ADMIN); they are counted once                  they close and reopen, or not at all"
-            );
+        let mut dump = diag::dump_all(&self.proc_root);
+        if !dump.denied.is_empty() {
+            if self.open.is_none() {
+                tracing::info!(
+                    namespaces = dump.denied.len(),
+                    first = %dump.denied[0],
+                    "sock_diag cannot enter these network namespaces (no CAP_SYS_ADMIN): \
+                     connections older than the TCP source are read from /proc/<pid>/net/tcp \
+                     there instead"
+                );
+            }
+            let unentered = self.unentered(&dump.denied_paths);
+            dump.sockets.extend(unentered);
         }
         self.apply(&dump.sockets, raw);
     }
@@ -67,8 +129,11 @@ impl Seed {
                                 start_ns: raw.now_ns,
                                 remote: s.remote,
                                 remote_port: u32::from(s.remote_port),
+                                local_port: u32::from(s.local_port),
                                 family: u32::from(s.family),
                                 passive: direction::UNKNOWN,
+                                bytes_acked: s.bytes_acked,
+                                bytes_received: s.bytes_received,
                                 ..FlowState::default()
                             },
                         ))
@@ -83,9 +148,16 @@ impl Seed {
                 self.open = Some(open);
             }
             Some(open) => {
-                let alive: std::collections::HashSet<u64> =
-                    sockets.iter().map(|s| s.cookie).collect();
-                open.retain(|c, _| alive.contains(c));
+                let alive: HashMap<u64, &diag::DiagSocket> =
+                    sockets.iter().map(|s| (s.cookie, s)).collect();
+                open.retain(|c, flow| {
+                    let Some(s) = alive.get(c) else {
+                        return false;
+                    };
+                    // No callback runs on these sockets: the dump is where their bytes move.
+                    (flow.bytes_acked, flow.bytes_received) = (s.bytes_acked, s.bytes_received);
+                    true
+                });
             }
         }
         if let Some(open) = &self.open {
@@ -104,10 +176,13 @@ mod tests {
             cookie,
             remote: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
             remote_port: 50_000,
+            local_port: 1935,
             cgroup_id,
             srtt_us: 0,
             total_retrans: 0,
             segs_out: 0,
+            bytes_acked: cookie * 100,
+            bytes_received: 0,
         }
     }
 
@@ -121,7 +196,7 @@ mod tests {
 
     #[test]
     fn sockets_the_flow_map_lacks_at_start_are_open_until_a_dump_misses_them() {
-        let mut seed = Seed::new(PathBuf::from("/proc"));
+        let mut seed = Seed::new(PathBuf::from("/proc"), PathBuf::from("/sys/fs/cgroup"));
         let known = FlowState {
             cgroup_id: 9,
             ..FlowState::default()
@@ -139,13 +214,19 @@ mod tests {
         cookies.sort_unstable();
         assert_eq!(cookies, [1, 2, 3]);
         let f = first.flows.iter().find(|f| f.0 == 2).expect("seeded").1;
-        assert_eq!((f.cgroup_id, f.passive), (7, direction::UNKNOWN));
+        assert_eq!(
+            (f.cgroup_id, f.passive, f.local_port, f.bytes_acked),
+            (7, direction::UNKNOWN, 1935, 200)
+        );
 
-        // 3 closed; a new socket (5) is sock_ops' business, not the seed's.
+        // 3 closed; a new socket (5) is sock_ops' business, not the seed's; 2 sent more.
         let mut next = raw(Vec::new());
-        seed.apply(&[socket(2, Some(7)), socket(5, Some(7))], &mut next);
+        let mut two = socket(2, Some(7));
+        two.bytes_acked = 9_000;
+        seed.apply(&[two, socket(5, Some(7))], &mut next);
         let cookies: Vec<u64> = next.flows.iter().map(|f| f.0).collect();
         assert_eq!(cookies, [2]);
+        assert_eq!(next.flows[0].1.bytes_acked, 9_000, "bytes follow the dumps");
         let mut last = raw(Vec::new());
         seed.apply(&[], &mut last);
         assert!(last.flows.is_empty());

@@ -2,7 +2,7 @@
 //! distribution, jitter, retransmits and connection counts; per remote peer, the same sums
 //! without percentiles. Units are in the field names (`_us` microseconds, `_s` seconds).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use agent_ebpf::{
     tcp::{direction, drop_reason},
@@ -143,6 +143,10 @@ pub struct ContainerTcp {
     /// Established connections (opened minus closed, from the kernel's exact counters) that
     /// the bounded flow map does not hold, so without age or peer.
     pub established_untracked: u64,
+    /// The established connections the flow map holds, one by one (in no set order); left out
+    /// of the serialised form, which summarises.
+    #[serde(skip)]
+    pub connections: Vec<Connection>,
     pub peers: Vec<PeerTcp>,
     /// Remote hosts that connections accepted by the container came from lately (see
     /// `viewers.rs`), most recent first.
@@ -160,12 +164,13 @@ impl ContainerTcp {
         }
     }
 
-    pub(super) fn set_established(&mut self, open: impl Iterator<Item = (StreamDirection, u64)>) {
+    pub(super) fn set_established(&mut self, open: impl Iterator<Item = Connection>) {
         let (mut n, mut sum, mut max) = (0u64, 0f64, 0f64);
-        for (direction, age) in open {
-            self.established_by.add(direction, 1);
-            #[expect(clippy::cast_precision_loss, reason = "ages in ns fit f64 well enough")]
-            let s = age as f64 / 1e9;
+        self.connections.clear();
+        for conn in open {
+            self.established_by.add(conn.direction, 1);
+            let s = conn.age.as_secs_f64();
+            self.connections.push(conn);
             n += 1;
             sum += s;
             max = max.max(s);
@@ -181,6 +186,28 @@ impl ContainerTcp {
     pub fn window(&self, window: Window) -> Option<&WindowStats> {
         self.windows.iter().find(|w| w.window == window)
     }
+}
+
+/// One established connection of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    pub remote: SocketAddr,
+    /// The container's side: for a served connection the port it serves on.
+    pub local_port: u16,
+    pub direction: StreamDirection,
+    /// Since the source first saw it: its establishment for sock_ops, the source's start for a
+    /// connection older than that (the seed).
+    pub age: Duration,
+    /// Bytes since the previous read; `None` on the connection's first read.
+    pub bytes: Option<ByteCounts>,
+}
+
+/// Bytes a connection moved over a span: what the peer acknowledged (sent) and what arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCounts {
+    pub acked: u64,
+    pub received: u64,
+    pub over: Duration,
 }
 
 /// One container over one window.

@@ -4,11 +4,13 @@
 //! two fetches it holds no connection at all, yet it is still watching. So the source remembers,
 //! per container, each remote address (not address and port: every fetch comes from a new
 //! ephemeral port) that a connection accepted on one of the container's listening sockets came
-//! from, with when it was last seen: now while a connection from it is open, else when its last
-//! one closed. The drain decides how long ago still counts (`drain.viewer_idle`).
+//! from, with the port it was served on and when it was last seen: now while a connection from
+//! it is open, else when its last one closed. The served port lets `drain.exclude_ports` leave
+//! out a metrics scraper or a health prober, which would otherwise be a viewer for ever. The
+//! drain decides how long ago still counts (`drain.viewer_idle`).
 //!
 //! Built from the flows the reader already hands over each tick: no work per packet. Bounded:
-//! at most `max_peers` addresses per container (the idlest forgotten first), each for at most
+//! at most `max_peers` (address, served port) entries per container (the idlest forgotten first), each for at most
 //! [`VIEWER_RETAIN`].
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
@@ -23,6 +25,8 @@ pub const VIEWER_RETAIN: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ServedPeer {
     pub addr: IpAddr,
+    /// The container's port it was served on.
+    pub port: u16,
     /// Time since its last connection closed; zero while one is open.
     pub idle: Duration,
 }
@@ -30,13 +34,13 @@ pub struct ServedPeer {
 /// Last-seen times (kernel monotonic ns) of served remote hosts, per container.
 #[derive(Debug, Default)]
 pub(super) struct ServedPeers {
-    by_cgroup: HashMap<u64, HashMap<IpAddr, u64>>,
+    by_cgroup: HashMap<u64, HashMap<(IpAddr, u16), u64>>,
 }
 
 impl ServedPeers {
-    /// Records that `addr` was served by `cgroup_id` at `seen_ns`, keeping at most `bound`
-    /// addresses for the container (a new one replaces the idlest).
-    pub(super) fn saw(&mut self, cgroup_id: u64, addr: IpAddr, seen_ns: u64, bound: usize) {
+    /// Records that `addr` was served by `cgroup_id` on a port at `seen_ns`, keeping at most
+    /// `bound` entries for the container (a new one replaces the idlest).
+    pub(super) fn saw(&mut self, cgroup_id: u64, addr: (IpAddr, u16), seen_ns: u64, bound: usize) {
         let peers = self.by_cgroup.entry(cgroup_id).or_default();
         if let Some(last) = peers.get_mut(&addr) {
             *last = (*last).max(seen_ns);
@@ -66,12 +70,13 @@ impl ServedPeers {
             }
             let mut list: Vec<ServedPeer> = peers
                 .iter()
-                .map(|(addr, t)| ServedPeer {
+                .map(|((addr, port), t)| ServedPeer {
                     addr: *addr,
+                    port: *port,
                     idle: Duration::from_nanos(now_ns.saturating_sub(*t)),
                 })
                 .collect();
-            list.sort_by_key(|p| (p.idle, p.addr));
+            list.sort_by_key(|p| (p.idle, p.addr, p.port));
             out.insert(*id, list);
             true
         });
@@ -91,8 +96,8 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([10, 0, 0, last])
+    fn ip(last: u8) -> (IpAddr, u16) {
+        (IpAddr::from([10, 0, 0, last]), 8080)
     }
 
     #[test]
@@ -105,10 +110,20 @@ mod tests {
         assert_eq!(
             now[&7],
             [ServedPeer {
-                addr: ip(1),
+                addr: ip(1).0,
+                port: 8080,
                 idle: Duration::from_secs(3)
             }]
         );
+    }
+
+    #[test]
+    fn a_host_served_on_two_ports_is_kept_once_per_port() {
+        let mut v = ServedPeers::default();
+        v.saw(7, ip(1), 10 * S, 8);
+        v.saw(7, (ip(1).0, 1935), 12 * S, 8);
+        let ports: Vec<u16> = v.current(12 * S)[&7].iter().map(|p| p.port).collect();
+        assert_eq!(ports, [1935, 8080]);
     }
 
     #[test]
@@ -118,12 +133,12 @@ mod tests {
         v.saw(7, ip(2), 20 * S, 2);
         v.saw(7, ip(3), 30 * S, 2);
         let addrs: Vec<IpAddr> = v.current(30 * S)[&7].iter().map(|p| p.addr).collect();
-        assert_eq!(addrs, [ip(3), ip(2)]);
+        assert_eq!(addrs, [ip(3).0, ip(2).0]);
         assert_eq!(v.max_per_cgroup(), 2);
         let retain = VIEWER_RETAIN.as_secs();
         let later = v.current((21 + retain) * S);
         let addrs: Vec<IpAddr> = later[&7].iter().map(|p| p.addr).collect();
-        assert_eq!(addrs, [ip(3)]);
+        assert_eq!(addrs, [ip(3).0]);
         assert!(v.current((31 + retain) * S).is_empty());
     }
 }

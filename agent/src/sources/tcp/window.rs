@@ -19,8 +19,8 @@ use crate::store::{NetworkTotals, Peer, RttHistogram, StreamDirection, Window};
 use super::{
     hist::Histogram,
     snapshot::{
-        flow_direction, ContainerTcp, DirectionCounts, Drops, PeerTcp, PeerWindow, TcpSnapshot,
-        WindowStats,
+        flow_direction, ByteCounts, Connection, ContainerTcp, DirectionCounts, Drops, PeerTcp,
+        PeerWindow, TcpSnapshot, WindowStats,
     },
     viewers::{ServedPeer, ServedPeers},
 };
@@ -29,8 +29,16 @@ use super::{
 #[derive(Debug, Clone, Copy)]
 struct OpenFlow {
     peer: Peer,
-    direction: StreamDirection,
-    age_ns: u64,
+    conn: Connection,
+}
+
+#[expect(clippy::cast_possible_truncation, reason = "a port fits in u16")]
+fn flow_port(port: u32) -> u16 {
+    port as u16
+}
+
+fn flow_local_port(flow: &FlowState) -> u16 {
+    flow_port(flow.local_port)
 }
 
 fn flow_addr(flow: &FlowState) -> IpAddr {
@@ -172,6 +180,8 @@ pub struct Tracker {
     /// Remote hosts each container served lately (its viewers).
     served: ServedPeers,
     tick_no: u64,
+    /// `now_ns` of the previous read: the span each connection's byte counts cover.
+    prev_now_ns: u64,
 }
 
 impl Tracker {
@@ -188,6 +198,7 @@ impl Tracker {
             gone: std::collections::HashSet::new(),
             served: ServedPeers::default(),
             tick_no: 0,
+            prev_now_ns: 0,
         }
     }
 
@@ -317,12 +328,12 @@ impl Tracker {
             }
             // A flow evicted and re-created between two reads restarts its sums: its start
             // time tells it apart from the one remembered.
-            let prev = self
+            let known = self
                 .prev_flows
                 .get(cookie)
                 .filter(|p| p.start_ns == flow.start_ns)
-                .copied()
-                .unwrap_or_default();
+                .copied();
+            let prev = known.unwrap_or_default();
             let peer = self.peer_key(flow.cgroup_id, flow);
             if flow_direction(flow.passive) == StreamDirection::Served {
                 let seen = if flow.closed_ns != 0 {
@@ -330,8 +341,12 @@ impl Tracker {
                 } else {
                     raw.now_ns
                 };
-                self.served
-                    .saw(flow.cgroup_id, flow_addr(flow), seen, self.limits.max_peers);
+                self.served.saw(
+                    flow.cgroup_id,
+                    (flow_addr(flow), flow_local_port(flow)),
+                    seen,
+                    self.limits.max_peers,
+                );
             }
             #[expect(
                 clippy::cast_precision_loss,
@@ -353,10 +368,25 @@ impl Tracker {
                 cleanup.flows.push(*cookie);
                 self.prev_flows.remove(cookie);
             } else {
+                // Bytes need a previous read of the same connection; its first has none.
+                let bytes = known.map(|p| ByteCounts {
+                    acked: flow.bytes_acked.wrapping_sub(p.bytes_acked),
+                    received: flow.bytes_received.wrapping_sub(p.bytes_received),
+                    over: std::time::Duration::from_nanos(
+                        raw.now_ns.saturating_sub(self.prev_now_ns),
+                    ),
+                });
                 open.entry(flow.cgroup_id).or_default().push(OpenFlow {
                     peer,
-                    direction: flow_direction(flow.passive),
-                    age_ns: raw.now_ns.saturating_sub(flow.start_ns),
+                    conn: Connection {
+                        remote: SocketAddr::new(flow_addr(flow), flow_port(flow.remote_port)),
+                        local_port: flow_local_port(flow),
+                        direction: flow_direction(flow.passive),
+                        age: std::time::Duration::from_nanos(
+                            raw.now_ns.saturating_sub(flow.start_ns),
+                        ),
+                        bytes,
+                    },
                 });
                 self.prev_flows.insert(*cookie, *flow);
             }
@@ -398,6 +428,7 @@ impl Tracker {
         self.add_totals(&tick);
         self.ring.push_front(tick);
         self.ring.truncate(self.longest());
+        self.prev_now_ns = raw.now_ns;
         let viewers = self.served.current(raw.now_ns);
         let mut snapshot = self.snapshot(&raw, &open, viewers, resolve);
         // Gone cgroups keep their totals while their windows still report them, so that no
@@ -462,7 +493,7 @@ impl Tracker {
             let c = containers
                 .entry(*id)
                 .or_insert_with(|| ContainerTcp::new(*id));
-            c.set_established(flows.iter().map(|f| (f.direction, f.age_ns)));
+            c.set_established(flows.iter().map(|f| f.conn));
         }
         for ((id, key), windows) in peer_windows {
             let mut established_by = DirectionCounts::default();
@@ -472,7 +503,7 @@ impl Tracker {
                 .flatten()
                 .filter(|f| f.peer == key)
             {
-                established_by.add(f.direction, 1);
+                established_by.add(f.conn.direction, 1);
             }
             let c = containers
                 .entry(id)

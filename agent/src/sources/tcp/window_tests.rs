@@ -471,3 +471,41 @@ fn served_hosts_stay_viewers_between_connections_and_outbound_ones_never_are() {
         ]
     );
 }
+
+#[test]
+fn each_connection_carries_its_local_port_age_and_the_bytes_it_moved_since_the_last_read() {
+    let mut t = Tracker::new(limits());
+    let mut none = |_| None;
+    let served = |acked: u64, received: u64| FlowState {
+        local_port: 1935,
+        passive: agent_ebpf::tcp::direction::PASSIVE,
+        bytes_acked: acked,
+        bytes_received: received,
+        ..flow(7, [10, 0, 0, 2], 50_000, 1)
+    };
+    let at = |now_ns: u64, flow: FlowState| RawRead {
+        now_ns,
+        ..read(1, vec![(1, flow)])
+    };
+    let (first, _) = t.update(at(11_000_000_000, served(1_000, 10)), &mut none);
+    let c = &first.container(7).expect("cgroup 7").connections;
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].local_port, 1935);
+    assert_eq!(c[0].remote, SocketAddr::from(([10, 0, 0, 2], 50_000)));
+    assert_eq!(c[0].direction, StreamDirection::Served);
+    assert_eq!(c[0].age, std::time::Duration::from_secs(10));
+    assert_eq!(c[0].bytes, None, "a first read has nothing to compare with");
+    let (next, _) = t.update(at(13_000_000_000, served(501_000, 30)), &mut none);
+    let c = &next.container(7).expect("cgroup 7").connections;
+    let bytes = c[0].bytes.expect("second read");
+    assert_eq!(
+        (bytes.acked, bytes.received, bytes.over),
+        (500_000, 20, std::time::Duration::from_secs(2))
+    );
+    let viewers = &next.container(7).expect("cgroup 7").viewers;
+    assert_eq!(viewers.len(), 1);
+    assert_eq!(
+        viewers[0].port, 1935,
+        "a viewer keeps the port it was served on"
+    );
+}
