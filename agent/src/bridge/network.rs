@@ -285,6 +285,7 @@ fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
         remote,
         started_at,
         viewers: 0,
+        viewer_reports: None,
     };
     const DIRECTIONS: [StreamDirection; 3] = [
         StreamDirection::Served,
@@ -347,6 +348,7 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
             remote,
             started_at: started(params.now, s.age_seconds),
             viewers: 0,
+            viewer_reports: s.viewer_reports.clone(),
         });
     }
     let min_age = params.udp_min_flow_age.as_secs_f64();
@@ -364,6 +366,7 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
             remote,
             started_at: started(params.now, f.age_seconds),
             viewers: 0,
+            viewer_reports: None,
         });
     }
 }

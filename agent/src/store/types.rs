@@ -168,6 +168,8 @@ pub struct LiveStream {
     pub started_at: SystemTime,
     /// Viewers behind the stream where the protocol reveals them; 0 = unknown.
     pub viewers: u32,
+    /// For an RTP stream the container sends: what its viewers report in RTCP.
+    pub viewer_reports: Option<super::ViewerReports>,
 }
 
 /// A remote host that a container served (a connection accepted on one of its listening
