@@ -208,6 +208,7 @@ pub fn stream(remote: &str, age: Duration) -> LiveStream {
         remote: remote.parse().expect("addr"),
         started_at: SystemTime::now() - age,
         viewers: 0,
+        viewer_reports: None,
     }
 }
 

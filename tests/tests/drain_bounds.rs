@@ -22,6 +22,7 @@ fn many_streams(n: u16) -> NetworkSnapshot {
             remote: SocketAddr::from(([198, 51, 100, (i % 250) as u8], 10_000 + i)),
             started_at: now() - Duration::from_secs(60),
             viewers: 0,
+            viewer_reports: None,
         })
         .collect();
     NetworkSnapshot {

@@ -50,6 +50,39 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
             store::StreamDirection::Outbound => pb::StreamDirection::Outbound,
             store::StreamDirection::Unknown => pb::StreamDirection::Unspecified,
         } as i32,
+        viewer_reports: s.viewer_reports.as_ref().map(|v| viewer_reports(v, now)),
+    }
+}
+
+/// What an RTP stream's viewers report in RTCP, with report ages at `now`.
+pub fn viewer_reports(v: &store::ViewerReports, now: SystemTime) -> pb::RtpViewerReports {
+    let secs = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+    pb::RtpViewerReports {
+        ssrc: v.ssrc,
+        clock_rate_hz: v.clock_rate.unwrap_or(0),
+        reporting_viewers: u32::try_from(v.reports.len()).unwrap_or(u32::MAX),
+        worst_fraction_lost: v.worst_fraction_lost().unwrap_or(0.0),
+        worst_jitter_seconds: secs(v.worst_jitter()),
+        reports: v
+            .reports
+            .iter()
+            .map(|r| pb::RtpViewerReport {
+                reporter_ssrc: r.reporter_ssrc,
+                remote_addr: r.remote.to_string(),
+                local_port: u32::from(r.local_port),
+                fraction_lost: r.fraction_lost,
+                cumulative_lost: r.cumulative_lost,
+                extended_highest_seq: r.ext_highest_seq,
+                jitter_timestamp_units: r.jitter_units,
+                jitter_seconds: secs(r.jitter),
+                report_age_seconds: store::clock::elapsed(r.reported_at, now).as_secs_f64(),
+                window_seconds: r
+                    .window
+                    .map_or(0, |w| u32::try_from(w.window.as_secs()).unwrap_or(u32::MAX)),
+                window_lost: r.window.map_or(0, |w| w.lost),
+                window_expected: r.window.map_or(0, |w| w.expected),
+            })
+            .collect(),
     }
 }
 

@@ -75,6 +75,7 @@ mod tests {
             remote: a,
             started_at: SystemTime::UNIX_EPOCH,
             viewers: 0,
+            viewer_reports: None,
         }
     }
 

@@ -167,6 +167,7 @@ mod tests {
             remote: ([10, 0, 0, 2], 50_000).into(),
             started_at: SystemTime::UNIX_EPOCH,
             viewers: 0,
+            viewer_reports: None,
         }
     }
 

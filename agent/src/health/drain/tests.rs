@@ -26,6 +26,7 @@ fn stream() -> LiveStream {
         remote: a,
         started_at: SystemTime::UNIX_EPOCH,
         viewers: 0,
+        viewer_reports: None,
     }
 }
 
