@@ -12,9 +12,9 @@ pub mod rtp;
 #[cfg(test)]
 extern crate std;
 #[cfg(test)]
-mod rtp_tests;
-#[cfg(test)]
 mod rtcp_tests;
+#[cfg(test)]
+mod rtp_tests;
 
 pub mod tcp;
 pub use tcp::{CgroupTcpStats, FlowState, HistKey};

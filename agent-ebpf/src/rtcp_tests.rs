@@ -61,7 +61,10 @@ fn receiver_report_blocks_are_read() {
     let rr = packet(
         RTCP_RR,
         0xAAAA,
-        &[block(0x1234, 13, 42, 70_000, 320), block(0x5678, 0, -2, 5, 0)],
+        &[
+            block(0x1234, 13, 42, 70_000, 320),
+            block(0x5678, 0, -2, 5, 0),
+        ],
     );
     let got = parse(&rr);
     assert_eq!(got.len(), 2);
@@ -80,7 +83,10 @@ fn sender_report_blocks_follow_the_sender_info() {
     let sr = packet(RTCP_SR, 0xBBBB, &[block(0x99, 64, 1, 9, 7)]);
     let got = parse(&sr);
     assert_eq!(got.len(), 1);
-    assert_eq!((got[0].0, got[0].1.media_ssrc, got[0].1.jitter), (0xBBBB, 0x99, 7));
+    assert_eq!(
+        (got[0].0, got[0].1.media_ssrc, got[0].1.jitter),
+        (0xBBBB, 0x99, 7)
+    );
 }
 
 #[test]

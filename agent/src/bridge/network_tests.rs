@@ -501,5 +501,9 @@ fn viewer_reports_travel_with_their_rtp_stream_only() {
         .iter()
         .filter_map(|s| s.viewer_reports.as_ref())
         .collect();
-    assert_eq!(with, [&reports], "on the RTP stream, not on the plain UDP flow");
+    assert_eq!(
+        with,
+        [&reports],
+        "on the RTP stream, not on the plain UDP flow"
+    );
 }

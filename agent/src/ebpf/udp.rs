@@ -76,18 +76,13 @@ impl UdpPrograms {
         max_streams: u32,
     ) -> Result<Self, LoadError> {
         super::require_cgroup_links()?;
-        let mut ebpf = super::loader_owning(&[
-            FLOWS,
-            STREAMS,
-            FLOW_PROBATION,
-            STREAM_PROBATION,
-            REPORTS,
-        ])
-            .map_max_entries(FLOWS, max_flows.max(1))
-            .map_max_entries(STREAMS, max_streams.max(1))
-            .map_max_entries(FLOW_PROBATION, probation_entries(max_flows))
-            .map_max_entries(STREAM_PROBATION, probation_entries(max_streams))
-            .load(OBJECT)?;
+        let mut ebpf =
+            super::loader_owning(&[FLOWS, STREAMS, FLOW_PROBATION, STREAM_PROBATION, REPORTS])
+                .map_max_entries(FLOWS, max_flows.max(1))
+                .map_max_entries(STREAMS, max_streams.max(1))
+                .map_max_entries(FLOW_PROBATION, probation_entries(max_flows))
+                .map_max_entries(STREAM_PROBATION, probation_entries(max_streams))
+                .load(OBJECT)?;
         {
             let mut rates: Array<_, u32> = Array::try_from(
                 ebpf.map_mut(CLOCK_RATES)

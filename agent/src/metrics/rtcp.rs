@@ -135,9 +135,9 @@ mod tests {
             ("nodeward_rtp_viewers_reporting", "2"),
         ] {
             assert!(
-                series
-                    .iter()
-                    .any(|l| l.starts_with(name) && l.contains("ssrc=\"42\"") && l.ends_with(&format!(" {value}"))),
+                series.iter().any(|l| l.starts_with(name)
+                    && l.contains("ssrc=\"42\"")
+                    && l.ends_with(&format!(" {value}"))),
                 "{name} {value} in\n{text}"
             );
         }

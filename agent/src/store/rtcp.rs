@@ -24,7 +24,10 @@ pub struct ViewerReports {
 impl ViewerReports {
     /// The worst latest fraction lost among the viewers.
     pub fn worst_fraction_lost(&self) -> Option<f64> {
-        self.reports.iter().map(|r| r.fraction_lost).reduce(f64::max)
+        self.reports
+            .iter()
+            .map(|r| r.fraction_lost)
+            .reduce(f64::max)
     }
 
     /// The worst jitter among the viewers.

@@ -101,7 +101,10 @@ impl Reports {
     /// container's only outbound stream with that SSRC: then every viewer's report about the
     /// SSRC is its own; otherwise (one SSRC forwarded to several viewers) only reports from
     /// the stream's remote address are.
-    #[expect(clippy::too_many_arguments, reason = "one call site, each value distinct")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each value distinct"
+    )]
     pub fn for_stream(
         &self,
         fresh: &Fresh,

@@ -56,13 +56,31 @@ fn reports_join_their_ssrc_in_their_container_with_jitter_in_time_and_window_los
     let k = key(7, 0xAA, 1);
     let now = SystemTime::now();
     for (t, ext, lost) in [(5, 250, 3), (10, 500, 13), (15, 750, 13)] {
-        let (fresh, gone) = r.tick(&[(k, report(viewer, t, ext, lost, 160))], t * S, STALE, WINDOW);
+        let (fresh, gone) = r.tick(
+            &[(k, report(viewer, t, ext, lost, 160))],
+            t * S,
+            STALE,
+            WINDOW,
+        );
         assert!(gone.is_empty());
         let v = r
-            .for_stream(&fresh, &flow(7, viewer), 0xAA, true, Some(8000), t * S, now, WINDOW)
+            .for_stream(
+                &fresh,
+                &flow(7, viewer),
+                0xAA,
+                true,
+                Some(8000),
+                t * S,
+                now,
+                WINDOW,
+            )
             .expect("the report joins its stream");
         assert_eq!(v.reports.len(), 1);
-        assert_eq!(v.reports[0].jitter, Some(Duration::from_millis(20)), "160 units at 8 kHz");
+        assert_eq!(
+            v.reports[0].jitter,
+            Some(Duration::from_millis(20)),
+            "160 units at 8 kHz"
+        );
         assert!((v.reports[0].fraction_lost - 26.0 / 256.0).abs() < 1e-9);
         if t == 15 {
             let w = v.reports[0].window.expect("three reports kept");
@@ -71,17 +89,38 @@ fn reports_join_their_ssrc_in_their_container_with_jitter_in_time_and_window_los
         }
         // Another SSRC, or the same SSRC in another container: nothing.
         assert!(r
-            .for_stream(&fresh, &flow(7, viewer), 0xBB, true, Some(8000), t * S, now, WINDOW)
+            .for_stream(
+                &fresh,
+                &flow(7, viewer),
+                0xBB,
+                true,
+                Some(8000),
+                t * S,
+                now,
+                WINDOW
+            )
             .is_none());
         assert!(r
-            .for_stream(&fresh, &flow(8, viewer), 0xAA, true, Some(8000), t * S, now, WINDOW)
+            .for_stream(
+                &fresh,
+                &flow(8, viewer),
+                0xAA,
+                true,
+                Some(8000),
+                t * S,
+                now,
+                WINDOW
+            )
             .is_none());
     }
 }
 
 #[test]
 fn stale_reports_are_dropped_and_shared_ssrcs_join_by_address() {
-    let (a, b) = (u32::from_ne_bytes([10, 0, 0, 2]), u32::from_ne_bytes([10, 0, 0, 3]));
+    let (a, b) = (
+        u32::from_ne_bytes([10, 0, 0, 2]),
+        u32::from_ne_bytes([10, 0, 0, 3]),
+    );
     let mut r = Reports::default();
     let now = SystemTime::now();
     let reports = [
