@@ -13,7 +13,7 @@ use std::{
 
 use nodeward::{
     sources::udp::{
-        model::{ContainerUdp, UdpSnapshot},
+        model::{ContainerUdp, StreamQuality, UdpSnapshot},
         Source, UdpConfig,
     },
     store::{ViewerReports, DEFAULT_NETWORK_WINDOWS},
@@ -191,11 +191,7 @@ impl Viewer {
 }
 
 /// The container's outbound stream with `ssrc` in `snap`.
-fn outbound<'a>(
-    snap: &'a UdpSnapshot,
-    cgroup_id: u64,
-    ssrc: u32,
-) -> Option<&'a nodeward::sources::udp::model::StreamQuality> {
+fn outbound(snap: &UdpSnapshot, cgroup_id: u64, ssrc: u32) -> Option<&StreamQuality> {
     snap.container(cgroup_id)?
         .streams
         .iter()
