@@ -405,3 +405,55 @@ pub fn node_health(
         unknown_reason: report.unknown_reason.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn viewer_reports_keep_each_field_and_age_at_now() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let report = |reporter, fraction_lost, jitter_ms| store::ViewerReport {
+            reporter_ssrc: reporter,
+            remote: ([10, 0, 0, 2], 6001).into(),
+            local_port: 5005,
+            fraction_lost,
+            cumulative_lost: -1,
+            ext_highest_seq: 70_000,
+            jitter_units: 80,
+            jitter: Some(Duration::from_millis(jitter_ms)),
+            reported_at: now - Duration::from_secs(2),
+            window: Some(store::WindowLoss {
+                window: store::Window::from_secs(300),
+                lost: 7,
+                expected: 700,
+            }),
+        };
+        let v = store::ViewerReports {
+            ssrc: 42,
+            clock_rate: Some(8_000),
+            reports: vec![report(1, 0.5, 10), report(2, 0.25, 30)],
+        };
+        let pb = viewer_reports(&v, now);
+        assert_eq!(
+            (pb.ssrc, pb.clock_rate_hz, pb.reporting_viewers),
+            (42, 8_000, 2)
+        );
+        assert_eq!(pb.worst_fraction_lost, 0.5);
+        assert_eq!(pb.worst_jitter_seconds, 0.03);
+        let r = &pb.reports[0];
+        assert_eq!(r.remote_addr, "10.0.0.2:6001");
+        assert_eq!((r.local_port, r.cumulative_lost), (5005, -1));
+        assert_eq!(
+            (r.extended_highest_seq, r.jitter_timestamp_units),
+            (70_000, 80)
+        );
+        assert_eq!((r.jitter_seconds, r.report_age_seconds), (0.01, 2.0));
+        assert_eq!(
+            (r.window_seconds, r.window_lost, r.window_expected),
+            (300, 7, 700)
+        );
+    }
+}
