@@ -6,10 +6,13 @@
 //! [`aya::Pod`].
 #![no_std]
 
+pub mod rtcp;
 pub mod rtp;
 
 #[cfg(test)]
 extern crate std;
+#[cfg(test)]
+mod rtcp_tests;
 #[cfg(test)]
 mod rtp_tests;
 
@@ -24,6 +27,8 @@ mod pod {
     unsafe impl aya::Pod for super::rtp::UdpFlowStats {}
     unsafe impl aya::Pod for super::rtp::RtpKey {}
     unsafe impl aya::Pod for super::rtp::RtpState {}
+    unsafe impl aya::Pod for super::rtcp::RtcpReportKey {}
+    unsafe impl aya::Pod for super::rtcp::RtcpReport {}
     // SAFETY: as above; each of these is repr(C) with u32/u64 fields only and no padding
     // (checked by the size assertions in `tcp`).
     unsafe impl aya::Pod for super::CgroupTcpStats {}

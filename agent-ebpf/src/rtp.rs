@@ -417,7 +417,9 @@ pub mod counter {
     pub const FLOWS_ON_PROBATION: u32 = 10;
     /// New RTP streams put on probation (RFC 3550 A.1: two packets in sequence admit one).
     pub const STREAMS_ON_PROBATION: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Inbound RTCP datagrams with at least one report block read (see `rtcp`).
+    pub const RTCP_WITH_REPORTS: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 // Map keys and values shared with user space: each size is the sum of its fields, so no

@@ -5,6 +5,7 @@
 //! packet's socket (never the task that happens to run). They parse only the IP and UDP headers
 //! and the first 12 payload bytes, keep bounded LRU state, and always let the packet through.
 
+use agent_ebpf::rtcp::{self, RtcpReport, RtcpReportKey};
 use agent_ebpf::rtp::{
     classify, counter, static_clock_rate, Payload, RtpHeader, RtpKey, RtpState, UdpFlowKey,
     UdpFlowStats, DIR_EGRESS, DIR_INGRESS,
@@ -36,6 +37,11 @@ static RTP_STREAM_PROBATION: LruHashMap<RtpKey, RtpState> = LruHashMap::with_max
 /// the config's dynamic payload types.
 #[map]
 static RTP_CLOCK_RATES: Array<u32> = Array::with_max_entries(128, 0);
+
+/// The latest report block per (container, media SSRC, viewer) from RTCP SR/RR arriving at a
+/// container; user space joins it to the container's outbound RTP stream with that SSRC.
+#[map]
+static RTCP_REPORTS: LruHashMap<RtcpReportKey, RtcpReport> = LruHashMap::with_max_entries(4096, 0);
 
 #[map]
 static UDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -171,7 +177,13 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
                 None => stream_probation(&rkey, &h, rate, now, bytes),
             }
         }
-        Payload::Rtcp => bump(counter::RTCP_PACKETS),
+        Payload::Rtcp => {
+            bump(counter::RTCP_PACKETS);
+            // Viewers report on what the container sends them: only inbound RTCP matters.
+            if direction == DIR_INGRESS {
+                rtcp_reports(ctx, &key, l4 + 8, payload_len, now);
+            }
+        }
         Payload::Stun => bump(counter::STUN_PACKETS),
         Payload::Other => {}
     }
@@ -241,5 +253,39 @@ fn stream_probation(rkey: &RtpKey, h: &RtpHeader, rate: u32, now: u64, bytes: u6
                 bump(counter::STREAMS_ON_PROBATION);
             }
         }
+    }
+}
+
+/// Reads the report blocks of an inbound RTCP datagram whose payload starts at `payload` in
+/// the packet, and keeps each as the latest from its viewer about its SSRC.
+#[inline(always)]
+fn rtcp_reports(ctx: &SkBuffContext, key: &UdpFlowKey, payload: usize, len: u32, now: u64) {
+    let n = rtcp::walk(
+        len,
+        |off| ctx.load::<[u8; 8]>(payload + off as usize).ok(),
+        |off| ctx.load::<[u8; 24]>(payload + off as usize).ok(),
+        |reporter, b| {
+            let rkey = RtcpReportKey {
+                cgroup_id: key.cgroup_id,
+                media_ssrc: b.media_ssrc,
+                reporter_ssrc: reporter,
+            };
+            let report = RtcpReport {
+                arrival_ns: now,
+                remote_addr: key.remote_addr,
+                fraction_lost: u32::from(b.fraction_lost),
+                cumulative_lost: b.cumulative_lost,
+                ext_highest_seq: b.ext_highest_seq,
+                jitter: b.jitter,
+                remote_port: key.remote_port,
+                local_port: key.local_port,
+                ip_version: key.ip_version,
+                _pad: 0,
+            };
+            let _ = RTCP_REPORTS.insert(&rkey, &report, 0);
+        },
+    );
+    if n > 0 {
+        bump(counter::RTCP_WITH_REPORTS);
     }
 }

@@ -210,6 +210,7 @@ pub fn stream(remote: &str, age: Duration) -> LiveStream {
         started_at: SystemTime::now() - age,
         viewers: 0,
         bytes: None,
+        viewer_reports: None,
     }
 }
 

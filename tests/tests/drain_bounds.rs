@@ -24,6 +24,7 @@ fn many_streams(n: u16) -> NetworkSnapshot {
             started_at: now() - Duration::from_secs(60),
             viewers: 0,
             bytes: None,
+            viewer_reports: None,
         })
         .collect();
     NetworkSnapshot {

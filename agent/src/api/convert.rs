@@ -56,6 +56,7 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
         sent_bytes: s.bytes.map_or(0, |b| b.sent),
         received_bytes: s.bytes.map_or(0, |b| b.received),
         bytes_seconds: s.bytes.map_or(0.0, |b| b.over.as_secs_f64()),
+        viewer_reports: s.viewer_reports.as_ref().map(|v| viewer_reports(v, now)),
     }
 }
 
@@ -69,6 +70,38 @@ fn stream_kind(k: store::StreamKind) -> pb::StreamKind {
         store::StreamKind::Rtp => pb::StreamKind::Rtp,
         store::StreamKind::Quic => pb::StreamKind::Quic,
         store::StreamKind::Udp => pb::StreamKind::Udp,
+    }
+}
+
+/// What an RTP stream's viewers report in RTCP, with report ages at `now`.
+pub fn viewer_reports(v: &store::ViewerReports, now: SystemTime) -> pb::RtpViewerReports {
+    let secs = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+    pb::RtpViewerReports {
+        ssrc: v.ssrc,
+        clock_rate_hz: v.clock_rate.unwrap_or(0),
+        reporting_viewers: u32::try_from(v.reports.len()).unwrap_or(u32::MAX),
+        worst_fraction_lost: v.worst_fraction_lost().unwrap_or(0.0),
+        worst_jitter_seconds: secs(v.worst_jitter()),
+        reports: v
+            .reports
+            .iter()
+            .map(|r| pb::RtpViewerReport {
+                reporter_ssrc: r.reporter_ssrc,
+                remote_addr: r.remote.to_string(),
+                local_port: u32::from(r.local_port),
+                fraction_lost: r.fraction_lost,
+                cumulative_lost: r.cumulative_lost,
+                extended_highest_seq: r.ext_highest_seq,
+                jitter_timestamp_units: r.jitter_units,
+                jitter_seconds: secs(r.jitter),
+                report_age_seconds: store::clock::elapsed(r.reported_at, now).as_secs_f64(),
+                window_seconds: r
+                    .window
+                    .map_or(0, |w| u32::try_from(w.window.as_secs()).unwrap_or(u32::MAX)),
+                window_lost: r.window.map_or(0, |w| w.lost),
+                window_expected: r.window.map_or(0, |w| w.expected),
+            })
+            .collect(),
     }
 }
 
@@ -390,5 +423,57 @@ pub fn node_health(
         drain: Some(drain.into()),
         evaluated_unix_ms: unix_ms(report.evaluated_at),
         unknown_reason: report.unknown_reason.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn viewer_reports_keep_each_field_and_age_at_now() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let report = |reporter, fraction_lost, jitter_ms| store::ViewerReport {
+            reporter_ssrc: reporter,
+            remote: ([10, 0, 0, 2], 6001).into(),
+            local_port: 5005,
+            fraction_lost,
+            cumulative_lost: -1,
+            ext_highest_seq: 70_000,
+            jitter_units: 80,
+            jitter: Some(Duration::from_millis(jitter_ms)),
+            reported_at: now - Duration::from_secs(2),
+            window: Some(store::WindowLoss {
+                window: store::Window::from_secs(300),
+                lost: 7,
+                expected: 700,
+            }),
+        };
+        let v = store::ViewerReports {
+            ssrc: 42,
+            clock_rate: Some(8_000),
+            reports: vec![report(1, 0.5, 10), report(2, 0.25, 30)],
+        };
+        let pb = viewer_reports(&v, now);
+        assert_eq!(
+            (pb.ssrc, pb.clock_rate_hz, pb.reporting_viewers),
+            (42, 8_000, 2)
+        );
+        assert_eq!(pb.worst_fraction_lost, 0.5);
+        assert_eq!(pb.worst_jitter_seconds, 0.03);
+        let r = &pb.reports[0];
+        assert_eq!(r.remote_addr, "10.0.0.2:6001");
+        assert_eq!((r.local_port, r.cumulative_lost), (5005, -1));
+        assert_eq!(
+            (r.extended_highest_seq, r.jitter_timestamp_units),
+            (70_000, 80)
+        );
+        assert_eq!((r.jitter_seconds, r.report_age_seconds), (0.01, 2.0));
+        assert_eq!(
+            (r.window_seconds, r.window_lost, r.window_expected),
+            (300, 7, 700)
+        );
     }
 }

@@ -309,6 +309,7 @@ fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
         started_at: now,
         viewers: 0,
         bytes: None,
+        viewer_reports: None,
     };
     let n = usize::try_from(t.established_untracked).unwrap_or(usize::MAX);
     out.extend(std::iter::repeat_n(untracked, n));
@@ -353,6 +354,7 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
             started_at: started(params.now, s.age_seconds),
             viewers: 0,
             bytes: None,
+            viewer_reports: s.viewer_reports.clone(),
         });
     }
     let min_age = params.udp_min_flow_age.as_secs_f64();
@@ -372,6 +374,7 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
             started_at: started(params.now, f.age_seconds),
             viewers: 0,
             bytes: None,
+            viewer_reports: None,
         });
     }
 }

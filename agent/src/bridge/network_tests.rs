@@ -180,6 +180,7 @@ fn stream(live: bool, age: f64) -> StreamQuality {
         age_seconds: age,
         idle_seconds: 0.0,
         live,
+        viewer_reports: None,
     }
 }
 
@@ -531,5 +532,28 @@ fn viewers_carry_when_last_seen_and_never_come_from_host_cgroups() {
             .viewers
             .is_empty(),
         "a host service's clients are not viewers"
+    );
+}
+
+#[test]
+fn viewer_reports_travel_with_their_rtp_stream_only() {
+    let mut u = udp();
+    let reports = crate::store::ViewerReports {
+        ssrc: 1,
+        clock_rate: Some(8_000),
+        reports: Vec::new(),
+    };
+    u.containers[0].streams[0].viewer_reports = Some(reports.clone());
+    let net = network_snapshot(None, Some(&u), &inventory(), &params(None));
+    let c = &net.containers["live"];
+    let with: Vec<_> = c
+        .streams
+        .iter()
+        .filter_map(|s| s.viewer_reports.as_ref())
+        .collect();
+    assert_eq!(
+        with,
+        [&reports],
+        "on the RTP stream, not on the plain UDP flow"
     );
 }

@@ -25,6 +25,7 @@ const SIZED_MAPS: &[&str] = &[
     "RTP_STREAMS",
     "UDP_FLOW_PROBATION",
     "RTP_STREAM_PROBATION",
+    "RTCP_REPORTS",
 ];
 
 /// A loader for a source that owns the maps `owned`: every other sized map gets one entry,

@@ -2,7 +2,10 @@
 
 use std::{collections::BTreeMap, fs::File, path::Path};
 
-use agent_ebpf::rtp::{counter, RtpKey, RtpState, UdpFlowKey, UdpFlowStats};
+use agent_ebpf::{
+    rtcp::{RtcpReport, RtcpReportKey},
+    rtp::{counter, RtpKey, RtpState, UdpFlowKey, UdpFlowStats},
+};
 use aya::{
     maps::{Array, HashMap, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
@@ -27,6 +30,7 @@ pub fn probation_entries(max: u32) -> u32 {
 /// The smallest probation map: a new flow survives this many other new flows on probation
 /// before it is pushed out (a flood of one-packet flows sets the pace).
 const MIN_PROBATION: u32 = 1024;
+const REPORTS: &str = "RTCP_REPORTS";
 const CLOCK_RATES: &str = "RTP_CLOCK_RATES";
 const COUNTERS: &str = "UDP_COUNTERS";
 
@@ -35,6 +39,8 @@ const COUNTERS: &str = "UDP_COUNTERS";
 pub struct UdpMaps {
     pub flows: Vec<(UdpFlowKey, UdpFlowStats)>,
     pub streams: Vec<(RtpKey, RtpState)>,
+    /// The latest RTCP report block per (container, media SSRC, viewer).
+    pub reports: Vec<(RtcpReportKey, RtcpReport)>,
     /// Summed over CPUs, indexed by `agent_ebpf::rtp::counter`.
     pub counters: [u64; counter::COUNT as usize],
 }
@@ -70,12 +76,13 @@ impl UdpPrograms {
         max_streams: u32,
     ) -> Result<Self, LoadError> {
         super::require_cgroup_links()?;
-        let mut ebpf = super::loader_owning(&[FLOWS, STREAMS, FLOW_PROBATION, STREAM_PROBATION])
-            .map_max_entries(FLOWS, max_flows.max(1))
-            .map_max_entries(STREAMS, max_streams.max(1))
-            .map_max_entries(FLOW_PROBATION, probation_entries(max_flows))
-            .map_max_entries(STREAM_PROBATION, probation_entries(max_streams))
-            .load(OBJECT)?;
+        let mut ebpf =
+            super::loader_owning(&[FLOWS, STREAMS, FLOW_PROBATION, STREAM_PROBATION, REPORTS])
+                .map_max_entries(FLOWS, max_flows.max(1))
+                .map_max_entries(STREAMS, max_streams.max(1))
+                .map_max_entries(FLOW_PROBATION, probation_entries(max_flows))
+                .map_max_entries(STREAM_PROBATION, probation_entries(max_streams))
+                .load(OBJECT)?;
         {
             let mut rates: Array<_, u32> = Array::try_from(
                 ebpf.map_mut(CLOCK_RATES)
@@ -113,8 +120,14 @@ impl UdpPrograms {
         Ok(Self { ebpf })
     }
 
-    /// Removes flows and streams (those user space found idle past their expiry).
-    pub fn remove(&mut self, flows: &[UdpFlowKey], streams: &[RtpKey]) -> Result<(), LoadError> {
+    /// Removes flows, streams and viewer reports (those user space found idle past their
+    /// expiry).
+    pub fn remove(
+        &mut self,
+        flows: &[UdpFlowKey],
+        streams: &[RtpKey],
+        reports: &[RtcpReportKey],
+    ) -> Result<(), LoadError> {
         let mut f: HashMap<_, UdpFlowKey, UdpFlowStats> = HashMap::try_from(
             self.ebpf
                 .map_mut(FLOWS)
@@ -134,6 +147,15 @@ impl UdpPrograms {
         for k in streams {
             let _ = s.remove(k);
         }
+        let mut r: HashMap<_, RtcpReportKey, RtcpReport> = HashMap::try_from(
+            self.ebpf
+                .map_mut(REPORTS)
+                .ok_or(LoadError::MissingMap(REPORTS))?,
+        )
+        .map_err(map_err(REPORTS))?;
+        for k in reports {
+            let _ = r.remove(k);
+        }
         Ok(())
     }
 
@@ -148,6 +170,12 @@ impl UdpPrograms {
                 .ok_or(LoadError::MissingMap(STREAMS))?,
         )
         .map_err(map_err(STREAMS))?;
+        let reports: HashMap<_, RtcpReportKey, RtcpReport> = HashMap::try_from(
+            self.ebpf
+                .map(REPORTS)
+                .ok_or(LoadError::MissingMap(REPORTS))?,
+        )
+        .map_err(map_err(REPORTS))?;
         let counters_map: PerCpuArray<_, u64> = PerCpuArray::try_from(
             self.ebpf
                 .map(COUNTERS)
@@ -158,6 +186,7 @@ impl UdpPrograms {
         let mut out = UdpMaps {
             flows: flows.iter().filter_map(Result::ok).collect(),
             streams: streams.iter().filter_map(Result::ok).collect(),
+            reports: reports.iter().filter_map(Result::ok).collect(),
             ..UdpMaps::default()
         };
         for (i, slot) in out.counters.iter_mut().enumerate() {

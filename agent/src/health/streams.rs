@@ -123,6 +123,7 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH,
             viewers: 0,
             bytes: None,
+            viewer_reports: None,
         }
     }
 

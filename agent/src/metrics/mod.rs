@@ -34,6 +34,7 @@ pub mod gpu;
 pub mod health;
 mod http;
 pub mod network;
+pub mod rtcp;
 pub mod rtt;
 pub mod store;
 pub mod tcp;
@@ -195,6 +196,7 @@ impl Exporter {
 /// Everything one store snapshot holds.
 pub fn encode_snapshot(snapshot: &crate::store::Snapshot, m: &mut Metrics) {
     network::encode(snapshot, m);
+    rtcp::encode(snapshot, m);
     store::encode(snapshot, m);
     if let Some(d) = &snapshot.network_diagnostics {
         if let Some(drops) = &d.tcp {

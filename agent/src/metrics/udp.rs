@@ -17,7 +17,7 @@ pub fn encode(snapshot: &UdpDiagnostics, m: &mut Metrics) {
 }
 
 fn encode_counters(c: &UdpCounters, m: &mut Metrics) {
-    let counters: [(&'static str, &'static str, u64); 11] = [
+    let counters: [(&'static str, &'static str, u64); 12] = [
         (
             "nodeward_udp_packets_total",
             "UDP packets the agent's eBPF programs saw, both directions, since they were loaded.",
@@ -73,6 +73,11 @@ fn encode_counters(c: &UdpCounters, m: &mut Metrics) {
             "New RTP streams put on probation; those never confirmed by two packets in sequence were not admitted.",
             c.streams_on_probation,
         ),
+        (
+            "nodeward_rtcp_report_packets_total",
+            "Inbound RTCP packets with at least one sender/receiver report block the agent read.",
+            c.rtcp_with_reports,
+        ),
     ];
     for (name, help, value) in counters {
         m.counter(name, help, &[], value as f64);
@@ -88,6 +93,12 @@ fn encode_counters(c: &UdpCounters, m: &mut Metrics) {
         "RTP streams in the kernel map now.",
         &[],
         c.streams_tracked as f64,
+    );
+    m.gauge(
+        "nodeward_rtp_viewer_reports_tracked",
+        "Viewers' RTCP reports (container, SSRC, viewer) in the kernel map now.",
+        &[],
+        c.viewer_reports_tracked as f64,
     );
 }
 

@@ -39,7 +39,11 @@ pub struct UdpCounters {
     /// one-packet flows, a flood from random source ports.
     pub flows_on_probation: u64,
     pub streams_on_probation: u64,
-    /// In the kernel maps now (gauges).
+    /// Inbound RTCP datagrams from which at least one report block was read.
+    pub rtcp_with_reports: u64,
+    /// In the kernel maps now (gauges); `viewer_reports_tracked` counts (container, SSRC,
+    /// viewer) RTCP reports.
+    pub viewer_reports_tracked: u64,
     pub flows_tracked: u64,
     pub streams_tracked: u64,
 }

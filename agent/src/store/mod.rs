@@ -17,10 +17,12 @@ use std::{
 
 pub mod clock;
 pub mod diagnostics;
+pub mod rtcp;
 pub mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use diagnostics::{NetworkDiagnostics, TcpDrops, UdpCounters, UdpDiagnostics};
+pub use rtcp::{ViewerReport, ViewerReports, WindowLoss};
 pub use types::*;
 
 /// The sources the health engine knows about.

@@ -227,6 +227,8 @@ pub struct LiveStream {
     pub viewers: u32,
     /// Bytes over the last tick, where the source keeps them (TCP, from its second read on).
     pub bytes: Option<StreamBytes>,
+    /// For an RTP stream the container sends: what its viewers report in RTCP.
+    pub viewer_reports: Option<super::ViewerReports>,
 }
 
 impl LiveStream {

@@ -116,6 +116,79 @@ pub struct LiveStream {
     /// The span `sent_bytes` and `received_bytes` cover: the TCP source's last tick, in seconds.
     #[prost(double, tag = "13")]
     pub bytes_seconds: f64,
+    /// For an RTP stream the container sends: what its viewers report about it in RTCP receiver
+    /// reports. Absent for other streams and while no viewer's report is fresh.
+    #[prost(message, optional, tag = "14")]
+    pub viewer_reports: ::core::option::Option<RtpViewerReports>,
+}
+/// What the viewers of an RTP stream report about it in RTCP sender/receiver report blocks
+/// (RFC 3550 6.4), read as they arrive at the container (rtcp-mux or RTP port + 1).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RtpViewerReports {
+    /// The stream's SSRC, which the reports are about.
+    #[prost(uint32, tag = "1")]
+    pub ssrc: u32,
+    /// Clock rate of the stream's payload type (Hz), which turns the viewers' jitter into time;
+    /// 0 = unknown (then only `jitter_timestamp_units` is set).
+    #[prost(uint32, tag = "2")]
+    pub clock_rate_hz: u32,
+    /// Viewers whose latest report is fresh (count): reports older than the agent's
+    /// `udp.viewer_report_stale` (15 s by default) are dropped.
+    #[prost(uint32, tag = "3")]
+    pub reporting_viewers: u32,
+    /// The highest `fraction_lost` among them, 0..1.
+    #[prost(double, tag = "4")]
+    pub worst_fraction_lost: f64,
+    /// The highest `jitter_seconds` among them, seconds; 0 when the clock rate is unknown.
+    #[prost(double, tag = "5")]
+    pub worst_jitter_seconds: f64,
+    /// One per reporting viewer, its latest report.
+    #[prost(message, repeated, tag = "6")]
+    pub reports: ::prost::alloc::vec::Vec<RtpViewerReport>,
+}
+/// One viewer's latest report block about a stream.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RtpViewerReport {
+    /// The viewer's SSRC.
+    #[prost(uint32, tag = "1")]
+    pub reporter_ssrc: u32,
+    /// Where its report came from, "ip:port".
+    #[prost(string, tag = "2")]
+    pub remote_addr: ::prost::alloc::string::String,
+    /// The container's port the report arrived on: the RTP port (rtcp-mux) or RTP port + 1.
+    #[prost(uint32, tag = "3")]
+    pub local_port: u32,
+    /// Fraction of packets lost since its previous report, 0..1 (the report's 8-bit field / 256).
+    #[prost(double, tag = "4")]
+    pub fraction_lost: f64,
+    /// Packets lost since it started receiving (count; negative with duplicates).
+    #[prost(int64, tag = "5")]
+    pub cumulative_lost: i64,
+    /// Its extended highest sequence number received.
+    #[prost(uint32, tag = "6")]
+    pub extended_highest_seq: u32,
+    /// Its interarrival jitter, in RTP timestamp units.
+    #[prost(uint32, tag = "7")]
+    pub jitter_timestamp_units: u32,
+    /// The same in seconds, with the stream's clock rate; 0 when the rate is unknown.
+    #[prost(double, tag = "8")]
+    pub jitter_seconds: f64,
+    /// Age of the report when this reply was made, seconds.
+    #[prost(double, tag = "9")]
+    pub report_age_seconds: f64,
+    /// The window `window_lost` and `window_expected` cover (the agent's longest network
+    /// window), seconds: from the viewer's oldest report inside it to its latest.
+    #[prost(uint32, tag = "10")]
+    pub window_seconds: u32,
+    /// Packets lost over the window (count; difference of two reports' cumulative lost).
+    #[prost(int64, tag = "11")]
+    pub window_lost: i64,
+    /// Packets expected over the window (count; advance of the extended highest sequence
+    /// number); 0 until two reports were seen.
+    #[prost(uint64, tag = "12")]
+    pub window_expected: u64,
 }
 /// Network summary of one container.
 #[allow(clippy::all)]

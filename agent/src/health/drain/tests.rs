@@ -28,6 +28,7 @@ fn stream() -> LiveStream {
         started_at: SystemTime::UNIX_EPOCH,
         viewers: 0,
         bytes: None,
+        viewer_reports: None,
     }
 }
 

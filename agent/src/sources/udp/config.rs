@@ -22,6 +22,10 @@ pub struct UdpConfig {
     /// Capacity of the kernel's flow and stream maps (LRU: the least recently seen go first).
     pub max_flows: u32,
     pub max_streams: u32,
+    /// A viewer's RTCP report older than this is dropped, not shown as fresh (viewers report
+    /// about every 5 s, RFC 3550 6.2).
+    #[serde(with = "humantime_serde")]
+    pub viewer_report_stale: Duration,
     /// Clock rates (Hz) of dynamic RTP payload types (96–127), keyed by payload type. Types not
     /// listed have no known rate: their jitter is not guessed, their timestamp step is reported
     /// in timestamp units instead.
@@ -44,6 +48,7 @@ impl Default for UdpConfig {
             expiry: Duration::from_secs(300),
             max_flows: 16_384,
             max_streams: 8_192,
+            viewer_report_stale: Duration::from_secs(15),
             dynamic_clock_rates: rates,
         }
     }

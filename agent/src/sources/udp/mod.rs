@@ -6,22 +6,24 @@
 
 pub mod config;
 pub mod model;
+pub mod viewers;
 pub mod windows;
 
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
-use agent_ebpf::rtp::{static_clock_rate, RtpState, UdpFlowKey, DIR_INGRESS};
+use agent_ebpf::rtp::{static_clock_rate, RtpState, UdpFlowKey, DIR_EGRESS, DIR_INGRESS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::UdpConfig;
 use self::{
     model::{ContainerUdp, Endpoint, FlowQuality, StreamQuality, UdpCounters, UdpSnapshot},
+    viewers::{Fresh, Reports},
     windows::{Differ, History, Totals},
 };
 use super::cgroup_path::CgroupPaths;
@@ -50,6 +52,8 @@ pub struct Source {
     totals: HashMap<u64, Totals>,
     ticks: u64,
     paths: CgroupPaths,
+    /// Viewers' RTCP reports, with the history their window loss needs.
+    reports: Reports,
 }
 
 impl std::fmt::Debug for Source {
@@ -106,6 +110,7 @@ impl Source {
             totals: HashMap::new(),
             ticks: 0,
             paths: CgroupPaths::new(Some(cgroup_v2_root.to_path_buf())),
+            reports: Reports::default(),
         })
     }
 
@@ -144,7 +149,13 @@ impl Source {
         let maps = self.programs.read()?;
         let now_ns = monotonic_ns();
         let now = Instant::now();
-        let snapshot = self.build(&maps, now_ns, now);
+        let (fresh, stale_reports) = self.reports.tick(
+            &maps.reports,
+            now_ns,
+            self.config.viewer_report_stale,
+            self.report_window(),
+        );
+        let snapshot = self.build(&maps, &fresh, now_ns, now);
         let expiry = self.config.expiry.as_nanos() as u64;
         let stale_flows: Vec<_> = maps
             .flows
@@ -158,8 +169,9 @@ impl Source {
             .filter(|(_, s)| now_ns.saturating_sub(s.last_arrival_ns) > expiry)
             .map(|(k, _)| *k)
             .collect();
-        if !stale_flows.is_empty() || !stale_streams.is_empty() {
-            self.programs.remove(&stale_flows, &stale_streams)?;
+        if !stale_flows.is_empty() || !stale_streams.is_empty() || !stale_reports.is_empty() {
+            self.programs
+                .remove(&stale_flows, &stale_streams, &stale_reports)?;
         }
         Ok(snapshot)
     }
@@ -173,11 +185,19 @@ impl Source {
         }
     }
 
+    /// Viewers' loss is given over the longest of `network.windows`.
+    fn report_window(&self) -> Window {
+        self.windows
+            .last()
+            .copied()
+            .unwrap_or(Window::from_secs(60))
+    }
+
     fn live(&self, idle_ns: u64) -> bool {
         idle_ns <= self.config.idle_timeout.as_nanos() as u64
     }
 
-    fn build(&mut self, maps: &UdpMaps, now_ns: u64, now: Instant) -> UdpSnapshot {
+    fn build(&mut self, maps: &UdpMaps, fresh: &Fresh, now_ns: u64, now: Instant) -> UdpSnapshot {
         let idle_timeout = self.config.idle_timeout.as_nanos() as u64;
         let deltas = self.differ.tick(&maps.flows, &maps.streams, |s| {
             now_ns.saturating_sub(s.last_arrival_ns) <= idle_timeout
@@ -235,15 +255,39 @@ impl Source {
                 totals: crate::store::NetworkTotals::default(),
             }
         };
+        // Outbound streams per (container, SSRC): one SSRC may go to several viewers.
+        let mut outbound: HashMap<(u64, u32), u32> = HashMap::new();
+        for (k, _) in maps
+            .streams
+            .iter()
+            .filter(|(k, s)| s.confirmed == 1 && k.flow.direction == DIR_EGRESS)
+        {
+            *outbound.entry((k.flow.cgroup_id, k.ssrc)).or_default() += 1;
+        }
+        let wall = SystemTime::now();
+        let report_window = self.report_window();
         for (k, s) in maps.streams.iter().filter(|(_, s)| s.confirmed == 1) {
             let idle = now_ns.saturating_sub(s.last_arrival_ns);
             let live = self.live(idle);
+            let mut q = stream_quality(&k.flow, k.ssrc, s, now_ns, live);
+            if k.flow.direction == DIR_EGRESS {
+                let sole = outbound.get(&(k.flow.cgroup_id, k.ssrc)) == Some(&1);
+                q.viewer_reports = self.reports.for_stream(
+                    fresh,
+                    &k.flow,
+                    k.ssrc,
+                    sole,
+                    q.clock_rate,
+                    now_ns,
+                    wall,
+                    report_window,
+                );
+            }
             let c = containers
                 .entry(k.flow.cgroup_id)
                 .or_insert_with(|| entry(k.flow.cgroup_id, &mut self.paths));
             c.live_streams += u32::from(live);
-            c.streams
-                .push(stream_quality(&k.flow, k.ssrc, s, now_ns, live));
+            c.streams.push(q);
         }
         let min_age = self.config.stream_min_duration.as_nanos() as u64;
         for (k, f) in &maps.flows {
@@ -313,6 +357,8 @@ fn counters(maps: &UdpMaps) -> UdpCounters {
         not_tracked: at(c::FLOW_INSERT_FAILED) + at(c::STREAM_INSERT_FAILED),
         flows_on_probation: at(c::FLOWS_ON_PROBATION),
         streams_on_probation: at(c::STREAMS_ON_PROBATION),
+        rtcp_with_reports: at(c::RTCP_WITH_REPORTS),
+        viewer_reports_tracked: maps.reports.len() as u64,
         flows_tracked: maps.flows.len() as u64,
         streams_tracked: maps.streams.len() as u64,
     }
@@ -374,5 +420,6 @@ fn stream_quality(
         age_seconds: secs(now_ns.saturating_sub(s.first_arrival_ns)),
         idle_seconds: secs(now_ns.saturating_sub(s.last_arrival_ns)),
         live,
+        viewer_reports: None,
     }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::store::{NetworkTotals, Window};
+use crate::store::{NetworkTotals, ViewerReports, Window};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UdpSnapshot {
@@ -39,6 +39,10 @@ pub struct UdpCounters {
     /// one-packet flows, a flood from random source ports.
     pub flows_on_probation: u64,
     pub streams_on_probation: u64,
+    /// Inbound RTCP datagrams from which at least one report block was read.
+    pub rtcp_with_reports: u64,
+    /// (container, SSRC, viewer) reports held in the kernel map now.
+    pub viewer_reports_tracked: u64,
     /// Flows/streams tracked now; `created - tracked - expired` were evicted by the LRU.
     pub flows_tracked: u64,
     pub streams_tracked: u64,
@@ -97,6 +101,9 @@ pub struct StreamQuality {
     pub age_seconds: f64,
     pub idle_seconds: f64,
     pub live: bool,
+    /// For a stream the container sends: its viewers' fresh RTCP reports about it.
+    #[serde(skip)]
+    pub viewer_reports: Option<ViewerReports>,
 }
 
 /// One UDP flow, cumulative since first seen.
