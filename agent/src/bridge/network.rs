@@ -297,6 +297,7 @@ fn tcp_streams(t: &ContainerTcp, now: SystemTime) -> Vec<LiveStream> {
                     received: b.received,
                     over: b.over,
                 }),
+                viewer_reports: None,
             }
         })
         .collect();
