@@ -72,7 +72,7 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        ContainerNetwork, LiveStream, NetworkSnapshot, StreamDirection, StreamProtocol,
+        ContainerNetwork, LiveStream, NetworkSnapshot, StreamDirection, StreamKind, StreamProtocol,
         ViewerReport, ViewerReports,
     };
 
@@ -94,11 +94,13 @@ mod tests {
     fn stream(reports: Option<ViewerReports>) -> LiveStream {
         LiveStream {
             protocol: StreamProtocol::Udp,
+            kind: StreamKind::Rtp,
             direction: StreamDirection::Served,
             local: ([10, 0, 0, 1], 5004).into(),
             remote: ([10, 0, 0, 2], 6000).into(),
             started_at: SystemTime::UNIX_EPOCH,
             viewers: 0,
+            bytes: None,
             viewer_reports: reports,
         }
     }
