@@ -167,6 +167,10 @@ mod tests {
             problem: None,
         };
         let mut p = published(Verdict::Healthy, vec![]);
+        let sample = |text: &str| {
+            text.lines()
+                .any(|l| l.starts_with("nodeward_drain_deadline_timestamp_seconds "))
+        };
         let render = |p: &Published| {
             let mut m = Metrics::new();
             encode(p, &mut m);
