@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use super::{drain, pb};
 use crate::{
+    containers::Qos,
     health,
     store::{self, clock::unix_ms},
 };
@@ -30,6 +31,16 @@ impl From<&store::NetworkWindow> for pb::NetworkWindow {
             rtp_lost: w.rtp_lost,
             rtp_jitter_us: w.rtp_jitter_us,
         }
+    }
+}
+
+/// The wire QoS class of a pod's class (or of none).
+pub fn qos_class(q: Option<Qos>) -> pb::QosClass {
+    match q {
+        None => pb::QosClass::Unspecified,
+        Some(Qos::Guaranteed) => pb::QosClass::Guaranteed,
+        Some(Qos::Burstable) => pb::QosClass::Burstable,
+        Some(Qos::BestEffort) => pb::QosClass::BestEffort,
     }
 }
 

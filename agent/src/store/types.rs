@@ -76,6 +76,12 @@ pub struct ContainerMeta {
     pub pod_namespace: String,
     pub pod_uid: String,
     pub labels: BTreeMap<String, String>,
+    /// The image reference the container was created from (from the runtime).
+    pub image: String,
+    /// The pod's allow-listed annotations (`containers.runtime_annotations`).
+    pub annotations: BTreeMap<String, String>,
+    /// The pod's QoS class, from where its cgroup sits; `None` outside Kubernetes.
+    pub qos: Option<crate::containers::Qos>,
     /// cgroup v2 path relative to the cgroup root.
     pub cgroup_path: String,
     /// cgroup id (inode of the cgroup directory), the key eBPF uses.

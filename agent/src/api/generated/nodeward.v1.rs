@@ -217,6 +217,20 @@ pub struct Container {
     /// Network summary; absent when the network source has not reported this container.
     #[prost(message, optional, tag = "10")]
     pub network: ::core::option::Option<ContainerNetwork>,
+    /// Image the container was created from, as its spec wrote it (else the runtime's resolved
+    /// reference), where the runtime told it.
+    #[prost(string, tag = "11")]
+    pub image: ::prost::alloc::string::String,
+    /// The pod's annotations named in the agent's `containers.runtime_annotations`, and only
+    /// those (values cut at 4,096 bytes), where the runtime told them.
+    #[prost(map = "string, string", tag = "12")]
+    pub annotations: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// The pod's Kubernetes QoS class, read from where the kubelet put its cgroup.
+    #[prost(enumeration = "QosClass", tag = "13")]
+    pub qos_class: i32,
 }
 /// One XID error reported by the NVIDIA driver.
 #[allow(clippy::all)]
@@ -489,6 +503,44 @@ impl StreamDirection {
             "STREAM_DIRECTION_UNSPECIFIED" => Some(Self::Unspecified),
             "STREAM_DIRECTION_SERVED" => Some(Self::Served),
             "STREAM_DIRECTION_OUTBOUND" => Some(Self::Outbound),
+            _ => None,
+        }
+    }
+}
+/// A pod's Kubernetes Quality-of-Service class.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum QosClass {
+    /// Not a Kubernetes pod, or its cgroup does not say.
+    Unspecified = 0,
+    /// Requests equal limits for every resource.
+    Guaranteed = 1,
+    /// Some requests, not all equal to limits.
+    Burstable = 2,
+    /// No requests or limits.
+    BestEffort = 3,
+}
+impl QosClass {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "QOS_CLASS_UNSPECIFIED",
+            Self::Guaranteed => "QOS_CLASS_GUARANTEED",
+            Self::Burstable => "QOS_CLASS_BURSTABLE",
+            Self::BestEffort => "QOS_CLASS_BEST_EFFORT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "QOS_CLASS_UNSPECIFIED" => Some(Self::Unspecified),
+            "QOS_CLASS_GUARANTEED" => Some(Self::Guaranteed),
+            "QOS_CLASS_BURSTABLE" => Some(Self::Burstable),
+            "QOS_CLASS_BEST_EFFORT" => Some(Self::BestEffort),
             _ => None,
         }
     }
@@ -1017,6 +1069,13 @@ pub struct ContainerStreams {
     /// containers (see `GetDrainStatusResponse.truncated`).
     #[prost(message, repeated, tag = "8")]
     pub viewer_list: ::prost::alloc::vec::Vec<Viewer>,
+    /// The container's name in its pod, where known: with `pod_namespace` and `pod_name`, what a
+    /// controller evicts or waits for.
+    #[prost(string, tag = "9")]
+    pub container_name: ::prost::alloc::string::String,
+    /// Pod UID, where known (an eviction's precondition: the same pod, not a successor by name).
+    #[prost(string, tag = "10")]
+    pub pod_uid: ::prost::alloc::string::String,
 }
 /// A remote host a container served lately.
 #[allow(clippy::all)]
