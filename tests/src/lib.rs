@@ -29,6 +29,7 @@ pub mod mirrors;
 pub mod net;
 pub mod pingpong;
 pub mod pki;
+pub mod podresources;
 
 /// Records a skipped test and says why. Call it and `return` from the test.
 pub fn skip(test: &str, reason: &str) {

@@ -22,6 +22,7 @@ pub mod cri;
 pub mod fixture;
 pub mod layout;
 pub mod path;
+pub mod podresources;
 pub mod proc_cgroup;
 pub mod selector;
 
@@ -50,6 +51,10 @@ pub struct ContainersConfig {
     pub runtime_keep_names: std::time::Duration,
     /// Pod annotations copied into the identity (all others are ignored).
     pub runtime_annotations: Vec<String>,
+    /// The kubelet's pod-resources socket (path or `unix://` URL), listed every
+    /// `runtime_resync` to tie GPUs to the pods they are assigned to where NVML lists no
+    /// processes; `"none"` = not used.
+    pub pod_resources_socket: String,
 }
 
 impl Default for ContainersConfig {
@@ -60,6 +65,7 @@ impl Default for ContainersConfig {
             runtime_resync: std::time::Duration::from_secs(10),
             runtime_keep_names: std::time::Duration::from_secs(300),
             runtime_annotations: Vec::new(),
+            pod_resources_socket: podresources::DEFAULT_SOCKET.to_owned(),
         }
     }
 }

@@ -296,6 +296,21 @@ pub struct GpuContainerUsage {
     /// Sum of its sampled processes' video-decoder shares, ratio (0-1, capped at 1).
     #[prost(double, tag = "6")]
     pub decoder_utilization_ratio: f64,
+    /// How these figures were tied to the container. With `GPU_ATTRIBUTION_DEVICE_ASSIGNMENT`
+    /// the three ratios and the memory are the whole GPU's (it is assigned to this container
+    /// alone) and `processes` is 0.
+    #[prost(enumeration = "GpuAttribution", tag = "7")]
+    pub attribution: i32,
+    /// The container's pod namespace, where known (from the runtime, or from the kubelet's
+    /// device assignment).
+    #[prost(string, tag = "8")]
+    pub pod_namespace: ::prost::alloc::string::String,
+    /// The container's pod name, where known (as `pod_namespace`).
+    #[prost(string, tag = "9")]
+    pub pod_name: ::prost::alloc::string::String,
+    /// The container's name in its pod, where known (as `pod_namespace`).
+    #[prost(string, tag = "10")]
+    pub container_name: ::prost::alloc::string::String,
 }
 /// One NVIDIA GPU.
 #[allow(clippy::all)]
@@ -541,6 +556,40 @@ impl QosClass {
             "QOS_CLASS_GUARANTEED" => Some(Self::Guaranteed),
             "QOS_CLASS_BURSTABLE" => Some(Self::Burstable),
             "QOS_CLASS_BEST_EFFORT" => Some(Self::BestEffort),
+            _ => None,
+        }
+    }
+}
+/// How a GPU's use was tied to a container.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum GpuAttribution {
+    Unspecified = 0,
+    /// NVML's per-process samples, each process mapped to its container through its cgroup.
+    ProcessSamples = 1,
+    /// NVML listed no process of the GPU: the kubelet's pod-resources API says which one
+    /// container it is assigned to, and that container gets the whole device's figures.
+    DeviceAssignment = 2,
+}
+impl GpuAttribution {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "GPU_ATTRIBUTION_UNSPECIFIED",
+            Self::ProcessSamples => "GPU_ATTRIBUTION_PROCESS_SAMPLES",
+            Self::DeviceAssignment => "GPU_ATTRIBUTION_DEVICE_ASSIGNMENT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "GPU_ATTRIBUTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "GPU_ATTRIBUTION_PROCESS_SAMPLES" => Some(Self::ProcessSamples),
+            "GPU_ATTRIBUTION_DEVICE_ASSIGNMENT" => Some(Self::DeviceAssignment),
             _ => None,
         }
     }
