@@ -188,7 +188,6 @@ mod tests {
                     labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
                     image: "example/web:2".to_owned(),
                     annotations: BTreeMap::from([("team".to_owned(), "media".to_owned())]),
-                    ..PodIdentity::default()
                 }),
             )]),
         };
