@@ -219,9 +219,31 @@ impl Inventory {
             return Some(&self.containers[i]);
         }
         let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-        proc_cgroup::ProcCgroup::parse(&text)
-            .candidate_paths()
-            .find_map(|p| self.by_path(p))
+        let cg = proc_cgroup::ProcCgroup::parse(&text);
+        if let Some(c) = cg.candidate_paths().find_map(|p| self.by_path(p)) {
+            return Some(c);
+        }
+        // Read from a private cgroup namespace below the common ancestor: a tail of the path.
+        cg.outside_namespace
+            .then(|| cg.candidate_paths().find_map(|p| self.by_path_tail(p)))
+            .flatten()
+    }
+
+    /// The workload whose path ends with `tail` (whole segments), or with the nearest prefix
+    /// of it: the one it names when `tail` is a path below a common ancestor.
+    fn by_path_tail(&self, tail: &str) -> Option<&Container> {
+        let mut p = tail.trim_matches('/');
+        loop {
+            let suffix = format!("/{p}");
+            if let Some(c) = self
+                .containers
+                .iter()
+                .find(|c| c.path == p || c.path.ends_with(&suffix))
+            {
+                return Some(c);
+            }
+            p = &p[..p.rfind('/')?];
+        }
     }
 
     /// The workloads in this network namespace: all containers of one pod share it.
