@@ -19,6 +19,7 @@ use std::{
 
 pub mod api;
 pub mod containerd;
+pub mod cri_server;
 pub mod drain;
 pub mod rtp;
 
