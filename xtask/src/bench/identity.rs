@@ -12,8 +12,8 @@ pub const DESCRIPTION: &str = "\
 (the generated `runtime.v1` server of the tests crate on a Unix socket) listing 1,000 pods of \
 one container each (five labels per pod), whose ids match a fake cgroupfs of 1,000 containers \
 that the agent scans (`paths.cgroup_root`; eBPF, GPU, node stats and /metrics off). The agent \
-runs three times: runtime lookups off, a scan every 5 s (the baseline); the runtime listed \
-every second, a scan every 5 s; and the runtime listed every 60 s with a scan every 200 ms. CPU \
+runs three times: runtime lookups off with a tick of 60 s, so that its one scan falls before \
+the measured window (the baseline); the runtime listed every second with the same tick; and the runtime listed every 60 s with a scan every 200 ms. CPU \
 per resync is the agent's user+system time per second above the baseline's, times the window, \
 over the listings made in it (each `ListPodSandbox` + `ListContainers`, decoded, joined, \
 published to the bridge and into the identity table); the RSS row is the agent's VmRSS at the \

@@ -2,8 +2,8 @@
 //! containers. A stand-in runtime (`nodeward_tests::cri_server`) lists N pods, one container
 //! each, whose ids match a fake cgroupfs of N containers; the agent (`--agent`) runs against
 //! them three times:
-//! - `none`: `containers.runtime_endpoint = "none"`, a scan every 5 s: the baseline;
-//! - `named`: the stand-in runtime resynced every second, a scan every 5 s: the CPU above the
+//! - `none`: `containers.runtime_endpoint = "none"`, a tick of 60 s (one scan, at start, before the window): the baseline;
+//! - `named`: the stand-in runtime resynced every second, the same tick: the CPU above the
 //!   baseline per resync, and the RSS above the baseline's;
 //! - `ticks`: the stand-in runtime resynced every 60 s and a scan every 200 ms: the runtime
 //!   calls made while the agent ticks (none are expected: the scan reads the identity table).
@@ -139,7 +139,7 @@ fn run(args: &IdentityArgs) -> anyhow::Result<Report> {
         &args.agent,
         &dir.path,
         "none",
-        &["containers.runtime_endpoint=none".to_owned(), "agent.tick=5s".to_owned()],
+        &["containers.runtime_endpoint=none".to_owned(), "agent.tick=60s".to_owned()],
     )?;
     let (cpu_none, _, _) = window(&none, &calls, warmup, len);
     let rss_none = rss_of(none.0.id());
@@ -152,7 +152,7 @@ fn run(args: &IdentityArgs) -> anyhow::Result<Report> {
         &[
             endpoint.clone(),
             "containers.runtime_resync=1s".to_owned(),
-            "agent.tick=5s".to_owned(),
+            "agent.tick=60s".to_owned(),
         ],
     )?;
     let (cpu_named, named_calls, secs) = window(&named, &calls, warmup, len);
