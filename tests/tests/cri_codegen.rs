@@ -76,7 +76,10 @@ fn checked_in_cri_client_matches_the_vendored_proto() {
         .expect("protoc and tonic-prost-build generate the runtime.v1 server");
     let fresh = std::fs::read(out.join(OUTPUT)).expect("generator wrote the file");
     let _ = std::fs::remove_dir_all(&out);
-    check_or_bless(&fresh, &root.join("tests/src/generated/runtime_v1_server.rs"));
+    check_or_bless(
+        &fresh,
+        &root.join("tests/src/generated/runtime_v1_server.rs"),
+    );
 }
 
 fn check_or_bless(fresh: &[u8], path: &Path) {

@@ -95,7 +95,12 @@ fn start(agent: &Path, dir: &Path, name: &str, sets: &[String]) -> std::io::Resu
 }
 
 /// Waits `warmup`, then measures the agent's CPU and the runtime calls over `window`.
-fn window(agent: &Agent, calls: &std::sync::atomic::AtomicU64, warmup: Duration, window: Duration) -> (f64, u64, f64) {
+fn window(
+    agent: &Agent,
+    calls: &std::sync::atomic::AtomicU64,
+    warmup: Duration,
+    window: Duration,
+) -> (f64, u64, f64) {
     std::thread::sleep(warmup);
     let pid = agent.0.id();
     let (cpu0, calls0, t0) = (
@@ -129,7 +134,8 @@ fn run(args: &IdentityArgs) -> anyhow::Result<Report> {
     let rt = crate::runtime()?;
     let stop = CancellationToken::new();
     let socket = dir.path.join("cri.sock");
-    let calls = rt.block_on(async { nodeward_tests::cri_server::serve(&socket, &ids, stop.clone()) })?;
+    let calls =
+        rt.block_on(async { nodeward_tests::cri_server::serve(&socket, &ids, stop.clone()) })?;
     let endpoint = format!("containers.runtime_endpoint=unix://{}", socket.display());
     let len = Duration::from_secs(args.seconds);
     // A first scan and a first listing of 1,000 containers take well under this.
@@ -139,7 +145,10 @@ fn run(args: &IdentityArgs) -> anyhow::Result<Report> {
         &args.agent,
         &dir.path,
         "none",
-        &["containers.runtime_endpoint=none".to_owned(), "agent.tick=60s".to_owned()],
+        &[
+            "containers.runtime_endpoint=none".to_owned(),
+            "agent.tick=60s".to_owned(),
+        ],
     )?;
     let (cpu_none, _, _) = window(&none, &calls, warmup, len);
     let rss_none = rss_of(none.0.id());
