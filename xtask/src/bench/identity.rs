@@ -44,7 +44,7 @@ pub fn identity(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Ve
             .with_context(|| format!("JSON from {cmd:?}"))?;
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let resyncs = f("resyncs_named");
-        if !(resyncs >= 1.0) {
+        if resyncs.is_nan() || resyncs < 1.0 {
             bail!("the agent made no listing in the window: {v}");
         }
         per_resync.push(
