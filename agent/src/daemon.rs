@@ -92,10 +92,24 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         });
         rx
     });
+    // Which pod holds which GPU, from the kubelet, for GPUs whose processes NVML cannot list.
+    let gpu_assignments = (config.containers.enabled && feeds.gpu.is_some()).then(|| {
+        use crate::containers::podresources;
+        let socket = config.containers.pod_resources_socket.clone();
+        let resync = config.containers.runtime().resync;
+        let (tx, rx) = podresources::channel(&socket);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            podresources::run(socket, resync, tx, cancel).await;
+            (podresources::NAME, Ok(()))
+        });
+        rx
+    });
     bridge::spawn(
         &bridge_settings,
         &feeds,
         identity,
+        gpu_assignments,
         &store,
         &cancel,
         &mut tasks,

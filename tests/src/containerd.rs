@@ -223,11 +223,22 @@ fn node_namespaces() -> pb::NamespaceOption {
     }
 }
 
-/// Creates and starts a pod with one container through CRI.
+/// Creates and starts a pod with one container (that sleeps) through CRI.
 pub async fn run_pod(
     ctrd: &Containerd,
     client: &mut RuntimeServiceClient<Channel>,
     spec: &PodSpec,
+) -> Result<Pod, tonic::Status> {
+    run_pod_with(ctrd, client, spec, &["/bin/sleep", "100000"]).await
+}
+
+/// Creates and starts a pod whose one container runs `command` (busybox applets in the
+/// image: `sleep`, `sh`, `nc`, `cat`).
+pub async fn run_pod_with(
+    ctrd: &Containerd,
+    client: &mut RuntimeServiceClient<Channel>,
+    spec: &PodSpec,
+    command: &[&str],
 ) -> Result<Pod, tonic::Status> {
     let cgroup_parent = format!("/kubepods/burstable/pod{}", spec.uid);
     if let Ok(mut pods) = ctrd.pods.lock() {
@@ -275,8 +286,7 @@ pub async fn run_pod(
                     image: IMAGE.to_owned(),
                     ..Default::default()
                 }),
-                command: vec!["/bin/sleep".to_owned()],
-                args: vec!["100000".to_owned()],
+                command: command.iter().map(|s| (*s).to_owned()).collect(),
                 log_path: format!("{}.log", spec.container),
                 linux: Some(pb::LinuxContainerConfig {
                     security_context: Some(pb::LinuxContainerSecurityContext {
@@ -377,7 +387,7 @@ fn build_image(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
     }
     std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).expect("copy busybox");
-    for link in ["sleep", "sh"] {
+    for link in ["sleep", "sh", "nc", "cat"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(link)).expect("symlink");
     }
     for f in ["resolv.conf", "hosts", "hostname"] {

@@ -19,6 +19,7 @@ use std::{
 
 pub mod api;
 pub mod containerd;
+pub mod cri_server;
 pub mod drain;
 pub mod rtp;
 
@@ -31,6 +32,7 @@ pub mod mirrors;
 pub mod net;
 pub mod pingpong;
 pub mod pki;
+pub mod podresources;
 pub mod rpm;
 
 /// Records a skipped test and says why. Call it and `return` from the test.

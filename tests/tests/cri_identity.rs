@@ -272,6 +272,14 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
         odd[0].labels["weird"].contains('\u{fffd}'),
         "line feed replaced"
     );
+    // The 256 KiB allow-listed annotation reaches the API cut to its bound.
+    assert_eq!(
+        odd[0].annotations.get("big").map(String::len),
+        Some(4096),
+        "{:?}",
+        odd[0].annotations.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(odd[0].image, containerd::IMAGE);
 
     // A pod removed through CRI: gone from the list.
     let (_, db) = pods.remove(1);

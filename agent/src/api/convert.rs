@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use super::{drain, pb};
 use crate::{
+    containers::Qos,
     health,
     store::{self, clock::unix_ms},
 };
@@ -30,6 +31,23 @@ impl From<&store::NetworkWindow> for pb::NetworkWindow {
             rtp_lost: w.rtp_lost,
             rtp_jitter_us: w.rtp_jitter_us,
         }
+    }
+}
+
+/// The wire QoS class of a pod's class (or of none).
+pub fn qos_class(q: Option<Qos>) -> pb::QosClass {
+    match q {
+        None => pb::QosClass::Unspecified,
+        Some(Qos::Guaranteed) => pb::QosClass::Guaranteed,
+        Some(Qos::Burstable) => pb::QosClass::Burstable,
+        Some(Qos::BestEffort) => pb::QosClass::BestEffort,
+    }
+}
+
+fn gpu_attribution(a: store::GpuAttribution) -> pb::GpuAttribution {
+    match a {
+        store::GpuAttribution::ProcessSamples => pb::GpuAttribution::ProcessSamples,
+        store::GpuAttribution::DeviceAssignment => pb::GpuAttribution::DeviceAssignment,
     }
 }
 
@@ -271,13 +289,26 @@ impl From<&store::GpuDevice> for pb::Gpu {
             containers: g
                 .by_container()
                 .into_iter()
-                .map(|(id, u)| pb::GpuContainerUsage {
-                    container_id: id.to_owned(),
-                    processes: u.processes,
-                    used_memory_bytes: u.used_memory_bytes,
-                    sm_utilization_ratio: store::GpuContainerUsage::ratio(u.sm_percent),
-                    encoder_utilization_ratio: store::GpuContainerUsage::ratio(u.encoder_percent),
-                    decoder_utilization_ratio: store::GpuContainerUsage::ratio(u.decoder_percent),
+                .map(|(id, u)| {
+                    // A device assignment carries the kubelet's names; otherwise `gpus` fills
+                    // them from the identity table.
+                    let names = g.assigned.as_ref().filter(|a| a.key == id);
+                    pb::GpuContainerUsage {
+                        container_id: id.to_owned(),
+                        processes: u.processes,
+                        used_memory_bytes: u.used_memory_bytes,
+                        sm_utilization_ratio: store::GpuContainerUsage::ratio(u.sm_percent),
+                        encoder_utilization_ratio: store::GpuContainerUsage::ratio(
+                            u.encoder_percent,
+                        ),
+                        decoder_utilization_ratio: store::GpuContainerUsage::ratio(
+                            u.decoder_percent,
+                        ),
+                        attribution: gpu_attribution(u.attribution).into(),
+                        pod_namespace: names.map(|a| a.namespace.clone()).unwrap_or_default(),
+                        pod_name: names.map(|a| a.pod.clone()).unwrap_or_default(),
+                        container_name: names.map(|a| a.container.clone()).unwrap_or_default(),
+                    }
                 })
                 .collect(),
         }
@@ -380,11 +411,21 @@ impl From<Option<&drain::Drain>> for pb::DrainInfo {
 /// may have been judged by the health engine ("no first report within ..."), whose last report
 /// gives the reason then.
 pub fn gpus(snap: &store::Snapshot, report: &health::HealthReport) -> pb::ListGpusResponse {
-    let gpus = snap
+    let mut gpus: Vec<pb::Gpu> = snap
         .gpus
         .as_ref()
         .map(|g| g.gpus.iter().map(pb::Gpu::from).collect())
         .unwrap_or_default();
+    // Names of the containers the runtime knows, where the usage does not carry its own.
+    if let Some(meta) = snap.containers.as_deref() {
+        for u in gpus.iter_mut().flat_map(|g| g.containers.iter_mut()) {
+            if let Some(m) = meta.get(&u.container_id).filter(|_| u.pod_name.is_empty()) {
+                u.pod_namespace.clone_from(&m.pod_namespace);
+                u.pod_name.clone_from(&m.pod_name);
+                u.container_name.clone_from(&m.name);
+            }
+        }
+    }
     let judged = || {
         report
             .sources

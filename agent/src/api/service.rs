@@ -122,6 +122,13 @@ impl Service {
                 .collect();
             c.cgroup_path = m.cgroup_path.clone();
             c.cgroup_id = m.cgroup_id;
+            c.image = m.image.clone();
+            c.annotations = m
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            c.set_qos_class(convert::qos_class(m.qos));
         }
         Some(c)
     }
@@ -311,6 +318,8 @@ impl NodeHealth for Service {
                     container_id: c.container_id.clone(),
                     pod_name: m.map(|m| m.pod_name.clone()).unwrap_or_default(),
                     pod_namespace: m.map(|m| m.pod_namespace.clone()).unwrap_or_default(),
+                    container_name: m.map(|m| m.name.clone()).unwrap_or_default(),
+                    pod_uid: m.map(|m| m.pod_uid.clone()).unwrap_or_default(),
                     live_streams: c.live_streams,
                     established_connections: c.established_connections,
                     // Already cut to `drain.max_streams_listed` over the whole reply.

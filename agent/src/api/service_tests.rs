@@ -14,10 +14,14 @@ use crate::{
 };
 
 fn service(hub: &HealthHub, cancel: &CancellationToken) -> Service {
+    service_on(Store::new(), hub, cancel)
+}
+
+fn service_on(store: Arc<Store>, hub: &HealthHub, cancel: &CancellationToken) -> Service {
     let clock = Arc::new(ManualClock::new(std::time::SystemTime::UNIX_EPOCH));
     Service::new(ServiceParts {
         node: "n".to_owned(),
-        store: Store::new(),
+        store,
         health: hub.subscribe(),
         drain: DrainController::new(clock.clone()),
         clock,
@@ -131,5 +135,105 @@ async fn watch_streams_past_the_cap_are_refused_until_one_closes() {
         }
     }
     assert!(again.is_some(), "a closed stream gives its slot back");
+    cancel.cancel();
+}
+
+/// A store that knows container `c` as `packager` in pod `edu/live-0` (burstable, one
+/// allow-listed annotation) with one live stream it serves.
+fn named_store() -> Arc<Store> {
+    use crate::store::{
+        ContainerMeta, ContainerNetwork, LiveStream, NetworkSnapshot, Provenance, StreamDirection,
+        StreamProtocol,
+    };
+    let store = Store::new();
+    store.publish_container_meta(
+        [(
+            "c".to_owned(),
+            ContainerMeta {
+                id: "c".to_owned(),
+                name: "packager".to_owned(),
+                pod_name: "live-0".to_owned(),
+                pod_namespace: "edu".to_owned(),
+                pod_uid: "u-1".to_owned(),
+                image: "example/packager:3".to_owned(),
+                annotations: [("team".to_owned(), "media".to_owned())].into(),
+                qos: Some(crate::containers::Qos::Burstable),
+                ..Default::default()
+            },
+        )]
+        .into(),
+    );
+    let a: std::net::SocketAddr = "10.0.0.1:1935".parse().expect("addr");
+    store.publish_network(
+        std::time::SystemTime::UNIX_EPOCH,
+        Provenance::default(),
+        NetworkSnapshot {
+            containers: [(
+                "c".to_owned(),
+                ContainerNetwork {
+                    streams: vec![LiveStream {
+                        protocol: StreamProtocol::Tcp,
+                        direction: StreamDirection::Served,
+                        local: a,
+                        remote: a,
+                        started_at: std::time::SystemTime::UNIX_EPOCH,
+                        viewers: 0,
+                    }],
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        },
+    );
+    store
+}
+
+#[tokio::test]
+async fn containers_carry_image_annotations_and_qos_class() {
+    let hub = HealthHub::new(report(0));
+    let cancel = CancellationToken::new();
+    let svc = service_on(named_store(), &hub, &cancel);
+    let list = svc
+        .list_containers(Request::new(pb::ListContainersRequest::default()))
+        .await
+        .expect("ListContainers")
+        .into_inner();
+    let c = list
+        .containers
+        .iter()
+        .find(|c| c.id == "c")
+        .expect("c listed");
+    assert_eq!(c.image, "example/packager:3");
+    assert_eq!(c.annotations.get("team").map(String::as_str), Some("media"));
+    assert_eq!(c.qos_class(), pb::QosClass::Burstable);
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn drain_status_names_the_pod_and_container_of_each_stream() {
+    let hub = HealthHub::new(report(0));
+    let cancel = CancellationToken::new();
+    let svc = service_on(named_store(), &hub, &cancel);
+    let status = svc
+        .get_drain_status(Request::new(pb::GetDrainStatusRequest {}))
+        .await
+        .expect("GetDrainStatus")
+        .into_inner();
+    let c = status
+        .containers
+        .iter()
+        .find(|c| c.container_id == "c")
+        .expect("c holds a stream");
+    assert_eq!(
+        (
+            c.pod_namespace.as_str(),
+            c.pod_name.as_str(),
+            c.container_name.as_str(),
+            c.pod_uid.as_str(),
+            c.streams.len()
+        ),
+        ("edu", "live-0", "packager", "u-1", 1)
+    );
     cancel.cancel();
 }

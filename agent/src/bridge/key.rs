@@ -64,10 +64,12 @@ pub fn container_meta(
             match &c.identity {
                 Identity::Container {
                     pod_uid,
+                    qos,
                     container_id,
                     ..
                 } => {
                     meta.pod_uid = pod_uid.clone().unwrap_or_default();
+                    meta.qos = *qos;
                     if let Some(p) = runtime.and_then(|r| r.get(container_id)) {
                         meta.name.clone_from(&p.container_name);
                         meta.pod_name.clone_from(&p.pod_name);
@@ -76,6 +78,8 @@ pub fn container_meta(
                             meta.pod_uid.clone_from(&p.pod_uid);
                         }
                         meta.labels.clone_from(&p.labels);
+                        meta.image.clone_from(&p.image);
+                        meta.annotations.clone_from(&p.annotations);
                     }
                 }
                 Identity::Service { unit } => meta.name.clone_from(unit),
@@ -159,6 +163,12 @@ mod tests {
         let meta = container_meta(&inventory(), None);
         let c = &meta["abc"];
         assert_eq!((c.pod_uid.as_str(), c.cgroup_id), ("1", 42));
+        assert_eq!(
+            c.qos,
+            Some(Qos::Guaranteed),
+            "the QoS class the cgroup path says"
+        );
+        assert_eq!(meta["/system.slice/sshd.service"].qos, None);
         assert_eq!(c.pod_name, "", "no runtime: no pod name");
         assert_eq!(meta["/system.slice/sshd.service"].name, "sshd.service");
     }
@@ -176,7 +186,8 @@ mod tests {
                     pod_namespace: "prod".to_owned(),
                     pod_uid: "1".to_owned(),
                     labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
-                    ..PodIdentity::default()
+                    image: "example/web:2".to_owned(),
+                    annotations: BTreeMap::from([("team".to_owned(), "media".to_owned())]),
                 }),
             )]),
         };
@@ -191,6 +202,8 @@ mod tests {
             ("nginx", "web-0", "prod")
         );
         assert_eq!(c.labels["app"], "web");
+        assert_eq!(c.image, "example/web:2");
+        assert_eq!(c.annotations["team"], "media");
         assert_eq!(meta["/system.slice/sshd.service"].pod_name, "");
     }
 }

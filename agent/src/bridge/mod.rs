@@ -24,7 +24,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    containers::{cri::Identities, proc_cgroup::ProcCgroup, Inventory},
+    containers::{cri::Identities, podresources::Assignments, proc_cgroup::ProcCgroup, Inventory},
     sources::{cgroup, gpu, tcp, udp, Feeds},
     store::{FeedState, Provenance, SourceKind, Store},
     supervise::TaskResult,
@@ -32,6 +32,7 @@ use crate::{
 };
 
 pub mod diagnostics;
+pub mod gpu_pods;
 pub mod key;
 pub mod network;
 pub mod resources;
@@ -99,6 +100,7 @@ pub fn spawn(
     config: &Settings,
     feeds: &Feeds,
     identity: Option<watch::Receiver<Arc<Identities>>>,
+    gpu_assignments: Option<watch::Receiver<Arc<Assignments>>>,
     store: &Arc<Store>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
@@ -106,6 +108,7 @@ pub fn spawn(
     let bridge = Bridge {
         store: store.clone(),
         identity,
+        gpu_assignments,
         tcp: feeds.tcp.clone(),
         udp: feeds.udp.clone(),
         gpu: feeds.gpu.clone(),
@@ -178,6 +181,8 @@ fn own_cgroup_path() -> Option<String> {
 struct Bridge {
     store: Arc<Store>,
     identity: Option<watch::Receiver<Arc<Identities>>>,
+    /// The kubelet's GPU assignments (`containers::podresources`).
+    gpu_assignments: Option<watch::Receiver<Arc<Assignments>>>,
     tcp: Option<watch::Receiver<Arc<tcp::TcpSnapshot>>>,
     udp: Option<watch::Receiver<udp::model::UdpSnapshot>>,
     gpu: Option<watch::Receiver<gpu::GpuSnapshot>>,
@@ -307,7 +312,14 @@ impl Bridge {
                     .publish_gpus_unavailable(format!("GPU source degraded: {reason}"), data);
             }
             gpu::SourceStatus::Running if resources::gpu_polled(&snap) => {
-                let (data, provenance) = resources::gpu_snapshot(&snap);
+                let (mut data, mut provenance) = resources::gpu_snapshot(&snap);
+                if let Some(rx) = &self.gpu_assignments {
+                    let assignments = rx.borrow().clone();
+                    let runtime = self.identity.as_ref().map(|r| r.borrow().clone());
+                    gpu_pods::assign(&mut data.gpus, &assignments, runtime.as_deref());
+                    provenance.fidelity =
+                        format!("{}; {}", provenance.fidelity, assignments.status.describe());
+                }
                 self.store.publish_gpus(snap.taken_at, provenance, data);
             }
             _ => {}

@@ -302,6 +302,7 @@ fn device(
             })
             .collect(),
         event_window: health.map(event_window),
+        assigned: None,
     }
 }
 

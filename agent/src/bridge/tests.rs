@@ -65,6 +65,7 @@ fn bridge(
     Bridge {
         store: Store::new(),
         identity: None,
+        gpu_assignments: None,
         tcp,
         udp,
         gpu: None,

@@ -164,10 +164,11 @@ fn ms(us: u64) -> String {
 
 pub fn containers(r: &pb::ListContainersResponse) -> String {
     let mut out = format!(
-        "{:<16} {:<28} {:<16} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}\n",
+        "{:<16} {:<28} {:<16} {:<10} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}\n",
         "NAMESPACE",
         "POD",
         "CONTAINER",
+        "QOS",
         "ID",
         "CPU",
         "MEMORY",
@@ -184,10 +185,11 @@ pub fn containers(r: &pb::ListContainersResponse) -> String {
             .and_then(|n| n.windows.iter().find(|w| w.window_seconds == 60));
         let _ = writeln!(
             out,
-            "{:<16} {:<28} {:<16} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}",
+            "{:<16} {:<28} {:<16} {:<10} {:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>7}",
             or_dash(&c.pod_namespace),
             or_dash(&c.pod_name),
             or_dash(&c.name),
+            qos(c.qos_class()),
             c.id.chars().take(20).collect::<String>(),
             stats
                 .map(|s| format!("{:.2}", s.cpu_usage_cores))
@@ -210,6 +212,15 @@ pub fn containers(r: &pb::ListContainersResponse) -> String {
         out.push_str("(no containers)\n");
     }
     out
+}
+
+fn qos(q: pb::QosClass) -> &'static str {
+    match q {
+        pb::QosClass::Unspecified => "-",
+        pb::QosClass::Guaranteed => "Guaranteed",
+        pb::QosClass::Burstable => "Burstable",
+        pb::QosClass::BestEffort => "BestEffort",
+    }
 }
 
 fn or_dash(s: &str) -> &str {
@@ -292,10 +303,12 @@ pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
     };
     let _ = writeln!(out, "streams:   {}{known}{listed}", r.live_streams);
     for c in &r.containers {
-        let pod = if c.pod_name.is_empty() {
-            String::new()
-        } else {
-            format!(" {}/{}", c.pod_namespace, c.pod_name)
+        // What a controller evicts: the pod, and which of its containers holds the drain.
+        let pod = match (c.pod_name.is_empty(), c.container_name.is_empty()) {
+            (false, false) => format!(" {}/{} ({})", c.pod_namespace, c.pod_name, c.container_name),
+            (false, true) => format!(" {}/{}", c.pod_namespace, c.pod_name),
+            (true, false) => format!(" ({})", c.container_name),
+            (true, true) => String::new(),
         };
         let _ = writeln!(
             out,
@@ -317,4 +330,66 @@ pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_containers_table_shows_the_qos_class() {
+        let r = pb::ListContainersResponse {
+            containers: vec![pb::Container {
+                id: "abc".to_owned(),
+                name: "app".to_owned(),
+                pod_name: "web-0".to_owned(),
+                pod_namespace: "prod".to_owned(),
+                qos_class: pb::QosClass::Burstable.into(),
+                ..Default::default()
+            }],
+        };
+        let table = containers(&r);
+        let row: Vec<&str> = table
+            .lines()
+            .nth(1)
+            .expect("a row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row[..5],
+            ["prod", "web-0", "app", "Burstable", "abc"],
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn drain_status_names_the_pod_and_container_holding_it() {
+        let r = pb::GetDrainStatusResponse {
+            containers: vec![
+                pb::ContainerStreams {
+                    container_id: "abc".to_owned(),
+                    pod_name: "live-0".to_owned(),
+                    pod_namespace: "edu".to_owned(),
+                    container_name: "packager".to_owned(),
+                    live_streams: 1,
+                    ..Default::default()
+                },
+                pb::ContainerStreams {
+                    container_id: "/system.slice/relay.service".to_owned(),
+                    container_name: "relay.service".to_owned(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = drain_status(&r);
+        assert!(
+            text.contains("abc edu/live-0 (packager): 1 stream(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/system.slice/relay.service (relay.service): 0 stream(s)"),
+            "{text}"
+        );
+    }
 }

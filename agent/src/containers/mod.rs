@@ -22,6 +22,7 @@ pub mod cri;
 pub mod fixture;
 pub mod layout;
 pub mod path;
+pub mod podresources;
 pub mod proc_cgroup;
 pub mod selector;
 
@@ -50,6 +51,10 @@ pub struct ContainersConfig {
     pub runtime_keep_names: std::time::Duration,
     /// Pod annotations copied into the identity (all others are ignored).
     pub runtime_annotations: Vec<String>,
+    /// The kubelet's pod-resources socket (path or `unix://` URL), listed every
+    /// `runtime_resync` to tie GPUs to the pods they are assigned to where NVML lists no
+    /// processes; `"none"` = not used.
+    pub pod_resources_socket: String,
 }
 
 impl Default for ContainersConfig {
@@ -60,6 +65,7 @@ impl Default for ContainersConfig {
             runtime_resync: std::time::Duration::from_secs(10),
             runtime_keep_names: std::time::Duration::from_secs(300),
             runtime_annotations: Vec::new(),
+            pod_resources_socket: podresources::DEFAULT_SOCKET.to_owned(),
         }
     }
 }
@@ -213,9 +219,31 @@ impl Inventory {
             return Some(&self.containers[i]);
         }
         let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-        proc_cgroup::ProcCgroup::parse(&text)
-            .candidate_paths()
-            .find_map(|p| self.by_path(p))
+        let cg = proc_cgroup::ProcCgroup::parse(&text);
+        if let Some(c) = cg.candidate_paths().find_map(|p| self.by_path(p)) {
+            return Some(c);
+        }
+        // Read from a private cgroup namespace below the common ancestor: a tail of the path.
+        cg.outside_namespace
+            .then(|| cg.candidate_paths().find_map(|p| self.by_path_tail(p)))
+            .flatten()
+    }
+
+    /// The workload whose path ends with `tail` (whole segments), or with the nearest prefix
+    /// of it: the one it names when `tail` is a path below a common ancestor.
+    fn by_path_tail(&self, tail: &str) -> Option<&Container> {
+        let mut p = tail.trim_matches('/');
+        loop {
+            let suffix = format!("/{p}");
+            if let Some(c) = self
+                .containers
+                .iter()
+                .find(|c| c.path == p || c.path.ends_with(&suffix))
+            {
+                return Some(c);
+            }
+            p = &p[..p.rfind('/')?];
+        }
     }
 
     /// The workloads in this network namespace: all containers of one pod share it.

@@ -1,12 +1,37 @@
 //! `/proc/<pid>/cgroup`: which cgroup a process is in, in each hierarchy.
 
 /// One process's cgroup membership.
+///
+/// The kernel writes each path relative to the reader's cgroup namespace root. An agent in a
+/// private cgroup namespace (a DaemonSet pod) reads a host process's cgroup as
+/// `/../../../system.slice/sshd.service`: the `..` steps climb from its own cgroup to the
+/// common ancestor. They are dropped here and [`ProcCgroup::outside_namespace`] set: the rest is
+/// the host path below that ancestor — the whole host path where the ancestor is the root (every
+/// host service, seen from a pod under `kubepods`), else a tail of it that still ends in the
+/// pod and container segments (`pod<uid>/<id>`), which [`crate::containers::Inventory::by_pid`]
+/// matches as a suffix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcCgroup {
-    /// The v2 path (the `0::` line), without the leading `/`.
+    /// The v2 path (the `0::` line), without the leading `/` (or `..` steps).
     pub unified: Option<String>,
     /// `(controllers, path)` for each v1 line, e.g. `("cpu,cpuacct", "kubepods/...")`.
     pub v1: Vec<(String, String)>,
+    /// Some path climbed above the reader's cgroup namespace root (had leading `..` steps).
+    pub outside_namespace: bool,
+}
+
+/// The path without its leading `/` and `..` steps, and whether it had any such step.
+fn below_common_ancestor(path: &str) -> (String, bool) {
+    let mut rest = path.trim().trim_start_matches('/');
+    let mut climbed = false;
+    while let Some(r) = rest
+        .strip_prefix("..")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    {
+        climbed = true;
+        rest = r.trim_start_matches('/');
+    }
+    (rest.to_owned(), climbed)
 }
 
 impl ProcCgroup {
@@ -20,7 +45,8 @@ impl ProcCgroup {
             else {
                 continue;
             };
-            let path = path.trim().trim_start_matches('/').to_owned();
+            let (path, climbed) = below_common_ancestor(path);
+            out.outside_namespace |= climbed;
             if id == "0" && controllers.is_empty() {
                 out.unified = Some(path);
             } else if !controllers.is_empty() {
@@ -93,6 +119,26 @@ mod tests {
         assert_eq!(ProcCgroup::parse("0::/\n").path().as_deref(), Some("/"));
         assert_eq!(ProcCgroup::parse("4:memory:/\n").path(), None);
         assert_eq!(ProcCgroup::parse("").path(), None);
+    }
+
+    /// Read by an agent in a private cgroup namespace whose own cgroup is
+    /// `/kubepods/burstable/pod<a>/<agent-id>` on the host.
+    #[test]
+    fn paths_above_a_private_namespace_root_lose_their_climb_and_say_so() {
+        let svc = ProcCgroup::parse("0::/../../../../system.slice/sshd.service\n");
+        assert!(svc.outside_namespace);
+        assert_eq!(svc.path().as_deref(), Some("/system.slice/sshd.service"));
+        let id = "a".repeat(64);
+        let sibling = ProcCgroup::parse(&format!("0::/../../podb/{id}\n"));
+        assert!(sibling.outside_namespace);
+        assert_eq!(sibling.path(), Some(format!("/podb/{id}")));
+        let own = ProcCgroup::parse("0::/\n");
+        assert!(!own.outside_namespace);
+        assert_eq!(own.path().as_deref(), Some("/"));
+        // A name that only starts with two dots is a name, not a step.
+        let odd = ProcCgroup::parse("0::/..odd/x\n");
+        assert!(!odd.outside_namespace);
+        assert_eq!(odd.path().as_deref(), Some("/..odd/x"));
     }
 
     #[test]

@@ -169,6 +169,20 @@ fn pid_and_netns_lookups_follow_cgroup_procs_and_proc() {
         Some(written[3].path.as_str())
     );
     assert!(inv.by_pid(999, &proc_root).is_none());
+    // Read from a private cgroup namespace (a DaemonSet pod's): a process started since the
+    // scan in container 2, seen as a climb to the common ancestor plus the tail below it.
+    let tail = written[2]
+        .path
+        .split('/')
+        .skip(2)
+        .collect::<Vec<_>>()
+        .join("/");
+    fake_proc(&proc_root, 300, &format!("0::/../../{tail}\n"), "other-ns");
+    assert_eq!(
+        inv.by_pid(300, &proc_root).map(|c| c.path.as_str()),
+        Some(written[2].path.as_str()),
+        "tail {tail}"
+    );
 
     let pod_ns = std::fs::metadata(proc_root.join("pod0-ns"))
         .expect("stat")

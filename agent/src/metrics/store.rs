@@ -130,6 +130,18 @@ pub fn encode(s: &Snapshot, m: &mut Metrics) {
             // A container's processes on one GPU are one series.
             for (id, u) in gpu.by_container() {
                 let mut labels = container_labels(id, meta(id)).to_vec();
+                // A GPU held by device assignment is named by the kubelet even where the
+                // runtime does not name the container.
+                if let Some(a) = gpu.assigned.as_ref().filter(|a| a.key == id) {
+                    if meta(id).is_none_or(|m| m.pod_name.is_empty()) {
+                        labels = vec![
+                            ("container_id", id),
+                            ("container", a.container.as_str()),
+                            ("pod", a.pod.as_str()),
+                            ("namespace", a.namespace.as_str()),
+                        ];
+                    }
+                }
                 labels.extend([("gpu", index.as_str()), ("uuid", gpu.uuid.as_str())]);
                 m.gauge(
                     GPU_MEMORY,

@@ -76,6 +76,12 @@ pub struct ContainerMeta {
     pub pod_namespace: String,
     pub pod_uid: String,
     pub labels: BTreeMap<String, String>,
+    /// The image reference the container was created from (from the runtime).
+    pub image: String,
+    /// The pod's allow-listed annotations (`containers.runtime_annotations`).
+    pub annotations: BTreeMap<String, String>,
+    /// The pod's QoS class, from where its cgroup sits; `None` outside Kubernetes.
+    pub qos: Option<crate::containers::Qos>,
     /// cgroup v2 path relative to the cgroup root.
     pub cgroup_path: String,
     /// cgroup id (inode of the cgroup directory), the key eBPF uses.
@@ -671,6 +677,30 @@ pub struct GpuDevice {
     pub nvlink: Vec<GpuNvLinkErrors>,
     /// `None` when the source keeps no event window for this GPU.
     pub event_window: Option<GpuEventWindow>,
+    /// The one container the kubelet assigned this GPU to (pod-resources), where known.
+    pub assigned: Option<GpuAssignment>,
+}
+
+/// A GPU's holder by device assignment (the kubelet's pod-resources API).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuAssignment {
+    /// The store key: the container's runtime id where the runtime names it the same way,
+    /// else `pod-resources:<namespace>/<pod>/<container>`.
+    pub key: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+/// How a GPU's use was tied to a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GpuAttribution {
+    /// NVML's per-process samples, each process mapped to its container through its cgroup.
+    #[default]
+    ProcessSamples,
+    /// NVML listed no process of a container: the whole device's figures go to the one
+    /// container the kubelet assigned the GPU to.
+    DeviceAssignment,
 }
 
 impl GpuDevice {
@@ -681,8 +711,39 @@ impl GpuDevice {
 
     /// The processes summed per container (by store key); processes whose container is
     /// unknown are left out. The API and `/metrics` both read this, so they agree.
+    ///
+    /// Where no process is attributed and the kubelet assigned the GPU to one container, that
+    /// container gets the device's own figures ([`GpuAttribution::DeviceAssignment`]).
     pub fn by_container(&self) -> BTreeMap<&str, GpuContainerUsage> {
         let mut out = BTreeMap::<&str, GpuContainerUsage>::new();
+        if let Some(a) = self
+            .assigned
+            .as_ref()
+            .filter(|_| self.processes.iter().all(|p| p.container_id.is_empty()))
+        {
+            let percent = |v: f64| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a percentage, clamped to 0-100"
+                )]
+                let p = v.round().clamp(0.0, 100.0) as u32;
+                p
+            };
+            out.insert(
+                &a.key,
+                GpuContainerUsage {
+                    processes: 0,
+                    used_memory_bytes: self.memory_used_bytes,
+                    sampled: self.measured(GpuReading::Utilization),
+                    sm_percent: percent(self.utilization_percent),
+                    encoder_percent: self.encoder_utilization_percent.unwrap_or(0),
+                    decoder_percent: self.decoder_utilization_percent.unwrap_or(0),
+                    attribution: GpuAttribution::DeviceAssignment,
+                },
+            );
+            return out;
+        }
         for p in self.processes.iter().filter(|p| !p.container_id.is_empty()) {
             let u = out.entry(&p.container_id).or_default();
             u.processes += 1;
@@ -709,6 +770,8 @@ pub struct GpuContainerUsage {
     pub sm_percent: u32,
     pub encoder_percent: u32,
     pub decoder_percent: u32,
+    /// How these figures were tied to the container.
+    pub attribution: GpuAttribution,
 }
 
 impl GpuContainerUsage {

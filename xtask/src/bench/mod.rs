@@ -9,6 +9,7 @@
 mod agent;
 mod collector;
 mod footprint;
+mod identity;
 mod load;
 mod peer;
 mod scenarios;
@@ -141,6 +142,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("GPU poll, 8 fake devices", scenarios::gpu_poll),
         ("agent footprint", footprint::footprint),
         ("cgroup scan scaling", collector::scan),
+        ("pod identity, 1,000 containers", identity::identity),
         ("API latency and Watch memory", collector::api),
         ("peer: bpftrace RTT histogram", peer::bpftrace),
         (
@@ -293,6 +295,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     let _ = writeln!(s, "{}", scenarios::DESCRIPTION);
     let _ = writeln!(s, "{}", footprint::DESCRIPTION);
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
+    let _ = writeln!(s, "{}", identity::DESCRIPTION);
     let _ = writeln!(s, "{}", peer::DESCRIPTION);
     let _ = writeln!(s, "{}", load::DESCRIPTION);
     s

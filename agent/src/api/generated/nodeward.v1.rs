@@ -314,6 +314,20 @@ pub struct Container {
     /// Network summary; absent when the network source has not reported this container.
     #[prost(message, optional, tag = "10")]
     pub network: ::core::option::Option<ContainerNetwork>,
+    /// Image the container was created from, as its spec wrote it (else the runtime's resolved
+    /// reference), where the runtime told it.
+    #[prost(string, tag = "11")]
+    pub image: ::prost::alloc::string::String,
+    /// The pod's annotations named in the agent's `containers.runtime_annotations`, and only
+    /// those (values cut at 4,096 bytes), where the runtime told them.
+    #[prost(map = "string, string", tag = "12")]
+    pub annotations: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// The pod's Kubernetes QoS class, read from where the kubelet put its cgroup.
+    #[prost(enumeration = "QosClass", tag = "13")]
+    pub qos_class: i32,
 }
 /// One XID error reported by the NVIDIA driver.
 #[allow(clippy::all)]
@@ -379,6 +393,21 @@ pub struct GpuContainerUsage {
     /// Sum of its sampled processes' video-decoder shares, ratio (0-1, capped at 1).
     #[prost(double, tag = "6")]
     pub decoder_utilization_ratio: f64,
+    /// How these figures were tied to the container. With `GPU_ATTRIBUTION_DEVICE_ASSIGNMENT`
+    /// the three ratios and the memory are the whole GPU's (it is assigned to this container
+    /// alone) and `processes` is 0.
+    #[prost(enumeration = "GpuAttribution", tag = "7")]
+    pub attribution: i32,
+    /// The container's pod namespace, where known (from the runtime, or from the kubelet's
+    /// device assignment).
+    #[prost(string, tag = "8")]
+    pub pod_namespace: ::prost::alloc::string::String,
+    /// The container's pod name, where known (as `pod_namespace`).
+    #[prost(string, tag = "9")]
+    pub pod_name: ::prost::alloc::string::String,
+    /// The container's name in its pod, where known (as `pod_namespace`).
+    #[prost(string, tag = "10")]
+    pub container_name: ::prost::alloc::string::String,
 }
 /// One NVIDIA GPU.
 #[allow(clippy::all)]
@@ -646,6 +675,78 @@ impl StreamDirection {
             "STREAM_DIRECTION_UNSPECIFIED" => Some(Self::Unspecified),
             "STREAM_DIRECTION_SERVED" => Some(Self::Served),
             "STREAM_DIRECTION_OUTBOUND" => Some(Self::Outbound),
+            _ => None,
+        }
+    }
+}
+/// A pod's Kubernetes Quality-of-Service class.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum QosClass {
+    /// Not a Kubernetes pod, or its cgroup does not say.
+    Unspecified = 0,
+    /// Requests equal limits for every resource.
+    Guaranteed = 1,
+    /// Some requests, not all equal to limits.
+    Burstable = 2,
+    /// No requests or limits.
+    BestEffort = 3,
+}
+impl QosClass {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "QOS_CLASS_UNSPECIFIED",
+            Self::Guaranteed => "QOS_CLASS_GUARANTEED",
+            Self::Burstable => "QOS_CLASS_BURSTABLE",
+            Self::BestEffort => "QOS_CLASS_BEST_EFFORT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "QOS_CLASS_UNSPECIFIED" => Some(Self::Unspecified),
+            "QOS_CLASS_GUARANTEED" => Some(Self::Guaranteed),
+            "QOS_CLASS_BURSTABLE" => Some(Self::Burstable),
+            "QOS_CLASS_BEST_EFFORT" => Some(Self::BestEffort),
+            _ => None,
+        }
+    }
+}
+/// How a GPU's use was tied to a container.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum GpuAttribution {
+    Unspecified = 0,
+    /// NVML's per-process samples, each process mapped to its container through its cgroup.
+    ProcessSamples = 1,
+    /// NVML listed no process of the GPU: the kubelet's pod-resources API says which one
+    /// container it is assigned to, and that container gets the whole device's figures.
+    DeviceAssignment = 2,
+}
+impl GpuAttribution {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "GPU_ATTRIBUTION_UNSPECIFIED",
+            Self::ProcessSamples => "GPU_ATTRIBUTION_PROCESS_SAMPLES",
+            Self::DeviceAssignment => "GPU_ATTRIBUTION_DEVICE_ASSIGNMENT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "GPU_ATTRIBUTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "GPU_ATTRIBUTION_PROCESS_SAMPLES" => Some(Self::ProcessSamples),
+            "GPU_ATTRIBUTION_DEVICE_ASSIGNMENT" => Some(Self::DeviceAssignment),
             _ => None,
         }
     }
@@ -1174,6 +1275,13 @@ pub struct ContainerStreams {
     /// containers (see `GetDrainStatusResponse.truncated`).
     #[prost(message, repeated, tag = "8")]
     pub viewer_list: ::prost::alloc::vec::Vec<Viewer>,
+    /// The container's name in its pod, where known: with `pod_namespace` and `pod_name`, what a
+    /// controller evicts or waits for.
+    #[prost(string, tag = "9")]
+    pub container_name: ::prost::alloc::string::String,
+    /// Pod UID, where known (an eviction's precondition: the same pod, not a successor by name).
+    #[prost(string, tag = "10")]
+    pub pod_uid: ::prost::alloc::string::String,
 }
 /// A remote host a container served lately.
 #[allow(clippy::all)]

@@ -90,6 +90,17 @@ mod tests {
         assert_eq!(cgroup_path_from_proc(""), None);
     }
 
+    /// Inside a DaemonSet pod with a private cgroup namespace, a host service and another
+    /// pod's container read relative to the agent's own cgroup.
+    #[test]
+    fn paths_read_from_a_private_cgroup_namespace_name_the_service_and_container() {
+        let svc =
+            cgroup_path_from_proc("0::/../../../../system.slice/sshd.service\n").expect("a path");
+        assert_eq!(svc, "/system.slice/sshd.service", "the unit's host path");
+        let path = cgroup_path_from_proc(&format!("0::/../../pod6b2f/{ID}\n")).expect("a path");
+        assert_eq!(container_for_cgroup(&path).as_deref(), Some(ID));
+    }
+
     #[test]
     fn reads_the_file_under_a_proc_root() {
         let dir = std::env::temp_dir().join(format!("nodeward-procs-{}", std::process::id()));

@@ -8,6 +8,7 @@
 //! Every subcommand prints one JSON object. Nothing here asserts a timing.
 
 mod collector;
+mod identity;
 mod load;
 
 use std::{process::ExitCode, time::Duration};
@@ -40,6 +41,8 @@ enum Command {
     Rr(load::RrArgs),
     /// Unary callers and Watch streams at once.
     LoadApi(load::LoadApiArgs),
+    /// What pod identity from a (stand-in) container runtime costs the agent.
+    Identity(identity::IdentityArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Watch(args) => collector::watch(socket, &args),
         Command::Rr(args) => load::rr(&args),
         Command::LoadApi(args) => load::load_api(socket, &args),
+        Command::Identity(args) => identity::identity(&args),
     }
 }
 
