@@ -173,11 +173,14 @@ fn named_store() -> Arc<Store> {
                 ContainerNetwork {
                     streams: vec![LiveStream {
                         protocol: StreamProtocol::Tcp,
+                        kind: crate::store::StreamKind::Tcp,
                         direction: StreamDirection::Served,
                         local: a,
                         remote: a,
                         started_at: std::time::SystemTime::UNIX_EPOCH,
                         viewers: 0,
+                        bytes: None,
+                        viewer_reports: None,
                     }],
                     ..Default::default()
                 },
