@@ -156,7 +156,7 @@ fn named_store() -> Arc<Store> {
                 pod_namespace: "edu".to_owned(),
                 pod_uid: "u-1".to_owned(),
                 image: "example/packager:3".to_owned(),
-                annotations: [("team".to_owned(), "media".to_owned())].into(),
+                annotations: std::sync::Arc::new([("team".to_owned(), "media".to_owned())].into()),
                 qos: Some(crate::containers::Qos::Burstable),
                 ..Default::default()
             },

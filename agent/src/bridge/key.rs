@@ -175,19 +175,24 @@ mod tests {
 
     #[test]
     fn runtime_identity_names_the_container_with_the_same_id() {
+        use std::sync::Arc;
+
         use crate::containers::cri::{PodIdentity, Status};
         let runtime = Identities {
             status: Status::Disabled,
             by_container: std::collections::HashMap::from([(
                 "abc".to_owned(),
-                std::sync::Arc::new(PodIdentity {
+                Arc::new(PodIdentity {
                     container_name: "nginx".to_owned(),
                     pod_name: "web-0".to_owned(),
                     pod_namespace: "prod".to_owned(),
                     pod_uid: "1".to_owned(),
-                    labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+                    labels: Arc::new(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
                     image: "example/web:2".to_owned(),
-                    annotations: BTreeMap::from([("team".to_owned(), "media".to_owned())]),
+                    annotations: Arc::new(BTreeMap::from([(
+                        "team".to_owned(),
+                        "media".to_owned(),
+                    )])),
                 }),
             )]),
         };
@@ -204,6 +209,11 @@ mod tests {
         assert_eq!(c.labels["app"], "web");
         assert_eq!(c.image, "example/web:2");
         assert_eq!(c.annotations["team"], "media");
+        let p = &runtime.by_container["abc"];
+        assert!(
+            Arc::ptr_eq(&c.labels, &p.labels) && Arc::ptr_eq(&c.annotations, &p.annotations),
+            "the store shares the runtime table's label and annotation maps, not copies"
+        );
         assert_eq!(meta["/system.slice/sshd.service"].pod_name, "");
     }
 }

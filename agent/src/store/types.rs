@@ -75,11 +75,13 @@ pub struct ContainerMeta {
     pub pod_name: String,
     pub pod_namespace: String,
     pub pod_uid: String,
-    pub labels: BTreeMap<String, String>,
+    /// The pod's labels: the runtime identity table's own map, shared (1,000 pods' labels would
+    /// otherwise be held twice).
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
     /// The image reference the container was created from (from the runtime).
     pub image: String,
-    /// The pod's allow-listed annotations (`containers.runtime_annotations`).
-    pub annotations: BTreeMap<String, String>,
+    /// The pod's allow-listed annotations (`containers.runtime_annotations`), shared likewise.
+    pub annotations: std::sync::Arc<BTreeMap<String, String>>,
     /// The pod's QoS class, from where its cgroup sits; `None` outside Kubernetes.
     pub qos: Option<crate::containers::Qos>,
     /// cgroup v2 path relative to the cgroup root.

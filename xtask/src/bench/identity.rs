@@ -11,7 +11,7 @@ pub const DESCRIPTION: &str = "\
 - **pod identity, 1,000 containers**: `nodeward-bench identity` serves a stand-in CRI runtime \
 (the generated `runtime.v1` server of the tests crate on a Unix socket) listing 1,000 pods of \
 one container each (five labels per pod), whose ids match a fake cgroupfs of 1,000 containers \
-that the agent scans (`paths.cgroup_root`; eBPF, GPU, node stats and /metrics off). The agent \
+that the agent scans (`paths.cgroup_root`; eBPF, the TCP source, GPU, node stats and /metrics off). The agent \
 runs three times: runtime lookups off with a tick of 60 s, so that its one scan falls before \
 the measured window (the baseline); the runtime listed every second with the same tick; and the runtime listed every 60 s with a scan every 200 ms. CPU \
 per resync is the agent's user+system time per second above the baseline's, times the window, \

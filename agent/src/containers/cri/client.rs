@@ -137,7 +137,7 @@ impl Session {
         settings: &Settings,
         tx: &watch::Sender<Arc<Identities>>,
         cancel: &CancellationToken,
-        last_good: &mut Option<(HashMap<String, Arc<PodIdentity>>, SystemTime)>,
+        last_good: &mut Option<(Arc<Identities>, SystemTime)>,
     ) -> Result<(), CriError> {
         // The event stream runs beside the listing, in a task of its own: a runtime may send
         // the stream's headers only with its first event, and one without the call (containerd
@@ -162,11 +162,13 @@ impl Session {
             if tx.borrow().status != status {
                 tracing::info!(status = %status.describe(), containers = table.len(), "container identity");
             }
-            *last_good = Some((table.clone(), SystemTime::now()));
-            tx.send_replace(Arc::new(Identities {
+            // The table published is the one kept for an outage: one copy, not two.
+            let published = Arc::new(Identities {
                 status,
                 by_container: table,
-            }));
+            });
+            *last_good = Some((published.clone(), SystemTime::now()));
+            tx.send_replace(published);
             tokio::select! {
                 () = cancel.cancelled() => {
                     drop(watcher);

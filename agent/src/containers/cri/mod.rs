@@ -205,7 +205,8 @@ pub async fn run(
     tx: watch::Sender<Arc<Identities>>,
     cancel: CancellationToken,
 ) {
-    let mut last_good: Option<(HashMap<String, Arc<PodIdentity>>, SystemTime)> = None;
+    // The last table published while the runtime answered (shared with the channel).
+    let mut last_good: Option<(Arc<Identities>, SystemTime)> = None;
     let mut lost_since: Option<SystemTime> = None;
     loop {
         // Resolved each round: a runtime installed or started after the agent is found.
@@ -258,7 +259,7 @@ pub async fn run(
             status,
             by_container: last_good
                 .as_ref()
-                .map(|(m, _)| m.clone())
+                .map(|(m, _)| m.by_container.clone())
                 .unwrap_or_default(),
         }));
         if sleep_or_cancel(settings.resync, &cancel).await {

@@ -2,7 +2,10 @@
 //! mapping from the CRI listings to it. Nothing here talks to a socket, so every rule is
 //! tested on constructed CRI messages.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use super::pb;
 
@@ -27,10 +30,12 @@ pub struct PodIdentity {
     pub pod_uid: String,
     /// The image reference the container was created from.
     pub image: String,
-    /// The pod's labels (from its sandbox), at most [`MAX_LABELS`].
-    pub labels: BTreeMap<String, String>,
-    /// The pod's annotations named in `containers.runtime_annotations`, and only those.
-    pub annotations: BTreeMap<String, String>,
+    /// The pod's labels (from its sandbox), at most [`MAX_LABELS`]. Shared, not copied, with
+    /// the store's [`crate::store::ContainerMeta`] of the container.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// The pod's annotations named in `containers.runtime_annotations`, and only those (shared
+    /// like the labels).
+    pub annotations: Arc<BTreeMap<String, String>>,
 }
 
 /// A string as the agent keeps it: control characters (a line feed in a label would forge a
@@ -102,10 +107,11 @@ pub fn identities(
                 pod_namespace: clean(meta.map_or("", |m| m.namespace.as_str()), MAX_NAME),
                 pod_uid: clean(meta.map_or("", |m| m.uid.as_str()), MAX_NAME),
                 image: clean(&image_of(c), MAX_NAME),
-                labels: pod.map(|p| bounded_labels(&p.labels)).unwrap_or_default(),
-                annotations: pod
-                    .map(|p| allowed_annotations(&p.annotations, annotation_allow))
-                    .unwrap_or_default(),
+                labels: Arc::new(pod.map(|p| bounded_labels(&p.labels)).unwrap_or_default()),
+                annotations: Arc::new(
+                    pod.map(|p| allowed_annotations(&p.annotations, annotation_allow))
+                        .unwrap_or_default(),
+                ),
             };
             (c.id.clone(), id)
         })

@@ -79,6 +79,11 @@ fn start(agent: &Path, dir: &Path, name: &str, sets: &[String]) -> std::io::Resu
         .args(["--set", "ebpf.enabled=false", "--set", "gpu.enabled=false"])
         .args(["--set", "metrics.enabled=false", "--set", "api.tcp_listen="])
         .args(["--set", "node.enabled=false"])
+        // The TCP source runs without eBPF too (sock_diag): the host's other sockets, in cgroups
+        // outside the fake tree, would make it walk and cache the 1,000-container tree at
+        // whatever moments they come and go — megabytes unrelated to identity, different in
+        // each run.
+        .args(["--set", "tcp.enabled=false"])
         .arg("--set")
         .arg(format!(
             "api.unix_socket={}",
