@@ -110,13 +110,18 @@ impl Session {
         &mut self,
         annotations: &[String],
     ) -> Result<HashMap<String, Arc<PodIdentity>>, CriError> {
-        let sandboxes = call(
-            "ListPodSandbox",
-            self.client
-                .list_pod_sandbox(pb::ListPodSandboxRequest { filter: None }),
-        )
-        .await?
-        .items;
+        // Each listing is reduced to what identity keeps and dropped before the next call:
+        // the decoded messages (maps, runtime fields) never sit in memory together.
+        let pods = {
+            let sandboxes = call(
+                "ListPodSandbox",
+                self.client
+                    .list_pod_sandbox(pb::ListPodSandboxRequest { filter: None }),
+            )
+            .await?
+            .items;
+            model::pods(&sandboxes, annotations)
+        };
         let containers = call(
             "ListContainers",
             self.client
@@ -124,10 +129,7 @@ impl Session {
         )
         .await?
         .containers;
-        Ok(model::identities(&sandboxes, &containers, annotations)
-            .into_iter()
-            .map(|(k, v)| (k, Arc::new(v)))
-            .collect())
+        Ok(model::join(&pods, &containers))
     }
 
     /// Lists now, then on every resync tick and every container event, publishing each

@@ -81,41 +81,77 @@ pub fn allowed_annotations(
         .collect()
 }
 
-/// Joins the runtime's containers with their sandboxes: container id → identity. A container
-/// whose sandbox is not listed (created between the two calls) still gets its own name.
-/// The QoS class is not here: the cgroup path the container runs in says it (see
+/// What a pod gives each of its containers' identity, cleaned once per pod: its containers
+/// share the label and annotation maps.
+#[derive(Debug, Clone, Default)]
+pub struct Pod {
+    name: String,
+    namespace: String,
+    uid: String,
+    labels: Arc<BTreeMap<String, String>>,
+    annotations: Arc<BTreeMap<String, String>>,
+}
+
+/// The runtime's sandboxes by sandbox id, reduced to what identity keeps (the decoded listing
+/// can be dropped at once).
+pub fn pods(sandboxes: &[pb::PodSandbox], annotation_allow: &[String]) -> HashMap<String, Pod> {
+    sandboxes
+        .iter()
+        .map(|s| {
+            let meta = s.metadata.as_ref();
+            let pod = Pod {
+                name: clean(meta.map_or("", |m| m.name.as_str()), MAX_NAME),
+                namespace: clean(meta.map_or("", |m| m.namespace.as_str()), MAX_NAME),
+                uid: clean(meta.map_or("", |m| m.uid.as_str()), MAX_NAME),
+                labels: Arc::new(bounded_labels(&s.labels)),
+                annotations: Arc::new(allowed_annotations(&s.annotations, annotation_allow)),
+            };
+            (s.id.clone(), pod)
+        })
+        .collect()
+}
+
+/// Joins the runtime's containers with their pods ([`pods`]): container id → identity. A
+/// container whose sandbox is not listed (created between the two calls) still gets its own
+/// name. The QoS class is not here: the cgroup path the container runs in says it (see
 /// [`crate::containers::path`]), with either cgroup driver.
-pub fn identities(
-    sandboxes: &[pb::PodSandbox],
+pub fn join(
+    pods: &HashMap<String, Pod>,
     containers: &[pb::Container],
-    annotation_allow: &[String],
-) -> HashMap<String, PodIdentity> {
-    let pods: HashMap<&str, &pb::PodSandbox> =
-        sandboxes.iter().map(|s| (s.id.as_str(), s)).collect();
-    containers
+) -> HashMap<String, Arc<PodIdentity>> {
+    let none = Pod::default();
+    let mut table: HashMap<String, Arc<PodIdentity>> = containers
         .iter()
         .filter(|c| !c.id.is_empty())
         .map(|c| {
-            let pod = pods.get(c.pod_sandbox_id.as_str());
-            let meta = pod.and_then(|p| p.metadata.as_ref());
+            let pod = pods.get(&c.pod_sandbox_id).unwrap_or(&none);
             let id = PodIdentity {
                 container_name: clean(
                     c.metadata.as_ref().map_or("", |m| m.name.as_str()),
                     MAX_NAME,
                 ),
-                pod_name: clean(meta.map_or("", |m| m.name.as_str()), MAX_NAME),
-                pod_namespace: clean(meta.map_or("", |m| m.namespace.as_str()), MAX_NAME),
-                pod_uid: clean(meta.map_or("", |m| m.uid.as_str()), MAX_NAME),
+                pod_name: pod.name.clone(),
+                pod_namespace: pod.namespace.clone(),
+                pod_uid: pod.uid.clone(),
                 image: clean(&image_of(c), MAX_NAME),
-                labels: Arc::new(pod.map(|p| bounded_labels(&p.labels)).unwrap_or_default()),
-                annotations: Arc::new(
-                    pod.map(|p| allowed_annotations(&p.annotations, annotation_allow))
-                        .unwrap_or_default(),
-                ),
+                labels: pod.labels.clone(),
+                annotations: pod.annotations.clone(),
             };
-            (c.id.clone(), id)
+            (c.id.clone(), Arc::new(id))
         })
-        .collect()
+        .collect();
+    // Kept until the next listing: no room for more.
+    table.shrink_to_fit();
+    table
+}
+
+/// [`pods`] and [`join`] in one step.
+pub fn identities(
+    sandboxes: &[pb::PodSandbox],
+    containers: &[pb::Container],
+    annotation_allow: &[String],
+) -> HashMap<String, Arc<PodIdentity>> {
+    join(&pods(sandboxes, annotation_allow), containers)
 }
 
 /// The image as the user wrote it where the runtime kept that, else the resolved reference.
@@ -196,6 +232,27 @@ mod tests {
         assert_eq!(
             (c2.container_name.as_str(), c2.pod_name.as_str()),
             ("x", "")
+        );
+    }
+
+    #[test]
+    fn containers_of_one_pod_share_its_label_and_annotation_maps() {
+        let ids = identities(
+            &[sandbox("s1", "web-0", "prod", &[("app", "web")])],
+            &[
+                container("c1", "s1", "nginx"),
+                container("c2", "s1", "sidecar"),
+            ],
+            &["team".to_owned()],
+        );
+        let (c1, c2) = (&ids["c1"], &ids["c2"]);
+        assert_eq!(
+            (c2.pod_name.as_str(), c2.labels["app"].as_str()),
+            ("web-0", "web")
+        );
+        assert!(
+            Arc::ptr_eq(&c1.labels, &c2.labels) && Arc::ptr_eq(&c1.annotations, &c2.annotations),
+            "one map per pod, not per container"
         );
     }
 
