@@ -279,7 +279,7 @@ pub fn feed_all(store: &Store, streams: usize) {
             name: "srs".into(),
             pod_name: "live-0".into(),
             pod_namespace: "edu".into(),
-            labels,
+            labels: labels.into(),
             ..Default::default()
         },
     );
