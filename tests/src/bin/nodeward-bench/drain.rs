@@ -34,6 +34,12 @@ pub struct DrainArgs {
     /// How long to wait for the agent to count every stream.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
+    /// The agent's process id: its CPU time is read over `hold` once every stream is counted.
+    #[arg(long)]
+    pub agent_pid: Option<u32>,
+    /// How long to read the agent's CPU time while it holds the streams (no calls meanwhile).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
 }
 
 #[derive(Serialize)]
@@ -47,6 +53,9 @@ struct DrainReport {
     latency_ms: Vec<f64>,
     /// Encoded size of the last reply, in bytes.
     reply_bytes: usize,
+    /// The agent's CPU time per second of `hold`, while it held the streams and nobody called
+    /// (mostly its TCP source's ticks over the flow map); absent without `--agent-pid`.
+    agent_cpu_per_second: Option<f64>,
 }
 
 /// The cgroup v2 root, where `cgroup2` is mounted.
@@ -131,6 +140,14 @@ fn measure(default_socket: &Path, args: &DrainArgs) -> Result<DrainReport, Clien
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let counted_after_seconds = opened.elapsed().as_secs_f64();
+        let agent_cpu_per_second = match args.agent_pid {
+            Some(pid) => {
+                let (t, cpu) = (Instant::now(), nodeward_tests::process_cpu_seconds(pid));
+                tokio::time::sleep(args.hold).await;
+                Some((nodeward_tests::process_cpu_seconds(pid) - cpu) / t.elapsed().as_secs_f64())
+            }
+            None => None,
+        };
         let mut latency_ms = Vec::with_capacity(args.calls);
         let mut reply_bytes = 0;
         for _ in 0..args.calls {
@@ -150,6 +167,7 @@ fn measure(default_socket: &Path, args: &DrainArgs) -> Result<DrainReport, Clien
             counted_after_seconds,
             latency_ms,
             reply_bytes,
+            agent_cpu_per_second,
         })
     })
 }
