@@ -16,8 +16,8 @@ use super::{
 
 pub const DESCRIPTION: &str = "\
 - **TCP start-up seed, 50,000 connections**: `nodeward-bench seed` opens 50,000 loopback \
-connections (both ends in the one process: 100,000 established sockets, over listeners of \
-10,000 connections each) and runs the agent's own start-up seed on them \
+connections (100,000 established sockets; child processes hold at most 9,000 connections \
+each, both ends, under the hard open-file limit of 20,000) and runs the agent's own start-up seed on them \
 (`agent/src/sources/tcp/seed.rs`): one sock_diag dump of every network namespace with each \
 socket's cgroup, every socket kept by cookie, as the TCP source's first read does. Time is wall \
 time and the process's CPU time of that read; memory is the growth of the peak resident set \
@@ -26,8 +26,9 @@ seeded connection is open (a dump again, to see them close): its wall time per t
 (issue 15): the first read under 1 s and under 20 MiB.
 - **drain status, 50,000 streams**: the release agent (`tcp.max_flows` 262,144, so that both \
 ends of every connection fit the flow map; its drain state in a file of its own) and \
-`nodeward-bench drain-status`, which binds its listeners inside a cgroup of its own under the \
-cgroup v2 root (a container to the agent), connects 50,000 loopback clients from outside it, \
+`nodeward-bench drain-status`, whose child processes bind their listeners inside a cgroup made \
+for the run under the cgroup v2 root (a container to the agent) and connect 50,000 loopback \
+clients to them from outside it; it \
 begins a drain, waits until the agent counts the 50,000 accepted connections as live streams \
 (that wait is a row too: how far the agent's count lags), then calls `GetDrainStatus` 200 times \
 in a row on one connection; latency percentiles over those calls (the reply lists at most \

@@ -1,8 +1,8 @@
 //! `GetDrainStatus` with many live streams, for `cargo xtask bench` (scenario `drain status`):
-//! this process binds its listeners inside a cgroup of its own under the cgroup v2 root (a
-//! "container" to the agent: the accepted sockets are attributed to the listener's cgroup),
-//! moves back out, connects N loopback clients to them, begins a drain, waits until the agent
-//! counts every accepted connection as a live stream, and then calls `GetDrainStatus` again and
+//! holder processes (`hold.rs`) bind their listeners inside a cgroup made for the run under
+//! the cgroup v2 root (a "container" to the agent: the accepted sockets are attributed to the
+//! listener's cgroup), move back out and connect N loopback clients to them; this process
+//! begins a drain, waits until the agent counts every accepted connection as a live stream, and then calls `GetDrainStatus` again and
 //! again on one connection, timing each call.
 
 use std::{
@@ -15,10 +15,7 @@ use clap::Args;
 use nodeward::{api::pb, client::ClientError};
 use serde::Serialize;
 
-use crate::{
-    conn, fail, print, runtime,
-    seed::{listeners, open, raise_nofile},
-};
+use crate::{conn, fail, hold::Holders, print, runtime};
 
 #[derive(Debug, Clone, Args)]
 pub struct DrainArgs {
@@ -68,40 +65,15 @@ fn v2_root() -> Option<PathBuf> {
         .and_then(|f| f.get(1).map(PathBuf::from))
 }
 
-/// This process's cgroup (v2), as a directory.
-fn own_cgroup(root: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(root.join(rel.trim_start_matches('/')))
-}
-
-fn join(cgroup: &Path) -> std::io::Result<()> {
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-}
-
 pub fn drain(default_socket: &Path, args: &DrainArgs) -> ExitCode {
-    if let Err(e) = raise_nofile(2 * args.connections as u64 + 1024) {
-        return fail(format!("raise RLIMIT_NOFILE: {e}"));
-    }
     let Some(root) = v2_root() else {
         return fail("no cgroup v2 hierarchy");
-    };
-    let Some(home) = own_cgroup(&root) else {
-        return fail("cannot read this process's cgroup");
     };
     let pod = root.join(format!("nodeward-bench-drain-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir(&pod) {
         return fail(format!("create {}: {e}", pod.display()));
     }
-    // The listeners are made inside the pod's cgroup; this process (one thread so far) then
-    // goes home, so the clients' sockets are not the pod's.
-    let bound = join(&pod).and_then(|()| {
-        let l = listeners(args.connections);
-        join(&home)?;
-        l
-    });
-    let result = bound
-        .and_then(|l| open(args.connections, l))
+    let result = Holders::start(args.connections, Some(&pod))
         .map_err(|e| e.to_string())
         .and_then(|held| {
             let r = measure(default_socket, args).map_err(|e| e.to_string());

@@ -9,6 +9,7 @@
 
 mod collector;
 mod drain;
+mod hold;
 mod identity;
 mod load;
 mod seed;
@@ -49,6 +50,8 @@ enum Command {
     Seed(seed::SeedArgs),
     /// `GetDrainStatus` latency with many live streams.
     DrainStatus(drain::DrainArgs),
+    /// Hold loopback connections open until stdin closes (for `seed` and `drain-status`).
+    Hold(hold::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Identity(args) => identity::identity(&args),
         Command::Seed(args) => seed::seed(&args),
         Command::DrainStatus(args) => drain::drain(socket, &args),
+        Command::Hold(args) => hold::hold(&args),
     }
 }
 

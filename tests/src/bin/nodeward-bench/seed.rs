@@ -1,23 +1,18 @@
 //! The TCP source's start-up seed (`agent/src/sources/tcp/seed.rs`) at scale, for `cargo xtask
-//! bench` (scenario `TCP start-up seed`): this process opens N loopback connections (both ends
-//! in this process, so 2N established sockets), then runs the agent's own `Seed` as the TCP
+//! bench` (scenario `TCP start-up seed`): child processes hold N loopback connections (2N
+//! established sockets, `hold.rs`), then this process runs the agent's own `Seed` as the TCP
 //! source does on its first read — a sock_diag dump of every network namespace, the sockets
 //! kept by cookie — and then as on each later tick while any of them is open (a dump again, to
 //! see them close). Wall and CPU time of each, and the growth of the peak resident memory
 //! during the first.
 
-use std::{
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
-    process::ExitCode,
-    time::Instant,
-};
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use clap::Args;
 use nodeward::sources::tcp::{seed::Seed, window::RawRead};
 use serde::Serialize;
 
-use crate::{fail, print};
+use crate::{fail, hold::Holders, print};
 
 #[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
@@ -62,61 +57,8 @@ fn status_bytes(key: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb * 1024.0)
 }
 
-/// Raises the open-file limit to hold `fds` descriptors (root may raise the hard limit).
-pub fn raise_nofile(fds: u64) -> std::io::Result<()> {
-    let want = libc::rlimit {
-        rlim_cur: fds,
-        rlim_max: fds,
-    };
-    // SAFETY: setrlimit reads the struct it is given and nothing else.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Connections per listener: no destination runs out of ephemeral ports.
-pub const PER_LISTENER: usize = 10_000;
-
-/// Listeners for `n` connections, on loopback ports the kernel picks.
-pub fn listeners(n: usize) -> std::io::Result<Vec<TcpListener>> {
-    (0..n.div_ceil(PER_LISTENER))
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect()
-}
-
-/// `n` connections to `listeners`, at most `PER_LISTENER` each; returns both ends of each.
-pub fn open(n: usize, listeners: Vec<TcpListener>) -> std::io::Result<Vec<TcpStream>> {
-    let mut held = Vec::with_capacity(2 * n);
-    let mut left = n;
-    for listener in listeners {
-        if left == 0 {
-            break;
-        }
-        let batch = left.min(PER_LISTENER);
-        let addr = listener.local_addr()?;
-        let acceptor = std::thread::spawn(move || -> std::io::Result<Vec<TcpStream>> {
-            (0..batch)
-                .map(|_| listener.accept().map(|(s, _)| s))
-                .collect()
-        });
-        for _ in 0..batch {
-            held.push(TcpStream::connect(addr)?);
-        }
-        let accepted = acceptor
-            .join()
-            .map_err(|_| std::io::Error::other("the accepting thread panicked"))??;
-        held.extend(accepted);
-        left -= batch;
-    }
-    Ok(held)
-}
-
 pub fn seed(args: &SeedArgs) -> ExitCode {
-    if let Err(e) = raise_nofile(2 * args.connections as u64 + 1024) {
-        return fail(format!("raise RLIMIT_NOFILE: {e}"));
-    }
-    let held = match listeners(args.connections).and_then(|l| open(args.connections, l)) {
+    let held = match Holders::start(args.connections, None) {
         Ok(h) => h,
         Err(e) => return fail(format!("open {} connections: {e}", args.connections)),
     };
