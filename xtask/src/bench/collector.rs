@@ -44,7 +44,7 @@ not service time). Target (issue 7): p99 under 2 ms (at the paced rate).
 them; the metric is the agent's resident memory (VmRSS) then, minus before the streams were \
 opened (after the latency runs). Target (issue 7): under 50 MB.";
 
-fn json(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
+pub fn json_of(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -70,7 +70,7 @@ fn scan_run(
     scans: usize,
     extra: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let v = json(
+    let v = json_of(
         Command::new(bench_bin(agent_bin))
             .args(["--set", "gpu.enabled=false", "scan"])
             .args([
@@ -181,7 +181,7 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         let agent = Agent::start(agent_bin, &["--set", "gpu.enabled=false"], ALL_PROGRAMS)?;
         let addr = format!("unix:{}", agent.socket);
         // 100 callers at 10 calls/s each: latency at a steady 1,000 calls/s.
-        let v = json(Command::new(bench_bin(agent_bin)).args([
+        let v = json_of(Command::new(bench_bin(agent_bin)).args([
             "api",
             "--addr",
             &addr,
@@ -196,7 +196,7 @@ pub fn api(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row
         p99.push(v["p99_ms"].as_f64().unwrap_or(f64::NAN));
         // The same callers as fast as they can: what the agent sustains on this machine, where
         // the callers compete with it for the same two cores.
-        let v = json(Command::new(bench_bin(agent_bin)).args([
+        let v = json_of(Command::new(bench_bin(agent_bin)).args([
             "api",
             "--addr",
             &addr,

@@ -8,6 +8,7 @@
 
 mod agent;
 mod collector;
+mod drain;
 mod footprint;
 mod identity;
 mod load;
@@ -144,6 +145,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("cgroup scan scaling", collector::scan),
         ("pod identity, 1,000 containers", identity::identity),
         ("API latency and Watch memory", collector::api),
+        ("TCP start-up seed, 50,000 connections", drain::seed),
+        ("drain status, 50,000 streams", drain::status),
         ("peer: bpftrace RTT histogram", peer::bpftrace),
         (
             "load soak: gRPC callers, Watch streams, RTT samples",
@@ -296,6 +299,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     let _ = writeln!(s, "{}", footprint::DESCRIPTION);
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
     let _ = writeln!(s, "{}", identity::DESCRIPTION);
+    let _ = writeln!(s, "{}", drain::DESCRIPTION);
     let _ = writeln!(s, "{}", peer::DESCRIPTION);
     let _ = writeln!(s, "{}", load::DESCRIPTION);
     s

@@ -35,7 +35,7 @@ pub mod diag;
 pub mod hist;
 mod own;
 mod procnet;
-mod seed;
+pub mod seed;
 pub mod snapshot;
 pub mod viewers;
 pub mod window;

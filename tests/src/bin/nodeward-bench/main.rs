@@ -8,8 +8,11 @@
 //! Every subcommand prints one JSON object. Nothing here asserts a timing.
 
 mod collector;
+mod drain;
+mod hold;
 mod identity;
 mod load;
+mod seed;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -43,6 +46,12 @@ enum Command {
     LoadApi(load::LoadApiArgs),
     /// What pod identity from a (stand-in) container runtime costs the agent.
     Identity(identity::IdentityArgs),
+    /// The TCP source's start-up seed with many connections open.
+    Seed(seed::SeedArgs),
+    /// `GetDrainStatus` latency with many live streams.
+    DrainStatus(drain::DrainArgs),
+    /// Hold loopback connections open until stdin closes (for `seed` and `drain-status`).
+    Hold(hold::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +75,9 @@ fn main() -> ExitCode {
         Command::Rr(args) => load::rr(&args),
         Command::LoadApi(args) => load::load_api(socket, &args),
         Command::Identity(args) => identity::identity(&args),
+        Command::Seed(args) => seed::seed(&args),
+        Command::DrainStatus(args) => drain::drain(socket, &args),
+        Command::Hold(args) => hold::hold(&args),
     }
 }
 
