@@ -5,10 +5,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
-use crate::{agent_binary, is_root, kube::tool};
+use crate::{agent_binary, is_root, tool};
 
 pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
@@ -144,11 +144,4 @@ impl Drop for Containers {
     }
 }
 
-/// A command's stdout and stderr, for messages.
-pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+pub use crate::text;

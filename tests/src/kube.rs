@@ -15,14 +15,7 @@ use crate::is_root;
 /// kubernetes-validate release that has its schemas).
 pub const KUBERNETES_VERSION: &str = "1.37.0";
 
-/// `name` on PATH.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
+pub use crate::tool;
 
 /// `kubernetes-validate --strict` on `files`, without network where it can be cut (root: a
 /// network namespace of its own). Panics if kubernetes-validate is not installed: callers skip

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
 use crate::{agent_binary, skip};
@@ -16,23 +16,7 @@ pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// Anolis OS 23 ships glibc 2.38 (x86_64 and aarch64): a package may need no newer symbol.
 pub const ANOLIS_23_GLIBC: (u32, u32) = (2, 38);
 
-/// `name` on PATH.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// stdout and stderr together.
-pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+pub use crate::{text, tool};
 
 /// A fresh directory under the temporary directory.
 pub fn temp_dir(stem: &str) -> PathBuf {

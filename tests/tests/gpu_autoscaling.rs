@@ -22,7 +22,7 @@ use nodeward_tests::{
     cgroup_v2_root,
     containerd::{self, Containerd, Pod, PodSpec},
     fake_nvml::fake,
-    is_root, skip, wait_for, Cgroup,
+    is_root, skip, tool, wait_for, Cgroup,
 };
 use serde_json::Value;
 
@@ -34,14 +34,6 @@ const METRICS_DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.
 
 /// Long enough for any step on a loaded machine.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
 
 fn example(file: &str) -> PathBuf {
     Path::new(EXAMPLE).join(file)

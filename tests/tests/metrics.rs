@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, fake_nvml::FakeNvml, is_root, skip, wait_for};
+use nodeward_tests::{agent_binary, fake_nvml::FakeNvml, is_root, skip, tool, wait_for};
 
 /// A port that was free a moment ago (the listener is closed before the port is handed on).
 fn free_port() -> u16 {
@@ -39,14 +39,6 @@ fn http(port: u16, method: &str, target: &str) -> Option<(u16, String, String)> 
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
     Some((status, head.to_owned(), body.to_owned()))
-}
-
-fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 /// A running agent; SIGTERM and wait on drop.

@@ -11,19 +11,11 @@ use std::{
     time::Duration,
 };
 
-use nodeward_tests::{agent_binary, pki::Pki, skip, wait_for};
+use nodeward_tests::{agent_binary, pki::Pki, skip, tool, wait_for};
 
 const TEST: &str = "metrics_tls";
 /// A bound that only catches a hang.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -8,40 +8,18 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use nodeward_tests::{
-    agent_binary, cap_number, grantable_caps, is_root, send_signal, skip, wait_for,
+    agent_binary, cap_number, grantable_caps, is_root, rpm::temp_dir, send_signal, skip, text,
+    tool, wait_for,
 };
 use rustix::process::Signal;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/nodeward.service");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
-fn tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn temp_dir(stem: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nodeward-{stem}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
-}
 
 /// The unit with ExecStart pointing at the built binary: `verify` checks that the command
 /// exists, and /usr/bin/nodeward is not installed on a build machine.
