@@ -1,5 +1,7 @@
 //! The gRPC API: `nodeward.v1.NodeHealth`, `grpc.health.v1.Health` and server reflection (v1),
-//! on a Unix socket and on TCP (TLS optional, required off loopback). It only translates: the
+//! on a Unix socket and on TCP (TLS optional, required off loopback). Both listeners take
+//! every stock gRPC client as it comes: [`h2fix`] mends the `:authority` that grpc-core clients
+//! send on a Unix socket, which h2 would refuse. It only translates: the
 //! health engine (a task of its own, `health::evaluator`) decides and publishes, the store
 //! holds the data, the drain controller (in `health`) holds the drain.
 //!
@@ -9,18 +11,20 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{wrappers::UnixListenerStream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::{health::evaluator::Health, store::Store};
 
 pub mod authz;
 pub mod config;
 mod convert;
+pub mod h2fix;
 pub mod identity;
 pub mod requests;
 pub mod service;
+mod tls;
 
 /// The drain state and the published health, which the API translates.
 pub use crate::health::{drain, hub};
@@ -65,7 +69,7 @@ pub enum ApiError {
         source: std::io::Error,
     },
     #[error("TLS setup failed: {0}")]
-    Tls(tonic::transport::Error),
+    Tls(#[from] tls::TlsError),
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server on {what} failed: {source}")]
@@ -81,7 +85,7 @@ pub struct BoundApi {
     service: service::Service,
     limits: config::ApiLimits,
     unix: Option<(UnixListener, PathBuf)>,
-    tcp: Option<(TcpListener, SocketAddr, Option<ServerTlsConfig>)>,
+    tcp: Option<(TcpListener, SocketAddr, Option<tls::Acceptor>)>,
     cancel: CancellationToken,
 }
 
@@ -125,20 +129,9 @@ pub(crate) fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
 async fn bind_tcp(
     api: &ApiConfig,
     addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr, Option<ServerTlsConfig>), ApiError> {
+) -> Result<(TcpListener, SocketAddr, Option<tls::Acceptor>), ApiError> {
     let tls = if api.tls_enabled() {
-        let identity = Identity::from_pem(read_tls(&api.tls_cert)?, read_tls(&api.tls_key)?);
-        // tonic runs handshakes concurrently; the timeout keeps a client that connects and
-        // never finishes from holding its socket and task forever.
-        let mut t = ServerTlsConfig::new()
-            .identity(identity)
-            .timeout(api.limits.tls_handshake_timeout);
-        if !api.tls_client_ca.as_os_str().is_empty() {
-            t = t
-                .client_ca_root(Certificate::from_pem(read_tls(&api.tls_client_ca)?))
-                .client_auth_optional(api.tls_client_auth_optional);
-        }
-        Some(t)
+        Some(tls::acceptor(api)?)
     } else {
         None
     };
@@ -328,10 +321,9 @@ impl BoundApi {
             };
             let what = format!("unix:{}", path.display());
             tracing::info!(listen = %what, "gRPC API listening");
-            let serve = routes(limited(&limits)).serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                cancel.cancelled(),
-            );
+            let incoming = UnixListenerStream::new(listener).map(|c| c.map(h2fix::H2Fix::new));
+            let serve = routes(limited(&limits))
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled());
             tokio::select! {
                 r = serve => r.map_err(|source| ApiError::Serve { what, source }),
                 _ = stop() => Ok(()),
@@ -343,18 +335,32 @@ impl BoundApi {
             };
             let what = format!("tcp:{addr}{}", if tls.is_some() { " (TLS)" } else { "" });
             tracing::info!(listen = %what, "gRPC API listening");
-            let mut builder = limited(&limits);
-            if let Some(t) = tls {
-                builder = builder.tls_config(t).map_err(ApiError::Tls)?;
-            }
-            let serve = routes(builder).serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                cancel.cancelled(),
-            );
-            tokio::select! {
-                r = serve => r.map_err(|source| ApiError::Serve { what, source }),
-                _ = stop() => Ok(()),
-            }
+            // The TLS handshake is ours, not tonic's, so that the authority fix sits inside it.
+            let served = if let Some(acceptor) = tls {
+                let incoming = tls::incoming(
+                    listener,
+                    acceptor,
+                    limits.tls_handshake_timeout,
+                    cancel.clone(),
+                );
+                let serve = routes(limited(&limits))
+                    .serve_with_incoming_shutdown(incoming, cancel.cancelled());
+                tokio::select! {
+                    r = serve => r,
+                    _ = stop() => Ok(()),
+                }
+            } else {
+                let incoming = TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map(|c| c.map(h2fix::H2Fix::new));
+                let serve = routes(limited(&limits))
+                    .serve_with_incoming_shutdown(incoming, cancel.cancelled());
+                tokio::select! {
+                    r = serve => r,
+                    _ = stop() => Ok(()),
+                }
+            };
+            served.map_err(|source| ApiError::Serve { what, source })
         };
         // Health watchers (e.g. a load balancer) learn of the shutdown before connections close.
         let announce = async {
