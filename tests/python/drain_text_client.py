@@ -23,7 +23,7 @@ SERVICE = "nodeward.v1.NodeHealth"
 
 
 def main():
-    channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.default_authority", "localhost")])
+    channel = grpc.insecure_channel(sys.argv[1])
     db = ProtoReflectionDescriptorDatabase(channel)
     db._stub = ReflectionV1Stub(channel)
     pool = DescriptorPool(db)

@@ -31,9 +31,7 @@ class ReflectionV1Stub:
 
 
 def main():
-    # grpc-core sends the socket path as :authority for unix: targets, which the agent's HTTP/2
-    # server (hyper) rejects as malformed; any valid authority does for a local socket.
-    channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.default_authority", "localhost")])
+    channel = grpc.insecure_channel(sys.argv[1])
     db = ProtoReflectionDescriptorDatabase(channel)
     db._stub = ReflectionV1Stub(channel)
     pool = DescriptorPool(db)

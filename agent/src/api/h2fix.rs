@@ -207,24 +207,21 @@ impl Rewriter {
         let priority = self.fragment_of(frames)?;
         self.decode()?;
         let malformed = self.fields.iter().any(|(name, value)| {
-            &self.arena[name.clone()] == b":authority" && !authority_is_valid(&self.arena[value.clone()])
+            &self.arena[name.clone()] == b":authority"
+                && !authority_is_valid(&self.arena[value.clone()])
         });
         if !malformed && !self.re_encode_all {
             out.extend_from_slice(frames);
             return Ok(());
         }
         if !self.re_encode_all {
-            tracing::debug!("gRPC client sent a malformed :authority; re-encoding its header blocks");
+            tracing::debug!(
+                "gRPC client sent a malformed :authority; re-encoding its header blocks"
+            );
             self.re_encode_all = true;
         }
         self.encode();
-        write_frames(
-            stream,
-            flags & END_STREAM,
-            priority,
-            &self.encoded,
-            out,
-        );
+        write_frames(stream, flags & END_STREAM, priority, &self.encoded, out);
         Ok(())
     }
 
@@ -313,7 +310,13 @@ fn push_frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u
 
 /// Writes `block` as a HEADERS frame (with `flags` and `priority`) and as many CONTINUATION
 /// frames as [`MAX_FRAME`] makes it take.
-fn write_frames(stream: u32, flags: u8, priority: Option<[u8; 5]>, block: &[u8], out: &mut Vec<u8>) {
+fn write_frames(
+    stream: u32,
+    flags: u8,
+    priority: Option<[u8; 5]>,
+    block: &[u8],
+    out: &mut Vec<u8>,
+) {
     let first_room = MAX_FRAME - priority.map_or(0, |p| p.len());
     let (first, mut rest) = block.split_at(first_room.min(block.len()));
     let mut first_flags = flags;

@@ -157,7 +157,12 @@ async fn h2_serves(pieces: Vec<Vec<u8>>, requests: usize) -> Vec<Served> {
                 .headers()
                 .iter()
                 .filter(|(k, _)| k.as_str().starts_with("x-"))
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
             let mut body = Vec::new();
             let mut stream = req.into_body();
@@ -196,7 +201,12 @@ fn frames_of(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
     let mut out = Vec::new();
     while !rest.is_empty() {
         let (len, kind, flags, stream) = frame_head(rest);
-        out.push((kind, flags, stream, rest[FRAME_HEAD..FRAME_HEAD + len].to_vec()));
+        out.push((
+            kind,
+            flags,
+            stream,
+            rest[FRAME_HEAD..FRAME_HEAD + len].to_vec(),
+        ));
         rest = &rest[FRAME_HEAD + len..];
     }
     out
@@ -220,8 +230,17 @@ fn authorities_h2_refuses_are_the_ones_replaced() {
     ] {
         assert!(!authority_is_valid(bad), "{}", String::from_utf8_lossy(bad));
     }
-    for good in [&b"localhost"[..], b"127.0.0.1:50051", b"[::1]:443", b"node-1.example"] {
-        assert!(authority_is_valid(good), "{}", String::from_utf8_lossy(good));
+    for good in [
+        &b"localhost"[..],
+        b"127.0.0.1:50051",
+        b"[::1]:443",
+        b"node-1.example",
+    ] {
+        assert!(
+            authority_is_valid(good),
+            "{}",
+            String::from_utf8_lossy(good)
+        );
     }
 }
 
@@ -334,7 +353,9 @@ async fn a_block_larger_than_a_frame_is_cut_into_continuations() {
             (CONTINUATION, END_HEADERS)
         ]
     );
-    assert!(frames.iter().all(|f| f.3.len() <= MAX_FRAME && (f.2 == 1 || f.0 == 0x4)));
+    assert!(frames
+        .iter()
+        .all(|f| f.3.len() <= MAX_FRAME && (f.2 == 1 || f.0 == 0x4)));
     let got = h2_serves(vec![bytes], 1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].authority.as_deref(), Some("localhost"));

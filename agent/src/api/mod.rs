@@ -322,8 +322,8 @@ impl BoundApi {
             let what = format!("unix:{}", path.display());
             tracing::info!(listen = %what, "gRPC API listening");
             let incoming = UnixListenerStream::new(listener).map(|c| c.map(h2fix::H2Fix::new));
-            let serve = routes(limited(&limits))
-                .serve_with_incoming_shutdown(incoming, cancel.cancelled());
+            let serve =
+                routes(limited(&limits)).serve_with_incoming_shutdown(incoming, cancel.cancelled());
             tokio::select! {
                 r = serve => r.map_err(|source| ApiError::Serve { what, source }),
                 _ = stop() => Ok(()),

@@ -43,10 +43,7 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-fn certificates(
-    key: &'static str,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(key: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem {
