@@ -278,6 +278,8 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "gcc-aarch64-linux-gnu",
             "libc6-dev-arm64-cross",
             "qemu-user",
+            // docs_commands test: the README's and docs' commands run as written (`| jq ...`)
+            "jq",
         ]),
         // Anolis/RHEL have no `prometheus` package in their base repositories: those tests skip.
         &strings(&[
@@ -292,6 +294,7 @@ pub fn ensure_test_tools(root: &std::path::Path) -> anyhow::Result<()> {
             "systemd",
             "buildah",
             "podman",
+            "jq",
         ]),
     )?;
     let requirements = root.join("tests/requirements.txt");
