@@ -85,8 +85,6 @@ fn grpcurl(group: Option<u32>, socket: &std::path::Path, method: &str) -> Option
     let args = [
         "-plaintext".to_owned(),
         "-unix".to_owned(),
-        "-authority".to_owned(),
-        "localhost".to_owned(),
         "-d".to_owned(),
         r#"{"requested_by":"grpcurl-nobody"}"#.to_owned(),
         socket.display().to_string(),

@@ -253,18 +253,8 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
         return;
     }
     let dir = TempDir::new("api-grpcurl");
-    // grpcurl over loopback TCP: over the Unix socket it sends the socket's path as :authority,
-    // which the HTTP/2 server refuses (PROTOCOL_ERROR) before the API sees the call.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let tcp = format!("127.0.0.1:{port}");
-    let config = nodeward::api::ApiConfig {
-        tcp_listen: tcp.clone(),
-        ..api_config(&dir)
-    };
-    let api = TestApi::start(config, health_config()).await;
+    // Both on the Unix socket, grpcurl with its default authority.
+    let api = TestApi::start(api_config(&dir), health_config()).await;
     feed_all(&api.store, 2);
     let mut client = api.client().await;
     verdict_becomes(&mut client, pb::Verdict::Healthy).await;
@@ -279,7 +269,7 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
         .expect("drain starts");
     let socket = api.socket.display().to_string();
 
-    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["status"], "GetNodeHealth").await;
+    let (ours, theirs) = both(&grpcurl, &socket, &["status"], "GetNodeHealth").await;
     // The comparison means something only if the reply has what the mapping changes.
     assert_eq!(theirs["health"]["drain"]["state"], "DRAIN_STATE_DRAINING");
     assert!(
@@ -293,7 +283,7 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
     );
 
     // Containers: uint64 counters, doubles, maps (labels) and a repeated nested message.
-    let (ours, theirs) = both(&grpcurl, &tcp, &socket, &["containers"], "ListContainers").await;
+    let (ours, theirs) = both(&grpcurl, &socket, &["containers"], "ListContainers").await;
     assert!(
         theirs["containers"][0]["network"]["windows"][0]["samples"].is_string(),
         "{theirs}"
@@ -308,7 +298,6 @@ async fn status_json_is_what_grpcurl_prints_for_get_node_health() {
 /// `nodeward <cli> --json` on the Unix socket and grpcurl's `method` on TCP, both parsed.
 async fn both(
     grpcurl: &str,
-    tcp: &str,
     socket: &str,
     cli: &[&str],
     method: &str,
@@ -321,7 +310,7 @@ async fn both(
         .await
         .expect("run nodeward");
     let theirs = tokio::process::Command::new(grpcurl)
-        .args(["-plaintext", tcp])
+        .args(["-plaintext", "-unix", socket])
         .arg(format!("nodeward.v1.NodeHealth/{method}"))
         .output()
         .await

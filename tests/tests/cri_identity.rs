@@ -134,7 +134,6 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
 
     let agent_sock = ctrd.dir.join("agent.sock");
     let port = free_port();
-    let grpc_port = free_port();
     let mut agent = tokio::process::Command::new(agent_binary())
         .arg("run")
         .args(["--config", "/dev/null"])
@@ -147,8 +146,6 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
         .args(["--set", "containers.runtime_keep_names=1s"])
         .args(["--set", r#"containers.runtime_annotations=["big"]"#])
         .args(["--set", "ebpf.enabled=false", "--set", "agent.tick=500ms"])
-        .arg("--set")
-        .arg(format!("api.tcp_listen=127.0.0.1:{grpc_port}"))
         .arg("--set")
         .arg(format!("api.unix_socket={}", agent_sock.display()))
         .arg("--set")
@@ -208,14 +205,14 @@ async fn pods_from_containerd_are_named_filtered_and_survive_the_runtime_going_a
         assert_eq!(got, want, "namespace {ns:?} selector {sel:?}");
     }
 
-    // A stock client: grpcurl through server reflection (on TCP: it names a Unix socket's
-    // path as the HTTP/2 authority, which the agent's server refuses).
+    // A stock client: grpcurl through server reflection, on the socket with its default
+    // authority.
     if Command::new("grpcurl").arg("-version").output().is_ok() {
         let out = nodeward_tests::run(
             Command::new("grpcurl")
-                .args(["-plaintext", "-d"])
+                .args(["-plaintext", "-unix", "-d"])
                 .arg(r#"{"pod_namespace":"prod","selector":"app=web"}"#)
-                .arg(format!("127.0.0.1:{grpc_port}"))
+                .arg(&agent_sock)
                 .arg("nodeward.v1.NodeHealth/ListContainers"),
         );
         let v: serde_json::Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
