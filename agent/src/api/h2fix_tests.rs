@@ -449,3 +449,55 @@ async fn without_the_adapter_h2_refuses_a_socket_path_authority() {
         "h2 took a socket path as :authority; the adapter may no longer be needed"
     );
 }
+
+/// Frames of any type, flags and length (HEADERS and CONTINUATION among them, well formed or
+/// not), after a valid preface.
+fn any_client_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let frame_strategy = (
+        prop_oneof![
+            Just(0u8),
+            Just(HEADERS),
+            Just(CONTINUATION),
+            Just(4u8),
+            Just(6u8),
+            any::<u8>()
+        ],
+        any::<u8>(),
+        0u32..4,
+        proptest::collection::vec(any::<u8>(), 0..48),
+    );
+    proptest::collection::vec(frame_strategy, 0..8).prop_map(|frames| {
+        let mut bytes = start();
+        for (kind, flags, stream, payload) in frames {
+            bytes.extend(frame(kind, flags, stream, &payload));
+        }
+        bytes
+    })
+}
+
+fn adapted_now(pieces: Vec<Vec<u8>>) -> Vec<u8> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(adapted(pieces))
+        .0
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_input_in_any_pieces_is_handed_on_alike_without_panicking(
+        bytes in any_client_bytes(),
+        cuts in proptest::collection::vec(1usize..40, 0..12),
+    ) {
+        let mut pieces = Vec::new();
+        let mut rest = bytes.as_slice();
+        for cut in cuts {
+            let (piece, more) = rest.split_at(cut.min(rest.len()));
+            pieces.push(piece.to_vec());
+            rest = more;
+        }
+        pieces.push(rest.to_vec());
+        proptest::prop_assert_eq!(adapted_now(pieces), adapted_now(vec![bytes]));
+    }
+}
