@@ -78,10 +78,10 @@ fn cli(group: Option<u32>, addr: &str, call: &str) -> Output {
 
 /// A call through grpcurl (reflection, plaintext), or `None` where grpcurl is missing.
 fn grpcurl(group: Option<u32>, socket: &std::path::Path, method: &str) -> Option<Output> {
-    let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "/usr/local/bin/grpcurl".into());
-    if !std::path::Path::new(&grpcurl).exists() {
-        return None;
-    }
+    let grpcurl = std::env::var_os("GRPCURL")
+        .map(std::path::PathBuf::from)
+        .or_else(|| nodeward_tests::tool("grpcurl"))?;
+    let grpcurl = grpcurl.display().to_string();
     let args = [
         "-plaintext".to_owned(),
         "-unix".to_owned(),
