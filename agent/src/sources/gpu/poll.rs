@@ -19,7 +19,7 @@ use super::{
         Clocks, DeviceStats, Ecc, EncoderStats, GpuProcess, Media, NvLinkErrors, ProcessKind,
         ProcessSample, RetiredPages, RowRemapping, ThrottleReasons,
     },
-    procs,
+    mig, procs,
     reading::{error_kind, is_lost, is_not_supported, Reading},
 };
 
@@ -73,7 +73,7 @@ pub struct Kept {
 }
 
 /// Tracks whether any call on a device said the GPU is lost, and counts the failed calls.
-struct Calls {
+pub(super) struct Calls {
     lost: bool,
     errors: BTreeMap<&'static str, u64>,
 }
@@ -86,7 +86,7 @@ impl Calls {
         }
     }
 
-    fn get<T>(&mut self, result: Result<T, NvmlError>) -> Reading<T> {
+    pub(super) fn get<T>(&mut self, result: Result<T, NvmlError>) -> Reading<T> {
         if let Err(e) = &result {
             self.failed(e);
         }
@@ -94,7 +94,7 @@ impl Calls {
     }
 
     /// Notes a failed call; "not supported" is an answer, not a failure.
-    fn failed(&mut self, e: &NvmlError) {
+    pub(super) fn failed(&mut self, e: &NvmlError) {
         self.lost |= is_lost(e);
         if let Some(kind) = error_kind(e) {
             *self.errors.entry(kind).or_default() += 1;
@@ -249,9 +249,12 @@ impl Poller {
                 }),
             },
             processes: Reading::NotSupported,
+            mig_mode: Reading::NotSupported,
+            mig_devices: Vec::new(),
             nvml_errors_total: BTreeMap::new(),
         };
         stats.processes = self.processes(index, &device, &mut calls);
+        (stats.mig_mode, stats.mig_devices) = mig::read(&device, &mut calls);
         stats.lost = calls.lost;
         stats.nvml_errors_total = self.count_errors(index, &calls);
         if let (Some(uuid), Some(name)) = (stats.uuid.value(), stats.name.value()) {
@@ -313,6 +316,8 @@ impl Poller {
                 encoder_sessions: err(&msg),
             },
             processes: err(&msg),
+            mig_mode: err(&msg),
+            mig_devices: Vec::new(),
             nvml_errors_total,
         }
     }
