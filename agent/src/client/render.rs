@@ -280,8 +280,32 @@ pub fn gpus(r: &pb::ListGpusResponse) -> String {
                 health.join(" ")
             }
         );
+        for m in &g.mig_devices {
+            let _ = writeln!(out, "  {}", mig_device(m));
+        }
     }
     out
+}
+
+/// One MIG device under its GPU: identity, instances, memory and the pod holding it.
+fn mig_device(m: &pb::GpuMigDevice) -> String {
+    let id = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let memory = match (m.memory_used_bytes, m.memory_total_bytes) {
+        (Some(used), Some(total)) => format!("{}/{}Mi", used >> 20, total >> 20),
+        _ => "-".to_owned(),
+    };
+    let holder = if m.pod_name.is_empty() {
+        "unassigned".to_owned()
+    } else {
+        format!("{}/{} ({})", m.pod_namespace, m.pod_name, m.container_name)
+    };
+    format!(
+        "mig {} {} gi={} ci={} {memory} {holder}",
+        m.index,
+        or_dash(&m.uuid),
+        id(m.gpu_instance_id),
+        id(m.compute_instance_id),
+    )
 }
 
 pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
@@ -359,6 +383,47 @@ mod tests {
             row[..5],
             ["prod", "web-0", "app", "Burstable", "abc"],
             "{table}"
+        );
+    }
+
+    #[test]
+    fn each_mig_device_is_a_line_under_its_gpu_with_its_pod() {
+        let r = pb::ListGpusResponse {
+            available: true,
+            gpus: vec![pb::Gpu {
+                uuid: "GPU-p".to_owned(),
+                mig_enabled: true,
+                mig_devices: vec![
+                    pb::GpuMigDevice {
+                        index: 0,
+                        uuid: "MIG-a".to_owned(),
+                        gpu_instance_id: Some(1),
+                        compute_instance_id: Some(0),
+                        memory_used_bytes: Some(1 << 30),
+                        memory_total_bytes: Some(10 << 30),
+                        pod_namespace: "media".to_owned(),
+                        pod_name: "t-0".to_owned(),
+                        container_name: "ffmpeg".to_owned(),
+                        ..Default::default()
+                    },
+                    pb::GpuMigDevice {
+                        index: 1,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = gpus(&r);
+        let lines: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(
+            lines,
+            [
+                "  mig 0 MIG-a gi=1 ci=0 1024/10240Mi media/t-0 (ffmpeg)",
+                "  mig 1 - gi=- ci=- - unassigned"
+            ],
+            "{text}"
         );
     }
 
