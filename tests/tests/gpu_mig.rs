@@ -94,7 +94,11 @@ fn a_gpu_in_mig_mode_lists_its_mig_devices_and_reads_its_utilisation_as_not_supp
     // A MIG device whose handle fails is left out and counted on its GPU.
     let failing = device(&snapshot, 2);
     assert_eq!(
-        failing.mig_devices.iter().map(|m| m.index).collect::<Vec<_>>(),
+        failing
+            .mig_devices
+            .iter()
+            .map(|m| m.index)
+            .collect::<Vec<_>>(),
         [1]
     );
     assert_eq!(failing.nvml_errors_total.get("unknown"), Some(&1));

@@ -343,8 +343,20 @@ async fn each_mig_device_is_credited_to_the_pod_it_is_assigned_to_not_the_whole_
     let _kubelet = FakeKubelet::start(
         &kubelet_sock,
         vec![
-            pod("media", "transcode-0", "ffmpeg", "nvidia.com/mig-1g.10gb", &[MIG0]),
-            pod("media", "transcode-1", "ffmpeg", "nvidia.com/mig-1g.10gb", &[MIG1]),
+            pod(
+                "media",
+                "transcode-0",
+                "ffmpeg",
+                "nvidia.com/mig-1g.10gb",
+                &[MIG0],
+            ),
+            pod(
+                "media",
+                "transcode-1",
+                "ffmpeg",
+                "nvidia.com/mig-1g.10gb",
+                &[MIG1],
+            ),
             pod("media", "whole-0", "ffmpeg", "nvidia.com/gpu", &[GPU1]),
         ],
     );
@@ -416,7 +428,17 @@ async fn each_mig_device_is_credited_to_the_pod_it_is_assigned_to_not_the_whole_
                 "transcode-1",
                 "ffmpeg"
             ),
-            (MIG2, Some(3), Some(0), Some(0), Some(10 * GIB), "", "", "", ""),
+            (
+                MIG2,
+                Some(3),
+                Some(0),
+                Some(0),
+                Some(10 * GIB),
+                "",
+                "",
+                "",
+                ""
+            ),
         ]
     );
     assert!(
@@ -450,7 +472,12 @@ async fn each_mig_device_is_credited_to_the_pod_it_is_assigned_to_not_the_whole_
         let want = bytes as f64;
         assert!(close(value(line), want), "{line}");
         assert!(
-            series(&body, "nodeward_container_gpu_memory_used_bytes", &labels[2..]).is_none(),
+            series(
+                &body,
+                "nodeward_container_gpu_memory_used_bytes",
+                &labels[2..]
+            )
+            .is_none(),
             "{pod} is credited with a whole GPU:\n{body}"
         );
     }
@@ -465,7 +492,12 @@ async fn each_mig_device_is_credited_to_the_pod_it_is_assigned_to_not_the_whole_
         "{body}"
     );
     assert!(
-        series(&body, "nodeward_gpu_utilization_ratio", &["gpu=\"0\"".to_owned()]).is_none(),
+        series(
+            &body,
+            "nodeward_gpu_utilization_ratio",
+            &["gpu=\"0\"".to_owned()]
+        )
+        .is_none(),
         "no utilisation in MIG mode, not a 0:\n{body}"
     );
     promtool_accepts(MIG_TEST, &body);

@@ -45,9 +45,8 @@ fn assignment(h: &Holder, runtime: Option<&Identities>) -> GpuAssignment {
         })
     });
     GpuAssignment {
-        key: id.unwrap_or_else(|| {
-            format!("pod-resources:{}/{}/{}", h.namespace, h.pod, h.container)
-        }),
+        key: id
+            .unwrap_or_else(|| format!("pod-resources:{}/{}/{}", h.namespace, h.pod, h.container)),
         namespace: h.namespace.clone(),
         pod: h.pod.clone(),
         container: h.container.clone(),

@@ -14,8 +14,8 @@ use crate::{
         node,
     },
     store::{
-        CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow,
-        GpuMigDevice, GpuNvLinkErrors, GpuProcess, GpuProcessSample, GpuReading, GpuRemappedRows, GpuSnapshot,
+        CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow, GpuMigDevice,
+        GpuNvLinkErrors, GpuProcess, GpuProcessSample, GpuReading, GpuRemappedRows, GpuSnapshot,
         GpuSourceState, NodeStats, Pressure, Provenance, XidEvent,
     },
 };

@@ -25,7 +25,9 @@ pub(super) fn encode(d: &GpuDevice, m: &mut Metrics) {
     }
     for mig in &d.mig_devices {
         let (gi, ci) = (
-            mig.gpu_instance_id.map(|i| i.to_string()).unwrap_or_default(),
+            mig.gpu_instance_id
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
             mig.compute_instance_id
                 .map(|i| i.to_string())
                 .unwrap_or_default(),

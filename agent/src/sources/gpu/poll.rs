@@ -15,11 +15,12 @@ use nvml_wrapper::{
 };
 
 use super::{
+    mig,
     model::{
         Clocks, DeviceStats, Ecc, EncoderStats, GpuProcess, Media, NvLinkErrors, ProcessKind,
         ProcessSample, RetiredPages, RowRemapping, ThrottleReasons,
     },
-    mig, procs,
+    procs,
     reading::{error_kind, is_lost, is_not_supported, Reading},
 };
 
