@@ -75,6 +75,8 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
         received_bytes: s.bytes.map_or(0, |b| b.received),
         bytes_seconds: s.bytes.map_or(0.0, |b| b.over.as_secs_f64()),
         viewer_reports: s.viewer_reports.as_ref().map(|v| viewer_reports(v, now)),
+        // Only the drain status judges streams (it sets this from the drain's policy).
+        holds_drain: false,
     }
 }
 

@@ -340,13 +340,22 @@ pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
             c.container_id, c.live_streams, c.established_connections
         );
         for s in &c.streams {
+            // Which streams the drain waits for, and which are only listed (a dependency, an
+            // excluded port).
+            let holds = if s.holds_drain {
+                "holds drain"
+            } else {
+                "does not hold"
+            };
             let _ = writeln!(
                 out,
-                "    {} {} <- {} age {:.0}s",
+                "    {} {} port {} {} <- {} age {:.0}s, {holds}",
                 short(
                     name(s.protocol, pb::StreamProtocol::as_str_name),
                     "STREAM_PROTOCOL_"
                 ),
+                short(name(s.kind, pb::StreamKind::as_str_name), "STREAM_KIND_"),
+                s.local_port,
                 s.local_addr,
                 s.remote_addr,
                 s.age_seconds
@@ -437,6 +446,29 @@ mod tests {
                     pod_namespace: "edu".to_owned(),
                     container_name: "packager".to_owned(),
                     live_streams: 1,
+                    streams: vec![
+                        pb::LiveStream {
+                            protocol: pb::StreamProtocol::Tcp.into(),
+                            kind: pb::StreamKind::Rtmp.into(),
+                            local_port: 1935,
+                            local_addr: "0.0.0.0:1935".to_owned(),
+                            remote_addr: "10.0.0.9:50000".to_owned(),
+                            age_seconds: 3.0,
+                            holds_drain: true,
+                            ..Default::default()
+                        },
+                        // Its database connection: listed, not waited for.
+                        pb::LiveStream {
+                            protocol: pb::StreamProtocol::Tcp.into(),
+                            kind: pb::StreamKind::Tcp.into(),
+                            local_port: 41000,
+                            local_addr: "0.0.0.0:41000".to_owned(),
+                            remote_addr: "10.0.0.7:5432".to_owned(),
+                            age_seconds: 2.0,
+                            holds_drain: false,
+                            ..Default::default()
+                        },
+                    ],
                     ..Default::default()
                 },
                 pb::ContainerStreams {
@@ -450,6 +482,16 @@ mod tests {
         let text = drain_status(&r);
         assert!(
             text.contains("abc edu/live-0 (packager): 1 stream(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("TCP RTMP port 1935 0.0.0.0:1935 <- 10.0.0.9:50000 age 3s, holds drain"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "TCP TCP port 41000 0.0.0.0:41000 <- 10.0.0.7:5432 age 2s, does not hold"
+            ),
             "{text}"
         );
         assert!(

@@ -120,6 +120,12 @@ pub struct LiveStream {
     /// reports. Absent for other streams and while no viewer's report is fresh.
     #[prost(message, optional, tag = "14")]
     pub viewer_reports: ::core::option::Option<RtpViewerReports>,
+    /// In `GetDrainStatus`: whether the drain waits for this stream to end under the agent's
+    /// `\[drain\]` settings: served streams (and those of unknown direction) on a port
+    /// `drain.include_ports` / `drain.exclude_ports` let hold it, outbound ones (dependencies)
+    /// only with `drain.wait_for_outbound`. Always false in other replies, which judge no stream.
+    #[prost(bool, tag = "15")]
+    pub holds_drain: bool,
 }
 /// What the viewers of an RTP stream report about it in RTCP sender/receiver report blocks
 /// (RFC 3550 6.4), read as they arrive at the container (rtcp-mux or RTP port + 1).
