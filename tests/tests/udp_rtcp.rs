@@ -611,7 +611,6 @@ fn rtcp_on_port_plus_one_is_part_of_its_rtp_stream_not_a_stream_of_its_own() {
         rtcp.live && rtcp.age_seconds >= 1.0,
         "long-lived enough to count were it a stream: {rtcp:#?}"
     );
-    assert!(rtcp.rtcp, "marked as the RTCP of the RTP flow: {rtcp:#?}");
     assert!(
         outbound(&snap, container.id(), SSRC).is_some_and(|s| s.live),
         "the RTP stream is live"
@@ -621,5 +620,6 @@ fn rtcp_on_port_plus_one_is_part_of_its_rtp_stream_not_a_stream_of_its_own() {
         "one RTP session with RTCP on port + 1 is one stream: {:#?}",
         c.flows
     );
+    assert!(rtcp.rtcp, "marked as the RTCP of the RTP flow: {rtcp:#?}");
     drop(sink);
 }
