@@ -4,7 +4,7 @@
 //! of itself nor of its processes: the source reads that as "not supported", counts no error,
 //! and still lists the processes. No GPU and no root needed.
 
-use nodeward::sources::gpu::{model::MigDeviceStats, Reading};
+use nodeward::sources::gpu::{check, model::MigDeviceStats, Reading};
 use nodeward_tests::fake_nvml::{device, fake};
 
 const GIB: u64 = 1 << 30;
@@ -107,4 +107,16 @@ fn a_gpu_in_mig_mode_lists_its_mig_devices_and_reads_its_utilisation_as_not_supp
     let plain = device(&snapshot, 3);
     assert_eq!(plain.mig_mode, Reading::NotSupported);
     assert!(plain.mig_devices.is_empty());
+
+    // `nodeward gpu-check` prints them.
+    let text = check::render(&snapshot);
+    assert!(
+        text.contains(
+            "MIG device 0: MIG-11111111-2222-4333-8444-555555555555 (NVIDIA A100-SXM4-80GB MIG \
+             3g.40gb), GPU instance 2, compute instance 0, memory 1073741824 bytes of \
+             42949672960 bytes"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.matches("MIG mode: yes").count(), 2, "{text}");
 }
