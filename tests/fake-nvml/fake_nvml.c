@@ -36,6 +36,18 @@
  * default 0), handle (rc of nvmlDeviceGetHandleByIndex_v2, e.g. `ERR:999`: the device is
  * counted but cannot be opened).
  *
+ * MIG (Multi-Instance GPU): `dev.<i>.mig.mode = 1` turns MIG mode on for device i (0: off;
+ * absent: the device does not support MIG, NOT_SUPPORTED), `dev.<i>.mig.max` is what
+ * nvmlDeviceGetMaxMigDeviceCount answers (default 7) and `dev.<i>.mig.count = N` creates MIG
+ * devices 0..N-1 (only while MIG mode is on; other indices answer NOT_FOUND, as the driver
+ * does for an index without an instance). Each MIG device reads its own keys
+ * `dev.<i>.mig.<k>.<field>`: uuid (default `MIG-fake<i>-0000-4000-8000-<k>`), name, gi, ci
+ * (defaults k+1 and 0), mem.total, mem.used, and `handle` (rc of its handle, e.g. `ERR:999`);
+ * fields a MIG device is not given are NOT_SUPPORTED. As on a real driver, with MIG mode on
+ * the parent's nvmlDeviceGetUtilizationRates and nvmlDeviceGetProcessUtilization answer
+ * NOT_SUPPORTED whatever the script says; nvmlDeviceGetGpuInstanceId and
+ * nvmlDeviceGetComputeInstanceId on a parent handle answer INVALID_ARGUMENT.
+ *
  * Changes over time: rewrite the script (see above), or put them in the script itself with a
  * line `@count N`: the lines after it (up to the next `@count`) apply only once
  * nvmlDeviceGetCount_v2 has been called N times or more, and, being later in the file, win
@@ -68,10 +80,12 @@ typedef int nvmlReturn_t;
 #define E_UNKNOWN 999
 
 #define MAX_DEVICES 64
+#define MAX_MIG 16
 #define MAX_ENTRIES 4096
 #define MAX_EVENTS 1024
 
-struct fake_dev { unsigned index; };
+/* A GPU (`mig` < 0) or MIG device `mig` of GPU `index`. */
+struct fake_dev { unsigned index; int mig; };
 typedef struct fake_dev *nvmlDevice_t;
 struct fake_set { unsigned long long registered[MAX_DEVICES]; };
 typedef struct fake_set *nvmlEventSet_t;
@@ -85,6 +99,7 @@ typedef struct { nvmlDevice_t device; unsigned long long eventType, eventData; u
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fake_dev devs[MAX_DEVICES];
+static struct fake_dev migs[MAX_DEVICES][MAX_MIG];
 static char keys[MAX_ENTRIES][64];
 static char vals[MAX_ENTRIES][512];
 static unsigned long long from_count[MAX_ENTRIES]; /* `@count N` in force for each entry */
@@ -167,6 +182,18 @@ static const char *field(unsigned dev, const char *name) {
     return global(k);
 }
 
+static int is_mig_handle(nvmlDevice_t d) {
+    return d && d >= &migs[0][0] && d < &migs[0][0] + MAX_DEVICES * MAX_MIG;
+}
+
+/* A field of a handle: a GPU's `dev.<i>.` / `all.` keys, a MIG device's `dev.<i>.mig.<k>.`. */
+static const char *handle_field(nvmlDevice_t d, const char *name) {
+    if (!is_mig_handle(d)) return field(d->index, name);
+    char k[96];
+    snprintf(k, sizeof k, "dev.%u.mig.%d.%s", d->index, d->mig, name);
+    return global(k);
+}
+
 /* The return code a value stands for, and its number in *out. */
 static nvmlReturn_t parse_u64(const char *v, unsigned long long *out) {
     if (!v || strcmp(v, "NS") == 0) return E_NOT_SUPPORTED;
@@ -182,8 +209,10 @@ static unsigned device_count(void) {
     return n > MAX_DEVICES ? MAX_DEVICES : (unsigned)n;
 }
 
+/* The GPU a handle belongs to (its parent, for a MIG device); a lost GPU answers LOST for
+ * its MIG devices too. */
 static nvmlReturn_t dev_index(nvmlDevice_t d, unsigned *idx) {
-    if (!d || d < devs || d >= devs + MAX_DEVICES) return E_INVALID;
+    if (!d || ((d < devs || d >= devs + MAX_DEVICES) && !is_mig_handle(d))) return E_INVALID;
     *idx = d->index;
     unsigned long long lost = 0;
     if (parse_u64(field(*idx, "lost"), &lost) == OK && lost) return E_GPU_IS_LOST;
@@ -195,7 +224,7 @@ static nvmlReturn_t dev_u64(nvmlDevice_t d, const char *name, unsigned long long
     pthread_mutex_lock(&lock);
     unsigned i;
     nvmlReturn_t rc = dev_index(d, &i);
-    if (rc == OK) rc = parse_u64(field(i, name), out);
+    if (rc == OK) rc = parse_u64(handle_field(d, name), out);
     pthread_mutex_unlock(&lock);
     return rc;
 }
@@ -213,12 +242,16 @@ static nvmlReturn_t dev_str(nvmlDevice_t d, const char *name, const char *fallba
     unsigned i;
     nvmlReturn_t rc = dev_index(d, &i);
     if (rc == OK) {
-        const char *v = field(i, name);
+        const char *v = handle_field(d, name);
         unsigned long long dummy;
         if (v && (strcmp(v, "NS") == 0 || strcmp(v, "LOST") == 0 || strncmp(v, "ERR:", 4) == 0))
             rc = parse_u64(v, &dummy);
         else if (v)
             snprintf(buf, len, "%s", v);
+        else if (is_mig_handle(d) && strcmp(name, "uuid") == 0)
+            snprintf(buf, len, "MIG-fake%04u-0000-4000-8000-%012d", i, d->mig);
+        else if (is_mig_handle(d))
+            rc = E_NOT_SUPPORTED;
         else
             snprintf(buf, len, fallback_fmt, i);
     }
@@ -231,7 +264,7 @@ static nvmlReturn_t dev_tuple(nvmlDevice_t d, const char *name, unsigned long lo
     pthread_mutex_lock(&lock);
     unsigned i;
     nvmlReturn_t rc = dev_index(d, &i);
-    const char *v = rc == OK ? field(i, name) : NULL;
+    const char *v = rc == OK ? handle_field(d, name) : NULL;
     if (rc == OK) {
         unsigned long long first;
         rc = parse_u64(v, &first);
@@ -301,7 +334,11 @@ nvmlReturn_t nvmlInit_v2(void) {
     n_init++;
     reload();
     record_calls();
-    for (unsigned i = 0; i < MAX_DEVICES; i++) devs[i].index = i;
+    for (unsigned i = 0; i < MAX_DEVICES; i++) {
+        devs[i].index = i;
+        devs[i].mig = -1;
+        for (int k = 0; k < MAX_MIG; k++) { migs[i][k].index = i; migs[i][k].mig = k; }
+    }
     const char *v = global("init");
     while (v && strcmp(v, "hang") == 0) {
         /* Let go of the lock while hanging, as a call stuck in the driver holds no lock of
@@ -404,7 +441,24 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
 
 /* ---- utilisation, memory, thermals, power, clocks ---- */
 
+/* Whether MIG mode is on for the GPU of a parent handle. Caller holds the lock. */
+static int mig_on(unsigned i) {
+    unsigned long long on = 0;
+    return parse_u64(field(i, "mig.mode"), &on) == OK && on;
+}
+
+static int parent_in_mig_mode(nvmlDevice_t d) {
+    if (is_mig_handle(d)) return 0;
+    pthread_mutex_lock(&lock);
+    unsigned i;
+    int on = dev_index(d, &i) == OK && mig_on(i);
+    pthread_mutex_unlock(&lock);
+    return on;
+}
+
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *u) {
+    /* As the driver: no device utilisation on a GPU in MIG mode. */
+    if (parent_in_mig_mode(d)) return E_NOT_SUPPORTED;
     /* One call returns both; util.mem defaults to 0 once util.gpu is set. */
     nvmlReturn_t rc = dev_uint(d, "util.gpu", &u->gpu);
     if (rc == OK && dev_uint(d, "util.mem", &u->memory) != OK) u->memory = 0;
@@ -534,7 +588,7 @@ static nvmlReturn_t processes(nvmlDevice_t d, const char *name, unsigned *count,
     pthread_mutex_lock(&lock);
     unsigned i;
     nvmlReturn_t rc = dev_index(d, &i);
-    const char *v = rc == OK ? field(i, name) : NULL;
+    const char *v = rc == OK ? handle_field(d, name) : NULL;
     unsigned long long dummy;
     if (rc == OK && (!v || strcmp(v, "NS") == 0 || strcmp(v, "LOST") == 0 || strncmp(v, "ERR:", 4) == 0))
         rc = parse_u64(v, &dummy);
@@ -574,6 +628,8 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtilizat
     pthread_mutex_lock(&lock);
     unsigned i;
     nvmlReturn_t rc = dev_index(d, &i);
+    /* As the driver: no per-process samples on a GPU in MIG mode, nor on a MIG device. */
+    if (rc == OK && (is_mig_handle(d) || mig_on(i))) rc = E_NOT_SUPPORTED;
     const char *v = rc == OK ? field(i, "procutil") : NULL;
     unsigned long long dummy;
     if (rc == OK && (!v || strcmp(v, "NS") == 0 || strcmp(v, "LOST") == 0 || strncmp(v, "ERR:", 4) == 0))
@@ -609,6 +665,79 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtilizat
     }
     pthread_mutex_unlock(&lock);
     return rc;
+}
+
+/* ---- MIG ---- */
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned *current, unsigned *pending) {
+    if (is_mig_handle(d)) return E_NOT_SUPPORTED;
+    unsigned long long on = 0;
+    nvmlReturn_t rc = dev_u64(d, "mig.mode", &on);
+    if (rc == OK) { *current = on ? 1 : 0; *pending = *current; }
+    return rc;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t d, unsigned *count) {
+    if (is_mig_handle(d)) return E_NOT_SUPPORTED;
+    pthread_mutex_lock(&lock);
+    unsigned i;
+    unsigned long long mode = 0, max = 7;
+    nvmlReturn_t rc = dev_index(d, &i);
+    if (rc == OK) rc = parse_u64(field(i, "mig.mode"), &mode);
+    if (rc == OK && parse_u64(field(i, "mig.max"), &max) != OK) max = 7;
+    if (rc == OK) *count = (unsigned)max;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t d, unsigned index, nvmlDevice_t *mig) {
+    if (is_mig_handle(d)) return E_INVALID;
+    pthread_mutex_lock(&lock);
+    unsigned i;
+    unsigned long long n = 0, dummy = 0;
+    nvmlReturn_t rc = dev_index(d, &i);
+    if (rc == OK && !mig_on(i)) rc = E_NOT_SUPPORTED;
+    if (rc == OK && (parse_u64(field(i, "mig.count"), &n) != OK || index >= n || index >= MAX_MIG))
+        rc = E_NOT_FOUND;
+    if (rc == OK) {
+        char k[64];
+        snprintf(k, sizeof k, "dev.%u.mig.%u.handle", i, index);
+        const char *h = global(k);
+        if (h) rc = parse_u64(h, &dummy);
+        *mig = &migs[i][index];
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t d, unsigned *is_mig) {
+    *is_mig = is_mig_handle(d) ? 1 : 0;
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t d, nvmlDevice_t *parent) {
+    if (!is_mig_handle(d)) return E_INVALID;
+    *parent = &devs[d->index];
+    return OK;
+}
+
+static nvmlReturn_t instance_id(nvmlDevice_t d, const char *name, unsigned fallback, unsigned *id) {
+    if (!is_mig_handle(d)) return E_INVALID;
+    pthread_mutex_lock(&lock);
+    unsigned i;
+    unsigned long long v = fallback;
+    nvmlReturn_t rc = dev_index(d, &i);
+    const char *s = rc == OK ? handle_field(d, name) : NULL;
+    if (rc == OK && s) rc = parse_u64(s, &v);
+    if (rc == OK) *id = (unsigned)v;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t d, unsigned *id) {
+    return instance_id(d, "gi", is_mig_handle(d) ? (unsigned)d->mig + 1 : 0, id);
+}
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t d, unsigned *id) {
+    return instance_id(d, "ci", 0, id);
 }
 
 /* ---- events ---- */

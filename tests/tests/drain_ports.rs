@@ -200,6 +200,9 @@ async fn only_streams_on_included_ports_hold_a_drain_and_each_says_its_port_and_
     assert_eq!(metrics.kind(), pb::StreamKind::Tcp, "{metrics:?}");
     assert_eq!(rtmp.direction(), pb::StreamDirection::Served);
     assert_eq!(metrics.direction(), pb::StreamDirection::Served);
+    // Both listed; each says whether the drain waits for it.
+    assert!(rtmp.holds_drain, "{rtmp:?}");
+    assert!(!metrics.holds_drain, "an excluded port: {metrics:?}");
     assert!(
         rtmp.age_seconds > 0.0 && rtmp.bytes_seconds > 0.0,
         "{rtmp:?}"

@@ -633,8 +633,11 @@ fn every_exported_metric_is_documented_and_the_dashboard_queries_only_those() {
     // process (this test's own, so its cgroup resolves), and, as root, the eBPF sources.
     // The throttle reasons (not exported as a metric) time out, so that the per-GPU NVML
     // error counter has a series.
+    // A second GPU in MIG mode with one MIG device, for the MIG series.
     let script = format!(
-        "{}\nevents = 0:xid:79\nall.throttle = ERR:10\n",
+        "{}\nevents = 0:xid:79\nall.throttle = ERR:10\n\
+         devices = 2\ndev.1.mig.mode = 1\ndev.1.mig.count = 1\n\
+         dev.1.mig.0.mem.total = 1073741824\ndev.1.mig.0.mem.used = 0\n",
         nodeward_tests::fake_nvml::every_field_script(1).replace(
             "all.procs.compute = 101:1048576 102:2097152",
             &format!("all.procs.compute = {}:1048576", std::process::id())

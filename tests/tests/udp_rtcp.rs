@@ -199,6 +199,10 @@ fn outbound(snap: &UdpSnapshot, cgroup_id: u64, ssrc: u32) -> Option<&StreamQual
 }
 
 fn attach(test: &str) -> Option<Source> {
+    attach_with(test, &UdpConfig::default())
+}
+
+fn attach_with(test: &str, config: &UdpConfig) -> Option<Source> {
     let root = cgroup_v2_root()?;
     let have_python = Command::new("python3")
         .arg("--version")
@@ -212,7 +216,7 @@ fn attach(test: &str) -> Option<Source> {
     Some(
         Source::attach(
             &root,
-            &UdpConfig::default(),
+            config,
             Duration::from_millis(200),
             &DEFAULT_NETWORK_WINDOWS,
         )
@@ -551,4 +555,71 @@ fn both_rtcp_ports_are_read_and_nothing_else_is_attached() {
         "the kernel read the good reports: {:?}",
         snap.counters
     );
+}
+
+/// RTCP on RTP port + 1 (no rtcp-mux) belongs to its RTP session: a stream whose viewer sends
+/// receiver reports to port + 1 for longer than `udp.stream_min_duration` is one stream, not
+/// an RTP stream plus a long-lived UDP flow that would hold a drain of its own.
+#[test]
+fn rtcp_on_port_plus_one_is_part_of_its_rtp_stream_not_a_stream_of_its_own() {
+    const TEST: &str = "rtcp_on_port_plus_one_is_part_of_its_rtp_stream_not_a_stream_of_its_own";
+    require_root!(TEST);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let config = UdpConfig {
+        stream_min_duration: Duration::from_secs(1),
+        ..UdpConfig::default()
+    };
+    let Some(mut source) = attach_with(TEST, &config) else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    const SSRC: u32 = 0x5EED_0003;
+    let container = Cgroup::new("rtcp-plus1");
+    let sink = UdpSocket::bind("127.0.0.1:0").expect("sink");
+    let sink_port = sink.local_addr().expect("addr").port();
+    // 3 s of RTP.
+    let mut sender = Sender::start(&container, sink_port, SSRC, 150, 7);
+    sender.go();
+    let viewer = UdpSocket::bind("127.0.0.1:0").expect("viewer");
+    let report = receiver_report(
+        9,
+        &[Block {
+            media_ssrc: SSRC,
+            fraction: 0,
+            cumulative_lost: 0,
+            ext_highest_seq: 100,
+            jitter: 8,
+        }],
+    );
+    // Reports to port + 1 for 2.4 s: a flow that lives past `stream_min_duration`.
+    for _ in 0..13 {
+        viewer
+            .send_to(&report, format!("127.0.0.1:{}", sender.port + 1))
+            .expect("send a receiver report");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let snap = source.poll().expect("poll");
+
+    let c = snap
+        .container(container.id())
+        .expect("the container reports");
+    let rtcp = c
+        .flows
+        .iter()
+        .find(|f| f.endpoint.local_port == sender.port + 1)
+        .unwrap_or_else(|| panic!("the RTCP flow is tracked: {:#?}", c.flows));
+    assert!(
+        rtcp.live && rtcp.age_seconds >= 1.0,
+        "long-lived enough to count were it a stream: {rtcp:#?}"
+    );
+    assert!(
+        outbound(&snap, container.id(), SSRC).is_some_and(|s| s.live),
+        "the RTP stream is live"
+    );
+    assert_eq!(
+        c.live_streams, 1,
+        "one RTP session with RTCP on port + 1 is one stream: {:#?}",
+        c.flows
+    );
+    assert!(rtcp.rtcp, "marked as the RTCP of the RTP flow: {rtcp:#?}");
+    drop(sink);
 }

@@ -75,6 +75,8 @@ pub fn live_stream(s: &store::LiveStream, now: SystemTime) -> pb::LiveStream {
         received_bytes: s.bytes.map_or(0, |b| b.received),
         bytes_seconds: s.bytes.map_or(0.0, |b| b.over.as_secs_f64()),
         viewer_reports: s.viewer_reports.as_ref().map(|v| viewer_reports(v, now)),
+        // Only the drain status judges streams (it sets this from the drain's policy).
+        holds_drain: false,
     }
 }
 
@@ -311,6 +313,28 @@ impl From<&store::GpuDevice> for pb::Gpu {
                     }
                 })
                 .collect(),
+            mig_enabled: g.mig_enabled.unwrap_or(false),
+            mig_devices: g.mig_devices.iter().map(pb::GpuMigDevice::from).collect(),
+        }
+    }
+}
+
+impl From<&store::GpuMigDevice> for pb::GpuMigDevice {
+    fn from(m: &store::GpuMigDevice) -> Self {
+        let holder = m.assigned.as_ref();
+        let name = |f: fn(&store::GpuAssignment) -> &String| holder.map(f).cloned();
+        Self {
+            index: m.index,
+            uuid: m.uuid.clone(),
+            name: m.name.clone(),
+            gpu_instance_id: m.gpu_instance_id,
+            compute_instance_id: m.compute_instance_id,
+            memory_used_bytes: m.memory_used_bytes,
+            memory_total_bytes: m.memory_total_bytes,
+            container_id: name(|a| &a.key).unwrap_or_default(),
+            pod_namespace: name(|a| &a.namespace).unwrap_or_default(),
+            pod_name: name(|a| &a.pod).unwrap_or_default(),
+            container_name: name(|a| &a.container).unwrap_or_default(),
         }
     }
 }

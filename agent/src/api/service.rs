@@ -326,7 +326,10 @@ impl NodeHealth for Service {
                     streams: c
                         .streams
                         .iter()
-                        .map(|s| convert::live_stream(s, p.evaluated_at))
+                        .map(|s| pb::LiveStream {
+                            holds_drain: s.holds_drain,
+                            ..convert::live_stream(&s.stream, p.evaluated_at)
+                        })
                         .collect(),
                     viewers: c.viewers,
                     viewer_list: c

@@ -358,11 +358,10 @@ fn add_udp(c: &mut ContainerNetwork, u: &ContainerUdp, streams: bool, params: &N
             viewer_reports: s.viewer_reports.clone(),
         });
     }
-    let min_age = params.udp_min_flow_age.as_secs_f64();
     for f in u
         .flows
         .iter()
-        .filter(|f| f.live && !f.rtp && f.age_seconds >= min_age)
+        .filter(|f| f.is_stream(params.udp_min_flow_age))
     {
         let (local, remote) = socket(&f.endpoint);
         c.streams.push(LiveStream {

@@ -196,6 +196,7 @@ fn flow(port: u16, live: bool, rtp: bool, age: f64) -> FlowQuality {
         idle_seconds: 0.0,
         live,
         rtp,
+        rtcp: false,
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
         node,
     },
     store::{
-        CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow,
+        CgroupSnapshot, ContainerStats, Disk, GpuClocks, GpuDevice, GpuEventWindow, GpuMigDevice,
         GpuNvLinkErrors, GpuProcess, GpuProcessSample, GpuReading, GpuRemappedRows, GpuSnapshot,
         GpuSourceState, NodeStats, Pressure, Provenance, XidEvent,
     },
@@ -302,6 +302,21 @@ fn device(
             })
             .collect(),
         event_window: health.map(event_window),
+        assigned: None,
+        mig_enabled: option(&d.mig_mode),
+        mig_devices: d.mig_devices.iter().map(mig_device).collect(),
+    }
+}
+
+fn mig_device(m: &gpu::MigDeviceStats) -> GpuMigDevice {
+    GpuMigDevice {
+        index: m.index,
+        uuid: m.uuid.value().cloned().unwrap_or_default(),
+        name: m.name.value().cloned().unwrap_or_default(),
+        gpu_instance_id: option(&m.gpu_instance_id),
+        compute_instance_id: option(&m.compute_instance_id),
+        memory_used_bytes: option(&m.memory_used_bytes),
+        memory_total_bytes: option(&m.memory_total_bytes),
         assigned: None,
     }
 }

@@ -271,6 +271,8 @@ fn device(index: u32) -> DeviceStats {
             cgroup: None,
             container_id: Some("abc".to_owned()),
         }]),
+        mig_mode: ns(),
+        mig_devices: Vec::new(),
         nvml_errors_total: [("timeout".to_owned(), 1)].into_iter().collect(),
     }
 }

@@ -280,8 +280,32 @@ pub fn gpus(r: &pb::ListGpusResponse) -> String {
                 health.join(" ")
             }
         );
+        for m in &g.mig_devices {
+            let _ = writeln!(out, "  {}", mig_device(m));
+        }
     }
     out
+}
+
+/// One MIG device under its GPU: identity, instances, memory and the pod holding it.
+fn mig_device(m: &pb::GpuMigDevice) -> String {
+    let id = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let memory = match (m.memory_used_bytes, m.memory_total_bytes) {
+        (Some(used), Some(total)) => format!("{}/{}Mi", used >> 20, total >> 20),
+        _ => "-".to_owned(),
+    };
+    let holder = if m.pod_name.is_empty() {
+        "unassigned".to_owned()
+    } else {
+        format!("{}/{} ({})", m.pod_namespace, m.pod_name, m.container_name)
+    };
+    format!(
+        "mig {} {} gi={} ci={} {memory} {holder}",
+        m.index,
+        or_dash(&m.uuid),
+        id(m.gpu_instance_id),
+        id(m.compute_instance_id),
+    )
 }
 
 pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
@@ -316,13 +340,22 @@ pub fn drain_status(r: &pb::GetDrainStatusResponse) -> String {
             c.container_id, c.live_streams, c.established_connections
         );
         for s in &c.streams {
+            // Which streams the drain waits for, and which are only listed (a dependency, an
+            // excluded port).
+            let holds = if s.holds_drain {
+                "holds drain"
+            } else {
+                "does not hold"
+            };
             let _ = writeln!(
                 out,
-                "    {} {} <- {} age {:.0}s",
+                "    {} {} port {} {} <- {} age {:.0}s, {holds}",
                 short(
                     name(s.protocol, pb::StreamProtocol::as_str_name),
                     "STREAM_PROTOCOL_"
                 ),
+                short(name(s.kind, pb::StreamKind::as_str_name), "STREAM_KIND_"),
+                s.local_port,
                 s.local_addr,
                 s.remote_addr,
                 s.age_seconds
@@ -363,6 +396,47 @@ mod tests {
     }
 
     #[test]
+    fn each_mig_device_is_a_line_under_its_gpu_with_its_pod() {
+        let r = pb::ListGpusResponse {
+            available: true,
+            gpus: vec![pb::Gpu {
+                uuid: "GPU-p".to_owned(),
+                mig_enabled: true,
+                mig_devices: vec![
+                    pb::GpuMigDevice {
+                        index: 0,
+                        uuid: "MIG-a".to_owned(),
+                        gpu_instance_id: Some(1),
+                        compute_instance_id: Some(0),
+                        memory_used_bytes: Some(1 << 30),
+                        memory_total_bytes: Some(10 << 30),
+                        pod_namespace: "media".to_owned(),
+                        pod_name: "t-0".to_owned(),
+                        container_name: "ffmpeg".to_owned(),
+                        ..Default::default()
+                    },
+                    pb::GpuMigDevice {
+                        index: 1,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = gpus(&r);
+        let lines: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(
+            lines,
+            [
+                "  mig 0 MIG-a gi=1 ci=0 1024/10240Mi media/t-0 (ffmpeg)",
+                "  mig 1 - gi=- ci=- - unassigned"
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
     fn drain_status_names_the_pod_and_container_holding_it() {
         let r = pb::GetDrainStatusResponse {
             containers: vec![
@@ -372,6 +446,29 @@ mod tests {
                     pod_namespace: "edu".to_owned(),
                     container_name: "packager".to_owned(),
                     live_streams: 1,
+                    streams: vec![
+                        pb::LiveStream {
+                            protocol: pb::StreamProtocol::Tcp.into(),
+                            kind: pb::StreamKind::Rtmp.into(),
+                            local_port: 1935,
+                            local_addr: "0.0.0.0:1935".to_owned(),
+                            remote_addr: "10.0.0.9:50000".to_owned(),
+                            age_seconds: 3.0,
+                            holds_drain: true,
+                            ..Default::default()
+                        },
+                        // Its database connection: listed, not waited for.
+                        pb::LiveStream {
+                            protocol: pb::StreamProtocol::Tcp.into(),
+                            kind: pb::StreamKind::Tcp.into(),
+                            local_port: 41000,
+                            local_addr: "0.0.0.0:41000".to_owned(),
+                            remote_addr: "10.0.0.7:5432".to_owned(),
+                            age_seconds: 2.0,
+                            holds_drain: false,
+                            ..Default::default()
+                        },
+                    ],
                     ..Default::default()
                 },
                 pb::ContainerStreams {
@@ -385,6 +482,16 @@ mod tests {
         let text = drain_status(&r);
         assert!(
             text.contains("abc edu/live-0 (packager): 1 stream(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("TCP RTMP port 1935 0.0.0.0:1935 <- 10.0.0.9:50000 age 3s, holds drain"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "TCP TCP port 41000 0.0.0.0:41000 <- 10.0.0.7:5432 age 2s, does not hold"
+            ),
             "{text}"
         );
         assert!(

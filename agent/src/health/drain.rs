@@ -25,8 +25,8 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::streams::StreamPolicy;
-use crate::store::{clock::elapsed, Clock, FeedState, LiveStream, Snapshot, SourceStatus, Viewer};
+use super::streams::{ListedStream, StreamPolicy};
+use crate::store::{clock::elapsed, Clock, FeedState, Snapshot, SourceStatus, Viewer};
 
 pub mod config;
 pub mod state;
@@ -68,8 +68,9 @@ pub struct ContainerStreams {
     /// Of `streams`, those the drain waits for ([`StreamPolicy::holds_drain`]), counted
     /// exactly.
     pub live_streams: u32,
-    /// The oldest of them, dependencies (outbound) included, as many as the reply's budget left.
-    pub streams: Vec<LiveStream>,
+    /// The oldest of them, dependencies (outbound) included, as many as the reply's budget
+    /// left, each saying whether it holds the drain.
+    pub streams: Vec<ListedStream>,
     /// Remote hosts it served within `drain.viewer_idle` ([`StreamPolicy::is_viewing`]),
     /// counted exactly.
     pub viewers: u32,
@@ -379,7 +380,10 @@ impl DrainController {
                     container_id: id.clone(),
                     established_connections: c.established_connections,
                     live_streams: policy.held(&c.streams),
-                    streams: c.streams[..listed].to_vec(),
+                    streams: c.streams[..listed]
+                        .iter()
+                        .map(|s| policy.listed(s))
+                        .collect(),
                     viewers: u32::try_from(viewing.len()).unwrap_or(u32::MAX),
                     viewer_list: viewing[..viewers_listed].iter().map(|v| **v).collect(),
                 })

@@ -98,11 +98,28 @@ impl StreamPolicy {
         }
     }
 
+    /// `stream` as the drain status lists it, with whether it holds the drain.
+    pub fn listed(&self, stream: &LiveStream) -> ListedStream {
+        ListedStream {
+            stream: stream.clone(),
+            holds_drain: self.holds_drain(stream),
+        }
+    }
+
     /// How many of `streams` the drain waits for.
     pub fn held(&self, streams: &[LiveStream]) -> u32 {
         let n = streams.iter().filter(|s| self.holds_drain(s)).count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
+}
+
+/// A stream in the drain status: listed whether or not the drain waits for it (a dependency,
+/// a stream on an excluded port), and saying which.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedStream {
+    pub stream: LiveStream,
+    /// [`StreamPolicy::holds_drain`] of `stream`.
+    pub holds_drain: bool,
 }
 
 #[cfg(test)]

@@ -77,6 +77,7 @@ pub fn encode(s: &GpuSnapshot, m: &mut Metrics) {
     }
     for d in &s.gpus {
         encode_device(d, m);
+        mig::encode(d, m);
     }
     for d in &s.gpus {
         if let Some(w) = &d.event_window {
@@ -331,5 +332,6 @@ fn encode_events(d: &GpuDevice, w: &GpuEventWindow, m: &mut Metrics) {
     }
 }
 
+mod mig;
 #[cfg(test)]
 mod tests;

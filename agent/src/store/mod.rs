@@ -17,11 +17,13 @@ use std::{
 
 pub mod clock;
 pub mod diagnostics;
+pub mod mig;
 pub mod rtcp;
 pub mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use diagnostics::{NetworkDiagnostics, TcpDrops, UdpCounters, UdpDiagnostics};
+pub use mig::GpuMigDevice;
 pub use rtcp::{ViewerReport, ViewerReports, WindowLoss};
 pub use types::*;
 

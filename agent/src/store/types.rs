@@ -681,6 +681,10 @@ pub struct GpuDevice {
     pub event_window: Option<GpuEventWindow>,
     /// The one container the kubelet assigned this GPU to (pod-resources), where known.
     pub assigned: Option<GpuAssignment>,
+    /// Whether MIG mode is on; `None` where the GPU has no MIG or NVML did not say.
+    pub mig_enabled: Option<bool>,
+    /// The MIG devices of a GPU in MIG mode (empty otherwise); see [`super::GpuMigDevice`].
+    pub mig_devices: Vec<super::GpuMigDevice>,
 }
 
 /// A GPU's holder by device assignment (the kubelet's pod-resources API).

@@ -120,6 +120,12 @@ pub struct LiveStream {
     /// reports. Absent for other streams and while no viewer's report is fresh.
     #[prost(message, optional, tag = "14")]
     pub viewer_reports: ::core::option::Option<RtpViewerReports>,
+    /// In `GetDrainStatus`: whether the drain waits for this stream to end under the agent's
+    /// `\[drain\]` settings: served streams (and those of unknown direction) on a port
+    /// `drain.include_ports` / `drain.exclude_ports` let hold it, outbound ones (dependencies)
+    /// only with `drain.wait_for_outbound`. Always false in other replies, which judge no stream.
+    #[prost(bool, tag = "15")]
+    pub holds_drain: bool,
 }
 /// What the viewers of an RTP stream report about it in RTCP sender/receiver report blocks
 /// (RFC 3550 6.4), read as they arrive at the container (rtcp-mux or RTP port + 1).
@@ -492,6 +498,59 @@ pub struct Gpu {
     /// The processes above summed per container, by container id.
     #[prost(message, repeated, tag = "24")]
     pub containers: ::prost::alloc::vec::Vec<GpuContainerUsage>,
+    /// Whether MIG (Multi-Instance GPU) mode is on; false also on GPUs without MIG. With MIG
+    /// on, NVML gives no utilisation of the GPU nor of its processes (`unreadable` does not
+    /// list it: the GPU does not support it then), and the kubelet hands out its MIG devices,
+    /// not the GPU: `containers` then holds no device assignment, `mig_devices` does.
+    #[prost(bool, tag = "25")]
+    pub mig_enabled: bool,
+    /// The MIG devices of a GPU in MIG mode, each with the container it is assigned to (at most
+    /// 16); empty with MIG mode off.
+    #[prost(message, repeated, tag = "26")]
+    pub mig_devices: ::prost::alloc::vec::Vec<GpuMigDevice>,
+}
+/// One MIG device of a GPU in MIG mode: a compute instance of a GPU instance, which the
+/// kubelet hands to a container as a device of its own (resource `nvidia.com/mig-<profile>`).
+/// NVML gives no utilisation per MIG device: its memory is what is read of its use.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GpuMigDevice {
+    /// Its index on the parent GPU (NVML's MIG device index, 0-based).
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// MIG device UUID ("MIG-..."), the device id the kubelet assigns; empty where NVML could
+    /// not read it.
+    #[prost(string, tag = "2")]
+    pub uuid: ::prost::alloc::string::String,
+    /// NVML's name ("NVIDIA A100-SXM4-40GB MIG 1g.5gb"); empty where NVML gave none.
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// The GPU instance it belongs to (NVML's GPU instance id); absent where not read.
+    #[prost(uint32, optional, tag = "4")]
+    pub gpu_instance_id: ::core::option::Option<u32>,
+    /// Its compute instance within that GPU instance (NVML's id); absent where not read.
+    #[prost(uint32, optional, tag = "5")]
+    pub compute_instance_id: ::core::option::Option<u32>,
+    /// Memory of the MIG device in use, in bytes; absent where not read.
+    #[prost(uint64, optional, tag = "6")]
+    pub memory_used_bytes: ::core::option::Option<u64>,
+    /// Memory of the MIG device, in bytes; absent where not read.
+    #[prost(uint64, optional, tag = "7")]
+    pub memory_total_bytes: ::core::option::Option<u64>,
+    /// The container the kubelet assigned it to, as in `Container.id` (its runtime id, or
+    /// "pod-resources:<namespace>/<pod>/<container>" where the runtime does not name it); empty
+    /// when no one container holds it.
+    #[prost(string, tag = "8")]
+    pub container_id: ::prost::alloc::string::String,
+    /// That container's pod namespace, from the kubelet; empty when no one container holds it.
+    #[prost(string, tag = "9")]
+    pub pod_namespace: ::prost::alloc::string::String,
+    /// That container's pod name, from the kubelet; empty when no one container holds it.
+    #[prost(string, tag = "10")]
+    pub pod_name: ::prost::alloc::string::String,
+    /// That container's name in its pod, from the kubelet; empty when no one container holds it.
+    #[prost(string, tag = "11")]
+    pub container_name: ::prost::alloc::string::String,
 }
 /// A mounted filesystem of the node.
 #[allow(clippy::all)]

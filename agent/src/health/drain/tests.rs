@@ -3,7 +3,8 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use super::*;
 use crate::{
     store::{
-        ContainerNetwork, ManualClock, NetworkSnapshot, Provenance, Store, StreamProtocol, Viewer,
+        ContainerNetwork, LiveStream, ManualClock, NetworkSnapshot, Provenance, Store,
+        StreamProtocol, Viewer,
     },
     task::TaskHealth,
 };
@@ -477,4 +478,50 @@ fn excluded_containers_hold_nothing_by_id_or_by_pod_name() {
     );
     assert!(drain(&["ingest-0"]).ready, "by its pod's name");
     assert!(!drain(&["ingest-1"]).ready);
+}
+
+#[test]
+fn each_listed_stream_says_whether_it_holds_the_drain() {
+    let clock = Arc::new(ManualClock::new(start()));
+    let d = DrainController::with_settings(
+        clock.clone(),
+        DrainSettings {
+            policy: StreamPolicy {
+                ports: super::super::streams::PortFilter::new(&[], &[9100]),
+                ..StreamPolicy::default()
+            },
+            ..DrainSettings::default()
+        },
+    );
+    let store = Store::new();
+    d.begin(who("a"), Duration::from_secs(60));
+    let on = |port: u16, direction| LiveStream {
+        local: SocketAddr::new([10, 0, 0, 1].into(), port),
+        direction,
+        ..stream()
+    };
+    use crate::store::StreamDirection::{Outbound, Served};
+    store.publish_network(
+        clock.now(),
+        Provenance::default(),
+        NetworkSnapshot {
+            containers: BTreeMap::from([(
+                "c".to_owned(),
+                ContainerNetwork {
+                    // A viewer, a scrape of the excluded metrics port, a database connection.
+                    streams: vec![on(1935, Served), on(9100, Served), on(41000, Outbound)],
+                    ..Default::default()
+                },
+            )]),
+            feeds: both().into_iter().collect(),
+        },
+    );
+    let p = d.progress(&store.snapshot());
+    let listed: Vec<(u16, bool)> = p.containers[0]
+        .streams
+        .iter()
+        .map(|s| (s.stream.local.port(), s.holds_drain))
+        .collect();
+    assert_eq!(listed, [(1935, true), (9100, false), (41000, false)]);
+    assert_eq!(p.live_streams, 1, "only the one that holds it is counted");
 }

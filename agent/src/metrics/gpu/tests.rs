@@ -89,6 +89,8 @@ fn device() -> DeviceStats {
             encoder_sessions: ns(),
         },
         processes: Reading::Supported(vec![process(101, 1000), process(102, 24)]),
+        mig_mode: ns(),
+        mig_devices: Vec::new(),
         nvml_errors_total: [("timeout".to_owned(), 3)].into_iter().collect(),
     }
 }

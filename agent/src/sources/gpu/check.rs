@@ -242,4 +242,18 @@ fn render_device(out: &mut String, d: &DeviceStats) {
             let _ = writeln!(out, "  processes: {}", other.clone().map(|_| "").show(""));
         }
     }
+    let _ = writeln!(out, "  MIG mode: {}", yes_no(&d.mig_mode));
+    for m in &d.mig_devices {
+        let _ = writeln!(
+            out,
+            "  MIG device {}: {} ({}), GPU instance {}, compute instance {}, memory {} of {}",
+            m.index,
+            m.uuid.show(""),
+            m.name.show(""),
+            m.gpu_instance_id.show(""),
+            m.compute_instance_id.show(""),
+            m.memory_used_bytes.show("bytes"),
+            m.memory_total_bytes.show("bytes"),
+        );
+    }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod check;
 pub mod events;
+pub mod mig;
 pub mod model;
 pub mod open;
 pub mod poll;

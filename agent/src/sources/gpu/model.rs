@@ -95,9 +95,28 @@ pub struct DeviceStats {
     pub media: Media,
     /// Compute and graphics processes with what they use, mapped to their cgroup.
     pub processes: Reading<Vec<GpuProcess>>,
+    /// Whether MIG mode is on now; `NotSupported` on GPUs without MIG.
+    pub mig_mode: Reading<bool>,
+    /// The MIG devices of a GPU in MIG mode (empty when it is off), by their index on it.
+    pub mig_devices: Vec<MigDeviceStats>,
     /// Failed NVML calls on this GPU since the source started, by error kind (`unknown`,
     /// `timeout`, `gpu_lost`, … see `reading::error_kind`); "not supported" is not counted.
     pub nvml_errors_total: BTreeMap<String, u64>,
+}
+
+/// One MIG device: a compute instance of a GPU instance, which the kubelet hands to a pod as a
+/// device of its own (`nvidia.com/mig-<profile>`), named by its `MIG-…` UUID. NVML gives no
+/// utilisation per MIG device: its memory is what it reports of its use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigDeviceStats {
+    /// Its index on the parent GPU (`nvmlDeviceGetMigDeviceHandleByIndex`).
+    pub index: u32,
+    pub uuid: Reading<String>,
+    pub name: Reading<String>,
+    pub gpu_instance_id: Reading<u32>,
+    pub compute_instance_id: Reading<u32>,
+    pub memory_used_bytes: Reading<u64>,
+    pub memory_total_bytes: Reading<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

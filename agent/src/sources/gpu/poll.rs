@@ -15,6 +15,7 @@ use nvml_wrapper::{
 };
 
 use super::{
+    mig,
     model::{
         Clocks, DeviceStats, Ecc, EncoderStats, GpuProcess, Media, NvLinkErrors, ProcessKind,
         ProcessSample, RetiredPages, RowRemapping, ThrottleReasons,
@@ -73,7 +74,7 @@ pub struct Kept {
 }
 
 /// Tracks whether any call on a device said the GPU is lost, and counts the failed calls.
-struct Calls {
+pub(super) struct Calls {
     lost: bool,
     errors: BTreeMap<&'static str, u64>,
 }
@@ -86,7 +87,7 @@ impl Calls {
         }
     }
 
-    fn get<T>(&mut self, result: Result<T, NvmlError>) -> Reading<T> {
+    pub(super) fn get<T>(&mut self, result: Result<T, NvmlError>) -> Reading<T> {
         if let Err(e) = &result {
             self.failed(e);
         }
@@ -94,7 +95,7 @@ impl Calls {
     }
 
     /// Notes a failed call; "not supported" is an answer, not a failure.
-    fn failed(&mut self, e: &NvmlError) {
+    pub(super) fn failed(&mut self, e: &NvmlError) {
         self.lost |= is_lost(e);
         if let Some(kind) = error_kind(e) {
             *self.errors.entry(kind).or_default() += 1;
@@ -249,9 +250,12 @@ impl Poller {
                 }),
             },
             processes: Reading::NotSupported,
+            mig_mode: Reading::NotSupported,
+            mig_devices: Vec::new(),
             nvml_errors_total: BTreeMap::new(),
         };
         stats.processes = self.processes(index, &device, &mut calls);
+        (stats.mig_mode, stats.mig_devices) = mig::read(&device, &mut calls);
         stats.lost = calls.lost;
         stats.nvml_errors_total = self.count_errors(index, &calls);
         if let (Some(uuid), Some(name)) = (stats.uuid.value(), stats.name.value()) {
@@ -313,6 +317,8 @@ impl Poller {
                 encoder_sessions: err(&msg),
             },
             processes: err(&msg),
+            mig_mode: err(&msg),
+            mig_devices: Vec::new(),
             nvml_errors_total,
         }
     }

@@ -243,6 +243,18 @@ impl Source {
             .filter(|(_, s)| s.confirmed == 1)
             .map(|(k, _)| k.flow)
             .collect();
+        // RTCP on RTP port + 1 (RFC 3550 11, without rtcp-mux) is part of its RTP session:
+        // a flow on the port above an RTP flow's, between the same two hosts, in either
+        // direction, is not a stream of its own.
+        let rtp_ports: HashSet<RtpPort> = rtp_flows.iter().map(RtpPort::of).collect();
+        let is_rtcp = |k: &UdpFlowKey| {
+            k.local_port.checked_sub(1).is_some_and(|below| {
+                rtp_ports.contains(&RtpPort {
+                    local_port: below,
+                    ..RtpPort::of(k)
+                })
+            })
+        };
         let mut containers: HashMap<u64, ContainerUdp> = HashMap::new();
         let entry = |cg: u64, paths: &mut CgroupPaths| -> ContainerUdp {
             ContainerUdp {
@@ -289,19 +301,16 @@ impl Source {
             c.live_streams += u32::from(live);
             c.streams.push(q);
         }
-        let min_age = self.config.stream_min_duration.as_nanos() as u64;
         for (k, f) in &maps.flows {
             let idle = now_ns.saturating_sub(f.last_ns);
             let age = now_ns.saturating_sub(f.first_ns);
             let live = self.live(idle);
             let rtp = rtp_flows.contains(k);
+            let rtcp = !rtp && is_rtcp(k);
             let c = containers
                 .entry(k.cgroup_id)
                 .or_insert_with(|| entry(k.cgroup_id, &mut self.paths));
-            if live && !rtp && age >= min_age {
-                c.live_streams += 1;
-            }
-            c.flows.push(FlowQuality {
+            let flow = FlowQuality {
                 endpoint: endpoint(k),
                 packets: f.packets,
                 bytes: f.bytes,
@@ -313,7 +322,12 @@ impl Source {
                 idle_seconds: idle as f64 / 1e9,
                 live,
                 rtp,
-            });
+                rtcp,
+            };
+            if flow.is_stream(self.config.stream_min_duration) {
+                c.live_streams += 1;
+            }
+            c.flows.push(flow);
         }
         for (cg, h) in &self.history {
             let c = containers
@@ -338,6 +352,28 @@ impl Source {
             hook: HOOK.to_owned(),
             containers,
             counters: counters(maps),
+        }
+    }
+}
+
+/// One end of an RTP flow as RTCP on port + 1 is matched to it: the container, both hosts
+/// and the container's port (the direction left out: the RTCP of a stream the container sends
+/// arrives, and that of one it receives leaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct RtpPort {
+    cgroup_id: u64,
+    local_addr: [u32; 4],
+    remote_addr: [u32; 4],
+    local_port: u16,
+}
+
+impl RtpPort {
+    fn of(k: &UdpFlowKey) -> Self {
+        Self {
+            cgroup_id: k.cgroup_id,
+            local_addr: k.local_addr,
+            remote_addr: k.remote_addr,
+            local_port: k.local_port,
         }
     }
 }

@@ -122,6 +122,18 @@ pub struct FlowQuality {
     pub live: bool,
     /// Whether the flow carries RTP (its quality is then in `streams`).
     pub rtp: bool,
+    /// Whether the flow is the RTCP of an RTP flow: on its port + 1, between the same hosts
+    /// (RFC 3550 without rtcp-mux). It belongs to that RTP stream, not a stream of its own.
+    pub rtcp: bool,
+}
+
+impl FlowQuality {
+    /// Whether the flow is a stream of its own (what a drain waits for): live, long-lived
+    /// (`udp.stream_min_duration`), and neither RTP (counted by its streams) nor the RTCP of
+    /// an RTP stream.
+    pub fn is_stream(&self, min_age: std::time::Duration) -> bool {
+        self.live && !self.rtp && !self.rtcp && self.age_seconds >= min_age.as_secs_f64()
+    }
 }
 
 /// Totals over one window.
