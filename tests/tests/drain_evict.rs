@@ -156,8 +156,9 @@ async fn evicted_served_connections_still_hold_the_drain_and_the_count_stays_exa
     // Readiness is node-wide (other tests' connections, and their evicted outbound ones,
     // which are held as of unknown direction): the pod's own count is what must fall to 0.
     agent
-        .wait_status("the pod's count falls to 0 once its connections close", |s| {
-            matches!(counted(&s), None | Some((0, 0)))
-        })
+        .wait_status(
+            "the pod's count falls to 0 once its connections close",
+            |s| matches!(counted(s), None | Some((0, 0))),
+        )
         .await;
 }

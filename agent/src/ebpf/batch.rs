@@ -54,9 +54,8 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
     mut chunk: u32,
     out: &mut Vec<(K, V)>,
 ) -> Result<(), BatchError> {
-    let map_fd = u32::try_from(fd.as_raw_fd()).map_err(|_| {
-        BatchError::Io(std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    })?;
+    let map_fd = u32::try_from(fd.as_raw_fd())
+        .map_err(|_| BatchError::Io(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     // The cursor is the kernel's bucket index (a u32 for hash maps); u64 leaves room.
     let mut cursor: Option<u64> = None;
     let mut keys: Vec<K> = Vec::new();
@@ -67,9 +66,7 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
         values.resize(n, V::default());
         let mut next: u64 = 0;
         let mut attr = BatchAttr {
-            in_batch: cursor
-                .as_ref()
-                .map_or(0, |c| std::ptr::from_ref(c) as u64),
+            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
             out_batch: std::ptr::from_mut(&mut next) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -95,7 +92,12 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
         // leave it as it was sent.
         if matches!(errno, None | Some(libc::ENOENT)) {
             let got = (attr.count as usize).min(n);
-            out.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+            out.extend(
+                keys[..got]
+                    .iter()
+                    .copied()
+                    .zip(values[..got].iter().copied()),
+            );
         }
         match errno {
             None => {}
@@ -109,10 +111,12 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
             }
             // An unknown command (before 5.6) or a map type without batch operations; only
             // before anything was read, so a fallback walk does not see entries twice.
-            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if cursor.is_none() && out.is_empty() => {
-                return Err(BatchError::Unsupported(err.unwrap_or_else(
-                    || std::io::Error::from(std::io::ErrorKind::Unsupported),
-                )));
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+                if cursor.is_none() && out.is_empty() =>
+            {
+                return Err(BatchError::Unsupported(err.unwrap_or_else(|| {
+                    std::io::Error::from(std::io::ErrorKind::Unsupported)
+                })));
             }
             Some(_) => {
                 return Err(BatchError::Io(
@@ -191,7 +195,11 @@ mod tests {
         out.sort_unstable_by_key(|e| e.0);
         assert_eq!(out.len(), 1000, "every entry once");
         for (key, v) in &out {
-            assert_eq!(v.0, [*key, key * 2, key * 3], "the value stored under {key}");
+            assert_eq!(
+                v.0,
+                [*key, key * 2, key * 3],
+                "the value stored under {key}"
+            );
         }
         assert_eq!(out.first().map(|e| e.0), Some(1));
         assert_eq!(out.last().map(|e| e.0), Some(1000));

@@ -200,7 +200,12 @@ impl Reader {
                     tracing::warn!(error = %e, "the kernel has no batch lookup for the TCP flow map: it is walked entry by entry from now on (two syscalls per flow)");
                     self.flow_reads.batch_unsupported = true;
                 }
-                Err(source) => return Err(LoadError::Batch { name: FLOWS, source }),
+                Err(source) => {
+                    return Err(LoadError::Batch {
+                        name: FLOWS,
+                        source,
+                    })
+                }
             }
         }
         // An entry evicted between listing and lookup reads as an error: skip it.
