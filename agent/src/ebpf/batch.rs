@@ -51,8 +51,30 @@ struct BatchAttr {
 /// live map; none is seen twice.
 pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
     fd: BorrowedFd<'_>,
-    mut chunk: u32,
+    chunk: u32,
     out: &mut Vec<(K, V)>,
+) -> Result<(), BatchError> {
+    for_each_batch(fd, chunk, &mut |keys: &[K], values: &[V]| {
+        out.extend(keys.iter().copied().zip(values.iter().copied()));
+    })
+}
+
+/// Counts the entries of the hash map behind `fd` (as [`lookup_all`] reads them), holding
+/// one chunk at a time.
+pub fn count<K: aya::Pod + Default, V: aya::Pod + Default>(
+    fd: BorrowedFd<'_>,
+    chunk: u32,
+) -> Result<usize, BatchError> {
+    let mut n = 0;
+    for_each_batch(fd, chunk, &mut |keys: &[K], _: &[V]| n += keys.len())?;
+    Ok(n)
+}
+
+/// Hands each batch of entries (keys and values, index for index) to `each`.
+fn for_each_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
+    fd: BorrowedFd<'_>,
+    mut chunk: u32,
+    each: &mut dyn FnMut(&[K], &[V]),
 ) -> Result<(), BatchError> {
     let map_fd = u32::try_from(fd.as_raw_fd())
         .map_err(|_| BatchError::Io(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
@@ -60,6 +82,7 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
     let mut cursor: Option<u64> = None;
     let mut keys: Vec<K> = Vec::new();
     let mut values: Vec<V> = Vec::new();
+    let mut any = false;
     loop {
         let n = chunk as usize;
         keys.resize(n, K::default());
@@ -92,12 +115,8 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
         // leave it as it was sent.
         if matches!(errno, None | Some(libc::ENOENT)) {
             let got = (attr.count as usize).min(n);
-            out.extend(
-                keys[..got]
-                    .iter()
-                    .copied()
-                    .zip(values[..got].iter().copied()),
-            );
+            any |= got > 0;
+            each(&keys[..got], &values[..got]);
         }
         match errno {
             None => {}
@@ -112,7 +131,7 @@ pub fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
             // An unknown command (before 5.6) or a map type without batch operations; only
             // before anything was read, so a fallback walk does not see entries twice.
             Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-                if cursor.is_none() && out.is_empty() =>
+                if cursor.is_none() && !any =>
             {
                 return Err(BatchError::Unsupported(err.unwrap_or_else(|| {
                     std::io::Error::from(std::io::ErrorKind::Unsupported)
@@ -203,6 +222,7 @@ mod tests {
         }
         assert_eq!(out.first().map(|e| e.0), Some(1));
         assert_eq!(out.last().map(|e| e.0), Some(1000));
+        assert_eq!(count::<u64, Value>(fd.as_fd(), 7).expect("count"), 1000);
     }
 
     #[test]

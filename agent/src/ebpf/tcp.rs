@@ -248,7 +248,9 @@ impl Reader {
         Ok(raw)
     }
 
-    /// Counts the entries of each map (by walking the keys).
+    /// Counts the entries of each map: the flow map in batches where the kernel allows (a walk
+    /// of keys restarts from the first when its cursor is deleted meanwhile, and counts some
+    /// entries twice under churn), the small ones by walking their keys.
     pub fn usage(&self) -> Result<MapUsage, LoadError> {
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
@@ -256,8 +258,16 @@ impl Reader {
             PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
             PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        let batched = match self.ebpf.map(FLOWS) {
+            Some(Map::LruHashMap(data) | Map::HashMap(data))
+                if !self.flow_reads.batch_unsupported =>
+            {
+                batch::count::<u64, FlowState>(data.fd().as_fd(), batch::CHUNK).ok()
+            }
+            _ => None,
+        };
         Ok(MapUsage {
-            flows: flows.keys().flatten().count(),
+            flows: batched.unwrap_or_else(|| flows.keys().flatten().count()),
             cgroups: stats.keys().flatten().count(),
             hist: hist.keys().flatten().count(),
         })
