@@ -130,9 +130,7 @@ fn for_each_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
             }
             // An unknown command (before 5.6) or a map type without batch operations; only
             // before anything was read, so a fallback walk does not see entries twice.
-            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-                if cursor.is_none() && !any =>
-            {
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if cursor.is_none() && !any => {
                 return Err(BatchError::Unsupported(err.unwrap_or_else(|| {
                     std::io::Error::from(std::io::ErrorKind::Unsupported)
                 })));
