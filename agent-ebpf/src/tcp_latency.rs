@@ -242,7 +242,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
             // 0 = not known yet (egress tagging, accepted socket): resolved on a later callback.
             let cgroup_id = socket_cgroup(ctx).unwrap_or(0);
-            let flow = new_flow(ctx, cgroup_id, op == OP_PASSIVE_ESTABLISHED)?;
+            let dir = if op == OP_PASSIVE_ESTABLISHED {
+                direction::PASSIVE
+            } else {
+                direction::ACTIVE
+            };
+            let flow = new_flow(ctx, cgroup_id, dir)?;
             if cgroup_id != 0 {
                 count_open(flow, cgroup_id);
             }
@@ -312,7 +317,7 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
-fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut FlowState, i64> {
+fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, dir: u32) -> Result<*mut FlowState, i64> {
     let family = ctx.family();
     let mut flow = FlowState {
         cgroup_id,
@@ -324,11 +329,7 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, passive: bool) -> Result<*mut 
         remote_port: u32::from(u16::from_be(remote_port_be(ctx))),
         // Unlike `remote_port`, the UAPI gives `local_port` in host order.
         local_port: ctx.local_port(),
-        passive: if passive {
-            direction::PASSIVE
-        } else {
-            direction::ACTIVE
-        },
+        passive: dir,
         // SAFETY: UAPI context fields, valid for full sockets (every TCP callback used here).
         seen_total_retrans: unsafe { (*ctx.ops).total_retrans },
         // SAFETY: as above.
@@ -397,7 +398,9 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
                 return Ok(());
             };
             count_drop(drop_reason::FLOW_EVICTED);
-            new_flow(ctx, cgroup_id, false)?
+            // Which side opened it went with the evicted entry: unknown, so that an accepted
+            // (served) connection still holds a drain rather than pass for an outbound one.
+            new_flow(ctx, cgroup_id, direction::UNKNOWN)?
         }
     };
     // SAFETY: `flow` is a valid LRU map value for the program's run.

@@ -8,6 +8,7 @@
 
 use aya::{maps::MapError, programs::ProgramError, EbpfError, EbpfLoader};
 
+pub mod batch;
 pub mod cgroup_link;
 pub mod tcp;
 pub mod udp;
@@ -63,6 +64,11 @@ pub enum LoadError {
         name: &'static str,
         source: MapError,
     },
+    #[error("map `{name}`: {source}")]
+    Batch {
+        name: &'static str,
+        source: batch::BatchError,
+    },
     /// The kernel cannot attach cgroup programs through a link (see [`cgroup_link`]).
     #[error("{0}")]
     NoCgroupLink(String),
@@ -83,6 +89,7 @@ impl LoadError {
             | Self::Config(_)
             | Self::Cgroup { .. }
             | Self::Map { .. }
+            | Self::Batch { .. }
             | Self::NoCgroupLink(_) => None,
         }
     }

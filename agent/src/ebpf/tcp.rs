@@ -7,18 +7,21 @@
 //! creation, so the mode passed is `Single` (flags 0).
 //! Links belong to the [`aya::Ebpf`] value: dropping the [`Reader`] detaches everything.
 
-use std::{fs::File, path::Path};
+use std::{fs::File, os::fd::AsFd as _, path::Path};
 
 use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
     },
     Ebpf,
 };
 
-use super::{loader_owning, monotonic_ns, LoadError, OBJECT};
+use super::{
+    batch::{self, BatchError},
+    loader_owning, monotonic_ns, LoadError, OBJECT,
+};
 
 pub const SOCK_CREATE: &str = "nodeward_sock_create";
 pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
@@ -91,8 +94,18 @@ pub struct MapUsage {
     pub hist: usize,
 }
 
+/// How many ticks read the flow map in batches, and how many walked it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowReads {
+    pub batched: u64,
+    pub walked: u64,
+    /// The kernel refused the batch lookup once: every later read walks.
+    pub batch_unsupported: bool,
+}
+
 pub struct Reader {
     ebpf: Ebpf,
+    flow_reads: FlowReads,
 }
 
 impl std::fmt::Debug for Reader {
@@ -152,15 +165,57 @@ impl Reader {
         ops.load().map_err(prog_err(SOCK_OPS))?;
         ops.attach(&root, CgroupAttachMode::Single)
             .map_err(prog_err(SOCK_OPS))?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            flow_reads: FlowReads::default(),
+        })
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, LoadError> {
         self.ebpf.map(name).ok_or(LoadError::MissingMap(name))
     }
 
+    /// How the flow map was read so far.
+    pub fn flow_reads(&self) -> FlowReads {
+        self.flow_reads
+    }
+
+    /// Appends the flow map's entries: in batches, or by walking it where the kernel has no
+    /// batch lookup (counted, and logged once).
+    fn read_flows(&mut self, out: &mut Vec<(u64, FlowState)>) -> Result<(), LoadError> {
+        let map = self.ebpf.map(FLOWS).ok_or(LoadError::MissingMap(FLOWS))?;
+        // Checks the key and value sizes against the types, which the batch read relies on.
+        let flows: BpfHashMap<&MapData, u64, FlowState> =
+            BpfHashMap::try_from(map).map_err(map_err(FLOWS))?;
+        if !self.flow_reads.batch_unsupported {
+            let (Map::LruHashMap(data) | Map::HashMap(data)) = map else {
+                return Err(LoadError::MissingMap(FLOWS));
+            };
+            match batch::lookup_all(data.fd().as_fd(), batch::CHUNK, out) {
+                Ok(()) => {
+                    self.flow_reads.batched += 1;
+                    return Ok(());
+                }
+                Err(BatchError::Unsupported(e)) => {
+                    tracing::warn!(error = %e, "the kernel has no batch lookup for the TCP flow map: it is walked entry by entry from now on (two syscalls per flow)");
+                    self.flow_reads.batch_unsupported = true;
+                }
+                Err(source) => {
+                    return Err(LoadError::Batch {
+                        name: FLOWS,
+                        source,
+                    })
+                }
+            }
+        }
+        // An entry evicted between listing and lookup reads as an error: skip it.
+        out.extend(flows.iter().flatten());
+        self.flow_reads.walked += 1;
+        Ok(())
+    }
+
     /// Reads every map once. `now_ns` is CLOCK_MONOTONIC, the clock the programs stamp with.
-    pub fn read(&self) -> Result<RawRead, LoadError> {
+    pub fn read(&mut self) -> Result<RawRead, LoadError> {
         let mut raw = RawRead {
             now_ns: monotonic_ns(),
             ..RawRead::default()
@@ -181,10 +236,7 @@ impl Reader {
             let (key, per_cpu) = entry.map_err(map_err(HIST))?;
             raw.hist.push((key, per_cpu.iter().sum()));
         }
-        let flows: BpfHashMap<&MapData, u64, FlowState> =
-            BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
-        // An entry evicted between listing and lookup reads as an error: skip it.
-        raw.flows.extend(flows.iter().flatten());
+        self.read_flows(&mut raw.flows)?;
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(DROPS)?).map_err(map_err(DROPS))?;
         for i in 0..drop_reason::COUNT {
@@ -196,7 +248,9 @@ impl Reader {
         Ok(raw)
     }
 
-    /// Counts the entries of each map (by walking the keys).
+    /// Counts the entries of each map: the flow map in batches where the kernel allows (a walk
+    /// of keys restarts from the first when its cursor is deleted meanwhile, and counts some
+    /// entries twice under churn), the small ones by walking their keys.
     pub fn usage(&self) -> Result<MapUsage, LoadError> {
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
@@ -204,8 +258,16 @@ impl Reader {
             PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
             PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        let batched = match self.ebpf.map(FLOWS) {
+            Some(Map::LruHashMap(data) | Map::HashMap(data))
+                if !self.flow_reads.batch_unsupported =>
+            {
+                batch::count::<u64, FlowState>(data.fd().as_fd(), batch::CHUNK).ok()
+            }
+            _ => None,
+        };
         Ok(MapUsage {
-            flows: flows.keys().flatten().count(),
+            flows: batched.unwrap_or_else(|| flows.keys().flatten().count()),
             cgroups: stats.keys().flatten().count(),
             hist: hist.keys().flatten().count(),
         })

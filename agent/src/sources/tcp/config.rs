@@ -34,7 +34,8 @@ pub struct TcpConfig {
     pub attribution: Attribution,
     /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
     pub max_cgroups: u32,
-    /// Connections tracked at once (LRU: the least recently active make room).
+    /// Connections tracked at once (LRU: the least recently active make room). Each entry
+    /// costs 208 bytes of kernel memory (charged to the agent's memory cgroup).
     pub max_flows: u32,
     /// (cgroup, histogram bucket) pairs; a container usually needs 5 to 30.
     pub max_hist_entries: u32,
@@ -49,7 +50,7 @@ impl Default for TcpConfig {
             enabled: true,
             attribution: Attribution::Auto,
             max_cgroups: 4096,
-            max_flows: 65536,
+            max_flows: 262_144,
             max_hist_entries: 65536,
             max_peers: 256,
         }

@@ -194,6 +194,14 @@ pub fn request(family: u8, seq: u32) -> Vec<u8> {
 
 /// Dumps the established TCP sockets of the calling thread's network namespace.
 pub fn dump() -> Result<Vec<DiagSocket>, DiagError> {
+    let mut out = Vec::new();
+    dump_each(&mut |s| out.push(s))?;
+    Ok(out)
+}
+
+/// [`dump`], handing each socket to `each` as its reply is read instead of collecting them:
+/// one netlink buffer's worth is held at a time, however many sockets the node has.
+pub fn dump_each(each: &mut dyn FnMut(DiagSocket)) -> Result<(), DiagError> {
     let fd = rustix::net::socket_with(
         rustix::net::AddressFamily::NETLINK,
         rustix::net::SocketType::RAW,
@@ -201,7 +209,6 @@ pub fn dump() -> Result<Vec<DiagSocket>, DiagError> {
         Some(rustix::net::netlink::SOCK_DIAG),
     )
     .map_err(|e| DiagError::Socket(e.into()))?;
-    let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     for (seq, family) in [(1, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
         let req = request(family, seq);
@@ -212,13 +219,13 @@ pub fn dump() -> Result<Vec<DiagSocket>, DiagError> {
             let n = rustix::net::recv(&fd, &mut buf, rustix::net::RecvFlags::empty())
                 .map_err(|e| DiagError::Recv(e.into()))?;
             let (sockets, done) = parse_reply(&buf[..n.min(buf.len())])?;
-            out.extend(sockets);
+            sockets.into_iter().for_each(&mut *each);
             if done || n == 0 {
                 break;
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Distinct network namespaces of the node's processes (by inode), with a `/proc` path to
@@ -258,13 +265,22 @@ pub struct Dump {
 /// Dumps every network namespace from one short-lived thread that enters each in turn
 /// (`setns` changes only the calling thread, so the agent's own threads stay put).
 pub fn dump_all(proc_root: &Path) -> Dump {
+    let mut sockets = Vec::new();
+    let mut out = dump_all_each(proc_root, &mut |s| sockets.push(s));
+    out.sockets = sockets;
+    out
+}
+
+/// [`dump_all`], handing each socket to `each` as it is read (from the worker thread); the
+/// returned [`Dump`] holds only the namespaces refused.
+pub fn dump_all_each(proc_root: &Path, each: &mut (dyn FnMut(DiagSocket) + Send)) -> Dump {
     let namespaces = namespaces(proc_root);
     let worker = std::thread::scope(|s| {
         s.spawn(|| {
             let mut out = Dump::default();
             for ns in &namespaces {
-                match enter(ns).and_then(|()| dump()) {
-                    Ok(sockets) => out.sockets.extend(sockets),
+                match enter(ns).and_then(|()| dump_each(&mut *each)) {
+                    Ok(()) => {}
                     Err(e) if e.denied() => {
                         out.denied.push(e.to_string());
                         out.denied_paths.push(ns.clone());

@@ -171,6 +171,8 @@ pub struct Tracker {
     prev_flows: HashMap<u64, FlowState>,
     /// Exact peers each container has, with the tick they were last seen.
     known_peers: HashMap<u64, HashMap<(IpAddr, u16), u64>>,
+    /// The tick each container's full peer table was last swept of expired peers.
+    peers_pruned_at: HashMap<u64, u64>,
     /// Last tick a cgroup's counters changed.
     last_active: HashMap<u64, u64>,
     totals: HashMap<u64, Totals>,
@@ -193,6 +195,7 @@ impl Tracker {
             prev_hist: HashMap::new(),
             prev_flows: HashMap::new(),
             known_peers: HashMap::new(),
+            peers_pruned_at: HashMap::new(),
             last_active: HashMap::new(),
             totals: HashMap::new(),
             gone: std::collections::HashSet::new(),
@@ -279,7 +282,13 @@ impl Tracker {
             *seen = tick;
             return Peer::Addr(SocketAddr::new(exact.0, exact.1));
         }
-        known.retain(|_, seen| tick.saturating_sub(*seen) <= longest);
+        // Make room by forgetting peers unseen for the longest window; once per tick and
+        // container at most, or a full table costs a sweep per connection.
+        if known.len() >= self.limits.max_peers
+            && self.peers_pruned_at.insert(cgroup_id, tick) != Some(tick)
+        {
+            known.retain(|_, seen| tick.saturating_sub(*seen) <= longest);
+        }
         if known.len() < self.limits.max_peers {
             known.insert(exact, tick);
             return Peer::Addr(SocketAddr::new(exact.0, exact.1));
@@ -410,6 +419,7 @@ impl Tracker {
             self.prev_stats.remove(id);
             self.last_active.remove(id);
             self.known_peers.remove(id);
+            self.peers_pruned_at.remove(id);
             // A container whose cgroup is gone will never count again: forget its totals too
             // (after this last snapshot), or it would be reported and exported for ever.
             // Namespace cookies name no cgroup; theirs go only by the `max_totals` bound.
@@ -489,22 +499,23 @@ impl Tracker {
                     .push(PeerWindow::from_delta(window, &d));
             }
         }
+        // Open connections by (container, peer), in one pass: a scan of a container's
+        // connections per peer is quadratic at 100,000 connections.
+        let mut open_by_peer: HashMap<(u64, Peer), DirectionCounts> = HashMap::new();
         for (id, flows) in open {
             let c = containers
                 .entry(*id)
                 .or_insert_with(|| ContainerTcp::new(*id));
             c.set_established(flows.iter().map(|f| f.conn));
+            for f in flows {
+                open_by_peer
+                    .entry((*id, f.peer))
+                    .or_default()
+                    .add(f.conn.direction, 1);
+            }
         }
         for ((id, key), windows) in peer_windows {
-            let mut established_by = DirectionCounts::default();
-            for f in open
-                .get(&id)
-                .into_iter()
-                .flatten()
-                .filter(|f| f.peer == key)
-            {
-                established_by.add(f.conn.direction, 1);
-            }
+            let established_by = open_by_peer.get(&(id, key)).copied().unwrap_or_default();
             let c = containers
                 .entry(id)
                 .or_insert_with(|| ContainerTcp::new(id));

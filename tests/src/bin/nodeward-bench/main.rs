@@ -9,6 +9,7 @@
 
 mod collector;
 mod drain;
+mod flowmap;
 mod hold;
 mod identity;
 mod load;
@@ -52,6 +53,8 @@ enum Command {
     DrainStatus(drain::DrainArgs),
     /// Hold loopback connections open until stdin closes (for `seed` and `drain-status`).
     Hold(hold::HoldArgs),
+    /// CPU time of reading a large flow map, walked and in batches.
+    FlowMap(flowmap::FlowMapArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Seed(args) => seed::seed(&args),
         Command::DrainStatus(args) => drain::drain(socket, &args),
         Command::Hold(args) => hold::hold(&args),
+        Command::FlowMap(args) => flowmap::flow_map(&args),
     }
 }
 
