@@ -105,6 +105,10 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         });
         rx
     });
+    // Node conditions and Events, where there is a Kubernetes API server to publish them to.
+    if let Some(running) = kube_publisher(&config, &health, &cancel, &mut tasks) {
+        feeds.supervised.push((crate::kube::NAME, running));
+    }
     bridge::spawn(
         &bridge_settings,
         &feeds,
@@ -180,6 +184,44 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     }
     tracing::info!("all tasks stopped; every eBPF program detached");
     outcome
+}
+
+/// Starts the Kubernetes publisher when `[kubernetes]` and the environment say so. A config that
+/// asks for it where there is no API server, or a client that cannot be built (an unreadable
+/// CA file), is logged and the agent runs without it: the node's own work does not depend on
+/// the cluster.
+fn kube_publisher(
+    config: &Config,
+    health: &health::evaluator::Health,
+    cancel: &tokio_util::sync::CancellationToken,
+    tasks: &mut JoinSet<TaskResult>,
+) -> Option<tokio::sync::watch::Receiver<crate::task::TaskHealth>> {
+    use crate::kube;
+    let section = &config.kubernetes;
+    let target = section
+        .target(
+            |k| std::env::var(k).ok(),
+            std::path::Path::new(kube::SERVICE_ACCOUNT_DIR),
+        )
+        .inspect_err(|e| tracing::error!(error = %e, "not publishing Node conditions"))
+        .ok()??;
+    let client = kube::Client::new(target, section.request_timeout)
+        .inspect_err(|e| tracing::error!(error = %e, "not publishing Node conditions"))
+        .ok()?;
+    let publisher = kube::Publisher {
+        client,
+        // The name the API answers with: `api.node_name`, the DaemonSet's NODE_NAME, the host name.
+        node: crate::api::node_name(&config.api.node_name),
+        config: section.clone(),
+        published: health.subscribe(),
+    };
+    let c = cancel.clone();
+    Some(crate::supervise::spawn(
+        kube::NAME,
+        cancel,
+        tasks,
+        move || kube::run(publisher.clone(), c.clone()),
+    ))
 }
 
 fn early_exit(joined: Result<TaskResult, tokio::task::JoinError>) -> DaemonError {
