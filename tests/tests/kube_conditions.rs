@@ -11,6 +11,7 @@
 //! reaches the Node once the server is back.
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     process::Stdio,
     time::{Duration, SystemTime},
@@ -386,4 +387,121 @@ async fn an_api_server_down_for_a_minute_blocks_nothing_and_the_conditions_catch
         agent.log_text()
     );
     agent.stop().await;
+}
+
+/// The (verb, resource, subresource) triples the shipped ClusterRole grants.
+fn granted() -> Option<BTreeSet<(String, String, String)>> {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/10-rbac.yaml");
+    let docs = nodeward_tests::kube::yaml(&file)?;
+    let role = nodeward_tests::kube::find(&docs, "ClusterRole");
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(
+            nodeward_tests::kube::strings(&rule["apiGroups"]),
+            vec![""],
+            "only the core group is used: {rule}"
+        );
+        for resource in nodeward_tests::kube::strings(&rule["resources"]) {
+            let (r, sub) = resource.split_once('/').unwrap_or((resource, ""));
+            for verb in nodeward_tests::kube::strings(&rule["verbs"]) {
+                out.insert((verb.to_owned(), r.to_owned(), sub.to_owned()));
+            }
+        }
+    }
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_role_grants_exactly_the_calls_the_agent_makes() {
+    const TEST: &str = "kube_conditions::rbac";
+    if !is_root() {
+        skip(TEST, "needs root (the agent reads cgroupfs)");
+        return;
+    }
+    let Some(granted) = granted() else {
+        skip(
+            TEST,
+            "python3 with PyYAML is not installed (tests/requirements.txt)",
+        );
+        return;
+    };
+    let node = "kube-rbac-node";
+    let api = KubeApi::start();
+    api.add_node(node, json!(null));
+    // A short heartbeat, so the run holds heartbeats as well as changes.
+    let agent = Agent::start("kube-rbac", node, &api, "", &["kubernetes.heartbeat=2s"]).await;
+    let mut client = agent.client.clone();
+    assert!(
+        until(STEP, || has(
+            &api,
+            node,
+            "NodewardDraining",
+            "False",
+            "NotDraining"
+        ))
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    // A drain begun and cancelled: two transitions, two Events.
+    client
+        .begin_drain(pb::BeginDrainRequest {
+            requested_by: "kube-rbac-test".to_owned(),
+            reason: "rbac".to_owned(),
+            deadline_seconds: 600,
+        })
+        .await
+        .expect("BeginDrain");
+    assert!(
+        until(STEP, || has(
+            &api,
+            node,
+            "NodewardDraining",
+            "True",
+            "DrainRequested"
+        ))
+        .await
+    );
+    client
+        .cancel_drain(pb::CancelDrainRequest {
+            requested_by: "kube-rbac-test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("CancelDrain");
+    assert!(
+        until(STEP, || api.events().len() >= 2).await,
+        "{:?}",
+        api.events()
+    );
+    let heartbeats_from = api.requests().len();
+    assert!(
+        until(STEP, || status_patches(
+            &api.requests()[heartbeats_from..],
+            node
+        )
+        .len()
+            >= 2)
+        .await,
+        "no heartbeat patches"
+    );
+    agent.stop().await;
+
+    let requests = api.requests();
+    let called: BTreeSet<(String, String, String)> =
+        requests.iter().filter_map(Recorded::rbac).collect();
+    assert!(
+        requests.iter().all(|r| r.status < 400),
+        "a call the stand-in refused: {:?}",
+        requests
+            .iter()
+            .filter(|r| r.status >= 400)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        called, granted,
+        "the ClusterRole in packaging/kubernetes/10-rbac.yaml must grant exactly what the agent \
+         calls (left: called, right: granted)"
+    );
 }
