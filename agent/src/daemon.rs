@@ -106,8 +106,8 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         rx
     });
     // Node conditions and Events, where there is a Kubernetes API server to publish them to.
-    if let Some(running) = kube_publisher(&config, &health, &cancel, &mut tasks) {
-        feeds.supervised.push((crate::kube::NAME, running));
+    if let Some(running) = kube_publisher(&config, &health, &store, &cancel, &mut tasks) {
+        feeds.supervised.extend(running);
     }
     bridge::spawn(
         &bridge_settings,
@@ -193,9 +193,15 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
 fn kube_publisher(
     config: &Config,
     health: &health::evaluator::Health,
+    store: &std::sync::Arc<crate::store::Store>,
     cancel: &tokio_util::sync::CancellationToken,
     tasks: &mut JoinSet<TaskResult>,
-) -> Option<tokio::sync::watch::Receiver<crate::task::TaskHealth>> {
+) -> Option<
+    [(
+        &'static str,
+        tokio::sync::watch::Receiver<crate::task::TaskHealth>,
+    ); 2],
+> {
     use crate::kube;
     let section = &config.kubernetes;
     let target = section
@@ -215,13 +221,34 @@ fn kube_publisher(
         config: section.clone(),
         published: health.subscribe(),
     };
+    let drainer = kube::drain::Drainer {
+        client: publisher.client.clone(),
+        node: publisher.node.clone(),
+        taint_key: section.drain_taint_key.clone(),
+        taint_effect: section.drain_taint_effect,
+        evict: section.drain_evict,
+        max_backoff: section.max_backoff,
+        // Beside the drain's own state, so that it lives as long (`/run/nodeward`).
+        state_file: config
+            .drain
+            .state_path(&config.api.unix_socket)
+            .with_file_name("kube-drain.json"),
+        drain: health.drain.clone(),
+        store: store.clone(),
+        published: health.subscribe(),
+    };
     let c = cancel.clone();
-    Some(crate::supervise::spawn(
-        kube::NAME,
-        cancel,
-        tasks,
-        move || kube::run(publisher.clone(), c.clone()),
-    ))
+    let drain_health = crate::supervise::spawn(kube::drain::NAME, cancel, tasks, move || {
+        kube::drain::run(drainer.clone(), c.clone())
+    });
+    let c = cancel.clone();
+    let publish_health = crate::supervise::spawn(kube::NAME, cancel, tasks, move || {
+        kube::run(publisher.clone(), c.clone())
+    });
+    Some([
+        (kube::NAME, publish_health),
+        (kube::drain::NAME, drain_health),
+    ])
 }
 
 fn early_exit(joined: Result<TaskResult, tokio::task::JoinError>) -> DaemonError {

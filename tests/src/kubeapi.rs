@@ -28,6 +28,8 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
@@ -37,6 +39,12 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio::{net::TcpSocket, task::JoinHandle};
+
+use crate::{
+    agent_binary,
+    api::{conn, eventually, TempDir},
+};
+use nodeward::api::pb;
 
 /// One request as it reached the server.
 #[derive(Debug, Clone)]
@@ -638,6 +646,128 @@ fn create_event(s: &mut State, ns: &str, body: &Value) -> Reply {
     event["metadata"]["resourceVersion"] = Value::String(rv);
     s.events.push(event.clone());
     reply(StatusCode::CREATED, &event)
+}
+
+/// Each agent step's bound: many ticks and back-offs, so a slow shared machine is no failure.
+pub const STEP: Duration = Duration::from_secs(90);
+
+pub type Client = pb::node_health_client::NodeHealthClient<tonic::transport::Channel>;
+
+/// A real agent (`nodeward run`, built with fault injection) publishing to a [`KubeApi`]: eBPF,
+/// GPU and node sources off (a later `extra` setting wins), its API on a Unix socket.
+#[derive(Debug)]
+pub struct Agent {
+    child: tokio::process::Child,
+    pub client: Client,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    pub async fn start(stem: &str, node: &str, api: &KubeApi, fault: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new(stem);
+        let socket = dir.0.join("agent.sock");
+        let log = dir.0.join("agent.log");
+        let mut cmd = tokio::process::Command::new(agent_binary());
+        cmd.args(["run", "--config", "/dev/null"]);
+        let sets = [
+            "api.tcp_listen=".to_owned(),
+            "metrics.enabled=false".to_owned(),
+            "ebpf.enabled=false".to_owned(),
+            "gpu.enabled=false".to_owned(),
+            "node.enabled=false".to_owned(),
+            "containers.runtime_endpoint=none".to_owned(),
+            "agent.tick=200ms".to_owned(),
+            "health.interval=100ms".to_owned(),
+            format!("api.unix_socket={}", socket.display()),
+            format!("drain.state_file={}", dir.0.join("drain.json").display()),
+            format!("api.node_name={node}"),
+            format!("kubernetes.server={}", api.url()),
+            "kubernetes.min_interval=0s".to_owned(),
+            "kubernetes.max_backoff=2s".to_owned(),
+        ];
+        for kv in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
+            cmd.args(["--set", kv]);
+        }
+        if !fault.is_empty() {
+            cmd.env("NODEWARD_FAULT_INJECT", fault);
+        }
+        let child = cmd
+            .env("NODEWARD_LOG", "info,nodeward::kube=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("NODE_NAME")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start nodeward run");
+        let addr = format!("unix:{}", socket.display());
+        let client = eventually(STEP, || {
+            let (addr, socket) = (addr.clone(), socket.clone());
+            async move { nodeward::client::connect(&conn(&addr), &socket).await.ok() }
+        })
+        .await
+        .unwrap_or_else(|| panic!("the daemon never answered on its socket"));
+        Self {
+            child,
+            client,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        let pid = i32::try_from(self.child.id().expect("the agent runs")).expect("pid fits");
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let exit = tokio::time::timeout(STEP, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait");
+        let log = self.log_text();
+        let problems: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .collect();
+        assert!(
+            exit.success(),
+            "clean exit: {exit:?}\n{}",
+            problems.join("\n")
+        );
+    }
+}
+
+/// The Node condition of type `t` as stored: (status, reason).
+pub fn condition(api: &KubeApi, node: &str, t: &str) -> Option<(String, String)> {
+    let n = api.node(node)?;
+    n["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == t)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+pub fn has(api: &KubeApi, node: &str, t: &str, status: &str, reason: &str) -> bool {
+    condition(api, node, t) == Some((status.to_owned(), reason.to_owned()))
+}
+
+pub fn status_patches(requests: &[Recorded], node: &str) -> Vec<Recorded> {
+    let path = format!("/api/v1/nodes/{node}/status");
+    requests
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == path)
+        .cloned()
+        .collect()
 }
 
 /// Waits until `f` holds, polling every 100 ms, for at most `limit` (a bound that only catches

@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod client;
 pub mod conditions;
+pub mod drain;
 mod publish;
 
 pub use client::{Client, ClientError, Target};
@@ -105,6 +106,13 @@ pub struct KubeConfig {
     pub events: bool,
     /// The namespace of those Events (Node events live in `default`, as the kubelet's do).
     pub event_namespace: String,
+    /// The taint a drain puts on the Node (`BeginDrain`) and takes off again (`CancelDrain`,
+    /// only if this agent added it).
+    pub drain_taint_key: String,
+    pub drain_taint_effect: drain::Effect,
+    /// Evict the node's pods through the Eviction API once the drain finds no live stream or
+    /// viewer left.
+    pub drain_evict: bool,
     /// The condition types' names.
     pub conditions: ConditionNames,
 }
@@ -122,6 +130,9 @@ impl Default for KubeConfig {
             max_backoff: Duration::from_secs(60),
             events: true,
             event_namespace: "default".to_owned(),
+            drain_taint_key: "nodeward.io/draining".to_owned(),
+            drain_taint_effect: drain::Effect::NoSchedule,
+            drain_evict: true,
             conditions: ConditionNames::default(),
         }
     }
@@ -213,6 +224,23 @@ impl KubeConfig {
                 "conditions",
                 format!("{all:?}"),
                 "the five condition types must have five different names",
+            ));
+        }
+        let key_ok = self.drain_taint_key.len() <= 316
+            && self
+                .drain_taint_key
+                .rsplit('/')
+                .next()
+                .is_some_and(|name| !name.is_empty() && name.len() <= 63)
+            && self
+                .drain_taint_key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+        if !key_ok {
+            return Err(err(
+                "drain_taint_key",
+                format!("{:?}", self.drain_taint_key),
+                "must be a taint key: [prefix/]name, name 1 to 63 letters, digits, '.', '-' or '_'",
             ));
         }
         if self.event_namespace.is_empty() {
