@@ -31,9 +31,10 @@ use serde_json::{json, Value};
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The "pod": serves one viewer (echo) and exits when it leaves.
-const POD: &str = "import socket
+const POD: &str = "import socket, sys
 s = socket.socket()
-s.bind(('127.0.0.1', 0))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1])))
 s.listen(1)
 print(s.getsockname()[1], flush=True)
 c, _ = s.accept()
@@ -149,12 +150,20 @@ async fn taint_then_wait_for_the_viewer_then_evict_honouring_budgets_and_rbac_is
     api.add_pod("live", "elsewhere", "another-node", "ReplicaSet", false);
     api.block_eviction("live", "class-1", 2);
 
+    // Only the pod's port holds this agent's drain: streams of other tests running on the
+    // machine at the same time must not (the drain is node-wide).
+    let pod_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let include = format!("drain.include_ports=[{pod_port}]");
     let agent = Agent::start(
         "kube-drain",
         node,
         &api,
         "",
         &[
+            &include,
             "ebpf.enabled=true",
             "agent.tick=500ms",
             "kubernetes.heartbeat=1h",
@@ -173,7 +182,7 @@ async fn taint_then_wait_for_the_viewer_then_evict_honouring_budgets_and_rbac_is
     // The pod and its viewer: a real connection the drain waits for.
     let pod_cg = Cgroup::new("kube-drain-pod");
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", POD])
+    cmd.args(["-c", POD, &pod_port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut pod = Killed(pod_cg.spawn(&mut cmd));
@@ -181,14 +190,32 @@ async fn taint_then_wait_for_the_viewer_then_evict_honouring_budgets_and_rbac_is
     let mut line = String::new();
     out.read_line(&mut line).expect("the pod prints its port");
     let port: u16 = line.trim().parse().expect("a port");
+    // The viewer watches until told to leave: a frame each way every 50 ms, as a live stream.
     let mut viewer = TcpStream::connect(("127.0.0.1", port)).expect("connect to the pod");
-    for _ in 0..10 {
-        viewer.write_all(b"frame").expect("write");
-        let mut buf = [0u8; 5];
-        viewer.read_exact(&mut buf).expect("echo");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let leave = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = {
+        let leave = leave.clone();
+        std::thread::spawn(move || {
+            while !leave.load(std::sync::atomic::Ordering::Relaxed) {
+                viewer.write_all(b"frame").expect("write");
+                let mut buf = [0u8; 5];
+                viewer.read_exact(&mut buf).expect("echo");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
 
+    // The agent sees the viewer before the drain begins (what it has not measured, it cannot
+    // wait for).
+    let seen = nodeward_tests::api::eventually(STEP, || async {
+        (drain_status(&agent).await.live_streams >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "the viewer was never counted: {}",
+        agent.log_text()
+    );
     begin(&agent, "kube-drain-test").await;
     assert!(
         until(STEP, || taints(&api, node)
@@ -217,7 +244,8 @@ async fn taint_then_wait_for_the_viewer_then_evict_honouring_budgets_and_rbac_is
         evictions(&api.requests())
     );
 
-    drop(viewer);
+    leave.store(true, std::sync::atomic::Ordering::Relaxed);
+    watching.join().expect("the viewer's thread");
     let viewer_left = SystemTime::now();
     let left: Vec<String> = [
         "kube-system/etcd-static",

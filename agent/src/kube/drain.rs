@@ -186,12 +186,18 @@ async fn set_taints(d: &Drainer, taints: Vec<Value>, rv: Value) -> Result<(), Cl
         .map(|_| ())
 }
 
-async fn drain_step(
-    d: &Drainer,
-    added: &mut bool,
-    progress: &mut Progress,
-) -> Result<(), ClientError> {
-    if !progress.tainted {
+/// Conflicts retried at once (the agent's own status patches bump the resourceVersion too)
+/// before the step fails and waits out a back-off.
+const CONFLICT_RETRIES: u32 = 5;
+
+fn conflict(e: &ClientError) -> bool {
+    e.status() == Some(hyper::StatusCode::CONFLICT)
+}
+
+/// Adds the taint unless it is there.
+async fn taint(d: &Drainer, added: &mut bool) -> Result<(), ClientError> {
+    let mut attempt = 0;
+    loop {
         let (mut taints, rv) = taints(d).await?;
         if taints
             .iter()
@@ -199,14 +205,30 @@ async fn drain_step(
         {
             // Already there: ours from before a restart, or someone else's (kept as it is).
             tracing::info!(node = %d.node, key = %d.taint_key, ours = *added, "drain: the node is already tainted");
-        } else {
-            // Recorded first: a crash after the patch must not leave a taint no one removes.
-            save(&d.state_file, true)?;
-            *added = true;
-            taints.push(json!({"key": d.taint_key, "effect": d.taint_effect.as_str()}));
-            set_taints(d, taints, rv).await?;
-            tracing::info!(node = %d.node, key = %d.taint_key, effect = d.taint_effect.as_str(), "drain: node tainted; waiting for its streams to end");
+            return Ok(());
         }
+        // Recorded first: a crash after the patch must not leave a taint no one removes.
+        save(&d.state_file, true)?;
+        *added = true;
+        taints.push(json!({"key": d.taint_key, "effect": d.taint_effect.as_str()}));
+        match set_taints(d, taints, rv).await {
+            Ok(()) => {
+                tracing::info!(node = %d.node, key = %d.taint_key, effect = d.taint_effect.as_str(), "drain: node tainted; waiting for its streams to end");
+                return Ok(());
+            }
+            Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn drain_step(
+    d: &Drainer,
+    added: &mut bool,
+    progress: &mut Progress,
+) -> Result<(), ClientError> {
+    if !progress.tainted {
+        taint(d, added).await?;
         progress.tainted = true;
     }
     if !d.evict || progress.evicted {
@@ -283,15 +305,25 @@ async fn untaint_step(d: &Drainer, added: &mut bool) -> Result<(), ClientError> 
     if !*added {
         return Ok(());
     }
-    let (taints, rv) = taints(d).await?;
-    let kept: Vec<Value> = taints
-        .iter()
-        .filter(|t| !is_ours(t, &d.taint_key, d.taint_effect))
-        .cloned()
-        .collect();
-    if kept.len() != taints.len() {
-        set_taints(d, kept, rv).await?;
-        tracing::info!(node = %d.node, key = %d.taint_key, "drain cancelled: the taint this agent added is removed");
+    let mut attempt = 0;
+    loop {
+        let (taints, rv) = taints(d).await?;
+        let kept: Vec<Value> = taints
+            .iter()
+            .filter(|t| !is_ours(t, &d.taint_key, d.taint_effect))
+            .cloned()
+            .collect();
+        if kept.len() == taints.len() {
+            break;
+        }
+        match set_taints(d, kept, rv).await {
+            Ok(()) => {
+                tracing::info!(node = %d.node, key = %d.taint_key, "drain cancelled: the taint this agent added is removed");
+                break;
+            }
+            Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => attempt += 1,
+            Err(e) => return Err(e),
+        }
     }
     save(&d.state_file, false)?;
     *added = false;
