@@ -473,7 +473,15 @@ fn patch_node(
     } else {
         new["status"] = old["status"].clone();
         for fixed in ["name", "uid", "resourceVersion"] {
-            new["metadata"][fixed] = old["metadata"][fixed].clone();
+            match (old["metadata"].get(fixed), new["metadata"].as_object_mut()) {
+                (Some(v), Some(m)) => {
+                    m.insert(fixed.to_owned(), v.clone());
+                }
+                (None, Some(m)) => {
+                    m.remove(fixed);
+                }
+                _ => {}
+            }
         }
     }
     if new != old {
@@ -781,4 +789,152 @@ pub async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with(node: Value) -> State {
+        let mut s = State {
+            nodes: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            events: Vec::new(),
+            requests: Vec::new(),
+            version: 7,
+            mode: Mode::Up,
+            throttle: None,
+            pdb_blocks: BTreeMap::new(),
+        };
+        s.nodes.insert("n".to_owned(), node);
+        s
+    }
+
+    fn node() -> Value {
+        json!({"metadata": {"name": "n", "resourceVersion": "7", "labels": {"a": "1"}},
+               "spec": {"taints": [{"key": "x", "effect": "NoSchedule"}]},
+               "status": {"conditions": [{"type": "Ready", "status": "True"},
+                                         {"type": "Mine", "status": "False"}]}})
+    }
+
+    const SMP: &str = "application/strategic-merge-patch+json";
+
+    #[test]
+    fn conditions_merge_by_type_and_taints_are_replaced() {
+        let mut s = state_with(node());
+        let r = patch_node(
+            &mut s,
+            "n",
+            true,
+            SMP,
+            &json!({"status": {"conditions": [{"type": "Mine", "status": "True"},
+                                              {"type": "New", "status": "False"}]}}),
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            s.nodes["n"]["status"]["conditions"],
+            json!([
+            {"type": "Ready", "status": "True"}, {"type": "Mine", "status": "True"},
+            {"type": "New", "status": "False"}])
+        );
+        patch_node(
+            &mut s,
+            "n",
+            false,
+            SMP,
+            &json!({"spec": {"taints": [{"key": "y", "effect": "NoExecute"}]}}),
+        );
+        assert_eq!(
+            s.nodes["n"]["spec"]["taints"],
+            json!([{"key": "y", "effect": "NoExecute"}])
+        );
+        patch_node(
+            &mut s,
+            "n",
+            true,
+            SMP,
+            &json!({"status": {"conditions": [{"type": "New", "$patch": "delete"}]}}),
+        );
+        assert_eq!(
+            s.nodes["n"]["status"]["conditions"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn status_changes_only_through_status_and_spec_only_through_the_node() {
+        let mut s = state_with(node());
+        patch_node(
+            &mut s,
+            "n",
+            true,
+            SMP,
+            &json!({"spec": {"unschedulable": true},
+            "metadata": {"labels": {"b": "2"}}}),
+        );
+        assert_eq!(
+            s.nodes["n"],
+            node(),
+            "a status patch changed spec or metadata"
+        );
+        patch_node(
+            &mut s,
+            "n",
+            false,
+            SMP,
+            &json!({"status": {"conditions": []}}),
+        );
+        assert_eq!(s.nodes["n"], node(), "a node patch changed status");
+        patch_node(
+            &mut s,
+            "n",
+            false,
+            "application/merge-patch+json",
+            &json!({"metadata": {"labels": {"a": null, "b": "2"}}}),
+        );
+        assert_eq!(s.nodes["n"]["metadata"]["labels"], json!({"b": "2"}));
+    }
+
+    #[test]
+    fn writes_bump_the_version_no_ops_do_not_and_stale_versions_conflict() {
+        let mut s = state_with(node());
+        patch_node(
+            &mut s,
+            "n",
+            false,
+            SMP,
+            &json!({"metadata": {"labels": {"a": "1"}}}),
+        );
+        assert_eq!(
+            s.nodes["n"]["metadata"]["resourceVersion"], "7",
+            "a no-op patch wrote"
+        );
+        patch_node(
+            &mut s,
+            "n",
+            false,
+            SMP,
+            &json!({"metadata": {"labels": {"a": "2"}}}),
+        );
+        assert_eq!(s.nodes["n"]["metadata"]["resourceVersion"], "8");
+        let stale = patch_node(
+            &mut s,
+            "n",
+            false,
+            SMP,
+            &json!({"metadata": {"resourceVersion": "7", "labels": {"a": "3"}}}),
+        );
+        assert_eq!(stale.status(), StatusCode::CONFLICT);
+        assert_eq!(s.nodes["n"]["metadata"]["labels"]["a"], "2");
+        let json_patch = patch_node(
+            &mut s,
+            "n",
+            false,
+            "application/json-patch+json",
+            &json!([]),
+        );
+        assert_eq!(json_patch.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
 }

@@ -351,3 +351,60 @@ fn name(pod: &Value) -> Option<(String, String)> {
         pod["metadata"]["name"].as_str()?.to_owned(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemonset_pods_and_mirrors_stay_as_kubectl_drain_leaves_them() {
+        let pod = |owner: Value, annotations: Value| {
+            json!({"metadata": {"name": "p", "namespace": "n",
+                                "ownerReferences": owner, "annotations": annotations}})
+        };
+        let ds = json!([{"kind": "DaemonSet", "controller": true}]);
+        let rs = json!([{"kind": "ReplicaSet", "controller": true}]);
+        // A DaemonSet that owns without controlling does not keep the pod.
+        let ds_not_controller = json!([{"kind": "DaemonSet", "controller": false}]);
+        let mirror = json!({"kubernetes.io/config.mirror": "abc"});
+        assert!(!evictable(&pod(ds, json!(null))));
+        assert!(!evictable(&pod(json!(null), mirror)));
+        assert!(evictable(&pod(rs, json!({"other": "x"}))));
+        assert!(evictable(&pod(ds_not_controller, json!(null))));
+        assert!(evictable(&pod(json!(null), json!(null))), "a bare pod");
+    }
+
+    #[test]
+    fn the_taint_is_ours_only_with_our_key_and_effect() {
+        let t = |k: &str, e: &str| json!({"key": k, "effect": e});
+        assert!(is_ours(
+            &t("nodeward.io/draining", "NoSchedule"),
+            "nodeward.io/draining",
+            Effect::NoSchedule
+        ));
+        assert!(!is_ours(
+            &t("nodeward.io/draining", "NoExecute"),
+            "nodeward.io/draining",
+            Effect::NoSchedule
+        ));
+        assert!(!is_ours(
+            &t("other", "NoSchedule"),
+            "nodeward.io/draining",
+            Effect::NoSchedule
+        ));
+    }
+
+    #[test]
+    fn whether_the_taint_was_added_survives_in_its_file() {
+        let dir = std::env::temp_dir().join(format!("nodeward-kube-drain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("kube-drain.json");
+        assert!(!load(&file), "no file: not added");
+        save(&file, true).expect("save");
+        assert!(load(&file));
+        save(&file, false).expect("clear");
+        assert!(!file.exists() && !load(&file));
+        std::fs::write(&file, "{\"version\": 2, \"added_taint\": true}").expect("write");
+        assert!(!load(&file), "another version is not read as ours");
+    }
+}
