@@ -46,6 +46,8 @@ pub struct Config {
     pub node: crate::sources::node::NodeConfig,
     /// Prometheus `/metrics` (section defined in `metrics`).
     pub metrics: crate::metrics::MetricsConfig,
+    /// Node conditions and Events in a Kubernetes cluster (section defined in `kube`).
+    pub kubernetes: crate::kube::KubeConfig,
 }
 
 impl Config {
@@ -435,6 +437,15 @@ fn validate(config: &Config, origins: &BTreeMap<String, Origin>) -> Result<(), C
     }
     if let Err(e) = config.api.validate() {
         let key = format!("api.{}", e.key);
+        return Err(ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            value: e.value,
+            allowed: e.allowed,
+        });
+    }
+    if let Err(e) = config.kubernetes.validate() {
+        let key = format!("kubernetes.{}", e.key);
         return Err(ConfigError::Invalid {
             origin: origin(&key),
             key,

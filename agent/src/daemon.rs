@@ -105,6 +105,10 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
         });
         rx
     });
+    // Node conditions and Events, where there is a Kubernetes API server to publish them to.
+    if let Some(running) = kube_publisher(&config, &health, &store, &cancel, &mut tasks) {
+        feeds.supervised.extend(running);
+    }
     bridge::spawn(
         &bridge_settings,
         &feeds,
@@ -180,6 +184,71 @@ pub async fn run(config: Config, caps: Capabilities) -> Result<(), DaemonError> 
     }
     tracing::info!("all tasks stopped; every eBPF program detached");
     outcome
+}
+
+/// Starts the Kubernetes publisher when `[kubernetes]` and the environment say so. A config that
+/// asks for it where there is no API server, or a client that cannot be built (an unreadable
+/// CA file), is logged and the agent runs without it: the node's own work does not depend on
+/// the cluster.
+fn kube_publisher(
+    config: &Config,
+    health: &health::evaluator::Health,
+    store: &std::sync::Arc<crate::store::Store>,
+    cancel: &tokio_util::sync::CancellationToken,
+    tasks: &mut JoinSet<TaskResult>,
+) -> Option<
+    [(
+        &'static str,
+        tokio::sync::watch::Receiver<crate::task::TaskHealth>,
+    ); 2],
+> {
+    use crate::kube;
+    let section = &config.kubernetes;
+    let target = section
+        .target(
+            |k| std::env::var(k).ok(),
+            std::path::Path::new(kube::SERVICE_ACCOUNT_DIR),
+        )
+        .inspect_err(|e| tracing::error!(error = %e, "not publishing Node conditions"))
+        .ok()??;
+    let client = kube::Client::new(target, section.request_timeout)
+        .inspect_err(|e| tracing::error!(error = %e, "not publishing Node conditions"))
+        .ok()?;
+    let publisher = kube::Publisher {
+        client,
+        // The name the API answers with: `api.node_name`, the DaemonSet's NODE_NAME, the host name.
+        node: crate::api::node_name(&config.api.node_name),
+        config: section.clone(),
+        published: health.subscribe(),
+    };
+    let drainer = kube::drain::Drainer {
+        client: publisher.client.clone(),
+        node: publisher.node.clone(),
+        taint_key: section.drain_taint_key.clone(),
+        taint_effect: section.drain_taint_effect,
+        evict: section.drain_evict,
+        max_backoff: section.max_backoff,
+        // Beside the drain's own state, so that it lives as long (`/run/nodeward`).
+        state_file: config
+            .drain
+            .state_path(&config.api.unix_socket)
+            .with_file_name("kube-drain.json"),
+        drain: health.drain.clone(),
+        store: store.clone(),
+        published: health.subscribe(),
+    };
+    let c = cancel.clone();
+    let drain_health = crate::supervise::spawn(kube::drain::NAME, cancel, tasks, move || {
+        kube::drain::run(drainer.clone(), c.clone())
+    });
+    let c = cancel.clone();
+    let publish_health = crate::supervise::spawn(kube::NAME, cancel, tasks, move || {
+        kube::run(publisher.clone(), c.clone())
+    });
+    Some([
+        (kube::NAME, publish_health),
+        (kube::drain::NAME, drain_health),
+    ])
 }
 
 fn early_exit(joined: Result<TaskResult, tokio::task::JoinError>) -> DaemonError {

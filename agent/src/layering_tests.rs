@@ -33,7 +33,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("sources", &["sources"]),
     ("bridge", &["bridge"]),
     ("health", &["health"]),
-    ("outputs", &["api", "metrics", "client"]),
+    ("outputs", &["api", "metrics", "client", "kube"]),
     // The root config gathers every layer's own section, so it sits above them all; each layer
     // is handed its section, never the root.
     ("config", &["config"]),

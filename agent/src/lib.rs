@@ -15,6 +15,7 @@ pub mod ebpf;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod health;
+pub mod kube;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

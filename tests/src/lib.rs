@@ -28,6 +28,7 @@ use nodeward::probe::cgroup_layout;
 pub mod fake_nvml;
 pub mod image;
 pub mod kube;
+pub mod kubeapi;
 pub mod mirrors;
 pub mod net;
 pub mod pingpong;

@@ -93,7 +93,8 @@ pub struct BoundApi {
 /// inside a pod the hostname is the pod's, not the node's.
 pub const NODE_NAME_ENV: &str = "NODE_NAME";
 
-fn node_name(configured: &str) -> String {
+/// The node's name: the gRPC replies' and the Node object the Kubernetes publisher patches.
+pub fn node_name(configured: &str) -> String {
     pick_node_name(configured, std::env::var(NODE_NAME_ENV).ok(), || {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
     })

@@ -1,0 +1,325 @@
+//! The few Kubernetes API calls the agent makes, over HTTP/1.1 (HTTPS with the cluster's CA, or
+//! plain HTTP to a local server), with a bearer token read afresh for every request (projected
+//! service-account tokens rotate).
+//!
+//! A connection per request: the agent calls the API a few times per heartbeat, so a kept-alive
+//! connection would save nothing worth its reconnect logic.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{header, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::{
+    rustls::{
+        self,
+        pki_types::{pem::PemObject as _, CertificateDer, ServerName},
+        ClientConfig, RootCertStore,
+    },
+    TlsConnector,
+};
+
+/// Where the API server is and how to authenticate to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `https://host:port` or `http://host:port`.
+    pub server: String,
+    /// A file holding the bearer token; `None`: no `Authorization` header.
+    pub token_file: Option<PathBuf>,
+    /// The CA bundle that signs the server's certificate (HTTPS only).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("kubernetes.server {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
+    Url(String),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: no usable PEM certificate: {1}")]
+    Pem(PathBuf, String),
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("HTTP exchange with {0}: {1}")]
+    Http(String, hyper::Error),
+    #[error("building the request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("no answer from {0} within {1:?}")]
+    Timeout(String, Duration),
+    #[error("{method} {path}: {status}: {message}")]
+    Status {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        message: String,
+        /// `Retry-After` of a 429 or 503, in seconds.
+        retry_after: Option<u64>,
+    },
+}
+
+impl ClientError {
+    /// The server's own wait, when it asked for one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => retry_after.map(Duration::from_secs),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The patch types the API server takes; the agent sends strategic merge patches, which merge
+/// lists by their merge key (`status.conditions` by `type`).
+pub const STRATEGIC_MERGE: &str = "application/strategic-merge-patch+json";
+
+/// A client of one API server.
+#[derive(Clone)]
+pub struct Client {
+    target: Target,
+    host: String,
+    port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(target: Target, timeout: Duration) -> Result<Self, ClientError> {
+        let bad = || ClientError::Url(target.server.clone());
+        let (https, rest) = match target.server.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            _ => return Err(bad()),
+        };
+        let authority = rest.trim_end_matches('/');
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| bad())?)
+            }
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(bad());
+        }
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = if https {
+            let mut roots = RootCertStore::empty();
+            if let Some(ca) = &target.ca_file {
+                let pem = std::fs::read(ca).map_err(|e| ClientError::Read(ca.clone(), e))?;
+                let certs = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ClientError::Pem(ca.clone(), e.to_string()))?;
+                if certs.is_empty() {
+                    return Err(ClientError::Pem(ca.clone(), "none in the file".to_owned()));
+                }
+                for c in certs {
+                    roots.add(c)?;
+                }
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Self {
+            target,
+            host,
+            port,
+            tls,
+            timeout,
+        })
+    }
+
+    /// `GET path`, the JSON answer.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call(Method::GET, path, None, Value::Null).await
+    }
+
+    /// `PATCH path` with a strategic merge patch.
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.call(Method::PATCH, path, Some(STRATEGIC_MERGE), body.clone())
+            .await
+    }
+
+    /// `POST path` with a JSON object.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.call(Method::POST, path, Some("application/json"), body.clone())
+            .await
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Value,
+    ) -> Result<Value, ClientError> {
+        match tokio::time::timeout(
+            self.timeout,
+            self.exchange(&method, path, content_type, body),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout(
+                self.target.server.clone(),
+                self.timeout,
+            )),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        method: &Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Value,
+    ) -> Result<Value, ClientError> {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(header::HOST, format!("{}:{}", self.host, self.port))
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                concat!("nodeward/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(file) = &self.target.token_file {
+            let token = tokio::fs::read_to_string(file)
+                .await
+                .map_err(|e| ClientError::Read(file.clone(), e))?;
+            req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        }
+        let payload = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
+        let req = req.body(Full::new(payload))?;
+        let server = || self.target.server.clone();
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ClientError::Connect(server(), e))?;
+        let response = match &self.tls {
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| ClientError::Connect(server(), e))?;
+                send(TokioIo::new(tls), req).await
+            }
+            None => send(TokioIo::new(tcp), req).await,
+        }
+        .map_err(|e| ClientError::Http(server(), e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(server(), e))?
+            .to_bytes();
+        let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(answer)
+        } else {
+            let message = answer.get("message").and_then(Value::as_str).map_or_else(
+                || String::from_utf8_lossy(&bytes).into_owned(),
+                str::to_owned,
+            );
+            Err(ClientError::Status {
+                method: method.clone(),
+                path: path.to_owned(),
+                status,
+                message,
+                retry_after,
+            })
+        }
+    }
+}
+
+async fn send<T>(
+    io: TokioIo<T>,
+    req: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    let driver = tokio::spawn(conn);
+    let response = sender.send_request(req).await;
+    // The body is read after this returns; the connection task ends once it is.
+    drop(driver);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(server: &str) -> Target {
+        Target {
+            server: server.to_owned(),
+            token_file: None,
+            ca_file: None,
+        }
+    }
+
+    #[test]
+    fn servers_are_read_with_their_scheme_and_port() {
+        let c =
+            Client::new(target("http://127.0.0.1:8080"), Duration::from_secs(1)).expect("http URL");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls.is_some()),
+            ("127.0.0.1", 8080, false)
+        );
+        let c = Client::new(target("https://10.0.0.1"), Duration::from_secs(1)).expect("https");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls.is_some()),
+            ("10.0.0.1", 443, true)
+        );
+        let c =
+            Client::new(target("https://[fd00::1]:6443/"), Duration::from_secs(1)).expect("IPv6");
+        assert_eq!((c.host.as_str(), c.port), ("fd00::1", 6443));
+        for bad in ["10.0.0.1:443", "ftp://x", "http://", "http://h:notaport"] {
+            assert!(
+                Client::new(target(bad), Duration::from_secs(1)).is_err(),
+                "{bad} was accepted"
+            );
+        }
+    }
+}
