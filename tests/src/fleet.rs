@@ -44,7 +44,11 @@ impl Certs {
             .arg(&self.dir)
             .output()
             .expect("run nodeward certs");
-        assert!(out.status.success(), "nodeward certs {args:?}: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "nodeward certs {args:?}: {}",
+            text(&out)
+        );
         out
     }
 

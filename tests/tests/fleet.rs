@@ -72,38 +72,63 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
             &["ebpf.enabled=false".to_owned()],
         ));
     }
-    // Each agent's own view, once every one has a verdict (its sources reported).
-    let mut truth = BTreeMap::new();
+    // Every agent has a verdict (its sources reported).
     for a in &agents {
-        let settled = eventually(Duration::from_secs(90), || async {
-            let (node, verdict) = own_view(a).await;
-            (verdict != "UNKNOWN").then_some((node, verdict))
+        eventually(Duration::from_secs(90), || async {
+            (own_view(a).await.1 != "UNKNOWN").then_some(())
         })
         .await
         .unwrap_or_else(|| panic!("{} never left UNKNOWN\n{}", a.node, a.log_text()));
-        truth.insert(a.tcp.to_string(), settled);
     }
     let targets = dir.0.join("targets");
     let lines: Vec<String> = agents.iter().map(FleetAgent::target_line).collect();
-    std::fs::write(&targets, format!("# the test fleet\n{}\n", lines.join("\n"))).expect("targets");
+    std::fs::write(
+        &targets,
+        format!("# the test fleet\n{}\n", lines.join("\n")),
+    )
+    .expect("targets");
     let targets = targets.display().to_string();
-    let ops = certs.client_args(OPERATOR);
+    // A generous per-node timeout that only catches a hang: 20 debug-built agents doing TLS
+    // on a shared 2-core machine are slow; speed is the benchmark's (`cargo xtask bench`).
+    let mut ops = certs.client_args(OPERATOR);
+    ops.extend(["--timeout".to_owned(), "60s".to_owned()]);
 
-    let out = fleet(&args(&["status", "--json", "--targets", &targets], &ops));
-    assert!(out.status.success(), "{}", text(&out));
-    let got = rows(&out);
-    assert_eq!(got.len(), usize::from(AGENTS), "{}", text(&out));
-    for row in &got {
-        let address = row["address"].as_str().expect("address");
-        let (node, verdict) = truth.get(address).unwrap_or_else(|| panic!("unknown row {row}"));
-        assert_eq!(row["node"], node.as_str(), "{row}");
-        // The agent's verdict now: a change between the two asks would show here, not hide.
-        let agent = agents.iter().find(|a| a.tcp.to_string() == address).expect("agent");
-        let (_, now) = own_view(agent).await;
-        assert_eq!(now, *verdict, "{} changed its verdict during the test", agent.node);
-        assert_eq!(row["verdict"], verdict.as_str(), "{row}");
-        assert!(row["error"].is_null(), "{row}");
+    // The agents' verdicts may change while the fleet is asked (a loaded machine raises CPU
+    // pressure): a node is checked in a round where its own answer before and after the fleet
+    // run agree, and every node must be checked in some round.
+    let mut checked = std::collections::BTreeSet::new();
+    for _round in 0..10 {
+        let mut before = BTreeMap::new();
+        for a in &agents {
+            before.insert(a.tcp.to_string(), own_view(a).await);
+        }
+        let out = fleet(&args(&["status", "--json", "--targets", &targets], &ops));
+        assert!(out.status.success(), "{}", text(&out));
+        let got = rows(&out);
+        assert_eq!(got.len(), usize::from(AGENTS), "{}", text(&out));
+        for row in &got {
+            let address = row["address"].as_str().expect("address");
+            let agent = agents
+                .iter()
+                .find(|a| a.tcp.to_string() == address)
+                .expect("agent");
+            let (node, verdict) = before.get(address).expect("asked before");
+            assert_eq!(row["node"], node.as_str(), "{row}");
+            assert!(row["error"].is_null(), "{row}");
+            if own_view(agent).await.1 == *verdict {
+                assert_eq!(row["verdict"], verdict.as_str(), "{row}");
+                checked.insert(node.clone());
+            }
+        }
+        if checked.len() == usize::from(AGENTS) {
+            break;
+        }
     }
+    assert_eq!(
+        checked.len(),
+        usize::from(AGENTS),
+        "nodes whose verdict held still: {checked:?}"
+    );
     // The table lists them all too.
     let out = fleet(&args(&["status", "--targets", &targets], &ops));
     let table = String::from_utf8_lossy(&out.stdout);
@@ -113,15 +138,27 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
 
     // One agent killed: its row stays, as UNREACHABLE with the error, the others answer.
     agents[7].kill();
-    let out = fleet(&args(&["status", "--json", "--timeout", "2s", "--targets", &targets], &ops));
+    let out = fleet(&args(&["status", "--json", "--targets", &targets], &ops));
     assert!(out.status.success(), "{}", text(&out));
     let got = rows(&out);
     assert_eq!(got.len(), usize::from(AGENTS), "{}", text(&out));
-    assert_eq!(got[0]["node"], "fleet-node-07", "worst first: {}", text(&out));
+    assert_eq!(
+        got[0]["node"],
+        "fleet-node-07",
+        "worst first: {}",
+        text(&out)
+    );
     assert_eq!(got[0]["verdict"], "UNREACHABLE");
     let error = got[0]["error"].as_str().expect("an error");
-    assert!(error.contains("refused") || error.contains("no answer"), "{error}");
-    assert!(got[1..].iter().all(|r| r["verdict"] != "UNREACHABLE"), "{}", text(&out));
+    assert!(
+        error.contains("refused") || error.contains("no answer"),
+        "{error}"
+    );
+    assert!(
+        got[1..].iter().all(|r| r["verdict"] != "UNREACHABLE"),
+        "{}",
+        text(&out)
+    );
 
     // A client certificate of another CA: every agent refuses it, and the row says so.
     let foreign = Certs::new(&dir.0.join("other-pki"));
@@ -133,16 +170,30 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
     let got = rows(&out);
     assert_eq!(got[0]["verdict"], "UNREACHABLE", "{}", text(&out));
     let error = got[0]["error"].as_str().expect("an error");
-    assert!(error.contains("UnknownCA") || error.contains("BadCertificate"), "{error}");
+    // UnknownCA, or DecryptError where the other CA has the same name as the agents' (both
+    // "nodeward CA", the default): the agent found a CA of that name whose key did not sign it.
+    assert!(
+        ["UnknownCA", "BadCertificate", "DecryptError"]
+            .iter()
+            .any(|a| error.contains(&format!("received fatal alert: {a}"))),
+        "{error}"
+    );
     // No client certificate at all.
     let out = fleet(&args(&["status", "--json", "--target", &one], &ops[..2]));
-    let error = rows(&out)[0]["error"].as_str().expect("an error").to_owned();
+    assert_eq!(rows(&out)[0]["verdict"], "UNREACHABLE", "{}", text(&out));
+    let error = rows(&out)[0]["error"]
+        .as_str()
+        .expect("an error")
+        .to_owned();
     assert!(error.contains("CertificateRequired"), "{error}");
     // A node name the agent's certificate does not carry: the client refuses the agent.
     let wrong = format!("{} fleet-node-99", agents[0].tcp);
     let out = fleet(&args(&["status", "--json", "--target", &wrong], &ops));
-    let error = rows(&out)[0]["error"].as_str().expect("an error").to_owned();
-    assert!(error.contains("NotValidForName"), "{error}");
+    let error = rows(&out)[0]["error"]
+        .as_str()
+        .expect("an error")
+        .to_owned();
+    assert!(error.contains("not valid for name \"fleet-node-99\""), "{error}");
 }
 
 /// When each agent logged a drain's begin and end (`drain requested`, `drain cancelled`), from
@@ -191,7 +242,11 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let served = if i == 0 { stream.served_port } else { idle_port };
+        let served = if i == 0 {
+            stream.served_port
+        } else {
+            idle_port
+        };
         agents.push(FleetAgent::start(
             &dir.0,
             &certs,
@@ -210,7 +265,11 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
     eventually(Duration::from_secs(90), || {
         let mut c = clients[0].clone();
         async move {
-            let s = c.get_drain_status(pb::GetDrainStatusRequest {}).await.ok()?.into_inner();
+            let s = c
+                .get_drain_status(pb::GetDrainStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
             (s.live_streams > 0).then_some(())
         }
     })
@@ -225,7 +284,11 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
             loop {
                 let mut sample = [(false, 0); 4];
                 for (i, c) in clients.iter().enumerate() {
-                    if let Ok(s) = c.clone().get_drain_status(pb::GetDrainStatusRequest {}).await {
+                    if let Ok(s) = c
+                        .clone()
+                        .get_drain_status(pb::GetDrainStatusRequest {})
+                        .await
+                    {
                         let s = s.into_inner();
                         let draining = s
                             .drain
@@ -243,14 +306,28 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
     let lines: Vec<String> = agents.iter().map(FleetAgent::target_line).collect();
     std::fs::write(&targets, lines.join("\n")).expect("targets");
     let mut cmd = tokio::process::Command::new(nodeward_tests::agent_binary());
-    cmd.args(["fleet", "drain", "--max-unavailable", "2", "--deadline", "10m", "--poll", "200ms"])
-        .arg("--targets")
-        .arg(&targets)
-        .args(certs.client_args(OPERATOR))
-        .args(["fleet-drain-0", "fleet-drain-1", "fleet-drain-2", "fleet-drain-3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args([
+        "fleet",
+        "drain",
+        "--max-unavailable",
+        "2",
+        "--deadline",
+        "10m",
+        "--poll",
+        "200ms",
+    ])
+    .arg("--targets")
+    .arg(&targets)
+    .args(certs.client_args(OPERATOR))
+    .args([
+        "fleet-drain-0",
+        "fleet-drain-1",
+        "fleet-drain-2",
+        "fleet-drain-3",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .kill_on_drop(true);
     let child = cmd.spawn().expect("start fleet drain");
 
     // The first batch drains; node-0 holds it with its stream for many samples.
@@ -281,7 +358,10 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
     monitor.abort();
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
-    assert!(shown.contains("fleet-drain-0: waiting, 1 streams"), "{shown}");
+    assert!(
+        shown.contains("fleet-drain-0: waiting, 1 streams"),
+        "{shown}"
+    );
 
     let samples = samples.lock().expect("samples").clone();
     for (n, s) in samples[..before_release].iter().enumerate() {
@@ -306,13 +386,25 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
     let mut draining = 0;
     for (t, step) in &events {
         draining += step;
-        assert!(draining <= 2, "{draining} nodes draining at {t:?}: {events:?}");
+        assert!(
+            draining <= 2,
+            "{draining} nodes draining at {t:?}: {events:?}"
+        );
     }
     // And now none is.
     for (c, a) in clients.iter().zip(&agents) {
-        let s = c.clone().get_drain_status(pb::GetDrainStatusRequest {}).await.expect("status");
+        let s = c
+            .clone()
+            .get_drain_status(pb::GetDrainStatusRequest {})
+            .await
+            .expect("status");
         let state = s.into_inner().drain.map(|d| d.state);
-        assert_eq!(state, Some(pb::DrainState::NotDraining as i32), "{}", a.node);
+        assert_eq!(
+            state,
+            Some(pb::DrainState::NotDraining as i32),
+            "{}",
+            a.node
+        );
     }
     drop(idle);
 }
