@@ -29,6 +29,9 @@ use nodeward_tests::{
 
 const AGENTS: u8 = 20;
 
+/// Each of the 4 agents' (draining, live streams), from one round of GetDrainStatus.
+type Sample = [(bool, u32); 4];
+
 async fn own_view(agent: &FleetAgent) -> (String, String) {
     let r = agent
         .client()
@@ -193,7 +196,10 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
         .as_str()
         .expect("an error")
         .to_owned();
-    assert!(error.contains("not valid for name \"fleet-node-99\""), "{error}");
+    assert!(
+        error.contains("not valid for name \"fleet-node-99\""),
+        "{error}"
+    );
 }
 
 /// When each agent logged a drain's begin and end (`drain requested`, `drain cancelled`), from
@@ -277,7 +283,7 @@ async fn fleet_drain_drains_at_most_max_unavailable_nodes_at_once_and_waits_for_
     .unwrap_or_else(|| panic!("node-0 never saw its stream\n{}", agents[0].log_text()));
 
     // The agents' own GetDrainStatus, sampled until the test ends.
-    let samples: Arc<Mutex<Vec<[(bool, u32); 4]>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let monitor = {
         let (clients, samples) = (clients.clone(), samples.clone());
         tokio::spawn(async move {
