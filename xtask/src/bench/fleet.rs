@@ -54,10 +54,16 @@ fn certs(agent_bin: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `n` distinct free ports: the listeners are all held until every port is known, so the
+/// kernel cannot hand out one twice.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -96,9 +102,8 @@ pub fn status(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<
     certs(agent_bin, &dir, &["client", "bench"])?;
     let path = |f: &str| dir.join(f).display().to_string();
     let mut agents = Agents(Vec::new());
-    let mut ports = Vec::new();
-    for i in 0..AGENTS {
-        let port = free_port()?;
+    let ports = free_ports(AGENTS)?;
+    for (i, port) in ports.iter().enumerate() {
         let set = [
             format!("api.node_name=bench-{i:03}"),
             format!("api.unix_socket={}", path(&format!("{i}.sock"))),
@@ -128,7 +133,6 @@ pub fn status(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<
             .spawn()
             .context("start an agent")?;
         agents.0.push(child);
-        ports.push(port);
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     for port in &ports {
