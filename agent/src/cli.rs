@@ -1,6 +1,9 @@
 //! The command line. `nodeward` with no subcommand is `nodeward run`.
 
-use std::path::PathBuf;
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -66,6 +69,34 @@ pub enum Command {
     /// The drain handshake: start, follow and cancel a drain.
     #[command(subcommand)]
     Drain(crate::client::DrainCommand),
+    /// Many nodes at once: status, watch, or drain in batches (also the kubectl plugin
+    /// `kubectl-nodeward`).
+    #[command(subcommand)]
+    Fleet(crate::client::fleet::FleetCommand),
+    /// Make a CA, node (server) and client certificates for the gRPC API's mutual TLS.
+    #[command(subcommand)]
+    Certs(crate::client::certs::CertsCommand),
+}
+
+/// The name the binary answers to as a kubectl plugin: `kubectl nodeward ARGS` runs
+/// `kubectl-nodeward ARGS`, which is `nodeward fleet ARGS`.
+pub const KUBECTL_PLUGIN: &str = "kubectl-nodeward";
+
+/// The command line, with `fleet` put in front when the binary was started as
+/// `kubectl-nodeward` (a link to `nodeward`).
+pub fn parse() -> Cli {
+    Cli::parse_from(plugin_args(std::env::args_os()))
+}
+
+fn plugin_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let as_plugin = args
+        .first()
+        .is_some_and(|a0| Path::new(a0).file_name() == Some(std::ffi::OsStr::new(KUBECTL_PLUGIN)));
+    if as_plugin {
+        args.insert(1, OsString::from("fleet"));
+    }
+    args
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,4 +105,28 @@ pub enum ConfigCommand {
     Show,
     /// Check the configuration and exit 0 if it is valid, 64 if not.
     Check,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_as_the_kubectl_plugin_the_binary_is_fleet() {
+        let args = plugin_args(
+            ["/usr/bin/kubectl-nodeward", "status", "--target", "h:1"].map(OsString::from),
+        );
+        let cli = Cli::parse_from(args);
+        assert!(matches!(
+            cli.command,
+            Some(Command::Fleet(crate::client::fleet::FleetCommand::Status(
+                _
+            )))
+        ));
+        let args = plugin_args(["nodeward", "status"].map(OsString::from));
+        assert!(matches!(
+            Cli::parse_from(args).command,
+            Some(Command::Status(_))
+        ));
+    }
 }

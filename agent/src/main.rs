@@ -2,16 +2,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use nodeward::{
-    cli::{Cli, Command, ConfigCommand},
+    cli::{Command, ConfigCommand},
     config, daemon, logging,
     probe::Capabilities,
     EXIT_SOFTWARE, EXIT_USAGE,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = nodeward::cli::parse();
     if !matches!(cli.command, None | Some(Command::Run)) {
         // The command-line tools end quietly when their reader goes away (`nodeward status |
         // head`), as Unix tools do, instead of panicking on EPIPE. The daemon keeps SIGPIPE
@@ -84,6 +83,14 @@ fn main() -> ExitCode {
         Command::Drain(cmd) => client(&config, |socket| async move {
             nodeward::client::drain(&cmd, &socket).await
         }),
+        Command::Fleet(cmd) => fleet(&cmd),
+        Command::Certs(cmd) => match nodeward::client::certs::run(&cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nodeward: {e}");
+                e.exit_code()
+            }
+        },
     }
 }
 
@@ -132,6 +139,27 @@ where
         }
     };
     match runtime.block_on(f(config.api.unix_socket.clone())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodeward: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// `nodeward fleet …` (also `kubectl-nodeward …`).
+fn fleet(cmd: &nodeward::client::fleet::FleetCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeward: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_SOFTWARE);
+        }
+    };
+    match runtime.block_on(nodeward::client::fleet::run(cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nodeward: {e}");

@@ -171,6 +171,8 @@ pub struct LiveConnection {
     stop: Arc<AtomicBool>,
     pinger: Option<std::thread::JoinHandle<()>>,
     pub local: String,
+    /// The port the cgroup's server accepted the connection on.
+    pub served_port: u16,
 }
 
 impl LiveConnection {
@@ -219,6 +221,7 @@ impl LiveConnection {
             stop,
             pinger: Some(pinger),
             local,
+            served_port: port,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod rtp;
 use nodeward::probe::cgroup_layout;
 
 pub mod fake_nvml;
+pub mod fleet;
 pub mod image;
 pub mod kube;
 pub mod kubeapi;

@@ -1,5 +1,6 @@
 //! The client side of the gRPC API: `nodeward status`, `watch`, `containers`, `gpus` and
-//! `drain {start,status,cancel}`, human tables by default and `--json` for scripts.
+//! `drain {start,status,cancel}`, human tables by default and `--json` for scripts; `fleet`
+//! asks many agents at once, and `certs` makes the certificates that secure them.
 //!
 //! Exit codes: 0 on success, 69 (`EX_UNAVAILABLE`) when the agent cannot be reached, 1 when the
 //! agent answered with an error, 64 for a bad address or argument.
@@ -12,6 +13,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::api::pb::{self, node_health_client::NodeHealthClient};
 
 pub mod args;
+pub mod certs;
+pub mod fleet;
 mod json;
 mod render;
 
@@ -64,7 +67,7 @@ impl ClientError {
 
 /// An error with its causes ("transport error: No such file or directory"), since tonic's own
 /// message alone says little.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -165,7 +168,7 @@ pub async fn channel(
     Ok(channel)
 }
 
-fn default_requester() -> String {
+pub(crate) fn default_requester() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".to_owned());

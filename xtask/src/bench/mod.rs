@@ -9,6 +9,7 @@
 mod agent;
 mod collector;
 mod drain;
+mod fleet;
 mod footprint;
 mod identity;
 mod load;
@@ -147,6 +148,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("API latency and Watch memory", collector::api),
         ("TCP start-up seed, 50,000 connections", drain::seed),
         ("drain status, 50,000 streams", drain::status),
+        ("fleet status, 200 agents", fleet::status),
         ("peer: bpftrace RTT histogram", peer::bpftrace),
         (
             "load soak: gRPC callers, Watch streams, RTT samples",
@@ -300,6 +302,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
     let _ = writeln!(s, "{}", identity::DESCRIPTION);
     let _ = writeln!(s, "{}", drain::DESCRIPTION);
+    let _ = writeln!(s, "{}", fleet::DESCRIPTION);
     let _ = writeln!(s, "{}", peer::DESCRIPTION);
     let _ = writeln!(s, "{}", load::DESCRIPTION);
     s

@@ -1,0 +1,190 @@
+//! `nodeward fleet status|watch|drain`: many agents at once. Targets come from a static list
+//! (`targets`); each agent is asked over plain HTTP/2 (no `--ca`: agents on loopback) or mutual
+//! TLS, at most `--parallel` at a time and each within `--timeout` (`query`); the answers make
+//! one table, worst verdict first, with every node that did not answer as an `UNREACHABLE` row
+//! (`row`). `drain` drains nodes in batches of `--max-unavailable` (`drain`).
+//!
+//! Installed as `kubectl-nodeward`, the binary is this command: `kubectl nodeward status` is
+//! `nodeward fleet status` (see `cli::parse`).
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Subcommand};
+
+mod drain;
+mod query;
+mod row;
+pub mod targets;
+
+pub use query::{for_each, Dialer};
+pub use row::{FleetVerdict, Row};
+pub use targets::{Discovery, StaticList, Target, TargetError};
+
+/// Where the agents are and how to reach them.
+#[derive(Debug, Clone, Args)]
+pub struct FleetConn {
+    /// An agent: `host:port` or `"host:port node-name"` (repeatable).
+    #[arg(long = "target", value_name = "HOST:PORT [NODE]")]
+    pub target: Vec<String>,
+    /// A file of agents, one `host:port [node-name]` a line; `#` starts a comment (repeatable).
+    #[arg(long = "targets", value_name = "FILE")]
+    pub targets: Vec<PathBuf>,
+    /// PEM CA that signed the agents' certificates: turns TLS on (without it, plain HTTP/2,
+    /// for agents on loopback only).
+    #[arg(long, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate to present (agents with `api.tls_client_ca` require one).
+    #[arg(long, value_name = "PATH", requires = "key", requires = "ca")]
+    pub cert: Option<PathBuf>,
+    /// PEM key of --cert.
+    #[arg(long, value_name = "PATH", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name every agent's certificate must carry [default: each target's node name from
+    /// the list, else its host].
+    #[arg(long, value_name = "NAME", requires = "ca")]
+    pub server_name: Option<String>,
+    /// Agents asked at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub parallel: u16,
+    /// How long one agent may take to answer (connection, TLS and calls together).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// One JSON object per node and line instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Ask every agent once and print one table, worst verdict first.
+    Status(FleetConn),
+    /// Ask every agent every --interval and redraw the table.
+    Watch {
+        #[command(flatten)]
+        conn: FleetConn,
+        /// Time between two rounds.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many rounds (0 = never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Drain nodes in batches: each batch is drained (BeginDrain) and waited for until every
+    /// node of it is ready (its live streams ended, or its deadline passed), then given back
+    /// (CancelDrain) before the next batch begins.
+    Drain(drain::DrainArgs),
+}
+
+/// The TLS files of `--ca`, `--cert`, `--key`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Targets(#[from] TargetError),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Drain(String),
+    #[error("cannot print JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl FleetError {
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            Self::Targets(_) | Self::ReadFile { .. } | Self::Usage(_) => crate::EXIT_USAGE,
+            Self::Unavailable(_) => super::EXIT_UNAVAILABLE,
+            Self::Drain(_) | Self::Json(_) => 1,
+        })
+    }
+}
+
+impl FleetConn {
+    fn dialer(&self) -> Result<Dialer, FleetError> {
+        let tls = self.ca.as_ref().map(|ca| TlsFiles {
+            ca: ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        });
+        Dialer::new(tls.as_ref(), self.server_name.clone(), self.timeout)
+    }
+
+    fn list(&self) -> StaticList {
+        StaticList {
+            targets: self.target.clone(),
+            files: self.targets.clone(),
+        }
+    }
+}
+
+/// Every node's row, sorted worst first.
+pub async fn rows(conn: &FleetConn, discovery: &impl Discovery) -> Result<Vec<Row>, FleetError> {
+    let targets = discovery.targets().await?;
+    let dialer = conn.dialer()?;
+    let mut rows = query::ask_all(&dialer, &targets, usize::from(conn.parallel)).await;
+    row::sort(&mut rows);
+    Ok(rows)
+}
+
+fn print(rows: &[Row], json: bool) -> Result<(), FleetError> {
+    if json {
+        let mut out = String::new();
+        for r in rows {
+            out.push_str(&serde_json::to_string(r)?);
+            out.push('\n');
+        }
+        print!("{out}");
+    } else {
+        print!("{}", row::table(rows));
+        println!("{}", row::summary(rows));
+    }
+    Ok(())
+}
+
+pub async fn run(cmd: &FleetCommand) -> Result<(), FleetError> {
+    match cmd {
+        FleetCommand::Status(conn) => print(&rows(conn, &conn.list()).await?, conn.json),
+        FleetCommand::Watch {
+            conn,
+            interval,
+            count,
+        } => {
+            let redraw = !conn.json && std::io::stdout().is_terminal();
+            let list = conn.list();
+            let mut n = 0u64;
+            loop {
+                let rows = rows(conn, &list).await?;
+                if redraw {
+                    // Home and clear, then the table: one screen that changes in place.
+                    print!("\x1b[H\x1b[2J");
+                }
+                if !conn.json {
+                    println!(
+                        "{}",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    );
+                }
+                print(&rows, conn.json)?;
+                n += 1;
+                if *count != 0 && n >= *count {
+                    return Ok(());
+                }
+                tokio::time::sleep(*interval).await;
+            }
+        }
+        FleetCommand::Drain(args) => drain::run(args, &args.conn.list()).await,
+    }
+}
