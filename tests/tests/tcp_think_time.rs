@@ -73,7 +73,11 @@ fn start_think(
     let mut ports = Vec::new();
     let mut line = String::new();
     while out.read_line(&mut line).expect("read client") > 0 && line.trim() != "connected" {
-        ports.push(line.trim().parse().expect("the client prints its local ports"));
+        ports.push(
+            line.trim()
+                .parse()
+                .expect("the client prints its local ports"),
+        );
         line.clear();
     }
     (Proc(child), out, ports)
@@ -160,7 +164,8 @@ fn server_path_rtt_excludes_the_clients_pause(test: &str, pause_ms: u32, subnet:
 
     assert_eq!(client_ss.len(), ports.len(), "ss sees every client socket");
     let client_rtt = client_ss.iter().map(|s| s.srtt_ms).sum::<f64>() / client_ss.len() as f64;
-    let server_srtt = server_ss.iter().map(|s| s.srtt_ms).sum::<f64>() / server_ss.len().max(1) as f64;
+    let server_srtt =
+        server_ss.iter().map(|s| s.srtt_ms).sum::<f64>() / server_ss.len().max(1) as f64;
     let (srv, cli) = (window(&snap, &server_cg), window(&snap, &client_cg));
     let truth = median(data_delays(&line.applied(), port));
     eprintln!(
@@ -292,7 +297,11 @@ fn a_bulk_senders_figures_are_unchanged() {
         w.measured_mean_rtt_us / 1e3,
         w.samples
     );
-    assert!(w.samples >= 100, "a bulk transfer's worth of samples: {}", w.samples);
+    assert!(
+        w.samples >= 100,
+        "a bulk transfer's worth of samples: {}",
+        w.samples
+    );
     assert!(
         w.path_samples * 100 >= w.samples * 95,
         "nearly every bulk measurement is a path sample: {} of {}",

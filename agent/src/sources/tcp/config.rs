@@ -149,10 +149,16 @@ mod tests {
 
     #[test]
     fn the_measured_rtt_is_taken_from_6_10_and_refused_before() {
-        assert_eq!(RttMethod::Auto.resolve("6.18.0-1-amd64"), Ok(RttMethod::Kernel));
+        assert_eq!(
+            RttMethod::Auto.resolve("6.18.0-1-amd64"),
+            Ok(RttMethod::Kernel)
+        );
         assert_eq!(RttMethod::Auto.resolve("6.10.0"), Ok(RttMethod::Kernel));
         assert_eq!(RttMethod::Auto.resolve("6.9.12"), Ok(RttMethod::Srtt));
-        assert_eq!(RttMethod::Auto.resolve("5.10.0-23-amd64"), Ok(RttMethod::Srtt));
+        assert_eq!(
+            RttMethod::Auto.resolve("5.10.0-23-amd64"),
+            Ok(RttMethod::Srtt)
+        );
         assert_eq!(RttMethod::Srtt.resolve("6.18.0"), Ok(RttMethod::Srtt));
         assert_eq!(RttMethod::Kernel.resolve("6.18.0"), Ok(RttMethod::Kernel));
         let e = RttMethod::Kernel.resolve("6.6.71-anolis");
