@@ -522,3 +522,39 @@ fn retransmits_match_the_kernels_count() {
         "{totals:?}"
     );
 }
+
+/// `tcp.rtt_method = "kernel"` where no measured RTT can be had (the sock_diag path polls the
+/// smoothed srtt) is refused when the source attaches, with the reason and what to use
+/// instead; `auto` on the same path attaches and says `srtt`.
+#[test]
+fn a_forced_kernel_method_is_refused_where_only_srtt_exists() {
+    const TEST: &str = "a_forced_kernel_method_is_refused_where_only_srtt_exists";
+    if !nodeward_tests::is_root() {
+        skip(TEST, "needs root (sock_diag)");
+        return;
+    }
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = plan(&caps, Attribution::SockDiag).expect("sock_diag plan as root");
+    let attach = |method| {
+        let config = TcpConfig {
+            rtt_method: method,
+            ..TcpConfig::default()
+        };
+        Collector::attach(
+            &root,
+            &config,
+            &plan,
+            Duration::from_secs(1),
+            &DEFAULT_NETWORK_WINDOWS,
+        )
+    };
+    let err = attach(RttMethod::Kernel).expect_err("kernel forced on sock_diag is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("tcp.rtt_method") && text.contains("\"srtt\""),
+        "the error names the key and the way out: {text}"
+    );
+    let mut ok = attach(RttMethod::Auto).expect("auto attaches on sock_diag");
+    let snap = ok.tick().expect("a tick");
+    assert_eq!(snap.fidelity.rtt_method, Some(RttMethod::Srtt));
+}

@@ -93,13 +93,13 @@ impl Collector {
             ensure_cgroup2(cgroup_root)?;
         }
         // sock_diag has the smoothed srtt only, as kernels before 6.10 do.
-        let release = if plan.recorder == Recorder::SockDiag {
-            "sock_diag".to_owned()
+        let rtt_method = if plan.recorder == Recorder::SockDiag {
+            config.rtt_method.resolve_for_sock_diag()?
         } else {
-            std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned())
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned());
+            config.rtt_method.resolve(&release)?
         };
-        let rtt_method = config.rtt_method.resolve(&release)?;
         let input = if plan.recorder == Recorder::SockDiag {
             Input::Diag(Box::new(diag::Poller::open(&plan.proc_root, config)?))
         } else {

@@ -63,6 +63,16 @@ impl RttMethod {
     }
 }
 
+impl RttMethod {
+    /// The method on the sock_diag path, which polls the smoothed srtt only.
+    pub fn resolve_for_sock_diag(self) -> Result<Self, RttMethodError> {
+        match self {
+            Self::Kernel => Err(RttMethodError::SockDiag),
+            Self::Auto | Self::Srtt => Ok(Self::Srtt),
+        }
+    }
+}
+
 impl std::fmt::Display for RttMethod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -76,6 +86,11 @@ pub enum RttMethodError {
          RTT to sock_ops since 6.10); this kernel is {release}: use \"auto\" or \"srtt\""
     )]
     KernelTooOld { release: String },
+    #[error(
+        "tcp.rtt_method = \"kernel\" needs the sock_ops path: the sock_diag path polls the \
+         smoothed srtt only; use \"auto\" or \"srtt\""
+    )]
+    SockDiag,
 }
 
 /// Whether a kernel of this release passes the measured RTT to `BPF_SOCK_OPS_RTT_CB` (6.10
@@ -170,6 +185,11 @@ mod tests {
         );
         assert!(e.is_err_and(|e| e.to_string().contains("6.10")));
         assert!(RttMethod::Kernel.resolve("unknown (no file)").is_err());
+        assert_eq!(
+            RttMethod::Kernel.resolve_for_sock_diag(),
+            Err(RttMethodError::SockDiag)
+        );
+        assert_eq!(RttMethod::Auto.resolve_for_sock_diag(), Ok(RttMethod::Srtt));
     }
 
     #[test]
