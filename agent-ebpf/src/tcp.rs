@@ -222,33 +222,19 @@ pub struct FlowState {
 ///   after new data from the peer: the peer answered this side's request, so the sample is
 ///   the path plus the peer's processing time (what the client's own `ss -ti` shows): path.
 /// - Any other ACK that completes the flight may have waited on the peer (the server side of
-///   a request/response exchange, a lone segment acked by the delayed-ACK timer): path only
-///   if within 1/4 of the kernel's windowed minimum RTT (`rtt_min`, which the kernel already
-///   keeps from rising on possibly delayed ACKs) — the peer answered at once.
+///   a request/response exchange, a lone segment acked by the delayed-ACK timer): left out,
+///   whatever its value — keeping the ones that look small would bias the distribution low.
 ///
 /// Each connection's handshake RTT is a path sample too: the peer acks a SYN or SYN-ACK at
 /// once, so a server whose every later sample waits on its clients still has one clean sample
 /// per connection.
 pub mod path {
-    /// A suspect sample is a path sample if `rtt * DEN <= rtt_min * NUM` (within 1/4 of the
-    /// minimum).
-    pub const SUSPECT_NUM: u64 = 5;
-    pub const SUSPECT_DEN: u64 = 4;
-
-    /// The classification above, on the values the sock_ops context and the flow give.
+    /// The classification above. `in_flight`: data is still outstanding after this ACK;
     /// `active`: this side opened the connection; `peer_data`: the peer sent data since the
     /// last RTT callback.
     #[inline(always)]
-    pub fn is_path_sample(
-        rtt_us: u32,
-        rtt_min_us: u32,
-        in_flight: bool,
-        active: bool,
-        peer_data: bool,
-    ) -> bool {
-        in_flight
-            || (active && peer_data)
-            || u64::from(rtt_us) * SUSPECT_DEN <= u64::from(rtt_min_us) * SUSPECT_NUM
+    pub fn is_path_sample(in_flight: bool, active: bool, peer_data: bool) -> bool {
+        in_flight || (active && peer_data)
     }
 }
 
@@ -296,21 +282,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_flight_completing_ack_counts_only_when_the_peer_answered_or_it_is_near_the_minimum() {
-        // Mid-flight: always.
-        assert!(path::is_path_sample(90_000, 20_000, true, false, false));
+    fn a_flight_completing_ack_counts_only_when_it_answered_this_sides_request() {
+        // Mid-flight, either side: the receiver acked on arrival.
+        assert!(path::is_path_sample(true, false, false));
+        assert!(path::is_path_sample(true, true, false));
         // A client's request answered by the server's reply.
-        assert!(path::is_path_sample(24_000, 15_000, false, true, true));
-        // A server's reply acked by the client's next request 30 ms later.
-        assert!(!path::is_path_sample(50_000, 20_000, false, false, true));
-        // A lone segment acked by the delayed-ACK timer, either side.
-        assert!(!path::is_path_sample(60_000, 20_000, false, true, false));
-        assert!(!path::is_path_sample(60_000, 20_000, false, false, false));
-        // Within a quarter of the minimum: the peer answered at once.
-        assert!(path::is_path_sample(25_000, 20_000, false, false, true));
-        assert!(!path::is_path_sample(25_001, 20_000, false, false, true));
-        // No minimum yet (0): a suspect sample is not taken.
-        assert!(!path::is_path_sample(1, 0, false, false, false));
+        assert!(path::is_path_sample(false, true, true));
+        // A server's reply acked by the client's next request (or at once: not told apart).
+        assert!(!path::is_path_sample(false, false, true));
+        // A lone segment acked by a pure ACK that may be the delayed-ACK timer, either side.
+        assert!(!path::is_path_sample(false, true, false));
+        assert!(!path::is_path_sample(false, false, false));
     }
 
     #[test]

@@ -487,8 +487,6 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         let peer_data = data_in != (*flow).seen_data_segs_in;
         (*flow).seen_data_segs_in = data_in;
         path::is_path_sample(
-            rtt_us,
-            (*ops).rtt_min,
             (*ops).snd_una != (*ops).snd_nxt,
             (*flow).passive == direction::ACTIVE,
             peer_data,

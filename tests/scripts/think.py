@@ -2,10 +2,12 @@
 """Clients that pause between requests, and a bulk sender, for tests/tests/tcp_think_time.rs.
 
 client: think.py client ADDR PORT CONNS ROUNDS PAUSE_MS HOLD_S
-  opens CONNS connections (one thread each); each sends ROUNDS 100-byte requests to the
-  pingpong.py server, waits for each reply, then pauses PAUSE_MS before the next. Prints each
-  connection's local port, one per line, then "connected"; "done" when every thread is done;
-  keeps the connections open HOLD_S seconds (so `ss -ti` can see them).
+  runs CONNS connections (one thread each, connecting 40 ms apart, so that handshakes meet the
+  same queue in the delay line as the requests of the connections already running); each
+  sends ROUNDS 100-byte requests to the pingpong.py server, waits for each reply, then pauses
+  PAUSE_MS before the next. Prints each connection's local port, one per line, then
+  "connected" once all are up; "done" when every thread is done; keeps the connections open
+  HOLD_S seconds (so `ss -ti` can see them).
 sink:   think.py sink ADDR PORT
   accepts connections and reads and discards everything.
 bulk:   think.py bulk ADDR PORT MBYTES HOLD_S
@@ -31,22 +33,27 @@ def request(s):
 
 
 def client(addr, port, conns, rounds, pause_ms, hold_s):
+    lock = threading.Condition()
     socks = []
-    for _ in range(conns):
+
+    def run(i):
+        time.sleep(0.04 * i)
         s = socket.create_connection((addr, port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        socks.append(s)
-        print(s.getsockname()[1], flush=True)
-    print("connected", flush=True)
-
-    def run(s):
+        with lock:
+            socks.append(s)
+            print(s.getsockname()[1], flush=True)
+            lock.notify_all()
         for _ in range(rounds):
             request(s)
             time.sleep(pause_ms / 1000.0)
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in socks]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(conns)]
     for t in threads:
         t.start()
+    with lock:
+        lock.wait_for(lambda: len(socks) == conns)
+        print("connected", flush=True)
     for t in threads:
         t.join()
     print("done", flush=True)
