@@ -250,10 +250,10 @@ fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
         w.samples
     );
     // The client's requests are answered at once: its measurements are path samples (all
-    // but the rare one that ended at a delayed ACK the busy server sent before its reply), and
-    // each connection's handshake one more.
+    // but the few that ended at a pure ACK the busy server sent before its reply, which may
+    // be a delayed one and is left out), and each connection's handshake one more.
     assert!(
-        w.path_samples <= w.samples + 4 && w.path_samples + w.samples / 50 >= w.samples + 4,
+        w.path_samples <= w.samples + 4 && w.path_samples + w.samples / 20 >= w.samples + 4,
         "path samples: every measurement but a few, and the 4 handshakes: {} of {}",
         w.path_samples,
         w.samples
