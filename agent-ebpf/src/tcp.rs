@@ -85,14 +85,20 @@ pub struct HistKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupTcpStats {
-    /// RTT samples taken (one per `BPF_SOCK_OPS_RTT_CB`).
+    /// RTT measurements taken (one per `BPF_SOCK_OPS_RTT_CB`), path samples or not.
     pub samples: u64,
     /// Of those, samples that carried the raw measured RTT (kernel passes it as an argument);
     /// the others used the smoothed `srtt`.
     pub raw_samples: u64,
+    /// Samples counted as the path's RTT (see [`path`]): each connection's handshake RTT and
+    /// the measurements that did not wait on the peer. The histogram, `sum_rtt_us` and the
+    /// jitter are over these.
+    pub path_samples: u64,
     pub sum_rtt_us: u64,
-    /// Samples that followed an earlier sample of the same connection (those that update
-    /// its RFC 3550 jitter).
+    /// Sum of every measurement (`samples`), path or not: the RTT as the kernel measured it.
+    pub sum_measured_rtt_us: u64,
+    /// Path samples that followed an earlier path sample of the same connection (those that
+    /// update its RFC 3550 jitter).
     pub diffs: u64,
     /// Sum, over those samples, of the connection's RFC 3550 jitter after that sample, times
     /// 16 (µs): divided by `16 · diffs` it is the mean jitter the API serves.
@@ -141,7 +147,9 @@ mod arith {
     fieldwise_wrapping!(CgroupTcpStats {
         samples,
         raw_samples,
+        path_samples,
         sum_rtt_us,
+        sum_measured_rtt_us,
         diffs,
         sum_jitter16_us,
         retrans,
@@ -162,10 +170,13 @@ pub struct FlowState {
     /// closed (0 while open).
     pub start_ns: u64,
     pub closed_ns: u64,
+    /// RTT measurements, and of those (plus the handshake) the path samples that
+    /// `sum_rtt_us`, the jitter and `last_rtt_us` are over (as in [`CgroupTcpStats`]).
     pub samples: u64,
+    pub path_samples: u64,
     pub sum_rtt_us: u64,
-    /// As in [`CgroupTcpStats`]: samples that updated the jitter, and the sum of 16·jitter
-    /// after each.
+    /// As in [`CgroupTcpStats`]: path samples that updated the jitter, and the sum of
+    /// 16·jitter after each.
     pub diffs: u64,
     pub sum_jitter16_us: u64,
     pub retrans: u64,
@@ -193,6 +204,48 @@ pub struct FlowState {
     /// Local port, host order: for an accepted connection the port the container serves on.
     /// Written once, when the connection is established.
     pub local_port: u32,
+    /// The handshake's RTT (µs; the kernel's first sample, SYN to SYN-ACK or SYN-ACK to ACK),
+    /// 0 when the kernel took none (a retransmitted SYN) or the flow was rebuilt after
+    /// eviction. Counted as a path sample once the flow's cgroup is known.
+    pub handshake_rtt_us: u32,
+    /// The socket's `data_segs_in` at the last RTT callback: whether the peer sent data since.
+    pub seen_data_segs_in: u32,
+}
+
+/// Which RTT measurements count as the path's RTT. A measurement ends at the ACK that covers
+/// the segment; when that ACK waited on the peer — its delayed-ACK timer, or its next request
+/// after a pause — the measurement holds the peer's think time, not the path's delay.
+///
+/// - An ACK that leaves data in flight (`snd_una != snd_nxt`) was sent because segments
+///   arrived (a receiver acks every second full segment at once): path.
+/// - An ACK that completes the flight, on a connection this side opened, that came with or
+///   after new data from the peer: the peer answered this side's request, so the sample is
+///   the path plus the peer's processing time (what the client's own `ss -ti` shows): path.
+/// - Any other ACK that completes the flight may have waited on the peer (the server side of
+///   a request/response exchange, a lone segment acked by the delayed-ACK timer): left out,
+///   whatever its value — keeping the ones that look small would bias the distribution low.
+///
+/// Each connection's handshake RTT is a path sample too: the peer acks a SYN or SYN-ACK at
+/// once, so a server whose every later sample waits on its clients still has one clean sample
+/// per connection.
+pub mod path {
+    /// The classification above. `in_flight`: data is still outstanding after this ACK;
+    /// `active`: this side opened the connection; `peer_data`: the peer sent data since the
+    /// last RTT callback.
+    #[inline(always)]
+    pub fn is_path_sample(in_flight: bool, active: bool, peer_data: bool) -> bool {
+        in_flight || (active && peer_data)
+    }
+}
+
+/// Values of the read-only global `RTT_METHOD` in the TCP program: which RTT a sample takes.
+pub mod rtt_method {
+    /// The measured RTT where the kernel passes it (≥ 6.10), else the smoothed srtt.
+    pub const AUTO: u32 = 0;
+    /// The measured RTT the kernel passes to `RTT_CB` (≥ 6.10; user space refuses it before).
+    pub const KERNEL: u32 = 1;
+    /// The kernel's smoothed srtt before this measurement (what kernels before 6.10 give).
+    pub const SRTT: u32 = 2;
 }
 
 /// Values of [`FlowState::passive`]. sock_ops tells them apart by its callback
@@ -221,12 +274,26 @@ pub mod drop_reason {
 }
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 11 * 8);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 11 * 8 + 16 + 8 * 4);
+const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 12 * 8 + 16 + 10 * 4);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flight_completing_ack_counts_only_when_it_answered_this_sides_request() {
+        // Mid-flight, either side: the receiver acked on arrival.
+        assert!(path::is_path_sample(true, false, false));
+        assert!(path::is_path_sample(true, true, false));
+        // A client's request answered by the server's reply.
+        assert!(path::is_path_sample(false, true, true));
+        // A server's reply acked by the client's next request (or at once: not told apart).
+        assert!(!path::is_path_sample(false, false, true));
+        // A lone segment acked by a pure ACK that may be the delayed-ACK timer, either side.
+        assert!(!path::is_path_sample(false, true, false));
+        assert!(!path::is_path_sample(false, false, false));
+    }
 
     #[test]
     fn ilog2_matches_the_standard_library() {

@@ -27,7 +27,7 @@
 //! is the same on every kernel (no CO-RE needed).
 
 use agent_ebpf::{
-    tcp::{bucket_of, direction, drop_reason},
+    tcp::{bucket_of, direction, drop_reason, path, rtt_method},
     CgroupTcpStats, FlowState, HistKey,
 };
 use aya_ebpf::{
@@ -101,6 +101,10 @@ static COUNT_FOREIGN_CONTEXT: u32 = 0;
 /// with cgroup v1 only); set by user space before load.
 #[unsafe(no_mangle)]
 static KEY_BY_NETNS: u32 = 0;
+
+/// Which RTT a sample takes (`agent_ebpf::tcp::rtt_method`); set by user space before load.
+#[unsafe(no_mangle)]
+static RTT_METHOD: u32 = 0;
 
 /// The cgroup v2 id of each socket, written at `socket()`.
 #[unsafe(link_section = ".maps")]
@@ -247,7 +251,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             } else {
                 direction::ACTIVE
             };
-            let flow = new_flow(ctx, cgroup_id, dir)?;
+            let flow = new_flow(ctx, cgroup_id, dir, true)?;
             if cgroup_id != 0 {
                 count_open(flow, cgroup_id);
             }
@@ -267,18 +271,68 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Counts the flow's open once, against its (now known) cgroup.
+/// Counts the flow's open once, against its (now known) cgroup, and its handshake RTT as the
+/// connection's first path sample.
 #[inline(always)]
 fn count_open(flow: *mut FlowState, cgroup_id: u64) {
     let Some(stats) = stats_for(cgroup_id) else {
         return;
     };
     // SAFETY: `flow` and `stats` are valid map values for the program's run.
-    unsafe {
+    let handshake = unsafe {
         if (*flow).passive == direction::PASSIVE {
             (*stats).opened_passive += 1;
         } else {
             (*stats).opened_active += 1;
+        }
+        (*flow).handshake_rtt_us
+    };
+    if handshake != 0 {
+        path_sample(flow, stats, cgroup_id, handshake);
+    }
+}
+
+/// Adds a path sample to the flow, its cgroup's counters and histogram; updates the
+/// connection's RFC 3550 jitter.
+#[inline(always)]
+fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, cgroup_id: u64, rtt_us: u32) {
+    let rtt = u64::from(rtt_us);
+    // SAFETY: `flow` and `stats` are valid map values; `stats` is per-CPU.
+    unsafe {
+        let last = (*flow).last_rtt_us;
+        if (*flow).path_samples > 0 {
+            let d = if rtt_us > last {
+                rtt_us - last
+            } else {
+                last - rtt_us
+            };
+            // RFC 3550: J += (|D| - J) / 16, kept as 16·J so that the division is exact.
+            let j16 = (*flow).jitter16_us;
+            let j16 = j16 - (j16 >> 4) + d;
+            (*flow).jitter16_us = j16;
+            (*flow).diffs += 1;
+            (*flow).sum_jitter16_us += u64::from(j16);
+            (*stats).diffs += 1;
+            (*stats).sum_jitter16_us += u64::from(j16);
+        }
+        (*flow).last_rtt_us = rtt_us;
+        (*flow).path_samples += 1;
+        (*flow).sum_rtt_us += rtt;
+        (*stats).path_samples += 1;
+        (*stats).sum_rtt_us += rtt;
+    }
+    let hkey = HistKey {
+        cgroup_id,
+        bucket: bucket_of(rtt),
+        _pad: 0,
+    };
+    match TCP_RTT_HIST.get_ptr_mut(&hkey) {
+        // SAFETY: per-CPU value.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            if TCP_RTT_HIST.insert(&hkey, &1, 0).is_err() {
+                count_drop(drop_reason::HIST_FULL);
+            }
         }
     }
 }
@@ -317,7 +371,14 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
-fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, dir: u32) -> Result<*mut FlowState, i64> {
+/// A new flow entry; `dir`: a [`direction`] value; `established`: at the ESTABLISHED callback,
+/// where the kernel's srtt is the handshake's RTT (its first and only sample so far).
+fn new_flow(
+    ctx: &SockOpsContext,
+    cgroup_id: u64,
+    dir: u32,
+    established: bool,
+) -> Result<*mut FlowState, i64> {
     let family = ctx.family();
     let mut flow = FlowState {
         cgroup_id,
@@ -334,6 +395,14 @@ fn new_flow(ctx: &SockOpsContext, cgroup_id: u64, dir: u32) -> Result<*mut FlowS
         seen_total_retrans: unsafe { (*ctx.ops).total_retrans },
         // SAFETY: as above.
         seen_segs_out: unsafe { (*ctx.ops).segs_out },
+        // SAFETY: as above.
+        seen_data_segs_in: unsafe { (*ctx.ops).data_segs_in },
+        handshake_rtt_us: if established {
+            // SAFETY: as above; srtt is kept << 3.
+            unsafe { (*ctx.ops).srtt_us >> 3 }
+        } else {
+            0
+        },
         ..FlowState::default()
     };
     if family == AF_INET {
@@ -380,8 +449,11 @@ fn account_segments(ctx: &SockOpsContext, flow: *mut FlowState, stats: *mut Cgro
 
 fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
     // Kernels since 6.10 pass the measured RTT (µs) and the updated srtt as arguments; older
-    // ones pass nothing (zeros), and the smoothed srtt (µs << 3) is all there is.
-    let (rtt_us, raw) = if ctx.arg(1) != 0 {
+    // ones pass nothing (zeros), and the smoothed srtt (µs << 3) is all there is. `srtt`
+    // forces the latter (a read-only global: the verifier prunes the branch not taken).
+    // SAFETY: a volatile read of a read-only global set before load.
+    let method = unsafe { core::ptr::read_volatile(&RTT_METHOD) };
+    let (rtt_us, raw) = if method != rtt_method::SRTT && ctx.arg(1) != 0 {
         (ctx.arg(0), 1)
     } else {
         // SAFETY: UAPI context field.
@@ -400,10 +472,9 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
             count_drop(drop_reason::FLOW_EVICTED);
             // Which side opened it went with the evicted entry: unknown, so that an accepted
             // (served) connection still holds a drain rather than pass for an outbound one.
-            new_flow(ctx, cgroup_id, direction::UNKNOWN)?
+            new_flow(ctx, cgroup_id, direction::UNKNOWN, false)?
         }
     };
-    // SAFETY: `flow` is a valid LRU map value for the program's run.
     let cgroup_id = flow_cgroup(ctx, flow);
     if cgroup_id == 0 {
         count_drop(drop_reason::NO_CGROUP);
@@ -412,30 +483,24 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(stats) = stats_for(cgroup_id) else {
         return Ok(());
     };
-    let rtt = u64::from(rtt_us);
+    // SAFETY: UAPI context fields; `flow` and `stats` are valid map values.
+    let is_path = unsafe {
+        let ops = ctx.ops;
+        let data_in = (*ops).data_segs_in;
+        let peer_data = data_in != (*flow).seen_data_segs_in;
+        (*flow).seen_data_segs_in = data_in;
+        path::is_path_sample(
+            (*ops).snd_una != (*ops).snd_nxt,
+            (*flow).passive == direction::ACTIVE,
+            peer_data,
+        )
+    };
     // SAFETY: `flow` and `stats` are valid map values; `stats` is per-CPU.
     unsafe {
-        let last = (*flow).last_rtt_us;
-        if (*flow).samples > 0 {
-            let d = if rtt_us > last {
-                rtt_us - last
-            } else {
-                last - rtt_us
-            };
-            // RFC 3550: J += (|D| - J) / 16, kept as 16·J so that the division is exact.
-            let j16 = (*flow).jitter16_us;
-            let j16 = j16 - (j16 >> 4) + d;
-            (*flow).jitter16_us = j16;
-            (*flow).diffs += 1;
-            (*flow).sum_jitter16_us += u64::from(j16);
-            (*stats).diffs += 1;
-            (*stats).sum_jitter16_us += u64::from(j16);
-        }
-        (*flow).last_rtt_us = rtt_us;
         (*flow).samples += 1;
-        (*flow).sum_rtt_us += rtt;
         (*stats).samples += 1;
         (*stats).raw_samples += raw;
+        (*stats).sum_measured_rtt_us += u64::from(rtt_us);
         // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
         // space leaves it 0 and the verifier never sees the call (dead-code pruning).
         if core::ptr::read_volatile(&COUNT_FOREIGN_CONTEXT) != 0
@@ -443,22 +508,10 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         {
             (*stats).foreign_context += 1;
         }
-        (*stats).sum_rtt_us += rtt;
     }
     account_segments(ctx, flow, stats);
-    let hkey = HistKey {
-        cgroup_id,
-        bucket: bucket_of(rtt),
-        _pad: 0,
-    };
-    match TCP_RTT_HIST.get_ptr_mut(&hkey) {
-        // SAFETY: per-CPU value.
-        Some(c) => unsafe { *c += 1 },
-        None => {
-            if TCP_RTT_HIST.insert(&hkey, &1, 0).is_err() {
-                count_drop(drop_reason::HIST_FULL);
-            }
-        }
+    if is_path {
+        path_sample(flow, stats, cgroup_id, rtt_us);
     }
     Ok(())
 }

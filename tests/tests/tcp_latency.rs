@@ -11,7 +11,11 @@ use std::{sync::Mutex, time::Duration};
 use nodeward::{
     config::PathsConfig,
     probe::Capabilities,
-    sources::tcp::{plan, snapshot::WindowStats, Attribution, Collector, TcpConfig, TcpSnapshot},
+    sources::tcp::{
+        plan,
+        snapshot::{RttSample, WindowStats},
+        Attribution, Collector, RttMethod, TcpConfig, TcpSnapshot,
+    },
 };
 use nodeward_tests::{
     net::{nstat_retrans, ss, Applied, DelayLine},
@@ -26,12 +30,26 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Attaches the TCP programs the way `attribution` asks; `None` (after a skip) when this
 /// kernel cannot do it.
 fn collector(test: &str, attribution: Attribution) -> Option<Collector> {
+    collector_with(test, attribution, RttMethod::Auto)
+}
+
+/// As [`collector`], with `tcp.rtt_method` set; `None` (after a skip) when this kernel cannot
+/// run the method.
+fn collector_with(test: &str, attribution: Attribution, method: RttMethod) -> Option<Collector> {
     let caps = Capabilities::probe(&PathsConfig::default());
+    if let Err(e) = method.resolve(&caps.kernel_release) {
+        skip(test, &e.to_string());
+        return None;
+    }
+    let config = TcpConfig {
+        rtt_method: method,
+        ..TcpConfig::default()
+    };
     match plan(&caps, attribution) {
         Ok((root, plan)) => Some(
             Collector::attach(
                 &root,
-                &TcpConfig::default(),
+                &config,
                 &plan,
                 Duration::from_secs(1),
                 &DEFAULT_NETWORK_WINDOWS,
@@ -104,14 +122,47 @@ fn rel(a: f64, b: f64) -> f64 {
 /// same sockets, and its jitter is within 20% of the jitter of the applied delays.
 #[test]
 fn rtt_and_jitter_match_the_delay_line_and_ss() {
-    const TEST: &str = "rtt_and_jitter_match_the_delay_line_and_ss";
-    let Some(python) = prerequisites(TEST) else {
+    accuracy(
+        "rtt_and_jitter_match_the_delay_line_and_ss",
+        RttMethod::Auto,
+        91,
+        1,
+    );
+}
+
+/// The same with `tcp.rtt_method = "kernel"` forced (skipped before 6.10, where the agent
+/// refuses it).
+#[test]
+fn rtt_and_jitter_match_the_delay_line_with_the_kernel_method() {
+    accuracy(
+        "rtt_and_jitter_match_the_delay_line_with_the_kernel_method",
+        RttMethod::Kernel,
+        98,
+        5,
+    );
+}
+
+/// The same with `tcp.rtt_method = "srtt"` forced: the fidelity says `smoothed`, the p50 is
+/// still the path's, and the jitter is the damped one the name promises (below the applied
+/// delays' jitter), not an accurate one.
+#[test]
+fn rtt_matches_the_delay_line_and_jitter_is_damped_with_the_srtt_method() {
+    accuracy(
+        "rtt_matches_the_delay_line_and_jitter_is_damped_with_the_srtt_method",
+        RttMethod::Srtt,
+        99,
+        6,
+    );
+}
+
+fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
+    let Some(python) = prerequisites(test) else {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let net = network(91);
+    let net = network(subnet);
     let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
-    let Some(mut collector) = collector(TEST, Attribution::Auto) else {
+    let Some(mut collector) = collector_with(test, Attribution::Auto, method) else {
         return;
     };
     collector.tick().expect("baseline read");
@@ -120,7 +171,7 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
     let line = DelayLine::start(
         &python,
         &net.client,
-        1,
+        queue,
         &["-p", "tcp", "--dport", "5001"],
         20.0,
         5.0,
@@ -145,10 +196,10 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
     let ss_srtt = ss_now.iter().map(|s| s.srtt_ms).sum::<f64>() / ss_now.len() as f64;
     let (truth_jitter, truth_absdiff) = jitter_truth(&truth);
     eprintln!(
-        "agent p50 {:.2} ms (min {:.2} p90 {:.2} p99 {:.2} max {:.2}, {} samples, {} raw), truth p50 {truth_p50:.2} ms, ss srtt {ss_srtt:.2} ms; \
+        "{test} ({method}): agent p50 {:.2} ms (min {:.2} p90 {:.2} p99 {:.2} max {:.2}, {} samples, {} raw, {} path), truth p50 {truth_p50:.2} ms, ss srtt {ss_srtt:.2} ms; \
          agent RFC 3550 jitter {:.2} ms, truth jitter {truth_jitter:.2} ms (mean |Δ| {truth_absdiff:.2} ms)",
         w.p50_rtt_us / 1e3, w.min_rtt_us / 1e3, w.p90_rtt_us / 1e3, w.p99_rtt_us / 1e3, w.max_rtt_us / 1e3, w.samples, w.raw_samples,
-        w.jitter_rfc3550_us / 1e3,
+        w.path_samples, w.jitter_rfc3550_us / 1e3,
     );
     let c = snap.container(client_cg.id()).expect("client container");
     let peer = c
@@ -162,12 +213,12 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         "established connections, in total and to the server"
     );
     // The totals since start: this cgroup opened exactly the 4 connections the test made,
-    // and every sample of the run is both in the 5-minute window and in the histogram.
+    // and every path sample of the run is both in the 5-minute window and in the histogram.
     let longest = c
         .window(Window::from_secs(300))
         .expect("the 5-minute window");
     assert_eq!(c.totals.tcp_connections_opened, 4, "{:?}", c.totals);
-    assert_eq!(c.totals.rtt.count, longest.samples, "{:?}", c.totals);
+    assert_eq!(c.totals.rtt.count, longest.path_samples, "{:?}", c.totals);
     assert_eq!(
         c.totals.rtt.buckets.iter().map(|b| b.1).sum::<u64>(),
         c.totals.rtt.count
@@ -183,14 +234,28 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         "age of the oldest connection: {} s",
         c.established_age_max_s
     );
+    let smoothed = method == RttMethod::Srtt;
     assert_eq!(
         snap.fidelity.rtt_sample,
-        nodeward::sources::tcp::snapshot::RttSample::Raw,
-        "this kernel passes each measured RTT to sock_ops"
+        if smoothed {
+            RttSample::Smoothed
+        } else {
+            RttSample::Raw
+        },
+        "this kernel passes each measured RTT to sock_ops; srtt forced takes the smoothed one"
     );
     assert!(
         w.samples >= 4 * 60,
         "one sample per request at least: {}",
+        w.samples
+    );
+    // The client's requests are answered at once: its measurements are path samples (all
+    // but the few that ended at a pure ACK the busy server sent before its reply, which may
+    // be a delayed one and is left out), and each connection's handshake one more.
+    assert!(
+        w.path_samples <= w.samples + 4 && w.path_samples + w.samples / 20 >= w.samples + 4,
+        "path samples: every measurement but a few, and the 4 handshakes: {} of {}",
+        w.path_samples,
         w.samples
     );
     assert!(
@@ -203,6 +268,15 @@ fn rtt_and_jitter_match_the_delay_line_and_ss() {
         "p50 {} µs vs ss srtt {ss_srtt} ms",
         w.p50_rtt_us
     );
+    if smoothed {
+        // The srtt moves 1/8 of the way to each measurement: its changes are damped.
+        assert!(
+            w.jitter_rfc3550_us / 1e3 < truth_jitter * 0.5,
+            "smoothed jitter {} µs not damped against applied {truth_jitter} ms",
+            w.jitter_rfc3550_us
+        );
+        return;
+    }
     assert!(
         rel(w.jitter_rfc3550_us / 1e3, truth_jitter) <= 0.20,
         "jitter {} µs vs applied {truth_jitter} ms",
@@ -447,4 +521,40 @@ fn retransmits_match_the_kernels_count() {
         (w.segs_out, w.opened, w.closed),
         "{totals:?}"
     );
+}
+
+/// `tcp.rtt_method = "kernel"` where no measured RTT can be had (the sock_diag path polls the
+/// smoothed srtt) is refused when the source attaches, with the reason and what to use
+/// instead; `auto` on the same path attaches and says `srtt`.
+#[test]
+fn a_forced_kernel_method_is_refused_where_only_srtt_exists() {
+    const TEST: &str = "a_forced_kernel_method_is_refused_where_only_srtt_exists";
+    if !nodeward_tests::is_root() {
+        skip(TEST, "needs root (sock_diag)");
+        return;
+    }
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = plan(&caps, Attribution::SockDiag).expect("sock_diag plan as root");
+    let attach = |method| {
+        let config = TcpConfig {
+            rtt_method: method,
+            ..TcpConfig::default()
+        };
+        Collector::attach(
+            &root,
+            &config,
+            &plan,
+            Duration::from_secs(1),
+            &DEFAULT_NETWORK_WINDOWS,
+        )
+    };
+    let err = attach(RttMethod::Kernel).expect_err("kernel forced on sock_diag is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("tcp.rtt_method") && text.contains("\"srtt\""),
+        "the error names the key and the way out: {text}"
+    );
+    let mut ok = attach(RttMethod::Auto).expect("auto attaches on sock_diag");
+    let snap = ok.tick().expect("a tick");
+    assert_eq!(snap.fidelity.rtt_method, Some(RttMethod::Srtt));
 }

@@ -180,8 +180,8 @@ pub fn network_provenance(tcp: Option<&TcpSnapshot>, udp: Option<&UdpSnapshot>) 
         let path = t.fidelity.path.map_or("none", Recorder::name);
         hooks.push(format!("tcp: {path}"));
         fidelity.push(format!(
-            "tcp: rtt samples {}; attribution: {}; per-peer RTT is a mean (no per-peer histogram)",
-            t.fidelity.rtt_sample,
+            "tcp: {}; attribution: {}; per-peer RTT is a mean (no per-peer histogram)",
+            t.fidelity.rtt_meaning(),
             t.fidelity.path.map_or("none", Recorder::attribution)
         ));
         if !t.fidelity.fell_back_from.is_empty() {

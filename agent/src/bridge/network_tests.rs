@@ -60,6 +60,7 @@ fn tcp(path: &str) -> TcpSnapshot {
         fidelity: Fidelity {
             path: Some(Recorder::SockCreate),
             rtt_sample: RttSample::Raw,
+            rtt_method: Some(crate::sources::tcp::RttMethod::Kernel),
             fell_back_from: Vec::new(),
         },
         ..TcpSnapshot::default()

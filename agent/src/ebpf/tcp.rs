@@ -63,6 +63,9 @@ pub struct Attach {
     pub key_by_netns: bool,
     /// Count samples taken while another cgroup's task ran.
     pub count_foreign_context: bool,
+    /// Take the kernel's smoothed srtt even where it passes the measured RTT
+    /// (`tcp.rtt_method = "srtt"`).
+    pub force_srtt: bool,
     pub max_cgroups: u32,
     pub max_hist_entries: u32,
     pub max_flows: u32,
@@ -124,12 +127,18 @@ impl Reader {
         })?;
         let count_foreign = u32::from(how.count_foreign_context);
         let key_by_netns = u32::from(how.key_by_netns);
+        let rtt_method = if how.force_srtt {
+            agent_ebpf::tcp::rtt_method::SRTT
+        } else {
+            agent_ebpf::tcp::rtt_method::AUTO
+        };
         let mut ebpf = loader_owning(&[STATS, HIST, FLOWS])
             .map_max_entries(STATS, how.max_cgroups)
             .map_max_entries(HIST, how.max_hist_entries)
             .map_max_entries(FLOWS, how.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
+            .override_global("RTT_METHOD", &rtt_method, true)
             .load(OBJECT)?;
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.

@@ -32,10 +32,12 @@ pub struct Collector {
     own: Option<own::OwnCgroup>,
     /// Connections older than the programs, on the eBPF paths keyed by cgroup.
     seed: Option<seed::Seed>,
+    /// `tcp.rtt_method` as resolved for this kernel and path (`kernel` or `srtt`).
+    rtt_method: super::RttMethod,
 }
 
 /// The programs and map sizes a path needs.
-fn programs(config: &TcpConfig, plan: &Plan) -> tcp::Attach {
+fn programs(config: &TcpConfig, plan: &Plan, rtt_method: super::RttMethod) -> tcp::Attach {
     // The tagging program(s) record each socket's cgroup; sock_ops reads it.
     let (sock_create, egress) = match plan.recorder {
         Recorder::SockCreate => (true, false),
@@ -48,6 +50,7 @@ fn programs(config: &TcpConfig, plan: &Plan) -> tcp::Attach {
         egress,
         key_by_netns: plan.recorder.ids() == super::Ids::NetnsCookie,
         count_foreign_context: plan.count_foreign_context,
+        force_srtt: rtt_method == super::RttMethod::Srtt,
         max_cgroups: config.max_cgroups,
         max_hist_entries: config.max_hist_entries,
         max_flows: config.max_flows,
@@ -89,10 +92,21 @@ impl Collector {
         if plan.mount_cgroup2 {
             ensure_cgroup2(cgroup_root)?;
         }
+        // sock_diag has the smoothed srtt only, as kernels before 6.10 do.
+        let rtt_method = if plan.recorder == Recorder::SockDiag {
+            config.rtt_method.resolve_for_sock_diag()?
+        } else {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned());
+            config.rtt_method.resolve(&release)?
+        };
         let input = if plan.recorder == Recorder::SockDiag {
             Input::Diag(Box::new(diag::Poller::open(&plan.proc_root, config)?))
         } else {
-            Input::Ebpf(tcp::Reader::attach(cgroup_root, &programs(config, plan))?)
+            Input::Ebpf(tcp::Reader::attach(
+                cgroup_root,
+                &programs(config, plan, rtt_method),
+            )?)
         };
         let tracker = window::Tracker::new(window::Limits {
             windows: windows.iter().map(|w| (*w, w.ticks(tick))).collect(),
@@ -112,6 +126,7 @@ impl Collector {
             seed: (plan.recorder.ids() == super::Ids::CgroupV2
                 && plan.recorder != Recorder::SockDiag)
                 .then(|| seed::Seed::new(plan.proc_root.clone(), cgroup_root.to_path_buf())),
+            rtt_method,
         })
     }
 
@@ -187,6 +202,7 @@ impl Collector {
             .fidelity
             .fell_back_from
             .clone_from(&self.fell_back_from);
+        snapshot.fidelity.rtt_method = Some(self.rtt_method);
         snapshot.own_cgroup_id = own_cgroup_id;
         match &mut self.input {
             Input::Ebpf(r) => r.clean(&cleanup)?,

@@ -25,6 +25,83 @@ pub enum Attribution {
     SockDiag,
 }
 
+/// Which RTT each sample takes (`tcp.rtt_method`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RttMethod {
+    /// `kernel` where the kernel passes the measured RTT (≥ 6.10), else `srtt`.
+    #[default]
+    Auto,
+    /// The RTT of each measurement, as the kernel passes it to sock_ops (Linux ≥ 6.10).
+    Kernel,
+    /// The kernel's smoothed RTT (srtt, an EWMA with gain 1/8) as it stood before each
+    /// measurement: what kernels before 6.10 give. Percentiles are narrower than the path's
+    /// and jitter is damped.
+    Srtt,
+}
+
+impl RttMethod {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::Srtt => "srtt",
+        }
+    }
+
+    /// The method that runs on a kernel of this release (`/proc/sys/kernel/osrelease`):
+    /// `auto` resolved, a forced one checked.
+    pub fn resolve(self, kernel_release: &str) -> Result<Self, RttMethodError> {
+        let passes_rtt = kernel_passes_measured_rtt(kernel_release);
+        match (self, passes_rtt) {
+            (Self::Auto, Some(true)) | (Self::Kernel, Some(true)) => Ok(Self::Kernel),
+            (Self::Auto, _) | (Self::Srtt, _) => Ok(Self::Srtt),
+            (Self::Kernel, _) => Err(RttMethodError::KernelTooOld {
+                release: kernel_release.to_owned(),
+            }),
+        }
+    }
+}
+
+impl RttMethod {
+    /// The method on the sock_diag path, which polls the smoothed srtt only.
+    pub fn resolve_for_sock_diag(self) -> Result<Self, RttMethodError> {
+        match self {
+            Self::Kernel => Err(RttMethodError::SockDiag),
+            Self::Auto | Self::Srtt => Ok(Self::Srtt),
+        }
+    }
+}
+
+impl std::fmt::Display for RttMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RttMethodError {
+    #[error(
+        "tcp.rtt_method = \"kernel\" needs Linux 6.10 or later (the kernel passes the measured \
+         RTT to sock_ops since 6.10); this kernel is {release}: use \"auto\" or \"srtt\""
+    )]
+    KernelTooOld { release: String },
+    #[error(
+        "tcp.rtt_method = \"kernel\" needs the sock_ops path: the sock_diag path polls the \
+         smoothed srtt only; use \"auto\" or \"srtt\""
+    )]
+    SockDiag,
+}
+
+/// Whether a kernel of this release passes the measured RTT to `BPF_SOCK_OPS_RTT_CB` (6.10
+/// added the arguments); `None` when the release does not parse.
+fn kernel_passes_measured_rtt(release: &str) -> Option<bool> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    Some((major, minor) >= (6, 10))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcpConfig {
@@ -32,6 +109,8 @@ pub struct TcpConfig {
     pub enabled: bool,
     /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
     pub attribution: Attribution,
+    /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10) or `srtt`.
+    pub rtt_method: RttMethod,
     /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
     pub max_cgroups: u32,
     /// Connections tracked at once (LRU: the least recently active make room). Each entry
@@ -49,6 +128,7 @@ impl Default for TcpConfig {
         Self {
             enabled: true,
             attribution: Attribution::Auto,
+            rtt_method: RttMethod::Auto,
             max_cgroups: 4096,
             max_flows: 262_144,
             max_hist_entries: 65536,
@@ -82,6 +162,36 @@ impl TcpConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_measured_rtt_is_taken_from_6_10_and_refused_before() {
+        assert_eq!(
+            RttMethod::Auto.resolve("6.18.0-1-amd64"),
+            Ok(RttMethod::Kernel)
+        );
+        assert_eq!(RttMethod::Auto.resolve("6.10.0"), Ok(RttMethod::Kernel));
+        assert_eq!(RttMethod::Auto.resolve("6.9.12"), Ok(RttMethod::Srtt));
+        assert_eq!(
+            RttMethod::Auto.resolve("5.10.0-23-amd64"),
+            Ok(RttMethod::Srtt)
+        );
+        assert_eq!(RttMethod::Srtt.resolve("6.18.0"), Ok(RttMethod::Srtt));
+        assert_eq!(RttMethod::Kernel.resolve("6.18.0"), Ok(RttMethod::Kernel));
+        let e = RttMethod::Kernel.resolve("6.6.71-anolis");
+        assert_eq!(
+            e,
+            Err(RttMethodError::KernelTooOld {
+                release: "6.6.71-anolis".to_owned()
+            })
+        );
+        assert!(e.is_err_and(|e| e.to_string().contains("6.10")));
+        assert!(RttMethod::Kernel.resolve("unknown (no file)").is_err());
+        assert_eq!(
+            RttMethod::Kernel.resolve_for_sock_diag(),
+            Err(RttMethodError::SockDiag)
+        );
+        assert_eq!(RttMethod::Auto.resolve_for_sock_diag(), Ok(RttMethod::Srtt));
+    }
 
     #[test]
     fn a_zero_peer_bound_is_rejected_by_key() {

@@ -445,11 +445,15 @@ impl Poller {
                 stats.diffs += 1;
                 stats.sum_jitter16_us += u64::from(flow.jitter16_us);
             }
+            // Every polled srtt is a path sample here: a dump cannot tell think time apart.
             flow.last_rtt_us = rtt;
             flow.samples += 1;
+            flow.path_samples += 1;
             flow.sum_rtt_us += u64::from(rtt);
             stats.samples += 1;
+            stats.path_samples += 1;
             stats.sum_rtt_us += u64::from(rtt);
+            stats.sum_measured_rtt_us += u64::from(rtt);
             let d_retrans = u64::from(s.total_retrans.wrapping_sub(flow.seen_total_retrans));
             let d_segs = u64::from(s.segs_out.wrapping_sub(flow.seen_segs_out));
             (flow.seen_total_retrans, flow.seen_segs_out) = (s.total_retrans, s.segs_out);

@@ -41,7 +41,7 @@ pub mod viewers;
 pub mod window;
 
 pub use collector::{Collector, Source};
-pub use config::{Attribution, TcpConfig};
+pub use config::{Attribution, RttMethod, RttMethodError, TcpConfig};
 pub use snapshot::TcpSnapshot;
 
 pub const NAME: &str = "ebpf/tcp";
@@ -177,6 +177,8 @@ pub enum TcpError {
     NoCgroupLink(String),
     #[error(transparent)]
     Load(#[from] crate::ebpf::LoadError),
+    #[error(transparent)]
+    RttMethod(#[from] RttMethodError),
     #[error(transparent)]
     Diag(#[from] diag::DiagError),
 }

@@ -40,6 +40,9 @@ pub struct Fidelity {
     /// says what the ids in `containers` are: [`Recorder::ids`].
     pub path: Option<Recorder>,
     pub rtt_sample: RttSample,
+    /// `tcp.rtt_method` as resolved on this kernel (`kernel` or `srtt`); `None` only in the
+    /// placeholder before the first tick.
+    pub rtt_method: Option<super::RttMethod>,
     /// Paths of the `auto` chain that were tried first and failed to load or attach, each as
     /// `<path> failed (<reason>)`; empty when the first path attached.
     pub fell_back_from: Vec<String>,
@@ -98,8 +101,24 @@ impl Fidelity {
         Self {
             path: Some(path),
             rtt_sample,
+            rtt_method: None,
             fell_back_from: Vec::new(),
         }
+    }
+
+    /// What the RTT figures mean, in words, for the provenance: the kind of sample, the
+    /// method, and that the distribution is the path's (think time left out).
+    pub fn rtt_meaning(&self) -> String {
+        let method = self.rtt_method.map_or("none", super::RttMethod::name);
+        let figure = if self.path == Some(Recorder::SockDiag) {
+            "smoothed RTT per tick (peer think time not told apart)"
+        } else {
+            "path RTT: handshake and samples that did not wait on the peer"
+        };
+        format!(
+            "rtt samples {} (method {method}); {figure}",
+            self.rtt_sample
+        )
     }
 }
 
@@ -214,8 +233,14 @@ pub struct ByteCounts {
 #[derive(Debug, Clone, Serialize)]
 pub struct WindowStats {
     pub window: Window,
+    /// RTT measurements the kernel took (one per RTT callback), path samples or not.
     pub samples: u64,
     pub raw_samples: u64,
+    /// Samples of the path's RTT (connections' handshakes and the measurements that did not
+    /// wait on the peer): the histogram, the mean and the jitter are over these.
+    pub path_samples: u64,
+    /// Mean of every measurement as the kernel took it, think time and delayed ACKs included.
+    pub measured_mean_rtt_us: f64,
     /// Percentiles from the log-linear histogram (error at most 1/32 of the value); min and max
     /// are the edges of the lowest and highest occupied buckets.
     pub min_rtt_us: f64,
@@ -261,12 +286,14 @@ impl WindowStats {
             window,
             samples: s.samples,
             raw_samples: s.raw_samples,
+            path_samples: s.path_samples,
+            measured_mean_rtt_us: ratio(s.sum_measured_rtt_us, s.samples),
             min_rtt_us: h.min().unwrap_or(0.0),
             p50_rtt_us: h.quantile(0.5).unwrap_or(0.0),
             p90_rtt_us: h.quantile(0.9).unwrap_or(0.0),
             p99_rtt_us: h.quantile(0.99).unwrap_or(0.0),
             max_rtt_us: h.max().unwrap_or(0.0),
-            mean_rtt_us: ratio(s.sum_rtt_us, s.samples),
+            mean_rtt_us: ratio(s.sum_rtt_us, s.path_samples),
             jitter_rfc3550_us: ratio(s.sum_jitter16_us, s.diffs) / 16.0,
             retrans: s.retrans,
             segs_out: s.segs_out,

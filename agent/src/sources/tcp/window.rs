@@ -362,7 +362,7 @@ impl Tracker {
                 reason = "µs sums far below 2^52 per tick"
             )]
             let d = PeerDelta {
-                samples: flow.samples.wrapping_sub(prev.samples),
+                samples: flow.path_samples.wrapping_sub(prev.path_samples),
                 sum_rtt_us: flow.sum_rtt_us.wrapping_sub(prev.sum_rtt_us) as f64,
                 diffs: flow.diffs.wrapping_sub(prev.diffs),
                 sum_jitter16_us: flow.sum_jitter16_us.wrapping_sub(prev.sum_jitter16_us) as f64,

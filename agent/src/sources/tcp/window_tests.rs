@@ -21,7 +21,9 @@ fn stats(samples: u64, rtt: u64) -> CgroupTcpStats {
     CgroupTcpStats {
         samples,
         raw_samples: samples,
+        path_samples: samples,
         sum_rtt_us: samples * rtt,
+        sum_measured_rtt_us: samples * rtt,
         ..CgroupTcpStats::default()
     }
 }
@@ -33,6 +35,7 @@ fn flow(cgroup_id: u64, ip: [u8; 4], port: u32, samples: u64) -> FlowState {
         remote: [u32::from_ne_bytes(ip), 0, 0, 0],
         remote_port: port,
         samples,
+        path_samples: samples,
         sum_rtt_us: samples * 1000,
         start_ns: 1_000_000_000,
         ..FlowState::default()
@@ -87,6 +90,7 @@ fn established_connections_report_their_age_and_closed_ones_are_cleaned_up() {
     assert_eq!(cleanup.flows, vec![2]);
     // The open flow's second read counts only its new samples.
     open.samples = 8;
+    open.path_samples = 8;
     open.sum_rtt_us = 8000;
     let (snap, _) = t.update(read(13, vec![(1, open)]), &mut |_| None);
     let peer = snap
