@@ -15,7 +15,13 @@
 //!   address;
 //! - `node-1:50051` with `ca.pem`, `client.pem`, `client.key`: replaced by the address of a
 //!   second test agent serving TLS with client certificates required; the command runs in a
-//!   directory holding those three files.
+//!   directory holding those three files;
+//! - `nodeward fleet …` with `fleet.txt` and `pki/{ca,ops}.{crt,key}`: the command runs in a
+//!   directory where the test made `pki/` with the real `nodeward certs` (a CA, node
+//!   certificates for `node-a`, `node-b`, `node-c` on 127.0.0.1, the client `ops`) and wrote
+//!   `fleet.txt` naming three test agents serving TLS under those names;
+//! - `nodeward certs …`: the commands of one doc run in order in a fresh directory of that doc's
+//!   own, so a doc's `certs node` finds the CA its `certs ca` made before it.
 //!
 //! A command that cannot run in a test is in [`SKIPPED`], with the reason; the test fails if an
 //! entry there no longer matches a command in the docs.
@@ -29,6 +35,7 @@ use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
     api::{api_config, feed_all, health_config, verdict_becomes, TempDir, TestApi},
+    fleet::Certs,
     is_root,
     pki::Pki,
     skip, tool,
@@ -62,6 +69,12 @@ const SKIPPED: &[(&str, &str)] = &[
     (
         "nodeward gpu-check [--json] [--events 1s] [--set gpu.library=PATH]",
         "a synopsis; it needs a GPU and NVML (cargo xtask gpu-check on a GPU machine)",
+    ),
+    (
+        "nodeward fleet watch  --targets fleet.txt --ca pki/ca.crt --cert pki/ops.crt --key \
+         pki/ops.key --interval 5s",
+        "redraws until interrupted (tests/tests/fleet.rs runs `fleet status` and `fleet drain`; \
+         `watch` draws the same table)",
     ),
 ];
 
@@ -244,6 +257,19 @@ async fn every_grpcurl_and_nodeward_command_in_the_docs_runs_as_written() {
         feed_all(&api.store, 1);
         verdict_becomes(&mut api.client().await, pb::Verdict::Healthy).await;
     }
+    let fleet_dir = TempDir::new("docs-commands-fleet");
+    let fleet = fleet_agents(&fleet_dir).await;
+    // Fresh reports with no streams while the commands run: their drains may end.
+    let stores: Vec<_> = fleet.iter().map(|(api, _)| api.store.clone()).collect();
+    let feeder = tokio::spawn(async move {
+        loop {
+            for store in &stores {
+                feed_all(store, 0);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    let certs_dir = TempDir::new("docs-commands-certs");
     let plain_tcp = plain.tcp.expect("TCP listener").to_string();
     let tls_tcp = format!("127.0.0.1:{}", tls.tcp.expect("TLS listener").port());
 
@@ -277,10 +303,20 @@ async fn every_grpcurl_and_nodeward_command_in_the_docs_runs_as_written() {
             .text
             .replace("127.0.0.1:50051", &plain_tcp)
             .replace("node-1:50051", &tls_tcp);
+        let cwd = if command.text.starts_with("nodeward fleet ") {
+            fleet_dir.0.clone()
+        } else if command.text.starts_with("nodeward certs ") {
+            // One fresh directory per doc: its commands build on each other in order.
+            let own = certs_dir.0.join(command.file.replace('/', "_"));
+            std::fs::create_dir_all(&own).expect("certs dir");
+            own
+        } else {
+            pki.dir.0.clone()
+        };
         let out = tokio::process::Command::new("timeout")
             .arg("60")
             .args(["bash", "-o", "pipefail", "-c", &text])
-            .current_dir(&pki.dir.0)
+            .current_dir(&cwd)
             .env("PATH", &path)
             .env("S", &plain.socket)
             .env("NODEWARD_API_UNIX_SOCKET", &plain.socket)
@@ -305,7 +341,45 @@ async fn every_grpcurl_and_nodeward_command_in_the_docs_runs_as_written() {
         failures.is_empty(),
         "commands in the docs failed:\n{failures}"
     );
+    feeder.abort();
+    drop(fleet);
     // The extraction found what the docs show (the README's grpcurl examples, docs/api.md's
     // grpcurl and CLI sections), not an empty list that passes.
     assert!(ran >= 20, "only {ran} commands found in the docs");
+}
+
+/// Three agents serving TLS as `node-a`, `node-b`, `node-c`, with certificates made in
+/// `dir/pki` by the real `nodeward certs`, listed in `dir/fleet.txt`; the client `ops` may drain.
+/// Their reports carry no live stream, so a drain of them ends as soon as it is asked.
+async fn fleet_agents(dir: &TempDir) -> Vec<(TestApi, TempDir)> {
+    let certs = Certs {
+        dir: dir.0.join("pki"),
+    };
+    certs.certs(&["ca"]);
+    certs.certs(&["client", "ops"]);
+    let mut list = String::new();
+    let mut agents = Vec::new();
+    for node in ["node-a", "node-b", "node-c"] {
+        certs.node(node, "127.0.0.1");
+        let own = TempDir::new(&format!("docs-commands-{node}"));
+        let api = TestApi::start(
+            nodeward::api::ApiConfig {
+                tcp_listen: "127.0.0.1:0".to_owned(),
+                tls_cert: certs.path(&format!("{node}.crt")),
+                tls_key: certs.path(&format!("{node}.key")),
+                tls_client_ca: certs.path("ca.crt"),
+                node_name: node.to_owned(),
+                drain_allowed_identities: vec!["cn:ops".to_owned()],
+                ..api_config(&own)
+            },
+            health_config(),
+        )
+        .await;
+        feed_all(&api.store, 0);
+        verdict_becomes(&mut api.client().await, pb::Verdict::Healthy).await;
+        let _ = writeln!(list, "{} {node}", api.tcp.expect("TLS listener"));
+        agents.push((api, own));
+    }
+    std::fs::write(dir.0.join("fleet.txt"), list).expect("fleet.txt");
+    agents
 }
