@@ -234,6 +234,7 @@ fn the_rpm_holds_the_agent_passes_rpmlint_and_installs_where_the_docs_say() {
         .collect();
     for f in [
         "/usr/bin/nodeward",
+        "/usr/bin/kubectl-nodeward",
         "/usr/lib/systemd/system/nodeward.service",
         "/etc/nodeward/nodeward.toml",
         "/usr/share/doc/nodeward/README.md",
