@@ -24,7 +24,7 @@ pub mod h2fix;
 pub mod identity;
 pub mod requests;
 pub mod service;
-mod tls;
+pub(crate) mod tls;
 
 /// The drain state and the published health, which the API translates.
 pub use crate::health::{drain, hub};
@@ -63,12 +63,7 @@ pub enum ApiError {
         what: String,
         source: std::io::Error,
     },
-    #[error("cannot read TLS file {path}: {source}")]
-    TlsFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("TLS setup failed: {0}")]
+    #[error("{0}")]
     Tls(#[from] tls::TlsError),
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -117,14 +112,6 @@ fn pick_node_name(
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Reads a PEM file named by a TLS key (`/metrics` reads its own through this too).
-pub(crate) fn read_tls(path: &std::path::Path) -> Result<Vec<u8>, ApiError> {
-    std::fs::read(path).map_err(|source| ApiError::TlsFile {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 async fn bind_tcp(

@@ -5,7 +5,7 @@
 //! authentication, a handshake timeout, handshakes run concurrently), and the connections keep
 //! tonic's connection info, so `Request::peer_certs` still names the client's certificate.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -25,36 +25,135 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{h2fix::H2Fix, read_tls, ApiConfig, ApiError};
+use super::{h2fix::H2Fix, ApiConfig};
+
+/// A TLS server's files and options: the keys of the same names in `[api]` and `[metrics]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerTls<'a> {
+    /// The config section the keys are in (`api`, `metrics`), for the error messages.
+    pub section: &'static str,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// Empty: no client certificates asked for.
+    pub client_ca: &'a Path,
+    /// Clients without a certificate are let in (those with one must present a valid one).
+    pub client_auth_optional: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("api.{key}: no usable PEM {what}: {source}")]
+    #[error("{section}.{key}: cannot read {path}: {source}")]
+    Read {
+        section: &'static str,
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{section}.{key}: no usable PEM {what} in {path}: {source}")]
     Pem {
+        section: &'static str,
         key: &'static str,
         what: &'static str,
+        path: String,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("api.{0}: the file holds no PEM certificate")]
-    NoCertificate(&'static str),
-    #[error("api.tls_client_ca: {0}")]
-    ClientCa(#[from] rustls::server::VerifierBuilderError),
-    #[error("{0}")]
-    Rustls(#[from] rustls::Error),
+    #[error("{section}.{key}: {path} holds no PEM certificate")]
+    NoCertificate {
+        section: &'static str,
+        key: &'static str,
+        path: String,
+    },
+    #[error("{section}.tls_client_ca: {source}")]
+    ClientCa {
+        section: &'static str,
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("{section} TLS set-up failed: {source}")]
+    Rustls {
+        section: &'static str,
+        source: rustls::Error,
+    },
 }
 
-fn certificates(key: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
+impl ServerTls<'_> {
+    /// The PEM file that `key` names, read.
+    fn read(&self, key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            section: self.section,
             key,
-            what: "certificate",
+            path: path.display().to_string(),
             source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate(key));
+        })
     }
-    Ok(certs)
+
+    /// Every certificate in the PEM file that `key` names (at least one).
+    fn certificates(
+        &self,
+        key: &'static str,
+        path: &Path,
+    ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let shown = || path.display().to_string();
+        let certs = CertificateDer::pem_slice_iter(&self.read(key, path)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem {
+                section: self.section,
+                key,
+                what: "certificate",
+                path: shown(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate {
+                section: self.section,
+                key,
+                path: shown(),
+            });
+        }
+        Ok(certs)
+    }
+
+    /// The rustls server configuration (ring, safe protocol versions, the client CA when one
+    /// is named), offering `alpn`.
+    pub fn server_config(&self, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
+        let section = self.section;
+        let rustls_error = |source| TlsError::Rustls { section, source };
+        let chain = self.certificates("tls_cert", self.cert)?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.read("tls_key", self.key)?).map_err(|source| {
+                TlsError::Pem {
+                    section,
+                    key: "tls_key",
+                    what: "private key",
+                    path: self.key.display().to_string(),
+                    source,
+                }
+            })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_error)?;
+        let builder = if self.client_ca.as_os_str().is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let mut roots = RootCertStore::empty();
+            for ca in self.certificates("tls_client_ca", self.client_ca)? {
+                roots.add(ca).map_err(rustls_error)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if self.client_auth_optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|source| TlsError::ClientCa { section, source })?;
+            builder.with_client_cert_verifier(verifier)
+        };
+        let mut config = builder.with_single_cert(chain, key).map_err(rustls_error)?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
 }
 
 /// The server side of TLS as `[api]` configures it.
@@ -68,38 +167,15 @@ impl std::fmt::Debug for Acceptor {
 }
 
 /// The acceptor `[api]`'s TLS keys ask for (the caller checked that TLS is on).
-pub fn acceptor(api: &ApiConfig) -> Result<Acceptor, ApiError> {
-    let chain = certificates("tls_cert", &read_tls(&api.tls_cert)?)?;
-    let key = PrivateKeyDer::from_pem_slice(&read_tls(&api.tls_key)?).map_err(|source| {
-        TlsError::Pem {
-            key: "tls_key",
-            what: "private key",
-            source,
-        }
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::from)?;
-    let builder = if api.tls_client_ca.as_os_str().is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let mut roots = RootCertStore::empty();
-        for ca in certificates("tls_client_ca", &read_tls(&api.tls_client_ca)?)? {
-            roots.add(ca).map_err(TlsError::from)?;
-        }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-        let verifier = if api.tls_client_auth_optional {
-            verifier.allow_unauthenticated()
-        } else {
-            verifier
-        };
-        builder.with_client_cert_verifier(verifier.build().map_err(TlsError::from)?)
-    };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(TlsError::from)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+pub fn acceptor(api: &ApiConfig) -> Result<Acceptor, TlsError> {
+    let config = ServerTls {
+        section: "api",
+        cert: &api.tls_cert,
+        key: &api.tls_key,
+        client_ca: &api.tls_client_ca,
+        client_auth_optional: api.tls_client_auth_optional,
+    }
+    .server_config(b"h2")?;
     Ok(Acceptor(TlsAcceptor::from(Arc::new(config))))
 }
 

@@ -1,102 +1,33 @@
 //! `/metrics` over TLS, optionally with client certificates (`metrics.tls_cert`, `tls_key`,
-//! `tls_client_ca`, meaning what the `[api]` keys of the same names mean). The files are read
-//! with the API's reader ([`crate::api::read_tls`]); the gRPC server hands its PEM to tonic,
-//! which keeps its rustls set-up private, so the scrape server builds its own rustls config,
-//! with the same provider (ring) and the same rustls that tonic compiles in.
+//! `tls_client_ca`, meaning what the `[api]` keys of the same names mean), set up by the same
+//! code as the gRPC listener's TLS ([`crate::api::tls::ServerTls`]: rustls with ring), offering
+//! HTTP/1.1.
 //!
 //! With `tls_client_ca` set, a client without a certificate, or with one that CA did not sign,
 //! fails the handshake: it never reaches the HTTP server.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
-use tokio_rustls::{
-    rustls::{
-        self,
-        pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer},
-        server::WebPkiClientVerifier,
-        RootCertStore, ServerConfig,
-    },
-    TlsAcceptor,
-};
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::tls::ServerTls;
+pub use crate::api::tls::TlsError;
 
 use super::MetricsConfig;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read; the error names it.
-    #[error("metrics TLS: {0}")]
-    Read(#[from] crate::api::ApiError),
-    #[error("metrics.{key}: no usable PEM {what} in {path}: {source}")]
-    Pem {
-        key: &'static str,
-        what: &'static str,
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("metrics.{key}: {path} holds no PEM {what}")]
-    Empty {
-        key: &'static str,
-        what: &'static str,
-        path: String,
-    },
-    #[error("metrics.tls_client_ca: {0}")]
-    ClientCa(#[from] rustls::server::VerifierBuilderError),
-    #[error("metrics TLS set-up failed: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// Every certificate in the PEM file that `key` names.
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = crate::api::read_tls(path)?;
-    let shown = || path.display().to_string();
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            key,
-            what: "certificate",
-            path: shown(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            key,
-            what: "certificate",
-            path: shown(),
-        });
-    }
-    Ok(certs)
-}
 
 /// The TLS acceptor `[metrics]` asks for, or `None` for plain HTTP.
 pub fn acceptor(config: &MetricsConfig) -> Result<Option<TlsAcceptor>, TlsError> {
     if !config.tls_enabled() {
         return Ok(None);
     }
-    let chain = certificates("tls_cert", &config.tls_cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&crate::api::read_tls(&config.tls_key)?).map_err(
-        |source| TlsError::Pem {
-            key: "tls_key",
-            what: "private key",
-            path: config.tls_key.display().to_string(),
-            source,
-        },
-    )?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()?;
-    let builder = if config.tls_client_ca.as_os_str().is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let mut roots = RootCertStore::empty();
-        for ca in certificates("tls_client_ca", &config.tls_client_ca)? {
-            roots.add(ca)?;
-        }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
-        builder.with_client_cert_verifier(verifier)
-    };
-    let mut server = builder.with_single_cert(chain, key)?;
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server = ServerTls {
+        section: "metrics",
+        cert: &config.tls_cert,
+        key: &config.tls_key,
+        client_ca: &config.tls_client_ca,
+        client_auth_optional: false,
+    }
+    .server_config(b"http/1.1")?;
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
