@@ -72,7 +72,10 @@ pub fn linked_crates(root: &Path, package: &str, target: &str) -> anyhow::Result
                 continue;
             };
             let proc_macro = package_of(dep_id).is_some_and(is_proc_macro);
-            if normal && !proc_macro {
+            let enabled = package_of(&id).is_none_or(|p| {
+                dependency_enabled(p, node, dep["name"].as_str().unwrap_or_default())
+            });
+            if normal && !proc_macro && enabled {
                 todo.push(dep_id.to_owned());
             }
         }
@@ -94,6 +97,55 @@ pub fn linked_crates(root: &Path, package: &str, target: &str) -> anyhow::Result
     }
     crates.sort();
     Ok(crates)
+}
+
+/// Whether the dependency that `package` (resolved as `node`) names `lib` (its library name,
+/// as the resolve graph gives it) is built: a required dependency always; an optional one only
+/// where an activated feature turns it on. `cargo metadata`'s resolve graph also lists an
+/// optional dependency that only a weak feature (`dep?/feature`) names — yasna's `bit-vec`
+/// under rcgen — though cargo builds nothing of it (`cargo tree` and the build agree).
+fn dependency_enabled(package: &Value, node: &Value, lib: &str) -> bool {
+    let declared: Vec<&Value> = package["dependencies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["kind"].is_null())
+        .filter(|d| {
+            let key = d["rename"]
+                .as_str()
+                .or(d["name"].as_str())
+                .unwrap_or_default();
+            key.replace('-', "_") == lib
+        })
+        .collect();
+    if declared.is_empty() || declared.iter().any(|d| d["optional"] != true) {
+        return true;
+    }
+    let active: Vec<&str> = node["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    declared.iter().any(|d| {
+        let key = d["rename"]
+            .as_str()
+            .or(d["name"].as_str())
+            .unwrap_or_default();
+        active.contains(&key)
+            || active.iter().any(|f| {
+                package["features"][*f]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .any(|v| {
+                        v == key
+                            || v.strip_prefix("dep:") == Some(key)
+                            || v.split_once('/').is_some_and(|(d, _)| d == key)
+                    })
+            })
+    })
 }
 
 fn is_proc_macro(package: &Value) -> bool {
@@ -190,6 +242,92 @@ mod tests {
             "(Apache-2.0 OR MIT) AND BSD-3-Clause AND MIT AND Zlib"
         );
         assert_eq!(license_expression(&crates[..1]), "Apache-2.0 OR MIT");
+    }
+
+    #[test]
+    fn an_optional_dependency_only_a_weak_feature_names_is_not_built() {
+        let package = serde_json::json!({
+            "dependencies": [
+                {"name": "bit-vec", "kind": null, "optional": true, "rename": null},
+                {"name": "time", "kind": null, "optional": true, "rename": null},
+                {"name": "num-bigint", "kind": null, "optional": true, "rename": null},
+                {"name": "libc", "kind": null, "optional": false, "rename": null},
+            ],
+            "features": {
+                "std": ["bit-vec?/std", "time?/std"],
+                "big": ["dep:num-bigint"],
+                "default": [],
+            },
+        });
+        let node = serde_json::json!({"features": ["std", "time", "big"]});
+        assert!(!dependency_enabled(&package, &node, "bit_vec"));
+        assert!(dependency_enabled(&package, &node, "time"));
+        assert!(dependency_enabled(&package, &node, "num_bigint"));
+        assert!(dependency_enabled(&package, &node, "libc"));
+        let without = serde_json::json!({"features": ["std"]});
+        assert!(!dependency_enabled(&package, &without, "time"));
+        assert!(!dependency_enabled(&package, &without, "num_bigint"));
+    }
+
+    /// What `cargo tree` says the agent and the eBPF programs link, against this module's walk
+    /// of `cargo metadata` (the workspace's own lock file; tests/tests/rpm_srpm.rs checks the
+    /// spec built from it end to end).
+    #[test]
+    fn the_walk_finds_what_cargo_tree_finds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace");
+        let tree = |package: &str, target: &str| -> BTreeSet<(String, String)> {
+            let out = cargo()
+                .args(["tree", "--locked", "-p", package, "--target", target])
+                .args([
+                    "-e",
+                    "normal,no-proc-macro",
+                    "--prefix",
+                    "none",
+                    "--no-dedupe",
+                ])
+                .args(["-f", "{p}"])
+                .current_dir(root)
+                .output()
+                .expect("cargo tree");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.contains(" (/"))
+                .filter_map(|l| {
+                    let mut w = l.split_whitespace();
+                    Some((
+                        w.next()?.to_owned(),
+                        w.next()?.trim_start_matches('v').to_owned(),
+                    ))
+                })
+                .collect()
+        };
+        let walk = |package: &str, target: &str| -> BTreeSet<(String, String)> {
+            linked_crates(root, package, target)
+                .expect("cargo metadata")
+                .into_iter()
+                .filter(|c| !c.local)
+                .map(|c| (c.name, c.version))
+                .collect()
+        };
+        // The union, as the spec states it: on its own, the eBPF crate's walk also finds what
+        // its `user` feature pulls in (which the workspace turns on for the agent's side).
+        let (mut walked, mut treed) = (BTreeSet::new(), BTreeSet::new());
+        for (package, target) in [
+            ("nodeward", "x86_64-unknown-linux-gnu"),
+            ("nodeward", "aarch64-unknown-linux-gnu"),
+            ("agent-ebpf", "bpfel-unknown-none"),
+        ] {
+            walked.extend(walk(package, target));
+            treed.extend(tree(package, target));
+        }
+        assert_eq!(walked, treed);
     }
 
     #[test]
