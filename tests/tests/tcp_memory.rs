@@ -23,8 +23,16 @@ use nodeward_tests::{
 /// 10,000 short connections and 1,000 long-lived ones from one container, with small map
 /// sizes: the kernel maps and the agent's own structures never pass their configured bounds,
 /// and the connections that did not fit are reported as untracked, not lost.
+/// One test at a time: each attaches its own programs, and a collector's start-up seed counts
+/// every connection on the host that its flow map lacks, so another test's connections open
+/// at that moment would be this test's "old" flows (and break its bounds on tracked flows).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn memory_stays_within_bounds_under_connection_churn() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     const TEST: &str = "memory_stays_within_bounds_under_connection_churn";
     let Some(python) = prerequisites_without_delay_line(TEST) else {
         return;
@@ -154,6 +162,9 @@ fn memory_stays_within_bounds_under_connection_churn() {
 /// counts the accepted connections (no delay line needed).
 #[test]
 fn ipv6_connections_are_measured_per_peer() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     const TEST: &str = "ipv6_connections_are_measured_per_peer";
     let Some(python) = prerequisites_without_delay_line(TEST) else {
         return;
@@ -216,6 +227,9 @@ fn ipv6_connections_are_measured_per_peer() {
 /// attaches beside it attributes them from their first packet.
 #[test]
 fn connections_of_a_listener_older_than_the_agent_are_attributed() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     const TEST: &str = "connections_of_a_listener_older_than_the_agent_are_attributed";
     let Some(python) = prerequisites_without_delay_line(TEST) else {
         return;
