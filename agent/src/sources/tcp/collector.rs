@@ -184,20 +184,23 @@ impl Collector {
 
     /// Reads the maps once, advances the windows, and returns the new snapshot.
     pub fn tick(&mut self) -> Result<TcpSnapshot, TcpError> {
-        let mut raw = match &mut self.input {
+        let raw = match &mut self.input {
             Input::Ebpf(r) => r.read()?,
             Input::Diag(p) => p.read(crate::ebpf::monotonic_ns()),
         };
         // Before the own-cgroup probe opens its connection, so that it is not taken for an
         // old one.
         if let Some(seed) = &mut self.seed {
-            seed.fill(&mut raw);
+            seed.fill(&raw);
         }
         let own_cgroup_id = self.own.as_mut().and_then(|o| o.observe(&raw));
         let live: Vec<u64> = raw.stats.iter().map(|s| s.0).collect();
         self.paths.next_tick(&live);
         let paths = &mut self.paths;
-        let (mut snapshot, cleanup) = self.tracker.update(raw, &mut |id| paths.resolve(id));
+        let seeded = self.seed.iter().flat_map(seed::Seed::flows);
+        let (mut snapshot, cleanup) = self
+            .tracker
+            .update_with(raw, seeded, &mut |id| paths.resolve(id));
         snapshot
             .fidelity
             .fell_back_from

@@ -186,9 +186,9 @@ impl Seed {
         }
     }
 
-    /// Ends a pass: a connection the dump no longer listed is closed; the rest go into
-    /// `raw.flows`.
-    fn finish(&mut self, pass: Pass, raw: &mut RawRead) {
+    /// Ends a pass: a connection the dump no longer listed is closed; the rest stay, for
+    /// [`Seed::flows`].
+    fn finish(&mut self, pass: Pass) {
         let Pass { mut open, known } = pass;
         if known.is_some() {
             if !open.is_empty() {
@@ -200,15 +200,23 @@ impl Seed {
         } else {
             open.retain(|_, f| f.seen);
         }
-        raw.flows.reserve(open.len());
-        raw.flows
-            .extend(open.iter().map(|(c, f)| (*c, f.flow(self.start_ns))));
         self.open = Some(open);
     }
 
-    /// Adds the pre-existing connections still open to `raw.flows`; dumps nothing once they
-    /// are all gone. Each socket is handled as the dump reads it.
-    pub fn fill(&mut self, raw: &mut RawRead) {
+    /// The pre-existing connections still open after the last [`Seed::fill`], as open flows
+    /// made one at a time: the tracker takes them beside `raw.flows`
+    /// ([`super::window::Tracker::update_with`]) rather than as a copy there.
+    pub fn flows(&self) -> impl Iterator<Item = (u64, FlowState)> + '_ {
+        self.open
+            .iter()
+            .flatten()
+            .map(|(c, f)| (*c, f.flow(self.start_ns)))
+    }
+
+    /// Finds which pre-existing connections are still open (on the first read, those that
+    /// `raw.flows` lacks); dumps nothing once they are all gone. Each socket is handled as the
+    /// dump reads it.
+    pub fn fill(&mut self, raw: &RawRead) {
         if self.open.as_ref().is_some_and(HashMap::is_empty) {
             return;
         }
@@ -229,16 +237,16 @@ impl Seed {
                 pass.visit(&s);
             }
         }
-        self.finish(pass, raw);
+        self.finish(pass);
     }
 
     /// `fill` on a given dump (separate for the tests).
-    pub fn apply(&mut self, sockets: &[diag::DiagSocket], raw: &mut RawRead) {
+    pub fn apply(&mut self, sockets: &[diag::DiagSocket], raw: &RawRead) {
         let mut pass = self.begin(raw);
         for s in sockets {
             pass.visit(s);
         }
-        self.finish(pass, raw);
+        self.finish(pass);
     }
 }
 
@@ -284,28 +292,25 @@ mod tests {
             socket(3, Some(7)),
             socket(4, None),
         ];
-        let mut first = raw(vec![(1, known)]);
-        seed.apply(&dump, &mut first);
-        let mut cookies: Vec<u64> = first.flows.iter().map(|f| f.0).collect();
+        seed.apply(&dump, &raw(vec![(1, known)]));
+        let mut cookies: Vec<u64> = seed.flows().map(|f| f.0).collect();
         cookies.sort_unstable();
-        assert_eq!(cookies, [1, 2, 3]);
-        let f = first.flows.iter().find(|f| f.0 == 2).expect("seeded").1;
+        assert_eq!(cookies, [2, 3], "1 is the flow map's");
+        let f = seed.flows().find(|f| f.0 == 2).expect("seeded").1;
         assert_eq!(
             (f.cgroup_id, f.passive, f.local_port, f.bytes_acked),
             (7, direction::UNKNOWN, 1935, 200)
         );
 
         // 3 closed; a new socket (5) is sock_ops' business, not the seed's; 2 sent more.
-        let mut next = raw(Vec::new());
         let mut two = socket(2, Some(7));
         two.bytes_acked = 9_000;
-        seed.apply(&[two, socket(5, Some(7))], &mut next);
-        let cookies: Vec<u64> = next.flows.iter().map(|f| f.0).collect();
-        assert_eq!(cookies, [2]);
-        assert_eq!(next.flows[0].1.bytes_acked, 9_000, "bytes follow the dumps");
-        let mut last = raw(Vec::new());
-        seed.apply(&[], &mut last);
-        assert!(last.flows.is_empty());
+        seed.apply(&[two, socket(5, Some(7))], &raw(Vec::new()));
+        let next: Vec<(u64, FlowState)> = seed.flows().collect();
+        assert_eq!(next.iter().map(|f| f.0).collect::<Vec<_>>(), [2]);
+        assert_eq!(next[0].1.bytes_acked, 9_000, "bytes follow the dumps");
+        seed.apply(&[], &raw(Vec::new()));
+        assert_eq!(seed.flows().count(), 0);
         assert!(seed.open.as_ref().is_some_and(HashMap::is_empty), "done");
     }
 }

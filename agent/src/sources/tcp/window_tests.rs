@@ -513,3 +513,41 @@ fn each_connection_carries_its_local_port_age_and_the_bytes_it_moved_since_the_l
         "a viewer keeps the port it was served on"
     );
 }
+
+#[test]
+fn seeded_flows_taken_beside_the_read_count_and_follow_their_bytes_like_the_maps_own() {
+    let mut t = Tracker::new(limits());
+    let mut none = |_| None;
+    let old = SocketAddr::from(([10, 0, 0, 3], 50_001));
+    let seeded = |acked: u64| {
+        let f = FlowState {
+            bytes_acked: acked,
+            ..flow(7, [10, 0, 0, 3], 50_001, 0)
+        };
+        std::iter::once((2, f))
+    };
+    let at = |now_ns: u64| RawRead {
+        now_ns,
+        ..read(1, vec![(1, flow(7, [10, 0, 0, 2], 50_000, 1))])
+    };
+    let (first, _) = t.update_with(at(11_000_000_000), seeded(1_000), &mut none);
+    assert_eq!(first.container(7).expect("cgroup 7").established, 2);
+    let (next, _) = t.update_with(at(13_000_000_000), seeded(3_000), &mut none);
+    let c = next.container(7).expect("cgroup 7");
+    assert_eq!(c.established, 2);
+    let conn = c
+        .connections
+        .iter()
+        .find(|c| c.remote == old)
+        .expect("seeded");
+    assert_eq!(
+        conn.bytes.map(|b| b.acked),
+        Some(2_000),
+        "remembered from the read before, like a flow of the map"
+    );
+    // The seed saw it close: gone, like a flow the map no longer holds.
+    let (last, _) = t.update_with(at(14_000_000_000), std::iter::empty(), &mut none);
+    let c = last.container(7).expect("cgroup 7");
+    assert_eq!(c.established, 1);
+    assert!(c.connections.iter().all(|c| c.remote != old));
+}

@@ -66,12 +66,14 @@ pub fn seed(args: &SeedArgs) -> ExitCode {
     // Reset the peak resident set ("5" to clear_refs) so that VmHWM after the read is its peak.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss_before = status_bytes("VmRSS:");
-    let mut raw = RawRead::default();
+    let raw = RawRead::default();
     let (wall, cpu) = (Instant::now(), cpu_seconds());
-    seed.fill(&mut raw);
+    seed.fill(&raw);
+    // The flows as the tracker takes them (`Tracker::update_with`), made one at a time.
+    let seeded_flows = seed.flows().count();
     let mut report = SeedReport {
         connections: args.connections,
-        seeded_flows: raw.flows.len(),
+        seeded_flows,
         first_wall_seconds: wall.elapsed().as_secs_f64(),
         first_cpu_seconds: cpu_seconds() - cpu,
         first_peak_growth_bytes: status_bytes("VmHWM:") - rss_before,
@@ -79,14 +81,13 @@ pub fn seed(args: &SeedArgs) -> ExitCode {
         tick_cpu_seconds: Vec::new(),
         tick_flows: Vec::new(),
     };
-    drop(raw);
     for _ in 0..args.ticks {
-        let mut raw = RawRead::default();
         let (wall, cpu) = (Instant::now(), cpu_seconds());
-        seed.fill(&mut raw);
+        seed.fill(&raw);
+        let flows = seed.flows().count();
         report.tick_wall_seconds.push(wall.elapsed().as_secs_f64());
         report.tick_cpu_seconds.push(cpu_seconds() - cpu);
-        report.tick_flows.push(raw.flows.len());
+        report.tick_flows.push(flows);
     }
     drop(held);
     print(&report)
