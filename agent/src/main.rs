@@ -11,10 +11,13 @@ use nodeward::{
 
 fn main() -> ExitCode {
     let cli = nodeward::cli::parse();
-    if !matches!(cli.command, None | Some(Command::Run)) {
+    if !matches!(cli.command, None | Some(Command::Run | Command::Fleet(_))) {
         // The command-line tools end quietly when their reader goes away (`nodeward status |
         // head`), as Unix tools do, instead of panicking on EPIPE. The daemon keeps SIGPIPE
-        // ignored: a client hanging up is an error on that connection only.
+        // ignored: a client hanging up is an error on that connection only. So does `fleet`:
+        // an agent that refuses its TLS client (no certificate, another CA) closes the
+        // connection, and a write to it would kill the whole table by SIGPIPE instead of
+        // making that node's row UNREACHABLE with the reason.
         // SAFETY: sets a signal disposition before any other thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
