@@ -6,7 +6,9 @@ pub struct NetworkWindow {
     /// Length of the window, in seconds: one of the agent's `network.windows` (by default 10, 60, 300).
     #[prost(uint32, tag = "1")]
     pub window_seconds: u32,
-    /// Number of TCP RTT samples in the window (count).
+    /// Number of TCP RTT measurements in the window (count): every one, including those that
+    /// waited on the peer; the RTT figures below are over the path samples among them
+    /// (docs/tcp-latency.md, "Path RTT, not the peer's think time").
     #[prost(uint64, tag = "2")]
     pub samples: u64,
     /// Lower edge of the lowest occupied RTT histogram bucket, in microseconds.
@@ -53,7 +55,7 @@ pub struct PeerNetwork {
     /// once a container has more than the agent's `tcp.max_peers`, or `other`.
     #[prost(string, tag = "1")]
     pub remote_addr: ::prost::alloc::string::String,
-    /// RTT samples from this peer in the window (count).
+    /// Path RTT samples from this peer in the window (count): those the figures below are over.
     #[prost(uint64, tag = "2")]
     pub samples: u64,
     /// Retransmitted segments to this peer in the window (count).
