@@ -8,6 +8,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::mpsc,
     task::JoinSet,
@@ -179,6 +180,50 @@ pub fn acceptor(api: &ApiConfig) -> Result<Acceptor, TlsError> {
     Ok(Acceptor(TlsAcceptor::from(Arc::new(config))))
 }
 
+/// How long a connection whose handshake failed is kept half-open so that its client reads the
+/// alert that says why (see [`handshake`]).
+const LINGER: Duration = Duration::from_secs(1);
+/// The most a refused client may still send while its connection lingers.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Runs the server side of a TLS handshake on `tcp`. Where it fails (a client certificate
+/// refused, none sent), rustls has written the alert that says why, but under TLS 1.3 the
+/// client has already finished its side and sent its first request: closing the socket with
+/// that request unread makes the kernel answer with a reset, which can reach the client before
+/// it reads the alert, so the client sees "broken pipe" or "connection reset" instead of
+/// "certificate required". The connection is therefore closed gently: our side shut for
+/// writing (the alert, then FIN), what the client still sends read and dropped until it closes
+/// or [`LINGER`] passes.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    match acceptor.accept(tcp).into_fallible().await {
+        Ok(tls) => Ok(tls),
+        Err((e, tcp)) => {
+            linger(tcp).await;
+            Err(e)
+        }
+    }
+}
+
+async fn linger(mut tcp: TcpStream) {
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while read < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+}
+
 /// A finished handshake, as the gRPC server takes it.
 pub type Conn = H2Fix<TlsStream<TcpStream>>;
 
@@ -203,7 +248,7 @@ pub fn incoming(
                         let _ = tcp.set_nodelay(true);
                         let acceptor = acceptor.clone();
                         handshakes.spawn(async move {
-                            tokio::time::timeout(timeout, acceptor.accept(tcp)).await
+                            tokio::time::timeout(timeout, handshake(&acceptor, tcp)).await
                         });
                     }
                     Err(e) => {

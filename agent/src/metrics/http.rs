@@ -171,7 +171,7 @@ async fn connection(
     let Some(tls) = tls else {
         return http1(stream, service).await;
     };
-    let stream = tokio::time::timeout(IO_TIMEOUT, tls.accept(stream))
+    let stream = tokio::time::timeout(IO_TIMEOUT, crate::api::tls::handshake(&tls, stream))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Handshake)?;
