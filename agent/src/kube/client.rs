@@ -470,7 +470,13 @@ mod tests {
             (c.host.as_str(), c.port, c.prefix.as_str()),
             ("rancher.example", 443, "/k8s/clusters/c-1")
         );
-        for bad in ["10.0.0.1:443", "ftp://x", "http://", "http://h:notaport", "http:///x"] {
+        for bad in [
+            "10.0.0.1:443",
+            "ftp://x",
+            "http://",
+            "http://h:notaport",
+            "http:///x",
+        ] {
             assert!(
                 Client::new(target(bad), Duration::from_secs(1)).is_err(),
                 "{bad} was accepted"

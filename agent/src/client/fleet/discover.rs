@@ -62,19 +62,20 @@ impl KubeDiscovery {
             // Every spawned task answers (a panic is resumed above).
             match listed.unwrap_or_else(|| Err("no answer".to_owned())) {
                 Ok((targets, absent)) => {
-                    found
-                        .targets
-                        .extend(targets.into_iter().map(|t| Target {
-                            context: label.clone(),
-                            ..t
-                        }));
+                    found.targets.extend(targets.into_iter().map(|t| Target {
+                        context: label.clone(),
+                        ..t
+                    }));
                     found.absent.extend(absent.into_iter().map(|a| Absent {
                         context: label.clone(),
                         ..a
                     }));
                 }
                 Err(e) if !several => {
-                    return Err(FleetError::Unavailable(format!("context {}: {e}", ctx.name)))
+                    return Err(FleetError::Unavailable(format!(
+                        "context {}: {e}",
+                        ctx.name
+                    )))
                 }
                 Err(e) => {
                     found.absent.push(Absent {
@@ -89,12 +90,9 @@ impl KubeDiscovery {
     }
 
     async fn list(&self, ctx: &Context) -> Listed {
-        let client = Client::with_credentials(
-            ctx.target.clone(),
-            ctx.credentials.clone(),
-            self.timeout,
-        )
-        .map_err(|e| chain(&e))?;
+        let client =
+            Client::with_credentials(ctx.target.clone(), ctx.credentials.clone(), self.timeout)
+                .map_err(|e| chain(&e))?;
         let pods_path = format!(
             "/api/v1/namespaces/{}/pods?labelSelector={}",
             encode(&self.namespace),
@@ -115,7 +113,10 @@ impl KubeDiscovery {
 fn api_error(e: &ClientError) -> String {
     match e.status() {
         Some(s) if s == hyper::StatusCode::FORBIDDEN => {
-            format!("{} (the fleet user needs the RBAC of docs/fleet.md)", chain(e))
+            format!(
+                "{} (the fleet user needs the RBAC of docs/fleet.md)",
+                chain(e)
+            )
         }
         _ => chain(e),
     }
@@ -238,10 +239,8 @@ mod tests {
         ]);
         let nodes = list(vec![node("a"), node("b"), node("c"), node("d"), node("e")]);
         let (t, absent) = targets(&pods, &nodes, None, "nodeward");
-        let got: Vec<(String, Option<&str>)> = t
-            .iter()
-            .map(|t| (t.address(), t.node.as_deref()))
-            .collect();
+        let got: Vec<(String, Option<&str>)> =
+            t.iter().map(|t| (t.address(), t.node.as_deref())).collect();
         assert_eq!(
             got,
             [

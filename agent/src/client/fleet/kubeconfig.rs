@@ -332,7 +332,11 @@ impl Kubeconfig {
             kind,
             name: n.to_owned(),
         };
-        let cluster_name = ctx.item.cluster.as_deref().ok_or_else(|| missing("cluster"))?;
+        let cluster_name = ctx
+            .item
+            .cluster
+            .as_deref()
+            .ok_or_else(|| missing("cluster"))?;
         let cluster = self
             .clusters
             .get(cluster_name)
@@ -353,7 +357,11 @@ impl Kubeconfig {
         let mut target = Target {
             server,
             token_file: None,
-            ca_file: cluster.item.certificate_authority.as_ref().map(|p| cdir.join(p)),
+            ca_file: cluster
+                .item
+                .certificate_authority
+                .as_ref()
+                .map(|p| cdir.join(p)),
         };
         let mut credentials = Credentials {
             insecure: cluster.item.insecure_skip_tls_verify,
@@ -420,13 +428,15 @@ fn user_credentials(
     }
     let pem = |key: &'static str, path: &Option<PathBuf>, data: &Option<String>| {
         if let Some(data) = data {
-            return decode(data).map(Some).map_err(|detail| KubeconfigError::Base64 {
-                file: file(),
-                owner: "user",
-                name: name.to_owned(),
-                key,
-                detail,
-            });
+            return decode(data)
+                .map(Some)
+                .map_err(|detail| KubeconfigError::Base64 {
+                    file: file(),
+                    owner: "user",
+                    name: name.to_owned(),
+                    key,
+                    detail,
+                });
         }
         match path {
             None => Ok(None),

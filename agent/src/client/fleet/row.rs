@@ -229,7 +229,14 @@ pub fn table(rows: &[Row]) -> String {
         head.push("CONTEXT".to_owned());
     }
     head.extend(
-        ["NODE", "VERDICT", "DRAINING/STREAMS", "CONTAINERS", "REASONS"].map(str::to_owned),
+        [
+            "NODE",
+            "VERDICT",
+            "DRAINING/STREAMS",
+            "CONTAINERS",
+            "REASONS",
+        ]
+        .map(str::to_owned),
     );
     let mut width: Vec<usize> = head.iter().map(String::len).collect();
     for row in &cells {
@@ -367,7 +374,7 @@ mod tests {
         assert!(lines[0].starts_with("CONTEXT  NODE "), "{text}");
         assert!(lines[1].starts_with("west     d "), "{text}");
         assert!(
-            lines[2].starts_with("east     -    UNREACHABLE")
+            lines[2].starts_with("east     -     UNREACHABLE")
                 && lines[2].ends_with("context east: connection refused"),
             "{text}"
         );
