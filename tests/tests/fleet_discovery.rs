@@ -13,8 +13,11 @@
 //! - The current context alone (no CONTEXT field), `fleet drain` of a node found through the
 //!   API (the agent itself says it drains), a node without an agent refused, and a user with
 //!   an exec plugin refused with the reason.
+//! - The fleet user's RBAC example (packaging/kubernetes/examples/fleet-user/rbac.yaml) grants
+//!   exactly the calls `nodeward fleet` made, and validates against the Kubernetes schema.
 
 use std::{
+    collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Output, Stdio},
@@ -27,8 +30,9 @@ use nodeward_tests::{
     agent_binary,
     api::{eventually, TempDir},
     fleet::{rows, verdict_name, Certs, FleetAgent},
+    kube::{tool, validate, yaml},
     kubeapi::{KubeApi, TlsFiles},
-    text,
+    skip, text,
 };
 
 const NS: &str = "nodeward";
@@ -86,6 +90,65 @@ fn kubeconfig(east: &KubeApi, west: &KubeApi, ca_pem: &[u8]) -> String {
         east = east.url(),
         west = west.url(),
     )
+}
+
+fn fleet_rbac() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/examples/fleet-user/rbac.yaml")
+}
+
+/// The (verb, resource, subresource) triples the fleet user's roles grant; `None` without
+/// python3 and PyYAML.
+fn granted() -> Option<BTreeSet<(String, String, String)>> {
+    let docs = yaml(&fleet_rbac())?;
+    let mut out = BTreeSet::new();
+    for role in docs
+        .iter()
+        .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
+    {
+        if role["kind"] == "Role" {
+            assert_eq!(
+                role["metadata"]["namespace"], NS,
+                "the DaemonSet's namespace"
+            );
+        }
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            for resource in rule["resources"].as_array().into_iter().flatten() {
+                let resource = resource.as_str().unwrap_or_default();
+                let (r, sub) = resource.split_once('/').unwrap_or((resource, ""));
+                for verb in rule["verbs"].as_array().into_iter().flatten() {
+                    let verb = verb.as_str().unwrap_or_default();
+                    out.insert((verb.to_owned(), r.to_owned(), sub.to_owned()));
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn the_fleet_users_rbac_example_validates_against_the_kubernetes_schema() {
+    const TEST: &str = "the_fleet_users_rbac_example_validates_against_the_kubernetes_schema";
+    if tool("kubernetes-validate").is_none() {
+        return skip(
+            TEST,
+            "kubernetes-validate not installed (pip install -r tests/requirements.txt)",
+        );
+    }
+    let out = validate(&[fleet_rbac()]);
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    for resource in [
+        "role/nodeward-fleet",
+        "clusterrole/nodeward-fleet",
+        "rolebinding/nodeward-fleet",
+        "clusterrolebinding/nodeward-fleet",
+    ] {
+        assert!(
+            report.contains(&format!("passed for resource {resource}")),
+            "{resource} was not validated:\n{report}"
+        );
+    }
 }
 
 fn find<'a>(rows: &'a [serde_json::Value], node: &str) -> &'a serde_json::Value {
@@ -310,4 +373,22 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
         "{}",
         text(&out)
     );
+
+    // Every call was one the fleet user's roles grant, and every grant was used.
+    let called: BTreeSet<_> = east
+        .requests()
+        .iter()
+        .chain(west.requests().iter())
+        .filter_map(nodeward_tests::kubeapi::Recorded::rbac)
+        .collect();
+    match granted() {
+        Some(granted) => assert_eq!(
+            called, granted,
+            "packaging/kubernetes/examples/fleet-user/rbac.yaml must grant exactly what `nodeward fleet` calls"
+        ),
+        None => skip(
+            "fleet_discovery_rbac",
+            "python3 with PyYAML missing (tests/requirements.txt)",
+        ),
+    }
 }
