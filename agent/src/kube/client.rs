@@ -48,6 +48,8 @@ pub struct Credentials {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// A fixed bearer token (a kubeconfig's `token`); `Target::token_file` wins when both are set.
     pub token: Option<String>,
+    /// The name the server's certificate must carry (`tls-server-name`) instead of the host.
+    pub server_name: Option<String>,
     /// Accept any server certificate (`insecure-skip-tls-verify`). Signatures are still
     /// checked, so the handshake is genuine, but nothing says who the server is.
     pub insecure: bool,
@@ -60,6 +62,7 @@ impl std::fmt::Debug for Credentials {
             .field("ca_pem", &self.ca_pem.is_some())
             .field("identity", &self.identity.is_some())
             .field("token", &self.token.is_some())
+            .field("server_name", &self.server_name)
             .field("insecure", &self.insecure)
             .finish()
     }
@@ -203,7 +206,8 @@ impl Client {
                 }
                 None => builder.with_no_client_auth(),
             };
-            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            let name = creds.server_name.clone().unwrap_or_else(|| host.clone());
+            let name = ServerName::try_from(name).map_err(|_| bad())?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None

@@ -122,6 +122,7 @@ struct Cluster {
     certificate_authority_data: Option<String>,
     #[serde(default)]
     insecure_skip_tls_verify: bool,
+    tls_server_name: Option<String>,
     proxy_url: Option<String>,
 }
 
@@ -365,6 +366,11 @@ impl Kubeconfig {
         };
         let mut credentials = Credentials {
             insecure: cluster.item.insecure_skip_tls_verify,
+            server_name: cluster
+                .item
+                .tls_server_name
+                .clone()
+                .filter(|n| !n.is_empty()),
             ..Credentials::default()
         };
         if let Some(data) = &cluster.item.certificate_authority_data {

@@ -41,6 +41,7 @@ clusters:
   cluster:
     server: http://127.0.0.1:8080
     insecure-skip-tls-verify: true
+    tls-server-name: kubernetes.default
 - name: shared
   cluster:
     server: https://shared-from-b:6443
@@ -97,6 +98,10 @@ fn the_first_file_wins_each_name_and_the_current_context() {
     let west = k.resolve("west").expect("west");
     assert_eq!(west.target.server, "http://127.0.0.1:8080");
     assert!(west.credentials.insecure);
+    assert_eq!(
+        west.credentials.server_name.as_deref(),
+        Some("kubernetes.default")
+    );
     assert_eq!(
         west.target.token_file.as_deref(),
         Some(Path::new("/k/b/west.token")),
