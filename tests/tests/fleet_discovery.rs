@@ -9,6 +9,9 @@
 //!   name and verdict the agent reports on its own socket; a node without an agent pod and a
 //!   node whose pod is Pending are `UNREACHABLE` rows saying so; a pod the label selector
 //!   leaves out (another app's) is not asked.
+//! - The API server's certificate: accepted unchecked with `insecure-skip-tls-verify`, refused
+//!   without a CA, checked against `tls-server-name` (a wrong one refused), each context's
+//!   refusal its own row.
 //! - With `west`'s API server down, `west` is one row with its error and `east` still lists.
 //! - The current context alone (no CONTEXT field), `fleet drain` of a node found through the
 //!   API (the agent itself says it drains), a node without an agent refused, and a user with
@@ -79,6 +82,10 @@ fn kubeconfig(east: &KubeApi, west: &KubeApi, ca_pem: &[u8]) -> String {
          clusters:\n\
          - name: east\n  cluster:\n    server: {east}\n    certificate-authority: pki/ca.crt\n\
          - name: west\n  cluster:\n    server: {west}\n    certificate-authority-data: {ca_data}\n\
+         - name: west-insecure\n  cluster:\n    server: {west}\n    insecure-skip-tls-verify: true\n\
+         - name: west-noca\n  cluster:\n    server: {west}\n\
+         - name: west-named\n  cluster:\n    server: {west}\n    certificate-authority-data: {ca_data}\n    tls-server-name: kube-west\n\
+         - name: west-misnamed\n  cluster:\n    server: {west}\n    certificate-authority-data: {ca_data}\n    tls-server-name: kube-east\n\
          users:\n\
          - name: ops\n  user:\n    client-certificate: pki/fleet-ops.crt\n    client-key: pki/fleet-ops.key\n\
          - name: west-sa\n  user:\n    token: west-secret-token\n\
@@ -86,7 +93,11 @@ fn kubeconfig(east: &KubeApi, west: &KubeApi, ca_pem: &[u8]) -> String {
          contexts:\n\
          - name: east\n  context:\n    cluster: east\n    user: ops\n\
          - name: west\n  context:\n    cluster: west\n    user: west-sa\n\
-         - name: cloud\n  context:\n    cluster: west\n    user: gke\n",
+         - name: cloud\n  context:\n    cluster: west\n    user: gke\n\
+         - name: west-insecure\n  context:\n    cluster: west-insecure\n    user: west-sa\n\
+         - name: west-noca\n  context:\n    cluster: west-noca\n    user: west-sa\n\
+         - name: west-named\n  context:\n    cluster: west-named\n    user: west-sa\n\
+         - name: west-misnamed\n  context:\n    cluster: west-misnamed\n    user: west-sa\n",
         east = east.url(),
         west = west.url(),
     )
@@ -310,6 +321,45 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
             .all(|r| r.query == "labelSelector=app.kubernetes.io%2Fname%3Dnodeward"),
         "{pods:?}"
     );
+
+    // How the API server's certificate is checked: not at all (insecure-skip-tls-verify), not
+    // without a CA, against tls-server-name instead of the address.
+    let out = fleet_in(
+        &dir.0,
+        &[],
+        &[
+            "status",
+            "--json",
+            "--kubeconfig",
+            "kubeconfig",
+            "--context",
+            "west-insecure,west-noca,west-named,west-misnamed",
+        ],
+        &certs,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let got = rows(&out);
+    let in_context =
+        |c: &str| -> Vec<&serde_json::Value> { got.iter().filter(|r| r["context"] == c).collect() };
+    for ok in ["west-insecure", "west-named"] {
+        let nodes: BTreeSet<&str> = in_context(ok)
+            .iter()
+            .filter_map(|r| r["node"].as_str())
+            .collect();
+        assert_eq!(nodes, BTreeSet::from(["west-1", "west-2"]), "{ok}: {got:?}");
+    }
+    for (refused, why) in [
+        ("west-noca", "UnknownIssuer"),
+        ("west-misnamed", "not valid for name \"kube-east\""),
+    ] {
+        let rows = in_context(refused);
+        assert_eq!(rows.len(), 1, "{refused}: {got:?}");
+        let e = rows[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("invalid peer certificate") && e.contains(why),
+            "{refused}: {e}"
+        );
+    }
 
     // West's API server down: one row for it, east still lists (KUBECONFIG, not the flag).
     west.down();
