@@ -1,9 +1,10 @@
 //! `nodeward fleet status|watch|drain`: many agents at once. Targets come from a static list
 //! (`targets`), or, without one, from the API server of one or more kubeconfig contexts
 //! (`kubeconfig`, `discover`): the DaemonSet's pods, each asked at its pod IP. Each agent is
-//! asked over plain HTTP/2 (no `--ca`: agents on loopback) or mutual TLS, at most `--parallel` at a time and each within `--timeout` (`query`); the answers make
-//! one table, worst verdict first, with every node that did not answer as an `UNREACHABLE` row
-//! (`row`). `drain` drains nodes in batches of `--max-unavailable` (`drain`).
+//! asked over plain HTTP/2 (no `--ca`: agents on loopback) or mutual TLS, at most `--parallel`
+//! at a time and each within `--timeout` (`query`); the answers make one table, worst verdict
+//! first, with every node that did not answer — or that has no agent to ask — as an
+//! `UNREACHABLE` row (`row`). `drain` drains nodes in batches of `--max-unavailable` (`drain`).
 //!
 //! Installed as `kubectl-nodeward`, the binary is this command: `kubectl nodeward status` is
 //! `nodeward fleet status` (see `cli::parse`).
