@@ -16,10 +16,16 @@
 //!   replaced); anything else is `415`;
 //! - `metadata.resourceVersion` bumped on every write that changes the object (a no-op patch
 //!   keeps it, as etcd is not written), and `409 Conflict` when a patch carries a stale one;
-//! - `GET /api/v1/pods?fieldSelector=spec.nodeName=X`;
+//! - `GET /api/v1/pods?fieldSelector=spec.nodeName=X`, and
+//!   `GET /api/v1/namespaces/{ns}/pods?labelSelector=...` (equality, set-based and existence
+//!   requirements), `GET /api/v1/nodes`: `PodList` and `NodeList` as the real server sends
+//!   them (`cluster.rs`);
 //! - `POST /api/v1/namespaces/{ns}/pods/{name}/eviction` (`policy/v1` Eviction): the pod is
 //!   deleted, or `429` with the disruption-budget message as many times as a test asks;
 //! - `POST /api/v1/namespaces/{ns}/events` (`core/v1` Event), names from `generateName`;
+//! - on demand: HTTPS with a certificate the test makes, requiring a client certificate its CA
+//!   signs (the TLS handshake refuses others, as a real server with `--client-ca-file` does for
+//!   a client that presents a bad one), and a bearer token (`401 Unauthorized` without it);
 //! - on demand: down (connections refused: the listener is closed and later bound again on the
 //!   same port), `503`, or `429` with `Retry-After` for the next N requests.
 //!
@@ -45,6 +51,9 @@ use crate::{
     api::{conn, eventually, TempDir},
 };
 use nodeward::api::pb;
+
+mod cluster;
+pub use cluster::TlsFiles;
 
 /// One request as it reached the server.
 #[derive(Debug, Clone)]
@@ -113,6 +122,8 @@ struct State {
     throttle: Option<(u32, u32)>,
     /// Pods whose next N evictions get the disruption-budget `429`.
     pdb_blocks: BTreeMap<(String, String), u32>,
+    /// The bearer token every request must carry, when set.
+    token: Option<String>,
 }
 
 impl State {
@@ -128,6 +139,8 @@ pub struct KubeApi {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// HTTPS instead of HTTP, when set.
+    tls: Option<cluster::Acceptor>,
 }
 
 impl Drop for KubeApi {
@@ -141,6 +154,10 @@ impl Drop for KubeApi {
 impl KubeApi {
     /// Starts on a free port of 127.0.0.1. Call from within a tokio runtime.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    fn start_with(tls: Option<cluster::Acceptor>) -> Self {
         let state = Arc::new(Mutex::new(State {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
@@ -150,12 +167,18 @@ impl KubeApi {
             mode: Mode::Up,
             throttle: None,
             pdb_blocks: BTreeMap::new(),
+            token: None,
         }));
-        let (addr, task) = listen("127.0.0.1:0".parse().expect("an address"), state.clone());
+        let (addr, task) = listen(
+            "127.0.0.1:0".parse().expect("an address"),
+            state.clone(),
+            tls.clone(),
+        );
         Self {
             addr,
             state,
             listener: Mutex::new(Some(task)),
+            tls,
         }
     }
 
@@ -169,7 +192,8 @@ impl KubeApi {
 
     /// `http://127.0.0.1:PORT`, for the agent's `kubernetes.server`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Adds a Node with no conditions and no taints (and `taints` when given).
@@ -272,7 +296,7 @@ impl KubeApi {
         self.lock().mode = Mode::Up;
         let mut slot = self.listener_slot();
         if slot.is_none() {
-            let (_, task) = listen(self.addr, self.state.clone());
+            let (_, task) = listen(self.addr, self.state.clone(), self.tls.clone());
             *slot = Some(task);
         }
     }
@@ -286,7 +310,11 @@ impl KubeApi {
 }
 
 /// Binds `addr` (again, after [`KubeApi::down`]: hence `SO_REUSEADDR`) and serves it.
-fn listen(addr: SocketAddr, state: Arc<Mutex<State>>) -> (SocketAddr, JoinHandle<()>) {
+fn listen(
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    tls: Option<cluster::Acceptor>,
+) -> (SocketAddr, JoinHandle<()>) {
     let socket = TcpSocket::new_v4().expect("a socket");
     socket.set_reuseaddr(true).expect("SO_REUSEADDR");
     socket.bind(addr).expect("binding the stand-in API server");
@@ -296,14 +324,28 @@ fn listen(addr: SocketAddr, state: Arc<Mutex<State>>) -> (SocketAddr, JoinHandle
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((stream, _)) = listener.accept().await {
             let state = state.clone();
+            let tls = tls.clone();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(req, &state).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                    Some(acceptor) => {
+                        // A refused handshake (no or a foreign client certificate) ends here.
+                        if let Ok(stream) = acceptor.0.accept(stream).await {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                }
             });
         }
     });
@@ -341,13 +383,23 @@ async fn handle(req: Request<Incoming>, state: &Mutex<State>) -> Reply {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bytes = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-    let answer = route(&mut s, &method, &path, &query, &content_type, &body);
+    let answer = match &s.token {
+        Some(t) if authorization.as_deref() != Some(format!("Bearer {t}").as_str()) => {
+            status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+        }
+        _ => route(&mut s, &method, &path, &query, &content_type, &body),
+    };
     s.requests.push(Recorded {
         method: method.to_string(),
         path,
@@ -401,6 +453,10 @@ fn route(
             patch_node(s, name, true, content_type, body)
         }
         (&Method::GET, ["api", "v1", "pods"]) => list_pods(s, query),
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
+            cluster::list_namespaced_pods(s, ns, query)
+        }
+        (&Method::GET, ["api", "v1", "nodes"]) => cluster::list_nodes(s),
         (&Method::POST, ["api", "v1", "namespaces", ns, "pods", name, "eviction"]) => {
             evict(s, ns, name, body)
         }
@@ -805,6 +861,7 @@ mod tests {
             mode: Mode::Up,
             throttle: None,
             pdb_blocks: BTreeMap::new(),
+            token: None,
         };
         s.nodes.insert("n".to_owned(), node);
         s

@@ -2,6 +2,10 @@
 //! plain HTTP to a local server), with a bearer token read afresh for every request (projected
 //! service-account tokens rotate).
 //!
+//! A client made from a kubeconfig (`nodeward fleet`) adds what a kubeconfig carries beyond that
+//! ([`Credentials`]): inline CA data, a client certificate, a fixed token, a server URL with a
+//! path prefix, or no verification of the server's certificate at all.
+//!
 //! A connection per request: the agent calls the API a few times per heartbeat, so a kept-alive
 //! connection would save nothing worth its reconnect logic.
 
@@ -16,8 +20,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::{
     rustls::{
         self,
-        pki_types::{pem::PemObject as _, CertificateDer, ServerName},
-        ClientConfig, RootCertStore,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::CryptoProvider,
+        pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+        ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     },
     TlsConnector,
 };
@@ -33,6 +39,35 @@ pub struct Target {
     pub ca_file: Option<PathBuf>,
 }
 
+/// What a kubeconfig can carry beyond [`Target`]. The default adds nothing.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// PEM CA certificates (`certificate-authority-data`), trusted besides `Target::ca_file`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A PEM client certificate chain and its PEM key, presented to the server.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A fixed bearer token (a kubeconfig's `token`); `Target::token_file` wins when both are set.
+    pub token: Option<String>,
+    /// The name the server's certificate must carry (`tls-server-name`) instead of the host.
+    pub server_name: Option<String>,
+    /// Accept any server certificate (`insecure-skip-tls-verify`). Signatures are still
+    /// checked, so the handshake is genuine, but nothing says who the server is.
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token or the key.
+        f.debug_struct("Credentials")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("token", &self.token.is_some())
+            .field("server_name", &self.server_name)
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("kubernetes.server {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
@@ -41,6 +76,8 @@ pub enum ClientError {
     Read(PathBuf, std::io::Error),
     #[error("{0}: no usable PEM certificate: {1}")]
     Pem(PathBuf, String),
+    #[error("{0}: {1}")]
+    PemData(&'static str, String),
     #[error("TLS set-up: {0}")]
     Tls(#[from] rustls::Error),
     #[error("connecting to {0}: {1}")]
@@ -90,6 +127,10 @@ pub struct Client {
     target: Target,
     host: String,
     port: u16,
+    /// The server URL's path (`https://host/k8s/clusters/c-1`: `/k8s/clusters/c-1`), put before
+    /// every request's path; empty for most servers.
+    prefix: String,
+    token: Option<String>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     timeout: Duration,
 }
@@ -104,20 +145,33 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     pub fn new(target: Target, timeout: Duration) -> Result<Self, ClientError> {
+        Self::with_credentials(target, Credentials::default(), timeout)
+    }
+
+    /// A client with what a kubeconfig adds to `target`.
+    pub fn with_credentials(
+        target: Target,
+        creds: Credentials,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let bad = || ClientError::Url(target.server.clone());
         let (https, rest) = match target.server.split_once("://") {
             Some(("https", rest)) => (true, rest),
             Some(("http", rest)) => (false, rest),
             _ => return Err(bad()),
         };
-        let authority = rest.trim_end_matches('/');
+        let (authority, prefix) = match rest.split_once('/') {
+            Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
+            None => (rest, String::new()),
+        };
+        let prefix = if prefix == "/" { String::new() } else { prefix };
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
                 (h, p.parse::<u16>().map_err(|_| bad())?)
             }
             _ => (authority, if https { 443 } else { 80 }),
         };
-        if host.is_empty() || host.contains('/') {
+        if host.is_empty() || host.contains('/') || host.starts_with(':') {
             return Err(bad());
         }
         let host = host
@@ -125,25 +179,35 @@ impl Client {
             .trim_end_matches(']')
             .to_owned();
         let tls = if https {
-            let mut roots = RootCertStore::empty();
-            if let Some(ca) = &target.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| ClientError::Read(ca.clone(), e))?;
-                let certs = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| ClientError::Pem(ca.clone(), e.to_string()))?;
-                if certs.is_empty() {
-                    return Err(ClientError::Pem(ca.clone(), "none in the file".to_owned()));
-                }
-                for c in certs {
-                    roots.add(c)?;
-                }
-            }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            let builder = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()?;
+            let builder = if creds.insecure {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            } else {
+                builder.with_root_certificates(roots(&target, &creds)?)
+            };
+            let config = match &creds.identity {
+                Some((cert, key)) => {
+                    let chain = CertificateDer::pem_slice_iter(cert)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| ClientError::PemData("client certificate", e.to_string()))?;
+                    if chain.is_empty() {
+                        return Err(ClientError::PemData(
+                            "client certificate",
+                            "no certificate in it".to_owned(),
+                        ));
+                    }
+                    let key = PrivateKeyDer::from_pem_slice(key)
+                        .map_err(|e| ClientError::PemData("client key", e.to_string()))?;
+                    builder.with_client_auth_cert(chain, key)?
+                }
+                None => builder.with_no_client_auth(),
+            };
+            let name = creds.server_name.clone().unwrap_or_else(|| host.clone());
+            let name = ServerName::try_from(name).map_err(|_| bad())?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None
@@ -152,6 +216,8 @@ impl Client {
             target,
             host,
             port,
+            prefix,
+            token: creds.token,
             tls,
             timeout,
         })
@@ -204,7 +270,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let mut req = Request::builder()
             .method(method.clone())
-            .uri(path)
+            .uri(format!("{}{path}", self.prefix))
             .header(header::HOST, format!("{}:{}", self.host, self.port))
             .header(header::ACCEPT, "application/json")
             .header(
@@ -219,6 +285,8 @@ impl Client {
                 .await
                 .map_err(|e| ClientError::Read(file.clone(), e))?;
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        } else if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let payload = if body.is_null() {
             Bytes::new()
@@ -272,6 +340,88 @@ impl Client {
     }
 }
 
+/// The CA certificates that sign the server's: the file's and the inline ones.
+fn roots(target: &Target, creds: &Credentials) -> Result<RootCertStore, ClientError> {
+    let mut roots = RootCertStore::empty();
+    if let Some(ca) = &target.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| ClientError::Read(ca.clone(), e))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Pem(ca.clone(), e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ClientError::Pem(ca.clone(), "none in the file".to_owned()));
+        }
+        for c in certs {
+            roots.add(c)?;
+        }
+    }
+    if let Some(pem) = &creds.ca_pem {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::PemData("certificate authority data", e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ClientError::PemData(
+                "certificate authority data",
+                "no certificate in it".to_owned(),
+            ));
+        }
+        for c in certs {
+            roots.add(c)?;
+        }
+    }
+    Ok(roots)
+}
+
+/// `insecure-skip-tls-verify`: any certificate is taken for the server's, but the handshake's
+/// signatures are checked with it as usual.
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 async fn send<T>(
     io: TokioIo<T>,
     req: Request<Full<Bytes>>,
@@ -315,7 +465,22 @@ mod tests {
         let c =
             Client::new(target("https://[fd00::1]:6443/"), Duration::from_secs(1)).expect("IPv6");
         assert_eq!((c.host.as_str(), c.port), ("fd00::1", 6443));
-        for bad in ["10.0.0.1:443", "ftp://x", "http://", "http://h:notaport"] {
+        let c = Client::new(
+            target("https://rancher.example/k8s/clusters/c-1/"),
+            Duration::from_secs(1),
+        )
+        .expect("a path prefix");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.prefix.as_str()),
+            ("rancher.example", 443, "/k8s/clusters/c-1")
+        );
+        for bad in [
+            "10.0.0.1:443",
+            "ftp://x",
+            "http://",
+            "http://h:notaport",
+            "http:///x",
+        ] {
             assert!(
                 Client::new(target(bad), Duration::from_secs(1)).is_err(),
                 "{bad} was accepted"

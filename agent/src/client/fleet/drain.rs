@@ -13,14 +13,17 @@ use std::{
 use clap::Args;
 use tonic::transport::Channel;
 
-use super::{query, row::FleetVerdict, Dialer, Discovery, FleetConn, FleetError, Target};
+use super::{
+    query, row::FleetVerdict, targets::Absent, Dialer, Discovery, FleetConn, FleetError, Target,
+};
 use crate::api::pb::{self, node_health_client::NodeHealthClient};
 
 #[derive(Debug, Clone, Args)]
 pub struct DrainArgs {
     #[command(flatten)]
     pub conn: FleetConn,
-    /// Nodes to drain, by the name their agent reports (or the list gives).
+    /// Nodes to drain, by the name their agent reports (or the list or the API gives);
+    /// `CONTEXT/NODE` picks a node of one kubeconfig context where several have that name.
     #[arg(required = true, value_name = "NODE")]
     pub nodes: Vec<String>,
     /// Nodes draining at once: the batch size.
@@ -58,36 +61,68 @@ struct Member {
 }
 
 /// Matches the nodes asked for with the targets, by the name each agent reports (or the list
-/// gives); refuses unknown, repeated and unreachable nodes before anything is drained.
+/// or the API gives), in the context `CONTEXT/NODE` names; refuses unknown, ambiguous,
+/// repeated and unreachable nodes before anything is drained.
 async fn resolve(
     args: &DrainArgs,
     targets: &[Target],
+    absent: &[Absent],
     dialer: &Dialer,
 ) -> Result<Vec<(String, Target)>, FleetError> {
     let rows = query::ask_all(dialer, targets, usize::from(args.conn.parallel)).await;
     let mut out: Vec<(String, Target)> = Vec::new();
-    for node in &args.nodes {
-        if out.iter().any(|(n, _)| n == node) {
-            return Err(FleetError::Usage(format!("{node} is named twice")));
+    for asked in &args.nodes {
+        if out.iter().any(|(n, _)| n == asked) {
+            return Err(FleetError::Usage(format!("{asked} is named twice")));
         }
-        let found = rows
+        // Node names hold no '/': one in the argument separates a context.
+        let (context, node) = match asked.split_once('/') {
+            Some((c, n)) => (Some(c), n),
+            None => (None, asked.as_str()),
+        };
+        let in_context = |c: &Option<String>| context.is_none() || c.as_deref() == context;
+        let found: Vec<_> = rows
             .iter()
             .zip(targets)
-            .find(|(r, t)| r.node == *node || t.node.as_deref() == Some(node.as_str()));
-        match found {
+            .filter(|(r, t)| {
+                (r.node == node || t.node.as_deref() == Some(node)) && in_context(&t.context)
+            })
+            .collect();
+        if found.len() > 1 {
+            let contexts: Vec<&str> = found
+                .iter()
+                .filter_map(|(_, t)| t.context.as_deref())
+                .collect();
+            return Err(FleetError::Usage(format!(
+                "{asked}: {} agents report this node name{}; name one as CONTEXT/NODE",
+                found.len(),
+                if contexts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (in {})", contexts.join(", "))
+                }
+            )));
+        }
+        match found.first() {
             None => {
+                if let Some(a) = absent
+                    .iter()
+                    .find(|a| a.node == node && in_context(&a.context))
+                {
+                    return Err(FleetError::Unavailable(format!("{asked}: {}", a.error)));
+                }
                 return Err(FleetError::Usage(format!(
-                    "{node}: no agent of the list reports this node name"
-                )))
+                    "{asked}: no agent found reports this node name"
+                )));
             }
             Some((r, _)) if r.verdict == FleetVerdict::Unreachable => {
                 return Err(FleetError::Unavailable(format!(
-                    "{node} ({}): {}",
+                    "{asked} ({}): {}",
                     r.address,
                     r.error.as_deref().unwrap_or("unreachable")
                 )))
             }
-            Some((_, t)) => out.push((node.clone(), t.clone())),
+            Some((_, t)) => out.push((asked.clone(), (*t).clone())),
         }
     }
     Ok(out)
@@ -233,9 +268,9 @@ fn exec(command: &str, m: &Member) -> Result<(), FleetError> {
 
 pub async fn run(args: &DrainArgs, discovery: &impl Discovery) -> Result<(), FleetError> {
     let deadline_seconds = seconds(args.deadline)?;
-    let targets = discovery.targets().await?;
+    let found = discovery.find().await?;
     let dialer = args.conn.dialer()?;
-    let nodes = resolve(args, &targets, &dialer).await?;
+    let nodes = resolve(args, &found.targets, &found.absent, &dialer).await?;
     let by = args
         .requested_by
         .clone()

@@ -1,8 +1,10 @@
 //! `nodeward fleet status|watch|drain`: many agents at once. Targets come from a static list
-//! (`targets`); each agent is asked over plain HTTP/2 (no `--ca`: agents on loopback) or mutual
-//! TLS, at most `--parallel` at a time and each within `--timeout` (`query`); the answers make
-//! one table, worst verdict first, with every node that did not answer as an `UNREACHABLE` row
-//! (`row`). `drain` drains nodes in batches of `--max-unavailable` (`drain`).
+//! (`targets`), or, without one, from the API server of one or more kubeconfig contexts
+//! (`kubeconfig`, `discover`): the DaemonSet's pods, each asked at its pod IP. Each agent is
+//! asked over plain HTTP/2 (no `--ca`: agents on loopback) or mutual TLS, at most `--parallel`
+//! at a time and each within `--timeout` (`query`); the answers make one table, worst verdict
+//! first, with every node that did not answer — or that has no agent to ask — as an
+//! `UNREACHABLE` row (`row`). `drain` drains nodes in batches of `--max-unavailable` (`drain`).
 //!
 //! Installed as `kubectl-nodeward`, the binary is this command: `kubectl nodeward status` is
 //! `nodeward fleet status` (see `cli::parse`).
@@ -11,24 +13,57 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration}
 
 use clap::{Args, Subcommand};
 
+pub mod discover;
 mod drain;
+pub mod kubeconfig;
 mod query;
 mod row;
 pub mod targets;
 
+pub use discover::KubeDiscovery;
+pub use kubeconfig::{Kubeconfig, KubeconfigError};
 pub use query::{for_each, Dialer};
 pub use row::{FleetVerdict, Row};
-pub use targets::{Discovery, StaticList, Target, TargetError};
+pub use targets::{Absent, Discovery, Found, StaticList, Target, TargetError};
 
 /// Where the agents are and how to reach them.
 #[derive(Debug, Clone, Args)]
 pub struct FleetConn {
-    /// An agent: `host:port` or `"host:port node-name"` (repeatable).
+    /// An agent: `host:port` or `"host:port node-name"` (repeatable). Without --target and
+    /// --targets, the agents are found through the API server (see --kubeconfig).
     #[arg(long = "target", value_name = "HOST:PORT [NODE]")]
     pub target: Vec<String>,
     /// A file of agents, one `host:port [node-name]` a line; `#` starts a comment (repeatable).
     #[arg(long = "targets", value_name = "FILE")]
     pub targets: Vec<PathBuf>,
+    /// The kubeconfig to find the agents' pods with [default: the files of $KUBECONFIG,
+    /// merged, else ~/.kube/config].
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["target", "targets"])]
+    pub kubeconfig: Option<PathBuf>,
+    /// A kubeconfig context to ask (repeatable, or a comma-separated list) [default: the
+    /// current context].
+    #[arg(
+        long = "context",
+        value_name = "NAME",
+        value_delimiter = ',',
+        conflicts_with_all = ["target", "targets", "all_contexts"]
+    )]
+    pub context: Vec<String>,
+    /// Ask every context of the kubeconfig.
+    #[arg(long, conflicts_with_all = ["target", "targets"])]
+    pub all_contexts: bool,
+    /// The namespace of the agents' pods.
+    #[arg(short = 'n', long, default_value = discover::NAMESPACE,
+          conflicts_with_all = ["target", "targets"])]
+    pub namespace: String,
+    /// The label selector of the agents' pods.
+    #[arg(short = 'l', long, default_value = discover::SELECTOR,
+          conflicts_with_all = ["target", "targets"])]
+    pub selector: String,
+    /// The agents' gRPC port [default: each pod's container port named `grpc`, else 50051].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..),
+          conflicts_with_all = ["target", "targets"])]
+    pub port: Option<u16>,
     /// PEM CA that signed the agents' certificates: turns TLS on (without it, plain HTTP/2,
     /// for agents on loopback only).
     #[arg(long, value_name = "PATH")]
@@ -87,6 +122,8 @@ pub struct TlsFiles {
 pub enum FleetError {
     #[error(transparent)]
     Targets(#[from] TargetError),
+    #[error(transparent)]
+    Kubeconfig(#[from] KubeconfigError),
     #[error("cannot read {path}: {source}")]
     ReadFile {
         path: PathBuf,
@@ -105,7 +142,9 @@ pub enum FleetError {
 impl FleetError {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
-            Self::Targets(_) | Self::ReadFile { .. } | Self::Usage(_) => crate::EXIT_USAGE,
+            Self::Targets(_) | Self::Kubeconfig(_) | Self::ReadFile { .. } | Self::Usage(_) => {
+                crate::EXIT_USAGE
+            }
             Self::Unavailable(_) => super::EXIT_UNAVAILABLE,
             Self::Drain(_) | Self::Json(_) => 1,
         })
@@ -122,19 +161,49 @@ impl FleetConn {
         Dialer::new(tls.as_ref(), self.server_name.clone(), self.timeout)
     }
 
-    fn list(&self) -> StaticList {
-        StaticList {
-            targets: self.target.clone(),
-            files: self.targets.clone(),
+    /// The static list when one is given, else discovery through the kubeconfig's contexts.
+    fn source(&self) -> Result<Source, FleetError> {
+        if !self.target.is_empty() || !self.targets.is_empty() {
+            return Ok(Source::Static(StaticList {
+                targets: self.target.clone(),
+                files: self.targets.clone(),
+            }));
+        }
+        let env = std::env::var("KUBECONFIG").ok();
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let config = Kubeconfig::load(self.kubeconfig.as_deref(), env.as_deref(), home.as_deref())?;
+        Ok(Source::Kube(KubeDiscovery {
+            contexts: config.select(&self.context, self.all_contexts)?,
+            namespace: self.namespace.clone(),
+            selector: self.selector.clone(),
+            port: self.port,
+            timeout: self.timeout,
+        }))
+    }
+}
+
+/// Where `--target`/`--targets` or the kubeconfig flags say the agents are.
+#[derive(Debug)]
+pub enum Source {
+    Static(StaticList),
+    Kube(KubeDiscovery),
+}
+
+impl Discovery for Source {
+    async fn find(&self) -> Result<Found, FleetError> {
+        match self {
+            Self::Static(list) => list.find().await,
+            Self::Kube(kube) => kube.find().await,
         }
     }
 }
 
-/// Every node's row, sorted worst first.
+/// Every node's row, sorted worst first: the agents' answers, and the nodes found without one.
 pub async fn rows(conn: &FleetConn, discovery: &impl Discovery) -> Result<Vec<Row>, FleetError> {
-    let targets = discovery.targets().await?;
+    let found = discovery.find().await?;
     let dialer = conn.dialer()?;
-    let mut rows = query::ask_all(&dialer, &targets, usize::from(conn.parallel)).await;
+    let mut rows = query::ask_all(&dialer, &found.targets, usize::from(conn.parallel)).await;
+    rows.extend(found.absent.iter().map(Row::absent));
     row::sort(&mut rows);
     Ok(rows)
 }
@@ -156,14 +225,14 @@ fn print(rows: &[Row], json: bool) -> Result<(), FleetError> {
 
 pub async fn run(cmd: &FleetCommand) -> Result<(), FleetError> {
     match cmd {
-        FleetCommand::Status(conn) => print(&rows(conn, &conn.list()).await?, conn.json),
+        FleetCommand::Status(conn) => print(&rows(conn, &conn.source()?).await?, conn.json),
         FleetCommand::Watch {
             conn,
             interval,
             count,
         } => {
             let redraw = !conn.json && std::io::stdout().is_terminal();
-            let list = conn.list();
+            let list = conn.source()?;
             let mut n = 0u64;
             loop {
                 let rows = rows(conn, &list).await?;
@@ -185,6 +254,6 @@ pub async fn run(cmd: &FleetCommand) -> Result<(), FleetError> {
                 tokio::time::sleep(*interval).await;
             }
         }
-        FleetCommand::Drain(args) => drain::run(args, &args.conn.list()).await,
+        FleetCommand::Drain(args) => drain::run(args, &args.conn.source()?).await,
     }
 }

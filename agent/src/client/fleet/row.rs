@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::targets::Target;
+use super::targets::{Absent, Target};
 use crate::api::pb;
 
 /// A node's verdict as the fleet sees it. The order is the table's: worst first.
@@ -57,7 +57,11 @@ pub struct Row {
     /// The node name the agent reports; for an agent that did not answer, the name the list
     /// gives, else its address.
     pub node: String,
-    /// `host:port` it was asked at.
+    /// The kubeconfig context the node was found in, when several were asked (absent from
+    /// the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// `host:port` it was asked at ("" for a node without an agent to ask).
     pub address: String,
     pub verdict: FleetVerdict,
     pub reasons: Vec<Reason>,
@@ -87,6 +91,7 @@ impl Row {
         };
         Self {
             node,
+            context: target.context.clone(),
             address: target.address(),
             verdict: FleetVerdict::from_pb(report.verdict),
             reasons: report
@@ -115,6 +120,7 @@ impl Row {
     pub fn unreachable(target: &Target, error: String) -> Self {
         Self {
             node: target.label(),
+            context: target.context.clone(),
             address: target.address(),
             verdict: FleetVerdict::Unreachable,
             reasons: Vec::new(),
@@ -125,6 +131,25 @@ impl Row {
             viewers: 0,
             containers: 0,
             error: Some(error),
+        }
+    }
+
+    /// A node without an agent to ask (or a context that did not answer): `UNREACHABLE`, with
+    /// why.
+    pub fn absent(absent: &Absent) -> Self {
+        Self {
+            node: absent.node.clone(),
+            context: absent.context.clone(),
+            address: String::new(),
+            verdict: FleetVerdict::Unreachable,
+            reasons: Vec::new(),
+            unknown_reason: String::new(),
+            draining: false,
+            ready_to_drain: false,
+            live_streams: 0,
+            viewers: 0,
+            containers: 0,
+            error: Some(absent.error.clone()),
         }
     }
 
@@ -172,56 +197,64 @@ pub fn sort(rows: &mut [Row]) {
     rows.sort_by(|a, b| a.verdict.cmp(&b.verdict).then_with(|| a.node.cmp(&b.node)));
 }
 
-/// The table: NODE, VERDICT, DRAINING/STREAMS, CONTAINERS, REASONS (last, as it is the widest).
+/// The table: [CONTEXT,] NODE, VERDICT, DRAINING/STREAMS, CONTAINERS, REASONS (last, as it is
+/// the widest). CONTEXT only when some row has one (several contexts were asked).
 pub fn table(rows: &[Row]) -> String {
-    let cells: Vec<[String; 5]> = rows
+    let with_context = rows.iter().any(|r| r.context.is_some());
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
-                r.node.clone(),
-                r.verdict.as_str().to_owned(),
-                r.drain_cell(),
-                if r.error.is_some() {
-                    "-".to_owned()
-                } else {
-                    r.containers.to_string()
-                },
-                r.reasons_cell(),
-            ]
+            let mut c = Vec::with_capacity(6);
+            if with_context {
+                c.push(r.context.clone().unwrap_or_else(|| "-".to_owned()));
+            }
+            c.push(if r.node.is_empty() {
+                "-".to_owned()
+            } else {
+                r.node.clone()
+            });
+            c.push(r.verdict.as_str().to_owned());
+            c.push(r.drain_cell());
+            c.push(if r.error.is_some() {
+                "-".to_owned()
+            } else {
+                r.containers.to_string()
+            });
+            c.push(r.reasons_cell());
+            c
         })
         .collect();
-    let head = [
-        "NODE",
-        "VERDICT",
-        "DRAINING/STREAMS",
-        "CONTAINERS",
-        "REASONS",
-    ];
-    let mut width = head.map(str::len);
+    let mut head: Vec<String> = Vec::new();
+    if with_context {
+        head.push("CONTEXT".to_owned());
+    }
+    head.extend(
+        [
+            "NODE",
+            "VERDICT",
+            "DRAINING/STREAMS",
+            "CONTAINERS",
+            "REASONS",
+        ]
+        .map(str::to_owned),
+    );
+    let mut width: Vec<usize> = head.iter().map(String::len).collect();
     for row in &cells {
         for (w, c) in width.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
         }
     }
     let mut out = String::new();
-    let mut line = |cols: [&str; 5]| {
-        let _ = writeln!(
-            out,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
-            cols[0],
-            cols[1],
-            cols[2],
-            cols[3],
-            cols[4],
-            w0 = width[0],
-            w1 = width[1],
-            w2 = width[2],
-            w3 = width[3],
-        );
-    };
-    line(head);
-    for c in &cells {
-        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+    for row in std::iter::once(&head).chain(&cells) {
+        let last = row.len() - 1;
+        for (i, (c, w)) in row.iter().zip(&width).enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<w$}  ");
+            }
+        }
+        out.push('\n');
     }
     out
 }
@@ -252,6 +285,7 @@ mod tests {
             host: "10.0.0.1".into(),
             port: 1,
             node: Some(node.into()),
+            context: None,
         }
     }
 
@@ -319,6 +353,33 @@ mod tests {
         assert!(r.draining);
         assert_eq!((r.live_streams, r.containers), (3, 2));
         assert_eq!(r.drain_cell(), "draining/3");
+    }
+
+    #[test]
+    fn a_context_column_and_field_appear_only_when_rows_have_contexts() {
+        let plain = vec![Row::unreachable(&target("d"), "refused".into())];
+        assert!(table(&plain).starts_with("NODE "), "{}", table(&plain));
+        let mut t = target("d");
+        t.context = Some("west".into());
+        let rows = vec![
+            Row::unreachable(&t, "refused".into()),
+            Row::absent(&Absent {
+                node: String::new(),
+                context: Some("east".into()),
+                error: "context east: connection refused".into(),
+            }),
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("CONTEXT  NODE "), "{text}");
+        assert!(lines[1].starts_with("west     d "), "{text}");
+        assert!(
+            lines[2].starts_with("east     -     UNREACHABLE")
+                && lines[2].ends_with("context east: connection refused"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&rows[0]).expect("ok");
+        assert_eq!(v["context"], "west");
     }
 
     #[test]

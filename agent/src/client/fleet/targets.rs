@@ -1,6 +1,6 @@
 //! Where the fleet's agents are: a static list (`--target`, `--targets FILE`), one
-//! `host:port [node-name]` per entry. Discovery through the Kubernetes API server plugs in as
-//! another [`Discovery`].
+//! `host:port [node-name]` per entry. Discovery through the Kubernetes API server
+//! (`discover`) is another [`Discovery`].
 
 use std::{fmt, path::Path};
 
@@ -13,6 +13,8 @@ pub struct Target {
     /// The node's name, when the list gives it: shown for an agent that does not answer, and
     /// the TLS server name to verify (node certificates carry it).
     pub node: Option<String>,
+    /// The kubeconfig context it was found in, when several were asked.
+    pub context: Option<String>,
 }
 
 impl Target {
@@ -138,6 +140,7 @@ pub fn parse_target(text: &str, at: &str) -> Result<Target, TargetError> {
         host: host.to_owned(),
         port,
         node,
+        context: None,
     })
 }
 
@@ -174,10 +177,26 @@ fn check_unique(list: Vec<(Target, String)>) -> Result<Vec<Target>, TargetError>
     Ok(out)
 }
 
+/// A node known to the fleet without an agent to ask: its row says why (no agent pod on the
+/// node, or its context's API server did not answer: then `node` is empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Absent {
+    pub node: String,
+    pub context: Option<String>,
+    pub error: String,
+}
+
+/// What a discovery found: the agents to ask, and the nodes to show without asking.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub targets: Vec<Target>,
+    pub absent: Vec<Absent>,
+}
+
 /// Finds the agents to ask. The static list is one; discovery through the API server (the
-/// DaemonSet's pods, per kubeconfig context) is another, kept out of this module.
+/// DaemonSet's pods, per kubeconfig context) is another (`discover`).
 pub trait Discovery {
-    fn targets(&self) -> impl std::future::Future<Output = Result<Vec<Target>, TargetError>>;
+    fn find(&self) -> impl std::future::Future<Output = Result<Found, super::FleetError>>;
 }
 
 /// `--target` entries and the lines of `--targets` files, in that order.
@@ -213,8 +232,11 @@ fn read_text(path: &Path) -> Result<String, TargetError> {
 }
 
 impl Discovery for StaticList {
-    async fn targets(&self) -> Result<Vec<Target>, TargetError> {
-        self.read()
+    async fn find(&self) -> Result<Found, super::FleetError> {
+        Ok(Found {
+            targets: self.read()?,
+            absent: Vec::new(),
+        })
     }
 }
 
@@ -230,7 +252,8 @@ mod tests {
             Target {
                 host: "10.0.0.2".into(),
                 port: 50051,
-                node: Some("node-a".into())
+                node: Some("node-a".into()),
+                context: None,
             }
         );
         let t = parse_target("agent.example:1", "x").expect("ok");
