@@ -264,16 +264,37 @@ impl Source {
     }
 
     /// Reads on every tick until cancelled; the programs are detached when this returns.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
-        let mut tick = tokio::time::interval(self.tick);
+    ///
+    /// A tick runs on the blocking pool, not on a runtime worker: at 100,000 connections it
+    /// takes seconds (the flow map's read and the tracker's work per flow). On a worker, the
+    /// task it wakes by publishing (the bridge) waits in that worker's LIFO slot, which no
+    /// other worker steals, and a tick that overran its period finds the next one due at
+    /// once, so the source ran tick after tick without yielding and the bridge, and with it
+    /// the drain's count, saw one snapshot in minutes.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), String> {
+        let Self {
+            collector,
+            tick: period,
+            tx,
+        } = self;
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut collector = Some(collector);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {
-                    let snapshot = self.collector.tick().map_err(|e| e.to_string())?;
+                    let Some(mut c) = collector.take() else { break };
+                    let (c, snapshot) = tokio::task::spawn_blocking(move || {
+                        let snapshot = c.tick();
+                        (c, snapshot)
+                    })
+                    .await
+                    .map_err(|e| format!("TCP tick task: {e}"))?;
+                    collector = Some(c);
+                    let snapshot = snapshot.map_err(|e| e.to_string())?;
                     tracing::debug!(containers = snapshot.containers.len(), sample = %snapshot.fidelity.rtt_sample, "tcp tick");
-                    self.tx.send_replace(Arc::new(snapshot));
+                    tx.send_replace(Arc::new(snapshot));
                 }
             }
         }
