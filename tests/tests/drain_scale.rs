@@ -119,6 +119,50 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .expect("a status field in kB")
 }
 
+/// The drain's count of `key`'s established connections.
+fn established_of(s: &nodeward::api::pb::GetDrainStatusResponse, key: &str) -> Option<usize> {
+    s.containers
+        .iter()
+        .find(|c| c.container_id == key)
+        .map(|c| c.established_connections as usize)
+}
+
+/// Waits until the drain counts exactly `truth` connections for `key`, for as long as the
+/// count keeps moving: a debug agent on a loaded 2-core machine takes a while to read 200,000
+/// sockets, and only a count that stands still for a whole `STEP` (or runs past `LIMIT`) is a
+/// failure. Returns that status.
+async fn counted(
+    agent: &DrainAgent,
+    key: &str,
+    truth: usize,
+) -> nodeward::api::pb::GetDrainStatusResponse {
+    /// A bound that only catches a hang.
+    const LIMIT: Duration = Duration::from_secs(600);
+    let start = tokio::time::Instant::now();
+    let mut last = None;
+    let mut moved = start;
+    loop {
+        let s = agent.status().await;
+        let n = established_of(&s, key);
+        if n == Some(truth) {
+            return s;
+        }
+        if n != last {
+            last = n;
+            moved = tokio::time::Instant::now();
+        }
+        assert!(
+            moved.elapsed() < STEP && start.elapsed() < LIMIT,
+            "the drain counted {last:?} of {truth} connections in {key}, unchanged for {:?} \
+             ({:?} in all)\nlog:\n{}",
+            moved.elapsed(),
+            start.elapsed(),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_the_memory_limit() {
     if !is_root() {
@@ -186,13 +230,7 @@ async fn the_drain_counts_every_established_connection_of_a_pod_exactly_within_t
             ss_established_in_cgroup(&key)
         )
     });
-    let s = agent
-        .wait_status("the pod's connections counted", |s| {
-            s.containers
-                .iter()
-                .any(|c| c.container_id == key && c.established_connections as usize == truth)
-        })
-        .await;
+    let s = counted(&agent, &key, truth).await;
     let c = s
         .containers
         .iter()
