@@ -109,6 +109,9 @@ pub struct FlowReads {
 pub struct Reader {
     ebpf: Ebpf,
     flow_reads: FlowReads,
+    /// Flows the last read found: the next read's buffer is sized from it rather than grown
+    /// by doubling (a 42 MiB buffer and its 21 MiB predecessor at once, at 200,000 flows).
+    last_flows: usize,
 }
 
 impl std::fmt::Debug for Reader {
@@ -177,6 +180,7 @@ impl Reader {
         Ok(Self {
             ebpf,
             flow_reads: FlowReads::default(),
+            last_flows: 0,
         })
     }
 
@@ -245,7 +249,10 @@ impl Reader {
             let (key, per_cpu) = entry.map_err(map_err(HIST))?;
             raw.hist.push((key, per_cpu.iter().sum()));
         }
+        raw.flows
+            .reserve_exact(self.last_flows + self.last_flows / 16);
         self.read_flows(&mut raw.flows)?;
+        self.last_flows = raw.flows.len();
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(DROPS)?).map_err(map_err(DROPS))?;
         for i in 0..drop_reason::COUNT {

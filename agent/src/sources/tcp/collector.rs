@@ -264,20 +264,60 @@ impl Source {
     }
 
     /// Reads on every tick until cancelled; the programs are detached when this returns.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), String> {
-        let mut tick = tokio::time::interval(self.tick);
+    ///
+    /// Each tick runs on a thread of the source's own, never on a runtime worker: at 100,000
+    /// connections a tick takes seconds (the flow map's read and the tracker's work per
+    /// flow). On a worker, the task it wakes by publishing (the bridge) waited in that
+    /// worker's LIFO slot, which no other worker steals, and a tick that overran its period
+    /// found the next one due at once, so the source ticked on without yielding and the drain's
+    /// count stayed on one early snapshot for minutes. One thread rather than the blocking
+    /// pool, whose threads take turns: the tracker's memory then stays in one allocator arena
+    /// instead of growing a peak in each (the agent's peak at 100,000 connections: 430 MiB
+    /// on the pool, docs/BENCHMARKS.md, issue 15).
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), String> {
+        let Self {
+            mut collector,
+            tick: period,
+            tx,
+        } = self;
+        type Reply = tokio::sync::oneshot::Sender<Result<TcpSnapshot, TcpError>>;
+        let (requests, asked) = std::sync::mpsc::channel::<Reply>();
+        let thread = std::thread::Builder::new()
+            .name("nodeward-tcp".to_owned())
+            .spawn(move || {
+                // Ends when the task drops its sender; dropping the collector detaches.
+                for reply in asked {
+                    let _ = reply.send(collector.tick());
+                }
+            })
+            .map_err(|e| format!("start the TCP tick thread: {e}"))?;
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let result = loop {
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => break Ok(()),
                 _ = tick.tick() => {
-                    let snapshot = self.collector.tick().map_err(|e| e.to_string())?;
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if requests.send(reply).is_err() {
+                        break Err("the TCP tick thread ended".to_owned());
+                    }
+                    let snapshot = match answer.await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => break Err(e.to_string()),
+                        Err(_) => break Err("the TCP tick thread ended mid-tick".to_owned()),
+                    };
                     tracing::debug!(containers = snapshot.containers.len(), sample = %snapshot.fidelity.rtt_sample, "tcp tick");
-                    self.tx.send_replace(Arc::new(snapshot));
+                    tx.send_replace(Arc::new(snapshot));
                 }
             }
-        }
-        Ok(())
+        };
+        drop(requests);
+        // The programs stay attached until the thread has dropped the collector.
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(|e| format!("TCP tick thread: {e}"))?
+            .map_err(|_| "the TCP tick thread panicked".to_owned())?;
+        result
     }
 }
 

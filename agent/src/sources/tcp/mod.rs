@@ -34,6 +34,7 @@ pub mod config;
 pub mod diag;
 pub mod hist;
 mod own;
+mod prev;
 mod procnet;
 pub mod seed;
 pub mod snapshot;

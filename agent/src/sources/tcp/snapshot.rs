@@ -186,6 +186,7 @@ impl ContainerTcp {
     pub(super) fn set_established(&mut self, open: impl Iterator<Item = Connection>) {
         let (mut n, mut sum, mut max) = (0u64, 0f64, 0f64);
         self.connections.clear();
+        self.connections.reserve_exact(open.size_hint().0);
         for conn in open {
             self.established_by.add(conn.direction, 1);
             let s = conn.age.as_secs_f64();

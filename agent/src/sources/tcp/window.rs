@@ -18,6 +18,7 @@ use crate::store::{NetworkTotals, Peer, RttHistogram, StreamDirection, Window};
 
 use super::{
     hist::Histogram,
+    prev::PrevFlow,
     snapshot::{
         flow_direction, ByteCounts, Connection, ContainerTcp, DirectionCounts, Drops, PeerTcp,
         PeerWindow, TcpSnapshot, WindowStats,
@@ -168,7 +169,7 @@ pub struct Tracker {
     ring: VecDeque<Tick>,
     prev_stats: HashMap<u64, CgroupTcpStats>,
     prev_hist: HashMap<HistKey, u64>,
-    prev_flows: HashMap<u64, FlowState>,
+    prev_flows: HashMap<u64, PrevFlow>,
     /// Exact peers each container has, with the tick they were last seen.
     known_peers: HashMap<u64, HashMap<(IpAddr, u16), u64>>,
     /// The tick each container's full peer table was last swept of expired peers.
@@ -310,7 +311,7 @@ impl Tracker {
     /// bytes each (14 MiB at 100,000 sockets) on top of the seed's own 56.
     pub fn update_with(
         &mut self,
-        raw: RawRead,
+        mut raw: RawRead,
         seeded: impl Iterator<Item = (u64, FlowState)>,
         resolve: &mut dyn FnMut(u64) -> Option<String>,
     ) -> (TcpSnapshot, Cleanup) {
@@ -338,9 +339,10 @@ impl Tracker {
         }
 
         let mut open: HashMap<u64, Vec<OpenFlow>> = HashMap::new();
-        let mut present = std::collections::HashSet::with_capacity(raw.flows.len());
-        for (cookie, flow) in raw.flows.iter().copied().chain(seeded) {
-            present.insert(cookie);
+        // Moved out, so that the read (160 bytes a flow) is freed before the snapshot is built.
+        let flows = std::mem::take(&mut raw.flows);
+        let tick_no = self.tick_no;
+        for (cookie, flow) in flows.into_iter().chain(seeded) {
             if flow.cgroup_id == 0 {
                 // Not attributed yet (an accepted socket that has sent nothing, on the egress
                 // path); it is closed, and never had a sample, if `closed_ns` is set.
@@ -411,11 +413,11 @@ impl Tracker {
                         bytes,
                     },
                 });
-                self.prev_flows.insert(cookie, flow);
+                self.prev_flows.insert(cookie, PrevFlow::of(&flow, tick_no));
             }
         }
         // Flows the LRU map evicted: forget them.
-        self.prev_flows.retain(|c, _| present.contains(c));
+        self.prev_flows.retain(|_, p| p.seen_tick == tick_no);
 
         // Cgroups idle past the longest window with nothing open: drop their kernel entries.
         let longest = self.longest() as u64;
@@ -453,7 +455,7 @@ impl Tracker {
         self.ring.truncate(self.longest());
         self.prev_now_ns = raw.now_ns;
         let viewers = self.served.current(raw.now_ns);
-        let mut snapshot = self.snapshot(&raw, &open, viewers, resolve);
+        let mut snapshot = self.snapshot(&raw, open, viewers, resolve);
         // Gone cgroups keep their totals while their windows still report them, so that no
         // snapshot shows a counter of theirs at 0; then they leave the snapshot altogether.
         let mut gone = std::mem::take(&mut self.gone);
@@ -479,7 +481,7 @@ impl Tracker {
     fn snapshot(
         &self,
         raw: &RawRead,
-        open: &HashMap<u64, Vec<OpenFlow>>,
+        open: HashMap<u64, Vec<OpenFlow>>,
         viewers: HashMap<u64, Vec<ServedPeer>>,
         resolve: &mut dyn FnMut(u64) -> Option<String>,
     ) -> TcpSnapshot {
@@ -514,18 +516,21 @@ impl Tracker {
         }
         // Open connections by (container, peer), in one pass: a scan of a container's
         // connections per peer is quadratic at 100,000 connections.
+        // The connections move into the snapshot: one copy of them at a time.
         let mut open_by_peer: HashMap<(u64, Peer), DirectionCounts> = HashMap::new();
+        let mut seen: HashMap<u64, u64> = HashMap::with_capacity(open.len());
         for (id, flows) in open {
-            let c = containers
-                .entry(*id)
-                .or_insert_with(|| ContainerTcp::new(*id));
-            c.set_established(flows.iter().map(|f| f.conn));
-            for f in flows {
+            for f in &flows {
                 open_by_peer
-                    .entry((*id, f.peer))
+                    .entry((id, f.peer))
                     .or_default()
                     .add(f.conn.direction, 1);
             }
+            seen.insert(id, flows.len() as u64);
+            containers
+                .entry(id)
+                .or_insert_with(|| ContainerTcp::new(id))
+                .set_established(flows.into_iter().map(|f| f.conn));
         }
         for ((id, key), windows) in peer_windows {
             let established_by = open_by_peer.get(&(id, key)).copied().unwrap_or_default();
@@ -541,7 +546,7 @@ impl Tracker {
         }
         for (id, s) in &self.prev_stats {
             let expected = (s.opened_active + s.opened_passive).saturating_sub(s.closed);
-            let seen = open.get(id).map_or(0, |f| f.len() as u64);
+            let seen = seen.get(id).copied().unwrap_or(0);
             if expected > seen {
                 containers
                     .entry(*id)
