@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::read::{CgroupStats, Reader};
+use super::read::{CgroupStats, CpuRoot, Reader};
 use crate::{
     containers::{CgroupDirs, Container, Discovery, Inventory, InventoryBuilder, Layout, Procs},
     sources::{
@@ -132,6 +132,8 @@ pub struct Scanner {
     proc_root: PathBuf,
     node: Option<NodeConfig>,
     reader: Reader,
+    /// Where the quiet check finds each workload's CPU counter; `None`: every read is full.
+    cpu_root: Option<CpuRoot>,
     rates: RateTable<String, 8>,
     node_rates: Rates<6>,
     held: HashMap<String, Held>,
@@ -152,11 +154,13 @@ impl Scanner {
         } else {
             None
         };
+        let cpu_root = layout.as_ref().and_then(CpuRoot::open);
         Ok(Self {
             layout,
             proc_root: paths.proc_root.clone(),
             node: node.enabled.then(|| node.clone()),
             reader: Reader::default(),
+            cpu_root,
             rates: RateTable::default(),
             node_rates: Rates::default(),
             held: HashMap::new(),
@@ -295,11 +299,11 @@ impl Scanner {
         v2_controllers: bool,
         now: Instant,
     ) -> Option<(CgroupStats, bool)> {
-        if let Some(h) = self.held.get_mut(path) {
+        if let (Some(h), Some(root)) = (self.held.get_mut(path), &self.cpu_root) {
             let fresh = now.saturating_duration_since(h.read_at) < self.full_read_every;
             if fresh
                 && h.stats.cpu.usage_ns.is_some()
-                && self.reader.cpu_usage_ns(dirs, v2_controllers) == h.stats.cpu.usage_ns
+                && self.reader.cpu_usage_ns(root, path) == h.stats.cpu.usage_ns
             {
                 h.seen = self.scans;
                 return Some((h.stats.clone(), true));
