@@ -207,6 +207,10 @@ impl Scanner {
             let mut inventory = InventoryBuilder::new(&self.proc_root);
             let v2_controllers = matches!(layout, Layout::V2 { .. });
             let found = self.discovery.workloads(&layout, now);
+            // The counters are stamped with the moment their reads begin, on the caller's
+            // clock: a scan that walks the tree reads later after its tick than one that does
+            // not, and a rate over two scans must not count that difference as usage.
+            let read_at = now + started.elapsed();
             for f in found.iter() {
                 let dirs = layout.dirs(&f.path);
                 let Some((stats, quiet)) = self.stats_of(&f.path, &dirs, v2_controllers, now)
@@ -230,7 +234,7 @@ impl Scanner {
                 let r = self.rates.update(
                     c.path.clone(),
                     c.cgroup_id.unwrap_or(0),
-                    now,
+                    read_at,
                     [
                         cpu.usage_ns,
                         cpu.user_ns,
@@ -271,7 +275,8 @@ impl Scanner {
         }
         if let Some(cfg) = &self.node {
             let n = node::collect(&self.proc_root, cfg);
-            self.node_rates.push(now, node_counters(&n));
+            self.node_rates
+                .push(now + started.elapsed(), node_counters(&n));
             let r = &self.node_rates;
             snap.node_rates = NodeRates {
                 cpu_busy: r.rates(0).map(|v| v.map(|v| v / 1e9)),
