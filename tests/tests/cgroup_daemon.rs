@@ -1,5 +1,5 @@
 //! The daemon's cgroup source end to end: `nodeward run` pointed at a fixture cgroup tree scans
-//! it on every tick, logs the one-line summary, and follows containers as they go.
+//! it on every tick, logs the one-line summary, and follows containers as they come and go.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -28,7 +28,7 @@ fn next_scan(lines: &mpsc::Receiver<String>) -> u64 {
 }
 
 #[test]
-fn the_daemon_scans_a_fixture_tree_every_tick_and_follows_removals() {
+fn the_daemon_scans_a_fixture_tree_every_tick_and_follows_removals_and_additions() {
     let dir = TempDir::new("nodeward-daemon-fixture").expect("temp dir");
     let written = write_tree(&dir.path, FixtureLayout::V2, Driver::Systemd, 6, 2).expect("fixture");
     let mut agent = Command::new(agent_binary())
@@ -72,6 +72,15 @@ fn the_daemon_scans_a_fixture_tree_every_tick_and_follows_removals() {
     // The scan in flight may have listed it already; the one after cannot have.
     next_scan(&rx);
     assert_eq!(next_scan(&rx), 7, "the removed container is gone");
+    // A container made after the agent's last walk of the tree (it walks again only when a
+    // directory is made or removed in it): found as soon as a removal is.
+    let pod = std::path::Path::new(&written[1].path)
+        .parent()
+        .expect("a container is in its pod");
+    let added = pod.join(format!("cri-containerd-{:064x}.scope", 0xadd_u64));
+    std::fs::create_dir(dir.path.join(added)).expect("make a container");
+    next_scan(&rx);
+    assert_eq!(next_scan(&rx), 8, "the new container is found");
 
     send_signal(agent.id(), Signal::Term).expect("SIGTERM the agent");
     let status = agent.wait().expect("agent exits");

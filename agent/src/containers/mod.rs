@@ -9,8 +9,8 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
-    path::Path,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
 };
 
 use serde::Serialize;
@@ -18,6 +18,7 @@ use serde::Serialize;
 // The fake cgroupfs of the unit tests, the integration tests and the scan benchmark: never in
 // the shipped binary (the tests crate turns the feature on; release builds leave it off).
 pub mod cri;
+pub mod discovery;
 #[cfg(any(test, feature = "test-fixtures"))]
 pub mod fixture;
 pub mod layout;
@@ -26,6 +27,7 @@ pub mod podresources;
 pub mod proc_cgroup;
 pub mod selector;
 
+pub use discovery::{Discovery, Found};
 pub use layout::{CgroupDirs, Layout, LayoutError};
 pub use path::{identify, Identity, Qos, Runtime};
 
@@ -111,63 +113,14 @@ impl Inventory {
     /// id, its processes and their network namespace (read under `proc_root`). A workload that
     /// exits while it is being looked at is left out or recorded without the missing parts.
     pub fn scan(layout: &Layout, proc_root: &Path) -> Self {
-        let mut found: Vec<(String, Identity)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        // Inodes of v2 directories, straight from readdir: the cgroup id without a stat.
-        let mut v2_inodes: HashMap<String, u64> = HashMap::new();
-        for root in layout.discovery_roots() {
-            let is_v2 = Some(root) == layout.unified();
-            walk(root, String::new(), 0, &mut |rel, ino| {
-                if seen.contains(rel) {
-                    return WalkAction::Skip;
-                }
-                match identify(rel) {
-                    Some(id) => {
-                        seen.insert(rel.to_owned());
-                        if is_v2 {
-                            v2_inodes.insert(rel.to_owned(), ino);
-                        }
-                        found.push((rel.to_owned(), id));
-                        WalkAction::Skip
-                    }
-                    None => WalkAction::Descend,
-                }
-            });
+        let found = discovery::walk_roots(layout, &mut |_| true);
+        let mut b = InventoryBuilder::new(proc_root);
+        for f in &found {
+            let dirs = layout.dirs(&f.path);
+            let procs = b.read_procs(&dirs);
+            b.push(f, &dirs, procs);
         }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-
-        let host_netns = netns_of(proc_root, 1);
-        let mut inv = Self::default();
-        for (path, identity) in found {
-            let dirs = layout.dirs(&path);
-            let cgroup_id = v2_inodes.get(&path).copied().or_else(|| {
-                // Found in the v1 walk only: the runtime may still have a v2 directory.
-                let d = dirs.unified.as_deref()?;
-                std::fs::metadata(d).ok().map(|m| m.ino())
-            });
-            let pids = procs_of(&dirs);
-            let netns = pids.iter().find_map(|&pid| netns_of(proc_root, pid));
-            let index = inv.containers.len();
-            inv.by_path.insert(path.clone(), index);
-            if let Some(id) = cgroup_id {
-                inv.by_cgroup_id.insert(id, index);
-            }
-            for pid in pids {
-                inv.by_pid.insert(pid, index);
-            }
-            // The host's namespace is shared by every host-network pod and every service: it
-            // names no single workload.
-            if let Some(ns) = netns.filter(|ns| Some(*ns) != host_netns) {
-                inv.by_netns.entry(ns).or_default().push(index);
-            }
-            inv.containers.push(Container {
-                path,
-                identity,
-                cgroup_id,
-                netns,
-            });
-        }
-        inv
+        b.finish()
     }
 
     /// Builds an inventory from already-known workloads (tests, other sources' fixtures).
@@ -256,34 +209,69 @@ impl Inventory {
     }
 }
 
-enum WalkAction {
-    Descend,
-    Skip,
+/// A workload's processes, from its `cgroup.procs`, and the network namespace of the first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Procs {
+    pub pids: Vec<u32>,
+    pub netns: Option<u64>,
 }
 
-fn walk(dir: &Path, rel: String, depth: usize, visit: &mut impl FnMut(&str, u64) -> WalkAction) {
-    if depth >= MAX_DEPTH {
-        return;
+/// Builds an [`Inventory`] one workload at a time, from a walk's [`Found`] entries, reading
+/// each one's processes or taking them from the caller (who knows they cannot have changed).
+#[derive(Debug)]
+pub struct InventoryBuilder {
+    inv: Inventory,
+    proc_root: PathBuf,
+    host_netns: Option<u64>,
+}
+
+impl InventoryBuilder {
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            inv: Inventory::default(),
+            proc_root: proc_root.to_path_buf(),
+            host_netns: netns_of(proc_root, 1),
+        }
     }
-    // A directory that vanished since it was listed is simply not there any more.
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        // d_type from readdir: no stat per entry, and cgroup files are never directories.
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
+
+    /// The workload's processes (`cgroup.procs`) and the network namespace of the first.
+    pub fn read_procs(&self, dirs: &CgroupDirs) -> Procs {
+        let pids = procs_of(dirs);
+        let netns = pids.iter().find_map(|&pid| netns_of(&self.proc_root, pid));
+        Procs { pids, netns }
+    }
+
+    pub fn push(&mut self, found: &Found, dirs: &CgroupDirs, procs: Procs) -> &Container {
+        let inv = &mut self.inv;
+        let cgroup_id = found.v2_inode.or_else(|| {
+            // Found in the v1 walk only: the runtime may still have a v2 directory.
+            let d = dirs.unified.as_deref()?;
+            std::fs::metadata(d).ok().map(|m| m.ino())
+        });
+        let index = inv.containers.len();
+        inv.by_path.insert(found.path.clone(), index);
+        if let Some(id) = cgroup_id {
+            inv.by_cgroup_id.insert(id, index);
         }
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let child = if rel.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{rel}/{name}")
-        };
-        if let WalkAction::Descend = visit(&child, entry.ino()) {
-            walk(&entry.path(), child, depth + 1, visit);
+        for &pid in &procs.pids {
+            inv.by_pid.insert(pid, index);
         }
+        // The host's namespace is shared by every host-network pod and every service: it
+        // names no single workload.
+        if let Some(ns) = procs.netns.filter(|ns| Some(*ns) != self.host_netns) {
+            inv.by_netns.entry(ns).or_default().push(index);
+        }
+        inv.containers.push(Container {
+            path: found.path.clone(),
+            identity: found.identity.clone(),
+            cgroup_id,
+            netns: procs.netns,
+        });
+        &inv.containers[index]
+    }
+
+    pub fn finish(self) -> Inventory {
+        self.inv
     }
 }
 

@@ -26,9 +26,11 @@ discovery, every container's stats, the node's stats from the real `/proc`, the 
 scan is the scanning thread's user+system time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`); the first scan \
 also creates every container's rate history, so it is reported on its own. A container whose \
 CPU counter has not moved since its last full read costs the agent that one file (its other \
-figures are reused for up to 10 s): the fixture's containers are idle, so the CPU row's \
-baseline is the same scanner reading every file of every container on every scan \
-(`--full-read-every 0s`), and a second row at 1,000 containers moves every container's CPU \
+figures are reused for up to 10 s), and the hierarchies are walked again only when inotify \
+reports a directory made or removed (or 10 s after the last walk): the fixture's containers \
+are idle, so the CPU row's baseline is the same scanner walking the tree and reading every \
+file of every container on every scan (`--full-read-every 0s --walk-every-scan`, the scan as \
+it was), and a second row at 1,000 containers moves every container's CPU \
 counter before each scan (`--busy`, untimed), the agent's cost when no container is quiet. The \
 RSS row puts the process's resident memory after the first scan in the baseline columns and \
 after the last in the other: a ratio near 1 means memory stays flat over repeated scans. \
@@ -108,7 +110,12 @@ pub fn scan(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Ro
         // Fewer scans of the largest tree: each takes about a second here.
         let scans = if n >= 5_000 { scans / 2 } else { scans };
         crate::say(&format!("  cgroup scan: {n} containers, {scans} scans"));
-        let full = scan_run(agent_bin, n, scans, &["--full-read-every", "0s"])?;
+        let full = scan_run(
+            agent_bin,
+            n,
+            scans,
+            &["--full-read-every", "0s", "--walk-every-scan"],
+        )?;
         let v = scan_run(agent_bin, n, scans, &[])?;
         let scenario = format!("cgroup scan, {n} containers (fake cgroupfs)");
         // The first scan also creates every container's rate history: reported on its own.

@@ -80,6 +80,8 @@ const INITIAL_BUF: usize = 8192;
 #[derive(Debug, Default)]
 pub struct Reader {
     buf: Vec<u8>,
+    /// The relative path of the last CPU check, reused.
+    path: String,
     /// Files that existed but held something unparsable, since the reader was made.
     pub parse_errors: u64,
 }
@@ -147,23 +149,26 @@ impl Reader {
     }
 
     /// Only the workload's total CPU usage in ns (v2 `cpu.stat`, v1 `cpuacct.usage`): one file,
-    /// opened by its full path, so the check costs three system calls. `None` when the file
-    /// cannot be read or parsed (the caller then reads everything, which says why).
-    pub fn cpu_usage_ns(&mut self, dirs: &CgroupDirs, v2_controllers: bool) -> Option<u64> {
+    /// opened relative to its hierarchy's root (`root`, opened once by the caller) by the
+    /// workload's path `rel` below it, so the check costs three system calls and the kernel
+    /// resolves only the names below the root. `None` when the file cannot be read or parsed
+    /// (the caller then reads everything, which says why).
+    pub fn cpu_usage_ns(&mut self, root: &CpuRoot, rel: &str) -> Option<u64> {
         use rustix::fs::{Mode, OFlags};
-        let (dir, file) = if v2_controllers {
-            (dirs.unified.as_deref()?, "cpu.stat")
-        } else {
-            (dirs.cpuacct.as_deref()?, "cpuacct.usage")
-        };
-        let fd = rustix::fs::open(
-            dir.join(file),
+        let file = if root.v2 { "cpu.stat" } else { "cpuacct.usage" };
+        self.path.clear();
+        self.path.push_str(rel);
+        self.path.push('/');
+        self.path.push_str(file);
+        let fd = rustix::fs::openat(
+            &root.fd,
+            self.path.as_str(),
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .ok()?;
         let text = self.fill(fd)?;
-        if v2_controllers {
+        if root.v2 {
             let [usage] = parse::keyed_pick(text, ["usage_usec"]);
             usage.map(|us| us.saturating_mul(1000))
         } else {
@@ -308,6 +313,29 @@ impl Reader {
             },
             psi: PsiStats::default(),
         }
+    }
+}
+
+/// The root of the hierarchy that holds the workloads' CPU counter: the v2 one where it has the
+/// controllers, else v1 `cpuacct`.
+#[derive(Debug)]
+pub struct CpuRoot {
+    fd: OwnedFd,
+    v2: bool,
+}
+
+impl CpuRoot {
+    /// `None` when the layout has no such hierarchy or its root cannot be opened.
+    pub fn open(layout: &crate::containers::Layout) -> Option<Self> {
+        use crate::containers::Layout;
+        let (dir, v2) = match layout {
+            Layout::V2 { unified } => (Some(unified.as_path()), true),
+            Layout::Hybrid { v1, .. } | Layout::V1 { v1 } => (v1.cpuacct.as_deref(), false),
+        };
+        Some(Self {
+            fd: open_dir(dir)?,
+            v2,
+        })
     }
 }
 

@@ -11,9 +11,9 @@ use std::{
 
 use serde::Serialize;
 
-use super::read::{CgroupStats, Reader};
+use super::read::{CgroupStats, CpuRoot, Reader};
 use crate::{
-    containers::{CgroupDirs, Container, Inventory, Layout},
+    containers::{CgroupDirs, Container, Discovery, Inventory, InventoryBuilder, Layout, Procs},
     sources::{
         node::{self, NodeConfig, NodeStats},
         rates::{RateTable, Rates},
@@ -121,6 +121,9 @@ struct Held {
     read_at: Instant,
     /// The scan that last found the workload, to forget the ones that went away.
     seen: u64,
+    /// Its processes, read at the first scan after the full read: they stand while the
+    /// workload stays quiet (a process that forks, exits or execs uses CPU).
+    procs: Option<Procs>,
 }
 
 #[derive(Debug)]
@@ -129,9 +132,12 @@ pub struct Scanner {
     proc_root: PathBuf,
     node: Option<NodeConfig>,
     reader: Reader,
+    /// Where the quiet check finds each workload's CPU counter; `None`: every read is full.
+    cpu_root: Option<CpuRoot>,
     rates: RateTable<String, 8>,
     node_rates: Rates<6>,
     held: HashMap<String, Held>,
+    discovery: Discovery,
     full_read_every: Duration,
     scans: u64,
 }
@@ -148,14 +154,17 @@ impl Scanner {
         } else {
             None
         };
+        let cpu_root = layout.as_ref().and_then(CpuRoot::open);
         Ok(Self {
             layout,
             proc_root: paths.proc_root.clone(),
             node: node.enabled.then(|| node.clone()),
             reader: Reader::default(),
+            cpu_root,
             rates: RateTable::default(),
             node_rates: Rates::default(),
             held: HashMap::new(),
+            discovery: Discovery::new(),
             full_read_every: FULL_READ_EVERY,
             scans: 0,
         })
@@ -167,6 +176,19 @@ impl Scanner {
     pub fn with_full_read_every(mut self, every: Duration) -> Self {
         self.full_read_every = every;
         self
+    }
+
+    /// Walks the hierarchies on every scan instead of when they changed (the benchmark's
+    /// baseline).
+    #[must_use]
+    pub fn walking_every_scan(mut self) -> Self {
+        self.discovery = Discovery::walking_every_scan();
+        self
+    }
+
+    /// How many times the hierarchies were walked so far.
+    pub fn walks(&self) -> u64 {
+        self.discovery.walks()
     }
 
     pub fn layout(&self) -> Option<&Layout> {
@@ -182,15 +204,24 @@ impl Scanner {
         };
         self.scans += 1;
         if let Some(layout) = self.layout.clone() {
-            let inventory = Inventory::scan(&layout, &self.proc_root);
+            let mut inventory = InventoryBuilder::new(&self.proc_root);
             let v2_controllers = matches!(layout, Layout::V2 { .. });
-            for c in &inventory.containers {
-                let dirs = layout.dirs(&c.path);
-                let Some((stats, quiet)) = self.stats_of(&c.path, &dirs, v2_controllers, now)
+            let found = self.discovery.workloads(&layout, now);
+            // The counters are stamped with the moment their reads begin, on the caller's
+            // clock: a scan that walks the tree reads later after its tick than one that does
+            // not, and a rate over two scans must not count that difference as usage.
+            let read_at = now + started.elapsed();
+            for f in found.iter() {
+                let dirs = layout.dirs(&f.path);
+                let Some((stats, quiet)) = self.stats_of(&f.path, &dirs, v2_controllers, now)
                 else {
                     snap.vanished += 1;
+                    let procs = inventory.read_procs(&dirs);
+                    inventory.push(f, &dirs, procs);
                     continue;
                 };
+                let procs = self.procs_of(&inventory, &f.path, &dirs, quiet);
+                let c = inventory.push(f, &dirs, procs).clone();
                 snap.quiet += usize::from(quiet);
                 let (read, write) = stats.io.iter().fold((0u64, 0u64), |(r, w), d| {
                     (
@@ -203,7 +234,7 @@ impl Scanner {
                 let r = self.rates.update(
                     c.path.clone(),
                     c.cgroup_id.unwrap_or(0),
-                    now,
+                    read_at,
                     [
                         cpu.usage_ns,
                         cpu.user_ns,
@@ -232,7 +263,7 @@ impl Scanner {
                     },
                 };
                 snap.workloads.push(Workload {
-                    container: c.clone(),
+                    container: c,
                     stats,
                     rates,
                 });
@@ -240,11 +271,12 @@ impl Scanner {
             self.rates.retain_updated();
             let scan = self.scans;
             self.held.retain(|_, h| h.seen == scan);
-            snap.inventory = Arc::new(inventory);
+            snap.inventory = Arc::new(inventory.finish());
         }
         if let Some(cfg) = &self.node {
             let n = node::collect(&self.proc_root, cfg);
-            self.node_rates.push(now, node_counters(&n));
+            self.node_rates
+                .push(now + started.elapsed(), node_counters(&n));
             let r = &self.node_rates;
             snap.node_rates = NodeRates {
                 cpu_busy: r.rates(0).map(|v| v.map(|v| v / 1e9)),
@@ -272,11 +304,11 @@ impl Scanner {
         v2_controllers: bool,
         now: Instant,
     ) -> Option<(CgroupStats, bool)> {
-        if let Some(h) = self.held.get_mut(path) {
+        if let (Some(h), Some(root)) = (self.held.get_mut(path), &self.cpu_root) {
             let fresh = now.saturating_duration_since(h.read_at) < self.full_read_every;
             if fresh
                 && h.stats.cpu.usage_ns.is_some()
-                && self.reader.cpu_usage_ns(dirs, v2_controllers) == h.stats.cpu.usage_ns
+                && self.reader.cpu_usage_ns(root, path) == h.stats.cpu.usage_ns
             {
                 h.seen = self.scans;
                 return Some((h.stats.clone(), true));
@@ -287,6 +319,7 @@ impl Scanner {
             stats: stats.clone(),
             read_at: now,
             seen: self.scans,
+            procs: None,
         };
         match self.held.get_mut(path) {
             Some(h) => *h = held,
@@ -295,6 +328,28 @@ impl Scanner {
             }
         }
         Some((stats, false))
+    }
+}
+
+impl Scanner {
+    /// A workload's processes: those read after its last full read while it stays quiet, else
+    /// read now (and kept for the quiet scans that follow).
+    fn procs_of(
+        &mut self,
+        inventory: &InventoryBuilder,
+        path: &str,
+        dirs: &CgroupDirs,
+        quiet: bool,
+    ) -> Procs {
+        let held = self.held.get_mut(path);
+        if let (true, Some(Some(p))) = (quiet, held.as_ref().map(|h| &h.procs)) {
+            return p.clone();
+        }
+        let procs = inventory.read_procs(dirs);
+        if let Some(h) = held {
+            h.procs = Some(procs.clone());
+        }
+        procs
     }
 }
 
@@ -333,187 +388,5 @@ fn is_partition<'a>(name: &str, mut all: impl Iterator<Item = &'a str>) -> bool 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::containers::fixture::{write_tree, Driver, FixtureLayout, TempDir};
-
-    #[test]
-    fn partitions_are_recognised_by_their_disk() {
-        let all = ["vda", "vda1", "nvme0n1", "nvme0n1p2", "sdb"];
-        assert!(is_partition("vda1", all.iter().copied()));
-        assert!(is_partition("nvme0n1p2", all.iter().copied()));
-        assert!(!is_partition("nvme0n1", all.iter().copied()));
-        assert!(!is_partition("sdb", all.iter().copied()));
-    }
-
-    fn scanner(c: &Config) -> Result<Scanner, ScanError> {
-        Scanner::new(&c.containers, &c.node, &c.paths)
-    }
-
-    fn config_for(root: &std::path::Path) -> Config {
-        let mut c = Config::default();
-        c.paths.cgroup_root = root.to_path_buf();
-        c.paths.proc_root = root.join("proc");
-        c.node.enabled = false;
-        c
-    }
-
-    #[test]
-    fn a_fixture_tree_scan_reports_injected_values_and_rates() {
-        let dir = TempDir::new("nodeward-scan").expect("temp");
-        let written =
-            write_tree(&dir.path, FixtureLayout::V2, Driver::Systemd, 6, 1).expect("fixture");
-        let mut s = scanner(&config_for(&dir.path)).expect("scanner");
-        let t0 = Instant::now();
-        let first = s.scan(t0);
-        assert_eq!(first.workloads.len(), 7);
-        // One CPU second more for container 0, two seconds later: 0.5 cores.
-        let w = &written[0];
-        let cpu_stat = dir.path.join(&w.path).join("cpu.stat");
-        let usec = w.cpu_usage_ns / 1000;
-        let (user, system) = (usec * 3 / 4 + 1_000_000, usec / 4);
-        let usec = usec + 1_000_000;
-        std::fs::write(
-            &cpu_stat,
-            format!("usage_usec {usec}\nuser_usec {user}\nsystem_usec {system}\n"),
-        )
-        .expect("write");
-        let second = s.scan(t0 + Duration::from_secs(2));
-        let got = second
-            .workloads
-            .iter()
-            .find(|x| x.container.path == w.path)
-            .expect("container 0");
-        assert_eq!(got.stats.memory.current_bytes, Some(w.memory_bytes));
-        assert_eq!(got.rates.cpu[0], Some(0.5));
-        assert_eq!(got.rates.cpu_user[0], Some(0.5));
-        assert_eq!(got.rates.cpu_system[0], Some(0.0));
-        // The container restarts under the same name: counters start again near zero.
-        std::fs::write(&cpu_stat, "usage_usec 10\nuser_usec 5\nsystem_usec 5\n").expect("write");
-        let third = s.scan(t0 + Duration::from_secs(3));
-        let got = third
-            .workloads
-            .iter()
-            .find(|x| x.container.path == w.path)
-            .expect("container 0");
-        assert_eq!(
-            got.rates.cpu, [None; 3],
-            "a new baseline, not a negative rate"
-        );
-    }
-
-    #[test]
-    fn a_quiet_container_is_read_in_full_only_when_its_cpu_moves_or_its_read_ages() {
-        let dir = TempDir::new("nodeward-scan-quiet").expect("temp");
-        let written =
-            write_tree(&dir.path, FixtureLayout::V2, Driver::Systemd, 3, 0).expect("fixture");
-        let mut s = scanner(&config_for(&dir.path)).expect("scanner");
-        let memory_of = |snap: &Snapshot, path: &str| {
-            snap.workloads
-                .iter()
-                .find(|x| x.container.path == path)
-                .and_then(|x| x.stats.memory.current_bytes)
-        };
-        let t0 = Instant::now();
-        let first = s.scan(t0);
-        assert_eq!((first.workloads.len(), first.quiet), (3, 0));
-        let w = &written[0];
-        let cgroup = dir.path.join(&w.path);
-        std::fs::write(cgroup.join("memory.current"), "4096\n").expect("write");
-        // No CPU used: the last full read stands, only the CPU counter was read.
-        let second = s.scan(t0 + Duration::from_secs(1));
-        assert_eq!(second.quiet, 3);
-        assert_eq!(memory_of(&second, &w.path), Some(w.memory_bytes));
-        // Once the read is FULL_READ_EVERY old, everything is read again.
-        let third = s.scan(t0 + FULL_READ_EVERY);
-        assert_eq!(third.quiet, 0);
-        assert_eq!(memory_of(&third, &w.path), Some(4096));
-        // CPU used: read in full at once.
-        std::fs::write(cgroup.join("memory.current"), "8192\n").expect("write");
-        let usec = w.cpu_usage_ns / 1000 + 1;
-        std::fs::write(
-            cgroup.join("cpu.stat"),
-            format!("usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n"),
-        )
-        .expect("write");
-        let fourth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(1));
-        assert_eq!(fourth.quiet, 2);
-        assert_eq!(memory_of(&fourth, &w.path), Some(8192));
-        // A container that went away is forgotten, and one that comes back is read in full.
-        let gone = &written[1];
-        let saved = dir.path.join("saved");
-        std::fs::rename(dir.path.join(&gone.path), &saved).expect("move away");
-        let fifth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(2));
-        assert_eq!(fifth.workloads.len(), 2);
-        std::fs::write(saved.join("memory.current"), "12288\n").expect("write");
-        std::fs::rename(&saved, dir.path.join(&gone.path)).expect("move back");
-        let sixth = s.scan(t0 + FULL_READ_EVERY + Duration::from_secs(3));
-        assert_eq!(sixth.quiet, 2, "{:?}", sixth.workloads.len());
-        assert_eq!(memory_of(&sixth, &gone.path), Some(12288));
-    }
-
-    #[test]
-    fn quiet_containers_are_recognised_on_every_layout() {
-        for layout in [FixtureLayout::V2, FixtureLayout::Hybrid, FixtureLayout::V1] {
-            let dir = TempDir::new("nodeward-scan-quiet-layouts").expect("temp");
-            write_tree(&dir.path, layout, Driver::Cgroupfs, 2, 0).expect("fixture");
-            let mut s = scanner(&config_for(&dir.path)).expect("scanner");
-            let t0 = Instant::now();
-            let first = s.scan(t0);
-            let second = s.scan(t0 + Duration::from_secs(1));
-            let stats = |s: &Snapshot| s.workloads.iter().map(|w| w.stats.clone()).collect();
-            let (a, b): (Vec<_>, Vec<_>) = (stats(&first), stats(&second));
-            assert_eq!((first.quiet, second.quiet), (0, 2), "{layout:?}");
-            assert_eq!(a, b, "{layout:?}: the figures of the last full read");
-        }
-    }
-
-    #[test]
-    fn a_snapshot_serialises_with_flat_identity_fields() {
-        let dir = TempDir::new("nodeward-scan-json").expect("temp");
-        let written =
-            write_tree(&dir.path, FixtureLayout::Hybrid, Driver::Systemd, 1, 1).expect("fixture");
-        let snap = scanner(&config_for(&dir.path))
-            .expect("scanner")
-            .scan(Instant::now());
-        let v = serde_json::to_value(&snap).expect("snapshot serialises");
-        let w = &v["workloads"][0];
-        assert_eq!(w["kind"], "container");
-        assert_eq!(w["pod_uid"], written[0].pod_uid.as_str());
-        assert_eq!(w["qos"], "guaranteed");
-        assert_eq!(w["runtime"], "containerd");
-        assert_eq!(
-            w["stats"]["memory"]["current_bytes"],
-            written[0].memory_bytes
-        );
-        assert_eq!(v["workloads"][1]["kind"], "service");
-        assert_eq!(v["layout"]["layout"], "hybrid");
-    }
-
-    #[test]
-    fn a_container_removed_between_walk_and_read_is_skipped() {
-        let dir = TempDir::new("nodeward-scan-gone").expect("temp");
-        write_tree(&dir.path, FixtureLayout::V2, Driver::Cgroupfs, 2, 0).expect("fixture");
-        let layout = Layout::detect(&dir.path).expect("layout");
-        let inv = Inventory::scan(&layout, &dir.path);
-        std::fs::remove_dir_all(dir.path.join(&inv.containers[0].path)).expect("remove");
-        let mut reader = Reader::default();
-        let read: Vec<_> = inv
-            .containers
-            .iter()
-            .filter_map(|c| reader.read(&layout.dirs(&c.path), true))
-            .collect();
-        assert_eq!(read.len(), 1);
-        assert_eq!(reader.parse_errors, 0, "a vanished cgroup is not an error");
-    }
-
-    #[test]
-    fn a_missing_cgroup_root_is_an_error_only_when_containers_are_enabled() {
-        let mut c = Config::default();
-        c.paths.cgroup_root = PathBuf::from("/nonexistent/cgroup");
-        assert!(scanner(&c).is_err());
-        c.containers.enabled = false;
-        assert!(scanner(&c).is_ok());
-    }
-}
+#[path = "scan_tests.rs"]
+mod tests;

@@ -42,6 +42,9 @@ pub struct ScanArgs {
     /// Move every container's CPU counter before each scan (untimed), so that none is quiet.
     #[arg(long)]
     pub busy: bool,
+    /// Walk the hierarchies on every scan rather than when they changed (the scan as it was).
+    #[arg(long)]
+    pub walk_every_scan: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -127,6 +130,9 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
     config.paths.cgroup_root = dir.path.clone();
     config.containers.enabled = true;
     let mut scanner = match Scanner::new(&config.containers, &config.node, &config.paths) {
+        Ok(s) if args.walk_every_scan => s
+            .with_full_read_every(args.full_read_every)
+            .walking_every_scan(),
         Ok(s) => s.with_full_read_every(args.full_read_every),
         Err(e) => return fail(e),
     };
