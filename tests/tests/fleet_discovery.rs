@@ -12,7 +12,9 @@
 //! - The API server's certificate: accepted unchecked with `insecure-skip-tls-verify`, refused
 //!   without a CA, checked against `tls-server-name` (a wrong one refused), each context's
 //!   refusal its own row.
-//! - With `west`'s API server down, `west` is one row with its error and `east` still lists.
+//! - With `west`'s API server down, `west` is one row with its error and `east` still lists;
+//!   `fleet watch` through `west` alone prints the error every round and goes on, and lists
+//!   west's nodes once its API server is back.
 //! - The current context alone (no CONTEXT field), `fleet drain` of a node found through the
 //!   API (the agent itself says it drains), a node without an agent refused, and a user with
 //!   an exec plugin refused with the reason.
@@ -21,6 +23,7 @@
 
 use std::{
     collections::BTreeSet,
+    io::BufRead as _,
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Output, Stdio},
@@ -383,6 +386,74 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
     for node in ["east-1", "east-2", "east-3"] {
         assert_eq!(find(&got, node)["context"], "east");
     }
+
+    // `fleet watch` through west alone while its API server is down: every round says so and
+    // the watch goes on; once the API server is back, the next round lists its nodes.
+    let out = fleet_in(
+        &dir.0,
+        &[],
+        &[
+            "watch",
+            "--json",
+            "--kubeconfig",
+            "kubeconfig",
+            "--context",
+            "west",
+            "--interval",
+            "100ms",
+            "--count",
+            "2",
+        ],
+        &certs,
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = stderr
+        .lines()
+        .filter(|l| l.contains("cannot list the agent pods") && l.contains("asking again"))
+        .count();
+    assert_eq!(
+        failed, 2,
+        "one line per round, and a second round:\n{stderr}"
+    );
+    let mut watch = Command::new(agent_binary())
+        .arg("fleet")
+        .args([
+            "watch",
+            "--json",
+            "--kubeconfig",
+            "kubeconfig",
+            "--context",
+            "west",
+            "--interval",
+            "200ms",
+            "--count",
+            "600",
+        ])
+        .args(certs.client_args(nodeward_tests::fleet::OPERATOR))
+        .args(["--timeout", "60s"])
+        .current_dir(&dir.0)
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nodeward fleet watch");
+    let mut err_lines = std::io::BufReader::new(watch.stderr.take().expect("stderr")).lines();
+    let first = err_lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.contains("cannot list the agent pods"), "{first}");
+    west.recover();
+    let mut out_lines = std::io::BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let row = out_lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let row: serde_json::Value =
+        serde_json::from_str(&row).unwrap_or_else(|e| panic!("{e}: {row}"));
+    assert!(
+        ["west-1", "west-2"].contains(&row["node"].as_str().unwrap_or_default()),
+        "{row}"
+    );
+    west.down();
 
     // The current context alone: no context field; ~/.kube/config is read without flags.
     std::fs::create_dir_all(dir.0.join(".kube")).expect("dir");

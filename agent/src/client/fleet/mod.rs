@@ -230,30 +230,50 @@ pub async fn run(cmd: &FleetCommand) -> Result<(), FleetError> {
             conn,
             interval,
             count,
-        } => {
-            let redraw = !conn.json && std::io::stdout().is_terminal();
-            let list = conn.source()?;
-            let mut n = 0u64;
-            loop {
-                let rows = rows(conn, &list).await?;
+        } => watch(conn, &conn.source()?, *interval, *count).await,
+        FleetCommand::Drain(args) => drain::run(args, &args.conn.source()?).await,
+    }
+}
+
+/// `fleet watch`: the table again every `interval`, `count` times (0: until interrupted). An
+/// API server that does not answer (a control-plane upgrade, a network blip) does not end the
+/// watch: the round says so on stderr and the next asks again. With `count`, a last round that
+/// found no answer is the command's error (exit 69). Bad flags or files end it at once.
+async fn watch(
+    conn: &FleetConn,
+    source: &impl Discovery,
+    interval: Duration,
+    count: u64,
+) -> Result<(), FleetError> {
+    let redraw = !conn.json && std::io::stdout().is_terminal();
+    let mut n = 0u64;
+    loop {
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let last = match rows(conn, source).await {
+            Ok(rows) => {
                 if redraw {
                     // Home and clear, then the table: one screen that changes in place.
                     print!("\x1b[H\x1b[2J");
                 }
                 if !conn.json {
-                    println!(
-                        "{}",
-                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                    );
+                    println!("{now}");
                 }
                 print(&rows, conn.json)?;
-                n += 1;
-                if *count != 0 && n >= *count {
-                    return Ok(());
-                }
-                tokio::time::sleep(*interval).await;
+                Ok(())
             }
+            Err(FleetError::Unavailable(e)) => {
+                eprintln!(
+                    "nodeward fleet: {now}: {e}; asking again in {}",
+                    humantime::format_duration(interval)
+                );
+                Err(FleetError::Unavailable(e))
+            }
+            Err(e) => return Err(e),
+        };
+        n += 1;
+        if count != 0 && n >= count {
+            return last;
         }
-        FleetCommand::Drain(args) => drain::run(args, &args.conn.source()?).await,
+        tokio::time::sleep(interval).await;
     }
 }
