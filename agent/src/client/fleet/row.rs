@@ -118,10 +118,36 @@ impl Row {
     }
 
     pub fn unreachable(target: &Target, error: String) -> Self {
+        Self::without_answer(
+            target.label(),
+            target.context.clone(),
+            target.address(),
+            error,
+        )
+    }
+
+    /// A node without an agent to ask (or a context that did not answer): `UNREACHABLE`, with
+    /// why.
+    pub fn absent(absent: &Absent) -> Self {
+        Self::without_answer(
+            absent.node.clone(),
+            absent.context.clone(),
+            String::new(),
+            absent.error.clone(),
+        )
+    }
+
+    /// An `UNREACHABLE` row: nothing the agent would have said, only why it did not.
+    fn without_answer(
+        node: String,
+        context: Option<String>,
+        address: String,
+        error: String,
+    ) -> Self {
         Self {
-            node: target.label(),
-            context: target.context.clone(),
-            address: target.address(),
+            node,
+            context,
+            address,
             verdict: FleetVerdict::Unreachable,
             reasons: Vec::new(),
             unknown_reason: String::new(),
@@ -131,25 +157,6 @@ impl Row {
             viewers: 0,
             containers: 0,
             error: Some(error),
-        }
-    }
-
-    /// A node without an agent to ask (or a context that did not answer): `UNREACHABLE`, with
-    /// why.
-    pub fn absent(absent: &Absent) -> Self {
-        Self {
-            node: absent.node.clone(),
-            context: absent.context.clone(),
-            address: String::new(),
-            verdict: FleetVerdict::Unreachable,
-            reasons: Vec::new(),
-            unknown_reason: String::new(),
-            draining: false,
-            ready_to_drain: false,
-            live_streams: 0,
-            viewers: 0,
-            containers: 0,
-            error: Some(absent.error.clone()),
         }
     }
 
