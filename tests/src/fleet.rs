@@ -170,6 +170,20 @@ impl FleetAgent {
     }
 
     /// The `host:port node` line of a targets file.
+    /// The agent's own answer on its Unix socket: (node name, verdict as `fleet` names it).
+    pub async fn own_view(&self) -> (String, String) {
+        let r = self
+            .client()
+            .await
+            .get_node_health(pb::GetNodeHealthRequest {})
+            .await
+            .expect("GetNodeHealth")
+            .into_inner()
+            .health
+            .expect("a report");
+        (r.node, verdict_name(r.verdict))
+    }
+
     pub fn target_line(&self) -> String {
         format!("{} {}", self.tcp, self.node)
     }

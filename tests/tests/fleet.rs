@@ -23,7 +23,7 @@ use nodeward_tests::{
     api::{eventually, TempDir},
     cgroup_v2_root,
     drain::{have_python, LiveConnection},
-    fleet::{fleet, reachable_netns, rows, verdict_name, Certs, FleetAgent, OPERATOR},
+    fleet::{fleet, reachable_netns, rows, Certs, FleetAgent, OPERATOR},
     is_root, skip, text, Cgroup,
 };
 
@@ -31,19 +31,6 @@ const AGENTS: u8 = 20;
 
 /// Each of the 4 agents' (draining, live streams), from one round of GetDrainStatus.
 type Sample = [(bool, u32); 4];
-
-async fn own_view(agent: &FleetAgent) -> (String, String) {
-    let r = agent
-        .client()
-        .await
-        .get_node_health(pb::GetNodeHealthRequest {})
-        .await
-        .expect("GetNodeHealth")
-        .into_inner()
-        .health
-        .expect("a report");
-    (r.node, verdict_name(r.verdict))
-}
 
 fn args(list: &[&str], more: &[String]) -> Vec<String> {
     let mut v: Vec<String> = list.iter().map(|s| (*s).to_owned()).collect();
@@ -78,7 +65,7 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
     // Every agent has a verdict (its sources reported).
     for a in &agents {
         eventually(Duration::from_secs(90), || async {
-            (own_view(a).await.1 != "UNKNOWN").then_some(())
+            (a.own_view().await.1 != "UNKNOWN").then_some(())
         })
         .await
         .unwrap_or_else(|| panic!("{} never left UNKNOWN\n{}", a.node, a.log_text()));
@@ -103,7 +90,7 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
     for _round in 0..10 {
         let mut before = BTreeMap::new();
         for a in &agents {
-            before.insert(a.tcp.to_string(), own_view(a).await);
+            before.insert(a.tcp.to_string(), a.own_view().await);
         }
         let out = fleet(&args(&["status", "--json", "--targets", &targets], &ops));
         assert!(out.status.success(), "{}", text(&out));
@@ -118,7 +105,7 @@ async fn fleet_status_lists_every_agent_as_it_reports_itself_and_says_why_one_do
             let (node, verdict) = before.get(address).expect("asked before");
             assert_eq!(row["node"], node.as_str(), "{row}");
             assert!(row["error"].is_null(), "{row}");
-            if own_view(agent).await.1 == *verdict {
+            if agent.own_view().await.1 == *verdict {
                 assert_eq!(row["verdict"], verdict.as_str(), "{row}");
                 checked.insert(node.clone());
             }

@@ -35,7 +35,7 @@ use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
     api::{eventually, TempDir},
-    fleet::{rows, verdict_name, Certs, FleetAgent},
+    fleet::{rows, Certs, FleetAgent},
     kube::{tool, validate, yaml},
     kubeapi::{KubeApi, TlsFiles},
     skip, text,
@@ -48,19 +48,6 @@ const LABELS: &[(&str, &str)] = &[("app.kubernetes.io/name", "nodeward")];
 fn free(ip: &str) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).expect("a free port");
     l.local_addr().expect("its address")
-}
-
-async fn own_view(agent: &FleetAgent) -> (String, String) {
-    let r = agent
-        .client()
-        .await
-        .get_node_health(pb::GetNodeHealthRequest {})
-        .await
-        .expect("GetNodeHealth")
-        .into_inner()
-        .health
-        .expect("a report");
-    (r.node, verdict_name(r.verdict))
 }
 
 fn fleet_in(dir: &Path, env: &[(&str, &str)], args: &[&str], certs: &Certs) -> Output {
@@ -240,7 +227,7 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
 
     for a in &agents {
         eventually(Duration::from_secs(90), || async {
-            (own_view(a).await.1 != "UNKNOWN").then_some(())
+            (a.own_view().await.1 != "UNKNOWN").then_some(())
         })
         .await
         .unwrap_or_else(|| panic!("{} never left UNKNOWN\n{}", a.node, a.log_text()));
@@ -283,7 +270,7 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
     let got = rows(&out);
     assert_eq!(got.len(), 5, "{}", text(&out));
     for a in &agents {
-        let (node, verdict) = own_view(a).await;
+        let (node, verdict) = a.own_view().await;
         let row = find(&got, &node);
         assert_eq!(row["address"], a.tcp.to_string(), "{row}");
         assert_eq!(row["context"], &node[..4], "{row}");
@@ -291,7 +278,7 @@ async fn fleet_finds_agents_through_two_api_servers_and_reports_nodes_without_on
         // The verdict may move while the fleet asks; a row that differs must match the one
         // after.
         if row["verdict"] != verdict.as_str() {
-            assert_eq!(row["verdict"], own_view(a).await.1.as_str(), "{row}");
+            assert_eq!(row["verdict"], a.own_view().await.1.as_str(), "{row}");
         }
     }
     let e3 = find(&got, "east-3");
