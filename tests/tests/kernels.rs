@@ -21,8 +21,16 @@ use std::{
 use nodeward_tests::{agent_binary, require_root, skip};
 use serde_json::Value;
 
-/// The Debian modules the sock_diag fallback needs (built as modules in Debian's kernels).
-const DIAG_MODULES: &[&str] = &["inet_diag", "tcp_diag"];
+/// The Debian modules the guest loads (built as modules in Debian's kernels), by their directory
+/// under `kernel/`: the sock_diag fallback's, and netem for the RTT accuracy run.
+const MODULES: &[(&str, &str)] = &[
+    ("net/ipv4", "inet_diag"),
+    ("net/ipv4", "tcp_diag"),
+    ("net/sched", "sch_netem"),
+];
+/// The delay netem puts on every packet of `lo` in the accuracy run, each way: the RTT the
+/// guest's exchanges see is twice this, ± twice the jitter.
+const NETEM: &str = "delay 10ms 2500us";
 /// How long one boot may take under TCG (a KVM boot takes seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// A KVM guest that printed nothing by then is stuck (nested virtualisation that does not work).
@@ -78,6 +86,7 @@ fn tools() -> Result<(), String> {
         "apt-get",
         "dpkg-deb",
         "ldd",
+        "tc",
     ] {
         if which(tool).is_none() {
             return Err(format!(
@@ -163,7 +172,8 @@ fn debian_kernel(suite: &str) -> Result<Kernel, String> {
     let kept = dir.join(&release);
     let vmlinuz = kept.join("vmlinuz");
     let module = |m: &str| kept.join(format!("{m}.ko"));
-    if !vmlinuz.exists() {
+    // A cache from before netem was loaded lacks its module: fetched again once.
+    if !vmlinuz.exists() || !module("sch_netem").exists() {
         let debs = dir.join("debs");
         std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
         let mut cmd = Command::new("apt-get");
@@ -183,19 +193,19 @@ fn debian_kernel(suite: &str) -> Result<Kernel, String> {
         let _ = std::fs::remove_dir_all(&unpacked);
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
         std::fs::create_dir_all(&kept).map_err(|e| e.to_string())?;
-        let ipv4 = unpacked.join(format!("lib/modules/{release}/kernel/net/ipv4"));
-        for m in DIAG_MODULES {
-            // Absent (built in, or compressed) is fine: the sock_diag check then says so.
-            let _ = std::fs::copy(ipv4.join(format!("{m}.ko")), module(m));
+        let modules = unpacked.join(format!("lib/modules/{release}/kernel"));
+        for (dir, m) in MODULES {
+            // Absent (built in, or compressed) is fine: the check that needs it then says so.
+            let _ = std::fs::copy(modules.join(dir).join(format!("{m}.ko")), module(m));
         }
         std::fs::copy(unpacked.join(format!("boot/vmlinuz-{release}")), &vmlinuz)
             .map_err(|e| format!("vmlinuz: {e}"))?;
         let _ = std::fs::remove_dir_all(&unpacked);
         let _ = std::fs::remove_file(&deb);
     }
-    let modules = DIAG_MODULES
+    let modules = MODULES
         .iter()
-        .map(|m| module(m))
+        .map(|(_, m)| module(m))
         .filter(|p| p.exists())
         .collect();
     Ok(Kernel {
@@ -251,6 +261,18 @@ echo "nodeward-init: running probe --verify"
 /bin/nodeward probe --verify --json > /tmp/verify.json 2> /tmp/verify.err
 rc=$?
 { cat /tmp/verify.json; echo "NODEWARD-VERIFY-RC=$rc"; echo "NODEWARD-STDERR:"; tail -20 /tmp/verify.err; } > /dev/ttyS1
+# Again with netem delaying every packet on lo: the agent's RTT figures against the exchanges as
+# the client timed them.
+echo "nodeward-init: running probe --verify with netem on lo"
+echo > /tmp/verify.json
+if /usr/sbin/tc qdisc add dev lo root netem @NETEM@ > /tmp/tc.out 2>&1; then
+  /bin/nodeward probe --verify --json > /tmp/verify.json 2> /tmp/verify.err
+  rc=$?
+  /usr/sbin/tc qdisc del dev lo root
+else
+  rc=netem
+fi
+{ echo "NODEWARD-NETEM-BEGIN"; cat /tmp/verify.json; echo "NODEWARD-VERIFY-RC=$rc"; echo "NODEWARD-TC:"; cat /tmp/tc.out; echo "NODEWARD-STDERR:"; tail -20 /tmp/verify.err; } > /dev/ttyS1
 # The same on cgroup v1 only (Anolis 8's default): no cgroup2 mounted anywhere.
 umount /sys/fs/cgroup
 mount -t tmpfs cgroup /sys/fs/cgroup
@@ -283,7 +305,11 @@ fn initramfs(dir: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     {
         std::fs::copy(&agent, &stripped).map_err(|e| e.to_string())?;
     }
-    for bin in [&busybox, &agent] {
+    let tc = which("tc").ok_or("no tc")?;
+    // Not in /bin, where busybox installs its own applets.
+    std::fs::create_dir_all(root.join("usr/sbin")).map_err(|e| e.to_string())?;
+    std::fs::copy(&tc, root.join("usr/sbin/tc")).map_err(|e| e.to_string())?;
+    for bin in [&busybox, &agent, &tc] {
         for lib in libraries(bin)? {
             copy_into(&root, &lib)?;
         }
@@ -296,7 +322,7 @@ fn initramfs(dir: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
         .map_err(|e| e.to_string())?;
     }
     let init = root.join("init");
-    std::fs::write(&init, INIT).map_err(|e| e.to_string())?;
+    std::fs::write(&init, INIT.replace("@NETEM@", NETEM)).map_err(|e| e.to_string())?;
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .map_err(|e| e.to_string())?;
     let out = dir.join("initramfs.cpio.gz");
@@ -472,6 +498,85 @@ fn check_report(what: &str, json: &str, rc: Option<i32>, log: &str) -> String {
         .to_owned()
 }
 
+/// Checks the accuracy run (`--verify` with netem on `lo`): the chosen TCP path's RTT figures
+/// for the child cgroup against the client's own timing of the same exchanges. A method that
+/// claims `raw` samples must give the p50 within 5 % and the RFC 3550 jitter within 20 % (the
+/// bars of `tcp_latency.rs`); a `smoothed` one must show the damping its name promises.
+fn check_rtt(what: &str, out: &str, rc: Option<i32>, log: &str) {
+    let report: Value = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("{what}: no JSON report; output:\n{}", tail(log, 60)));
+    let paths = report["paths"].as_array().expect("paths");
+    for p in paths.iter().filter(|p| !p["rtt"].is_null()) {
+        let r = &p["rtt"];
+        eprintln!(
+            "  {} {}: method {} ({}), p50 {:.3} ms, jitter {:.3} ms over {} path samples; \
+             client-timed p50 {:.3} ms, jitter {:.3} ms over {} exchanges",
+            p["role"],
+            p["path"],
+            r["method"],
+            r["sample"],
+            r["p50_us"].as_f64().unwrap_or(0.0) / 1e3,
+            r["jitter_rfc3550_us"].as_f64().unwrap_or(0.0) / 1e3,
+            r["path_samples"],
+            r["timed_p50_us"].as_f64().unwrap_or(0.0) / 1e3,
+            r["timed_jitter_rfc3550_us"].as_f64().unwrap_or(0.0) / 1e3,
+            r["timed_exchanges"],
+        );
+    }
+    assert_eq!(
+        rc,
+        Some(0),
+        "{what}: exit status of probe --verify; output:\n{}",
+        tail(out, 30)
+    );
+    let chosen = paths
+        .iter()
+        .find(|p| p["role"] == "chosen" && p["source"] == "ebpf/tcp")
+        .expect("a chosen TCP path");
+    let r = &chosen["rtt"];
+    assert!(
+        !r.is_null(),
+        "{what}: no RTT figures for the chosen path: {chosen}"
+    );
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    assert!(
+        f("path_samples") >= 30.0 && f("timed_exchanges") >= 100.0,
+        "{what}: too few samples: {r}"
+    );
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    // The delay line is the ground truth's scale: the exchanges must have seen it.
+    assert!(
+        f("timed_p50_us") > 15_000.0,
+        "{what}: netem did not delay the exchanges: {r}"
+    );
+    match r["sample"].as_str() {
+        Some("raw") => {
+            assert!(
+                rel(f("p50_us"), f("timed_p50_us")) <= 0.05,
+                "{what}: p50 off by more than 5 %: {r}"
+            );
+            assert!(
+                rel(f("jitter_rfc3550_us"), f("timed_jitter_rfc3550_us")) <= 0.20,
+                "{what}: jitter off by more than 20 %: {r}"
+            );
+        }
+        Some("smoothed") => {
+            assert!(
+                rel(f("p50_us"), f("timed_p50_us")) <= 0.10,
+                "{what}: smoothed p50 off by more than 10 %: {r}"
+            );
+            assert!(
+                f("jitter_rfc3550_us") < f("timed_jitter_rfc3550_us") * 0.5,
+                "{what}: smoothed jitter not damped: {r}"
+            );
+        }
+        other => panic!("{what}: unexpected sample kind {other:?}: {r}"),
+    }
+}
+
 /// Boots Debian `suite`'s kernel, runs the check inside, and asserts the probe chose `expect`.
 /// `expect_path`: the TCP path `auto` must choose with cgroup v2, then with cgroup v1 only.
 fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: (&str, &str)) {
@@ -533,6 +638,7 @@ fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: (
     let (v2, v1) = result
         .split_once("NODEWARD-V1-BEGIN")
         .unwrap_or((result.as_str(), ""));
+    let (v2, netem) = v2.split_once("NODEWARD-NETEM-BEGIN").unwrap_or((v2, ""));
     let rc = |out: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix("NODEWARD-VERIFY-RC="))
@@ -543,6 +649,11 @@ fn boot_and_verify(test: &str, suite: &str, expect_release: &str, expect_path: (
     let path = check_report(&what, v2, rc(v2), &log);
     eprintln!("{what}: the probe chose {path}");
     assert_eq!(path, expect_path.0, "{what}: chosen TCP hook path");
+    let what = format!(
+        "{} ({suite}, cgroup v2, netem {NETEM} on lo)",
+        kernel.release
+    );
+    check_rtt(&what, netem, rc(netem), &log);
     let what = format!("{} ({suite}, cgroup v1 only)", kernel.release);
     let path = check_report(&what, v1, rc(v1), &log);
     eprintln!("{what}: the probe chose {path}");

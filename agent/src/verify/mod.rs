@@ -60,6 +60,75 @@ pub struct PathCheck {
     /// How `observed` is compared with `generated`.
     pub rule: &'static str,
     pub passed: bool,
+    /// TCP paths keyed by the child cgroup: the agent's RTT figures for it next to the
+    /// exchanges as the client timed them (reported, not judged: loopback RTTs are tens of
+    /// microseconds; tests put a delay on `lo` and compare).
+    pub rtt: Option<RttCheck>,
+}
+
+/// The agent's RTT and jitter for the child cgroup against the client's own timing of the same
+/// exchanges (write of the request to the end of the read of the reply).
+#[derive(Debug, Clone, Serialize)]
+pub struct RttCheck {
+    /// `tcp.rtt_method` as resolved on this kernel, and what a sample is (`raw`, `smoothed`).
+    pub method: String,
+    pub sample: String,
+    pub path_samples: u64,
+    pub p50_us: f64,
+    pub jitter_rfc3550_us: f64,
+    pub timed_exchanges: u64,
+    pub timed_p50_us: f64,
+    /// The agent's estimator (RFC 3550, gain 1/16, averaged over the samples that update it)
+    /// run over each connection's timed exchanges.
+    pub timed_jitter_rfc3550_us: f64,
+}
+
+impl RttCheck {
+    fn new(
+        snap: &tcp::TcpSnapshot,
+        window: &tcp::snapshot::WindowStats,
+        timed: &[Vec<std::time::Duration>],
+    ) -> Self {
+        let micros: Vec<Vec<f64>> = timed
+            .iter()
+            .map(|c| c.iter().map(|d| d.as_secs_f64() * 1e6).collect())
+            .collect();
+        let mut all: Vec<f64> = micros.iter().flatten().copied().collect();
+        all.sort_by(f64::total_cmp);
+        Self {
+            method: snap
+                .fidelity
+                .rtt_method
+                .map_or("none", tcp::RttMethod::name)
+                .to_owned(),
+            sample: snap.fidelity.rtt_sample.name().to_owned(),
+            path_samples: window.path_samples,
+            p50_us: window.p50_rtt_us,
+            jitter_rfc3550_us: window.jitter_rfc3550_us,
+            timed_exchanges: all.len() as u64,
+            timed_p50_us: all.get(all.len() / 2).copied().unwrap_or(0.0),
+            timed_jitter_rfc3550_us: rfc3550_mean(&micros),
+        }
+    }
+}
+
+/// RFC 3550's interarrival-jitter estimator (`J += (|D| − J) / 16`) over each sequence of RTTs,
+/// J averaged over every update: the figure the agent reports as `jitter_rfc3550_us`.
+fn rfc3550_mean(sequences: &[Vec<f64>]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0u64);
+    for seq in sequences {
+        let mut j = 0.0;
+        for pair in seq.windows(2) {
+            j += ((pair[1] - pair[0]).abs() - j) / 16.0;
+            sum += j;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +186,21 @@ impl Report {
                 p.observed,
                 p.rule
             );
+            if let Some(r) = &p.rtt {
+                let _ = writeln!(
+                    s,
+                    "      rtt ({} method, {} samples): p50 {:.3} ms, jitter {:.3} ms over {} path samples; \
+                     client-timed: p50 {:.3} ms, jitter {:.3} ms over {} exchanges",
+                    r.method,
+                    r.sample,
+                    r.p50_us / 1e3,
+                    r.jitter_rfc3550_us / 1e3,
+                    r.path_samples,
+                    r.timed_p50_us / 1e3,
+                    r.timed_jitter_rfc3550_us / 1e3,
+                    r.timed_exchanges
+                );
+            }
             for f in &p.fell_back_from {
                 let _ = writeln!(s, "      fell back from {f}");
             }
@@ -219,6 +303,7 @@ fn tcp_check(
         observed: 0,
         rule: "RTT samples in the child cgroup >= request/response exchanges",
         passed: false,
+        rtt: None,
     };
     let (mut collector, plan) = match tcp::Collector::attach_chain(
         paths,
@@ -255,9 +340,9 @@ fn tcp_check(
     match (traffic, snapshot) {
         (Err(e), _) => check.error = Some(format!("loopback traffic: {e}")),
         (_, Err(e)) => check.error = Some(format!("read: {e}")),
-        (Ok((clients, server)), Ok(snap)) => {
-            drop(clients);
-            let _ = server.join();
+        (Ok(traffic), Ok(snap)) => {
+            drop(traffic.clients);
+            let _ = traffic.server.join();
             // Namespace cookies are not cgroup ids, and without cgroup v2 there is no child
             // cgroup: then every sample on the node counts.
             let containers: Vec<_> = match cgroup {
@@ -272,6 +357,11 @@ fn tcp_check(
                 .map(|w| w.samples)
                 .sum();
             check.passed = check.observed >= check.generated;
+            if let Some(cg) = cgroup.filter(|_| plan.recorder != tcp::Recorder::Netns) {
+                if let Some(w) = snap.container(cg.id()).and_then(|c| c.windows.first()) {
+                    check.rtt = Some(RttCheck::new(&snap, w, &traffic.timed));
+                }
+            }
         }
     }
     Ok(check)
@@ -289,6 +379,7 @@ fn udp_check(config: &Config, caps: &Capabilities, cgroup: &ChildCgroup) -> Path
         observed: 0,
         rule: "RTP packets of the stream received in the child cgroup == packets received",
         passed: false,
+        rtt: None,
     };
     let mut source = match udp::Source::start(
         &config.udp,
@@ -374,6 +465,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
             observed: 0,
             rule: "a path must be chosen",
             passed: false,
+            rtt: None,
         }),
     }
     // Where `auto` landed, after any run-time fallback.
@@ -428,6 +520,17 @@ pub fn run(config: &Config) -> Result<Report, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3550_mean_runs_the_agents_estimator_per_connection() {
+        // One connection alternating 10 and 20: |D| = 10 each time, J climbs 10/16 of the way
+        // per step; a second connection of one sample adds no update.
+        let seqs = vec![vec![10.0, 20.0, 10.0], vec![5.0]];
+        let j1 = 10.0 / 16.0;
+        let j2 = j1 + (10.0 - j1) / 16.0;
+        assert!((super::rfc3550_mean(&seqs) - (j1 + j2) / 2.0).abs() < 1e-12);
+        assert_eq!(super::rfc3550_mean(&[vec![]]), 0.0);
+    }
+
     use super::*;
 
     #[test]

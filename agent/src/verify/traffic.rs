@@ -6,14 +6,14 @@ use std::{
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::containers::proc_cgroup::ProcCgroup;
 
 /// TCP connections made, and request/response exchanges on each.
 pub(super) const TCP_CONNECTIONS: u64 = 3;
-pub(super) const TCP_EXCHANGES: u64 = 20;
+pub(super) const TCP_EXCHANGES: u64 = 40;
 /// RTP packets sent from one UDP socket to another.
 pub(super) const RTP_PACKETS: u64 = 50;
 
@@ -68,10 +68,19 @@ impl Drop for ChildCgroup {
     }
 }
 
+/// What [`tcp_traffic`] made: the open client streams (kept open until the read, so a polling
+/// path sees them), the server thread, and each connection's exchanges as the client timed them
+/// (write of the request to the end of the read of the reply): the ground truth the agent's RTT
+/// figures are compared with.
+pub(super) struct TcpTraffic {
+    pub(super) clients: Vec<TcpStream>,
+    pub(super) server: std::thread::JoinHandle<()>,
+    pub(super) timed: Vec<Vec<Duration>>,
+}
+
 /// Connects `TCP_CONNECTIONS` times to a loopback echo server in this process and makes
-/// `TCP_EXCHANGES` request/response exchanges on each. Returns the open client streams (kept
-/// open until the read, so a polling path sees them) and the server thread.
-pub(super) fn tcp_traffic() -> std::io::Result<(Vec<TcpStream>, std::thread::JoinHandle<()>)> {
+/// `TCP_EXCHANGES` request/response exchanges on each, timing each one.
+pub(super) fn tcp_traffic() -> std::io::Result<TcpTraffic> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let addr = listener.local_addr()?;
     let server = std::thread::spawn(move || {
@@ -95,20 +104,29 @@ pub(super) fn tcp_traffic() -> std::io::Result<(Vec<TcpStream>, std::thread::Joi
         }
     });
     let mut clients = Vec::new();
+    let mut timed = Vec::new();
     for _ in 0..TCP_CONNECTIONS {
         let mut c = TcpStream::connect(addr)?;
         c.set_nodelay(true)?;
         c.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut buf = [0u8; 32];
+        let mut rtts = Vec::new();
         for i in 0..TCP_EXCHANGES {
             let msg = format!("ping {i:08}\n");
+            let sent = Instant::now();
             c.write_all(msg.as_bytes())?;
             c.read_exact(&mut buf[..msg.len()])?;
+            rtts.push(sent.elapsed());
             std::thread::sleep(Duration::from_millis(2));
         }
         clients.push(c);
+        timed.push(rtts);
     }
-    Ok((clients, server))
+    Ok(TcpTraffic {
+        clients,
+        server,
+        timed,
+    })
 }
 
 /// Sends `RTP_PACKETS` RTP packets (PCMU, one SSRC) between two loopback UDP sockets and
