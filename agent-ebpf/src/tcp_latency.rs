@@ -47,7 +47,7 @@ use aya_ebpf::{
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
 const OP_ACTIVE_ESTABLISHED: u32 = 4;
 const OP_PASSIVE_ESTABLISHED: u32 = 5;
-const OP_RETRANS: u32 = 8;
+const OP_RETRANS: u32 = 9;
 const OP_STATE: u32 = 10;
 const OP_RTT: u32 = 12;
 const TCP_CLOSE: u32 = 7;

@@ -182,9 +182,11 @@ fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
     collector.tick().expect("baseline read");
 
     let _server = Proc(start_server(&net, &server_cg, &python, &[5001]));
-    let line = DelayLine::start(
+    // On the server's INPUT path, after every hook of the client: `segment` stamps at the
+    // client's egress hook, which a line on the client's OUTPUT path would come before.
+    let line = DelayLine::inbound(
         &python,
-        &net.client,
+        &net.server,
         queue,
         &["-p", "tcp", "--dport", "5001"],
         20.0,
@@ -564,9 +566,9 @@ fn a_retransmitted_segment_gives_no_sample_with_the_segment_method() {
     collector.tick().expect("baseline read");
 
     let _server = Proc(start_server(&net, &server_cg, &python, &[5004]));
-    let line = DelayLine::start(
+    let line = DelayLine::inbound(
         &python,
-        &net.client,
+        &net.server,
         8,
         &["-p", "tcp", "--dport", "5004"],
         2.0,

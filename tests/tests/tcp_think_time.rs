@@ -149,9 +149,11 @@ fn server_path_rtt_excludes_the_clients_pause(
     collector.tick().expect("baseline read");
     let port = 5101;
     let _server = Proc(start_server(&net, &server_cg, &python, &[port]));
-    let line = DelayLine::start(
+    // On the server's INPUT path, after every hook of the clients (`segment` stamps at their
+    // egress hook, which a line on their OUTPUT path would come before).
+    let line = DelayLine::inbound(
         &python,
-        &net.client,
+        &net.server,
         queue,
         &["-p", "tcp", "--dport", &port.to_string()],
         20.0,
