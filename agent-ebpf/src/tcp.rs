@@ -316,7 +316,13 @@ pub mod segment {
 
     /// `doff_byte`: the TCP header's byte 12 (data offset in its upper 4 bits).
     #[inline(always)]
-    fn range(seq: u32, ip_len: u32, doff_byte: u8, skb_len: u32, gso_size: u32) -> Option<(u32, u32)> {
+    fn range(
+        seq: u32,
+        ip_len: u32,
+        doff_byte: u8,
+        skb_len: u32,
+        gso_size: u32,
+    ) -> Option<(u32, u32)> {
         let tcp_len = u32::from(doff_byte >> 4) * 4;
         // From the skb's length, not the IP header's: a GSO packet's length field may be 0
         // (BIG TCP).
@@ -403,7 +409,10 @@ mod tests {
         assert_eq!(segment::timed_range_v4(&h, len, 0), Some((1000, 1100)));
         // Near the wrap of the sequence space.
         let (h, len) = v4(u32::MAX - 9, 5, 100);
-        assert_eq!(segment::timed_range_v4(&h, len, 0), Some((u32::MAX - 9, 90)));
+        assert_eq!(
+            segment::timed_range_v4(&h, len, 0),
+            Some((u32::MAX - 9, 90))
+        );
     }
 
     #[test]

@@ -91,7 +91,14 @@ impl DelayLine {
         jitter_ms: f64,
         drop: f64,
     ) -> Self {
-        Self::start_on("OUTPUT", python, ns, queue, rule, (mean_ms, jitter_ms, drop))
+        Self::start_on(
+            "OUTPUT",
+            python,
+            ns,
+            queue,
+            rule,
+            (mean_ms, jitter_ms, drop),
+        )
     }
 
     /// On the INPUT path of `ns`, the receiver's namespace: the packets are held after every

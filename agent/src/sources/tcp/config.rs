@@ -202,7 +202,10 @@ mod tests {
             RttMethod::Auto.resolve("6.10.0", Recorder::SockCreate),
             Ok(RttMethod::Kernel)
         );
-        assert_eq!(RttMethod::Srtt.resolve("6.18.0", EGRESS), Ok(RttMethod::Srtt));
+        assert_eq!(
+            RttMethod::Srtt.resolve("6.18.0", EGRESS),
+            Ok(RttMethod::Srtt)
+        );
         assert_eq!(
             RttMethod::Kernel.resolve("6.18.0", EGRESS),
             Ok(RttMethod::Kernel)
@@ -233,10 +236,7 @@ mod tests {
             );
         }
         for path in [Recorder::SockCreate, Recorder::Netns] {
-            assert_eq!(
-                RttMethod::Auto.resolve("6.9.12", path),
-                Ok(RttMethod::Srtt)
-            );
+            assert_eq!(RttMethod::Auto.resolve("6.9.12", path), Ok(RttMethod::Srtt));
         }
         // Forced, it runs on any kernel whose path has the egress program.
         assert_eq!(
@@ -261,8 +261,13 @@ mod tests {
             }
         );
         let text = e.to_string();
-        assert!(text.contains("\"segment\"") && text.contains("tcp.attribution"), "{text}");
-        assert!(RttMethod::Segment.resolve("6.18.0", Recorder::Netns).is_err());
+        assert!(
+            text.contains("\"segment\"") && text.contains("tcp.attribution"),
+            "{text}"
+        );
+        assert!(RttMethod::Segment
+            .resolve("6.18.0", Recorder::Netns)
+            .is_err());
         for method in [RttMethod::Kernel, RttMethod::Segment] {
             assert_eq!(
                 method.resolve("6.18.0", Recorder::SockDiag),
