@@ -85,10 +85,12 @@ pub struct HistKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupTcpStats {
-    /// RTT measurements taken (one per `BPF_SOCK_OPS_RTT_CB`), path samples or not.
+    /// RTT measurements taken, path samples or not: one per `BPF_SOCK_OPS_RTT_CB` (once per
+    /// flight), or with `tcp.rtt_method = "segment"` one per timed segment whose ACK ended it
+    /// (a flight whose segment was retransmitted, or not covered by that ACK, gives none).
     pub samples: u64,
-    /// Of those, samples that carried the raw measured RTT (kernel passes it as an argument);
-    /// the others used the smoothed `srtt`.
+    /// Of those, samples that carried a measured RTT (the kernel's argument, or a timed
+    /// segment); the others used the smoothed `srtt`.
     pub raw_samples: u64,
     /// Samples counted as the path's RTT (see [`path`]): each connection's handshake RTT and
     /// the measurements that did not wait on the peer. The histogram, `sum_rtt_us` and the
@@ -238,7 +240,7 @@ pub mod path {
     }
 }
 
-/// Values of the read-only global `RTT_METHOD` in the TCP program: which RTT a sample takes.
+/// Values of the read-only global `RTT_METHOD` in the TCP programs: which RTT a sample takes.
 pub mod rtt_method {
     /// The measured RTT where the kernel passes it (≥ 6.10), else the smoothed srtt.
     pub const AUTO: u32 = 0;
@@ -246,6 +248,101 @@ pub mod rtt_method {
     pub const KERNEL: u32 = 1;
     /// The kernel's smoothed srtt before this measurement (what kernels before 6.10 give).
     pub const SRTT: u32 = 2;
+    /// The programs time one data segment per flight themselves (see [`super::segment`]):
+    /// egress stamps it, sock_ops ends it at the `RTT_CB` whose `snd_una` covers it.
+    pub const SEGMENT: u32 = 3;
+}
+
+/// The value of the `SOCK_CGROUP` socket-local storage: the socket's cgroup (or 0 while not
+/// known) and, with `tcp.rtt_method = "segment"`, the data segment being timed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns` when the timed segment went through egress; 0 = none outstanding.
+    pub probe_ns: u64,
+    /// Sequence number just past the timed segment's payload: the segment is acknowledged once
+    /// `snd_una` reaches it.
+    pub probe_end_seq: u32,
+    pub _pad: u32,
+}
+
+/// `tcp.rtt_method = "segment"`: the RTT of one data segment per flight, timed by the programs.
+///
+/// The egress program (`cgroup_skb`, which sees every packet a socket sends, from the network
+/// header on) stamps the first data segment it sees while the socket has no segment timed;
+/// sock_ops ends the measurement at the next `RTT_CB`: a sample if its `snd_una` reaches the
+/// segment's end, nothing otherwise; a retransmission drops it (Karn: the ACK of a
+/// retransmitted segment is ambiguous). The kernel calls `RTT_CB` once per flight (when
+/// `snd_una` passes `rtt_seq`, the `snd_nxt` of the previous call; 6.10 added arguments, not
+/// calls), and the segment stamped is the first one sent after that call, which starts at
+/// `rtt_seq`: the next call's ACK covers it. Of a GSO super-packet only the first segment
+/// (`gso_size` bytes) is timed: the first ACK past `rtt_seq` covers a first segment but need
+/// not cover a whole 64 KiB burst, and the oldest newly acked segment is what the kernel times
+/// too.
+pub mod segment {
+    /// Bytes of the fixed-size load the egress program makes: the IPv4 header without options
+    /// and the first 16 bytes of the TCP header (through the data offset).
+    pub const V4_LOAD: usize = 20 + 16;
+    /// As [`V4_LOAD`] for IPv6: the fixed header and the first 16 bytes of the TCP header.
+    pub const V6_LOAD: usize = 40 + 16;
+    const IPPROTO_TCP: u8 = 6;
+
+    /// The timed range of an IPv4 TCP segment: (its first sequence number, the sequence
+    /// number just past the bytes timed), from the packet's first [`V4_LOAD`] bytes, the length
+    /// of the whole packet from the network header on (`skb_len`) and its `gso_size` (0 when
+    /// it is not a GSO packet). `None` for what is not timed: no payload (a pure ACK, a SYN, a
+    /// FIN alone), not TCP, a header with options.
+    #[inline(always)]
+    pub fn timed_range_v4(head: &[u8; V4_LOAD], skb_len: u32, gso_size: u32) -> Option<(u32, u32)> {
+        // Header length 20 (IHL 5): the TCP header sits where the load put it.
+        if head[0] != 0x45 || head[9] != IPPROTO_TCP {
+            return None;
+        }
+        let seq = u32::from_be_bytes([head[24], head[25], head[26], head[27]]);
+        range(seq, 20, head[32], skb_len, gso_size)
+    }
+
+    /// As [`timed_range_v4`] for IPv6 ([`V6_LOAD`] bytes); extension headers are not
+    /// followed (only TCP directly after the fixed header is timed).
+    #[inline(always)]
+    pub fn timed_range_v6(head: &[u8; V6_LOAD], skb_len: u32, gso_size: u32) -> Option<(u32, u32)> {
+        if head[0] >> 4 != 6 || head[6] != IPPROTO_TCP {
+            return None;
+        }
+        let seq = u32::from_be_bytes([head[44], head[45], head[46], head[47]]);
+        range(seq, 40, head[52], skb_len, gso_size)
+    }
+
+    /// `doff_byte`: the TCP header's byte 12 (data offset in its upper 4 bits).
+    #[inline(always)]
+    fn range(
+        seq: u32,
+        ip_len: u32,
+        doff_byte: u8,
+        skb_len: u32,
+        gso_size: u32,
+    ) -> Option<(u32, u32)> {
+        let tcp_len = u32::from(doff_byte >> 4) * 4;
+        // From the skb's length, not the IP header's: a GSO packet's length field may be 0
+        // (BIG TCP).
+        let payload = skb_len.checked_sub(ip_len + tcp_len)?;
+        if payload == 0 {
+            return None;
+        }
+        let timed = if gso_size != 0 && gso_size < payload {
+            gso_size
+        } else {
+            payload
+        };
+        Some((seq, seq.wrapping_add(timed)))
+    }
+
+    /// Whether `snd_una` has reached `end` (sequence numbers wrap: serial arithmetic).
+    #[inline(always)]
+    pub fn acked(snd_una: u32, end: u32) -> bool {
+        snd_una.wrapping_sub(end) as i32 >= 0
+    }
 }
 
 /// Values of [`FlowState::passive`]. sock_ops tells them apart by its callback
@@ -274,6 +371,7 @@ pub mod drop_reason {
 }
 
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockState>() == 24);
 const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 12 * 8 + 16 + 10 * 4);
 
@@ -293,6 +391,73 @@ mod tests {
         // A lone segment acked by a pure ACK that may be the delayed-ACK timer, either side.
         assert!(!path::is_path_sample(false, true, false));
         assert!(!path::is_path_sample(false, false, false));
+    }
+
+    /// An IPv4 packet: header without options, TCP header of `doff` words, `payload` bytes.
+    fn v4(seq: u32, doff: u8, payload: u32) -> ([u8; segment::V4_LOAD], u32) {
+        let mut h = [0u8; segment::V4_LOAD];
+        h[0] = 0x45;
+        h[9] = 6;
+        h[24..28].copy_from_slice(&seq.to_be_bytes());
+        h[32] = doff << 4;
+        (h, 20 + u32::from(doff) * 4 + payload)
+    }
+
+    #[test]
+    fn a_data_segment_is_timed_to_the_end_of_its_payload() {
+        let (h, len) = v4(1000, 8, 100);
+        assert_eq!(segment::timed_range_v4(&h, len, 0), Some((1000, 1100)));
+        // Near the wrap of the sequence space.
+        let (h, len) = v4(u32::MAX - 9, 5, 100);
+        assert_eq!(
+            segment::timed_range_v4(&h, len, 0),
+            Some((u32::MAX - 9, 90))
+        );
+    }
+
+    #[test]
+    fn of_a_gso_packet_only_the_first_segment_is_timed() {
+        let (h, len) = v4(5000, 8, 3 * 1448);
+        assert_eq!(segment::timed_range_v4(&h, len, 1448), Some((5000, 6448)));
+        // A GSO size at least the payload (one segment) times the payload.
+        let (h, len) = v4(5000, 8, 1000);
+        assert_eq!(segment::timed_range_v4(&h, len, 1448), Some((5000, 6000)));
+    }
+
+    #[test]
+    fn pure_acks_and_what_is_not_plain_tcp_are_not_timed() {
+        let (h, len) = v4(1, 8, 0);
+        assert_eq!(segment::timed_range_v4(&h, len, 0), None, "pure ACK");
+        let (mut h, len) = v4(1, 5, 10);
+        h[9] = 17;
+        assert_eq!(segment::timed_range_v4(&h, len, 0), None, "UDP");
+        let (mut h, len) = v4(1, 5, 10);
+        h[0] = 0x46;
+        assert_eq!(segment::timed_range_v4(&h, len, 0), None, "IPv4 options");
+        // A length shorter than the headers (a truncated read) is not a segment.
+        let (h, _) = v4(1, 8, 0);
+        assert_eq!(segment::timed_range_v4(&h, 30, 0), None);
+    }
+
+    #[test]
+    fn an_ipv6_segment_is_timed_and_extension_headers_are_not_followed() {
+        let mut h = [0u8; segment::V6_LOAD];
+        h[0] = 0x60;
+        h[6] = 6;
+        h[44..48].copy_from_slice(&7u32.to_be_bytes());
+        h[52] = 5 << 4;
+        assert_eq!(segment::timed_range_v6(&h, 40 + 20 + 50, 0), Some((7, 57)));
+        h[6] = 0; // hop-by-hop options first
+        assert_eq!(segment::timed_range_v6(&h, 40 + 20 + 50, 0), None);
+    }
+
+    #[test]
+    fn acked_compares_sequence_numbers_across_the_wrap() {
+        assert!(segment::acked(100, 100));
+        assert!(segment::acked(101, 100));
+        assert!(!segment::acked(99, 100));
+        assert!(segment::acked(5, u32::MAX - 5));
+        assert!(!segment::acked(u32::MAX - 5, 5));
     }
 
     #[test]

@@ -27,8 +27,8 @@
 //! is the same on every kernel (no CO-RE needed).
 
 use agent_ebpf::{
-    tcp::{bucket_of, direction, drop_reason, path, rtt_method},
-    CgroupTcpStats, FlowState, HistKey,
+    tcp::{bucket_of, direction, drop_reason, path, rtt_method, segment},
+    CgroupTcpStats, FlowState, HistKey, SockState,
 };
 use aya_ebpf::{
     bindings::{
@@ -47,11 +47,15 @@ use aya_ebpf::{
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
 const OP_ACTIVE_ESTABLISHED: u32 = 4;
 const OP_PASSIVE_ESTABLISHED: u32 = 5;
-const OP_RETRANS: u32 = 8;
+const OP_RETRANS: u32 = 9;
 const OP_STATE: u32 = 10;
 const OP_RTT: u32 = 12;
 const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+// `__sk_buff.protocol` (network order) of IPv4 and IPv6 packets.
+const ETH_P_IP_BE: u32 = 0x0800_u16.to_be() as u32;
+const ETH_P_IPV6_BE: u32 = 0x86DD_u16.to_be() as u32;
 
 /// A BTF map definition in libbpf's layout, like aya-ebpf's own `SkStorage`, but with
 /// `BPF_F_CLONE` so that accepted sockets inherit the listener's value.
@@ -59,7 +63,7 @@ const AF_INET: u32 = 2;
 pub struct SkStorageClone {
     r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
     key: *const i32,
-    value: *const u64,
+    value: *const SockState,
     max_entries: *const [i32; 0],
     map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
 }
@@ -79,7 +83,7 @@ impl SkStorageClone {
     }
 
     #[inline(always)]
-    fn get(&self, sk: *mut core::ffi::c_void, create: bool) -> *mut u64 {
+    fn get(&self, sk: *mut core::ffi::c_void, create: bool) -> *mut SockState {
         let flags = if create {
             u64::from(BPF_SK_STORAGE_GET_F_CREATE)
         } else {
@@ -87,7 +91,7 @@ impl SkStorageClone {
         };
         let map = core::ptr::from_ref(self).cast_mut().cast();
         // SAFETY: `sk` is a socket pointer the verifier has checked non-null; the helper
-        // returns null or a pointer to this socket's u64 value.
+        // returns null or a pointer to this socket's value (zeroed when just created).
         unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) }.cast()
     }
 }
@@ -103,10 +107,12 @@ static COUNT_FOREIGN_CONTEXT: u32 = 0;
 static KEY_BY_NETNS: u32 = 0;
 
 /// Which RTT a sample takes (`agent_ebpf::tcp::rtt_method`); set by user space before load.
+/// Read by sock_ops and, for `SEGMENT`, by the egress program.
 #[unsafe(no_mangle)]
 static RTT_METHOD: u32 = 0;
 
-/// The cgroup v2 id of each socket, written at `socket()`.
+/// Each socket's cgroup v2 id, written at `socket()` or its first packet, and the segment being
+/// timed (`SockState`).
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "SOCK_CGROUP")]
 static SOCK_CGROUP: SkStorageClone = SkStorageClone::new();
@@ -143,7 +149,7 @@ fn try_sock_create(ctx: &SockContext) -> Result<(), i64> {
     // SAFETY: the helper takes no arguments; sock_create runs in the creating task.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: non-null pointer to this socket's storage, valid for the program's run.
-    unsafe { *slot = cgroup_id };
+    unsafe { (*slot).cgroup_id = cgroup_id };
     Ok(())
 }
 
@@ -168,6 +174,11 @@ fn try_tag_egress(ctx: &SkBuffContext) {
     if full.is_null() {
         return;
     }
+    // Only TCP sockets are read by sock_ops: a UDP packet leaves before the storage lookup.
+    // SAFETY: `protocol` of the UAPI `bpf_sock` of a full socket.
+    if unsafe { (*full).protocol } != IPPROTO_TCP {
+        return;
+    }
     let slot = SOCK_CGROUP.get(full.cast(), true);
     if slot.is_null() {
         return;
@@ -175,10 +186,46 @@ fn try_tag_egress(ctx: &SkBuffContext) {
     // SAFETY: non-null storage pointer; `bpf_skb_cgroup_id` reads the cgroup recorded on the
     // skb's socket, whatever task is sending.
     unsafe {
-        if *slot == 0 {
-            *slot = bpf_skb_cgroup_id(skb);
+        if (*slot).cgroup_id == 0 {
+            (*slot).cgroup_id = bpf_skb_cgroup_id(skb);
         }
     }
+    // SAFETY: a volatile read of a read-only global set before load: for every other method
+    // the verifier prunes the timing below.
+    if unsafe { core::ptr::read_volatile(&RTT_METHOD) } != rtt_method::SEGMENT {
+        return;
+    }
+    // SAFETY: valid storage pointer.
+    if unsafe { (*slot).probe_ns } != 0 {
+        return;
+    }
+    if let Some(end) = timed_segment_end(ctx) {
+        // SAFETY: valid storage pointer; the stamp is taken after the parse, as late as the
+        // program can.
+        unsafe {
+            (*slot).probe_end_seq = end;
+            (*slot).probe_ns = bpf_ktime_get_ns();
+        }
+    }
+}
+
+/// The end sequence number of the bytes to time in this packet, if it carries TCP payload
+/// (one fixed-size load per packet, sized by the IP version).
+#[inline(always)]
+fn timed_segment_end(ctx: &SkBuffContext) -> Option<u32> {
+    let skb = ctx.skb.skb;
+    // SAFETY: UAPI `__sk_buff` fields.
+    let (proto, len, gso_size) = unsafe { ((*skb).protocol, (*skb).len, (*skb).gso_size) };
+    let range = if proto == ETH_P_IP_BE {
+        let head: [u8; segment::V4_LOAD] = ctx.load(0).ok()?;
+        segment::timed_range_v4(&head, len, gso_size)
+    } else if proto == ETH_P_IPV6_BE {
+        let head: [u8; segment::V6_LOAD] = ctx.load(0).ok()?;
+        segment::timed_range_v6(&head, len, gso_size)
+    } else {
+        None
+    };
+    range.map(|(_, end)| end)
 }
 
 #[sock_ops]
@@ -195,6 +242,47 @@ fn count_drop(reason: u32) {
     }
 }
 
+/// The socket's storage, if a program created it.
+#[inline(always)]
+fn sock_state(ctx: &SockOpsContext) -> Option<*mut SockState> {
+    // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
+    // nullable socket pointer and the null check below is what it requires.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let slot = SOCK_CGROUP.get(sk.cast(), false);
+    (!slot.is_null()).then_some(slot)
+}
+
+/// `tcp.rtt_method = "segment"`: the RTT (µs) of the segment being timed if this ACK covers
+/// it (which ends the measurement), else `None`.
+#[inline(always)]
+fn segment_rtt(ctx: &SockOpsContext) -> Option<u32> {
+    let state = sock_state(ctx)?;
+    // SAFETY: valid storage pointer; UAPI context fields.
+    unsafe {
+        let sent = (*state).probe_ns;
+        if sent == 0 {
+            return None;
+        }
+        // Either way the segment is done with: `RTT_CB` runs once per flight (when `snd_una`
+        // passes what was in flight at the last one, on every kernel: 6.10 added arguments,
+        // not calls), so a segment this ACK does not cover would be ended a flight late. The
+        // next data segment sent (the first of the next flight) is timed instead.
+        (*state).probe_ns = 0;
+        if !segment::acked((*ctx.ops).snd_una, (*state).probe_end_seq) {
+            return None;
+        }
+        let us = (bpf_ktime_get_ns().wrapping_sub(sent)) / 1000;
+        Some(if us > u64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            us as u32
+        })
+    }
+}
+
 /// The socket's recorded cgroup, if `sock_create` saw the socket; on cgroup-v1 hosts, where
 /// every socket sits in the one cgroup2 root, its network namespace's cookie instead.
 #[inline(always)]
@@ -205,18 +293,9 @@ fn socket_cgroup(ctx: &SockOpsContext) -> Option<u64> {
         // whatever task runs. Pruned by the verifier when the global is 0.
         return Some(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) });
     }
-    // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
-    // nullable socket pointer and the null check below is what it requires.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let slot = SOCK_CGROUP.get(sk.cast(), false);
-    if slot.is_null() {
-        return None;
-    }
+    let slot = sock_state(ctx)?;
     // SAFETY: non-null storage pointer.
-    Some(unsafe { *slot })
+    Some(unsafe { (*slot).cgroup_id })
 }
 
 #[inline(always)]
@@ -260,6 +339,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         OP_RETRANS => {
             // The kernel adds this retransmit to `total_retrans` after the callback; the delta
             // is picked up on the next callback of this socket (an RTT sample or the close).
+            // Karn: the ACK of a retransmitted segment cannot tell which copy it answers, so
+            // a segment being timed is dropped (the kernel calls this after the retransmitted
+            // segment went through egress, so a probe that egress just set on it goes too).
+            // SAFETY: a volatile read of a read-only global set before load.
+            if unsafe { core::ptr::read_volatile(&RTT_METHOD) } == rtt_method::SEGMENT {
+                if let Some(state) = sock_state(ctx) {
+                    // SAFETY: valid storage pointer.
+                    unsafe { (*state).probe_ns = 0 };
+                }
+            }
         }
         OP_STATE => {
             if ctx.arg(1) == TCP_CLOSE {
@@ -450,14 +539,19 @@ fn account_segments(ctx: &SockOpsContext, flow: *mut FlowState, stats: *mut Cgro
 fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
     // Kernels since 6.10 pass the measured RTT (µs) and the updated srtt as arguments; older
     // ones pass nothing (zeros), and the smoothed srtt (µs << 3) is all there is. `srtt`
-    // forces the latter (a read-only global: the verifier prunes the branch not taken).
+    // forces the latter; `segment` takes the segment the programs timed, and no sample when
+    // this ACK does not end one (a read-only global: the verifier prunes the branches not
+    // taken).
     // SAFETY: a volatile read of a read-only global set before load.
     let method = unsafe { core::ptr::read_volatile(&RTT_METHOD) };
-    let (rtt_us, raw) = if method != rtt_method::SRTT && ctx.arg(1) != 0 {
-        (ctx.arg(0), 1)
+    // (RTT in µs, 1 if it is a measurement rather than the smoothed srtt.)
+    let sample: Option<(u32, u64)> = if method == rtt_method::SEGMENT {
+        segment_rtt(ctx).map(|us| (us, 1))
+    } else if method != rtt_method::SRTT && ctx.arg(1) != 0 {
+        Some((ctx.arg(0), 1))
     } else {
         // SAFETY: UAPI context field.
-        (unsafe { (*ctx.ops).srtt_us } >> 3, 0)
+        Some((unsafe { (*ctx.ops).srtt_us } >> 3, 0))
     };
     let key = cookie(ctx);
     let flow = match TCP_FLOWS.get_ptr_mut(&key) {
@@ -495,6 +589,12 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
             peer_data,
         )
     };
+    // Segments, retransmits and bytes move at every callback; a sample only where there is
+    // one (with `segment`, at the ACK that ends a timed segment).
+    account_segments(ctx, flow, stats);
+    let Some((rtt_us, raw)) = sample else {
+        return Ok(());
+    };
     // SAFETY: `flow` and `stats` are valid map values; `stats` is per-CPU.
     unsafe {
         (*flow).samples += 1;
@@ -509,7 +609,6 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
             (*stats).foreign_context += 1;
         }
     }
-    account_segments(ctx, flow, stats);
     if is_path {
         path_sample(flow, stats, cgroup_id, rtt_us);
     }

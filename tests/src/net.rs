@@ -70,8 +70,9 @@ pub struct Applied {
     pub delay_ms: Option<f64>,
 }
 
-/// A delay line on the OUTPUT path of a namespace: packets matching `rule` are held for
-/// `mean ± jitter` ms (uniform), in order; `drop` is the fraction of payload packets dropped.
+/// A delay line on the OUTPUT (or INPUT) path of a namespace: packets matching `rule` are held
+/// for `mean ± jitter` ms (uniform), in order; `drop` is the fraction of payload packets
+/// dropped.
 #[derive(Debug)]
 pub struct DelayLine {
     child: Child,
@@ -79,6 +80,8 @@ pub struct DelayLine {
 }
 
 impl DelayLine {
+    /// On the OUTPUT path of `ns`, the sender's namespace: the packets are held before they
+    /// leave its IP stack (netfilter's LOCAL_OUT runs before the `cgroup_skb/egress` hook).
     pub fn start(
         python: &str,
         ns: &Netns,
@@ -87,6 +90,38 @@ impl DelayLine {
         mean_ms: f64,
         jitter_ms: f64,
         drop: f64,
+    ) -> Self {
+        Self::start_on(
+            "OUTPUT",
+            python,
+            ns,
+            queue,
+            rule,
+            (mean_ms, jitter_ms, drop),
+        )
+    }
+
+    /// On the INPUT path of `ns`, the receiver's namespace: the packets are held after every
+    /// hook of the sender (its `cgroup_skb/egress` included), where a network's delay is.
+    pub fn inbound(
+        python: &str,
+        ns: &Netns,
+        queue: u16,
+        rule: &[&str],
+        mean_ms: f64,
+        jitter_ms: f64,
+        drop: f64,
+    ) -> Self {
+        Self::start_on("INPUT", python, ns, queue, rule, (mean_ms, jitter_ms, drop))
+    }
+
+    fn start_on(
+        chain: &str,
+        python: &str,
+        ns: &Netns,
+        queue: u16,
+        rule: &[&str],
+        (mean_ms, jitter_ms, drop): (f64, f64, f64),
     ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "nodeward-delay-{}-{queue}-{}",
@@ -114,7 +149,7 @@ impl DelayLine {
             "delay line did not bind queue {queue}"
         );
         let mut ipt = ns.command("iptables");
-        ipt.args(["-A", "OUTPUT"]).args(rule).args([
+        ipt.args(["-A", chain]).args(rule).args([
             "-j",
             "NFQUEUE",
             "--queue-num",

@@ -37,7 +37,17 @@ fn collector(test: &str, attribution: Attribution) -> Option<Collector> {
 /// run the method.
 fn collector_with(test: &str, attribution: Attribution, method: RttMethod) -> Option<Collector> {
     let caps = Capabilities::probe(&PathsConfig::default());
-    if let Err(e) = method.resolve(&caps.kernel_release) {
+    let (root, plan) = match plan(&caps, attribution) {
+        Ok(p) => p,
+        Err(e) => {
+            skip(
+                test,
+                &format!("{attribution:?} attribution unavailable: {e}"),
+            );
+            return None;
+        }
+    };
+    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
         skip(test, &e.to_string());
         return None;
     }
@@ -45,25 +55,16 @@ fn collector_with(test: &str, attribution: Attribution, method: RttMethod) -> Op
         rtt_method: method,
         ..TcpConfig::default()
     };
-    match plan(&caps, attribution) {
-        Ok((root, plan)) => Some(
-            Collector::attach(
-                &root,
-                &config,
-                &plan,
-                Duration::from_secs(1),
-                &DEFAULT_NETWORK_WINDOWS,
-            )
-            .expect("TCP programs load and attach"),
-        ),
-        Err(e) => {
-            skip(
-                test,
-                &format!("{attribution:?} attribution unavailable: {e}"),
-            );
-            None
-        }
-    }
+    Some(
+        Collector::attach(
+            &root,
+            &config,
+            &plan,
+            Duration::from_secs(1),
+            &DEFAULT_NETWORK_WINDOWS,
+        )
+        .expect("TCP programs load and attach"),
+    )
 }
 
 fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
@@ -155,6 +156,19 @@ fn rtt_matches_the_delay_line_and_jitter_is_damped_with_the_srtt_method() {
     );
 }
 
+/// The same with `tcp.rtt_method = "segment"` forced: the programs time one data segment per
+/// flight themselves (what `auto` takes before 6.10), and must be as accurate as the kernel's
+/// own measurement.
+#[test]
+fn rtt_and_jitter_match_the_delay_line_with_the_segment_method() {
+    accuracy(
+        "rtt_and_jitter_match_the_delay_line_with_the_segment_method",
+        RttMethod::Segment,
+        90,
+        7,
+    );
+}
+
 fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
     let Some(python) = prerequisites(test) else {
         return;
@@ -168,9 +182,11 @@ fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
     collector.tick().expect("baseline read");
 
     let _server = Proc(start_server(&net, &server_cg, &python, &[5001]));
-    let line = DelayLine::start(
+    // On the server's INPUT path, after every hook of the client: `segment` stamps at the
+    // client's egress hook, which a line on the client's OUTPUT path would come before.
+    let line = DelayLine::inbound(
         &python,
-        &net.client,
+        &net.server,
         queue,
         &["-p", "tcp", "--dport", "5001"],
         20.0,
@@ -234,6 +250,13 @@ fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
         "age of the oldest connection: {} s",
         c.established_age_max_s
     );
+    if method != RttMethod::Auto {
+        assert_eq!(
+            snap.fidelity.rtt_method,
+            Some(method),
+            "the fidelity names the forced method"
+        );
+    }
     let smoothed = method == RttMethod::Srtt;
     assert_eq!(
         snap.fidelity.rtt_sample,
@@ -520,6 +543,70 @@ fn retransmits_match_the_kernels_count() {
         ),
         (w.segs_out, w.opened, w.closed),
         "{totals:?}"
+    );
+}
+
+/// With `tcp.rtt_method = "segment"` and 10% of the client's data packets dropped, no sample
+/// comes from the ambiguous ACK of a retransmitted request (Karn). A request and its reply
+/// leave one segment in flight, so a lost request is resent only after the loss probe or the
+/// retransmission timer (at least 200 ms with one segment out), while the line holds packets
+/// 2 ± 0.5 ms: a sample timed from the first copy would hold that wait.
+#[test]
+fn a_retransmitted_segment_gives_no_sample_with_the_segment_method() {
+    const TEST: &str = "a_retransmitted_segment_gives_no_sample_with_the_segment_method";
+    let Some(python) = prerequisites(TEST) else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = network(89);
+    let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
+    let Some(mut collector) = collector_with(TEST, Attribution::Auto, RttMethod::Segment) else {
+        return;
+    };
+    collector.tick().expect("baseline read");
+
+    let _server = Proc(start_server(&net, &server_cg, &python, &[5004]));
+    let line = DelayLine::inbound(
+        &python,
+        &net.server,
+        8,
+        &["-p", "tcp", "--dport", "5004"],
+        2.0,
+        0.5,
+        0.1,
+    );
+    let before = nstat_retrans(&net.client);
+    let (mut client, _out, _) = start_client(&net, &client_cg, &python, 5004, 2, 40, 0);
+    let status = client.0.wait().expect("client runs to the end");
+    assert!(status.success(), "client failed: {status}");
+    let kernel = nstat_retrans(&net.client) - before;
+    let snap = collector.tick().expect("read");
+
+    let w = window(&snap, &client_cg);
+    let applied = line.applied();
+    let dropped = applied.iter().filter(|a| a.delay_ms.is_none()).count();
+    let longest = applied
+        .iter()
+        .filter_map(|a| a.delay_ms)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{TEST}: dropped {dropped}, kernel retransmits {kernel}; agent {} samples ({} path), p50 {:.2} ms, max {:.2} ms; longest applied delay {longest:.2} ms",
+        w.samples, w.path_samples, w.p50_rtt_us / 1e3, w.max_rtt_us / 1e3
+    );
+    assert!(
+        dropped > 0 && kernel > 0,
+        "nothing was retransmitted; the test proves nothing"
+    );
+    // Most of the 80 requests went through at the first try and were timed.
+    assert!(
+        w.samples >= 40,
+        "samples from the requests that were not retransmitted: {} of 80",
+        w.samples
+    );
+    assert!(
+        w.max_rtt_us < 100_000.0,
+        "a sample holds a retransmission's wait: max {} µs against at most {longest} ms applied",
+        w.max_rtt_us
     );
 }
 

@@ -12,7 +12,7 @@ use std::{
 use nodeward::{
     config::PathsConfig,
     probe::Capabilities,
-    sources::tcp::{plan, Attribution, Collector, TcpConfig},
+    sources::tcp::{plan, Attribution, Collector, RttMethod, TcpConfig},
 };
 use nodeward_tests::{
     net::script,
@@ -162,23 +162,42 @@ fn memory_stays_within_bounds_under_connection_churn() {
 /// counts the accepted connections (no delay line needed).
 #[test]
 fn ipv6_connections_are_measured_per_peer() {
+    ipv6_per_peer("ipv6_connections_are_measured_per_peer", RttMethod::Auto);
+}
+
+/// The same with `tcp.rtt_method = "segment"`: the egress program finds the TCP header after
+/// the fixed IPv6 header and times each request.
+#[test]
+fn ipv6_requests_are_timed_with_the_segment_method() {
+    ipv6_per_peer(
+        "ipv6_requests_are_timed_with_the_segment_method",
+        RttMethod::Segment,
+    );
+}
+
+fn ipv6_per_peer(test: &str, method: RttMethod) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    const TEST: &str = "ipv6_connections_are_measured_per_peer";
-    let Some(python) = prerequisites_without_delay_line(TEST) else {
+    let Some(python) = prerequisites_without_delay_line(test) else {
         return;
     };
     let caps = Capabilities::probe(&PathsConfig::default());
     let (root, plan) = match plan(&caps, Attribution::Auto) {
         Ok(p) => p,
-        Err(e) => return skip(TEST, &format!("TCP programs unavailable: {e}")),
+        Err(e) => return skip(test, &format!("TCP programs unavailable: {e}")),
     };
+    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
+        return skip(test, &e.to_string());
+    }
     let ns = nodeward_tests::Netns::new("tcp6");
     let (server_cg, client_cg) = (Cgroup::new("srv6"), Cgroup::new("cli6"));
     let mut collector = Collector::attach(
         &root,
-        &TcpConfig::default(),
+        &TcpConfig {
+            rtt_method: method,
+            ..TcpConfig::default()
+        },
         &plan,
         Duration::from_secs(1),
         &DEFAULT_NETWORK_WINDOWS,
@@ -196,7 +215,7 @@ fn ipv6_connections_are_measured_per_peer() {
         out.contains("[::1]:5006").then_some(())
     });
     if listening.is_none() {
-        return skip(TEST, "no IPv6 loopback in a new network namespace");
+        return skip(test, "no IPv6 loopback in a new network namespace");
     }
     let mut cmd = ns.command(&python);
     cmd.arg(script("pingpong.py"))
@@ -220,6 +239,9 @@ fn ipv6_connections_are_measured_per_peer() {
         .and_then(|s| s.window(Window::from_secs(10)))
         .map_or(0, |w| w.opened);
     assert_eq!(opened, 2, "the server container accepted both connections");
+    if method != RttMethod::Auto {
+        assert_eq!(snap.fidelity.rtt_method, Some(method));
+    }
 }
 
 /// A server that was listening before the agent started: `sock_create` never saw its

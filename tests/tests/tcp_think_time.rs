@@ -19,7 +19,9 @@ use std::{
 use nodeward::{
     config::PathsConfig,
     probe::Capabilities,
-    sources::tcp::{plan, snapshot::WindowStats, Attribution, Collector, TcpConfig, TcpSnapshot},
+    sources::tcp::{
+        plan, snapshot::WindowStats, Attribution, Collector, RttMethod, TcpConfig, TcpSnapshot,
+    },
 };
 use nodeward_tests::{
     net::{script, ss, Applied, DelayLine},
@@ -29,24 +31,35 @@ use nodeward_tests::{
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn collector(test: &str) -> Option<Collector> {
+/// The TCP programs on the `auto` path with `tcp.rtt_method = method`; `None` (after a skip)
+/// where this kernel or path cannot run it.
+fn collector(test: &str, method: RttMethod) -> Option<Collector> {
     let caps = Capabilities::probe(&PathsConfig::default());
-    match plan(&caps, Attribution::Auto) {
-        Ok((root, plan)) => Some(
-            Collector::attach(
-                &root,
-                &TcpConfig::default(),
-                &plan,
-                Duration::from_secs(1),
-                &DEFAULT_NETWORK_WINDOWS,
-            )
-            .expect("TCP programs load and attach"),
-        ),
+    let (root, plan) = match plan(&caps, Attribution::Auto) {
+        Ok(p) => p,
         Err(e) => {
             skip(test, &format!("no TCP eBPF path: {e}"));
-            None
+            return None;
         }
+    };
+    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
+        skip(test, &e.to_string());
+        return None;
     }
+    let config = TcpConfig {
+        rtt_method: method,
+        ..TcpConfig::default()
+    };
+    Some(
+        Collector::attach(
+            &root,
+            &config,
+            &plan,
+            Duration::from_secs(1),
+            &DEFAULT_NETWORK_WINDOWS,
+        )
+        .expect("TCP programs load and attach"),
+    )
 }
 
 fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
@@ -117,22 +130,30 @@ fn data_delays(applied: &[Applied], dport: u16) -> Vec<f64> {
 /// and the next request.
 const CONNS: u32 = 32;
 
-fn server_path_rtt_excludes_the_clients_pause(test: &str, pause_ms: u32, subnet: u8, queue: u16) {
+fn server_path_rtt_excludes_the_clients_pause(
+    test: &str,
+    method: RttMethod,
+    pause_ms: u32,
+    subnet: u8,
+    queue: u16,
+) {
     let Some(python) = prerequisites(test) else {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(subnet);
     let (server_cg, client_cg) = (Cgroup::new("thsrv"), Cgroup::new("thcli"));
-    let Some(mut collector) = collector(test) else {
+    let Some(mut collector) = collector(test, method) else {
         return;
     };
     collector.tick().expect("baseline read");
     let port = 5101;
     let _server = Proc(start_server(&net, &server_cg, &python, &[port]));
-    let line = DelayLine::start(
+    // On the server's INPUT path, after every hook of the clients (`segment` stamps at their
+    // egress hook, which a line on their OUTPUT path would come before).
+    let line = DelayLine::inbound(
         &python,
-        &net.client,
+        &net.server,
         queue,
         &["-p", "tcp", "--dport", &port.to_string()],
         20.0,
@@ -189,6 +210,13 @@ fn server_path_rtt_excludes_the_clients_pause(test: &str, pause_ms: u32, subnet:
             srv.measured_mean_rtt_us
         );
     }
+    if method != RttMethod::Auto {
+        assert_eq!(
+            snap.fidelity.rtt_method,
+            Some(method),
+            "the fidelity names the forced method"
+        );
+    }
     assert!(
         srv.samples >= u64::from(CONNS) * (rounds - 1),
         "one measurement per reply at least: {}",
@@ -226,9 +254,24 @@ fn server_path_rtt_excludes_the_clients_pause(test: &str, pause_ms: u32, subnet:
 fn a_servers_path_rtt_leaves_out_a_30ms_client_pause() {
     server_path_rtt_excludes_the_clients_pause(
         "a_servers_path_rtt_leaves_out_a_30ms_client_pause",
+        RttMethod::Auto,
         30,
         95,
         11,
+    );
+}
+
+/// The 30 ms pause with `tcp.rtt_method = "segment"` (the programs time the segments
+/// themselves, as `auto` does before 6.10): the server's timed replies also end at the next
+/// request, and must be left out the same way.
+#[test]
+fn a_servers_path_rtt_leaves_out_a_30ms_client_pause_with_the_segment_method() {
+    server_path_rtt_excludes_the_clients_pause(
+        "a_servers_path_rtt_leaves_out_a_30ms_client_pause_with_the_segment_method",
+        RttMethod::Segment,
+        30,
+        87,
+        14,
     );
 }
 
@@ -238,6 +281,7 @@ fn a_servers_path_rtt_leaves_out_a_30ms_client_pause() {
 fn a_servers_path_rtt_leaves_out_a_150ms_client_pause() {
     server_path_rtt_excludes_the_clients_pause(
         "a_servers_path_rtt_leaves_out_a_150ms_client_pause",
+        RttMethod::Auto,
         150,
         96,
         12,
@@ -255,7 +299,7 @@ fn a_bulk_senders_figures_are_unchanged() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(97);
     let (server_cg, client_cg) = (Cgroup::new("bksrv"), Cgroup::new("bkcli"));
-    let Some(mut collector) = collector(TEST) else {
+    let Some(mut collector) = collector(TEST, RttMethod::Auto) else {
         return;
     };
     collector.tick().expect("baseline read");

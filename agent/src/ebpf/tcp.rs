@@ -63,9 +63,9 @@ pub struct Attach {
     pub key_by_netns: bool,
     /// Count samples taken while another cgroup's task ran.
     pub count_foreign_context: bool,
-    /// Take the kernel's smoothed srtt even where it passes the measured RTT
-    /// (`tcp.rtt_method = "srtt"`).
-    pub force_srtt: bool,
+    /// Which RTT a sample takes: one of `agent_ebpf::tcp::rtt_method` (`tcp.rtt_method`
+    /// resolved); `SEGMENT` needs `egress`.
+    pub rtt_method: u32,
     pub max_cgroups: u32,
     pub max_hist_entries: u32,
     pub max_flows: u32,
@@ -130,11 +130,7 @@ impl Reader {
         })?;
         let count_foreign = u32::from(how.count_foreign_context);
         let key_by_netns = u32::from(how.key_by_netns);
-        let rtt_method = if how.force_srtt {
-            agent_ebpf::tcp::rtt_method::SRTT
-        } else {
-            agent_ebpf::tcp::rtt_method::AUTO
-        };
+        let rtt_method = how.rtt_method;
         let mut ebpf = loader_owning(&[STATS, HIST, FLOWS])
             .map_max_entries(STATS, how.max_cgroups)
             .map_max_entries(HIST, how.max_hist_entries)

@@ -250,8 +250,13 @@ fn load_one(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
 }
 
 /// Loads every program of the object, each on its own, and records the verifier's verdict.
+/// The TCP programs are loaded with `tcp.rtt_method = "segment"`, their largest variant (the
+/// verifier prunes the timing code for every other method); the hook-path checks load them
+/// with the method the config resolves to.
 pub fn check_programs() -> Result<Vec<ProgramCheck>, String> {
+    let segment = agent_ebpf::tcp::rtt_method::SEGMENT;
     let mut ebpf = crate::ebpf::loader_owning(&[])
+        .override_global("RTT_METHOD", &segment, true)
         .load(crate::ebpf::OBJECT)
         .map_err(|e| format!("loading the eBPF object: {e}"))?;
     let mut out = Vec::new();

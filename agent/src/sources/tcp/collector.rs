@@ -32,7 +32,7 @@ pub struct Collector {
     own: Option<own::OwnCgroup>,
     /// Connections older than the programs, on the eBPF paths keyed by cgroup.
     seed: Option<seed::Seed>,
-    /// `tcp.rtt_method` as resolved for this kernel and path (`kernel` or `srtt`).
+    /// `tcp.rtt_method` as resolved for this kernel and path (`kernel`, `segment` or `srtt`).
     rtt_method: super::RttMethod,
 }
 
@@ -50,7 +50,7 @@ fn programs(config: &TcpConfig, plan: &Plan, rtt_method: super::RttMethod) -> tc
         egress,
         key_by_netns: plan.recorder.ids() == super::Ids::NetnsCookie,
         count_foreign_context: plan.count_foreign_context,
-        force_srtt: rtt_method == super::RttMethod::Srtt,
+        rtt_method: rtt_method.program_value(),
         max_cgroups: config.max_cgroups,
         max_hist_entries: config.max_hist_entries,
         max_flows: config.max_flows,
@@ -92,14 +92,9 @@ impl Collector {
         if plan.mount_cgroup2 {
             ensure_cgroup2(cgroup_root)?;
         }
-        // sock_diag has the smoothed srtt only, as kernels before 6.10 do.
-        let rtt_method = if plan.recorder == Recorder::SockDiag {
-            config.rtt_method.resolve_for_sock_diag()?
-        } else {
-            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned());
-            config.rtt_method.resolve(&release)?
-        };
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned());
+        let rtt_method = config.rtt_method.resolve(&release, plan.recorder)?;
         let input = if plan.recorder == Recorder::SockDiag {
             Input::Diag(Box::new(diag::Poller::open(&plan.proc_root, config)?))
         } else {

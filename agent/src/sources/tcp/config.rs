@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Recorder;
+
 /// How a socket's cgroup is recorded for the sock_ops program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,11 +31,15 @@ pub enum Attribution {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RttMethod {
-    /// `kernel` where the kernel passes the measured RTT (≥ 6.10), else `srtt`.
+    /// `kernel` where the kernel passes the measured RTT (≥ 6.10), else `segment` where the
+    /// path attaches the egress program, else `srtt`.
     #[default]
     Auto,
     /// The RTT of each measurement, as the kernel passes it to sock_ops (Linux ≥ 6.10).
     Kernel,
+    /// The programs time one data segment per flight themselves: the egress program stamps it,
+    /// sock_ops ends it at the ACK that covers it (any kernel; needs the egress program).
+    Segment,
     /// The kernel's smoothed RTT (srtt, an EWMA with gain 1/8) as it stood before each
     /// measurement: what kernels before 6.10 give. Percentiles are narrower than the path's
     /// and jitter is damped.
@@ -45,30 +51,44 @@ impl RttMethod {
         match self {
             Self::Auto => "auto",
             Self::Kernel => "kernel",
+            Self::Segment => "segment",
             Self::Srtt => "srtt",
         }
     }
 
-    /// The method that runs on a kernel of this release (`/proc/sys/kernel/osrelease`):
-    /// `auto` resolved, a forced one checked.
-    pub fn resolve(self, kernel_release: &str) -> Result<Self, RttMethodError> {
-        let passes_rtt = kernel_passes_measured_rtt(kernel_release);
-        match (self, passes_rtt) {
-            (Self::Auto, Some(true)) | (Self::Kernel, Some(true)) => Ok(Self::Kernel),
-            (Self::Auto, _) | (Self::Srtt, _) => Ok(Self::Srtt),
-            (Self::Kernel, _) => Err(RttMethodError::KernelTooOld {
+    /// The method that runs on a kernel of this release (`/proc/sys/kernel/osrelease`) and
+    /// attribution path: `auto` resolved, a forced one checked.
+    pub fn resolve(self, kernel_release: &str, path: Recorder) -> Result<Self, RttMethodError> {
+        // sock_diag has the smoothed srtt only, as kernels before 6.10 do.
+        if path == Recorder::SockDiag {
+            return match self {
+                Self::Auto | Self::Srtt => Ok(Self::Srtt),
+                Self::Kernel | Self::Segment => Err(RttMethodError::SockDiag { method: self }),
+            };
+        }
+        let passes_rtt = kernel_passes_measured_rtt(kernel_release) == Some(true);
+        let egress = path.attaches_egress();
+        match self {
+            Self::Auto if passes_rtt => Ok(Self::Kernel),
+            Self::Auto if egress => Ok(Self::Segment),
+            Self::Auto | Self::Srtt => Ok(Self::Srtt),
+            Self::Kernel if passes_rtt => Ok(Self::Kernel),
+            Self::Kernel => Err(RttMethodError::KernelTooOld {
                 release: kernel_release.to_owned(),
             }),
+            Self::Segment if egress => Ok(Self::Segment),
+            Self::Segment => Err(RttMethodError::NoEgress { path }),
         }
     }
-}
 
-impl RttMethod {
-    /// The method on the sock_diag path, which polls the smoothed srtt only.
-    pub fn resolve_for_sock_diag(self) -> Result<Self, RttMethodError> {
+    /// The value of the programs' `RTT_METHOD` global for this (resolved) method.
+    pub const fn program_value(self) -> u32 {
+        use agent_ebpf::tcp::rtt_method;
         match self {
-            Self::Kernel => Err(RttMethodError::SockDiag),
-            Self::Auto | Self::Srtt => Ok(Self::Srtt),
+            Self::Auto => rtt_method::AUTO,
+            Self::Kernel => rtt_method::KERNEL,
+            Self::Segment => rtt_method::SEGMENT,
+            Self::Srtt => rtt_method::SRTT,
         }
     }
 }
@@ -83,14 +103,21 @@ impl std::fmt::Display for RttMethod {
 pub enum RttMethodError {
     #[error(
         "tcp.rtt_method = \"kernel\" needs Linux 6.10 or later (the kernel passes the measured \
-         RTT to sock_ops since 6.10); this kernel is {release}: use \"auto\" or \"srtt\""
+         RTT to sock_ops since 6.10); this kernel is {release}: use \"auto\", \"segment\" or \
+         \"srtt\""
     )]
     KernelTooOld { release: String },
     #[error(
-        "tcp.rtt_method = \"kernel\" needs the sock_ops path: the sock_diag path polls the \
+        "tcp.rtt_method = \"{method}\" needs the sock_ops path: the sock_diag path polls the \
          smoothed srtt only; use \"auto\" or \"srtt\""
     )]
-    SockDiag,
+    SockDiag { method: RttMethod },
+    #[error(
+        "tcp.rtt_method = \"segment\" needs the cgroup_skb egress program, which the attribution \
+         path {path} does not attach: use tcp.attribution = \"auto\" or \"egress\", or \
+         tcp.rtt_method = \"auto\" or \"srtt\""
+    )]
+    NoEgress { path: Recorder },
 }
 
 /// Whether a kernel of this release passes the measured RTT to `BPF_SOCK_OPS_RTT_CB` (6.10
@@ -109,7 +136,7 @@ pub struct TcpConfig {
     pub enabled: bool,
     /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
     pub attribution: Attribution,
-    /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10) or `srtt`.
+    /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10), `segment` or `srtt`.
     pub rtt_method: RttMethod,
     /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
     pub max_cgroups: u32,
@@ -163,21 +190,27 @@ impl TcpConfig {
 mod tests {
     use super::*;
 
+    const EGRESS: Recorder = Recorder::SockCreateAndEgress;
+
     #[test]
     fn the_measured_rtt_is_taken_from_6_10_and_refused_before() {
         assert_eq!(
-            RttMethod::Auto.resolve("6.18.0-1-amd64"),
+            RttMethod::Auto.resolve("6.18.0-1-amd64", EGRESS),
             Ok(RttMethod::Kernel)
         );
-        assert_eq!(RttMethod::Auto.resolve("6.10.0"), Ok(RttMethod::Kernel));
-        assert_eq!(RttMethod::Auto.resolve("6.9.12"), Ok(RttMethod::Srtt));
         assert_eq!(
-            RttMethod::Auto.resolve("5.10.0-23-amd64"),
+            RttMethod::Auto.resolve("6.10.0", Recorder::SockCreate),
+            Ok(RttMethod::Kernel)
+        );
+        assert_eq!(
+            RttMethod::Srtt.resolve("6.18.0", EGRESS),
             Ok(RttMethod::Srtt)
         );
-        assert_eq!(RttMethod::Srtt.resolve("6.18.0"), Ok(RttMethod::Srtt));
-        assert_eq!(RttMethod::Kernel.resolve("6.18.0"), Ok(RttMethod::Kernel));
-        let e = RttMethod::Kernel.resolve("6.6.71-anolis");
+        assert_eq!(
+            RttMethod::Kernel.resolve("6.18.0", EGRESS),
+            Ok(RttMethod::Kernel)
+        );
+        let e = RttMethod::Kernel.resolve("6.6.71-anolis", EGRESS);
         assert_eq!(
             e,
             Err(RttMethodError::KernelTooOld {
@@ -185,12 +218,77 @@ mod tests {
             })
         );
         assert!(e.is_err_and(|e| e.to_string().contains("6.10")));
-        assert!(RttMethod::Kernel.resolve("unknown (no file)").is_err());
+        assert!(RttMethod::Kernel
+            .resolve("unknown (no file)", EGRESS)
+            .is_err());
+    }
+
+    #[test]
+    fn before_6_10_auto_times_segments_where_the_egress_program_runs_else_takes_srtt() {
+        for path in [Recorder::SockCreateAndEgress, Recorder::Egress] {
+            assert_eq!(
+                RttMethod::Auto.resolve("5.10.0-23-amd64", path),
+                Ok(RttMethod::Segment)
+            );
+            assert_eq!(
+                RttMethod::Auto.resolve("6.6.71-anolis", path),
+                Ok(RttMethod::Segment)
+            );
+        }
+        for path in [Recorder::SockCreate, Recorder::Netns] {
+            assert_eq!(RttMethod::Auto.resolve("6.9.12", path), Ok(RttMethod::Srtt));
+        }
+        // Forced, it runs on any kernel whose path has the egress program.
         assert_eq!(
-            RttMethod::Kernel.resolve_for_sock_diag(),
-            Err(RttMethodError::SockDiag)
+            RttMethod::Segment.resolve("6.18.0", EGRESS),
+            Ok(RttMethod::Segment)
         );
-        assert_eq!(RttMethod::Auto.resolve_for_sock_diag(), Ok(RttMethod::Srtt));
+        assert_eq!(
+            RttMethod::Segment.resolve("5.10.0", Recorder::Egress),
+            Ok(RttMethod::Segment)
+        );
+    }
+
+    #[test]
+    fn a_forced_method_the_path_cannot_run_is_refused_with_the_way_out() {
+        let e = RttMethod::Segment
+            .resolve("6.18.0", Recorder::SockCreate)
+            .expect_err("no egress program on sock_create alone");
+        assert_eq!(
+            e,
+            RttMethodError::NoEgress {
+                path: Recorder::SockCreate
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("\"segment\"") && text.contains("tcp.attribution"),
+            "{text}"
+        );
+        assert!(RttMethod::Segment
+            .resolve("6.18.0", Recorder::Netns)
+            .is_err());
+        for method in [RttMethod::Kernel, RttMethod::Segment] {
+            assert_eq!(
+                method.resolve("6.18.0", Recorder::SockDiag),
+                Err(RttMethodError::SockDiag { method })
+            );
+        }
+        assert_eq!(
+            RttMethod::Auto.resolve("6.18.0", Recorder::SockDiag),
+            Ok(RttMethod::Srtt)
+        );
+    }
+
+    #[test]
+    fn segment_is_spelled_segment_in_the_config() {
+        #[derive(Deserialize)]
+        struct T {
+            m: RttMethod,
+        }
+        let t: T = toml::from_str("m = \"segment\"").expect("parses");
+        assert_eq!(t.m, RttMethod::Segment);
+        assert_eq!(RttMethod::Segment.to_string(), "segment");
     }
 
     #[test]

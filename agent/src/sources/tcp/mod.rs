@@ -90,6 +90,12 @@ impl Recorder {
         }
     }
 
+    /// Whether this path attaches the `cgroup_skb/egress` program (which `tcp.rtt_method =
+    /// "segment"` needs: it stamps the segments timed).
+    pub const fn attaches_egress(self) -> bool {
+        matches!(self, Self::SockCreateAndEgress | Self::Egress)
+    }
+
     /// What the snapshot's ids are on this path.
     pub const fn ids(self) -> Ids {
         match self {

@@ -40,7 +40,7 @@ pub struct Fidelity {
     /// says what the ids in `containers` are: [`Recorder::ids`].
     pub path: Option<Recorder>,
     pub rtt_sample: RttSample,
-    /// `tcp.rtt_method` as resolved on this kernel (`kernel` or `srtt`); `None` only in the
+    /// `tcp.rtt_method` as resolved on this kernel (`kernel`, `segment` or `srtt`); `None` only in the
     /// placeholder before the first tick.
     pub rtt_method: Option<super::RttMethod>,
     /// Paths of the `auto` chain that were tried first and failed to load or attach, each as
@@ -55,7 +55,8 @@ pub enum RttSample {
     /// No sample yet.
     #[default]
     None,
-    /// Each RTT measurement the kernel takes (kernels ≥ 6.10 pass it to sock_ops).
+    /// A real RTT per measurement: the one the kernel passes to sock_ops (≥ 6.10), or a data
+    /// segment the programs timed themselves (`segment`).
     Raw,
     /// The kernel's smoothed srtt after each measurement (older kernels, sock_diag).
     Smoothed,
