@@ -336,6 +336,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             } else {
                 direction::ACTIVE
             };
+            // A segment stamped before now (data on a Fast Open SYN) was acked by the
+            // handshake, whose RTT is taken from the kernel below: timed on, it would end at
+            // the first callback with the whole wait since the SYN.
+            // SAFETY: a volatile read of a read-only global set before load.
+            if unsafe { core::ptr::read_volatile(&RTT_METHOD) } == rtt_method::SEGMENT {
+                if let Some(state) = sock_state(ctx) {
+                    // SAFETY: valid storage pointer.
+                    unsafe { (*state).probe_ns = 0 };
+                }
+            }
             let flow = new_flow(ctx, cgroup_id, dir, true)?;
             if cgroup_id != 0 {
                 count_open(flow, cgroup_id);
