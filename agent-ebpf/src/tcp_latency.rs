@@ -15,16 +15,22 @@
 //! decides), and beside it everywhere else for sockets older than the agent,
 //! `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage from the first
 //! packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the sender's
-//! task); it never overwrites an entry. A client's SYN is such a packet; an accepted socket has sent nothing at
-//! PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending") and is resolved, and its
-//! open counted, at its first callback after its first packet — always before its first RTT
-//! sample, since a sample needs data it sent.
+//! task); it never overwrites a recorded cgroup. A client's SYN is such a packet; an accepted
+//! socket has sent nothing at PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending")
+//! and is resolved, and its open counted, at its first callback after its first packet — always
+//! before its first RTT sample, since a sample needs data it sent.
+//!
+//! With `tcp.rtt_method = "segment"` (`RTT_METHOD`; before 6.10 `RTT_CB` passes no measured
+//! RTT) the egress program also stamps, in the same storage, the first data segment of each
+//! flight, and sock_ops ends it at the `RTT_CB` whose `snd_una` covers it: see
+//! `agent_ebpf::tcp::segment`.
 //!
 //! On cgroup-v1 hosts user space sets `KEY_BY_NETNS` and everything is keyed by the socket's
 //! network-namespace cookie instead; no storage is used.
 //!
-//! Everything read comes from the UAPI `struct bpf_sock_ops` context and helpers, so the object
-//! is the same on every kernel (no CO-RE needed).
+//! Everything read comes from the UAPI contexts (`struct bpf_sock_ops`, `__sk_buff`,
+//! `bpf_sock`), the packet's own bytes and helpers, so the object is the same on every kernel
+//! (no CO-RE needed).
 
 use agent_ebpf::{
     tcp::{bucket_of, direction, drop_reason, path, rtt_method, segment},
@@ -330,6 +336,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             } else {
                 direction::ACTIVE
             };
+            // A segment stamped before now (data on a Fast Open SYN) was acked by the
+            // handshake, whose RTT is taken from the kernel below: timed on, it would end at
+            // the first callback with the whole wait since the SYN.
+            // SAFETY: a volatile read of a read-only global set before load.
+            if unsafe { core::ptr::read_volatile(&RTT_METHOD) } == rtt_method::SEGMENT {
+                if let Some(state) = sock_state(ctx) {
+                    // SAFETY: valid storage pointer.
+                    unsafe { (*state).probe_ns = 0 };
+                }
+            }
             let flow = new_flow(ctx, cgroup_id, dir, true)?;
             if cgroup_id != 0 {
                 count_open(flow, cgroup_id);
