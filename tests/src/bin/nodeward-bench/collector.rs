@@ -45,6 +45,11 @@ pub struct ScanArgs {
     /// Walk the hierarchies on every scan rather than when they changed (the scan as it was).
     #[arg(long)]
     pub walk_every_scan: bool,
+    /// Time from the start of one scan to the start of the next, as the agent's tick (0s: back
+    /// to back). With 1s and more than 300 scans the rate history reaches its longest window
+    /// (5 min), so `rss_bytes` shows whether memory levels off there.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -108,6 +113,8 @@ struct ScanReport {
     wall_seconds: Vec<f64>,
     rss_after_first_bytes: f64,
     rss_after_last_bytes: f64,
+    /// Resident memory after each scan.
+    rss_bytes: Vec<f64>,
 }
 
 pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
@@ -143,8 +150,12 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
         wall_seconds: Vec::new(),
         rss_after_first_bytes: f64::NAN,
         rss_after_last_bytes: f64::NAN,
+        rss_bytes: Vec::new(),
     };
+    let mut next = Instant::now();
     for i in 0..args.scans.max(1) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += args.interval;
         if args.busy {
             for w in &written {
                 let usec = w.cpu_usage_ns / 1000 + u64::try_from(i).unwrap_or(0);
@@ -160,6 +171,7 @@ pub fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
         report.wall_seconds.push(wall0.elapsed().as_secs_f64());
         report.workloads_found = snap.workloads.len();
         drop(snap);
+        report.rss_bytes.push(rss_bytes());
         if i == 0 {
             report.rss_after_first_bytes = rss_bytes();
         }
