@@ -53,7 +53,7 @@ of all 8 as the agent measures it. Target (issue 6): under 5 ms. No baseline.
 - **Agent CPU**: the agent's user+system CPU seconds per second of wall time during the B runs.";
 
 /// Runs `work` alternately without and with the agent; `with_agent` gets the agent.
-fn ab<T>(
+pub fn ab<T>(
     plan: Plan,
     agent_bin: &Path,
     min_programs: usize,
@@ -286,10 +286,28 @@ impl Drop for Echo {
     }
 }
 
+/// Request/response exchanges completed in a run, and the run's length.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchanges {
+    pub count: u64,
+    pub seconds: f64,
+}
+
+impl Exchanges {
+    pub fn per_second(self) -> f64 {
+        self.count as f64 / self.seconds
+    }
+}
+
 /// Four persistent connections to `port` exchanging 64-byte requests and responses for `length`,
 /// as fast as they can or, with `rate`, at that many transactions per second in all; returns
 /// the transactions per second achieved.
 pub fn rr_load(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result<f64> {
+    rr_exchanges(port, length, rate).map(Exchanges::per_second)
+}
+
+/// [`rr_load`], counting the exchanges.
+pub fn rr_exchanges(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result<Exchanges> {
     const CONNS: u32 = 4;
     let started = Instant::now();
     let deadline = started + length;
@@ -323,13 +341,16 @@ pub fn rr_load(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result
             })
         })
         .collect();
-    let mut total = 0;
+    let mut count = 0;
     for h in handles {
-        total += h
+        count += h
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok(Exchanges {
+        count,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
