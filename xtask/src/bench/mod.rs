@@ -142,7 +142,10 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("UDP load (iperf3, loopback)", scenarios::udp_iperf),
         ("UDP flood (one-packet flows)", scenarios::udp_flood),
         ("TCP request/response (loopback)", scenarios::tcp_rr),
-        ("TCP request/response (veth, two network namespaces)", veth::tcp_rr),
+        (
+            "TCP request/response (veth, two network namespaces)",
+            veth::tcp_rr,
+        ),
         ("TCP connection churn (loopback)", scenarios::tcp_connect),
         ("GPU poll, 8 fake devices", scenarios::gpu_poll),
         ("agent footprint", footprint::footprint),
@@ -162,10 +165,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let scenarios: Vec<_> = scenarios
         .into_iter()
         .filter(|(name, _)| {
-            args.only.as_ref().is_none_or(|o| {
-                name.to_lowercase()
-                    .starts_with(o.to_lowercase().as_str())
-            })
+            args.only
+                .as_ref()
+                .is_none_or(|o| name.to_lowercase().starts_with(o.to_lowercase().as_str()))
         })
         .collect();
     let total = scenarios.len();

@@ -120,7 +120,13 @@ struct Arm {
 
 impl Arm {
     /// Runs the load while `pid` holds `ids`, and records it.
-    fn measure(&mut self, load: &Load, length: Duration, pid: u32, ids: &[u32]) -> anyhow::Result<()> {
+    fn measure(
+        &mut self,
+        load: &Load,
+        length: Duration,
+        pid: u32,
+        ids: &[u32],
+    ) -> anyhow::Result<()> {
         let (cpu0, p0, t0) = (cpu_seconds(pid), program_stats(ids), Instant::now());
         let done = load.exchange(length)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -144,12 +150,7 @@ pub fn veth(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Ro
     compare(agent_bin, plan, &load, "Peer: TCP request/response (veth)")
 }
 
-fn compare(
-    agent_bin: &Path,
-    plan: Plan,
-    load: &Load,
-    scenario: &str,
-) -> anyhow::Result<Vec<Row>> {
+fn compare(agent_bin: &Path, plan: Plan, load: &Load, scenario: &str) -> anyhow::Result<Vec<Row>> {
     let length = Duration::from_secs(plan.seconds);
     let (mut none, mut nw, mut bt) = (Vec::new(), Arm::default(), Arm::default());
     for round in 0..plan.rounds {

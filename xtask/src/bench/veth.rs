@@ -200,7 +200,10 @@ impl VethPair {
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("nodeward-bench rr JSON")?;
         if v["errors"].as_u64() != Some(0) {
-            bail!("the load generator's connections failed: {}", v["error_samples"]);
+            bail!(
+                "the load generator's connections failed: {}",
+                v["error_samples"]
+            );
         }
         Ok(Exchanges {
             count: v["exchanges"].as_u64().context("no exchanges")?,

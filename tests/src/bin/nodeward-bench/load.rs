@@ -139,7 +139,11 @@ pub fn rr(args: &RrArgs) -> ExitCode {
 fn serve(addr: SocketAddr, size: usize) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::json!({ "listening": listener.local_addr()? }))?;
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "listening": listener.local_addr()? })
+    )?;
     out.flush()?;
     drop(out);
     std::thread::spawn(move || {
