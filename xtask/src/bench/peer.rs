@@ -63,8 +63,28 @@ struct Bpftrace {
     prog_ids: Vec<u32>,
 }
 
+/// Where bpftrace finds tracepoints.
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs where it is not mounted (a freshly booted VM): without it bpftrace finds no
+/// tracepoint. Left mounted: other users of the machine may have come to rely on it meanwhile.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .context("mount tracefs")?;
+    if !status.success() {
+        bail!("mount -t tracefs tracefs {TRACEFS} failed ({status})");
+    }
+    Ok(())
+}
+
 impl Bpftrace {
     fn start() -> anyhow::Result<Self> {
+        ensure_tracefs()?;
         let mut child = Command::new("bpftrace")
             .args(["-e", SCRIPT])
             .stdout(Stdio::null())
