@@ -15,6 +15,7 @@ mod identity;
 mod load;
 mod peer;
 mod scenarios;
+mod veth;
 
 use std::{fmt::Write as _, path::Path, process::Command, time::Instant};
 
@@ -27,7 +28,8 @@ pub struct BenchArgs {
     /// Fewer rounds and shorter runs (about 3 minutes).
     #[arg(long)]
     quick: bool,
-    /// Run only the scenarios whose name starts with this text (e.g. `load`); the report then goes
+    /// Run only the scenarios whose name starts with this text, in any case (e.g. `load`,
+    /// `peer`); the report then goes
     /// to `target/bench/BENCHMARKS-only.md`, leaving `docs/BENCHMARKS.md` to full runs.
     #[arg(long)]
     only: Option<String>,
@@ -140,6 +142,10 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("UDP load (iperf3, loopback)", scenarios::udp_iperf),
         ("UDP flood (one-packet flows)", scenarios::udp_flood),
         ("TCP request/response (loopback)", scenarios::tcp_rr),
+        (
+            "TCP request/response (veth, two network namespaces)",
+            veth::tcp_rr,
+        ),
         ("TCP connection churn (loopback)", scenarios::tcp_connect),
         ("GPU poll, 8 fake devices", scenarios::gpu_poll),
         ("agent footprint", footprint::footprint),
@@ -149,7 +155,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ("TCP start-up seed, 50,000 connections", drain::seed),
         ("drain status, 50,000 streams", drain::status),
         ("fleet status, 200 agents", fleet::status),
-        ("peer: bpftrace RTT histogram", peer::bpftrace),
+        ("peer: bpftrace RTT histogram (loopback)", peer::loopback),
+        ("peer: bpftrace RTT histogram (veth)", peer::veth),
         (
             "load soak: gRPC callers, Watch streams, RTT samples",
             load::soak,
@@ -160,7 +167,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|(name, _)| {
             args.only
                 .as_ref()
-                .is_none_or(|o| name.starts_with(o.as_str()))
+                .is_none_or(|o| name.to_lowercase().starts_with(o.to_lowercase().as_str()))
         })
         .collect();
     let total = scenarios.len();
@@ -298,6 +305,7 @@ fn render(rows: &[Row], plan: Plan, quick: bool, secs: u64) -> String {
     }
     let _ = writeln!(s, "\n## Scenarios\n");
     let _ = writeln!(s, "{}", scenarios::DESCRIPTION);
+    let _ = writeln!(s, "{}", veth::DESCRIPTION);
     let _ = writeln!(s, "{}", footprint::DESCRIPTION);
     let _ = writeln!(s, "{}", collector::DESCRIPTION);
     let _ = writeln!(s, "{}", identity::DESCRIPTION);

@@ -1,7 +1,8 @@
 //! Peer: the same per-cgroup RTT histogram kept by `bpftrace` (0.17: tracepoints only, so
 //! `tcp:tcp_probe`, which carries the smoothed RTT) versus by nodeward, under the same TCP
-//! request/response load. Each round runs the load with nothing, with nodeward and with
-//! bpftrace, in turn; the rows give each one's effect on the workload and its CPU.
+//! request/response load, on loopback and across a veth pair between two network namespaces.
+//! Each round runs the load with nothing, with nodeward and with bpftrace, in turn; the rows give
+//! each one's effect on the workload, its CPU, and its eBPF programs' run time per exchange.
 
 use std::{
     path::Path,
@@ -14,11 +15,10 @@ use anyhow::{bail, Context as _};
 use super::{
     agent::{cpu_seconds, prog_ids, program_stats, Agent},
     median,
-    scenarios::{program_delta, row, rr_load, Echo, ALL_PROGRAMS},
+    scenarios::{program_delta, row, rr_exchanges, Echo, Exchanges, ALL_PROGRAMS},
+    veth::VethPair,
     Plan, Row,
 };
-
-const SCENARIO: &str = "Peer: TCP request/response";
 
 /// An RTT histogram per cgroup, printed every second as nodeward reads its maps on every tick.
 /// `cgroup` is the cgroup of the task running when the probe fires (in softirq, whichever task
@@ -33,17 +33,58 @@ and with `bpftrace -e 'tracepoint:tcp:tcp_probe { @rtt_us[cgroup] = hist(args->s
 interval:s:1 { print(@rtt_us); }'`, the nearest equivalent bpftrace 0.17 can express (it keeps \
 the histogram per cgroup of the task that happens to run, where nodeward uses the socket's \
 cgroup, and only RTT, where nodeward also keeps jitter, retransmits and per-peer figures), in \
-turn in each round. Ratio = transactions/s with the tool / without. CPU of each tool: its \
-process (user+system, including bpftrace's start-up compilation, which is excluded by measuring \
-only after its programs are attached) and its eBPF programs' run time, per second of load.";
+turn in each round, on loopback and on the veth path (two network namespaces, as in the veth \
+scenario above). Ratio = transactions/s with the tool / without. CPU of each tool: its \
+process (user+system; bpftrace's start-up compilation is excluded by measuring only after its \
+programs are attached) and its eBPF programs' run time, per second of load. **eBPF ns per \
+exchange**: the run time of the tool's programs (`run_time_ns` from the kernel's accounting, \
+the delta over the load) divided by the request/response exchanges completed in the same \
+interval; the row puts bpftrace in the baseline column and nodeward in the measured one, so its \
+ratio is nodeward ÷ bpftrace (target ≤ 1.0). Both tools' programs see every TCP packet on the \
+machine, not only the load's, so other traffic during a run adds to both.";
+
+/// Where the load runs.
+enum Load {
+    Loopback(Echo),
+    Veth(VethPair),
+}
+
+impl Load {
+    fn exchange(&self, length: Duration) -> anyhow::Result<Exchanges> {
+        match self {
+            Self::Loopback(echo) => rr_exchanges(echo.port, length, None),
+            Self::Veth(pair) => pair.exchange(length),
+        }
+    }
+}
 
 struct Bpftrace {
     child: Child,
     prog_ids: Vec<u32>,
 }
 
+/// Where bpftrace finds tracepoints.
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs where it is not mounted (a freshly booted VM): without it bpftrace finds no
+/// tracepoint. Left mounted: other users of the machine may have come to rely on it meanwhile.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .context("mount tracefs")?;
+    if !status.success() {
+        bail!("mount -t tracefs tracefs {TRACEFS} failed ({status})");
+    }
+    Ok(())
+}
+
 impl Bpftrace {
     fn start() -> anyhow::Result<Self> {
+        ensure_tracefs()?;
         let mut child = Command::new("bpftrace")
             .args(["-e", SCRIPT])
             .stdout(Stdio::null())
@@ -94,49 +135,74 @@ struct Arm {
     rate: Vec<f64>,
     cpu: Vec<f64>,
     programs_cpu: Vec<f64>,
+    ns_per_exchange: Vec<f64>,
 }
 
-/// Runs the load while `pid` holds `ids`; returns (transactions/s, process CPU s/s, programs'
-/// CPU s/s).
-fn measured(port: u16, length: Duration, pid: u32, ids: &[u32]) -> anyhow::Result<[f64; 3]> {
-    let (cpu0, p0, t0) = (cpu_seconds(pid), program_stats(ids), Instant::now());
-    let rate = rr_load(port, length, None)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let progs = program_delta(&p0, &program_stats(ids));
-    Ok([
-        rate,
-        (cpu_seconds(pid) - cpu0) / secs,
-        progs.values().map(|d| d.1 as f64).sum::<f64>() / 1e9 / secs,
-    ])
+impl Arm {
+    /// Runs the load while `pid` holds `ids`, and records it.
+    fn measure(
+        &mut self,
+        load: &Load,
+        length: Duration,
+        pid: u32,
+        ids: &[u32],
+    ) -> anyhow::Result<()> {
+        let (cpu0, p0, t0) = (cpu_seconds(pid), program_stats(ids), Instant::now());
+        let done = load.exchange(length)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let progs = program_delta(&p0, &program_stats(ids));
+        let ns = progs.values().map(|d| d.1 as f64).sum::<f64>();
+        self.rate.push(done.per_second());
+        self.cpu.push((cpu_seconds(pid) - cpu0) / secs);
+        self.programs_cpu.push(ns / 1e9 / secs);
+        self.ns_per_exchange.push(ns / done.count as f64);
+        Ok(())
+    }
 }
 
-pub fn bpftrace(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
-    let echo = Echo::start(true)?;
+pub fn loopback(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
+    let load = Load::Loopback(Echo::start(true)?);
+    compare(agent_bin, plan, &load, "Peer: TCP request/response")
+}
+
+pub fn veth(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
+    let load = Load::Veth(VethPair::start(agent_bin)?);
+    compare(agent_bin, plan, &load, "Peer: TCP request/response (veth)")
+}
+
+fn compare(agent_bin: &Path, plan: Plan, load: &Load, scenario: &str) -> anyhow::Result<Vec<Row>> {
     let length = Duration::from_secs(plan.seconds);
     let (mut none, mut nw, mut bt) = (Vec::new(), Arm::default(), Arm::default());
     for round in 0..plan.rounds {
         crate::say(&format!("  peer (round {}/{})", round + 1, plan.rounds));
-        none.push(rr_load(echo.port, length, None)?);
+        none.push(load.exchange(length)?.per_second());
 
         let agent = Agent::start(agent_bin, &["--set", "gpu.enabled=false"], ALL_PROGRAMS)?;
-        let [r, c, p] = measured(echo.port, length, agent.pid(), &agent.prog_ids)?;
+        nw.measure(load, length, agent.pid(), &agent.prog_ids)?;
         agent.stop()?;
-        nw.rate.push(r);
-        nw.cpu.push(c);
-        nw.programs_cpu.push(p);
 
         let tool = Bpftrace::start()?;
-        let [r, c, p] = measured(echo.port, length, tool.child.id(), &tool.prog_ids)?;
+        bt.measure(load, length, tool.child.id(), &tool.prog_ids)?;
         drop(tool);
-        bt.rate.push(r);
-        bt.cpu.push(c);
-        bt.programs_cpu.push(p);
     }
+    let per_exchange = {
+        let ratio = median(&nw.ns_per_exchange).unwrap_or(f64::NAN)
+            / median(&bt.ns_per_exchange).unwrap_or(f64::NAN);
+        let mut r = row(
+            scenario,
+            "eBPF ns per exchange, bpftrace (baseline) vs nodeward",
+            "ns",
+            bt.ns_per_exchange.clone(),
+            nw.ns_per_exchange.clone(),
+        );
+        r.target = Some(("ratio ≤ 1.0".to_owned(), ratio <= 1.0));
+        r
+    };
     let mut rows = Vec::new();
     for (name, arm) in [("nodeward", nw), ("bpftrace", bt)] {
         let ratio = median(&arm.rate).unwrap_or(f64::NAN) / median(&none).unwrap_or(f64::NAN);
         let mut r = row(
-            SCENARIO,
+            scenario,
             &format!("transactions, nothing vs {name}"),
             "/s",
             none.clone(),
@@ -147,19 +213,20 @@ pub fn bpftrace(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Ve
         }
         rows.push(r);
         rows.push(row(
-            SCENARIO,
+            scenario,
             &format!("{name} process CPU"),
             "s/s",
             vec![],
             arm.cpu,
         ));
         rows.push(row(
-            SCENARIO,
+            scenario,
             &format!("{name} eBPF programs' CPU"),
             "s/s",
             vec![],
             arm.programs_cpu,
         ));
     }
+    rows.push(per_exchange);
     Ok(rows)
 }

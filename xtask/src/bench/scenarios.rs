@@ -43,17 +43,20 @@ probation maps) comes from the kernel's accounting described above.
 - **TCP request/response**: four persistent loopback connections exchanging 64-byte \
 requests and responses as fast as they can (a load generator of the project's own, in xtask); \
 the metric is transactions/s. Target (issue 3): under 3% lower with the agent (ratio ≥ 0.97).
-- **TCP connection churn**: one client opening and closing loopback connections as fast as it \
-can; the metric is connections/s. The client closes with a reset (`SO_LINGER` 0) so that no \
-TIME_WAIT socket holds its port: with orderly closes the ephemeral ports ran out within seconds \
-and the rate depended on what earlier rounds left behind. Target (issue 3): under 3% lower with the agent.
+- **TCP connection churn**: one client opening loopback connections as fast as it can, each \
+accepted and closed by the server before the client closes it; the metric is connections/s. \
+The client waits for the server's close (without it, it outran the accept thread, filled the \
+accept queue, and every SYN dropped there stalled it for a 1 s retransmission timeout), and \
+closes with a reset (`SO_LINGER` 0) so that no TIME_WAIT socket holds its port (with orderly \
+closes the ephemeral ports ran out within seconds and the rate depended on what earlier rounds \
+left behind). Target (issue 3): under 3% lower with the agent.
 - **GPU poll**: `nodeward gpu-check` against the tests' fake `libnvidia-ml` presenting 8 GPUs \
 with every field set (`tests/fake-nvml/every-field.script`); the metric is the time of one poll \
 of all 8 as the agent measures it. Target (issue 6): under 5 ms. No baseline.
 - **Agent CPU**: the agent's user+system CPU seconds per second of wall time during the B runs.";
 
 /// Runs `work` alternately without and with the agent; `with_agent` gets the agent.
-fn ab<T>(
+pub fn ab<T>(
     plan: Plan,
     agent_bin: &Path,
     min_programs: usize,
@@ -286,10 +289,28 @@ impl Drop for Echo {
     }
 }
 
+/// Request/response exchanges completed in a run, and the run's length.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchanges {
+    pub count: u64,
+    pub seconds: f64,
+}
+
+impl Exchanges {
+    pub fn per_second(self) -> f64 {
+        self.count as f64 / self.seconds
+    }
+}
+
 /// Four persistent connections to `port` exchanging 64-byte requests and responses for `length`,
 /// as fast as they can or, with `rate`, at that many transactions per second in all; returns
 /// the transactions per second achieved.
 pub fn rr_load(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result<f64> {
+    rr_exchanges(port, length, rate).map(Exchanges::per_second)
+}
+
+/// [`rr_load`], counting the exchanges.
+pub fn rr_exchanges(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result<Exchanges> {
     const CONNS: u32 = 4;
     let started = Instant::now();
     let deadline = started + length;
@@ -323,13 +344,16 @@ pub fn rr_load(port: u16, length: Duration, rate: Option<f64>) -> anyhow::Result
             })
         })
         .collect();
-    let mut total = 0;
+    let mut count = 0;
     for h in handles {
-        total += h
+        count += h
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok(Exchanges {
+        count,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
@@ -355,21 +379,31 @@ pub fn tcp_connect(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result
     let echo = Echo::start(false)?;
     let port = echo.port;
     let run = || -> anyhow::Result<f64> {
-        let deadline = Instant::now() + Duration::from_secs(plan.seconds);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(plan.seconds);
         let mut n = 0u64;
+        let mut eof = [0u8; 1];
         while Instant::now() < deadline {
-            let c = TcpStream::connect(("127.0.0.1", port))?;
+            let mut c = TcpStream::connect(("127.0.0.1", port))?;
+            // Waits for the server to accept and close: `connect` returns once the handshake
+            // is done, before the server accepts, so a client that does not wait outran the
+            // accept thread on this shared 2-core machine, filled the accept queue, and each
+            // SYN dropped at a full queue cost a 1 s retransmission timeout
+            // (`TcpExtListenOverflows`): 394 - 755 connections/s, almost all of it stalls.
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let _ = c.read(&mut eof);
             // Closed with a reset (SO_LINGER 0), so the client's side leaves no TIME_WAIT
             // socket behind: with an orderly close each connection held its ephemeral port
             // for 60 s, the 28,232 ports of the default range ran out within seconds, and
             // from then on every `connect` searched the range for a free port, so a round's
             // rate depended on how many TIME_WAIT sockets the rounds before it left
-            // (287 - 8,601 connections/s in one run).
+            // (287 - 8,601 connections/s in one run). The server closed first and waits in
+            // FIN_WAIT2, which the reset ends too.
             rustix::net::sockopt::set_socket_linger(&c, Some(Duration::ZERO))?;
             drop(c);
             n += 1;
         }
-        Ok(n as f64 / plan.seconds as f64)
+        Ok(n as f64 / started.elapsed().as_secs_f64())
     };
     let mut progs = Vec::new();
     let (a, b) = ab(plan, agent_bin, ALL_PROGRAMS, run, |agent, _, _| {

@@ -5,7 +5,9 @@
 //!   this one process, so that both ends of every connection sit in the caller's cgroup (the
 //!   test starts it in a cgroup of its own). Each completed exchange (request written, whole
 //!   response read) is counted: the ground truth for the RTT samples the agent must account
-//!   for. Paced to a total rate, or as fast as it goes.
+//!   for. Paced to a total rate, or as fast as it goes. With `--listen` it is only the echo
+//!   server, and with `--connect` only the clients, so that the two ends can run in different
+//!   processes, cgroups and network namespaces (`cargo xtask bench`'s veth scenario).
 //! - `load-api`: C unary callers, each on its own connection, cycling through the read
 //!   RPCs (`GetNodeHealth`, `ListContainers`, `GetDrainStatus`, `ListGpus` and, given a
 //!   container, `GetContainerNetwork`), paced per caller; and S `WatchNodeHealth` streams over a
@@ -16,8 +18,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    io::{BufRead as _, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -50,6 +52,14 @@ pub struct RrArgs {
     /// Bytes in each request and response.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Only serve: echo on this address, accepting any number of connections, until stdin
+    /// closes. Prints `{"listening": ADDR}` once bound.
+    #[arg(long, conflicts_with = "connect")]
+    pub listen: Option<SocketAddr>,
+    /// Only the clients: exchange with the echo server at this address (another process's
+    /// `--listen`) instead of one of this process's own.
+    #[arg(long)]
+    pub connect: Option<SocketAddr>,
 }
 
 #[derive(Serialize)]
@@ -76,14 +86,14 @@ fn echo(mut c: TcpStream, size: usize) {
 }
 
 fn exchange_loop(
-    port: u16,
+    server: SocketAddr,
     size: usize,
     period: Option<Duration>,
     started: Instant,
     deadline: Instant,
     done: &AtomicU64,
 ) -> std::io::Result<()> {
-    let mut c = TcpStream::connect(("127.0.0.1", port))?;
+    let mut c = TcpStream::connect(server)?;
     c.set_nodelay(true)?;
     let req = vec![7u8; size];
     let mut resp = vec![0u8; size];
@@ -113,30 +123,69 @@ fn exchange_loop(
 }
 
 pub fn rr(args: &RrArgs) -> ExitCode {
+    if let Some(addr) = args.listen {
+        return match serve(addr, args.size.max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("echo server on {addr}: {e}")),
+        };
+    }
     match run_rr(args) {
         Ok(r) => print(&r),
         Err(e) => fail(e),
     }
 }
 
+/// The echo server alone: a thread per connection, until stdin closes.
+fn serve(addr: SocketAddr, size: usize) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "listening": listener.local_addr()? })
+    )?;
+    out.flush()?;
+    drop(out);
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            match c {
+                Ok(c) => {
+                    std::thread::spawn(move || echo(c, size));
+                }
+                Err(e) => eprintln!("nodeward-bench: accept: {e}"),
+            }
+        }
+    });
+    // Whoever started us closes stdin (or dies) to stop us.
+    for line in std::io::stdin().lock().lines() {
+        line?;
+    }
+    Ok(())
+}
+
 fn run_rr(args: &RrArgs) -> Result<RrReport, String> {
     let conns = args.connections.max(1);
     let size = args.size.max(1);
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind the echo server: {e}"))?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let server = std::thread::spawn(move || {
-        let mut threads = Vec::new();
-        for c in listener.incoming().take(conns) {
-            match c {
-                Ok(c) => threads.push(std::thread::spawn(move || echo(c, size))),
-                Err(e) => eprintln!("nodeward: accept: {e}"),
+    let (server_addr, server) = if let Some(addr) = args.connect {
+        (addr, None)
+    } else {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind the echo server: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let server = std::thread::spawn(move || {
+            let mut threads = Vec::new();
+            for c in listener.incoming().take(conns) {
+                match c {
+                    Ok(c) => threads.push(std::thread::spawn(move || echo(c, size))),
+                    Err(e) => eprintln!("nodeward: accept: {e}"),
+                }
             }
-        }
-        for t in threads {
-            let _ = t.join();
-        }
-    });
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        (addr, Some(server))
+    };
     #[expect(clippy::cast_precision_loss, reason = "a handful of connections")]
     let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / args.rate));
     let done = Arc::new(AtomicU64::new(0));
@@ -146,7 +195,7 @@ fn run_rr(args: &RrArgs) -> Result<RrReport, String> {
         .map(|_| {
             let done = done.clone();
             std::thread::spawn(move || {
-                exchange_loop(port, size, period, started, deadline, &done)
+                exchange_loop(server_addr, size, period, started, deadline, &done)
                     .map_err(|e| e.to_string())
             })
         })
@@ -167,11 +216,13 @@ fn run_rr(args: &RrArgs) -> Result<RrReport, String> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    if errors > 0 {
-        // A client that failed leaves its server thread waiting: do not wait for it.
-        drop(server);
-    } else {
-        let _ = server.join();
+    if let Some(server) = server {
+        if errors > 0 {
+            // A client that failed leaves its server thread waiting: do not wait for it.
+            drop(server);
+        } else {
+            let _ = server.join();
+        }
     }
     let exchanges = done.load(Ordering::Relaxed);
     error_samples.truncate(5);
@@ -548,10 +599,45 @@ mod tests {
             rate: 2_000.0,
             duration: Duration::from_millis(300),
             size: 16,
+            listen: None,
+            connect: None,
         };
         let r = run_rr(&args).expect("runs");
         assert_eq!((r.errors, r.connections), (0, 2), "{:?}", r.error_samples);
         // Paced at 2,000/s for 0.3 s: about 600, fewer on a loaded machine, never more.
         assert!(r.exchanges > 0 && r.exchanges <= 602, "{}", r.exchanges);
+    }
+
+    #[test]
+    fn rr_with_connect_uses_the_given_server_and_counts_what_it_echoed() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let echoed = Arc::new(AtomicU64::new(0));
+        let seen = echoed.clone();
+        std::thread::spawn(move || {
+            for c in listener.incoming().take(2) {
+                let mut c = c.expect("accept");
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16];
+                    while c.read_exact(&mut buf).is_ok() && c.write_all(&buf).is_ok() {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let args = RrArgs {
+            connections: 2,
+            rate: 2_000.0,
+            duration: Duration::from_millis(300),
+            size: 16,
+            listen: None,
+            connect: Some(addr),
+        };
+        let r = run_rr(&args).expect("runs");
+        assert_eq!(r.errors, 0, "{:?}", r.error_samples);
+        // Every exchange the client counted was answered by this server, none by one of its own.
+        assert!(r.exchanges > 0);
+        assert_eq!(r.exchanges, echoed.load(Ordering::Relaxed));
     }
 }
