@@ -68,27 +68,159 @@ fn bump(index: u32) {
     }
 }
 
+/// The headers of one UDP datagram, read from its packet.
+struct Datagram {
+    ip_version: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    /// Offset of the UDP header from the start of the IP header.
+    l4: usize,
+    udp: [u8; 8],
+    /// The first 12 payload bytes, zero-filled past the end of a shorter payload.
+    head: [u8; 12],
+}
+
+/// What the first look at a packet found.
+enum Parsed {
+    NotUdp,
+    Fragment,
+    /// A UDP packet whose UDP header is not all there.
+    Truncated,
+    Udp(Datagram),
+}
+
+/// The linear part of the packet, `[data, data_end)`, for direct packet access. `cgroup_skb`
+/// programs may read it since 5.0 when loaded with `CAP_SYS_ADMIN` (or `CAP_BPF` on 5.8+),
+/// which the agent needs anyway. `data` is the start of the IP header on both hooks.
+#[derive(Clone, Copy)]
+struct Linear {
+    data: usize,
+    end: usize,
+}
+
+impl Linear {
+    #[inline(always)]
+    fn of(ctx: &SkBuffContext) -> Self {
+        let skb = ctx.skb.skb;
+        // SAFETY: reading two UAPI `__sk_buff` fields of the program's own context; the
+        // verifier turns them into packet pointers.
+        unsafe {
+            Self {
+                data: (*skb).data as usize,
+                end: (*skb).data_end as usize,
+            }
+        }
+    }
+
+    /// `N` bytes at `off`, if the linear part holds them. `off` is a constant at every call
+    /// site, which keeps the bounds check one the 5.10 verifier follows.
+    #[inline(always)]
+    fn get<const N: usize>(self, off: usize) -> Option<[u8; N]> {
+        if self.data + off + N > self.end {
+            return None;
+        }
+        // SAFETY: the verifier-checked range above; packet bytes have no alignment.
+        Some(unsafe { core::ptr::read_unaligned((self.data + off) as *const [u8; N]) })
+    }
+}
+
 #[inline(always)]
-fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
-    // cgroup_skb sees the packet from the network header on. One fixed-size load covers the
-    // whole IPv4 header (and the start of an IPv6 one): helper calls are the main per-packet cost.
-    let ip: [u8; 20] = ctx.load(0)?;
-    let mut key = UdpFlowKey {
-        direction,
-        ..UdpFlowKey::default()
-    };
-    let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let (src, dst, l4): ([u32; 4], [u32; 4], usize) = match ip[0] >> 4 {
-        4 => {
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Reads the IP and UDP headers and the first 12 payload bytes. Every packet a socket sends or
+/// receives comes here, TCP included, so the common cases cost no helper call: an IPv4 header
+/// without options or an IPv6 header, with UDP after it and everything in the linear part, is
+/// read directly from the packet, and a packet that is not UDP leaves after reading its first
+/// 20 bytes. Anything else (IP options, headers in paged data, a payload shorter than 12
+/// bytes) gets `None` here and goes to [`parse_loaded`], the `bpf_skb_load_bytes` path that
+/// reads any layout.
+#[inline(always)]
+fn parse_linear(ctx: &SkBuffContext) -> Option<Parsed> {
+    let lin = Linear::of(ctx);
+    // IPv4 fixed header, or the first 20 bytes of IPv6's. Every TCP packet has at least 40.
+    let ip = lin.get::<20>(0)?;
+    match ip[0] {
+        0x45 => {
             if ip[9] != IPPROTO_UDP {
-                return Ok(());
+                return Some(Parsed::NotUdp);
             }
             if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-                bump(counter::FRAGMENTS);
-                return Ok(());
+                return Some(Parsed::Fragment);
             }
-            key.ip_version = 4;
+            let l4 = lin.get::<20>(20)?;
+            Some(Parsed::Udp(datagram(
+                4,
+                [word(&ip, 12), 0, 0, 0],
+                [word(&ip, 16), 0, 0, 0],
+                20,
+                &l4,
+            )))
+        }
+        b if b >> 4 == 6 => {
+            if ip[6] != IPPROTO_UDP {
+                return Some(Parsed::NotUdp);
+            }
+            let rest = lin.get::<40>(20)?;
+            let a: [u32; 8] = [
+                word(&ip, 8),
+                word(&ip, 12),
+                word(&ip, 16),
+                word(&rest, 0),
+                word(&rest, 4),
+                word(&rest, 8),
+                word(&rest, 12),
+                word(&rest, 16),
+            ];
+            let mut l4 = [0u8; 20];
+            l4.copy_from_slice(&rest[20..40]);
+            Some(Parsed::Udp(datagram(
+                6,
+                [a[0], a[1], a[2], a[3]],
+                [a[4], a[5], a[6], a[7]],
+                40,
+                &l4,
+            )))
+        }
+        // IPv4 with options: its UDP header sits at a variable offset, which the load path
+        // handles. Anything else is not IP.
+        b if b >> 4 == 4 => None,
+        _ => Some(Parsed::NotUdp),
+    }
+}
+
+#[inline(always)]
+fn datagram(ip_version: u16, src: [u32; 4], dst: [u32; 4], l4: usize, b: &[u8; 20]) -> Datagram {
+    Datagram {
+        ip_version,
+        src,
+        dst,
+        l4,
+        udp: [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]],
+        head: [
+            b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15], b[16], b[17], b[18], b[19],
+        ],
+    }
+}
+
+/// [`parse_linear`] through `bpf_skb_load_bytes`, for packets whose headers are not all in the
+/// linear part or sit at a variable offset.
+#[inline(always)]
+fn parse_loaded(ctx: &SkBuffContext) -> Parsed {
+    let Ok(ip) = ctx.load::<[u8; 20]>(0) else {
+        return Parsed::NotUdp;
+    };
+    let (ip_version, src, dst, l4): (u16, [u32; 4], [u32; 4], usize) = match ip[0] >> 4 {
+        4 => {
+            if ip[9] != IPPROTO_UDP {
+                return Parsed::NotUdp;
+            }
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+                return Parsed::Fragment;
+            }
             (
+                4,
                 [word(&ip, 12), 0, 0, 0],
                 [word(&ip, 16), 0, 0, 0],
                 usize::from(ip[0] & 0x0f) * 4,
@@ -97,33 +229,56 @@ fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
         6 => {
             // Only UDP directly after the fixed header; extension headers are not followed.
             if ip[6] != IPPROTO_UDP {
-                return Ok(());
+                return Parsed::NotUdp;
             }
-            key.ip_version = 6;
-            let a: [u32; 8] = ctx.load(8)?;
-            ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]], 40)
+            let Ok(a) = ctx.load::<[u32; 8]>(8) else {
+                return Parsed::NotUdp;
+            };
+            (6, [a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]], 40)
         }
-        _ => return Ok(()),
+        _ => return Parsed::NotUdp,
     };
-    bump(counter::UDP_PACKETS);
     // The UDP header and the first 12 payload bytes in one load; a payload shorter than an RTP
     // header falls back to the UDP header alone.
-    let mut head = [0u8; 12];
-    let udp: [u8; 8] = match ctx.load::<[u8; 20]>(l4) {
-        Ok(b) => {
-            head = [
-                b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15], b[16], b[17], b[18], b[19],
-            ];
-            [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]
-        }
+    match ctx.load::<[u8; 20]>(l4) {
+        Ok(b) => Parsed::Udp(datagram(ip_version, src, dst, l4, &b)),
         Err(_) => match ctx.load::<[u8; 8]>(l4) {
-            Ok(b) => b,
-            Err(_) => {
-                bump(counter::TRUNCATED);
-                return Ok(());
+            Ok(u) => {
+                let mut b = [0u8; 20];
+                b[..8].copy_from_slice(&u);
+                Parsed::Udp(datagram(ip_version, src, dst, l4, &b))
             }
+            Err(_) => Parsed::Truncated,
         },
+    }
+}
+
+#[inline(always)]
+fn try_udp(ctx: &SkBuffContext, direction: u16) -> Result<(), i64> {
+    let parsed = match parse_linear(ctx) {
+        Some(p) => p,
+        None => parse_loaded(ctx),
     };
+    let d = match parsed {
+        Parsed::NotUdp => return Ok(()),
+        Parsed::Fragment => {
+            bump(counter::FRAGMENTS);
+            return Ok(());
+        }
+        Parsed::Truncated => {
+            bump(counter::UDP_PACKETS);
+            bump(counter::TRUNCATED);
+            return Ok(());
+        }
+        Parsed::Udp(d) => d,
+    };
+    let (src, dst, l4, udp, head) = (d.src, d.dst, d.l4, d.udp, d.head);
+    let mut key = UdpFlowKey {
+        direction,
+        ip_version: d.ip_version,
+        ..UdpFlowKey::default()
+    };
+    bump(counter::UDP_PACKETS);
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
     let dport = u16::from_be_bytes([udp[2], udp[3]]);
     let payload_len = u32::from(u16::from_be_bytes([udp[4], udp[5]])).saturating_sub(8);
