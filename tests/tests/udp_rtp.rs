@@ -395,3 +395,73 @@ fn rtp_over_ipv6_is_tracked_with_its_loss() {
     assert_eq!(state.lost(), u64::from(dropped));
     assert_eq!(state.received, 97);
 }
+
+/// IPv4 with header options puts the UDP header at a variable offset, which the programs read
+/// through `bpf_skb_load_bytes` rather than directly from the packet: the flow and the stream
+/// are counted as exactly as without options (every packet and payload byte sent, the drops as
+/// loss).
+#[test]
+fn rtp_with_ipv4_options_is_tracked_with_its_loss() {
+    const TEST: &str = "rtp_with_ipv4_options_is_tracked_with_its_loss";
+    require_root!(TEST);
+    let Some(root) = cgroup_v2_root() else {
+        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    };
+    if !have("python3") {
+        return skip(TEST, "needs python3");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192).expect("attach");
+    let container = Cgroup::new("rtp-ipopt");
+    let receiver = Receiver::start(&container);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("sender socket");
+    // Three no-operation options and an end-of-list: a 24-byte IPv4 header (IHL 6).
+    let options = [1u8, 1, 1, 0];
+    // SAFETY: a valid socket descriptor and a buffer of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+    let plan = RtpPlan {
+        ssrc: 0x0004_0024,
+        payload_type: 0,
+        first_seq: 500,
+        interval: Duration::from_millis(5),
+        ts_step: 40,
+        packets: 100,
+        max_delay: Duration::from_millis(1),
+        drops: vec![5, 50, 51],
+        payload_len: 40,
+    };
+    let dest = format!("127.0.0.1:{}", receiver.port);
+    let dropped = send_rtp(&socket, &dest, &plan, &mut Rng::new(24));
+    std::thread::sleep(Duration::from_millis(100));
+    let maps = programs.read().expect("read");
+    let sender_port = socket.local_addr().expect("addr").port();
+    let state = ingress_stream(&programs, container.id(), plan.ssrc)
+        .expect("the stream sent with IP options is tracked in the receiver's cgroup");
+    assert_eq!(dropped, 3);
+    assert_eq!(state.lost(), u64::from(dropped));
+    assert_eq!(state.received, 97);
+    let (_, flow) = maps
+        .flows
+        .iter()
+        .find(|(k, _)| {
+            k.cgroup_id == container.id()
+                && k.direction == DIR_INGRESS
+                && k.remote_port == sender_port
+        })
+        .expect("the flow is tracked");
+    assert_eq!(flow.packets, 97);
+    assert_eq!(
+        flow.bytes,
+        97 * (12 + 40),
+        "RTP header and payload of each datagram"
+    );
+}
