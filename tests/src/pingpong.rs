@@ -7,11 +7,67 @@ use std::{
     time::Duration,
 };
 
+use nodeward::{
+    config::PathsConfig,
+    probe::Capabilities,
+    sources::tcp::{
+        plan, snapshot::WindowStats, Attribution, Collector, RttMethod, TcpConfig, TcpSnapshot,
+    },
+    store::{Window, DEFAULT_NETWORK_WINDOWS},
+};
+
 use crate::{
     cgroup_v2_root,
     net::{has_iptables, python_with_nfqueue, script, veth},
     run, skip, wait_for, Cgroup, Netns,
 };
+
+/// The TCP programs attached the way `attribution` asks, with `tcp.rtt_method = method` and a
+/// 1 s tick; `None` (after a skip) when this kernel cannot run that path or that method.
+pub fn collector(test: &str, attribution: Attribution, method: RttMethod) -> Option<Collector> {
+    let caps = Capabilities::probe(&PathsConfig::default());
+    let (root, plan) = match plan(&caps, attribution) {
+        Ok(p) => p,
+        Err(e) => {
+            skip(
+                test,
+                &format!("{attribution:?} attribution unavailable: {e}"),
+            );
+            return None;
+        }
+    };
+    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
+        skip(test, &e.to_string());
+        return None;
+    }
+    let config = TcpConfig {
+        rtt_method: method,
+        ..TcpConfig::default()
+    };
+    Some(
+        Collector::attach(
+            &root,
+            &config,
+            &plan,
+            Duration::from_secs(1),
+            &DEFAULT_NETWORK_WINDOWS,
+        )
+        .expect("TCP programs load and attach"),
+    )
+}
+
+/// The 10 s window of `cgroup` in `snap`; panics, showing the snapshot, when there is none.
+pub fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
+    snap.container(cgroup.id())
+        .and_then(|c| c.window(Window::from_secs(10)))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no 10s window for cgroup {}: {snap:#?}",
+                cgroup.path.display()
+            )
+        })
+}
 
 /// What every TCP test needs (root, cgroup v2, python3), or the reason it cannot run; returns
 /// the interpreter.

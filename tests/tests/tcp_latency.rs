@@ -11,15 +11,13 @@ use std::{sync::Mutex, time::Duration};
 use nodeward::{
     config::PathsConfig,
     probe::Capabilities,
-    sources::tcp::{
-        plan,
-        snapshot::{RttSample, WindowStats},
-        Attribution, Collector, RttMethod, TcpConfig, TcpSnapshot,
-    },
+    sources::tcp::{plan, snapshot::RttSample, Attribution, Collector, RttMethod, TcpConfig},
 };
 use nodeward_tests::{
     net::{nstat_retrans, ss, Applied, DelayLine},
-    pingpong::{network, prerequisites, start_client, start_server, wait_done, Proc},
+    pingpong::{
+        collector, network, prerequisites, start_client, start_server, wait_done, window, Proc,
+    },
     skip, Cgroup,
 };
 
@@ -27,56 +25,9 @@ use nodeward_tests::{
 /// line's timing honest.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Attaches the TCP programs the way `attribution` asks; `None` (after a skip) when this
-/// kernel cannot do it.
-fn collector(test: &str, attribution: Attribution) -> Option<Collector> {
-    collector_with(test, attribution, RttMethod::Auto)
-}
-
-/// As [`collector`], with `tcp.rtt_method` set; `None` (after a skip) when this kernel cannot
-/// run the method.
-fn collector_with(test: &str, attribution: Attribution, method: RttMethod) -> Option<Collector> {
-    let caps = Capabilities::probe(&PathsConfig::default());
-    let (root, plan) = match plan(&caps, attribution) {
-        Ok(p) => p,
-        Err(e) => {
-            skip(
-                test,
-                &format!("{attribution:?} attribution unavailable: {e}"),
-            );
-            return None;
-        }
-    };
-    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
-        skip(test, &e.to_string());
-        return None;
-    }
-    let config = TcpConfig {
-        rtt_method: method,
-        ..TcpConfig::default()
-    };
-    Some(
-        Collector::attach(
-            &root,
-            &config,
-            &plan,
-            Duration::from_secs(1),
-            &DEFAULT_NETWORK_WINDOWS,
-        )
-        .expect("TCP programs load and attach"),
-    )
-}
-
-fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
-    snap.container(cgroup.id())
-        .and_then(|c| c.window(Window::from_secs(10)))
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "no 10s window for cgroup {}: {snap:#?}",
-                cgroup.path.display()
-            )
-        })
+/// Attaches the TCP programs the way `attribution` asks, with `tcp.rtt_method = "auto"`.
+fn auto_collector(test: &str, attribution: Attribution) -> Option<Collector> {
+    collector(test, attribution, RttMethod::Auto)
 }
 
 /// Request delays the line applied towards `dport`, per client port, in order.
@@ -176,7 +127,7 @@ fn accuracy(test: &str, method: RttMethod, subnet: u8, queue: u16) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(subnet);
     let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
-    let Some(mut collector) = collector_with(test, Attribution::Auto, method) else {
+    let Some(mut collector) = collector(test, Attribution::Auto, method) else {
         return;
     };
     collector.tick().expect("baseline read");
@@ -364,7 +315,7 @@ fn told_apart(test: &str, attribution: Attribution, subnet: u8) {
     let net = network(subnet);
     let (server_cg, slow_cg, fast_cg) =
         (Cgroup::new("srv"), Cgroup::new("slow"), Cgroup::new("fast"));
-    let Some(mut collector) = collector(test, attribution) else {
+    let Some(mut collector) = auto_collector(test, attribution) else {
         return;
     };
     collector.tick().expect("baseline read");
@@ -480,7 +431,7 @@ fn retransmits_match_the_kernels_count() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(93);
     let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
-    let Some(mut collector) = collector(TEST, Attribution::Auto) else {
+    let Some(mut collector) = auto_collector(TEST, Attribution::Auto) else {
         return;
     };
     collector.tick().expect("baseline read");
@@ -560,7 +511,7 @@ fn a_retransmitted_segment_gives_no_sample_with_the_segment_method() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(89);
     let (server_cg, client_cg) = (Cgroup::new("srv"), Cgroup::new("cli"));
-    let Some(mut collector) = collector_with(TEST, Attribution::Auto, RttMethod::Segment) else {
+    let Some(mut collector) = collector(TEST, Attribution::Auto, RttMethod::Segment) else {
         return;
     };
     collector.tick().expect("baseline read");

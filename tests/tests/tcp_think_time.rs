@@ -8,7 +8,6 @@
 //! sockets), and a bulk sender's figures must be what they were before the filter (its path
 //! mean equals the mean of every measurement the kernel took).
 
-use nodeward::store::{Window, DEFAULT_NETWORK_WINDOWS};
 use std::{
     io::{BufRead as _, BufReader},
     process::{ChildStdout, Stdio},
@@ -16,58 +15,14 @@ use std::{
     time::Duration,
 };
 
-use nodeward::{
-    config::PathsConfig,
-    probe::Capabilities,
-    sources::tcp::{
-        plan, snapshot::WindowStats, Attribution, Collector, RttMethod, TcpConfig, TcpSnapshot,
-    },
-};
+use nodeward::sources::tcp::{Attribution, RttMethod};
 use nodeward_tests::{
     net::{script, ss, Applied, DelayLine},
-    pingpong::{network, prerequisites, start_server, Net, Proc},
-    run, skip, wait_for, Cgroup,
+    pingpong::{collector, network, prerequisites, start_server, window, Net, Proc},
+    run, wait_for, Cgroup,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// The TCP programs on the `auto` path with `tcp.rtt_method = method`; `None` (after a skip)
-/// where this kernel or path cannot run it.
-fn collector(test: &str, method: RttMethod) -> Option<Collector> {
-    let caps = Capabilities::probe(&PathsConfig::default());
-    let (root, plan) = match plan(&caps, Attribution::Auto) {
-        Ok(p) => p,
-        Err(e) => {
-            skip(test, &format!("no TCP eBPF path: {e}"));
-            return None;
-        }
-    };
-    if let Err(e) = method.resolve(&caps.kernel_release, plan.recorder) {
-        skip(test, &e.to_string());
-        return None;
-    }
-    let config = TcpConfig {
-        rtt_method: method,
-        ..TcpConfig::default()
-    };
-    Some(
-        Collector::attach(
-            &root,
-            &config,
-            &plan,
-            Duration::from_secs(1),
-            &DEFAULT_NETWORK_WINDOWS,
-        )
-        .expect("TCP programs load and attach"),
-    )
-}
-
-fn window(snap: &TcpSnapshot, cgroup: &Cgroup) -> WindowStats {
-    snap.container(cgroup.id())
-        .and_then(|c| c.window(Window::from_secs(10)))
-        .cloned()
-        .unwrap_or_else(|| panic!("no 10s window for {}: {snap:#?}", cgroup.path.display()))
-}
 
 /// Runs `think.py` with `args` in the client namespace and cgroup; returns it with its local
 /// ports once it printed "connected".
@@ -143,7 +98,7 @@ fn server_path_rtt_excludes_the_clients_pause(
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(subnet);
     let (server_cg, client_cg) = (Cgroup::new("thsrv"), Cgroup::new("thcli"));
-    let Some(mut collector) = collector(test, method) else {
+    let Some(mut collector) = collector(test, Attribution::Auto, method) else {
         return;
     };
     collector.tick().expect("baseline read");
@@ -299,7 +254,7 @@ fn a_bulk_senders_figures_are_unchanged() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let net = network(97);
     let (server_cg, client_cg) = (Cgroup::new("bksrv"), Cgroup::new("bkcli"));
-    let Some(mut collector) = collector(TEST, RttMethod::Auto) else {
+    let Some(mut collector) = collector(TEST, Attribution::Auto, RttMethod::Auto) else {
         return;
     };
     collector.tick().expect("baseline read");
