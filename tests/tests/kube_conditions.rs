@@ -274,8 +274,10 @@ async fn an_api_server_down_for_a_minute_blocks_nothing_and_the_conditions_catch
         "the drain's Event was not sent after the outage: {:?}",
         api.events()
     );
+    // The stand-in records the conditions before its answer reaches the agent, which logs the
+    // recovery only once it has that answer.
     assert!(
-        agent.log_text().contains("answers again"),
+        until(STEP, || agent.log_text().contains("answers again")).await,
         "{}",
         agent.log_text()
     );
