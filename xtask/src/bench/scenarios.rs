@@ -359,7 +359,19 @@ pub fn rr_exchanges(port: u16, length: Duration, rate: Option<f64>) -> anyhow::R
 pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<Row>> {
     let echo = Echo::start(true)?;
     let port = echo.port;
-    let run = || rr_load(port, Duration::from_secs(plan.seconds), None);
+    rr_rows("TCP request/response", agent_bin, plan, || {
+        rr_load(port, Duration::from_secs(plan.seconds), None)
+    })
+}
+
+/// A request/response load (`run` gives transactions/s) without and with the agent, in turn:
+/// the rate rows (target: ratio ≥ 0.97), each program's ns per run, the agent's CPU.
+pub fn rr_rows(
+    scenario: &str,
+    agent_bin: &Path,
+    plan: Plan,
+    run: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<Row>> {
     let mut cpu = Vec::new();
     let mut progs = Vec::new();
     let (a, b) = ab(plan, agent_bin, ALL_PROGRAMS, run, |agent, _, elapsed| {
@@ -367,11 +379,11 @@ pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<
         progs.push(program_delta(&BTreeMap::new(), &agent.program_stats()));
     })?;
     let ratio = median(&b).unwrap_or(f64::NAN) / median(&a).unwrap_or(f64::NAN);
-    let mut rate = row("TCP request/response", "transactions", "/s", a, b);
+    let mut rate = row(scenario, "transactions", "/s", a, b);
     rate.target = Some(("ratio ≥ 0.97".to_owned(), ratio >= 0.97));
     let mut rows = vec![rate];
-    rows.extend(program_rows("TCP request/response", &progs));
-    rows.push(row("TCP request/response", "agent CPU", "s/s", vec![], cpu));
+    rows.extend(program_rows(scenario, &progs));
+    rows.push(row(scenario, "agent CPU", "s/s", vec![], cpu));
     Ok(rows)
 }
 

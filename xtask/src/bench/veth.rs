@@ -5,7 +5,6 @@
 //! its guard drops, on an error too.
 
 use std::{
-    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -16,8 +15,8 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use super::{
-    bench_bin, median,
-    scenarios::{ab, program_delta, program_rows, row, Exchanges, ALL_PROGRAMS},
+    bench_bin,
+    scenarios::{rr_rows, Exchanges},
     Plan, Row,
 };
 
@@ -249,18 +248,7 @@ pub fn tcp_rr(_root: &Path, agent_bin: &Path, plan: Plan) -> anyhow::Result<Vec<
     const SCENARIO: &str = "TCP request/response (veth)";
     let pair = VethPair::start(agent_bin)?;
     let length = Duration::from_secs(plan.seconds);
-    let run = || pair.exchange(length).map(Exchanges::per_second);
-    let mut cpu = Vec::new();
-    let mut progs = Vec::new();
-    let (a, b) = ab(plan, agent_bin, ALL_PROGRAMS, run, |agent, _, elapsed| {
-        cpu.push(agent.cpu_seconds() / elapsed.as_secs_f64());
-        progs.push(program_delta(&BTreeMap::new(), &agent.program_stats()));
-    })?;
-    let ratio = median(&b).unwrap_or(f64::NAN) / median(&a).unwrap_or(f64::NAN);
-    let mut rate = row(SCENARIO, "transactions", "/s", a, b);
-    rate.target = Some(("ratio ≥ 0.97".to_owned(), ratio >= 0.97));
-    let mut rows = vec![rate];
-    rows.extend(program_rows(SCENARIO, &progs));
-    rows.push(row(SCENARIO, "agent CPU", "s/s", vec![], cpu));
-    Ok(rows)
+    rr_rows(SCENARIO, agent_bin, plan, || {
+        pair.exchange(length).map(Exchanges::per_second)
+    })
 }
