@@ -1,12 +1,12 @@
 //! UDP/RTP stream quality per container, checked against tshark's RTP stream analysis of a
 //! capture of the same traffic.
 
-use std::{collections::BTreeMap, net::UdpSocket, sync::Mutex, time::Duration};
+use std::{collections::BTreeMap, net::UdpSocket, path::PathBuf, sync::Mutex, time::Duration};
 
 use agent_ebpf::rtp::{RtpState, DIR_INGRESS};
 use nodeward::ebpf::udp::UdpPrograms;
 use nodeward_tests::{
-    cgroup_v2_root, require_root,
+    cgroup_v2_root, is_root,
     rtp::{rtp_packet, send_rtp, tshark_rtp_streams, Capture, Receiver, Rng, RtpPlan},
     skip, Cgroup,
 };
@@ -21,6 +21,30 @@ fn have(program: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok()
+}
+
+/// The cgroup v2 root to attach the UDP programs to, when the test can run here: root, a
+/// cgroup v2 hierarchy and `tools`; `None` after a skip that says what is missing.
+fn prerequisites(test: &str, tools: &[&str]) -> Option<PathBuf> {
+    if !is_root() {
+        skip(test, "needs root (eBPF, cgroups, network namespaces)");
+        return None;
+    }
+    let Some(root) = cgroup_v2_root() else {
+        skip(test, "no cgroup v2 hierarchy for cgroup_skb programs");
+        return None;
+    };
+    if !tools.iter().all(|t| have(t)) {
+        skip(
+            test,
+            &format!(
+                "needs {} (cargo xtask test installs them)",
+                tools.join(" and ")
+            ),
+        );
+        return None;
+    }
+    Some(root)
 }
 
 /// The stream the receiver's cgroup saw from `ssrc`, inbound.
@@ -40,16 +64,9 @@ fn ingress_stream(programs: &UdpPrograms, cgroup_id: u64, ssrc: u32) -> Option<R
 #[test]
 fn rtp_jitter_and_loss_match_tshark() {
     const TEST: &str = "rtp_jitter_and_loss_match_tshark";
-    require_root!(TEST);
-    let Some(root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    let Some(root) = prerequisites(TEST, &["tshark", "python3"]) else {
+        return;
     };
-    if !have("tshark") || !have("python3") {
-        return skip(
-            TEST,
-            "needs tshark and python3 (cargo xtask test installs them)",
-        );
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
 
     let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192)
@@ -125,13 +142,9 @@ fn rtp_jitter_and_loss_match_tshark() {
 #[test]
 fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
     const TEST: &str = "non_rtp_and_malformed_udp_is_not_counted_as_rtp";
-    require_root!(TEST);
-    let Some(root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    let Some(root) = prerequisites(TEST, &["python3"]) else {
+        return;
     };
-    if !have("python3") {
-        return skip(TEST, "needs python3");
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192).expect("attach");
     let container = Cgroup::new("udp-noise");
@@ -219,13 +232,9 @@ fn non_rtp_and_malformed_udp_is_not_counted_as_rtp() {
 #[test]
 fn live_streams_follow_the_traffic_and_windows_count_loss() {
     const TEST: &str = "live_streams_follow_the_traffic_and_windows_count_loss";
-    require_root!(TEST);
-    let Some(root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    let Some(root) = prerequisites(TEST, &["python3"]) else {
+        return;
     };
-    if !have("python3") {
-        return skip(TEST, "needs python3");
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let config = nodeward::sources::udp::UdpConfig {
         idle_timeout: Duration::from_millis(500),
@@ -343,13 +352,9 @@ fn live_streams_follow_the_traffic_and_windows_count_loss() {
 #[test]
 fn rtp_over_ipv6_is_tracked_with_its_loss() {
     const TEST: &str = "rtp_over_ipv6_is_tracked_with_its_loss";
-    require_root!(TEST);
-    let Some(root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    let Some(root) = prerequisites(TEST, &["python3"]) else {
+        return;
     };
-    if !have("python3") {
-        return skip(TEST, "needs python3");
-    }
     let Ok(socket) = UdpSocket::bind("[::1]:0") else {
         return skip(TEST, "no IPv6 loopback on this host");
     };
@@ -403,13 +408,9 @@ fn rtp_over_ipv6_is_tracked_with_its_loss() {
 #[test]
 fn rtp_with_ipv4_options_is_tracked_with_its_loss() {
     const TEST: &str = "rtp_with_ipv4_options_is_tracked_with_its_loss";
-    require_root!(TEST);
-    let Some(root) = cgroup_v2_root() else {
-        return skip(TEST, "no cgroup v2 hierarchy for cgroup_skb programs");
+    let Some(root) = prerequisites(TEST, &["python3"]) else {
+        return;
     };
-    if !have("python3") {
-        return skip(TEST, "needs python3");
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let programs = UdpPrograms::attach(&root, &BTreeMap::new(), 16384, 8192).expect("attach");
     let container = Cgroup::new("rtp-ipopt");
