@@ -17,7 +17,7 @@ mod rtcp_tests;
 mod rtp_tests;
 
 pub mod tcp;
-pub use tcp::{CgroupTcpStats, FlowState, HistKey, SockState};
+pub use tcp::{CgroupTcpStats, FlowState, HistKey, HistRow, SockState};
 
 #[cfg(feature = "user")]
 mod pod {

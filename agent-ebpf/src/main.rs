@@ -4,6 +4,10 @@
 //! No program reads a kernel struct at a compile-time offset: Rust eBPF has no CO-RE, so every
 //! program goes through UAPI contexts and BPF helpers.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target has no atomic types with read-modify-write methods; the intrinsic compiles to
+// the instruction (an atomic add whose result is unused, which every supported kernel accepts).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod tcp_latency;

@@ -70,8 +70,12 @@ pub fn bucket_bounds(bucket: u32) -> (u64, u64) {
     ((SUB + sub) << shift, (SUB + sub + 1) << shift)
 }
 
-/// Key of the `TCP_RTT_HIST` per-CPU hash: one counter per (socket cgroup, bucket). Sparse, so
-/// a container whose RTTs span a few buckets costs a few entries, not a whole array.
+/// One cgroup's RTT histogram: a row of the `TCP_RTT_HIST` array, indexed by the cgroup's slot
+/// (see [`slot`]); the programs add to a bucket atomically.
+pub type HistRow = [u64; HIST_BUCKETS as usize];
+
+/// A histogram bucket of a cgroup, as user space reads it (a non-zero bucket of the cgroup's
+/// [`HistRow`]) and as the sock_diag fallback keeps it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HistKey {
@@ -80,8 +84,9 @@ pub struct HistKey {
     pub _pad: u32,
 }
 
-/// Per-cgroup counters in the `TCP_CGROUP_STATS` per-CPU hash. All cumulative since the entry
-/// was created; user space takes differences on each tick (wrapping, so the sums may wrap).
+/// Per-cgroup counters in the `TCP_CGROUP_STATS` per-CPU array, indexed by the cgroup's slot
+/// (see [`slot`]). All cumulative since the slot was given to the cgroup; user space takes
+/// differences on each tick (wrapping, so the sums may wrap).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupTcpStats {
@@ -114,9 +119,15 @@ pub struct CgroupTcpStats {
     /// Established connections that closed.
     pub closed: u64,
     /// Samples taken while a task of another cgroup was on the CPU (softirq): the ones that
-    /// attribution by `current` would have given to the wrong container.
+    /// attribution by `current` would have given to the wrong container. Estimated: one
+    /// sample in [`FOREIGN_CHECK_EVERY`] (per CPU) is checked, and a foreign one counts for
+    /// them all.
     pub foreign_context: u64,
 }
+
+/// One RTT sample in this many is checked for a foreign context (the check costs a helper
+/// call, and it is a diagnostic, not a figure a verdict rests on).
+pub const FOREIGN_CHECK_EVERY: u64 = 16;
 
 /// Counter arithmetic in user space: summing per-CPU values and ticks, and differences of
 /// cumulative reads. Wrapping, as the kernel's counters may wrap. The field list is written
@@ -212,6 +223,31 @@ pub struct FlowState {
     pub handshake_rtt_us: u32,
     /// The socket's `data_segs_in` at the last RTT callback: whether the peer sent data since.
     pub seen_data_segs_in: u32,
+    /// The flow's cgroup's slot plus one, as last looked up (0: none yet); checked against the
+    /// slot's owner on every use, so a slot given to another cgroup since is never written.
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Per-cgroup slots: the counters (`TCP_CGROUP_STATS`, per-CPU) and histogram
+/// (`TCP_RTT_HIST`) of a cgroup are rows of arrays, at the cgroup's slot, so that a sample costs
+/// array lookups the JIT inlines instead of two hash lookups.
+///
+/// - `TCP_SLOTS` (hash, cgroup id → slot) tells a cgroup's slot; `TCP_SLOT_OWNER` (array,
+///   slot → cgroup id) tells whose a slot is; `TCP_FREE_SLOTS` (queue) holds the free ones,
+///   all of them at start (user space pushes them before attaching).
+/// - A program takes a slot for a cgroup at its first connection event: pops a free one,
+///   writes the owner, inserts the mapping (if another CPU was faster, it gives its slot back
+///   and takes the winner's). With no free slot the event is counted in
+///   `drop_reason::STATS_FULL` and nothing is written: never another cgroup's row.
+/// - Each flow remembers its slot ([`super::FlowState::slot`]) and checks the owner before
+///   every write; on a mismatch it looks the cgroup up again.
+/// - User space frees the slot of a cgroup idle past its longest window with no open
+///   connection: deletes the mapping, clears the owner, zeroes the row, pushes the slot back.
+pub mod slot {
+    /// [`super::FlowState::slot`] of a flow whose slot is not looked up yet; any other value
+    /// is the slot plus one.
+    pub const NONE: u32 = 0;
 }
 
 /// Which RTT measurements count as the path's RTT. A measurement ends at the ACK that covers
@@ -357,9 +393,10 @@ pub mod direction {
 /// Indices of the `TCP_DROPS` per-CPU array: events not recorded because a map was full or a
 /// socket carried no cgroup.
 pub mod drop_reason {
-    /// A histogram bucket could not be inserted (histogram map full).
+    /// A histogram bucket could not be inserted (the sock_diag fallback's histogram full; the
+    /// programs' histogram rows cannot fill).
     pub const HIST_FULL: u32 = 0;
-    /// A cgroup's counters could not be inserted (stats map full).
+    /// A cgroup got no slot (`tcp.max_cgroups` cgroups hold one): its event was not recorded.
     pub const STATS_FULL: u32 = 1;
     /// A flow could not be inserted in the LRU flow map.
     pub const FLOW_INSERT: u32 = 2;
@@ -373,7 +410,8 @@ pub mod drop_reason {
 const _: () = assert!(core::mem::size_of::<HistKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockState>() == 24);
 const _: () = assert!(core::mem::size_of::<CgroupTcpStats>() == 13 * 8);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 12 * 8 + 16 + 10 * 4);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 12 * 8 + 16 + 12 * 4);
+const _: () = assert!(core::mem::size_of::<HistRow>() == 3072);
 
 #[cfg(test)]
 mod tests {

@@ -33,20 +33,24 @@
 //! (no CO-RE needed).
 
 use agent_ebpf::{
-    tcp::{bucket_of, direction, drop_reason, path, rtt_method, segment},
-    CgroupTcpStats, FlowState, HistKey, SockState,
+    tcp::{
+        bucket_of, direction, drop_reason, path, rtt_method, segment, slot, FOREIGN_CHECK_EVERY,
+        HIST_BUCKETS,
+    },
+    CgroupTcpStats, FlowState, HistRow, SockState,
 };
+use core::intrinsics::AtomicOrdering;
 use aya_ebpf::{
     bindings::{
-        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_RETRANS_CB_FLAG,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
     },
     macros::{cgroup_skb, cgroup_sock, map, sock_ops},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 
@@ -123,14 +127,24 @@ static RTT_METHOD: u32 = 0;
 #[unsafe(export_name = "SOCK_CGROUP")]
 static SOCK_CGROUP: SkStorageClone = SkStorageClone::new();
 
-/// Per-cgroup counters. Sizes are set by user space from the config before load.
+/// Per-cgroup slots (`agent_ebpf::tcp::slot`): cgroup id → slot, slot → cgroup id, the free
+/// slots. Sizes (`tcp.max_cgroups`) are set by user space from the config before load; user
+/// space fills the queue before attaching.
 #[map]
-static TCP_CGROUP_STATS: PerCpuHashMap<u64, CgroupTcpStats> =
-    PerCpuHashMap::with_max_entries(4096, 0);
+static TCP_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+#[map]
+static TCP_SLOT_OWNER: Array<u64> = Array::with_max_entries(1024, 0);
+#[map]
+static TCP_FREE_SLOTS: Queue<u32> = Queue::with_max_entries(1024, 0);
 
-/// Per-cgroup sparse RTT histogram.
+/// Per-cgroup counters, at the cgroup's slot.
 #[map]
-static TCP_RTT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(65536, 0);
+static TCP_CGROUP_STATS: PerCpuArray<CgroupTcpStats> = PerCpuArray::with_max_entries(1024, 0);
+
+/// Per-cgroup RTT histogram, at the cgroup's slot (one shared row per cgroup, atomic adds:
+/// a per-CPU row would cost 3 KiB per cgroup and CPU).
+#[map]
+static TCP_RTT_HIST: Array<HistRow> = Array::with_max_entries(1024, 0);
 
 /// Per-connection state, by socket cookie. LRU: the oldest idle flows make room.
 #[map]
@@ -304,19 +318,66 @@ fn socket_cgroup(ctx: &SockOpsContext) -> Option<u64> {
     Some(unsafe { (*slot).cgroup_id })
 }
 
+/// The slot of `cgroup_id`, taking a free one if it has none yet (counted, and `None`, when
+/// every slot is taken).
 #[inline(always)]
-fn stats_for(cgroup_id: u64) -> Option<*mut CgroupTcpStats> {
-    if let Some(p) = TCP_CGROUP_STATS.get_ptr_mut(&cgroup_id) {
-        return Some(p);
+fn slot_of(cgroup_id: u64) -> Option<u32> {
+    // SAFETY: a value of this hash map, copied at once.
+    if let Some(s) = unsafe { TCP_SLOTS.get(&cgroup_id) } {
+        return Some(*s);
     }
-    if TCP_CGROUP_STATS
-        .insert(&cgroup_id, &CgroupTcpStats::default(), 0)
-        .is_err()
-    {
+    let Ok(Some(free)) = TCP_FREE_SLOTS.pop() else {
         count_drop(drop_reason::STATS_FULL);
         return None;
+    };
+    // User space pushes only slots below the arrays' size.
+    let owner = TCP_SLOT_OWNER.get_ptr_mut(free)?;
+    // SAFETY: array value, valid for the program's run. The owner is written before the
+    // mapping, so that a flow that finds the mapping also finds its owner.
+    unsafe { *owner = cgroup_id };
+    if TCP_SLOTS
+        .insert(&cgroup_id, &free, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return Some(free);
     }
-    TCP_CGROUP_STATS.get_ptr_mut(&cgroup_id)
+    // Another CPU gave the cgroup a slot meanwhile: ours goes back, theirs is used.
+    // SAFETY: as above.
+    unsafe { *owner = 0 };
+    let _ = TCP_FREE_SLOTS.push(free, 0);
+    // SAFETY: as above.
+    match unsafe { TCP_SLOTS.get(&cgroup_id) } {
+        Some(s) => Some(*s),
+        None => {
+            count_drop(drop_reason::STATS_FULL);
+            None
+        }
+    }
+}
+
+/// The counters of `cgroup_id` and its slot.
+#[inline(always)]
+fn stats_of(cgroup_id: u64) -> Option<(u32, *mut CgroupTcpStats)> {
+    let s = slot_of(cgroup_id)?;
+    Some((s, TCP_CGROUP_STATS.get_ptr_mut(s)?))
+}
+
+/// As [`stats_of`] for a flow's (known) cgroup, through the slot the flow remembers while that
+/// slot is still its cgroup's.
+#[inline(always)]
+fn flow_stats(flow: *mut FlowState, cgroup_id: u64) -> Option<(u32, *mut CgroupTcpStats)> {
+    // SAFETY: valid map value.
+    let cached = unsafe { (*flow).slot };
+    if cached != slot::NONE {
+        let s = cached - 1;
+        if TCP_SLOT_OWNER.get(s).is_some_and(|owner| *owner == cgroup_id) {
+            return Some((s, TCP_CGROUP_STATS.get_ptr_mut(s)?));
+        }
+    }
+    let (s, stats) = stats_of(cgroup_id)?;
+    // SAFETY: valid map value.
+    unsafe { (*flow).slot = s + 1 };
+    Some((s, stats))
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -380,7 +441,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
 /// connection's first path sample.
 #[inline(always)]
 fn count_open(flow: *mut FlowState, cgroup_id: u64) {
-    let Some(stats) = stats_for(cgroup_id) else {
+    let Some((slot, stats)) = flow_stats(flow, cgroup_id) else {
         return;
     };
     // SAFETY: `flow` and `stats` are valid map values for the program's run.
@@ -393,14 +454,14 @@ fn count_open(flow: *mut FlowState, cgroup_id: u64) {
         (*flow).handshake_rtt_us
     };
     if handshake != 0 {
-        path_sample(flow, stats, cgroup_id, handshake);
+        path_sample(flow, stats, slot, handshake);
     }
 }
 
 /// Adds a path sample to the flow, its cgroup's counters and histogram; updates the
 /// connection's RFC 3550 jitter.
 #[inline(always)]
-fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, cgroup_id: u64, rtt_us: u32) {
+fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, slot: u32, rtt_us: u32) {
     let rtt = u64::from(rtt_us);
     // SAFETY: `flow` and `stats` are valid map values; `stats` is per-CPU.
     unsafe {
@@ -426,17 +487,17 @@ fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, cgroup_id: u64,
         (*stats).path_samples += 1;
         (*stats).sum_rtt_us += rtt;
     }
-    let hkey = HistKey {
-        cgroup_id,
-        bucket: bucket_of(rtt),
-        _pad: 0,
-    };
-    match TCP_RTT_HIST.get_ptr_mut(&hkey) {
-        // SAFETY: per-CPU value.
-        Some(c) => unsafe { *c += 1 },
-        None => {
-            if TCP_RTT_HIST.insert(&hkey, &1, 0).is_err() {
-                count_drop(drop_reason::HIST_FULL);
+    let bucket = bucket_of(rtt) as usize;
+    if let Some(row) = TCP_RTT_HIST.get_ptr_mut(slot) {
+        if bucket < HIST_BUCKETS as usize {
+            // SAFETY: a u64 inside this array value, valid for the program's run; the row is
+            // shared by every CPU, so the add is atomic (its result unused: the plain atomic
+            // add every supported kernel accepts).
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    (*row).as_mut_ptr().add(bucket),
+                    1,
+                );
             }
         }
     }
@@ -590,7 +651,7 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         count_drop(drop_reason::NO_CGROUP);
         return Ok(());
     }
-    let Some(stats) = stats_for(cgroup_id) else {
+    let Some((slot, stats)) = flow_stats(flow, cgroup_id) else {
         return Ok(());
     };
     // SAFETY: UAPI context fields; `flow` and `stats` are valid map values.
@@ -618,15 +679,17 @@ fn rtt_sample(ctx: &SockOpsContext) -> Result<(), i64> {
         (*stats).raw_samples += raw;
         (*stats).sum_measured_rtt_us += u64::from(rtt_us);
         // A read-only global: on kernels whose sock_ops may not call this helper (5.10) user
-        // space leaves it 0 and the verifier never sees the call (dead-code pruning).
+        // space leaves it 0 and the verifier never sees the call (dead-code pruning). One
+        // sample in FOREIGN_CHECK_EVERY (this CPU's 1st, 17th, ...) is checked.
         if core::ptr::read_volatile(&COUNT_FOREIGN_CONTEXT) != 0
+            && (*stats).samples % FOREIGN_CHECK_EVERY == 1
             && bpf_get_current_cgroup_id() != cgroup_id
         {
-            (*stats).foreign_context += 1;
+            (*stats).foreign_context += FOREIGN_CHECK_EVERY;
         }
     }
     if is_path {
-        path_sample(flow, stats, cgroup_id, rtt_us);
+        path_sample(flow, stats, slot, rtt_us);
     }
     Ok(())
 }
@@ -638,7 +701,7 @@ fn close_flow(ctx: &SockOpsContext) {
         // stays the number of established connections (user space reports the ones it cannot
         // see as untracked).
         if let Some(cgroup_id) = socket_cgroup(ctx).filter(|id| *id != 0) {
-            if let Some(stats) = stats_for(cgroup_id) {
+            if let Some((_, stats)) = stats_of(cgroup_id) {
                 // SAFETY: per-CPU value.
                 unsafe { (*stats).closed += 1 };
             }
@@ -652,7 +715,7 @@ fn close_flow(ctx: &SockOpsContext) {
         unsafe { (*flow).closed_ns = bpf_ktime_get_ns() };
         return;
     }
-    let Some(stats) = stats_for(cgroup_id) else {
+    let Some((_, stats)) = flow_stats(flow, cgroup_id) else {
         return;
     };
     account_segments(ctx, flow, stats);

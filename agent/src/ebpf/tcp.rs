@@ -9,9 +9,11 @@
 
 use std::{fs::File, os::fd::AsFd as _, path::Path};
 
-use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey};
+use agent_ebpf::{tcp::drop_reason, CgroupTcpStats, FlowState, HistKey, HistRow};
 use aya::{
-    maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, Queue,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SockOps,
     },
@@ -28,6 +30,9 @@ pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
 pub const SOCK_OPS: &str = "nodeward_tcp_sockops";
 const STATS: &str = "TCP_CGROUP_STATS";
 const HIST: &str = "TCP_RTT_HIST";
+const SLOTS: &str = "TCP_SLOTS";
+const OWNER: &str = "TCP_SLOT_OWNER";
+const FREE: &str = "TCP_FREE_SLOTS";
 const FLOWS: &str = "TCP_FLOWS";
 const DROPS: &str = "TCP_DROPS";
 
@@ -47,8 +52,10 @@ pub struct RawRead {
 pub struct Cleanup {
     /// Closed flows whose final numbers were taken.
     pub flows: Vec<u64>,
-    /// Cgroups idle for longer than the longest window, with no open connection.
+    /// Cgroups idle for longer than the longest window, with no open connection: the programs'
+    /// reader frees their slots (counters and histogram together).
     pub cgroups: Vec<u64>,
+    /// Their histogram buckets (the sock_diag fallback keeps buckets one by one).
     pub hist: Vec<HistKey>,
 }
 
@@ -66,8 +73,8 @@ pub struct Attach {
     /// Which RTT a sample takes: one of `agent_ebpf::tcp::rtt_method` (`tcp.rtt_method`
     /// resolved); `SEGMENT` needs `egress`.
     pub rtt_method: u32,
+    /// Cgroup slots: counters and a histogram row each (`agent_ebpf::tcp::slot`).
     pub max_cgroups: u32,
-    pub max_hist_entries: u32,
     pub max_flows: u32,
 }
 
@@ -131,14 +138,24 @@ impl Reader {
         let count_foreign = u32::from(how.count_foreign_context);
         let key_by_netns = u32::from(how.key_by_netns);
         let rtt_method = how.rtt_method;
-        let mut ebpf = loader_owning(&[STATS, HIST, FLOWS])
+        let mut ebpf = loader_owning(&[STATS, HIST, SLOTS, OWNER, FREE, FLOWS])
             .map_max_entries(STATS, how.max_cgroups)
-            .map_max_entries(HIST, how.max_hist_entries)
+            .map_max_entries(HIST, how.max_cgroups)
+            .map_max_entries(SLOTS, how.max_cgroups)
+            .map_max_entries(OWNER, how.max_cgroups)
+            .map_max_entries(FREE, how.max_cgroups)
             .map_max_entries(FLOWS, how.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
             .override_global("RTT_METHOD", &rtt_method, true)
             .load(OBJECT)?;
+        // Every slot is free before a program can take one.
+        let mut free: Queue<&mut MapData, u32> =
+            Queue::try_from(ebpf.map_mut(FREE).ok_or(LoadError::MissingMap(FREE))?)
+                .map_err(map_err(FREE))?;
+        for s in 0..how.max_cgroups {
+            free.push(s, 0).map_err(map_err(FREE))?;
+        }
         // The tagging program first: a socket created between the two attachments is then
         // still recorded.
         let (create, egress) = (how.sock_create, how.egress);
@@ -229,21 +246,28 @@ impl Reader {
             now_ns: monotonic_ns(),
             ..RawRead::default()
         };
-        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
-            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
-        for entry in stats.iter() {
-            let (id, per_cpu) = entry.map_err(map_err(STATS))?;
+        let stats: PerCpuArray<&MapData, CgroupTcpStats> =
+            PerCpuArray::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
+        let hist: Array<&MapData, HistRow> =
+            Array::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        for (cgroup_id, slot) in self.slots()? {
+            let per_cpu = stats.get(&slot, 0).map_err(map_err(STATS))?;
             let mut sum = CgroupTcpStats::default();
             for s in per_cpu.iter() {
                 sum += *s;
             }
-            raw.stats.push((id, sum));
-        }
-        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
-            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
-        for entry in hist.iter() {
-            let (key, per_cpu) = entry.map_err(map_err(HIST))?;
-            raw.hist.push((key, per_cpu.iter().sum()));
+            raw.stats.push((cgroup_id, sum));
+            let row = hist.get(&slot, 0).map_err(map_err(HIST))?;
+            for (bucket, count) in (0u32..).zip(row) {
+                if count != 0 {
+                    let key = HistKey {
+                        cgroup_id,
+                        bucket,
+                        _pad: 0,
+                    };
+                    raw.hist.push((key, count));
+                }
+            }
         }
         raw.flows
             .reserve_exact(self.last_flows + self.last_flows / 16);
@@ -260,16 +284,37 @@ impl Reader {
         Ok(raw)
     }
 
+    /// The cgroups that hold a slot, with their slots. A mapping whose slot's owner differs is
+    /// in the middle of being made or freed by a program: left for the next read.
+    fn slots(&self) -> Result<Vec<(u64, u32)>, LoadError> {
+        let slots: BpfHashMap<&MapData, u64, u32> =
+            BpfHashMap::try_from(self.map(SLOTS)?).map_err(map_err(SLOTS))?;
+        let owner: Array<&MapData, u64> =
+            Array::try_from(self.map(OWNER)?).map_err(map_err(OWNER))?;
+        let mut out = Vec::new();
+        // An entry deleted between listing and lookup reads as an error: skip it.
+        for (cgroup_id, slot) in slots.iter().flatten() {
+            if owner.get(&slot, 0).map_err(map_err(OWNER))? == cgroup_id {
+                out.push((cgroup_id, slot));
+            }
+        }
+        Ok(out)
+    }
+
     /// Counts the entries of each map: the flow map in batches where the kernel allows (a walk
     /// of keys restarts from the first when its cursor is deleted meanwhile, and counts some
     /// entries twice under churn), the small ones by walking their keys.
     pub fn usage(&self) -> Result<MapUsage, LoadError> {
         let flows: BpfHashMap<&MapData, u64, FlowState> =
             BpfHashMap::try_from(self.map(FLOWS)?).map_err(map_err(FLOWS))?;
-        let stats: PerCpuHashMap<&MapData, u64, CgroupTcpStats> =
-            PerCpuHashMap::try_from(self.map(STATS)?).map_err(map_err(STATS))?;
-        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
-            PerCpuHashMap::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        let slots = self.slots()?;
+        let hist: Array<&MapData, HistRow> =
+            Array::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
+        let mut buckets = 0;
+        for (_, slot) in &slots {
+            let row = hist.get(slot, 0).map_err(map_err(HIST))?;
+            buckets += row.iter().filter(|c| **c != 0).count();
+        }
         let batched = match self.ebpf.map(FLOWS) {
             Some(Map::LruHashMap(data) | Map::HashMap(data))
                 if !self.flow_reads.batch_unsupported =>
@@ -280,12 +325,13 @@ impl Reader {
         };
         Ok(MapUsage {
             flows: batched.unwrap_or_else(|| flows.keys().flatten().count()),
-            cgroups: stats.keys().flatten().count(),
-            hist: hist.keys().flatten().count(),
+            cgroups: slots.len(),
+            hist: buckets,
         })
     }
 
-    /// Deletes closed flows and idle cgroups. A missing key is not an error (LRU eviction).
+    /// Deletes closed flows and frees the slots of idle cgroups. A missing key is not an error
+    /// (LRU eviction).
     pub fn clean(&mut self, cleanup: &Cleanup) -> Result<(), LoadError> {
         let map = self
             .ebpf
@@ -296,21 +342,46 @@ impl Reader {
         for cookie in &cleanup.flows {
             let _ = flows.remove(cookie);
         }
-        let map = self
-            .ebpf
-            .map_mut(STATS)
-            .ok_or(LoadError::MissingMap(STATS))?;
-        let mut stats: PerCpuHashMap<&mut MapData, u64, CgroupTcpStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err(STATS))?;
         for id in &cleanup.cgroups {
-            let _ = stats.remove(id);
+            self.free_slot(*id)?;
         }
-        let map = self.ebpf.map_mut(HIST).ok_or(LoadError::MissingMap(HIST))?;
-        let mut hist: PerCpuHashMap<&mut MapData, HistKey, u64> =
-            PerCpuHashMap::try_from(map).map_err(map_err(HIST))?;
-        for key in &cleanup.hist {
-            let _ = hist.remove(key);
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, LoadError> {
+        self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))
+    }
+
+    /// Frees the slot of `cgroup_id`, if it holds one: the mapping goes first (a program that
+    /// looks the cgroup up now takes a new slot), then the owner (a flow that remembers the
+    /// slot stops writing it), then the row is zeroed and the slot queued for reuse.
+    fn free_slot(&mut self, cgroup_id: u64) -> Result<(), LoadError> {
+        let mut slots: BpfHashMap<&mut MapData, u64, u32> =
+            BpfHashMap::try_from(self.map_mut(SLOTS)?).map_err(map_err(SLOTS))?;
+        let Ok(slot) = slots.get(&cgroup_id, 0) else {
+            return Ok(());
+        };
+        if slots.remove(&cgroup_id).is_err() {
+            // A concurrent free; nothing of ours to give back.
+            return Ok(());
         }
+        let mut owner: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(OWNER)?).map_err(map_err(OWNER))?;
+        owner.set(slot, 0, 0).map_err(map_err(OWNER))?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| LoadError::Config(format!("reading {what}: {e}")))?;
+        let mut stats: PerCpuArray<&mut MapData, CgroupTcpStats> =
+            PerCpuArray::try_from(self.map_mut(STATS)?).map_err(map_err(STATS))?;
+        let zeros = PerCpuValues::try_from(vec![CgroupTcpStats::default(); cpus])
+            .map_err(|e| LoadError::Config(format!("per-CPU values: {e}")))?;
+        stats.set(slot, zeros, 0).map_err(map_err(STATS))?;
+        let mut hist: Array<&mut MapData, HistRow> =
+            Array::try_from(self.map_mut(HIST)?).map_err(map_err(HIST))?;
+        hist.set(slot, [0u64; agent_ebpf::tcp::HIST_BUCKETS as usize], 0)
+            .map_err(map_err(HIST))?;
+        let mut free: Queue<&mut MapData, u32> =
+            Queue::try_from(self.map_mut(FREE)?).map_err(map_err(FREE))?;
+        free.push(slot, 0).map_err(map_err(FREE))?;
         Ok(())
     }
 }

@@ -52,7 +52,6 @@ fn programs(config: &TcpConfig, plan: &Plan, rtt_method: super::RttMethod) -> tc
         count_foreign_context: plan.count_foreign_context,
         rtt_method: rtt_method.program_value(),
         max_cgroups: config.max_cgroups,
-        max_hist_entries: config.max_hist_entries,
         max_flows: config.max_flows,
     }
 }

@@ -138,12 +138,15 @@ pub struct TcpConfig {
     pub attribution: Attribution,
     /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10), `segment` or `srtt`.
     pub rtt_method: RttMethod,
-    /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped.
+    /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped. Each
+    /// holds a slot: per-CPU counters (104 bytes a CPU) and a 3 KiB histogram row, all
+    /// allocated at load (3.1 MiB plus 104 KiB a CPU at the default).
     pub max_cgroups: u32,
     /// Connections tracked at once (LRU: the least recently active make room). Each entry
     /// costs 208 bytes of kernel memory (charged to the agent's memory cgroup).
     pub max_flows: u32,
-    /// (cgroup, histogram bucket) pairs; a container usually needs 5 to 30.
+    /// (cgroup, histogram bucket) pairs the sock_diag fallback keeps; a container usually
+    /// needs 5 to 30. (The eBPF programs keep a whole row per cgroup slot.)
     pub max_hist_entries: u32,
     /// Distinct remote address:port per container before new peers are folded into /24
     /// (IPv4) or /64 (IPv6) prefixes.
@@ -156,7 +159,7 @@ impl Default for TcpConfig {
             enabled: true,
             attribution: Attribution::Auto,
             rtt_method: RttMethod::Auto,
-            max_cgroups: 4096,
+            max_cgroups: 1024,
             max_flows: 262_144,
             max_hist_entries: 65536,
             max_peers: 256,
@@ -168,7 +171,7 @@ impl TcpConfig {
     /// Range checks, as (key, value, what is allowed) for the config module's error.
     pub fn check(&self) -> Result<(), (String, String, String)> {
         let sizes = [
-            ("tcp.max_cgroups", self.max_cgroups, 16, 1 << 20),
+            ("tcp.max_cgroups", self.max_cgroups, 16, 1 << 14),
             ("tcp.max_flows", self.max_flows, 64, 1 << 22),
             ("tcp.max_hist_entries", self.max_hist_entries, 64, 1 << 22),
             ("tcp.max_peers", self.max_peers, 1, 1 << 16),
