@@ -39,7 +39,6 @@ use agent_ebpf::{
     },
     CgroupTcpStats, FlowState, HistRow, SockState,
 };
-use core::intrinsics::AtomicOrdering;
 use aya_ebpf::{
     bindings::{
         BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
@@ -53,6 +52,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
+use core::intrinsics::AtomicOrdering;
 
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
 const OP_ACTIVE_ESTABLISHED: u32 = 4;
@@ -370,7 +370,10 @@ fn flow_stats(flow: *mut FlowState, cgroup_id: u64) -> Option<(u32, *mut CgroupT
     let cached = unsafe { (*flow).slot };
     if cached != slot::NONE {
         let s = cached - 1;
-        if TCP_SLOT_OWNER.get(s).is_some_and(|owner| *owner == cgroup_id) {
+        if TCP_SLOT_OWNER
+            .get(s)
+            .is_some_and(|owner| *owner == cgroup_id)
+        {
             return Some((s, TCP_CGROUP_STATS.get_ptr_mut(s)?));
         }
     }
