@@ -10,9 +10,9 @@ const DROPS: &str = "nodeward_tcp_drops_total";
 const DROPS_HELP: &str =
     "Events the TCP eBPF programs could not record, by reason, since they were loaded. \
 A sample is lost (counted in no container) for no_cgroup (socket without a recorded cgroup), \
-stats_full (tcp.max_cgroups reached) and flow_insert_failed (flow map insert failed; also counts \
-connections left untracked); for hist_full the sample is counted but its RTT is missing from the \
-percentiles; for flow_evicted the sample is counted and the evicted flow rebuilt.";
+stats_full (no free cgroup slot: tcp.max_cgroups cgroups hold one) and flow_insert_failed (flow map \
+insert failed; also counts connections left untracked); for hist_full (the sock_diag fallback's \
+histogram full) the sample is counted but its RTT is missing from the percentiles; for flow_evicted the sample is counted and the evicted flow rebuilt.";
 
 /// Writes the TCP programs' drop counters.
 pub fn encode(d: &TcpDrops, m: &mut Metrics) {
