@@ -45,7 +45,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_smp_processor_id,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
     },
     macros::{cgroup_skb, cgroup_sock, map, sock_ops},
@@ -121,6 +122,11 @@ static KEY_BY_NETNS: u32 = 0;
 #[unsafe(no_mangle)]
 static RTT_METHOD: u32 = 0;
 
+/// log2 of the histogram rows per slot (`agent_ebpf::tcp::hist_stripes`); set by user space
+/// before load.
+#[unsafe(no_mangle)]
+static HIST_STRIPE_SHIFT: u32 = 0;
+
 /// Each socket's cgroup v2 id, written at `socket()` or its first packet, and the segment being
 /// timed (`SockState`).
 #[unsafe(link_section = ".maps")]
@@ -141,8 +147,9 @@ static TCP_FREE_SLOTS: Queue<u32> = Queue::with_max_entries(1024, 0);
 #[map]
 static TCP_CGROUP_STATS: PerCpuArray<CgroupTcpStats> = PerCpuArray::with_max_entries(1024, 0);
 
-/// Per-cgroup RTT histogram, at the cgroup's slot (one shared row per cgroup, atomic adds:
-/// a per-CPU row would cost 3 KiB per cgroup and CPU).
+/// Per-cgroup RTT histogram: `1 << HIST_STRIPE_SHIFT` rows per slot, a CPU adding to the row
+/// of its number's low bits (atomic adds: a per-CPU row would cost 3 KiB per cgroup and CPU,
+/// one shared row made the CPUs of a busy cgroup take the same cache line in turn).
 #[map]
 static TCP_RTT_HIST: Array<HistRow> = Array::with_max_entries(1024, 0);
 
@@ -491,7 +498,13 @@ fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, slot: u32, rtt_
         (*stats).sum_rtt_us += rtt;
     }
     let bucket = bucket_of(rtt) as usize;
-    if let Some(row) = TCP_RTT_HIST.get_ptr_mut(slot) {
+    // SAFETY: a volatile read of a read-only global set before load; the helper takes no
+    // arguments (inlined by the JIT).
+    let row = unsafe {
+        let shift = core::ptr::read_volatile(&HIST_STRIPE_SHIFT);
+        (slot << shift) | (bpf_get_smp_processor_id() & ((1 << shift) - 1))
+    };
+    if let Some(row) = TCP_RTT_HIST.get_ptr_mut(row) {
         if bucket < HIST_BUCKETS as usize {
             // SAFETY: a u64 inside this array value, valid for the program's run; the row is
             // shared by every CPU, so the add is atomic (its result unused: the plain atomic

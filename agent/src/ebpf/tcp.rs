@@ -119,6 +119,8 @@ pub struct Reader {
     /// Flows the last read found: the next read's buffer is sized from it rather than grown
     /// by doubling (a 42 MiB buffer and its 21 MiB predecessor at once, at 200,000 flows).
     last_flows: usize,
+    /// log2 of the histogram rows per cgroup slot.
+    stripe_shift: u32,
 }
 
 impl std::fmt::Debug for Reader {
@@ -138,9 +140,12 @@ impl Reader {
         let count_foreign = u32::from(how.count_foreign_context);
         let key_by_netns = u32::from(how.key_by_netns);
         let rtt_method = how.rtt_method;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| LoadError::Config(format!("reading {what}: {e}")))?;
+        let stripe_shift = agent_ebpf::tcp::hist_stripe_shift(cpus);
         let mut ebpf = loader_owning(&[STATS, HIST, SLOTS, OWNER, FREE, FLOWS])
             .map_max_entries(STATS, how.max_cgroups)
-            .map_max_entries(HIST, how.max_cgroups)
+            .map_max_entries(HIST, how.max_cgroups << stripe_shift)
             .map_max_entries(SLOTS, how.max_cgroups)
             .map_max_entries(OWNER, how.max_cgroups)
             .map_max_entries(FREE, how.max_cgroups)
@@ -148,6 +153,7 @@ impl Reader {
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
             .override_global("RTT_METHOD", &rtt_method, true)
+            .override_global("HIST_STRIPE_SHIFT", &stripe_shift, true)
             .load(OBJECT)?;
         // Every slot is free before a program can take one.
         let mut free: Queue<&mut MapData, u32> =
@@ -194,7 +200,22 @@ impl Reader {
             ebpf,
             flow_reads: FlowReads::default(),
             last_flows: 0,
+            stripe_shift,
         })
+    }
+
+    /// The histogram of `slot`: the sum of its rows.
+    fn hist_of(&self, hist: &Array<&MapData, HistRow>, slot: u32) -> Result<HistRow, LoadError> {
+        let mut sum = [0u64; agent_ebpf::tcp::HIST_BUCKETS as usize];
+        for stripe in 0..1u32 << self.stripe_shift {
+            let row = hist
+                .get(&((slot << self.stripe_shift) | stripe), 0)
+                .map_err(map_err(HIST))?;
+            for (s, c) in sum.iter_mut().zip(row) {
+                *s = s.wrapping_add(c);
+            }
+        }
+        Ok(sum)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, LoadError> {
@@ -257,7 +278,7 @@ impl Reader {
                 sum += *s;
             }
             raw.stats.push((cgroup_id, sum));
-            let row = hist.get(&slot, 0).map_err(map_err(HIST))?;
+            let row = self.hist_of(&hist, slot)?;
             for (bucket, count) in (0u32..).zip(row) {
                 if count != 0 {
                     let key = HistKey {
@@ -312,7 +333,7 @@ impl Reader {
             Array::try_from(self.map(HIST)?).map_err(map_err(HIST))?;
         let mut buckets = 0;
         for (_, slot) in &slots {
-            let row = hist.get(slot, 0).map_err(map_err(HIST))?;
+            let row = self.hist_of(&hist, *slot)?;
             buckets += row.iter().filter(|c| **c != 0).count();
         }
         let batched = match self.ebpf.map(FLOWS) {
@@ -356,6 +377,7 @@ impl Reader {
     /// looks the cgroup up now takes a new slot), then the owner (a flow that remembers the
     /// slot stops writing it), then the row is zeroed and the slot queued for reuse.
     fn free_slot(&mut self, cgroup_id: u64) -> Result<(), LoadError> {
+        let shift = self.stripe_shift;
         let mut slots: BpfHashMap<&mut MapData, u64, u32> =
             BpfHashMap::try_from(self.map_mut(SLOTS)?).map_err(map_err(SLOTS))?;
         let Ok(slot) = slots.get(&cgroup_id, 0) else {
@@ -377,8 +399,11 @@ impl Reader {
         stats.set(slot, zeros, 0).map_err(map_err(STATS))?;
         let mut hist: Array<&mut MapData, HistRow> =
             Array::try_from(self.map_mut(HIST)?).map_err(map_err(HIST))?;
-        hist.set(slot, [0u64; agent_ebpf::tcp::HIST_BUCKETS as usize], 0)
-            .map_err(map_err(HIST))?;
+        for stripe in 0..1u32 << shift {
+            let zero = [0u64; agent_ebpf::tcp::HIST_BUCKETS as usize];
+            hist.set((slot << shift) | stripe, zero, 0)
+                .map_err(map_err(HIST))?;
+        }
         let mut free: Queue<&mut MapData, u32> =
             Queue::try_from(self.map_mut(FREE)?).map_err(map_err(FREE))?;
         free.push(slot, 0).map_err(map_err(FREE))?;

@@ -139,8 +139,9 @@ pub struct TcpConfig {
     /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10), `segment` or `srtt`.
     pub rtt_method: RttMethod,
     /// Containers (cgroups) the kernel keeps counters for; more are counted as dropped. Each
-    /// holds a slot: per-CPU counters (104 bytes a CPU) and a 3 KiB histogram row, all
-    /// allocated at load (3.1 MiB plus 104 KiB a CPU at the default).
+    /// holds a slot: per-CPU counters (104 bytes a CPU) and a 3 KiB histogram row per CPU up
+    /// to 4, all allocated at load (12 MiB plus 104 KiB a CPU at the default, on 4 CPUs or
+    /// more).
     pub max_cgroups: u32,
     /// Connections tracked at once (LRU: the least recently active make room). Each entry
     /// costs 208 bytes of kernel memory (charged to the agent's memory cgroup).
