@@ -17,10 +17,12 @@
 //! `nodeward_tcp_sockops` (`sock_ops`, attached to the same root) enables the RTT, state and
 //! retransmit callbacks when a connection is established and, on each callback, reads the
 //! socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
-//! whichever task happens to be on the CPU. On 5.10 (egress tagging alone) an accepted socket
-//! has sent nothing at PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending") and
-//! is resolved, and its open counted, at its first callback after its first packet — always
-//! before its first RTT sample, since a sample needs data it sent.
+//! whichever task happens to be on the CPU. With egress tagging alone (5.10) the listener is
+//! tagged by its first SYN-ACK (the kernel runs egress programs on it with the listener as its
+//! socket), but a SYN-cookie SYN-ACK belongs to no socket: an accepted socket whose listener
+//! has no entry yet has sent nothing at PASSIVE_ESTABLISHED, so its flow starts with cgroup 0
+//! ("pending") and is resolved, and its open counted, at its first callback after its first
+//! packet — always before its first RTT sample, since a sample needs data it sent.
 //!
 //! With `tcp.rtt_method = "segment"` (`RTT_METHOD`; before 6.10 `RTT_CB` passes no measured
 //! RTT) the egress program also stamps, in the same storage, the first data segment of each

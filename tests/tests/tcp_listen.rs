@@ -5,8 +5,15 @@
 //! `auto` picks where sock_ops may read the current cgroup) the accepted connection is counted
 //! for A as served, and the client's for B as outbound, at the first read — with no
 //! `cgroup/sock_create` program held. The kernel's own view (`ss -ti`) shows the accepted
-//! socket has sent no data, and the egress-only path (5.10) run the same way shows A nothing
-//! yet: the test tells the paths apart, so it would catch listen tagging that did not work.
+//! socket has sent no data.
+//!
+//! The namespace answers every SYN with a SYN cookie (`net.ipv4.tcp_syncookies = 2`, what a
+//! listener under a SYN flood gets): such a SYN-ACK belongs to no socket, so the egress program
+//! never sees it. Otherwise the kernel runs the egress program on a SYN-ACK with the listener
+//! as its socket (`sk_to_full_sk` of the request socket), which tags the listener before its
+//! first child is cloned: egress tagging alone then attributes accepted sockets at once too.
+//! With cookies the egress-only path (5.10) shows A nothing until the server sends: the test
+//! tells the paths apart, so it would catch listen tagging that did not work.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -188,6 +195,9 @@ fn served_before_sending(test: &str, attribution: Attribution) {
     collector.tick().expect("baseline read");
 
     let netns = Netns::new("listen");
+    run(netns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"]));
     let (server_cg, client_cg) = (Cgroup::new("listener"), Cgroup::new("dialer"));
     let (mut server, mut server_out) = start(&netns, &server_cg, &python, SERVER, "listening");
     let (_client, _client_out) = start(&netns, &client_cg, &python, CLIENT, "connected");

@@ -16,7 +16,9 @@
 //!    program fits too, `auto` attaches both (`sock_ops+sock_create+cgroup_skb_egress`), so
 //!    that sockets that predate the agent (an old listener's accepted connections) are covered.
 //! 3. `sock_ops+cgroup_skb_egress`: the egress program alone (5.10 kernels, whose cgroup/sock
-//!    programs cannot use socket storage): an accepted socket is pending until it sends.
+//!    programs cannot use socket storage). A listener is tagged by its first SYN-ACK, which
+//!    the kernel sends through egress with the listener as its socket; where every SYN-ACK was
+//!    a SYN cookie (no socket), an accepted socket is pending until it sends.
 //! 4. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
 //!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
 //! 5. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
