@@ -31,7 +31,7 @@ use nodeward::{
 use nodeward_tests::{
     bpf_objects_of,
     pingpong::{collector, prerequisites_without_delay_line, Proc},
-    run, skip, wait_for, Cgroup, Netns,
+    run, wait_for, Cgroup, Netns,
 };
 
 /// One collector at a time: the programs this process holds are what the test checks.
