@@ -1,24 +1,28 @@
 //! TCP round-trip time, jitter, retransmits and connection life per socket cgroup.
 //!
-//! Two programs share one socket-local storage map:
-//! - `nodeward_sock_create` (`cgroup/sock_create`, attached to the cgroup v2 root) runs in the
-//!   process that calls `socket()`, so `bpf_get_current_cgroup_id` is the socket's own cgroup
-//!   (the one the kernel records in `sk_cgrp_data`). It stores that id in `SOCK_CGROUP`, an
-//!   sk_storage map created with `BPF_F_CLONE`: an accepted socket inherits its listener's entry
-//!   when the kernel clones it, before any callback runs on it.
-//! - `nodeward_tcp_sockops` (`sock_ops`, attached to the same root) enables the RTT, state and
-//!   retransmit callbacks when a connection is established and, on each callback, reads the
-//!   socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
-//!   whichever task happens to be on the CPU.
+//! The programs share one socket-local storage map, `SOCK_CGROUP`, an sk_storage map created
+//! with `BPF_F_CLONE`: an accepted socket inherits its listener's entry when the kernel clones
+//! it, before any callback runs on it. Each socket's cgroup v2 id is recorded there by:
+//! - `nodeward_sock_tag_egress` (`cgroup_skb/egress`, attached to the cgroup v2 root) from the
+//!   first packet a TCP socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the
+//!   sender's task); it never overwrites a recorded cgroup. A client's SYN is such a packet.
+//! - `nodeward_tcp_sockops` itself, with `TAG_AT_LISTEN`, at `BPF_SOCK_OPS_TCP_LISTEN_CB`: the
+//!   kernel runs it from `listen()` in the listening task, so `bpf_get_current_cgroup_id` is
+//!   the listener's cgroup, and the sockets it accepts are attributed from
+//!   PASSIVE_ESTABLISHED on, before they send anything. Where sock_ops may not call that
+//!   helper (5.10, where neither can this), or where `tcp.attribution = "sock_create"` asks,
+//! - `nodeward_sock_create` (`cgroup/sock_create`) records the creating task's cgroup at every
+//!   TCP `socket()` instead (it runs on every inet socket, and leaves non-TCP ones alone).
 //!
-//! On kernels whose `cgroup/sock_create` programs cannot use socket storage (5.10; the probe
-//! decides), and beside it everywhere else for sockets older than the agent,
-//! `nodeward_sock_tag_egress` (`cgroup_skb/egress`) fills the same storage from the first
-//! packet a socket sends, with `bpf_skb_cgroup_id` (the socket's cgroup, not the sender's
-//! task); it never overwrites a recorded cgroup. A client's SYN is such a packet; an accepted
-//! socket has sent nothing at PASSIVE_ESTABLISHED, so its flow starts with cgroup 0 ("pending")
-//! and is resolved, and its open counted, at its first callback after its first packet — always
-//! before its first RTT sample, since a sample needs data it sent.
+//! `nodeward_tcp_sockops` (`sock_ops`, attached to the same root) enables the RTT, state and
+//! retransmit callbacks when a connection is established and, on each callback, reads the
+//! socket's cgroup from `SOCK_CGROUP`, never from `current`: RTT callbacks run in softirq on
+//! whichever task happens to be on the CPU. With egress tagging alone (5.10) the listener is
+//! tagged by its first SYN-ACK (the kernel runs egress programs on it with the listener as its
+//! socket), but a SYN-cookie SYN-ACK belongs to no socket: an accepted socket whose listener
+//! has no entry yet has sent nothing at PASSIVE_ESTABLISHED, so its flow starts with cgroup 0
+//! ("pending") and is resolved, and its open counted, at its first callback after its first
+//! packet — always before its first RTT sample, since a sample needs data it sent.
 //!
 //! With `tcp.rtt_method = "segment"` (`RTT_METHOD`; before 6.10 `RTT_CB` passes no measured
 //! RTT) the egress program also stamps, in the same storage, the first data segment of each
@@ -60,6 +64,7 @@ const OP_ACTIVE_ESTABLISHED: u32 = 4;
 const OP_PASSIVE_ESTABLISHED: u32 = 5;
 const OP_RETRANS: u32 = 9;
 const OP_STATE: u32 = 10;
+const OP_TCP_LISTEN: u32 = 11;
 const OP_RTT: u32 = 12;
 const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
@@ -111,6 +116,12 @@ impl SkStorageClone {
 /// load.
 #[unsafe(no_mangle)]
 static COUNT_FOREIGN_CONTEXT: u32 = 0;
+
+/// 1 to record a listener's cgroup at `listen()` (`BPF_SOCK_OPS_TCP_LISTEN_CB`), in place of a
+/// `cgroup/sock_create` program; set by user space before load, only where sock_ops programs
+/// may call `bpf_get_current_cgroup_id` (not 5.10: the verifier prunes the call when it is 0).
+#[unsafe(no_mangle)]
+static TAG_AT_LISTEN: u32 = 0;
 
 /// 1 to key everything by the socket's network-namespace cookie instead of its cgroup (hosts
 /// with cgroup v1 only); set by user space before load.
@@ -169,6 +180,11 @@ pub fn nodeward_sock_create(ctx: SockContext) -> i32 {
 }
 
 fn try_sock_create(ctx: &SockContext) -> Result<(), i64> {
+    // Only TCP sockets are read by sock_ops: a UDP (or raw) socket costs no storage.
+    // SAFETY: `protocol` of the UAPI `bpf_sock` context, readable at sock_create.
+    if unsafe { (*ctx.sock).protocol } != IPPROTO_TCP {
+        return Ok(());
+    }
     let slot = SOCK_CGROUP.get(ctx.sock.cast(), true);
     if slot.is_null() {
         return Err(-1);
@@ -422,6 +438,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
                 count_open(flow, cgroup_id);
             }
         }
+        OP_TCP_LISTEN => tag_listener(ctx),
         OP_RTT => rtt_sample(ctx)?,
         OP_RETRANS => {
             // The kernel adds this retransmit to `total_retrans` after the callback; the delta
@@ -445,6 +462,37 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         _ => {}
     }
     Ok(())
+}
+
+/// `TAG_AT_LISTEN`: records the cgroup of the task calling `listen()` in the listener's
+/// storage, so that every socket it accepts inherits it (`BPF_F_CLONE`) and is attributed at
+/// `PASSIVE_ESTABLISHED`, before it has sent anything. The kernel runs this callback from
+/// `inet_listen()` in that task, whatever the callback flags; a client socket needs no such
+/// tag: the egress program records its cgroup from its SYN.
+#[inline(always)]
+fn tag_listener(ctx: &SockOpsContext) {
+    // SAFETY: a volatile read of a read-only global set before load.
+    if unsafe { core::ptr::read_volatile(&TAG_AT_LISTEN) } == 0 {
+        return;
+    }
+    // SAFETY: reading the `sk` member of the UAPI context (nullable; a listener is a full
+    // socket, so it is set here).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let slot = SOCK_CGROUP.get(sk.cast(), true);
+    if slot.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage pointer; the helper reads the task that called `listen()`, in
+    // whose context this callback runs. A cgroup already recorded (a socket that sent before)
+    // is kept.
+    unsafe {
+        if (*slot).cgroup_id == 0 {
+            (*slot).cgroup_id = bpf_get_current_cgroup_id();
+        }
+    }
 }
 
 /// Counts the flow's open once, against its (now known) cgroup, and its handshake RTT as the

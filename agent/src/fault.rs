@@ -24,6 +24,8 @@
 //! `reject:nodeward_sock_create`: every load of that eBPF program (by its name in the object)
 //! fails before the kernel is asked, every time, as a kernel whose verifier rejects it would.
 //! Only the TCP source's programs consult it ([`reject`]).
+//! `reject:nodeward_tcp_sockops/tag_at_listen` fails the sock_ops program only in its listen
+//! tagging variant (the one the `sock_ops+listen_cb+cgroup_skb_egress` path loads).
 //!
 //! `delay:ebpf/tcp:15s`: the first run of the `ebpf/tcp` task waits 15 s before it runs, so
 //! its first report comes that much later than the other sources' (a slow start-up seed); a

@@ -1,6 +1,8 @@
 //! `tcp.attribution = "auto"` falls back at run time when the kernel refuses a program of the
 //! chosen path. No kernel here rejects one, so fault injection (the `fault-injection` feature
-//! the tests build with; `NODEWARD_FAULT_INJECT=reject:<program>`, see `agent/src/fault.rs`)
+//! the tests build with; `NODEWARD_FAULT_INJECT=reject:<program>`, or
+//! `reject:nodeward_tcp_sockops/tag_at_listen` for sock_ops in its listen tagging variant, see
+//! `agent/src/fault.rs`)
 //! makes the load of the named program fail before the kernel is asked. The real agent must
 //! then come up on the next path of the chain, say so in its log (WARN naming the program) and
 //! in the network source's fidelity, deliver RTT samples of connections this test makes (the
@@ -27,6 +29,8 @@ const STEP: Duration = Duration::from_secs(60);
 const SOCK_CREATE: &str = "nodeward_sock_create";
 const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
 const SOCK_OPS: &str = "nodeward_tcp_sockops";
+/// The fault that refuses the sock_ops program in its listen tagging variant only.
+const LISTEN_TAGGING: &str = "nodeward_tcp_sockops/tag_at_listen";
 
 type Client = pb::node_health_client::NodeHealthClient<tonic::transport::Channel>;
 
@@ -268,6 +272,77 @@ async fn samples_of(agent: &Agent, key: &str) -> u64 {
     })
 }
 
+/// Whether the probe lets sock_ops read the current cgroup, so that `auto` starts with listen
+/// tagging.
+fn listen_tagging_first() -> bool {
+    let caps = nodeward::probe::Capabilities::probe(&nodeward::config::PathsConfig::default());
+    caps.helpers
+        .get("sock_ops/get_current_cgroup_id")
+        .is_some_and(|f| f.available)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_listen_tagging_falls_back_to_sock_create_beside_egress_and_still_reports() {
+    const TEST: &str = "tcp_fallback_listen_rejected";
+    let Some(v2_root) = prerequisites(TEST) else {
+        return;
+    };
+    if !listen_tagging_first() {
+        return skip(TEST, "sock_ops may not call bpf_get_current_cgroup_id here: auto never starts with listen tagging");
+    }
+    let agent = Agent::start("tcp-fallback-listen", &format!("reject:{LISTEN_TAGGING}")).await;
+    let source = agent.network_source().await;
+    assert_eq!(
+        source.hook, "tcp: sock_ops+sock_create+cgroup_skb_egress",
+        "{source:?}"
+    );
+    assert!(
+        source
+            .fidelity
+            .contains("sock_ops+listen_cb+cgroup_skb_egress failed")
+            && source.fidelity.contains(SOCK_OPS),
+        "the fidelity names the path left and the program: {}",
+        source.fidelity
+    );
+    let log = agent.log_text();
+    let warned = fallback_warnings(&log, SOCK_OPS);
+    assert!(
+        !warned.is_empty() && warned.iter().all(|l| l.contains("sock_ops+listen_cb")),
+        "a WARN names the path and {SOCK_OPS}:\n{log}"
+    );
+    // The sock_create path's three programs, and nothing left of the first attempt.
+    let held = programs_held(agent.pid());
+    assert_eq!(
+        (
+            count(&held, SOCK_CREATE),
+            count(&held, TAG_EGRESS),
+            count(&held, SOCK_OPS)
+        ),
+        (1, 1, 1),
+        "programs held: {held:?}"
+    );
+    let cgroup = Cgroup::new("tcp-fallback-listen");
+    let key = format!(
+        "/{}",
+        cgroup
+            .path
+            .strip_prefix(&v2_root)
+            .expect("under the v2 root")
+            .display()
+    );
+    let traffic = Traffic::start(&cgroup);
+    let samples = samples_of(&agent, &key).await;
+    drop(traffic);
+    agent.stop().await;
+    eprintln!(
+        "{TEST}: path {}, programs held {held:?}, {samples} RTT samples of {key} in the 10 s \
+         window",
+        source.hook
+    );
+}
+
+/// With listen tagging refused too (where `auto` would start with it), and sock_create
+/// refused, `auto` lands on egress tagging alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_sock_create_program_falls_back_to_the_egress_path_and_still_reports() {
     const TEST: &str = "tcp_fallback_sock_create_rejected";
@@ -275,7 +350,11 @@ async fn a_rejected_sock_create_program_falls_back_to_the_egress_path_and_still_
         return;
     };
     let started = Instant::now();
-    let agent = Agent::start("tcp-fallback-egress", &format!("reject:{SOCK_CREATE}")).await;
+    let agent = Agent::start(
+        "tcp-fallback-egress",
+        &format!("reject:{LISTEN_TAGGING},reject:{SOCK_CREATE}"),
+    )
+    .await;
     let source = agent.network_source().await;
     assert_eq!(source.hook, "tcp: sock_ops+cgroup_skb_egress", "{source:?}");
     assert!(

@@ -296,6 +296,17 @@ fn two_containers_with_different_delays_are_told_apart() {
     );
 }
 
+/// The same with listen tagging, `auto`'s path where sock_ops may read the current cgroup: the
+/// server's listener is tagged at `listen()`, every client socket from its SYN.
+#[test]
+fn two_containers_are_told_apart_with_listen_tagging() {
+    told_apart(
+        "two_containers_are_told_apart_with_listen_tagging",
+        Attribution::Listen,
+        88,
+    );
+}
+
 /// The same with the 5.10 fallback: cgroups recorded from each socket's first egress packet,
 /// so the server's accepted sockets start unattributed and are resolved later.
 #[test]

@@ -290,11 +290,7 @@ fn connections_of_a_listener_older_than_the_agent_are_attributed() {
         "path {:?}, server opened {opened}, samples {samples}",
         snap.fidelity.path
     );
-    if !matches!(
-        plan.recorder,
-        nodeward::sources::tcp::Recorder::Egress
-            | nodeward::sources::tcp::Recorder::SockCreateAndEgress
-    ) {
+    if !plan.recorder.attaches_egress() {
         return skip(
             TEST,
             "this kernel has no cgroup_skb socket storage to tag old sockets",

@@ -411,6 +411,19 @@ fn provenance_names_both_hooks_and_the_rtt_fidelity() {
 }
 
 #[test]
+fn provenance_names_listen_tagging_as_the_tcp_hook_and_the_sockets_own_cgroup() {
+    let mut t = tcp("/a");
+    t.fidelity.path = Some(Recorder::ListenAndEgress);
+    let p = network_provenance(Some(&t), None);
+    assert_eq!(p.hook, "tcp: sock_ops+listen_cb+cgroup_skb_egress");
+    assert!(
+        p.fidelity.contains("socket's own cgroup") && p.fidelity.contains("listen()"),
+        "attribution is by socket storage: {}",
+        p.fidelity
+    );
+}
+
+#[test]
 fn provenance_names_the_paths_a_fallback_left_behind_and_why() {
     let mut t = tcp("/a");
     t.fidelity.path = Some(Recorder::Egress);

@@ -1,7 +1,7 @@
 //! The TCP latency programs: load and attach them, read (and trim) their maps. The TCP
 //! source (`sources/tcp`) decides which programs and map sizes from its plan and config.
 //!
-//! Both programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
+//! The programs attach to the root of the cgroup v2 hierarchy, so they see every socket on
 //! the node. aya attaches through a BPF link on kernels ≥ 5.7, and a cgroup link always runs
 //! beside other programs there; the kernel rejects the `BPF_F_ALLOW_MULTI` flag on link
 //! creation, so the mode passed is `Single` (flags 0).
@@ -28,6 +28,10 @@ use super::{
 pub const SOCK_CREATE: &str = "nodeward_sock_create";
 pub const TAG_EGRESS: &str = "nodeward_sock_tag_egress";
 pub const SOCK_OPS: &str = "nodeward_tcp_sockops";
+/// What `NODEWARD_FAULT_INJECT=reject:…` names to refuse the sock_ops program in its listen
+/// tagging variant only (`TAG_AT_LISTEN` set), standing in for a verifier that rejects the
+/// helper call the other variants leave out.
+pub const SOCK_OPS_TAG_AT_LISTEN: &str = "nodeward_tcp_sockops/tag_at_listen";
 const STATS: &str = "TCP_CGROUP_STATS";
 const HIST: &str = "TCP_RTT_HIST";
 const SLOTS: &str = "TCP_SLOTS";
@@ -64,6 +68,9 @@ pub struct Cleanup {
 pub struct Attach {
     /// Record the creating task's cgroup at `socket()` (`cgroup/sock_create`).
     pub sock_create: bool,
+    /// Record a listener's cgroup at `listen()`, in the sock_ops program itself
+    /// (`BPF_SOCK_OPS_TCP_LISTEN_CB`; needs `bpf_get_current_cgroup_id` in sock_ops).
+    pub tag_at_listen: bool,
     /// Record the cgroup of the socket that sends the first packet (`cgroup_skb/egress`).
     pub egress: bool,
     /// Key by the socket's network-namespace cookie instead of its cgroup.
@@ -85,6 +92,16 @@ fn may_load(name: &'static str) -> Result<(), LoadError> {
     crate::fault::reject(name).map_err(|reason| LoadError::Refused { name, reason })?;
     #[cfg(not(feature = "fault-injection"))]
     let _ = name;
+    Ok(())
+}
+
+/// [`may_load`] for one variant of program `name` (its globals set a certain way): the fault
+/// names the variant, the error the program.
+fn may_load_variant(variant: &'static str, name: &'static str) -> Result<(), LoadError> {
+    #[cfg(feature = "fault-injection")]
+    crate::fault::reject(variant).map_err(|reason| LoadError::Refused { name, reason })?;
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = (variant, name);
     Ok(())
 }
 
@@ -139,6 +156,7 @@ impl Reader {
         })?;
         let count_foreign = u32::from(how.count_foreign_context);
         let key_by_netns = u32::from(how.key_by_netns);
+        let tag_at_listen = u32::from(how.tag_at_listen);
         let rtt_method = how.rtt_method;
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| LoadError::Config(format!("reading {what}: {e}")))?;
@@ -152,6 +170,7 @@ impl Reader {
             .map_max_entries(FLOWS, how.max_flows)
             .override_global("COUNT_FOREIGN_CONTEXT", &count_foreign, true)
             .override_global("KEY_BY_NETNS", &key_by_netns, true)
+            .override_global("TAG_AT_LISTEN", &tag_at_listen, true)
             .override_global("RTT_METHOD", &rtt_method, true)
             .override_global("HIST_STRIPE_SHIFT", &stripe_shift, true)
             .load(OBJECT)?;
@@ -193,6 +212,9 @@ impl Reader {
             .try_into()
             .map_err(prog_err(SOCK_OPS))?;
         may_load(SOCK_OPS)?;
+        if how.tag_at_listen {
+            may_load_variant(SOCK_OPS_TAG_AT_LISTEN, SOCK_OPS)?;
+        }
         ops.load().map_err(prog_err(SOCK_OPS))?;
         ops.attach(&root, CgroupAttachMode::Single)
             .map_err(prog_err(SOCK_OPS))?;

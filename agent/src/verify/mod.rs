@@ -477,6 +477,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
     let chosen_path = paths.last().map(|p| p.path.clone());
     // The fallback chain, each link forced on, in the order `auto` would fall to them.
     for attribution in [
+        tcp::Attribution::Listen,
         tcp::Attribution::SockCreate,
         tcp::Attribution::Egress,
         tcp::Attribution::Netns,

@@ -42,11 +42,12 @@ fn programs(config: &TcpConfig, plan: &Plan, rtt_method: super::RttMethod) -> tc
     let (sock_create, egress) = match plan.recorder {
         Recorder::SockCreate => (true, false),
         Recorder::SockCreateAndEgress => (true, true),
-        Recorder::Egress => (false, true),
+        Recorder::ListenAndEgress | Recorder::Egress => (false, true),
         Recorder::Netns | Recorder::SockDiag => (false, false),
     };
     tcp::Attach {
         sock_create,
+        tag_at_listen: plan.recorder == Recorder::ListenAndEgress,
         egress,
         key_by_netns: plan.recorder.ids() == super::Ids::NetnsCookie,
         count_foreign_context: plan.count_foreign_context,

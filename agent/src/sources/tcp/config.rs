@@ -9,9 +9,14 @@ use super::Recorder;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribution {
-    /// `sock_create` where the kernel allows it, else `egress`; `netns` on cgroup-v1 hosts;
-    /// `sock_diag` where no eBPF path fits.
+    /// `listen` where the kernel allows it, else `sock_create` beside the egress program, else
+    /// `egress`; `netns` on cgroup-v1 hosts; `sock_diag` where no eBPF path fits.
     Auto,
+    /// The sock_ops program stores the cgroup of the task that calls `listen()` on the
+    /// listener (accepted sockets inherit it), and the egress program every other socket's
+    /// from its first packet: no program runs at `socket()` (needs `bpf_get_current_cgroup_id`
+    /// in sock_ops: the probe checks).
+    Listen,
     /// A `cgroup/sock_create` program stores the creating task's cgroup (needs socket storage
     /// in cgroup/sock programs: the probe checks; Debian's 5.10.223 has it, see docs/kernels.md).
     SockCreate,
@@ -134,7 +139,8 @@ fn kernel_passes_measured_rtt(release: &str) -> Option<bool> {
 pub struct TcpConfig {
     /// Measure TCP RTT, jitter, retransmits and connections per container (needs eBPF).
     pub enabled: bool,
-    /// How sockets are tied to their cgroup: `auto`, `sock_create` or `egress`.
+    /// How sockets are tied to their cgroup: `auto`, `listen`, `sock_create`, `egress`,
+    /// `netns` or `sock_diag`.
     pub attribution: Attribution,
     /// Which RTT a sample takes: `auto`, `kernel` (≥ 6.10), `segment` or `srtt`.
     pub rtt_method: RttMethod,
@@ -229,7 +235,11 @@ mod tests {
 
     #[test]
     fn before_6_10_auto_times_segments_where_the_egress_program_runs_else_takes_srtt() {
-        for path in [Recorder::SockCreateAndEgress, Recorder::Egress] {
+        for path in [
+            Recorder::ListenAndEgress,
+            Recorder::SockCreateAndEgress,
+            Recorder::Egress,
+        ] {
             assert_eq!(
                 RttMethod::Auto.resolve("5.10.0-23-amd64", path),
                 Ok(RttMethod::Segment)

@@ -5,17 +5,25 @@
 //! `sock_ops` program (`BPF_SOCK_OPS_RTT_CB`: the raw RTT of each measurement on kernels
 //! ≥ 6.10, the smoothed srtt after each measurement before that; the snapshot's `fidelity`
 //! says which) and attributes them to the cgroup recorded in the socket's own storage:
-//! 1. `sock_ops+sock_create`: a `cgroup/sock_create` program records the creating task's
-//!    cgroup at `socket()`; accepted sockets inherit the listener's (`BPF_F_CLONE`).
-//! 2. `sock_ops+cgroup_skb_egress`: a `cgroup_skb/egress` program records the cgroup of the
-//!    socket that sends each first packet (5.10 kernels, whose cgroup/sock programs cannot use
-//!    socket storage). Where both fit, `auto` attaches 1 and 2 together: 2 then covers sockets
-//!    that predate the agent (an old listener's accepted connections).
-//! 3. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
+//! 1. `sock_ops+listen_cb+cgroup_skb_egress`: the sock_ops program records the cgroup of the
+//!    task calling `listen()` on the listener (`BPF_SOCK_OPS_TCP_LISTEN_CB`), so accepted
+//!    sockets inherit it (`BPF_F_CLONE`) and are attributed before they send anything; a
+//!    `cgroup_skb/egress` program records every other socket's cgroup from its first packet
+//!    (a client's SYN). Nothing runs at `socket()`. Needs `bpf_get_current_cgroup_id` in
+//!    sock_ops.
+//! 2. `sock_ops+sock_create`: a `cgroup/sock_create` program records the creating task's
+//!    cgroup at every TCP `socket()`; accepted sockets inherit the listener's. Where the egress
+//!    program fits too, `auto` attaches both (`sock_ops+sock_create+cgroup_skb_egress`), so
+//!    that sockets that predate the agent (an old listener's accepted connections) are covered.
+//! 3. `sock_ops+cgroup_skb_egress`: the egress program alone (5.10 kernels, whose cgroup/sock
+//!    programs cannot use socket storage). A listener is tagged by its first SYN-ACK, which
+//!    the kernel sends through egress with the listener as its socket; where every SYN-ACK was
+//!    a SYN cookie (no socket), an accepted socket is pending until it sends.
+//! 4. `sock_ops+netns_cookie`: hosts with cgroup v1 only key by the socket's network
 //!    namespace cookie (pods have one each), attaching to a cgroup2 mount of the agent's own.
-//! 4. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
+//! 5. `sock_diag_poll`: no eBPF at all; every namespace's sockets are polled over netlink
 //!    each tick (`diag.rs`), one smoothed-RTT sample per socket per tick.
-//! 5. Not root: the source reports itself unavailable with the reason.
+//! 6. Not root: the source reports itself unavailable with the reason.
 //!
 //! With `auto`, the probe only says which paths the kernel should run; the verifier and the
 //! attachment have the last word. When a program of the chosen path is rejected (or fails to
@@ -55,6 +63,9 @@ pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/nodeward/cgroup2";
 /// `fidelity.path` (by [`Recorder::name`] at the edges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorder {
+    /// A listener's cgroup recorded at `listen()` by the sock_ops program (accepted sockets
+    /// inherit it), every other socket's from its first packet by the egress program.
+    ListenAndEgress,
     /// cgroup recorded at `socket()` by a `cgroup/sock_create` program.
     SockCreate,
     /// Both: `sock_create` for every new socket, and the egress program for sockets that
@@ -82,6 +93,7 @@ impl Recorder {
     /// The hook chain's name, as logs, the API's provenance and the docs spell it.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::ListenAndEgress => "sock_ops+listen_cb+cgroup_skb_egress",
             Self::SockCreate => "sock_ops+sock_create",
             Self::SockCreateAndEgress => "sock_ops+sock_create+cgroup_skb_egress",
             Self::Egress => "sock_ops+cgroup_skb_egress",
@@ -93,7 +105,10 @@ impl Recorder {
     /// Whether this path attaches the `cgroup_skb/egress` program (which `tcp.rtt_method =
     /// "segment"` needs: it stamps the segments timed).
     pub const fn attaches_egress(self) -> bool {
-        matches!(self, Self::SockCreateAndEgress | Self::Egress)
+        matches!(
+            self,
+            Self::ListenAndEgress | Self::SockCreateAndEgress | Self::Egress
+        )
     }
 
     /// What the snapshot's ids are on this path.
@@ -107,6 +122,10 @@ impl Recorder {
     /// How samples are attributed on this path, in words (the provenance's fidelity).
     pub const fn attribution(self) -> &'static str {
         match self {
+            Self::ListenAndEgress => {
+                "cgroup v2 id of the socket's own cgroup (socket storage; a listener's taken from \
+                 the task that called listen()), never the task in softirq"
+            }
             Self::SockCreate | Self::SockCreateAndEgress | Self::Egress => {
                 "cgroup v2 id of the socket's own cgroup (socket storage), never the task in softirq"
             }
@@ -155,6 +174,7 @@ impl Plan {
     pub fn programs(&self) -> &'static [&'static str] {
         use crate::ebpf::tcp::{SOCK_CREATE, SOCK_OPS, TAG_EGRESS};
         match self.recorder {
+            Recorder::ListenAndEgress => &[TAG_EGRESS, SOCK_OPS],
             Recorder::SockCreate => &[SOCK_CREATE, SOCK_OPS],
             Recorder::SockCreateAndEgress => &[TAG_EGRESS, SOCK_CREATE, SOCK_OPS],
             Recorder::Egress => &[TAG_EGRESS, SOCK_OPS],
@@ -224,8 +244,8 @@ pub fn plan(
 }
 
 /// The paths to try in order: with `auto`, the one [`plan`] picks, then every later path of
-/// the chain sock_create+egress → sock_create → egress → netns cookies → sock_diag that the
-/// probe allows on this node; any other attribution, its own path alone.
+/// the chain listen+egress → sock_create+egress → sock_create → egress → netns cookies →
+/// sock_diag that the probe allows on this node; any other attribution, its own path alone.
 pub fn chain(
     caps: &Capabilities,
     attribution: Attribution,
@@ -235,22 +255,39 @@ pub fn chain(
         return Ok(vec![first]);
     }
     let rank = |r: Recorder| match r {
-        Recorder::SockCreateAndEgress => 0,
-        Recorder::SockCreate => 1,
-        Recorder::Egress => 2,
-        Recorder::Netns => 3,
-        Recorder::SockDiag => 4,
+        Recorder::ListenAndEgress => 0,
+        Recorder::SockCreateAndEgress => 1,
+        Recorder::SockCreate => 2,
+        Recorder::Egress => 3,
+        Recorder::Netns => 4,
+        Recorder::SockDiag => 5,
     };
     let after = rank(first.1.recorder);
+    // sock_create beside egress has no attribution of its own: it is the sock_create plan
+    // where the egress one fits too.
+    let sock_create_and_egress = plan(caps, Attribution::SockCreate)
+        .ok()
+        .filter(|_| plan(caps, Attribution::Egress).is_ok())
+        .map(|(root, p)| {
+            let p = Plan {
+                recorder: Recorder::SockCreateAndEgress,
+                ..p
+            };
+            (root, p)
+        });
     let mut out = vec![first];
-    for next in [
+    let next = [
         Attribution::SockCreate,
         Attribution::Egress,
         Attribution::Netns,
         Attribution::SockDiag,
-    ] {
-        // A path the probe rules out is no fallback (the reason was logged by `plan` for auto).
-        let Ok(p) = plan(caps, next) else { continue };
+    ]
+    // A path the probe rules out is no fallback (the reason was logged by `plan` for auto).
+    .map(|a| plan(caps, a).ok());
+    for p in std::iter::once(sock_create_and_egress)
+        .chain(next)
+        .flatten()
+    {
         if rank(p.1.recorder) > after && out.iter().all(|(_, q)| q.path() != p.1.path()) {
             out.push(p);
         }
@@ -317,37 +354,47 @@ fn ebpf_plan(
     let egress = caps.has_program_type("cgroup_skb")
         && has_helper(caps, "cgroup_skb/sk_storage_get")
         && has_helper(caps, "cgroup_skb/skb_cgroup_id");
-    let recorder = match attribution {
-        Attribution::SockCreate if !sock_create => {
-            return Err(TcpError::Missing(
-                "socket storage in cgroup/sock_create programs",
-            ))
-        }
-        Attribution::Egress if !egress => {
-            return Err(TcpError::Missing(
-                "socket storage and skb_cgroup_id in cgroup_skb programs",
-            ))
-        }
-        Attribution::Netns if !netns => {
-            return Err(TcpError::Missing("bpf_get_netns_cookie in sock_ops"))
-        }
-        Attribution::SockDiag => Recorder::SockDiag,
-        Attribution::SockCreate => Recorder::SockCreate,
-        Attribution::Egress => Recorder::Egress,
-        Attribution::Netns => Recorder::Netns,
-        Attribution::Auto if sock_create && egress => Recorder::SockCreateAndEgress,
-        Attribution::Auto if sock_create => Recorder::SockCreate,
-        Attribution::Auto if egress => Recorder::Egress,
-        Attribution::Auto => {
-            return Err(TcpError::Missing(
-                "socket storage in both cgroup/sock_create and cgroup_skb programs",
-            ))
-        }
-    };
+    // Listen tagging reads the current task's cgroup in sock_ops (at `listen()`, in the
+    // listening task); the egress program tags every other socket.
+    let current_in_sock_ops = has_helper(caps, "sock_ops/get_current_cgroup_id");
+    let listen = current_in_sock_ops && egress;
+    let recorder =
+        match attribution {
+            Attribution::Listen if !listen => return Err(TcpError::Missing(
+                "bpf_get_current_cgroup_id in sock_ops, or socket storage and skb_cgroup_id in \
+                 cgroup_skb programs",
+            )),
+            Attribution::SockCreate if !sock_create => {
+                return Err(TcpError::Missing(
+                    "socket storage in cgroup/sock_create programs",
+                ))
+            }
+            Attribution::Egress if !egress => {
+                return Err(TcpError::Missing(
+                    "socket storage and skb_cgroup_id in cgroup_skb programs",
+                ))
+            }
+            Attribution::Netns if !netns => {
+                return Err(TcpError::Missing("bpf_get_netns_cookie in sock_ops"))
+            }
+            Attribution::SockDiag => Recorder::SockDiag,
+            Attribution::Listen => Recorder::ListenAndEgress,
+            Attribution::SockCreate => Recorder::SockCreate,
+            Attribution::Egress => Recorder::Egress,
+            Attribution::Netns => Recorder::Netns,
+            Attribution::Auto if listen => Recorder::ListenAndEgress,
+            Attribution::Auto if sock_create && egress => Recorder::SockCreateAndEgress,
+            Attribution::Auto if sock_create => Recorder::SockCreate,
+            Attribution::Auto if egress => Recorder::Egress,
+            Attribution::Auto => {
+                return Err(TcpError::Missing(
+                    "socket storage in both cgroup/sock_create and cgroup_skb programs",
+                ))
+            }
+        };
     let plan = Plan {
         recorder,
-        count_foreign_context: recorder != Recorder::Netns
-            && has_helper(caps, "sock_ops/get_current_cgroup_id"),
+        count_foreign_context: recorder != Recorder::Netns && current_in_sock_ops,
         mount_cgroup2: false,
         proc_root: "/proc".into(),
     };
@@ -376,181 +423,5 @@ pub(crate) fn ensure_cgroup2(at: &std::path::Path) -> Result<(), TcpError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::probe::{CgroupLayout, Feature};
-
-    fn caps(helpers: &[&str]) -> Capabilities {
-        let yes = |d: &str| Feature {
-            available: true,
-            detail: d.to_owned(),
-        };
-        let types = ["sock_ops", "cgroup_sock", "cgroup_skb"];
-        Capabilities {
-            kernel_release: "test".to_owned(),
-            is_root: true,
-            btf: yes("test"),
-            tracefs: None,
-            kprobes: yes("test"),
-            cgroup: CgroupLayout::V2 {
-                unified: "/sys/fs/cgroup".into(),
-            },
-            program_types: types
-                .iter()
-                .map(|t| ((*t).to_owned(), yes("loads")))
-                .collect(),
-            helpers: helpers
-                .iter()
-                .map(|h| ((*h).to_owned(), yes("available")))
-                .collect(),
-            tracepoints: BTreeMap::new(),
-            bpf_stats_enabled: yes("test"),
-            cgroup_link: yes("test"),
-        }
-    }
-
-    const SOCK_OPS: &str = "sock_ops/sk_storage_get";
-    const CREATE: [&str; 2] = [
-        "cgroup_sock/sk_storage_get",
-        "cgroup_sock/get_current_cgroup_id",
-    ];
-    const EGRESS: [&str; 2] = ["cgroup_skb/sk_storage_get", "cgroup_skb/skb_cgroup_id"];
-
-    #[test]
-    fn auto_prefers_sock_create_and_falls_back_to_egress_like_5_10() {
-        let full = caps(&[SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]]);
-        let (_, p) = plan(&full, Attribution::Auto).expect("plan");
-        assert_eq!(p.path(), "sock_ops+sock_create+cgroup_skb_egress");
-        let (_, p) = plan(&full, Attribution::SockCreate).expect("plan");
-        assert_eq!(p.path(), "sock_ops+sock_create");
-        // 5.10: no socket storage in cgroup/sock programs, nor get_current_cgroup_id in sock_ops.
-        let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);
-        let (_, p) = plan(&old, Attribution::Auto).expect("plan");
-        assert_eq!(p.path(), "sock_ops+cgroup_skb_egress");
-        assert!(!p.count_foreign_context);
-    }
-
-    fn paths(chain: &[(std::path::PathBuf, Plan)]) -> Vec<&'static str> {
-        chain.iter().map(|(_, p)| p.path()).collect()
-    }
-
-    #[test]
-    fn the_auto_chain_runs_from_the_chosen_path_down_to_sock_diag_in_order() {
-        let all = [
-            SOCK_OPS,
-            CREATE[0],
-            CREATE[1],
-            EGRESS[0],
-            EGRESS[1],
-            "sock_ops/get_netns_cookie",
-        ];
-        let full = caps(&all);
-        assert_eq!(
-            paths(&chain(&full, Attribution::Auto).expect("chain")),
-            [
-                "sock_ops+sock_create+cgroup_skb_egress",
-                "sock_ops+sock_create",
-                "sock_ops+cgroup_skb_egress",
-                "sock_ops+netns_cookie",
-                "sock_diag_poll",
-            ]
-        );
-        // 5.10-like: no sock_create storage, no netns cookie: the paths the probe rules out
-        // are left out, never tried.
-        let old = caps(&[SOCK_OPS, CREATE[1], EGRESS[0], EGRESS[1]]);
-        assert_eq!(
-            paths(&chain(&old, Attribution::Auto).expect("chain")),
-            ["sock_ops+cgroup_skb_egress", "sock_diag_poll"]
-        );
-        // cgroup v1: netns cookies on a mounted cgroup2, then sock_diag.
-        let mut v1 = caps(&all);
-        v1.cgroup = CgroupLayout::V1;
-        let v1_chain = chain(&v1, Attribution::Auto).expect("chain");
-        assert_eq!(
-            paths(&v1_chain),
-            ["sock_ops+netns_cookie", "sock_diag_poll"]
-        );
-        assert!(v1_chain[0].1.mount_cgroup2);
-        // Each path names the programs it loads; a later path never needs more of them.
-        assert_eq!(
-            chain(&full, Attribution::Auto).expect("chain")[2]
-                .1
-                .programs(),
-            [crate::ebpf::tcp::TAG_EGRESS, crate::ebpf::tcp::SOCK_OPS]
-        );
-    }
-
-    #[test]
-    fn a_configured_path_is_its_own_chain_without_fallback() {
-        let all = [SOCK_OPS, CREATE[0], CREATE[1], EGRESS[0], EGRESS[1]];
-        for (a, path) in [
-            (Attribution::SockCreate, "sock_ops+sock_create"),
-            (Attribution::Egress, "sock_ops+cgroup_skb_egress"),
-            (Attribution::SockDiag, "sock_diag_poll"),
-        ] {
-            assert_eq!(paths(&chain(&caps(&all), a).expect("chain")), [path]);
-        }
-        assert!(chain(&caps(&[]), Attribution::Egress).is_err());
-    }
-
-    #[test]
-    fn cgroup_v1_hosts_fall_back_to_network_namespaces_on_a_mounted_cgroup2() {
-        let mut v1 = caps(&[SOCK_OPS, "sock_ops/get_netns_cookie"]);
-        v1.cgroup = CgroupLayout::V1;
-        let (root, p) = plan(&v1, Attribution::Auto).expect("plan");
-        assert_eq!((p.path(), p.mount_cgroup2), ("sock_ops+netns_cookie", true));
-        assert_eq!(root, std::path::PathBuf::from(CGROUP2_FALLBACK_MOUNT));
-        assert!(matches!(
-            plan(&v1, Attribution::Egress),
-            Err(TcpError::NoCgroupV2)
-        ));
-    }
-
-    #[test]
-    fn a_forced_path_the_kernel_lacks_is_refused_with_the_reason() {
-        let old = caps(&[SOCK_OPS, EGRESS[0], EGRESS[1]]);
-        let err = plan(&old, Attribution::SockCreate).expect_err("no sock_create storage");
-        assert!(err.to_string().contains("cgroup/sock_create"), "{err}");
-        let none = caps(&[]);
-        let err = plan(&none, Attribution::Egress).expect_err("no sock_ops storage");
-        assert!(err.to_string().contains("sock_ops"), "{err}");
-    }
-
-    #[test]
-    fn auto_falls_back_to_sock_diag_where_no_ebpf_path_fits_but_never_without_root() {
-        let none = caps(&[]);
-        let (_, p) = plan(&none, Attribution::Auto).expect("plan");
-        assert_eq!(p.path(), "sock_diag_poll");
-        let mut unprivileged = caps(&[]);
-        unprivileged.is_root = false;
-        assert!(matches!(
-            plan(&unprivileged, Attribution::Auto),
-            Err(TcpError::NotRoot)
-        ));
-    }
-
-    #[test]
-    fn a_kernel_without_cgroup_links_polls_sock_diag_or_refuses_a_forced_ebpf_path() {
-        let mut old = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
-        old.cgroup_link = Feature {
-            available: false,
-            detail: "kernel 4.19 has no bpf_link for cgroup programs".to_owned(),
-        };
-        let err = plan(&old, Attribution::SockCreate).expect_err("no cgroup links");
-        assert!(matches!(err, TcpError::NoCgroupLink(_)), "{err}");
-        let (_, p) = plan(&old, Attribution::Auto).expect("plan");
-        assert_eq!(p.path(), "sock_diag_poll");
-    }
-
-    #[test]
-    fn cgroup_v1_hosts_without_netns_cookies_poll_sock_diag_or_refuse_a_forced_netns() {
-        let mut v1 = caps(&[SOCK_OPS, CREATE[0], CREATE[1]]);
-        v1.cgroup = CgroupLayout::V1;
-        let err = plan(&v1, Attribution::Netns).expect_err("no netns cookie");
-        assert!(err.to_string().contains("netns"), "{err}");
-        let (_, p) = plan(&v1, Attribution::Auto).expect("plan");
-        assert_eq!(p.path(), "sock_diag_poll");
-    }
-}
+#[path = "plan_tests.rs"]
+mod tests;
