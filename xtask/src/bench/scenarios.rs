@@ -42,9 +42,9 @@ ran fewer than 1,000 times in a scenario is left out of it. Target \
 the request/response load), which the figures include; so each A/B round runs the workload a \
 third time, with the agent and the accounting on, for these rows only, and the workload's \
 own metric (rate, loss) comes from the A and B runs with the accounting off, as an agent runs \
-(`kernel.bpf_stats_enabled` is 0 by default). With the accounting on during B, one quick run \
-of the loopback request/response load gave a ratio of 0.60 where the same run with it off gave \
-0.92.
+(`kernel.bpf_stats_enabled` is 0 by default). With the accounting on during B, one hand run \
+of the loopback request/response load (3 rounds, another build on the machine) gave a ratio \
+of 0.60 where the same rounds with it off gave 0.92.
 - **UDP flood**: one datagram from each of 20,000 source ports (each port used once) to one \
 loopback socket, as fast as one thread can bind and send: the one-packet flows a flood from \
 random source ports makes, each of which goes on probation and is never admitted to the flow \
