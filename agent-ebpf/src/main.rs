@@ -10,7 +10,11 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod tcp_cgroup;
+#[cfg(target_arch = "bpf")]
 mod tcp_latency;
+#[cfg(target_arch = "bpf")]
+mod tcp_storage;
 #[cfg(target_arch = "bpf")]
 mod udp_flows;
 

@@ -1,5 +1,9 @@
 //! TCP round-trip time, jitter, retransmits and connection life per socket cgroup.
 //!
+//! This module holds the egress and sock_ops programs and the flow map; the storage map with
+//! the `sock_create` program and listener tagging are in `tcp_storage`, the per-cgroup slots,
+//! counters and histogram in `tcp_cgroup`.
+//!
 //! The programs share one socket-local storage map, `SOCK_CGROUP`, an sk_storage map created
 //! with `BPF_F_CLONE`: an accepted socket inherits its listener's entry when the kernel clones
 //! it, before any callback runs on it. Each socket's cgroup v2 id is recorded there by:
@@ -37,27 +41,26 @@
 //! (no CO-RE needed).
 
 use agent_ebpf::{
-    tcp::{
-        bucket_of, direction, drop_reason, path, rtt_method, segment, slot, FOREIGN_CHECK_EVERY,
-        HIST_BUCKETS,
-    },
-    CgroupTcpStats, FlowState, HistRow, SockState,
+    tcp::{direction, drop_reason, path, rtt_method, segment, FOREIGN_CHECK_EVERY},
+    CgroupTcpStats, FlowState, SockState,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_smp_processor_id,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
-        generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_sk_fullsock, bpf_skb_cgroup_id},
     },
-    macros::{cgroup_skb, cgroup_sock, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue},
-    programs::{SkBuffContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, map, sock_ops},
+    maps::LruHashMap,
+    programs::{SkBuffContext, SockOpsContext},
 };
-use core::intrinsics::AtomicOrdering;
+
+use crate::{
+    tcp_cgroup::{count_drop, flow_stats, hist_add, stats_of},
+    tcp_storage::{tag_listener, SOCK_CGROUP},
+};
 
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
 const OP_ACTIVE_ESTABLISHED: u32 = 4;
@@ -73,55 +76,10 @@ const IPPROTO_TCP: u32 = 6;
 const ETH_P_IP_BE: u32 = 0x0800_u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86DD_u16.to_be() as u32;
 
-/// A BTF map definition in libbpf's layout, like aya-ebpf's own `SkStorage`, but with
-/// `BPF_F_CLONE` so that accepted sockets inherit the listener's value.
-#[repr(C)]
-pub struct SkStorageClone {
-    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const SockState,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
-}
-
-// SAFETY: the fields are placeholders the loader reads from BTF; never dereferenced.
-unsafe impl Sync for SkStorageClone {}
-
-impl SkStorageClone {
-    const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-        }
-    }
-
-    #[inline(always)]
-    fn get(&self, sk: *mut core::ffi::c_void, create: bool) -> *mut SockState {
-        let flags = if create {
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-        } else {
-            0
-        };
-        let map = core::ptr::from_ref(self).cast_mut().cast();
-        // SAFETY: `sk` is a socket pointer the verifier has checked non-null; the helper
-        // returns null or a pointer to this socket's value (zeroed when just created).
-        unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) }.cast()
-    }
-}
-
 /// 1 when sock_ops programs may call `bpf_get_current_cgroup_id`; set by user space before
 /// load.
 #[unsafe(no_mangle)]
 static COUNT_FOREIGN_CONTEXT: u32 = 0;
-
-/// 1 to record a listener's cgroup at `listen()` (`BPF_SOCK_OPS_TCP_LISTEN_CB`), in place of a
-/// `cgroup/sock_create` program; set by user space before load, only where sock_ops programs
-/// may call `bpf_get_current_cgroup_id` (not 5.10: the verifier prunes the call when it is 0).
-#[unsafe(no_mangle)]
-static TAG_AT_LISTEN: u32 = 0;
 
 /// 1 to key everything by the socket's network-namespace cookie instead of its cgroup (hosts
 /// with cgroup v1 only); set by user space before load.
@@ -133,68 +91,9 @@ static KEY_BY_NETNS: u32 = 0;
 #[unsafe(no_mangle)]
 static RTT_METHOD: u32 = 0;
 
-/// log2 of the histogram rows per slot (`agent_ebpf::tcp::hist_stripes`); set by user space
-/// before load.
-#[unsafe(no_mangle)]
-static HIST_STRIPE_SHIFT: u32 = 0;
-
-/// Each socket's cgroup v2 id, written at `socket()` or its first packet, and the segment being
-/// timed (`SockState`).
-#[unsafe(link_section = ".maps")]
-#[unsafe(export_name = "SOCK_CGROUP")]
-static SOCK_CGROUP: SkStorageClone = SkStorageClone::new();
-
-/// Per-cgroup slots (`agent_ebpf::tcp::slot`): cgroup id → slot, slot → cgroup id, the free
-/// slots. Sizes (`tcp.max_cgroups`) are set by user space from the config before load; user
-/// space fills the queue before attaching.
-#[map]
-static TCP_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
-#[map]
-static TCP_SLOT_OWNER: Array<u64> = Array::with_max_entries(1024, 0);
-#[map]
-static TCP_FREE_SLOTS: Queue<u32> = Queue::with_max_entries(1024, 0);
-
-/// Per-cgroup counters, at the cgroup's slot.
-#[map]
-static TCP_CGROUP_STATS: PerCpuArray<CgroupTcpStats> = PerCpuArray::with_max_entries(1024, 0);
-
-/// Per-cgroup RTT histogram: `1 << HIST_STRIPE_SHIFT` rows per slot, a CPU adding to the row
-/// of its number's low bits (atomic adds: a per-CPU row would cost 3 KiB per cgroup and CPU,
-/// one shared row made the CPUs of a busy cgroup take the same cache line in turn).
-#[map]
-static TCP_RTT_HIST: Array<HistRow> = Array::with_max_entries(1024, 0);
-
 /// Per-connection state, by socket cookie. LRU: the oldest idle flows make room.
 #[map]
 static TCP_FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65536, 0);
-
-/// What did not fit (indices in `agent_ebpf::tcp::drop_reason`).
-#[map]
-static TCP_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
-
-#[cgroup_sock(sock_create)]
-pub fn nodeward_sock_create(ctx: SockContext) -> i32 {
-    let _ = try_sock_create(&ctx);
-    // 1 = allow: this program only observes.
-    1
-}
-
-fn try_sock_create(ctx: &SockContext) -> Result<(), i64> {
-    // Only TCP sockets are read by sock_ops: a UDP (or raw) socket costs no storage.
-    // SAFETY: `protocol` of the UAPI `bpf_sock` context, readable at sock_create.
-    if unsafe { (*ctx.sock).protocol } != IPPROTO_TCP {
-        return Ok(());
-    }
-    let slot = SOCK_CGROUP.get(ctx.sock.cast(), true);
-    if slot.is_null() {
-        return Err(-1);
-    }
-    // SAFETY: the helper takes no arguments; sock_create runs in the creating task.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: non-null pointer to this socket's storage, valid for the program's run.
-    unsafe { (*slot).cgroup_id = cgroup_id };
-    Ok(())
-}
 
 #[cgroup_skb(egress)]
 pub fn nodeward_sock_tag_egress(ctx: SkBuffContext) -> i32 {
@@ -277,14 +176,6 @@ pub fn nodeward_tcp_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-#[inline(always)]
-fn count_drop(reason: u32) {
-    if let Some(slot) = TCP_DROPS.get_ptr_mut(reason) {
-        // SAFETY: per-CPU slot, valid for the program's run.
-        unsafe { *slot += 1 };
-    }
-}
-
 /// The socket's storage, if a program created it.
 #[inline(always)]
 fn sock_state(ctx: &SockOpsContext) -> Option<*mut SockState> {
@@ -339,71 +230,6 @@ fn socket_cgroup(ctx: &SockOpsContext) -> Option<u64> {
     let slot = sock_state(ctx)?;
     // SAFETY: non-null storage pointer.
     Some(unsafe { (*slot).cgroup_id })
-}
-
-/// The slot of `cgroup_id`, taking a free one if it has none yet (counted, and `None`, when
-/// every slot is taken).
-#[inline(always)]
-fn slot_of(cgroup_id: u64) -> Option<u32> {
-    // SAFETY: a value of this hash map, copied at once.
-    if let Some(s) = unsafe { TCP_SLOTS.get(&cgroup_id) } {
-        return Some(*s);
-    }
-    let Ok(Some(free)) = TCP_FREE_SLOTS.pop() else {
-        count_drop(drop_reason::STATS_FULL);
-        return None;
-    };
-    // User space pushes only slots below the arrays' size.
-    let owner = TCP_SLOT_OWNER.get_ptr_mut(free)?;
-    // SAFETY: array value, valid for the program's run. The owner is written before the
-    // mapping, so that a flow that finds the mapping also finds its owner.
-    unsafe { *owner = cgroup_id };
-    if TCP_SLOTS
-        .insert(&cgroup_id, &free, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return Some(free);
-    }
-    // Another CPU gave the cgroup a slot meanwhile: ours goes back, theirs is used.
-    // SAFETY: as above.
-    unsafe { *owner = 0 };
-    let _ = TCP_FREE_SLOTS.push(free, 0);
-    // SAFETY: as above.
-    match unsafe { TCP_SLOTS.get(&cgroup_id) } {
-        Some(s) => Some(*s),
-        None => {
-            count_drop(drop_reason::STATS_FULL);
-            None
-        }
-    }
-}
-
-/// The counters of `cgroup_id` and its slot.
-#[inline(always)]
-fn stats_of(cgroup_id: u64) -> Option<(u32, *mut CgroupTcpStats)> {
-    let s = slot_of(cgroup_id)?;
-    Some((s, TCP_CGROUP_STATS.get_ptr_mut(s)?))
-}
-
-/// As [`stats_of`] for a flow's (known) cgroup, through the slot the flow remembers while that
-/// slot is still its cgroup's.
-#[inline(always)]
-fn flow_stats(flow: *mut FlowState, cgroup_id: u64) -> Option<(u32, *mut CgroupTcpStats)> {
-    // SAFETY: valid map value.
-    let cached = unsafe { (*flow).slot };
-    if cached != slot::NONE {
-        let s = cached - 1;
-        if TCP_SLOT_OWNER
-            .get(s)
-            .is_some_and(|owner| *owner == cgroup_id)
-        {
-            return Some((s, TCP_CGROUP_STATS.get_ptr_mut(s)?));
-        }
-    }
-    let (s, stats) = stats_of(cgroup_id)?;
-    // SAFETY: valid map value.
-    unsafe { (*flow).slot = s + 1 };
-    Some((s, stats))
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -464,37 +290,6 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// `TAG_AT_LISTEN`: records the cgroup of the task calling `listen()` in the listener's
-/// storage, so that every socket it accepts inherits it (`BPF_F_CLONE`) and is attributed at
-/// `PASSIVE_ESTABLISHED`, before it has sent anything. The kernel runs this callback from
-/// `inet_listen()` in that task, whatever the callback flags; a client socket needs no such
-/// tag: the egress program records its cgroup from its SYN.
-#[inline(always)]
-fn tag_listener(ctx: &SockOpsContext) {
-    // SAFETY: a volatile read of a read-only global set before load.
-    if unsafe { core::ptr::read_volatile(&TAG_AT_LISTEN) } == 0 {
-        return;
-    }
-    // SAFETY: reading the `sk` member of the UAPI context (nullable; a listener is a full
-    // socket, so it is set here).
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return;
-    }
-    let slot = SOCK_CGROUP.get(sk.cast(), true);
-    if slot.is_null() {
-        return;
-    }
-    // SAFETY: non-null storage pointer; the helper reads the task that called `listen()`, in
-    // whose context this callback runs. A cgroup already recorded (a socket that sent before)
-    // is kept.
-    unsafe {
-        if (*slot).cgroup_id == 0 {
-            (*slot).cgroup_id = bpf_get_current_cgroup_id();
-        }
-    }
-}
-
 /// Counts the flow's open once, against its (now known) cgroup, and its handshake RTT as the
 /// connection's first path sample.
 #[inline(always)]
@@ -545,26 +340,7 @@ fn path_sample(flow: *mut FlowState, stats: *mut CgroupTcpStats, slot: u32, rtt_
         (*stats).path_samples += 1;
         (*stats).sum_rtt_us += rtt;
     }
-    let bucket = bucket_of(rtt) as usize;
-    // SAFETY: a volatile read of a read-only global set before load; the helper takes no
-    // arguments (inlined by the JIT).
-    let row = unsafe {
-        let shift = core::ptr::read_volatile(&HIST_STRIPE_SHIFT);
-        (slot << shift) | (bpf_get_smp_processor_id() & ((1 << shift) - 1))
-    };
-    if let Some(row) = TCP_RTT_HIST.get_ptr_mut(row) {
-        if bucket < HIST_BUCKETS as usize {
-            // SAFETY: a u64 inside this array value, valid for the program's run; the row is
-            // shared by every CPU, so the add is atomic (its result unused: the plain atomic
-            // add every supported kernel accepts).
-            unsafe {
-                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    (*row).as_mut_ptr().add(bucket),
-                    1,
-                );
-            }
-        }
-    }
+    hist_add(slot, rtt);
 }
 
 /// The flow's cgroup, resolving a pending (0) one from the socket storage when it is there.
