@@ -262,6 +262,31 @@ pub fn bpf_objects_of(pid: u32) -> (BTreeSet<u32>, BTreeSet<u32>) {
     (progs, links)
 }
 
+/// Names of the eBPF programs process `pid` holds, asked of `bpftool` (the kernel cuts a name
+/// to its first 15 bytes).
+pub fn programs_held(pid: u32) -> Vec<String> {
+    bpf_objects_of(pid)
+        .0
+        .iter()
+        .filter_map(|id| {
+            let out = Command::new("bpftool")
+                .args(["prog", "show", "id", &id.to_string(), "--json"])
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.get("name")?.as_str().map(str::to_owned)
+        })
+        .collect()
+}
+
+/// How many of `held` (from [`programs_held`]) are program `name`, matched on the kernel's cut
+/// of the name.
+pub fn program_count(held: &[String], name: &str) -> usize {
+    held.iter()
+        .filter(|h| !h.is_empty() && name.starts_with(h.as_str()))
+        .count()
+}
+
 /// Whether a BPF program or link with this id still exists, asked of `bpftool`.
 pub fn bpftool_has(kind: &str, id: u32) -> bool {
     Command::new("bpftool")

@@ -20,7 +20,7 @@ use nodeward::api::pb;
 use nodeward_tests::{
     agent_binary,
     api::{conn, eventually, TempDir},
-    bpf_objects_of, cgroup_v2_root, is_root, skip, Cgroup,
+    cgroup_v2_root, is_root, program_count, programs_held, skip, Cgroup,
 };
 
 /// Each step's time limit: many ticks, so a slow shared machine is no failure.
@@ -136,28 +136,24 @@ impl Agent {
     }
 }
 
-/// The names of the eBPF programs `pid` holds, as `bpftool` reports them (the kernel keeps
-/// the first 15 bytes of a name).
-fn programs_held(pid: u32) -> Vec<String> {
-    bpf_objects_of(pid)
-        .0
-        .iter()
-        .filter_map(|id| {
-            let out = std::process::Command::new("bpftool")
-                .args(["prog", "show", "id", &id.to_string(), "--json"])
-                .output()
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v.get("name")?.as_str().map(str::to_owned)
-        })
-        .collect()
+/// How many of the programs `pid` holds are (sock_create, the egress tagger, sock_ops), with
+/// the names held.
+fn tcp_programs_held(pid: u32) -> ((usize, usize, usize), Vec<String>) {
+    let held = programs_held(pid);
+    let n = |name| program_count(&held, name);
+    ((n(SOCK_CREATE), n(TAG_EGRESS), n(SOCK_OPS)), held)
 }
 
-/// How many of `held` are program `name` (matched on the kernel's cut of the name).
-fn count(held: &[String], name: &str) -> usize {
-    held.iter()
-        .filter(|h| !h.is_empty() && name.starts_with(h.as_str()))
-        .count()
+/// The API's container key of `cgroup` (its path under the v2 root).
+fn cgroup_key(cgroup: &Cgroup, v2_root: &std::path::Path) -> String {
+    format!(
+        "/{}",
+        cgroup
+            .path
+            .strip_prefix(v2_root)
+            .expect("under the v2 root")
+            .display()
+    )
 }
 
 /// The WARN lines that name `program` as the cause of a fallback.
@@ -311,25 +307,10 @@ async fn a_rejected_listen_tagging_falls_back_to_sock_create_beside_egress_and_s
         "a WARN names the path and {SOCK_OPS}:\n{log}"
     );
     // The sock_create path's three programs, and nothing left of the first attempt.
-    let held = programs_held(agent.pid());
-    assert_eq!(
-        (
-            count(&held, SOCK_CREATE),
-            count(&held, TAG_EGRESS),
-            count(&held, SOCK_OPS)
-        ),
-        (1, 1, 1),
-        "programs held: {held:?}"
-    );
+    let (counts, held) = tcp_programs_held(agent.pid());
+    assert_eq!(counts, (1, 1, 1), "programs held: {held:?}");
     let cgroup = Cgroup::new("tcp-fallback-listen");
-    let key = format!(
-        "/{}",
-        cgroup
-            .path
-            .strip_prefix(&v2_root)
-            .expect("under the v2 root")
-            .display()
-    );
+    let key = cgroup_key(&cgroup, &v2_root);
     let traffic = Traffic::start(&cgroup);
     let samples = samples_of(&agent, &key).await;
     drop(traffic);
@@ -378,26 +359,11 @@ async fn a_rejected_sock_create_program_falls_back_to_the_egress_path_and_still_
 
     // Only the egress path's programs are held: the first attempt's egress program, loaded
     // before sock_create was refused, was dropped with it.
-    let held = programs_held(agent.pid());
-    assert_eq!(
-        (
-            count(&held, SOCK_CREATE),
-            count(&held, TAG_EGRESS),
-            count(&held, SOCK_OPS)
-        ),
-        (0, 1, 1),
-        "programs held: {held:?}"
-    );
+    let (counts, held) = tcp_programs_held(agent.pid());
+    assert_eq!(counts, (0, 1, 1), "programs held: {held:?}");
 
     let cgroup = Cgroup::new("tcp-fallback");
-    let key = format!(
-        "/{}",
-        cgroup
-            .path
-            .strip_prefix(&v2_root)
-            .expect("under the v2 root")
-            .display()
-    );
+    let key = cgroup_key(&cgroup, &v2_root);
     let traffic = Traffic::start(&cgroup);
     let samples = samples_of(&agent, &key).await;
     drop(traffic);
@@ -449,16 +415,8 @@ async fn with_sock_create_and_egress_both_rejected_auto_lands_on_netns_cookies_a
             && !fallback_warnings(&log, TAG_EGRESS).is_empty(),
         "WARNs name both programs:\n{log}"
     );
-    let held = programs_held(agent.pid());
-    assert_eq!(
-        (
-            count(&held, SOCK_CREATE),
-            count(&held, TAG_EGRESS),
-            count(&held, SOCK_OPS)
-        ),
-        (0, 0, 1),
-        "programs held: {held:?}"
-    );
+    let (counts, held) = tcp_programs_held(agent.pid());
+    assert_eq!(counts, (0, 0, 1), "programs held: {held:?}");
 
     // Keyed by namespace: the child cgroup's connection counts under this namespace's cookie.
     let cgroup = Cgroup::new("tcp-fallback-netns");
@@ -519,16 +477,8 @@ async fn a_configured_path_whose_program_is_rejected_is_reported_unavailable_wit
         fallback_warnings(&log, SOCK_CREATE).is_empty(),
         "a configured path never falls back:\n{log}"
     );
-    let held = programs_held(agent.pid());
-    assert_eq!(
-        (
-            count(&held, SOCK_CREATE),
-            count(&held, TAG_EGRESS),
-            count(&held, SOCK_OPS)
-        ),
-        (0, 0, 0),
-        "programs held: {held:?}"
-    );
+    let (counts, held) = tcp_programs_held(agent.pid());
+    assert_eq!(counts, (0, 0, 0), "programs held: {held:?}");
     agent.stop().await;
     eprintln!("{TEST}: network source unavailable: {}", source.reason);
 }

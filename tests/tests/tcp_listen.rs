@@ -17,7 +17,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{ChildStdout, Command, Stdio},
+    process::{ChildStdout, Stdio},
     sync::Mutex,
     time::Duration,
 };
@@ -29,9 +29,8 @@ use nodeward::{
     store::StreamDirection,
 };
 use nodeward_tests::{
-    bpf_objects_of,
     pingpong::{collector, prerequisites_without_delay_line, Proc},
-    run, wait_for, Cgroup, Netns,
+    program_count, programs_held, run, wait_for, Cgroup, Netns,
 };
 
 /// One collector at a time: the programs this process holds are what the test checks.
@@ -95,25 +94,8 @@ fn wait_line(out: &mut BufReader<ChildStdout>, want: &str) {
     }
 }
 
-/// Names of the eBPF programs this process holds (the kernel cuts them to 15 characters).
-fn programs_held() -> Vec<String> {
-    bpf_objects_of(std::process::id())
-        .0
-        .iter()
-        .filter_map(|id| {
-            let out = Command::new("bpftool")
-                .args(["prog", "show", "id", &id.to_string(), "--json"])
-                .output()
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v.get("name")?.as_str().map(str::to_owned)
-        })
-        .collect()
-}
-
 fn holds(held: &[String], name: &str) -> bool {
-    held.iter()
-        .any(|h| !h.is_empty() && name.starts_with(h.as_str()))
+    program_count(held, name) > 0
 }
 
 /// Established connections of `cgroup` in `snap` opened in `direction`.
@@ -171,7 +153,7 @@ fn served_before_sending(test: &str, attribution: Attribution) {
     let Some(mut collector) = collector(test, attribution, RttMethod::Auto) else {
         return;
     };
-    let held = programs_held();
+    let held = programs_held(std::process::id());
     let (sock_create, egress, sock_ops) = (
         holds(&held, "nodeward_sock_create"),
         holds(&held, "nodeward_sock_tag_egress"),
