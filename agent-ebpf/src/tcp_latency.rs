@@ -59,7 +59,7 @@ use aya_ebpf::{
 
 use crate::{
     tcp_cgroup::{count_drop, flow_stats, hist_add, stats_of},
-    tcp_storage::{tag_listener, SOCK_CGROUP},
+    tcp_storage::{sock_ops_storage, tag_listener, SOCK_CGROUP},
 };
 
 // sock_ops operations (include/uapi/linux/bpf.h); stable UAPI numbers.
@@ -179,14 +179,7 @@ pub fn nodeward_tcp_sockops(ctx: SockOpsContext) -> u32 {
 /// The socket's storage, if a program created it.
 #[inline(always)]
 fn sock_state(ctx: &SockOpsContext) -> Option<*mut SockState> {
-    // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
-    // nullable socket pointer and the null check below is what it requires.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let slot = SOCK_CGROUP.get(sk.cast(), false);
-    (!slot.is_null()).then_some(slot)
+    sock_ops_storage(ctx, false)
 }
 
 /// `tcp.rtt_method = "segment"`: the RTT (µs) of the segment being timed if this ACK covers

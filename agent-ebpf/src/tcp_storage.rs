@@ -97,16 +97,10 @@ pub fn tag_listener(ctx: &SockOpsContext) {
     if unsafe { core::ptr::read_volatile(&TAG_AT_LISTEN) } == 0 {
         return;
     }
-    // SAFETY: reading the `sk` member of the UAPI context (nullable; a listener is a full
-    // socket, so it is set here).
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    // A listener is a full socket: its `sk` is set here.
+    let Some(slot) = sock_ops_storage(ctx, true) else {
         return;
-    }
-    let slot = SOCK_CGROUP.get(sk.cast(), true);
-    if slot.is_null() {
-        return;
-    }
+    };
     // SAFETY: non-null storage pointer; the helper reads the task that called `listen()`, in
     // whose context this callback runs. A cgroup already recorded (a socket that sent before)
     // is kept.
@@ -115,4 +109,18 @@ pub fn tag_listener(ctx: &SockOpsContext) {
             (*slot).cgroup_id = bpf_get_current_cgroup_id();
         }
     }
+}
+
+/// The storage of a sock_ops callback's socket (made if `create` and missing), if it has a
+/// socket and the storage exists or could be made.
+#[inline(always)]
+pub fn sock_ops_storage(ctx: &SockOpsContext, create: bool) -> Option<*mut SockState> {
+    // SAFETY: reading the `sk` member of the UAPI context; the verifier types it as a
+    // nullable socket pointer and the null check below is what it requires.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let slot = SOCK_CGROUP.get(sk.cast(), create);
+    (!slot.is_null()).then_some(slot)
 }
